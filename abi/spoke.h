@@ -1,0 +1,347 @@
+/*
+ * spoke.h -- the spoke plugin ABI. This header is the only thing a plugin author needs.
+ *
+ * A plugin is a shared object that exports one function:
+ *
+ *     const spoke_plugin *spoke_plugin_v1(const spoke_host *host);
+ *
+ * The host dlopen()s the file, calls that function once, checks the table it returns and
+ * from then on calls the hooks in it directly, in-process. `host` is the table of services
+ * the host offers (logging, timers, config lookup, edge identity, buffer and connection
+ * accessors, send_to_control ...). Keep the pointer: it stays valid until fini returns.
+ *
+ * ABI RULES
+ *
+ *  1. Both tables (spoke_plugin, spoke_host) begin with abi_major, abi_minor and
+ *     struct_size. These three fields never move and are checked before anything else.
+ *  2. A host refuses a plugin whose abi_major differs from its own, and a plugin whose
+ *     abi_minor is newer than its own (the plugin may rely on services this host lacks).
+ *     The refusal names both versions.
+ *  3. Within one major, tables only grow at the end. A field is never removed, reordered,
+ *     or changed in type or meaning. Each new field bumps abi_minor.
+ *  4. The host reads struct_size before touching any field: it copies at most struct_size
+ *     bytes of the plugin's table into a zeroed table of its own, so a field the plugin
+ *     did not know about reads as NULL/0. A plugin does the same with the host table:
+ *     use SPOKE_HOST_HAS(host, field) before calling a service newer than 1.0, and treat a
+ *     NULL service as "not offered by this host or this role".
+ *  5. Enumerations only gain values. A plugin must treat an unknown value it receives as
+ *     the neutral case; the host treats an unknown verdict as SPOKE_CLOSE.
+ *  6. Strings crossing the ABI are NUL-terminated UTF-8. Pointers the host passes to a hook
+ *     are borrowed for the duration of that call unless their field says otherwise.
+ *  7. Names: `spoke_` for everything public; `on_` fields are hooks the host calls in the
+ *     plugin; every other function pointer in spoke_host is a service the plugin calls.
+ *
+ * THREADING AND PROCESSES
+ *
+ *  A worker process runs one event loop on one thread. Every hook and every timer
+ *  callback of a plugin is called on that thread, never concurrently with another hook
+ *  of the same worker. Several worker processes may each load the plugin, so state that
+ *  must be shared between workers belongs in the KV store or the control plane, not in
+ *  a static variable. A hook must not block: the host's watchdog counts a hook that runs
+ *  past plugins.hook_timeout and kills the worker past ten times that.
+ *
+ * CHANGELOG
+ *
+ *  1.0  first version: plugin table with init, fini, health, on_config_loaded, on_open,
+ *       on_close, the four traffic hooks, on_tick, accept_edge_payload; host table with
+ *       log, config lookup, edge identity, timers, buffer and connection accessors,
+ *       respond, close, signals, send_to_control, send_to_control_json, strerror.
+ */
+#ifndef SPOKE_H
+#define SPOKE_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define SPOKE_ABI_MAJOR 1
+#define SPOKE_ABI_MINOR 0
+
+/* The symbol the host looks up in the plugin. */
+#define SPOKE_ENTRY_SYMBOL "spoke_plugin_v1"
+
+#if defined(__GNUC__)
+#define SPOKE_EXPORT __attribute__((visibility("default")))
+#define SPOKE_PRINTF(f, a) __attribute__((format(printf, f, a)))
+#else
+#define SPOKE_EXPORT
+#define SPOKE_PRINTF(f, a)
+#endif
+
+/* ---------------------------------------------------------------------------------------
+ * Status codes. Host services return 0 on success or one of these negative codes;
+ * host->strerror() names each one. Codes are stable across minors.
+ * ------------------------------------------------------------------------------------- */
+typedef enum spoke_status {
+    SPOKE_OK = 0,
+    SPOKE_ERR_INVALID = -1,            /* an argument is NULL, empty or out of range */
+    SPOKE_ERR_NOMEM = -2,              /* an allocation failed */
+    SPOKE_ERR_UNSUPPORTED = -3,        /* this service is not offered in this role/state */
+    SPOKE_ERR_PAYLOAD_TOO_LARGE = -10, /* payload over 1 MiB */
+    SPOKE_ERR_TOO_MANY_METADATA = -11, /* more than 50 metadata entries */
+    SPOKE_ERR_METADATA_KEY_TOO_LONG = -12,   /* a metadata key over 256 bytes */
+    SPOKE_ERR_METADATA_VALUE_TOO_LONG = -13, /* a metadata value over 4096 bytes */
+    SPOKE_ERR_CORRELATION_ID_TOO_LONG = -14, /* correlation ID over 256 bytes */
+    SPOKE_ERR_QUEUE_FULL = -15,        /* queue.max_pending or queue.max_bytes reached */
+    SPOKE_ERR_QUEUE_UNAVAILABLE = -16, /* disk or map full, or the queue cannot be opened */
+    SPOKE_ERR_NOT_JSON = -17,          /* send_to_control_json: text is not well-formed JSON */
+} spoke_status;
+
+/* Payload limits of send_to_control(), enforced by edge and control alike. A value equal
+ * to a limit is accepted; one byte more is refused. */
+#define SPOKE_MAX_PAYLOAD (1024u * 1024u)
+#define SPOKE_MAX_METADATA 50u
+#define SPOKE_MAX_METADATA_KEY 256u
+#define SPOKE_MAX_METADATA_VALUE 4096u
+#define SPOKE_MAX_CORRELATION_ID 256u
+
+/* ---------------------------------------------------------------------------------------
+ * Verdicts. Every traffic hook (and on_open) returns one. Plugins run in config order;
+ * the host merges verdicts as follows:
+ *   SPOKE_CONTINUE  nothing changed; the next plugin runs.
+ *   SPOKE_MODIFIED  the plugin rewrote the buffer (through buf_set/buf_resize); the next
+ *                   plugin runs and sees the rewrite.
+ *   SPOKE_RESPOND   stop: later plugins do not run and the chunk is not forwarded. What the
+ *                   plugin queued with host->respond() goes back to the peer it came from.
+ *   SPOKE_CLOSE     stop: later plugins do not run, the chunk is dropped and the
+ *                   connection is closed (after what respond() queued has been sent).
+ * The first stopping verdict wins. An unknown value is treated as SPOKE_CLOSE.
+ * ------------------------------------------------------------------------------------- */
+typedef enum spoke_verdict {
+    SPOKE_CONTINUE = 0,
+    SPOKE_MODIFIED = 1,
+    SPOKE_RESPOND = 2,
+    SPOKE_CLOSE = 3,
+} spoke_verdict;
+
+typedef enum spoke_log_level {
+    SPOKE_LOG_DEBUG = 0,
+    SPOKE_LOG_INFO = 1,
+    SPOKE_LOG_WARN = 2,
+    SPOKE_LOG_ERROR = 3,
+} spoke_log_level;
+
+/* Where the host runs the plugin: the edge (spoked) or the control plane (hubd). */
+typedef enum spoke_role {
+    SPOKE_ROLE_EDGE = 0,
+    SPOKE_ROLE_CONTROL = 1,
+} spoke_role;
+
+/* A key/value pair of NUL-terminated strings (metadata, config, signal fields). */
+typedef struct spoke_kv {
+    const char *key;
+    const char *value;
+} spoke_kv;
+
+/* The host's handle for one loaded plugin. Opaque; pass it to host services that act
+ * on behalf of the plugin (log, timers, config, send_to_control). Valid from init until
+ * fini returns. */
+typedef struct spoke_ctx spoke_ctx;
+
+/* One proxied connection. Opaque; valid for the duration of a hook call, and from
+ * on_open until on_close returns. */
+typedef struct spoke_conn spoke_conn;
+
+/* A chunk of traffic. The host owns the memory. `data` and `len` may be read directly
+ * and are valid for the duration of the hook call; they are read-only. To rewrite the
+ * chunk, call host->buf_set() or host->buf_resize() and return SPOKE_MODIFIED. The
+ * host's struct continues past these two fields. */
+typedef struct spoke_buf {
+    const uint8_t *data;
+    size_t len;
+} spoke_buf;
+
+/* What init receives. Every pointer is borrowed until init returns: copy what you keep.
+ * Check struct_size before reading a field added after 1.0. */
+typedef struct spoke_init_args {
+    uint32_t struct_size;
+    uint32_t plugin_id;           /* the configured numeric ID; 0 when none was given */
+    spoke_role role;
+    const char *name;             /* the configured (unique) name of this plugin */
+    const char *const *args;      /* `args:` from the config, as given */
+    size_t n_args;
+    const char *const *env;       /* `env:` from the config, "KEY=value" strings, as given */
+    size_t n_env;
+    const spoke_kv *config;       /* the `config:` map, flattened: nested keys joined by '.',
+                                     list items by index ("a.b", "list.0"), values as text */
+    size_t n_config;
+} spoke_init_args;
+
+/* What accept_edge_payload receives (control role). Borrowed for the call. */
+typedef struct spoke_edge_payload {
+    uint32_t struct_size;
+    uint32_t plugin_id;
+    const uint8_t *payload;
+    size_t payload_len;
+    const char *edge_id;
+    const char *edge_namespace;
+    const char *correlation_id;   /* "" when none */
+    const char *content_type;     /* "" for raw bytes, "application/json" from the JSON call */
+    const spoke_kv *metadata;
+    size_t n_metadata;
+    int64_t edge_timestamp_ms;    /* Unix time in ms when the edge accepted the payload */
+    int64_t received_timestamp_ms;/* Unix time in ms when the control plane received it */
+    uint64_t sequence;            /* per-edge, monotonic; (edge_id, sequence) is unique */
+} spoke_edge_payload;
+
+typedef struct spoke_host spoke_host;
+
+/* Hook types. `self` is whatever init stored in *self (NULL if it stored nothing). */
+typedef spoke_verdict (*spoke_traffic_hook)(void *self, spoke_conn *conn, spoke_buf *buf);
+typedef void (*spoke_timer_cb)(void *self, void *arg);
+
+/* ---------------------------------------------------------------------------------------
+ * The plugin table. Return a pointer to a static, constant instance from spoke_plugin_v1.
+ * Every hook is optional (NULL = not implemented, and it costs nothing at run time).
+ * ------------------------------------------------------------------------------------- */
+typedef struct spoke_plugin {
+    /* Must be first; they protect the rest. Set them to SPOKE_ABI_MAJOR, SPOKE_ABI_MINOR
+     * and sizeof(spoke_plugin), or use SPOKE_PLUGIN_HEADER. */
+    uint16_t abi_major;
+    uint16_t abi_minor;
+    uint32_t struct_size;
+
+    const char *name;        /* required; unique within a host. Convention: lowercase,
+                                [a-z0-9-], a common vendor prefix ("acme-cache") */
+    const char *version;     /* required; "MAJOR.MINOR.PATCH" */
+    const char *description; /* optional, one line */
+    /* Optional NULL-terminated list of requirements on other plugins loaded in the same
+     * host: "name", "name>=1.2", "name=1.2.3"; operators = == != > >= < <=. What a missing
+     * plugin or a wrong version does is decided by plugins.compatibility (strict: refuse
+     * this plugin; loose: log a warning and load it). */
+    const char *const *requires;
+
+    /* Called once after loading, before any other hook. Return 0, or a negative code
+     * (the host refuses the plugin and logs the code's name). Store per-plugin state in
+     * *self; it is passed to every hook. `ctx` is this plugin's handle for host services;
+     * keep it. Runs with plugins.start_timeout as its limit. */
+    int (*init)(spoke_ctx *ctx, const spoke_init_args *args, void **self);
+    /* Called once before unloading. Free what init allocated. */
+    void (*fini)(void *self);
+    /* Called every plugins.health_check_period. Return 0 when healthy; a non-zero value
+     * plugins.health_fail_limit times in a row counts as a crash of the plugin. */
+    int (*health)(void *self);
+    /* Called once when every configured plugin is initialised, before traffic flows. */
+    void (*on_config_loaded)(void *self);
+
+    /* Edge hooks. on_open runs when a client connects, before the upstream is contacted;
+     * it may return SPOKE_RESPOND (after host->respond) or SPOKE_CLOSE to refuse it. */
+    spoke_verdict (*on_open)(void *self, spoke_conn *conn);
+    /* Runs once per connection that on_open was called for, when it closes. */
+    void (*on_close)(void *self, spoke_conn *conn);
+    /* Bytes read from the client, before any forwarding decision. */
+    spoke_traffic_hook on_traffic_from_client;
+    /* The same bytes after every from_client hook ran, just before they go upstream. */
+    spoke_traffic_hook on_traffic_to_server;
+    /* Bytes read from the upstream server. */
+    spoke_traffic_hook on_traffic_from_server;
+    /* The same bytes after every from_server hook ran, just before they go to the client. */
+    spoke_traffic_hook on_traffic_to_client;
+    /* Called every plugins.tick (default 1s) on the worker's loop. */
+    void (*on_tick)(void *self);
+
+    /* Control hook (hubd). Called for each payload whose plugin ID matches this
+     * plugin's. Set *handled = 1 when the payload was for this plugin (it is then not
+     * offered to others), 0 to pass it on. Return 0, or a negative code to report a
+     * processing error (logged and counted; the payload is never redelivered). */
+    int (*accept_edge_payload)(void *self, const spoke_edge_payload *payload, int *handled);
+} spoke_plugin;
+
+#define SPOKE_PLUGIN_HEADER                                                                \
+    .abi_major = SPOKE_ABI_MAJOR, .abi_minor = SPOKE_ABI_MINOR,                            \
+    .struct_size = (uint32_t)sizeof(spoke_plugin)
+
+/* ---------------------------------------------------------------------------------------
+ * The host table: services a plugin may call. Functions taking spoke_ctx act on behalf of
+ * the plugin; those taking spoke_conn act on a connection and may only be called from a
+ * hook running for that connection. All are called on the worker's loop thread.
+ * ------------------------------------------------------------------------------------- */
+struct spoke_host {
+    uint16_t abi_major;
+    uint16_t abi_minor;
+    uint32_t struct_size;
+
+    /* Log a line tagged with the plugin's name, at `level`. Lines below the host's
+     * log.level are dropped cheaply. */
+    void (*log)(spoke_ctx *ctx, spoke_log_level level, const char *fmt, ...) SPOKE_PRINTF(3, 4);
+
+    /* This plugin's `config:` value for `key` (flattened as in spoke_init_args), or NULL.
+     * The string lives until fini. */
+    const char *(*config_get)(spoke_ctx *ctx, const char *key);
+    /* The edge's identity (edge.id, edge.namespace); never NULL, may be "". */
+    const char *(*edge_id)(spoke_ctx *ctx);
+    const char *(*edge_namespace)(spoke_ctx *ctx);
+
+    /* Call cb(self, arg) every `ms` milliseconds on the worker's loop, until cancelled or
+     * fini. Returns a timer ID > 0, or a negative spoke_status. */
+    int64_t (*every)(spoke_ctx *ctx, uint64_t ms, spoke_timer_cb cb, void *arg);
+    /* Cancel a timer from every(). Returns 0, or SPOKE_ERR_INVALID if it is not one. */
+    int (*timer_cancel)(spoke_ctx *ctx, int64_t timer_id);
+
+    /* Replace the chunk's bytes with a copy of data[0..len). Any size; 0 empties it. */
+    int (*buf_set)(spoke_buf *buf, const void *data, size_t len);
+    /* Resize the chunk to `len` bytes, keeping the first min(old, len) bytes, and return
+     * a writable pointer to all of them (valid until the hook returns or the next buf_*
+     * call), or NULL if memory ran out. buf->data/len reflect the change. */
+    uint8_t *(*buf_resize)(spoke_buf *buf, size_t len);
+
+    /* Connection accessors. */
+    uint64_t (*conn_id)(const spoke_conn *conn);           /* unique within the worker */
+    const char *(*conn_peer)(const spoke_conn *conn);      /* "1.2.3.4:5678", "[::1]:80", "unix" */
+    /* A per-connection, per-plugin pointer the plugin may use freely; NULL initially.
+     * Free what it points to in on_close. */
+    void **(*conn_data)(spoke_conn *conn, spoke_ctx *ctx);
+    /* Queue bytes to send back to the peer the current chunk came from (the client in
+     * on_open and the client-side hooks, the server in the server-side hooks). Return
+     * SPOKE_RESPOND after it. Returns 0 or a negative spoke_status. */
+    int (*respond)(spoke_conn *conn, const void *data, size_t len);
+
+    /* Emit a signal, as GatewayD's plugins do; the host acts on it:
+     *   "log"       fields "level" (debug|info|warn|error) and "message": logged with
+     *               the plugin's name and the connection.
+     *   "terminate" stop the chain and close the connection once what respond() queued
+     *               has been sent; field "reason" is logged.
+     * Unknown names are logged at debug and otherwise ignored. Returns 0 or an error. */
+    int (*signal)(spoke_ctx *ctx, spoke_conn *conn, const char *name, const spoke_kv *fields,
+                  size_t n_fields);
+
+    /* Queue a payload for the control plugin with this plugin's ID. It is committed to
+     * the durable queue before the call returns; *pending (if not NULL) receives the
+     * number of payloads waiting to be sent. correlation_id may be NULL. Returns 0 or
+     * one of the SPOKE_ERR_* payload/queue codes. NULL in the control role. */
+    int (*send_to_control)(spoke_ctx *ctx, const void *payload, size_t len,
+                           const char *correlation_id, const spoke_kv *metadata,
+                           size_t n_metadata, uint64_t *pending);
+    /* As send_to_control, for JSON text: refused with SPOKE_ERR_NOT_JSON unless `json`
+     * is one well-formed JSON value; marked with content type "application/json". */
+    int (*send_to_control_json)(spoke_ctx *ctx, const char *json, size_t len,
+                                const char *correlation_id, const spoke_kv *metadata,
+                                size_t n_metadata, uint64_t *pending);
+
+    /* The name of a spoke_status code ("payload too large"); never NULL. */
+    const char *(*strerror)(int status);
+};
+
+/* True when the host table offers `field` (it is inside struct_size and not NULL). */
+#define SPOKE_HOST_HAS(host, field)                                                        \
+    ((host)->struct_size >= offsetof(spoke_host, field) + sizeof((host)->field) &&         \
+     (host)->field != NULL)
+
+/* Define the entry point: SPOKE_PLUGIN_ENTRY(my_table, my_host) exports spoke_plugin_v1,
+ * which stores the host table in the plugin's variable `my_host` (a
+ * `static const spoke_host *`) and returns &my_table. */
+#define SPOKE_PLUGIN_ENTRY(table, host_var)                                                \
+    SPOKE_EXPORT const spoke_plugin *spoke_plugin_v1(const spoke_host *spoke_host_in_);    \
+    SPOKE_EXPORT const spoke_plugin *spoke_plugin_v1(const spoke_host *spoke_host_in_)     \
+    {                                                                                      \
+        (host_var) = spoke_host_in_;                                                       \
+        return &(table);                                                                   \
+    }
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* SPOKE_H */

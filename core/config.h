@@ -1,0 +1,123 @@
+/*
+ * config.h -- spoke's configuration: one YAML file, parsed with libyaml into spk_config.
+ *
+ * spk_config_load() reads the file, applies defaults, and validates every key: an unknown
+ * key, a wrong type or an out-of-range value fails the load with a message naming the
+ * file, the line and the dotted key ("spoke.yaml:14: plugins.hook_timeout: expected a
+ * duration such as 50ms or 2s, got 'fast'"). Durations take the units ms, s, m, h
+ * ("30s", "100ms", "1h"); sizes take B, KiB, MiB, GiB (and KB, MB, GB as powers of ten).
+ * The sketch of keys lives in docs/config.md; every key below is documented there with
+ * its default.
+ *
+ * Ownership: spk_config_load() returns a config the caller frees with spk_config_free();
+ * every string inside is owned by it.
+ */
+#ifndef SPK_CONFIG_H
+#define SPK_CONFIG_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "err.h"
+#include "spoke.h"
+
+enum spk_compat { SPK_COMPAT_STRICT = 0, SPK_COMPAT_LOOSE = 1 };
+enum spk_connect_mode { SPK_CONNECT_EAGER = 0, SPK_CONNECT_LAZY = 1 };
+
+typedef struct spk_plugin_conf {
+    char *name;          /* `name:`; NULL means "the name in the plugin's table" */
+    uint32_t id;         /* `id:`; 0 when not given */
+    char *file;          /* `file:` as written */
+    char *path;          /* file resolved against plugins.dir (absolute files kept) */
+    bool has_sha256;     /* `sha256:` given */
+    uint8_t sha256[32];  /* its value, decoded from 64 hex digits */
+    bool enabled;        /* `enabled:`, default true; a disabled plugin is not loaded */
+    bool autoloaded;     /* found in plugins.dir, not listed (plugins.autoload) */
+    char **args;         /* `args:` list of strings, as given */
+    size_t n_args;
+    char **env;          /* `env:` list of "KEY=value" strings, as given */
+    size_t n_env;
+    spoke_kv *config;    /* `config:` map flattened ("a.b", "list.0"); values as text */
+    size_t n_config;
+    int line;            /* line of this entry in the config file, for messages */
+} spk_plugin_conf;
+
+typedef struct spk_config {
+    char *file;                /* the path the config was loaded from */
+
+    /* edge: */
+    char *edge_id;             /* default: the host name */
+    char *edge_namespace;      /* default: "default" */
+
+    /* listen: */
+    char **listen;             /* listen.address: one string or a list; "host:port",
+                                  "[v6]:port" or "unix:/path". Default "127.0.0.1:6432" */
+    size_t n_listen;
+    char *upstream;            /* listen.upstream: "host:port", "[v6]:port" or "unix:/path"; required */
+    int workers;               /* listen.workers: number, or "auto" (0) = number of cores */
+    enum spk_connect_mode upstream_connect; /* listen.upstream_connect: eager|lazy (eager) */
+    uint64_t connect_timeout_ms;  /* listen.connect_timeout: default 5s */
+    size_t read_chunk;         /* listen.read_chunk: bytes per read, default 64KiB, 1KiB..16MiB */
+    size_t high_watermark;     /* listen.high_watermark: per-direction pending bytes at which
+                                  reading from the source stops; default 1MiB */
+    int backlog;               /* listen.backlog: default 1024 */
+    size_t max_connections;    /* listen.max_connections: per worker, default 100000 */
+
+    /* plugins: */
+    char *plugins_dir;         /* plugins.dir: default "/usr/lib/spoke/plugins" */
+    bool autoload;             /* plugins.autoload: load unlisted .so in dir; default false */
+    enum spk_compat compatibility; /* plugins.compatibility: strict|loose (strict) */
+    uint64_t health_check_period_ms; /* default 5s */
+    uint64_t hook_timeout_ms;  /* default 50ms; hard kill at 10x */
+    uint64_t start_timeout_ms; /* default 5s */
+    bool reload_on_crash;      /* default true */
+    unsigned health_fail_limit;/* default 3 */
+    unsigned crash_limit;      /* default 3 */
+    uint64_t crash_window_ms;  /* default 60s */
+    uint64_t drain_timeout_ms; /* default 30s */
+    uint64_t tick_ms;          /* plugins.tick: on_tick period, default 1s */
+    spk_plugin_conf *plugins;  /* plugins.list, in config order; autoloaded ones appended
+                                  by the loader, not by the parser */
+    size_t n_plugins;
+
+    /* queue: */
+    char *queue_path;          /* default "/var/lib/spoke/queue" */
+    uint64_t queue_max_pending;/* default 100000 */
+    uint64_t queue_max_bytes;  /* default 1GiB */
+    uint64_t queue_retention_ms; /* default 24h */
+    bool queue_sync_always;    /* queue.sync: "always" */
+    uint64_t queue_sync_interval_ms; /* queue.sync: a duration; default 100ms */
+    uint64_t queue_map_size;   /* queue.map_size: LMDB map size, default 2GiB */
+
+    /* uplink: */
+    char *uplink_url;          /* NULL: no uplink */
+    uint64_t uplink_heartbeat_ms; /* default 30s */
+    unsigned uplink_batch_size;   /* default 100 */
+    char *uplink_token_file;
+    char *uplink_ca;
+
+    /* metrics: */
+    char *metrics_listen;      /* NULL: no metrics endpoint */
+
+    /* log: */
+    spoke_log_level log_level; /* log.level: debug|info|warn|error (info) */
+} spk_config;
+
+/* Load and validate `path`. On success *out is a config the caller frees with
+ * spk_config_free(). On failure returns SPK_ECONFIG (or SPK_ENOENT/SPK_EIO/SPK_ENOMEM) and
+ * fills eb with "file:line: key: what is wrong". */
+int spk_config_load(const char *path, spk_config **out, spk_errbuf *eb);
+
+/* Free a config from spk_config_load(); NULL is allowed. */
+void spk_config_free(spk_config *cfg);
+
+/* Parsers shared with the tools. Each returns 0 or SPK_EINVAL. */
+int spk_parse_duration_ms(const char *text, uint64_t *out_ms);
+int spk_parse_size(const char *text, uint64_t *out_bytes);
+
+/* Append a plugin entry for an autoloaded file (plugins.autoload). Returns 0 or
+ * SPK_ENOMEM; the new entry has defaults, enabled = true, autoloaded = true. */
+int spk_config_add_autoload(spk_config *cfg, const char *file, const char *path);
+
+#endif
