@@ -1,0 +1,102 @@
+/*
+ * loader.h -- finding, checking and loading plugin shared objects.
+ *
+ * A plugin goes through three steps, each of which may refuse it with a message that
+ * names the file and the reason:
+ *
+ *   open    spk_plugin_open(): SHA-256 of the file (compared with the configured sum,
+ *           if any), dlopen(RTLD_NOW | RTLD_LOCAL), dlsym(SPOKE_ENTRY_SYMBOL), call the
+ *           entry, check abi_major / abi_minor / struct_size, copy the table (at most
+ *           struct_size bytes, into a zeroed spoke_plugin), check name and version.
+ *   check   spk_plugin_set_load(): every enabled plugin of the config (plus unlisted files
+ *           of plugins.dir under plugins.autoload) is opened; duplicate names and IDs are
+ *           refused; `requires` are checked under plugins.compatibility.
+ *   init    spk_plugin_set_init(): each plugin's init, in config order, then
+ *           on_config_loaded of each.
+ *
+ * A refused plugin is not loaded and the whole set fails: spoke never serves with a
+ * partial chain the operator did not ask for. The caller decides what that means (at
+ * start: exit with the message; at reload: keep the old generation).
+ *
+ * Ownership: an spk_plugin_set owns its plugins; spk_plugin_set_free() calls fini of the
+ * initialised ones (in reverse order) and dlcloses them.
+ */
+#ifndef SPK_LOADER_H
+#define SPK_LOADER_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "config.h"
+#include "err.h"
+#include "spoke.h"
+
+typedef struct spk_host_env spk_host_env; /* host.h */
+typedef struct spk_timer spk_timer;       /* host.c */
+
+/* The host's side of spoke_ctx: one per loaded plugin. */
+struct spoke_ctx {
+    struct spk_plugin *plugin;
+};
+
+typedef struct spk_plugin {
+    spoke_plugin table;      /* the plugin's table, zero-extended to the host's size */
+    uint32_t plugin_struct_size; /* struct_size the plugin declared */
+    void *dl;                /* dlopen handle */
+    char *path;              /* file it was loaded from (owned) */
+    char *name;              /* unique instance name: config name, else table.name (owned) */
+    uint32_t id;             /* configured plugin ID (0: none) */
+    unsigned index;          /* position in the chain (config order) */
+    uint8_t sha256[32];      /* of the file, computed before dlopen */
+    const spk_plugin_conf *conf; /* borrowed from the config; NULL when opened bare */
+    spoke_ctx ctx;           /* the handle the plugin sees */
+    void *self;              /* what init stored */
+    bool initialised;        /* init returned 0; fini is due */
+    spk_host_env *env;       /* the worker's host environment (borrowed) */
+    spk_timer *timers;       /* timers from host->every(), freed at unload */
+    char log_prefix[96];     /* "plugin NAME: " */
+} spk_plugin;
+
+typedef struct spk_plugin_set {
+    spk_plugin **v;
+    size_t n;
+} spk_plugin_set;
+
+/* Hex string of a 32-byte digest into out[65]. */
+void spk_sha256_hex(const uint8_t sum[32], char out[65]);
+/* SHA-256 of a file. Returns 0, SPK_ENOENT or SPK_EIO (message in eb). */
+int spk_sha256_file(const char *path, uint8_t sum[32], spk_errbuf *eb);
+
+/* Open one plugin file and check its table (the "open" step above). `expect_sha256` may
+ * be NULL. `host` is the table passed to the entry point. On success *out is a plugin
+ * the caller releases with spk_plugin_close(). Errors: SPK_ENOENT, SPK_EIO,
+ * SPK_ECHECKSUM (both sums in the message), SPK_EDLOPEN, SPK_EABI, SPK_ENOMEM. */
+int spk_plugin_open(const char *path, const uint8_t *expect_sha256, const spoke_host *host,
+                    spk_plugin **out, spk_errbuf *eb);
+
+/* fini (if initialised), timers freed, dlclose, free. NULL is allowed. */
+void spk_plugin_close(spk_plugin *p);
+
+/* Parse and check one requirement string against a set ("cache>=1.2"). Returns 0 when
+ * met, SPK_EREQUIRES with the reason in eb, or SPK_EINVAL for a malformed string. */
+int spk_requirement_check(const char *req, spk_plugin *const *plugins, size_t n,
+                          spk_errbuf *eb);
+
+/* Compare two "MAJOR.MINOR.PATCH" versions (missing parts are 0, a suffix after '-' is
+ * ignored): <0, 0, >0. */
+int spk_version_cmp(const char *a, const char *b);
+
+/* Load every enabled plugin of `cfg` (the "open" and "check" steps). Autoloaded files
+ * are appended to cfg->plugins (hence non-const). On failure nothing stays loaded. */
+int spk_plugin_set_load(spk_config *cfg, const spoke_host *host, spk_host_env *env,
+                        spk_plugin_set *out, spk_errbuf *eb);
+
+/* Call init of every plugin in order, then on_config_loaded of each. On an init error
+ * the plugins already initialised are finalised again and SPK_EPLUGIN_INIT returned. */
+int spk_plugin_set_init(spk_plugin_set *set, spoke_role role, spk_errbuf *eb);
+
+/* Release a set: fini in reverse order for initialised plugins, then close. */
+void spk_plugin_set_free(spk_plugin_set *set);
+
+#endif
