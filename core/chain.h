@@ -96,7 +96,8 @@ typedef struct spk_chain {
     _Atomic uint64_t *now_ms;    /* the loop's cached time, stamped into the slot; may be NULL */
 } spk_chain;
 
-/* Build the chain over `set` (borrowed; it must outlive the chain). Returns 0 or SPK_ENOMEM. */
+/* Build the chain over `set` (borrowed; it must outlive the chain), after
+ * spk_plugin_set_init() (the chain caches each plugin's self). Returns 0 or SPK_ENOMEM. */
 int spk_chain_build(spk_chain *ch, const spk_plugin_set *set);
 void spk_chain_free(spk_chain *ch);
 
@@ -117,7 +118,7 @@ spoke_verdict spk_chain_run(const spk_chain *ch, enum spk_hook_id hook, spoke_co
 spoke_verdict spk_chain_open(const spk_chain *ch, spoke_conn *conn);
 /* Run on_close of every plugin (all of them, in order). */
 void spk_chain_close(const spk_chain *ch, spoke_conn *conn);
-/* Run on_tick / health of every plugin; spk_chain_health returns the number that failed. */
+/* Run on_tick of every plugin. */
 void spk_chain_tick(const spk_chain *ch);
 
 /* Reset buf to view `data[0..len)` without owning it (keeps any owned storage for reuse). */

@@ -1,0 +1,46 @@
+/*
+ * proxy.h -- the TCP/Unix proxy of one worker: accepts clients on listening sockets it is
+ * given, connects each to the upstream, and streams bytes both ways through the plugin
+ * chain, on one libev loop.
+ *
+ * Per connection and direction at most `listen.high_watermark` bytes wait to be written
+ * to a slow peer; past that the proxy stops reading from the other side until the
+ * backlog drains (backpressure: memory stays bounded whatever the peers do). A FIN from
+ * one side is passed on as a half-close once that direction's pending bytes are written;
+ * the connection ends when both directions have ended, or on an error.
+ *
+ * The listening sockets are borrowed: the caller (the supervisor, or spoked in single
+ * process mode) owns and closes them.
+ */
+#ifndef SPK_PROXY_H
+#define SPK_PROXY_H
+
+#include <ev.h>
+#include <stddef.h>
+
+#include "chain.h"
+#include "config.h"
+#include "err.h"
+
+typedef struct spk_proxy spk_proxy;
+
+/* Create a proxy on `loop` serving `fds[0..n)` (listening, non-blocking) for `cfg` (borrowed,
+ * must outlive the proxy). `chain` (borrowed) may be swapped later with spk_proxy_set_chain.
+ * Resolves listen.upstream now. Returns 0 or an error with the reason in eb; the caller
+ * frees *out with spk_proxy_free(). */
+int spk_proxy_new(struct ev_loop *loop, const spk_config *cfg, const int *fds, size_t n,
+                  const spk_chain *chain, spk_proxy **out, spk_errbuf *eb);
+
+/* Stop accepting new connections (open ones carry on). Idempotent. */
+void spk_proxy_stop_accepting(spk_proxy *px);
+
+/* Number of open client connections. */
+size_t spk_proxy_active(const spk_proxy *px);
+
+/* Close every connection at once (on_close hooks run) and stop accepting. */
+void spk_proxy_close_all(spk_proxy *px);
+
+/* Close all connections and free the proxy. NULL is allowed. */
+void spk_proxy_free(spk_proxy *px);
+
+#endif
