@@ -1,0 +1,317 @@
+"""spoketest -- the harness of spoke's integration tests.
+
+Real processes, real sockets on loopback: an echo server in a thread of the test, the
+real `spoked` binary started with a generated YAML config, and helpers to talk to both.
+Stdlib only; run with Debian's /usr/bin/python3.
+
+    echo = EchoServer()
+    with Spoked(tmp, upstream=f"127.0.0.1:{echo.port}",
+                plugins=[{"name": "t-rewrite", "file": TEST_PLUGIN_DIR + "/t_rewrite.so"}]) as sp:
+        assert roundtrip(sp.port, b"abc") == b"ABC"
+"""
+
+import json
+import os
+import re
+import select
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+
+BIN_DIR = os.environ.get("SPOKE_BIN_DIR", os.path.join(os.path.dirname(__file__), "../../build"))
+PLUGIN_DIR = os.environ.get("SPOKE_PLUGIN_DIR", os.path.join(BIN_DIR, "plugins"))
+TEST_PLUGIN_DIR = os.environ.get("SPOKE_TEST_PLUGIN_DIR", os.path.join(BIN_DIR, "tests/plugins"))
+SOURCE_DIR = os.environ.get("SPOKE_SOURCE_DIR", os.path.join(os.path.dirname(__file__), "../.."))
+
+
+def spoke_bin(name):
+    """Path of a built program (spoked, spoke-plugin, spoke-bench...)."""
+    return os.path.join(BIN_DIR, name)
+
+
+def free_port():
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def yaml_scalar(v):
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return str(v)
+    return json.dumps(str(v))  # a JSON string is a valid YAML double-quoted scalar
+
+
+def to_yaml(obj, indent=0):
+    """Block-style YAML for dicts, lists and scalars (enough for spoke configs)."""
+    pad = " " * indent
+    out = []
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            if isinstance(v, (dict, list)) and v:
+                out.append(f"{pad}{k}:")
+                out.append(to_yaml(v, indent + 2))
+            elif isinstance(v, dict):
+                out.append(f"{pad}{k}: {{}}")
+            elif isinstance(v, list):
+                out.append(f"{pad}{k}: []")
+            else:
+                out.append(f"{pad}{k}: {yaml_scalar(v)}")
+    elif isinstance(obj, list):
+        for v in obj:
+            if isinstance(v, dict) and v:
+                inner = to_yaml(v, indent + 2).split("\n")
+                out.append(f"{pad}- {inner[0].strip()}")
+                out.extend(inner[1:])
+            else:
+                out.append(f"{pad}- {yaml_scalar(v)}")
+    return "\n".join(out)
+
+
+class EchoServer:
+    """A threaded TCP echo server on 127.0.0.1 (or a unix socket path).
+
+    Half-close aware: when the client shuts down its write side, the server finishes
+    echoing and then shuts down its own, so a proxy's half-close handling is observable.
+    """
+
+    def __init__(self, unix_path=None):
+        if unix_path:
+            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self.sock.bind(unix_path)
+            self.address = "unix:" + unix_path
+            self.port = None
+        else:
+            self.sock = socket.socket()
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            self.sock.bind(("127.0.0.1", 0))
+            self.port = self.sock.getsockname()[1]
+            self.address = f"127.0.0.1:{self.port}"
+        self.sock.listen(512)
+        self.connections = 0
+        self.received = 0
+        self._stop = False
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+        self._thread.start()
+
+    def _accept(self):
+        while not self._stop:
+            try:
+                c, _ = self.sock.accept()
+            except OSError:
+                return
+            with self._lock:
+                self.connections += 1
+            threading.Thread(target=self._serve, args=(c,), daemon=True).start()
+
+    def _serve(self, c):
+        try:
+            while True:
+                d = c.recv(262144)
+                if not d:
+                    c.shutdown(socket.SHUT_WR)
+                    break
+                with self._lock:
+                    self.received += len(d)
+                c.sendall(d)
+        except OSError:
+            pass
+        finally:
+            c.close()
+
+    def stop(self):
+        self._stop = True
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.sock.close()
+
+
+class Spoked:
+    """Start the real spoked with a generated config; stop it on exit.
+
+    plugins: list of dicts as in `plugins.list` (file may be a bare name, resolved against
+    plugin_dir, or an absolute path). extra: dict merged into the top-level config (for
+    sections) -- e.g. {"listen": {"upstream_connect": "lazy"}} merges into listen.
+    """
+
+    def __init__(self, tmpdir, upstream, plugins=(), extra=None, plugin_dir=None,
+                 listen=None, expect_fail=False, config_text=None, log_level="info",
+                 start_timeout=15.0):
+        self.tmpdir = tmpdir
+        self.port = free_port()
+        self.listen = listen or [f"127.0.0.1:{self.port}"]
+        cfg = {
+            "edge": {"id": "edge-test", "namespace": "test"},
+            "listen": {"address": self.listen if len(self.listen) > 1 else self.listen[0],
+                       "upstream": upstream, "workers": 1},
+            "plugins": {"dir": plugin_dir or PLUGIN_DIR, "tick": "200ms"},
+            "log": {"level": log_level},
+        }
+        if plugins:
+            cfg["plugins"]["list"] = list(plugins)
+        for k, v in (extra or {}).items():
+            if isinstance(v, dict) and isinstance(cfg.get(k), dict):
+                cfg[k].update(v)
+            else:
+                cfg[k] = v
+        self.config_path = os.path.join(tmpdir, "spoke.yaml")
+        with open(self.config_path, "w") as f:
+            f.write(config_text if config_text is not None else to_yaml(cfg) + "\n")
+        self.log_path = os.path.join(tmpdir, "spoked.log")
+        self._log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen([spoke_bin("spoked"), "-c", self.config_path],
+                                     stdout=self._log, stderr=subprocess.STDOUT)
+        if expect_fail:
+            try:
+                self.proc.wait(start_timeout)
+            except subprocess.TimeoutExpired:
+                self.stop()
+                raise AssertionError("spoked did not fail:\n" + self.log())
+            return
+        self._wait_listening(start_timeout)
+
+    def _wait_listening(self, timeout):
+        deadline = time.time() + timeout
+        addr = self.listen[0]
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"spoked exited with {self.proc.returncode}:\n{self.log()}")
+            if "serving" in self.log():
+                try:
+                    connect(addr).close()
+                    return
+                except OSError:
+                    pass
+            time.sleep(0.02)
+        raise AssertionError("spoked did not start listening:\n" + self.log())
+
+    def log(self):
+        with open(self.log_path, "rb") as f:
+            return f.read().decode(errors="replace")
+
+    def wait_log(self, pattern, timeout=10.0):
+        """Wait until the log matches `pattern` (a regex); return the match."""
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            m = re.search(pattern, self.log())
+            if m:
+                return m
+            time.sleep(0.02)
+        raise AssertionError(f"log never matched {pattern!r}:\n{self.log()}")
+
+    def signal(self, sig):
+        self.proc.send_signal(sig)
+
+    def stop(self, sig=signal.SIGTERM, timeout=15.0):
+        """Stop spoked; return its exit code."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+                raise AssertionError("spoked did not stop on " + str(sig) + ":\n" + self.log())
+        self._log.close()
+        return self.proc.returncode
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        code = self.stop()
+        if exc[0] is None and code != 0:
+            raise AssertionError(f"spoked exited with {code}:\n{self.log()}")
+        if exc[0] is None and ("AddressSanitizer" in self.log() or "runtime error:" in self.log()):
+            raise AssertionError("sanitizer report:\n" + self.log())
+
+
+def connect(addr, timeout=10.0):
+    """Connect to "host:port", "[v6]:port" or "unix:/path"."""
+    if addr.startswith("unix:"):
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.settimeout(timeout)
+        s.connect(addr[5:])
+        return s
+    if addr.startswith("["):
+        host, port = addr[1:].split("]:")
+        s = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+    else:
+        host, port = addr.rsplit(":", 1)
+        s = socket.socket()
+    s.settimeout(timeout)
+    s.connect((host, int(port)))
+    return s
+
+
+def recv_exact(s, n):
+    out = bytearray()
+    while len(out) < n:
+        d = s.recv(min(n - len(out), 1 << 20))
+        if not d:
+            break
+        out += d
+    return bytes(out)
+
+
+def recv_all(s):
+    """Read until EOF."""
+    out = bytearray()
+    while True:
+        d = s.recv(1 << 20)
+        if not d:
+            return bytes(out)
+        out += d
+
+
+def roundtrip(port_or_addr, data, expect=None):
+    """Send data, half-close, read until EOF; return what came back."""
+    addr = port_or_addr if isinstance(port_or_addr, str) else f"127.0.0.1:{port_or_addr}"
+    with connect(addr) as s:
+        got = bytearray()
+        s.setblocking(False)
+        view = memoryview(data)
+        sent = 0
+        shut = False
+        deadline = time.time() + 60
+        while True:
+            if time.time() > deadline:
+                raise AssertionError("roundtrip timed out")
+            if sent == len(data) and not shut:
+                s.shutdown(socket.SHUT_WR)
+                shut = True
+            w = [s] if sent < len(data) else []
+            r, w, _ = select.select([s], w, [], 1.0)
+            if w:
+                try:
+                    sent += s.send(view[sent:sent + 262144])
+                except BlockingIOError:
+                    pass
+            if r:
+                try:
+                    d = s.recv(1 << 20)
+                except BlockingIOError:
+                    continue
+                except ConnectionResetError:
+                    return bytes(got)
+                if not d:
+                    return bytes(got)
+                got += d
+
+
+class TempDir:
+    def __enter__(self):
+        self.path = tempfile.mkdtemp(prefix="spoke-test-")
+        return self.path
+
+    def __exit__(self, *exc):
+        shutil.rmtree(self.path, ignore_errors=True)
