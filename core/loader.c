@@ -1,9 +1,11 @@
 /*
  * loader.c -- open, check, and initialise plugins (see loader.h for the three steps).
  *
- * Order of checks in spk_plugin_open(), cheapest and safest first: the file's SHA-256 is
- * computed before dlopen, so a file with the wrong sum never runs a constructor in our
- * process. Then dlopen with RTLD_NOW (an unresolved symbol fails here, not in the middle
+ * Order of checks in spk_plugin_open(), cheapest and safest first: the file is copied into
+ * a private in-memory file (memfd) and hashed on the way, before dlopen, so a file with the
+ * wrong sum never runs a constructor in our process, the bytes checked are the bytes
+ * loaded, and replacing the file on disk later cannot touch a running worker. Each open
+ * is a separate copy, so one .so configured twice gets two independent sets of statics. Then dlopen with RTLD_NOW (an unresolved symbol fails here, not in the middle
  * of traffic) and RTLD_LOCAL (plugins cannot see each other's symbols). The entry's table
  * is read in two steps: the three version fields first, then at most struct_size bytes.
  */
@@ -17,6 +19,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -39,16 +42,12 @@ void spk_sha256_hex(const uint8_t sum[32], char out[65])
     out[64] = '\0';
 }
 
-int spk_sha256_file(const char *path, uint8_t sum[32], spk_errbuf *eb)
+/* Hash `fd` from its current offset to EOF; if `copy_fd` >= 0, write the bytes there too. */
+static int hash_fd(int fd, int copy_fd, const char *path, uint8_t sum[32], spk_errbuf *eb)
 {
-    int fd = open(path, O_RDONLY | O_CLOEXEC);
-    if (fd < 0)
-        return spk_errf(eb, errno == ENOENT ? SPK_ENOENT : SPK_EIO, "cannot open %s: %s", path,
-                        strerror(errno));
     EVP_MD_CTX *md = EVP_MD_CTX_new();
     if (md == NULL || EVP_DigestInit_ex(md, EVP_sha256(), NULL) != 1) {
         EVP_MD_CTX_free(md);
-        close(fd);
         return spk_errf(eb, SPK_ENOMEM, "%s: cannot start SHA-256", path);
     }
     int rc = 0;
@@ -64,13 +63,61 @@ int spk_sha256_file(const char *path, uint8_t sum[32], spk_errbuf *eb)
             break;
         }
         EVP_DigestUpdate(md, chunk, (size_t)n);
+        for (ssize_t off = 0; copy_fd >= 0 && off < n;) {
+            ssize_t w = write(copy_fd, chunk + off, (size_t)(n - off));
+            if (w < 0 && errno == EINTR)
+                continue;
+            if (w < 0) {
+                rc = spk_errf(eb, SPK_EIO, "cannot copy %s: %s", path, strerror(errno));
+                goto out;
+            }
+            off += w;
+        }
     }
+out:;
     unsigned len = 32;
     if (rc == 0)
         EVP_DigestFinal_ex(md, sum, &len);
     EVP_MD_CTX_free(md);
+    return rc;
+}
+
+int spk_sha256_file(const char *path, uint8_t sum[32], spk_errbuf *eb)
+{
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return spk_errf(eb, errno == ENOENT ? SPK_ENOENT : SPK_EIO, "cannot open %s: %s", path,
+                        strerror(errno));
+    int rc = hash_fd(fd, -1, path, sum, eb);
     close(fd);
     return rc;
+}
+
+/* Copy the plugin into an anonymous in-memory file while hashing it. The host then
+ * dlopens the copy, so (1) the bytes whose sum was checked are exactly the bytes that run,
+ * and (2) a file overwritten in place on disk later (cp over it, a half-written download)
+ * cannot change the code under a running worker: its mapping is of the private copy.
+ * Returns the memfd, or a negative spk_err. */
+static int private_copy(const char *path, uint8_t sum[32], spk_errbuf *eb)
+{
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return spk_errf(eb, errno == ENOENT ? SPK_ENOENT : SPK_EIO, "cannot open %s: %s", path,
+                        strerror(errno));
+    const char *base = strrchr(path, '/');
+    int mfd = memfd_create(base ? base + 1 : path, MFD_CLOEXEC);
+    if (mfd < 0) {
+        int e = errno;
+        close(fd);
+        return spk_errf(eb, SPK_EIO, "%s: memfd_create: %s", path, strerror(e));
+    }
+    int rc = hash_fd(fd, mfd, path, sum, eb);
+    close(fd);
+    if (rc != 0) {
+        close(mfd);
+        return rc;
+    }
+    return mfd;
 }
 
 static bool valid_version(const char *v)
@@ -147,22 +194,33 @@ int spk_plugin_open(const char *path, const uint8_t *expect_sha256, const spoke_
     }
     p->ctx.plugin = p;
 
-    int rc = spk_sha256_file(path, p->sha256, eb);
+    int mfd = private_copy(path, p->sha256, eb);
+    int rc = mfd < 0 ? mfd : 0;
     if (rc != 0)
         goto fail;
     if (expect_sha256 != NULL && memcmp(expect_sha256, p->sha256, 32) != 0) {
         char want[65], got[65];
         spk_sha256_hex(expect_sha256, want);
         spk_sha256_hex(p->sha256, got);
+        close(mfd);
         rc = spk_errf(eb, SPK_ECHECKSUM,
                       "%s: refused: SHA-256 mismatch: config says %s, file is %s", path, want,
                       got);
         goto fail;
     }
 
-    p->dl = dlopen(path, RTLD_NOW | RTLD_LOCAL);
+    char fdpath[64];
+    snprintf(fdpath, sizeof(fdpath), "/proc/self/fd/%d", mfd);
+    p->dl = dlopen(fdpath, RTLD_NOW | RTLD_LOCAL);
+    /* Keep the memfd open while the object is loaded: glibc recognises loaded objects by
+     * path, and a reused fd number would make a later dlopen return this object. */
+    p->mfd = mfd;
     if (p->dl == NULL) {
-        rc = spk_errf(eb, SPK_EDLOPEN, "%s: refused: dlopen failed: %s", path, dlerror());
+        const char *why = dlerror();
+        /* dlerror names the /proc path; name the operator's file instead. */
+        const char *colon = why ? strstr(why, ": ") : NULL;
+        rc = spk_errf(eb, SPK_EDLOPEN, "%s: refused: dlopen failed: %s", path,
+                      colon ? colon + 2 : (why ? why : "unknown error"));
         goto fail;
     }
     typedef const spoke_plugin *(*entry_fn)(const spoke_host *);
@@ -200,11 +258,10 @@ void spk_plugin_close(spk_plugin *p)
         p->table.fini(p->self);
     p->initialised = false;
     spk_host_timers_free(p);
-    /* Under ASan keep the code mapped so leak reports can still symbolise the plugin. */
-#if !defined(__SANITIZE_ADDRESS__)
     if (p->dl != NULL)
         dlclose(p->dl);
-#endif
+    if (p->mfd > 0)
+        close(p->mfd);
     free(p->path);
     free(p->name);
     free(p);

@@ -44,6 +44,7 @@ typedef struct spk_plugin {
     spoke_plugin table;      /* the plugin's table, zero-extended to the host's size */
     uint32_t plugin_struct_size; /* struct_size the plugin declared */
     void *dl;                /* dlopen handle */
+    int mfd;                 /* the private in-memory copy dlopen mapped; 0: none */
     char *path;              /* file it was loaded from (owned) */
     char *name;              /* unique instance name: config name, else table.name (owned) */
     uint32_t id;             /* configured plugin ID (0: none) */
