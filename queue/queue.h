@@ -1,0 +1,234 @@
+/*
+ * queue.h -- the durable edge-to-control queue (LMDB).
+ *
+ * Edge plugins call send_to_control(); the host validates the payload and commits it here
+ * as one encoded spoke.control.v1.EdgePayload (transport/proto/.../control.proto). The
+ * uplink process reads the oldest records, sends their stored bytes to hubd without
+ * re-encoding them, and acknowledges (deletes) what hubd accepted. Records older than the
+ * retention are expired. Design, key layout and the durability argument: queue.c's top
+ * comment and docs/queue.md.
+ *
+ * PROCESSES. Any number of processes (workers, the uplink, spoke-queue) may open the same
+ * queue directory at once and call any function concurrently: LMDB serialises writers with
+ * a process-shared robust mutex, and readers never block. A process killed at any point
+ * (kill -9 included) leaves the queue consistent: an unfinished transaction is simply not
+ * there, the next writer recovers the mutex (EOWNERDEAD), and spk_queue_open() clears the
+ * reader slots of dead processes (mdb_reader_check).
+ *   Never use a handle across fork(): open the queue in each process AFTER it forked, and
+ *   in a child do not call any function (not even spk_queue_close) on a handle inherited
+ *   from the parent. A handle is used by one thread at a time.
+ *
+ * DURABILITY (opts.sync_always). "Committed" = spk_queue_enqueue() returned 0.
+ *   always    the transaction is on stable storage before the call returns (LMDB's
+ *             default commit: fdatasync of the data, then a synchronous meta page write).
+ *             Survives a crash of any process and power loss.
+ *   interval  commits use MDB_NOSYNC: the record is in the kernel's page cache before the
+ *             call returns, so it survives a crash of any spoke process at once. It reaches
+ *             the disk at the next spk_queue_sync() (or earlier when the kernel writes
+ *             back). A power loss or kernel crash can lose the commits of the last
+ *             interval; as LMDB documents for MDB_NOSYNC, on a file system that does not
+ *             preserve write order a power loss in that window can also damage the file.
+ *             The UPLINK process owns the interval timer: it calls spk_queue_sync() every
+ *             queue.sync period (one sync flushes every process's commits, since all share
+ *             the file's page cache). Workers never call it on their hot path.
+ *
+ * ERRORS. Every function returns 0 or a negative spk_err (core/err.h) and, when `eb` is
+ * not NULL, fills it with a sentence for the operator. Codes:
+ *   SPK_EINVAL              bad argument (NULL, not UTF-8, handle closed)
+ *   SPK_EPAYLOAD_TOO_LARGE, SPK_ETOO_MANY_METADATA, SPK_EMETADATA_KEY,
+ *   SPK_EMETADATA_VALUE, SPK_ECORRELATION_ID   a payload limit (abi/spoke.h SPOKE_MAX_*);
+ *                           a value equal to a limit is accepted, one byte more refused
+ *   SPK_ENOT_JSON           spk_queue_send(json = true) with text that is not JSON
+ *   SPK_EQUEUE_FULL         opts.max_pending records or opts.max_bytes bytes are pending
+ *   SPK_EQUEUE_UNAVAILABLE  the map (opts.map_size) or the disk is full, or the queue
+ *                           cannot be opened/written; nothing was stored. The queue works
+ *                           again once space is back (acks, expiry, a bigger map_size on
+ *                           the next open, or disk space).
+ *   SPK_ENOENT              spk_queue_open() with create = false and no queue at the path
+ *   SPK_ECORRUPT            a stored record fails its CRC or the file is not a queue
+ *   SPK_ENOMEM, SPK_EIO     allocation or system call failure
+ */
+#ifndef SPK_QUEUE_H
+#define SPK_QUEUE_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "err.h"
+#include "spoke.h"
+
+typedef struct spk_queue spk_queue;
+
+/* A clock returning Unix time in milliseconds; tests inject their own. */
+typedef int64_t (*spk_queue_clock)(void *arg);
+
+/* Options of spk_queue_open(). Fill with spk_queue_opts_init(), then override; the host
+ * copies them from spk_config (queue.* keys). */
+typedef struct spk_queue_opts {
+    uint64_t max_pending;   /* queue.max_pending: records (default 100000); 0 = no limit */
+    uint64_t max_bytes;     /* queue.max_bytes: sum of spk_queue_record_size() of pending
+                               records (default 1 GiB); 0 = no limit */
+    uint64_t retention_ms;  /* queue.retention (default 24 h); 0 = never expire */
+    bool sync_always;       /* queue.sync == "always"; false = interval (see DURABILITY) */
+    uint64_t map_size;      /* queue.map_size: LMDB map size in bytes (default 2 GiB); a
+                               bigger size stored in the file wins */
+    bool create;            /* create the directory and database if missing (default
+                               true); false: SPK_ENOENT when absent (tools) */
+    bool writemap;          /* map the file writable (MDB_WRITEMAP, preallocated to
+                               map_size). Default false. Faster commits, but a stray write
+                               by plugin code into the map is then caught only by the
+                               per-record CRC: see docs/queue.md before turning it on. */
+    spk_queue_clock clock;  /* NULL: CLOCK_REALTIME */
+    void *clock_arg;
+} spk_queue_opts;
+
+/* Defaults as listed above. */
+void spk_queue_opts_init(spk_queue_opts *opts);
+
+/* Bytes a record of `wire_len` encoded bytes counts against max_bytes (the stored size:
+ * a fixed header plus the encoded EdgePayload). */
+#define SPK_QUEUE_RECORD_OVERHEAD 24u
+static inline uint64_t spk_queue_record_size(size_t wire_len)
+{
+    return (uint64_t)wire_len + SPK_QUEUE_RECORD_OVERHEAD;
+}
+
+/* Open (and, with opts->create, create) the queue in directory `path` (files data.mdb and
+ * lock.mdb). Clears reader slots left by dead processes. opts may be NULL for defaults.
+ * On success *out is a handle the caller closes with spk_queue_close(). Returns 0,
+ * SPK_ENOENT, SPK_EQUEUE_UNAVAILABLE (cannot open or create, disk full), SPK_ECORRUPT
+ * (not a queue, or an unknown format version), SPK_EINVAL, SPK_ENOMEM. */
+int spk_queue_open(const char *path, const spk_queue_opts *opts, spk_queue **out,
+                   spk_errbuf *eb);
+
+/* Close the handle; NULL is allowed. In interval mode it does NOT sync: call
+ * spk_queue_sync() first when the process that owns the timer shuts down. */
+void spk_queue_close(spk_queue *q);
+
+/* The queue's clock (opts.clock), Unix ms. */
+int64_t spk_queue_now_ms(const spk_queue *q);
+
+/* One payload to enqueue. Every pointer is borrowed for the duration of the call. */
+typedef struct spk_queue_msg {
+    uint32_t plugin_id;
+    const char *edge_id;          /* NULL or "": not stored (the batch's applies) */
+    const void *payload;          /* may be NULL when payload_len is 0 */
+    size_t payload_len;           /* <= SPOKE_MAX_PAYLOAD */
+    const char *correlation_id;   /* NULL or "": none; <= SPOKE_MAX_CORRELATION_ID bytes */
+    const spoke_kv *metadata;     /* n_metadata entries, kept in this order */
+    size_t n_metadata;            /* <= SPOKE_MAX_METADATA */
+    const char *content_type;     /* NULL or "": raw bytes */
+    int64_t edge_timestamp_ms;    /* Unix ms; also the age used by expiry */
+} spk_queue_msg;
+
+/* Validate the limits of `m` without touching the queue. Strings must be NUL-terminated
+ * UTF-8; metadata keys and values must not be NULL. Returns 0, one of the limit codes
+ * (checked in the order payload, correlation ID, metadata count, then each entry's key
+ * and value), or SPK_EINVAL. */
+int spk_queue_validate(const spk_queue_msg *m, spk_errbuf *eb);
+
+/* Validate and commit `m` as one record, encoded once as an EdgePayload carrying its new
+ * sequence number. On success *seq (if not NULL) is that number (per queue, starting at
+ * 1, strictly increasing across restarts and never reused, even after purge) and
+ * *pending (if not NULL) the number of pending records including this one. Returns 0, a
+ * limit code, SPK_EQUEUE_FULL, SPK_EQUEUE_UNAVAILABLE, SPK_EINVAL, SPK_ECORRUPT, SPK_EIO.
+ * Nothing is stored unless it returns 0. */
+int spk_queue_enqueue(spk_queue *q, const spk_queue_msg *m, uint64_t *seq,
+                      uint64_t *pending, spk_errbuf *eb);
+
+/* The whole host service send_to_control / send_to_control_json: stamps the record with
+ * plugin_id, edge_id and now_ms (pass the loop's cached time, or < 0 for the queue's
+ * clock), refuses non-JSON text with SPK_ENOT_JSON when `json` is true and marks it
+ * "application/json", then enqueues. Arguments and returns as spk_queue_enqueue(). */
+int spk_queue_send(spk_queue *q, uint32_t plugin_id, const char *edge_id,
+                   const void *payload, size_t len, const char *correlation_id,
+                   const spoke_kv *metadata, size_t n_metadata, bool json, int64_t now_ms,
+                   uint64_t *seq, uint64_t *pending, spk_errbuf *eb);
+
+/* One record read from the queue. */
+typedef struct spk_queue_item {
+    uint64_t seq;
+    uint32_t plugin_id;
+    int64_t edge_timestamp_ms;
+    const uint8_t *wire;   /* the stored, encoded EdgePayload; points into the batch */
+    size_t wire_len;
+    int status;            /* 0, or SPK_ECORRUPT when the record failed its CRC (wire is
+                              then not to be sent: ack it to drop it, and log it) */
+} spk_queue_item;
+
+/* Records from spk_queue_read(), owned by the caller: free with spk_queue_batch_free(). */
+typedef struct spk_queue_batch {
+    spk_queue_item *items;
+    size_t n;
+    size_t wire_bytes;     /* sum of wire_len */
+    uint8_t *buf;          /* backing store of every item's wire bytes */
+} spk_queue_batch;
+
+/* Copy the oldest pending records (lowest sequence first) into *batch: at most `max_n`,
+ * and no more than `max_wire_bytes` wire bytes in total, except that the first record is
+ * always returned (0 = no byte limit). Nothing is removed: ack what was delivered. An
+ * empty queue gives n = 0. The read transaction is closed before returning, so holding a
+ * batch during a network call does not pin old pages. Returns 0, SPK_EINVAL, SPK_ENOMEM,
+ * SPK_EQUEUE_UNAVAILABLE. On failure *batch is empty. */
+int spk_queue_read(spk_queue *q, size_t max_n, size_t max_wire_bytes, spk_queue_batch *batch,
+                   spk_errbuf *eb);
+
+/* Free what spk_queue_read() stored in *batch and empty it; NULL is allowed. */
+void spk_queue_batch_free(spk_queue_batch *batch);
+
+/* Delete the records with the given sequence numbers in one transaction. Sequence numbers
+ * that are not pending (unknown, already acked or expired) are ignored; duplicates are
+ * fine. *acked (if not NULL) receives how many records were deleted. Returns 0,
+ * SPK_EINVAL, SPK_EQUEUE_UNAVAILABLE. */
+int spk_queue_ack(spk_queue *q, const uint64_t *seqs, size_t n, size_t *acked,
+                  spk_errbuf *eb);
+
+/* Delete every record whose edge timestamp is older than now - retention (now from the
+ * queue's clock), oldest first, stopping at the first younger one (so a clock stepped
+ * backwards only delays expiry). *expired (if not NULL) receives the count, which is also
+ * added to the persistent `expired` counter. A no-op when retention is 0. The uplink calls
+ * it on its heartbeat. Returns 0, SPK_EINVAL, SPK_EQUEUE_UNAVAILABLE. */
+int spk_queue_expire(spk_queue *q, uint64_t *expired, spk_errbuf *eb);
+
+/* Pending records of one plugin. */
+typedef struct spk_queue_plugin_stat {
+    uint32_t plugin_id;
+    uint64_t pending;
+    uint64_t bytes;
+} spk_queue_plugin_stat;
+
+typedef struct spk_queue_stats {
+    uint64_t pending;          /* records */
+    uint64_t pending_bytes;    /* sum of spk_queue_record_size() */
+    int64_t oldest_age_ms;     /* now - oldest record's edge timestamp; 0 when empty */
+    uint64_t oldest_seq;       /* 0 when empty */
+    uint64_t next_seq;         /* the sequence number the next record will get */
+    /* Persistent counters (in the file, all processes together, since creation): */
+    uint64_t acked;
+    uint64_t expired;
+    uint64_t purged;
+    /* This handle's counters (this process, since open): refused enqueues by reason. */
+    uint64_t refused_full;        /* SPK_EQUEUE_FULL */
+    uint64_t refused_unavailable; /* SPK_EQUEUE_UNAVAILABLE */
+    uint64_t refused_invalid;     /* a limit, SPK_ENOT_JSON or SPK_EINVAL */
+    uint64_t dead_readers_cleared;/* stale reader slots cleared at open */
+    spk_queue_plugin_stat *plugins; /* per plugin, by plugin ID; owned by the stats */
+    size_t n_plugins;
+} spk_queue_stats;
+
+/* Fill *st from one consistent snapshot. Free st->plugins with spk_queue_stats_free().
+ * Returns 0, SPK_EINVAL, SPK_ENOMEM, SPK_EQUEUE_UNAVAILABLE. */
+int spk_queue_stats_get(spk_queue *q, spk_queue_stats *st, spk_errbuf *eb);
+void spk_queue_stats_free(spk_queue_stats *st);
+
+/* Flush every commit of every process to stable storage (mdb_env_sync, forced). For the
+ * interval policy, the uplink process calls it every queue.sync period and at shutdown;
+ * with sync_always it is a cheap no-op in effect. Returns 0 or SPK_EIO. */
+int spk_queue_sync(spk_queue *q, spk_errbuf *eb);
+
+/* Delete every pending record (operator action). Sequence numbers keep counting.
+ * *purged (if not NULL) receives the count. Returns 0, SPK_EINVAL, SPK_EQUEUE_UNAVAILABLE. */
+int spk_queue_purge(spk_queue *q, uint64_t *purged, spk_errbuf *eb);
+
+#endif
