@@ -1,0 +1,312 @@
+/*
+ * bench_queue.c -- `spoke-bench queue`: throughput of the durable queue, beside the
+ * reference design's way of doing the same work (one SQLite insert per payload, WAL).
+ *
+ * For each payload size (256 B, 4 KiB), durability policy and process count (1, 2) it
+ * runs, each in a fresh directory:
+ *   lmdb       spk_queue_send() with the default read-only map
+ *   lmdb-wmap  the same with opts.writemap (MDB_WRITEMAP)
+ *   sqlite     INSERT of (plugin, ts, correlation, metadata, payload) in autocommit mode,
+ *              journal_mode=WAL, synchronous=NORMAL beside the interval policy and
+ *              synchronous=FULL beside `always`
+ * Writers are forked processes that each open their own handle after fork, as workers
+ * do. With the interval policy a further process calls spk_queue_sync() every 100 ms, as
+ * the uplink does. enq/s is all writers' calls over the wall time of the run; ns/call is
+ * the mean latency of one call as a writer sees it.
+ */
+#include <errno.h>
+#include <getopt.h>
+#include <signal.h>
+#include <sqlite3.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "bench.h"
+#include "queue.h"
+
+enum store { ST_LMDB, ST_LMDB_WMAP, ST_SQLITE };
+static const char *store_name[] = {"lmdb", "lmdb-wmap", "sqlite"};
+
+typedef struct bq_case {
+    enum store store;
+    bool always;
+    size_t size;
+    int procs;
+    uint64_t ops; /* per process */
+} bq_case;
+
+typedef struct bq_result {
+    double rate;   /* enqueues per second, all processes */
+    double ns;     /* mean ns per call */
+    uint64_t errors;
+} bq_result;
+
+static uint64_t now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
+static void bq_usage(FILE *f)
+{
+    fprintf(f, "usage: spoke-bench queue [--dir DIR] [--ops N] [--always-ops N] [--quick]\n"
+               "  --dir DIR         where to create the test stores (default: .); put it on\n"
+               "                    the disk you want to measure\n"
+               "  --ops N           enqueues per process with the interval policy (20000)\n"
+               "  --always-ops N    enqueues per process with sync always (300)\n");
+}
+
+static spk_queue_opts case_opts(const bq_case *c)
+{
+    spk_queue_opts o;
+    spk_queue_opts_init(&o);
+    o.sync_always = c->always;
+    o.writemap = c->store == ST_LMDB_WMAP;
+    o.map_size = 1024ull * 1024 * 1024;
+    o.max_pending = 0;
+    o.max_bytes = 0;
+    return o;
+}
+
+/* One writer process: returns through `fd` its total ns and error count. */
+static void writer(const bq_case *c, const char *path, int id, int fd)
+{
+    uint64_t out[2] = {0, 0};
+    char *payload = malloc(c->size);
+    if (payload == NULL)
+        _exit(1);
+    memset(payload, 'a' + id, c->size);
+    spoke_kv md[] = {{"type", "bench"}, {"source", "spoke-bench"}};
+
+    if (c->store == ST_SQLITE) {
+        sqlite3 *db = NULL;
+        sqlite3_stmt *st = NULL;
+        if (sqlite3_open(path, &db) != SQLITE_OK)
+            _exit(1);
+        sqlite3_busy_timeout(db, 10000);
+        sqlite3_exec(db, c->always ? "PRAGMA synchronous=FULL" : "PRAGMA synchronous=NORMAL",
+                     NULL, NULL, NULL);
+        if (sqlite3_prepare_v2(db, "INSERT INTO q(plugin_id, ts, correlation_id, metadata, "
+                               "payload) VALUES (?, ?, ?, ?, ?)", -1, &st, NULL) != SQLITE_OK)
+            _exit(1);
+        uint64_t t0 = now_ns();
+        for (uint64_t i = 0; i < c->ops; i++) {
+            sqlite3_bind_int(st, 1, 42);
+            sqlite3_bind_int64(st, 2, (sqlite3_int64)time(NULL) * 1000);
+            sqlite3_bind_text(st, 3, "req-12345", -1, SQLITE_STATIC);
+            sqlite3_bind_text(st, 4, "{\"type\":\"bench\",\"source\":\"spoke-bench\"}", -1,
+                              SQLITE_STATIC);
+            sqlite3_bind_blob(st, 5, payload, (int)c->size, SQLITE_STATIC);
+            if (sqlite3_step(st) != SQLITE_DONE)
+                out[1]++;
+            sqlite3_reset(st);
+        }
+        out[0] = now_ns() - t0;
+        sqlite3_finalize(st);
+        sqlite3_close(db);
+    } else {
+        spk_queue_opts o = case_opts(c);
+        spk_queue *q = NULL;
+        spk_errbuf eb = {{0}};
+        if (spk_queue_open(path, &o, &q, &eb) != 0) {
+            fprintf(stderr, "spoke-bench queue: %s\n", eb.msg);
+            _exit(1);
+        }
+        uint64_t t0 = now_ns();
+        for (uint64_t i = 0; i < c->ops; i++)
+            if (spk_queue_send(q, 42, "edge-bench", payload, c->size, "req-12345", md, 2,
+                               false, -1, NULL, NULL, &eb) != 0)
+                out[1]++;
+        out[0] = now_ns() - t0;
+        spk_queue_close(q);
+    }
+    free(payload);
+    if (write(fd, out, sizeof(out)) != (ssize_t)sizeof(out))
+        _exit(1);
+    _exit(0);
+}
+
+/* The uplink's timer: sync every 100 ms until killed. */
+static void syncer(const char *path)
+{
+    spk_queue_opts o;
+    spk_queue_opts_init(&o);
+    spk_queue *q = NULL;
+    if (spk_queue_open(path, &o, &q, NULL) != 0)
+        _exit(1);
+    for (;;) {
+        struct timespec ts = {0, 100 * 1000000L};
+        nanosleep(&ts, NULL);
+        spk_queue_sync(q, NULL);
+    }
+}
+
+/* Remove a store: an LMDB directory or an SQLite file with its -wal and -shm. */
+static void remove_store(const char *path)
+{
+    static const char *suffix[] = {"/data.mdb", "/lock.mdb", "-wal", "-shm"};
+    char f[4100];
+    for (size_t i = 0; i < sizeof(suffix) / sizeof(suffix[0]); i++) {
+        snprintf(f, sizeof(f), "%s%s", path, suffix[i]);
+        unlink(f);
+    }
+    if (rmdir(path) != 0 && unlink(path) != 0)
+        fprintf(stderr, "spoke-bench queue: could not remove %s\n", path);
+}
+
+static int run_case(const bq_case *c, const char *base, int idx, bq_result *r)
+{
+    char path[4000];
+    memset(r, 0, sizeof(*r));
+    snprintf(path, sizeof(path), "%s/spoke-bench-queue-%d-%d", base, (int)getpid(), idx);
+    if (c->store == ST_SQLITE) {
+        sqlite3 *db = NULL;
+        if (sqlite3_open(path, &db) != SQLITE_OK ||
+            sqlite3_exec(db, "PRAGMA journal_mode=WAL; CREATE TABLE q(seq INTEGER PRIMARY "
+                         "KEY, plugin_id INTEGER, ts INTEGER, correlation_id TEXT, metadata "
+                         "TEXT, payload BLOB)", NULL, NULL, NULL) != SQLITE_OK) {
+            fprintf(stderr, "spoke-bench queue: sqlite %s: %s\n", path, sqlite3_errmsg(db));
+            sqlite3_close(db);
+            return -1;
+        }
+        sqlite3_close(db);
+    } else {
+        spk_queue_opts o = case_opts(c);
+        spk_queue *q = NULL;
+        spk_errbuf eb = {{0}};
+        if (spk_queue_open(path, &o, &q, &eb) != 0) { /* create before forking */
+            fprintf(stderr, "spoke-bench queue: %s\n", eb.msg);
+            return -1;
+        }
+        spk_queue_close(q);
+    }
+    pid_t sync_pid = -1;
+    if (c->store != ST_SQLITE && !c->always) {
+        sync_pid = fork();
+        if (sync_pid == 0)
+            syncer(path);
+    }
+    int fds[2];
+    if (pipe(fds) != 0)
+        return -1;
+    pid_t pids[2] = {-1, -1};
+    uint64_t t0 = now_ns();
+    for (int i = 0; i < c->procs; i++) {
+        pids[i] = fork();
+        if (pids[i] == 0) {
+            close(fds[0]);
+            writer(c, path, i, fds[1]);
+        }
+    }
+    close(fds[1]);
+    uint64_t total_ns = 0;
+    int failed = 0;
+    for (int i = 0; i < c->procs; i++) {
+        int st;
+        waitpid(pids[i], &st, 0);
+        uint64_t out[2];
+        if (!WIFEXITED(st) || WEXITSTATUS(st) != 0 ||
+            read(fds[0], out, sizeof(out)) != (ssize_t)sizeof(out)) {
+            failed = 1;
+            continue;
+        }
+        total_ns += out[0];
+        r->errors += out[1];
+    }
+    uint64_t wall = now_ns() - t0;
+    close(fds[0]);
+    if (sync_pid > 0) {
+        kill(sync_pid, SIGKILL);
+        waitpid(sync_pid, NULL, 0);
+    }
+    remove_store(path);
+    if (failed)
+        return -1;
+    uint64_t ops = c->ops * (uint64_t)c->procs;
+    r->rate = (double)ops / ((double)wall / 1e9);
+    r->ns = (double)total_ns / (double)ops;
+    return 0;
+}
+
+int spk_bench_queue(int argc, char **argv)
+{
+    static const struct option longopts[] = {
+        {"dir", required_argument, NULL, 'd'},
+        {"ops", required_argument, NULL, 'n'},
+        {"always-ops", required_argument, NULL, 'a'},
+        {"help", no_argument, NULL, 'h'},
+        {NULL, 0, NULL, 0},
+    };
+    const char *dir = ".";
+    uint64_t ops = 20000, always_ops = 300;
+    int ch;
+    optind = 1;
+    while ((ch = getopt_long(argc, argv, "d:n:a:h", longopts, NULL)) != -1) {
+        char *end;
+        switch (ch) {
+        case 'd':
+            dir = optarg;
+            break;
+        case 'n':
+        case 'a': {
+            errno = 0;
+            unsigned long long v = strtoull(optarg, &end, 10);
+            if (errno != 0 || *end != '\0' || v == 0) {
+                fprintf(stderr, "spoke-bench queue: bad number '%s'\n", optarg);
+                return 1;
+            }
+            if (ch == 'n')
+                ops = v;
+            else
+                always_ops = v;
+            break;
+        }
+        case 'h':
+            bq_usage(stdout);
+            return 0;
+        default:
+            bq_usage(stderr);
+            return 1;
+        }
+    }
+
+    static const size_t sizes[] = {256, 4096};
+    int errors = 0, idx = 0;
+    printf("%-10s %-8s %6s %5s %12s %10s %s\n", "store", "sync", "size", "procs", "enq/s",
+           "ns/call", "vs sqlite");
+    for (int a = 0; a < 2; a++) {
+        bool always = a == 1;
+        for (size_t s = 0; s < 2; s++) {
+            for (int procs = 1; procs <= 2; procs++) {
+                bq_result res[3];
+                for (int st = ST_SQLITE; st >= ST_LMDB; st--) { /* sqlite first: baseline */
+                    bq_case c = {(enum store)st, always, sizes[s], procs,
+                                 always ? always_ops : ops};
+                    if (run_case(&c, dir, idx++, &res[st]) != 0) {
+                        fprintf(stderr, "spoke-bench queue: %s run failed\n", store_name[st]);
+                        return 1;
+                    }
+                    if (res[st].errors > 0)
+                        errors = 1;
+                    printf("%-10s %-8s %6zu %5d %12.0f %10.0f", store_name[st],
+                           always ? "always" : "100ms", sizes[s], procs, res[st].rate,
+                           res[st].ns);
+                    if (st != ST_SQLITE)
+                        printf(" %6.1fx", res[st].rate / res[ST_SQLITE].rate);
+                    if (st == ST_SQLITE)
+                        printf(" (synchronous=%s)", always ? "FULL" : "NORMAL");
+                    if (res[st].errors > 0)
+                        printf(" ERRORS: %llu", (unsigned long long)res[st].errors);
+                    printf("\n");
+                    fflush(stdout);
+                }
+            }
+        }
+    }
+    return errors ? 2 : 0;
+}
