@@ -1,0 +1,324 @@
+#!/usr/bin/env bash
+# bench-proxy.sh -- the proxy benchmark of docs/benchmarks.md, in one command.
+#
+# Builds spoke-bench, spoked and the passthrough plugin (Release) if needed, then on
+# loopback, against ONE echo upstream (`spoke-bench echo`, one thread), runs the same
+# client load (`spoke-bench proxy`: N connections of request/response round trips) for
+# each size:
+#
+#   direct      straight to the echo server (the floor: no proxy at all)
+#   haproxy     through HAProxy, mode tcp, nbthread 1
+#   spoked 0/1/4  through spoked with one worker (listen.workers: 1) and 0, 1, 4
+#               passthrough plugins
+#
+# then `spoke-bench hooks`, and prints one markdown report: the machine, the commands,
+# a table per size with ratios against HAProxy, and the hooks table. Parts that cannot
+# run (spoked not built yet, haproxy missing) are listed as skipped, with the reason.
+#
+# Usage: scripts/bench-proxy.sh [--build DIR] [--duration 10s] [--warmup 1s]
+#                               [--conns 64] [--sizes "128 16384"] [--out FILE]
+# Every process it starts is stopped on exit (also on Ctrl-C). Only loopback is used.
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+BUILD=$ROOT/build-release
+DURATION=10s
+WARMUP=1s
+CONNS=64
+SIZES="128 16384"
+OUT=
+
+usage() {
+    sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | grep '^#' | sed 's/^# \{0,1\}//'
+}
+
+while [ $# -gt 0 ]; do
+    case $1 in
+    --build) BUILD=$2; shift 2 ;;
+    --duration) DURATION=$2; shift 2 ;;
+    --warmup) WARMUP=$2; shift 2 ;;
+    --conns) CONNS=$2; shift 2 ;;
+    --sizes) SIZES=$2; shift 2 ;;
+    --out) OUT=$2; shift 2 ;;
+    -h|--help) usage; exit 0 ;;
+    *) echo "bench-proxy: unknown option '$1' (see --help)" >&2; exit 1 ;;
+    esac
+done
+case $BUILD in /*) ;; *) BUILD=$PWD/$BUILD ;; esac
+
+log() { echo "bench-proxy: $*" >&2; }
+die() { log "$*"; exit 1; }
+
+for tool in jq cmake make awk; do
+    command -v $tool >/dev/null || die "$tool is required (apt-get install $tool)"
+done
+
+# ---- processes and cleanup -----------------------------------------------------------
+
+TMP=$(mktemp -d /tmp/spoke-bench.XXXXXX)
+PIDS=()
+
+stop_pid() { # pid: SIGTERM, up to 5 s, then SIGKILL
+    local pid=$1 i
+    kill -TERM "$pid" 2>/dev/null || return 0
+    for i in $(seq 50); do
+        kill -0 "$pid" 2>/dev/null || { wait "$pid" 2>/dev/null || true; return 0; }
+        sleep 0.1
+    done
+    log "pid $pid ignored SIGTERM for 5 s; killing it"
+    kill -KILL "$pid" 2>/dev/null || true
+    wait "$pid" 2>/dev/null || true
+}
+
+cleanup() {
+    local pid
+    for pid in "${PIDS[@]}"; do stop_pid "$pid"; done
+    PIDS=()
+    rm -rf "$TMP"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+forget_pid() { # drop $1 from PIDS once it was stopped
+    local keep=() p
+    for p in "${PIDS[@]}"; do [ "$p" = "$1" ] || keep+=("$p"); done
+    PIDS=("${keep[@]}")
+}
+
+port_busy() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+free_port() { # a port nobody listens on, from a per-run random start
+    local p=$((20000 + (RANDOM % 20000))) i
+    for i in $(seq 200); do
+        port_busy $p || { echo $p; return 0; }
+        p=$((p + 1))
+    done
+    die "no free port found"
+}
+
+wait_listen() { # port pid logfile: wait (5 s) until port accepts, or pid died
+    local i
+    for i in $(seq 100); do
+        port_busy "$1" && return 0
+        kill -0 "$2" 2>/dev/null || { log "process $2 exited; its log:"; cat "$3" >&2; return 1; }
+        sleep 0.05
+    done
+    log "nothing listens on 127.0.0.1:$1 after 5 s; log of pid $2:"
+    cat "$3" >&2
+    return 1
+}
+
+# ---- build -------------------------------------------------------------------------
+
+if [ ! -f "$BUILD/CMakeCache.txt" ]; then
+    log "configuring $BUILD (Release)"
+    cmake -S "$ROOT" -B "$BUILD" -DCMAKE_BUILD_TYPE=Release >"$TMP/cmake.log" 2>&1 ||
+        { cat "$TMP/cmake.log" >&2; die "cmake failed"; }
+fi
+BUILD_TYPE=$(sed -n 's/^CMAKE_BUILD_TYPE:[A-Z]*=//p' "$BUILD/CMakeCache.txt")
+[ "$BUILD_TYPE" = Release ] || log "warning: $BUILD is a '$BUILD_TYPE' build, not Release"
+JOBS=$(nproc)
+log "building spoke-bench and passthrough.so in $BUILD"
+cmake --build "$BUILD" -j "$JOBS" --target spoke-bench passthrough >"$TMP/build.log" 2>&1 ||
+    { tail -30 "$TMP/build.log" >&2; die "build of spoke-bench failed"; }
+BENCH=$BUILD/spoke-bench
+PLUGIN_DIR=$BUILD/plugins
+SPOKED=
+SKIP_SPOKED=
+if [ ! -f "$ROOT/core/spoked.c" ]; then
+    SKIP_SPOKED="core/spoked.c does not exist yet"
+elif ! cmake --build "$BUILD" -j "$JOBS" --target spoked >"$TMP/build-spoked.log" 2>&1; then
+    tail -30 "$TMP/build-spoked.log" >&2
+    SKIP_SPOKED="spoked did not build (errors above)"
+else
+    SPOKED=$BUILD/spoked
+fi
+HAPROXY=$(command -v haproxy || echo /usr/sbin/haproxy)
+SKIP_HAPROXY=
+[ -x "$HAPROXY" ] || SKIP_HAPROXY="haproxy is not installed (apt-get install haproxy)"
+[ -z "$SKIP_SPOKED" ] || log "SKIPPING the spoked runs: $SKIP_SPOKED"
+[ -z "$SKIP_HAPROXY" ] || log "SKIPPING the HAProxy runs: $SKIP_HAPROXY"
+
+# ---- the runs ------------------------------------------------------------------------
+
+LOAD_BEFORE=$(cut -d' ' -f1-3 /proc/loadavg)
+if awk -v l="${LOAD_BEFORE%% *}" -v n="$(nproc)" 'BEGIN { exit !(l > n / 2) }'; then
+    log "warning: load average is $LOAD_BEFORE on $(nproc) CPUs; other work will skew the figures"
+fi
+
+ECHO_PORT=$(free_port)
+"$BENCH" echo --listen "127.0.0.1:$ECHO_PORT" >"$TMP/echo.log" 2>&1 &
+ECHO_PID=$!
+PIDS+=("$ECHO_PID")
+wait_listen "$ECHO_PORT" "$ECHO_PID" "$TMP/echo.log" || die "the echo upstream did not start"
+UPSTREAM=127.0.0.1:$ECHO_PORT
+
+# load name target size: run spoke-bench proxy, keep its JSON in $TMP/name-size.json
+load() {
+    local name=$1 target=$2 size=$3 rc=0
+    log "$name, $size-byte requests: $DURATION against $target"
+    "$BENCH" proxy --target "$target" --conns "$CONNS" --size "$size" \
+        --duration "$DURATION" --warmup "$WARMUP" --json \
+        >"$TMP/$name-$size.json" 2>"$TMP/$name-$size.err" || rc=$?
+    if [ $rc -ne 0 ]; then
+        log "$name: spoke-bench proxy exited $rc:"
+        cat "$TMP/$name-$size.err" >&2
+    fi
+    [ $rc -ne 1 ] || rm -f "$TMP/$name-$size.json"
+}
+
+spoked_config() { # file port n_plugins
+    {
+        echo "run_dir: $TMP/run-$2"
+        echo "edge: { id: bench }"
+        echo "listen: { address: 127.0.0.1:$2, upstream: $UPSTREAM, workers: 1 }"
+        echo "log: { level: warn }"
+        echo "queue: { path: $TMP/queue-$2 }"
+        echo "plugins:"
+        echo "  dir: $PLUGIN_DIR"
+        if [ "$3" -gt 0 ]; then
+            echo "  list:"
+            for i in $(seq "$3"); do
+                echo "    - { name: passthrough-$i, file: passthrough.so }"
+            done
+        fi
+    } >"$1"
+    mkdir -p "$TMP/run-$2"
+}
+
+run_spoked() { # n_plugins size
+    local n=$1 size=$2 port cfg pid
+    port=$(free_port)
+    cfg=$TMP/spoked-$n.yaml
+    spoked_config "$cfg" "$port" "$n"
+    "$SPOKED" -c "$cfg" >"$TMP/spoked-$n-$size.log" 2>&1 &
+    pid=$!
+    PIDS+=("$pid")
+    if wait_listen "$port" "$pid" "$TMP/spoked-$n-$size.log"; then
+        load "spoked$n" "127.0.0.1:$port" "$size"
+    else
+        log "spoked with $n plugins did not start; config was:"
+        cat "$cfg" >&2
+    fi
+    stop_pid "$pid"
+    forget_pid "$pid"
+}
+
+run_haproxy() { # size
+    local size=$1 port cfg pid maxconn=$((CONNS + 1000))
+    port=$(free_port)
+    cfg=$TMP/haproxy.cfg
+    cat >"$cfg" <<EOF
+global
+    nbthread 1
+    maxconn $maxconn
+
+defaults
+    mode tcp
+    timeout connect 5s
+    timeout client 60s
+    timeout server 60s
+    maxconn $maxconn
+
+listen bench
+    bind 127.0.0.1:$port
+    server echo $UPSTREAM
+EOF
+    "$HAPROXY" -db -f "$cfg" >"$TMP/haproxy-$size.log" 2>&1 &
+    pid=$!
+    PIDS+=("$pid")
+    if wait_listen "$port" "$pid" "$TMP/haproxy-$size.log"; then
+        load haproxy "127.0.0.1:$port" "$size"
+    fi
+    stop_pid "$pid"
+    forget_pid "$pid"
+}
+
+for size in $SIZES; do
+    load direct "$UPSTREAM" "$size"
+    [ -n "$SKIP_HAPROXY" ] || run_haproxy "$size"
+    if [ -z "$SKIP_SPOKED" ]; then
+        for n in 0 1 4; do run_spoked "$n" "$size"; done
+    fi
+done
+
+log "spoke-bench hooks"
+HOOKS_RC=0
+"$BENCH" hooks --plugin "$PLUGIN_DIR/passthrough.so" >"$TMP/hooks.txt" 2>&1 || HOOKS_RC=$?
+LOAD_AFTER=$(cut -d' ' -f1-3 /proc/loadavg)
+
+# ---- the report ----------------------------------------------------------------------
+
+num() { jq -r ".$2" "$1"; }
+
+row() { # label file size
+    local f=$TMP/$2-$3.json ha=$TMP/haproxy-$3.json
+    if [ ! -s "$f" ]; then
+        echo "| $1 | failed: see the messages above | | | | | | | |"
+        return
+    fi
+    local rps ratio_rps="" ratio_p99="" errs
+    rps=$(num "$f" rps)
+    errs=$(num "$f" errors)
+    if [ -s "$ha" ] && [ "$2" != haproxy ] && [ "$2" != direct ]; then
+        ratio_rps=$(jq -rn --argjson a "$rps" --argjson b "$(num "$ha" rps)" \
+            'if $b > 0 then ($a / $b * 100 | round / 100 | tostring) + "x" else "" end')
+        ratio_p99=$(jq -rn --argjson a "$(num "$f" p99_us)" --argjson b "$(num "$ha" p99_us)" \
+            'if $b > 0 then ($a / $b * 100 | round / 100 | tostring) + "x" else "" end')
+    fi
+    jq -r --arg name "$1" --arg rr "$ratio_rps" --arg rp "$ratio_p99" '
+        def f(n): n * 10 | round / 10 | tostring;
+        "| \($name) | \(.rps | round) | \(f(.mib_s_out)) | \(f(.p50_us)) | \(f(.p99_us)) | " +
+        "\(f(.p999_us)) | \(.errors) | \($rr) | \($rp) |"' "$f"
+    [ "$errs" = 0 ] || log "$1 ($3 B): $errs errors, see $2-$3.err"
+}
+
+report() {
+    local cpu kernel commit
+    cpu=$(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -1)
+    kernel=$(uname -r)
+    commit=$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)
+    echo "### Run of $(date -u '+%Y-%m-%d %H:%M UTC'), commit $commit"
+    echo
+    echo "- machine: $(nproc) CPUs, $cpu, Linux $kernel; load average $LOAD_BEFORE" \
+         "before the runs, $LOAD_AFTER after"
+    echo "- build: $BUILD_TYPE ($BUILD)"
+    echo "- load: \`spoke-bench proxy --conns $CONNS --size SIZE --duration $DURATION" \
+         "--warmup $WARMUP\` (one client thread), one echo upstream" \
+         "(\`spoke-bench echo\`, one thread), all on 127.0.0.1"
+    echo "- spoked: \`listen.workers: 1\`, N passthrough plugins; HAProxy" \
+         "$("$HAPROXY" -v 2>/dev/null | head -1 | awk '{print $3}'): \`mode tcp\`, \`nbthread 1\`"
+    [ -z "$SKIP_SPOKED" ] || echo "- **skipped: spoked rows** ($SKIP_SPOKED)"
+    [ -z "$SKIP_HAPROXY" ] || echo "- **skipped: HAProxy row** ($SKIP_HAPROXY)"
+    for size in $SIZES; do
+        echo
+        echo "#### $size-byte requests, $CONNS connections"
+        echo
+        echo "| path | req/s | MiB/s each way | p50 µs | p99 µs | p99.9 µs | errors |" \
+             "req/s vs HAProxy | p99 vs HAProxy |"
+        echo "|---|--:|--:|--:|--:|--:|--:|--:|--:|"
+        row "direct to echo (no proxy)" direct "$size"
+        [ -n "$SKIP_HAPROXY" ] || row "HAProxy, nbthread 1" haproxy "$size"
+        if [ -z "$SKIP_SPOKED" ]; then
+            row "spoked, 1 worker, 0 plugins" spoked0 "$size"
+            row "spoked, 1 worker, 1 passthrough" spoked1 "$size"
+            row "spoked, 1 worker, 4 passthrough" spoked4 "$size"
+        fi
+    done
+    echo
+    echo "#### spoke-bench hooks"
+    echo
+    if [ $HOOKS_RC -eq 0 ]; then
+        cat "$TMP/hooks.txt"
+    else
+        echo "failed (exit $HOOKS_RC):"
+        echo
+        sed 's/^/    /' "$TMP/hooks.txt"
+    fi
+}
+
+if [ -n "$OUT" ]; then
+    report | tee "$OUT"
+else
+    report
+fi

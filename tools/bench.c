@@ -1,0 +1,172 @@
+/*
+ * spoke-bench -- the load tool. One binary, one subcommand per kind of benchmark:
+ *
+ *   echo    a fast echo server, the upstream of the proxy benchmarks
+ *   proxy   N connections of request/response round trips against an address; prints
+ *           throughput and a latency histogram's percentiles (text or --json)
+ *   hooks   in-process cost of the plugin chain, ns per hook call
+ *   queue   the durable queue's throughput (built with the queue library)
+ *
+ * This file holds main, the usage text and the small parsers every subcommand uses; each
+ * subcommand lives in tools/bench_<name>.c (see bench.h for the calling convention).
+ */
+#include "bench.h"
+
+#include <errno.h>
+#include <limits.h>
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+#include <time.h>
+#include <unistd.h>
+
+static void usage(FILE *f)
+{
+    fprintf(f, "usage: spoke-bench COMMAND [OPTIONS]\n"
+               "\n"
+               "Commands:\n");
+    spk_bench_echo_usage(f);
+    spk_bench_proxy_usage(f);
+    spk_bench_hooks_usage(f);
+#ifdef SPOKE_BENCH_HAVE_QUEUE
+    fprintf(f, "  queue [OPTIONS]\n"
+               "      throughput of the durable queue; see `spoke-bench queue --help`\n");
+#endif
+    fprintf(f, "  help\n"
+               "      this text\n"
+               "\n"
+               "Addresses are host:port, [v6]:port or unix:/path. Durations take ms, s, m\n"
+               "(a bare number is seconds); sizes take K/KiB, M/MiB. Exit status: 0 ok,\n"
+               "1 usage or setup error, 2 the run finished but saw errors.\n");
+}
+
+int main(int argc, char **argv)
+{
+    if (argc < 2) {
+        usage(stdout);
+        return 0;
+    }
+    const char *cmd = argv[1];
+    if (strcmp(cmd, "help") == 0 || strcmp(cmd, "--help") == 0 || strcmp(cmd, "-h") == 0) {
+        usage(stdout);
+        return 0;
+    }
+    if (strcmp(cmd, "proxy") == 0)
+        return spk_bench_proxy(argc - 1, argv + 1);
+    if (strcmp(cmd, "echo") == 0)
+        return spk_bench_echo(argc - 1, argv + 1);
+    if (strcmp(cmd, "hooks") == 0)
+        return spk_bench_hooks(argc - 1, argv + 1);
+    if (strcmp(cmd, "queue") == 0) {
+#ifdef SPOKE_BENCH_HAVE_QUEUE
+        if (spk_bench_queue != NULL)
+            return spk_bench_queue(argc - 1, argv + 1);
+#endif
+        fprintf(stderr, "spoke-bench: queue: not built into this binary (it needs the queue "
+                        "library and tools/bench_queue.c)\n");
+        return 1;
+    }
+    fprintf(stderr, "spoke-bench: unknown command '%s'\n\n", cmd);
+    usage(stderr);
+    return 1;
+}
+
+/* ---- helpers shared by the subcommands (bench.h) ---------------------------------- */
+
+int spk_bench_parse_duration(const char *text, int allow_zero, double *out_s)
+{
+    char *end;
+    errno = 0;
+    double v = strtod(text, &end);
+    if (end == text || errno != 0 || !isfinite(v) || v < 0)
+        return -1;
+    double scale;
+    if (*end == '\0' || strcmp(end, "s") == 0)
+        scale = 1;
+    else if (strcmp(end, "ms") == 0)
+        scale = 1e-3;
+    else if (strcmp(end, "us") == 0)
+        scale = 1e-6;
+    else if (strcmp(end, "m") == 0)
+        scale = 60;
+    else if (strcmp(end, "h") == 0)
+        scale = 3600;
+    else
+        return -1;
+    v *= scale;
+    if (v == 0 && !allow_zero)
+        return -1;
+    *out_s = v;
+    return 0;
+}
+
+int spk_bench_parse_size(const char *text, uint64_t *out)
+{
+    char *end;
+    errno = 0;
+    unsigned long long v = strtoull(text, &end, 10);
+    if (end == text || errno != 0 || text[0] == '-')
+        return -1;
+    uint64_t scale;
+    if (*end == '\0' || strcasecmp(end, "B") == 0)
+        scale = 1;
+    else if (strcasecmp(end, "K") == 0 || strcmp(end, "KiB") == 0)
+        scale = 1024;
+    else if (strcasecmp(end, "M") == 0 || strcmp(end, "MiB") == 0)
+        scale = 1024 * 1024;
+    else if (strcasecmp(end, "G") == 0 || strcmp(end, "GiB") == 0)
+        scale = 1024ull * 1024 * 1024;
+    else
+        return -1;
+    if (v > UINT64_MAX / scale)
+        return -1;
+    *out = v * scale;
+    return 0;
+}
+
+int spk_bench_parse_uint(const char *text, uint64_t min, uint64_t max, uint64_t *out)
+{
+    uint64_t v;
+    if (spk_bench_parse_size(text, &v) != 0 || v < min || v > max)
+        return -1;
+    *out = v;
+    return 0;
+}
+
+int spk_bench_self_dir(char *out, size_t cap)
+{
+    char path[PATH_MAX];
+    ssize_t n = readlink("/proc/self/exe", path, sizeof(path) - 1);
+    if (n <= 0)
+        return -1;
+    path[n] = '\0';
+    char *slash = strrchr(path, '/');
+    if (slash == NULL)
+        return -1;
+    *slash = '\0';
+    if ((size_t)snprintf(out, cap, "%s", path[0] ? path : "/") >= cap)
+        return -1;
+    return 0;
+}
+
+uint64_t spk_bench_now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+void spk_bench_json_string(FILE *f, const char *s)
+{
+    fputc('"', f);
+    for (; *s; s++) {
+        if (*s == '"' || *s == '\\')
+            fprintf(f, "\\%c", *s);
+        else if ((unsigned char)*s < 0x20)
+            fprintf(f, "\\u%04x", (unsigned char)*s);
+        else
+            fputc(*s, f);
+    }
+    fputc('"', f);
+}

@@ -1,0 +1,54 @@
+/*
+ * bench.h -- the subcommands of spoke-bench and the few helpers they share.
+ *
+ * spoke-bench is one binary; tools/bench.c holds main and dispatches on argv[1] to one
+ * function per subcommand, each living in its own tools/bench_<name>.c. A subcommand
+ * receives argv starting at its own name (argv[0] = "proxy"), parses its options with
+ * getopt_long, and returns the process exit status: 0 ok, 1 setup or usage error, 2 the
+ * run completed but saw errors.
+ */
+#ifndef SPK_BENCH_H
+#define SPK_BENCH_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+
+/* tools/bench_proxy.c: round-trip load against an address, and the echo upstream. */
+int spk_bench_proxy(int argc, char **argv);
+int spk_bench_echo(int argc, char **argv);
+void spk_bench_proxy_usage(FILE *f);
+void spk_bench_echo_usage(FILE *f);
+
+/* tools/bench_hooks.c: in-process timing of the plugin chain. */
+int spk_bench_hooks(int argc, char **argv);
+void spk_bench_hooks_usage(FILE *f);
+
+/* tools/bench_queue.c (its own owner): built when the queue library is. Declared weak so
+ * a tree where the queue library landed before bench_queue.c still links; main checks
+ * the address before calling it. */
+#ifdef SPOKE_BENCH_HAVE_QUEUE
+int spk_bench_queue(int argc, char **argv) __attribute__((weak));
+#endif
+
+/* "10s", "500ms", "2m", "1.5s" or a bare number of seconds, into seconds (> 0 unless
+ * allow_zero). Returns 0 or -1. */
+int spk_bench_parse_duration(const char *text, int allow_zero, double *out_s);
+
+/* "128", "16KiB", "16K", "1MiB", "1M" into bytes. Returns 0 or -1. */
+int spk_bench_parse_size(const char *text, uint64_t *out);
+
+/* A positive integer in [min, max]. Returns 0 or -1. */
+int spk_bench_parse_uint(const char *text, uint64_t min, uint64_t max, uint64_t *out);
+
+/* The directory holding the running spoke-bench binary (from /proc/self/exe) into
+ * out[cap]. Returns 0 or -1. */
+int spk_bench_self_dir(char *out, size_t cap);
+
+/* Print s as a JSON string literal, quotes included. */
+void spk_bench_json_string(FILE *f, const char *s);
+
+/* CLOCK_MONOTONIC in nanoseconds. */
+uint64_t spk_bench_now_ns(void);
+
+#endif
