@@ -18,6 +18,7 @@
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <stdio.h>
 
 #include "err.h"
 #include "spoke.h"
@@ -102,6 +103,13 @@ typedef struct spk_config {
 
     /* log: */
     spoke_log_level log_level; /* log.level: debug|info|warn|error (info) */
+
+    /* Added after 0.1 (fields only ever appended): */
+    char *run_dir;             /* top-level `run_dir:` (a key, not a section): where the
+                                  supervisor keeps spoked.pid and spoked.sock; at most 90
+                                  bytes. Default "/run/spoke" when running as root, else the
+                                  directory of the config file (so unprivileged and test
+                                  instances with different configs never collide). */
 } spk_config;
 
 /* Load and validate `path`. On success *out is a config the caller frees with
@@ -119,5 +127,14 @@ int spk_parse_size(const char *text, uint64_t *out_bytes);
 /* Append a plugin entry for an autoloaded file (plugins.autoload). Returns 0 or
  * SPK_ENOMEM; the new entry has defaults, enabled = true, autoloaded = true. */
 int spk_config_add_autoload(spk_config *cfg, const char *file, const char *path);
+
+/* Print the effective configuration to f: every key of every section with its value,
+ * defaults included, as YAML that spk_config_load() reads back to the same values.
+ * Durations and sizes print in the largest unit that divides them exactly ("1m", "64KiB");
+ * `~` stands for "not set". Per plugin entry, comments give its line, its resolved
+ * `path`, and mark entries appended by the loader as autoloaded; `config:` prints in its
+ * flattened form ("a.b": value), which loads back to the same entries. Used by
+ * `spoked --check-config`. */
+void spk_config_dump(const spk_config *cfg, FILE *f);
 
 #endif
