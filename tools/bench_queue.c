@@ -54,7 +54,7 @@ static uint64_t now_ns(void)
 
 static void bq_usage(FILE *f)
 {
-    fprintf(f, "usage: spoke-bench queue [--dir DIR] [--ops N] [--always-ops N] [--quick]\n"
+    fprintf(f, "usage: spoke-bench queue [--dir DIR] [--ops N] [--always-ops N]\n"
                "  --dir DIR         where to create the test stores (default: .); put it on\n"
                "                    the disk you want to measure\n"
                "  --ops N           enqueues per process with the interval policy (20000)\n"
