@@ -446,6 +446,7 @@ typedef struct lg_conn {
     uint32_t seed;           /* offset of this connection's stream into the pattern */
     uint64_t sent, recvd;    /* stream offsets, since the current connect */
     uint64_t retry_at;       /* LG_IDLE: when to connect again */
+    uint64_t connect_at;     /* LG_CONNECTING: when connect() was called */
     uint64_t *starts;        /* start time of request k at starts[k % pipeline] */
 } lg_conn;
 
@@ -517,6 +518,7 @@ static void lg_connect(lg_thread *t, lg_conn *c, uint64_t now)
         return;
     }
     c->fd = fd;
+    c->connect_at = now;
     c->state = LG_CONNECTING;
     c->want_out = true;
     c->sent = c->recvd = 0;
@@ -648,7 +650,7 @@ static void lg_finish(lg_thread *t, uint64_t now)
 {
     for (unsigned i = 0; i < t->n; i++) {
         lg_conn *c = &t->conns[i];
-        if (c->state == LG_CONNECTING && now - t->t_measure > STALL_NS)
+        if (c->state == LG_CONNECTING && now - c->connect_at > STALL_NS)
             lg_note_error(t, E_STALLED, "connect %s: %s", t->o->target.text,
                           "still not connected at the end of the run");
         if (c->state == LG_RUNNING && c->sent > c->recvd) {
