@@ -1558,8 +1558,11 @@ static int open_config(const char *path, FILE **out, spk_errbuf *eb)
     struct stat st;
     FILE *f = fopen(path, "rb");
     if (f == NULL)
-        return spk_errf(eb, errno == ENOENT ? SPK_ENOENT : SPK_EIO, "cannot open %s: %s", path,
-                        strerror(errno));
+        return spk_errf(eb,
+                        errno == ENOENT   ? SPK_ENOENT
+                        : errno == ENOMEM ? SPK_ENOMEM
+                                          : SPK_EIO,
+                        "cannot open %s: %s", path, strerror(errno));
     if (fstat(fileno(f), &st) == 0 && S_ISDIR(st.st_mode)) {
         fclose(f);
         return spk_errf(eb, SPK_EIO, "cannot open %s: %s", path, strerror(EISDIR));

@@ -5,7 +5,9 @@
  *
  * Each YAML input is written to a temp file (mkstemps under /tmp), loaded, and removed.
  */
+#include <errno.h>
 #include <setjmp.h>
+#include <stdbool.h>
 #include <stdarg.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -17,6 +19,69 @@
 #include <cmocka.h>
 
 #include "config.h"
+
+/* ---- allocation failures ------------------------------------------------------------
+ * Outside the sanitizer build, the test replaces malloc & co. (glibc supports that) with
+ * wrappers that count live blocks and can fail the N-th allocation; test_alloc_failures
+ * fails each allocation of a load in turn and checks that nothing leaks. Under ASan the
+ * wrappers would fight its allocator, so that test is skipped there (LSan covers leaks on
+ * the other error paths). */
+#if defined(__SANITIZE_ADDRESS__)
+#define SPK_TEST_ASAN 1
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer)
+#define SPK_TEST_ASAN 1
+#endif
+#endif
+
+#ifndef SPK_TEST_ASAN
+extern void *__libc_malloc(size_t n);
+extern void *__libc_calloc(size_t n, size_t size);
+extern void *__libc_realloc(void *p, size_t n);
+extern void __libc_free(void *p);
+
+static long alloc_count, alloc_fail_at, alloc_live; /* fail_at 0: never */
+
+static bool alloc_should_fail(void)
+{
+    if (alloc_fail_at == 0 || ++alloc_count != alloc_fail_at)
+        return false;
+    errno = ENOMEM;
+    return true;
+}
+
+void *malloc(size_t n)
+{
+    void *p = alloc_should_fail() ? NULL : __libc_malloc(n);
+    alloc_live += p != NULL;
+    return p;
+}
+
+void *calloc(size_t n, size_t size)
+{
+    void *p = alloc_should_fail() ? NULL : __libc_calloc(n, size);
+    alloc_live += p != NULL;
+    return p;
+}
+
+void *realloc(void *p, size_t n)
+{
+    if (alloc_should_fail())
+        return NULL;
+    void *q = __libc_realloc(p, n);
+    if (p == NULL && q != NULL)
+        alloc_live++;
+    else if (p != NULL && n == 0)
+        alloc_live--;
+    return q;
+}
+
+void free(void *p)
+{
+    alloc_live -= p != NULL;
+    __libc_free(p);
+}
+#endif
 
 /* ---- helpers ------------------------------------------------------------------------ */
 
@@ -977,6 +1042,61 @@ static void test_autoload_and_free(void **state)
     spk_config_free(cfg);
 }
 
+/* Fail the 1st, 2nd, ... allocation of loading FULL: each load fails cleanly with
+ * SPK_ENOMEM (also when it is fopen's or libyaml's allocation that failed), leaves *out
+ * NULL and leaks nothing; past the last allocation the load succeeds. */
+static void test_alloc_failures(void **state)
+{
+    (void)state;
+#ifdef SPK_TEST_ASAN
+    skip();
+#else
+    char path[64];
+    write_tmp(FULL, path);
+    long n;
+    for (n = 1; n < 100000; n++) {
+        spk_config *cfg = (spk_config *)(uintptr_t)1;
+        spk_errbuf eb;
+        long live = alloc_live;
+        alloc_count = 0;
+        alloc_fail_at = n;
+        int rc = spk_config_load(path, &cfg, &eb);
+        alloc_fail_at = 0;
+        bool injected = alloc_count >= n;
+        if (rc == 0) { /* not injected, or a failure stdio absorbs (it goes unbuffered) */
+            check_full(cfg);
+            spk_config_free(cfg);
+            assert_int_equal(alloc_live, live);
+            if (!injected)
+                break;
+            continue;
+        }
+        if (rc != SPK_ENOMEM)
+            fail_msg("allocation %ld: rc %d: %s", n, rc, eb.msg);
+        assert_null(cfg);
+        if (alloc_live != live)
+            fail_msg("allocation %ld failed: %ld blocks leaked (%s)", n, alloc_live - live,
+                     eb.msg);
+    }
+    print_message("failed each of %ld allocations in turn\n", n - 1);
+    assert_true(n > 100); /* FULL needs many allocations; all were exercised */
+    assert_true(n < 100000);
+
+    /* spk_config_add_autoload leaves the config as it was when it cannot grow it */
+    spk_config *cfg = load_ok(FULL);
+    for (n = 1; n <= 3; n++) {
+        alloc_count = 0;
+        alloc_fail_at = n;
+        int rc = spk_config_add_autoload(cfg, "x.so", "/x.so");
+        alloc_fail_at = 0;
+        assert_int_equal(rc, SPK_ENOMEM);
+        assert_int_equal(cfg->n_plugins, 2);
+    }
+    spk_config_free(cfg);
+    unlink(path);
+#endif
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -1001,6 +1121,7 @@ int main(void)
         cmocka_unit_test(test_duplicate_plugins),
         cmocka_unit_test(test_flow_style),
         cmocka_unit_test(test_autoload_and_free),
+        cmocka_unit_test(test_alloc_failures),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
