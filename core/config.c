@@ -35,18 +35,18 @@
 
 #include "log.h"
 
-#define MAX_DEPTH 64          /* YAML nesting we accept; protects the recursion */
+#define MAX_DEPTH         64    /* YAML nesting we accept; protects the recursion */
 #define MAX_PLUGIN_CONFIG 10000 /* flattened `config:` entries per plugin */
-#define MAX_NAME 64           /* plugins.list[].name */
+#define MAX_NAME          64    /* plugins.list[].name */
 
-#define KiB 1024ull
-#define MiB (1024ull * KiB)
-#define GiB (1024ull * MiB)
-#define TiB (1024ull * GiB)
-#define SEC 1000ull
+#define KiB    1024ull
+#define MiB    (1024ull * KiB)
+#define GiB    (1024ull * MiB)
+#define TiB    (1024ull * GiB)
+#define SEC    1000ull
 #define MINUTE (60ull * SEC)
-#define HOUR (60ull * MINUTE)
-#define DAY (24ull * HOUR)
+#define HOUR   (60ull * MINUTE)
+#define DAY    (24ull * HOUR)
 
 /* ---- the node tree ----------------------------------------------------------------- */
 
@@ -103,9 +103,12 @@ static const char *node_kind_name(const node *n)
     if (node_is_null(n))
         return "an empty value";
     switch (n->kind) {
-    case NODE_MAP: return "a mapping";
-    case NODE_SEQ: return "a list";
-    case NODE_SCALAR: break;
+    case NODE_MAP:
+        return "a mapping";
+    case NODE_SEQ:
+        return "a list";
+    case NODE_SCALAR:
+        break;
     }
     return "a string";
 }
@@ -146,8 +149,8 @@ static int tree_syntax_error(tree_ctx *t)
     if (p->context != NULL)
         return spk_errf(t->eb, SPK_ECONFIG,
                         "%s:%d: YAML syntax error: %s (column %zu; %s that starts at line %d)",
-                        t->file, mark_line(p->problem_mark), problem,
-                        p->problem_mark.column + 1, p->context, mark_line(p->context_mark));
+                        t->file, mark_line(p->problem_mark), problem, p->problem_mark.column + 1,
+                        p->context, mark_line(p->context_mark));
     return spk_errf(t->eb, SPK_ECONFIG, "%s:%d: YAML syntax error: %s (column %zu)", t->file,
                     mark_line(p->problem_mark), problem, p->problem_mark.column + 1);
 }
@@ -217,8 +220,8 @@ static int tree_map(tree_ctx *t, node *m, int depth)
             return tree_nomem(t);
         m->n++;
         if (has_nul)
-            return spk_errf(t->eb, SPK_ECONFIG, "%s:%d: a key contains a NUL character",
-                            t->file, p->line);
+            return spk_errf(t->eb, SPK_ECONFIG, "%s:%d: a key contains a NUL character", t->file,
+                            p->line);
         if ((rc = tree_build_next(t, depth + 1, &p->val)) != 0)
             return rc;
         /* `key:` with nothing after it: report it on the key's line, not the next one */
@@ -265,11 +268,11 @@ static int tree_build(tree_ctx *t, yaml_event_t *ev, int depth, node **out)
 {
     int line = mark_line(ev->start_mark);
     if (ev->type == YAML_ALIAS_EVENT)
-        return spk_errf(t->eb, SPK_ECONFIG, "%s:%d: YAML aliases (*%s) are not supported",
-                        t->file, line, (const char *)ev->data.alias.anchor);
+        return spk_errf(t->eb, SPK_ECONFIG, "%s:%d: YAML aliases (*%s) are not supported", t->file,
+                        line, (const char *)ev->data.alias.anchor);
     if (depth > MAX_DEPTH)
-        return spk_errf(t->eb, SPK_ECONFIG, "%s:%d: nested deeper than %d levels", t->file,
-                        line, MAX_DEPTH);
+        return spk_errf(t->eb, SPK_ECONFIG, "%s:%d: nested deeper than %d levels", t->file, line,
+                        MAX_DEPTH);
     node *n = calloc(1, sizeof(*n));
     if (n == NULL)
         return tree_nomem(t);
@@ -283,8 +286,8 @@ static int tree_build(tree_ctx *t, yaml_event_t *ev, int depth, node **out)
         if (n->text == NULL)
             return tree_nomem(t);
         if (strlen(n->text) != ev->data.scalar.length)
-            return spk_errf(t->eb, SPK_ECONFIG, "%s:%d: a value contains a NUL character",
-                            t->file, line);
+            return spk_errf(t->eb, SPK_ECONFIG, "%s:%d: a value contains a NUL character", t->file,
+                            line);
         return 0;
     case YAML_MAPPING_START_EVENT:
         n->kind = NODE_MAP;
@@ -363,18 +366,21 @@ typedef struct unit {
 } unit;
 
 static const unit duration_units[] = {
-    {"ms", 1}, {"s", SEC}, {"m", MINUTE}, {"h", HOUR},
+    {"ms", 1},
+    {"s", SEC},
+    {"m", MINUTE},
+    {"h", HOUR},
 };
 
 static const unit size_units[] = {
-    {"B", 1},          {"KiB", KiB},          {"MiB", MiB},
-    {"GiB", GiB},      {"TiB", TiB},          {"KB", 1000ull},
+    {"B", 1},           {"KiB", KiB},          {"MiB", MiB},
+    {"GiB", GiB},       {"TiB", TiB},          {"KB", 1000ull},
     {"MB", 1000000ull}, {"GB", 1000000000ull}, {"TB", 1000000000000ull},
 };
 
 /* "<digits><unit>" with a unit from the table; a bare number when bare_mul != 0. */
-static int parse_with_unit(const char *text, const unit *units, size_t n_units,
-                           uint64_t bare_mul, bool bare_zero_only, uint64_t *out)
+static int parse_with_unit(const char *text, const unit *units, size_t n_units, uint64_t bare_mul,
+                           bool bare_zero_only, uint64_t *out)
 {
     uint64_t v, mul = 0;
     const char *p;
@@ -396,14 +402,14 @@ static int parse_with_unit(const char *text, const unit *units, size_t n_units,
 
 int spk_parse_duration_ms(const char *text, uint64_t *out_ms)
 {
-    return parse_with_unit(text, duration_units,
-                           sizeof(duration_units) / sizeof(duration_units[0]), 1, true, out_ms);
+    return parse_with_unit(text, duration_units, sizeof(duration_units) / sizeof(duration_units[0]),
+                           1, true, out_ms);
 }
 
 int spk_parse_size(const char *text, uint64_t *out_bytes)
 {
-    return parse_with_unit(text, size_units, sizeof(size_units) / sizeof(size_units[0]), 1,
-                           false, out_bytes);
+    return parse_with_unit(text, size_units, sizeof(size_units) / sizeof(size_units[0]), 1, false,
+                           out_bytes);
 }
 
 /* The largest unit that divides v exactly: 90000 -> "90s", 3600000 -> "1h". */
@@ -583,10 +589,10 @@ static int word_index(const char *const *words, const char *text)
     return -1;
 }
 
-static const char *const bool_true[] = {"true", "True", "TRUE", "yes", "Yes", "YES",
-                                        "on",   "On",   "ON",   NULL};
-static const char *const bool_false[] = {"false", "False", "FALSE", "no", "No", "NO",
-                                         "off",   "Off",   "OFF",   NULL};
+static const char *const bool_true[] = {"true", "True", "TRUE", "yes", "Yes",
+                                        "YES",  "on",   "On",   "ON",  NULL};
+static const char *const bool_false[] = {"false", "False", "FALSE", "no",  "No",
+                                         "NO",    "off",   "Off",   "OFF", NULL};
 
 static int p_bool(cfg_ctx *c, const node *v, const char *key, void *base, const field *f)
 {
@@ -648,17 +654,16 @@ static int p_workers(cfg_ctx *c, const node *v, const char *key, void *base, con
     const char *end;
     if (v->kind != NODE_SCALAR || parse_digits(v->text, &n, &end) != 0 || *end != '\0' ||
         n < f->min || n > f->max)
-        return cfg_fail(c, v->line, key, "expected 'auto' or an integer in %llu..%llu, got %s%.100s%s",
-                        (unsigned long long)f->min, (unsigned long long)f->max,
-                        v->kind == NODE_SCALAR ? "'" : "",
-                        v->kind == NODE_SCALAR ? v->text : node_kind_name(v),
-                        v->kind == NODE_SCALAR ? "'" : "");
+        return cfg_fail(
+            c, v->line, key, "expected 'auto' or an integer in %llu..%llu, got %s%.100s%s",
+            (unsigned long long)f->min, (unsigned long long)f->max,
+            v->kind == NODE_SCALAR ? "'" : "", v->kind == NODE_SCALAR ? v->text : node_kind_name(v),
+            v->kind == NODE_SCALAR ? "'" : "");
     store_uint(at(base, f), f->width, n);
     return 0;
 }
 
-static int check_duration(cfg_ctx *c, const node *v, const char *key, const field *f,
-                          uint64_t *ms)
+static int check_duration(cfg_ctx *c, const node *v, const char *key, const field *f, uint64_t *ms)
 {
     static const char what[] = "a duration such as 50ms or 2s";
     int rc = want_scalar(c, v, key, what);
@@ -669,8 +674,7 @@ static int check_duration(cfg_ctx *c, const node *v, const char *key, const fiel
     if (*ms < f->min || *ms > f->max) {
         char lo[32], hi[32];
         return cfg_fail(c, v->line, key, "%s is out of range %s..%s", v->text,
-                        fmt_duration(f->min, lo, sizeof(lo)),
-                        fmt_duration(f->max, hi, sizeof(hi)));
+                        fmt_duration(f->min, lo, sizeof(lo)), fmt_duration(f->max, hi, sizeof(hi)));
     }
     return 0;
 }
@@ -830,8 +834,7 @@ static int p_address(cfg_ctx *c, const node *v, const char *key, void *base, con
     return rc != 0 ? rc : set_string(c, at(base, f), v->text);
 }
 
-static int p_address_opt(cfg_ctx *c, const node *v, const char *key, void *base,
-                         const field *f)
+static int p_address_opt(cfg_ctx *c, const node *v, const char *key, void *base, const field *f)
 {
     return node_is_null(v) ? p_str_opt(c, v, key, base, f) : p_address(c, v, key, base, f);
 }
@@ -989,8 +992,7 @@ static int parse_strv(cfg_ctx *c, const node *v, const char *key, bool env, char
     if (node_is_null(v))
         return 0;
     if (v->kind != NODE_SEQ)
-        return cfg_fail(c, v->line, key, "expected a list of strings, got %s",
-                        node_kind_name(v));
+        return cfg_fail(c, v->line, key, "expected a list of strings, got %s", node_kind_name(v));
     char **vec = calloc(v->n ? v->n : 1, sizeof(*vec));
     if (vec == NULL)
         return cfg_nomem(c);
@@ -1076,8 +1078,8 @@ static int kv_push(cfg_ctx *c, kv_acc *acc, char *fkey, const node *v, const cha
     for (size_t i = 0; i < acc->n; i++) {
         if (strcmp(acc->kv[i].key, fkey) == 0) {
             free(fkey);
-            return cfg_fail(c, v->line, ykey,
-                            "flattens to the same key as the entry at line %d", acc->lines[i]);
+            return cfg_fail(c, v->line, ykey, "flattens to the same key as the entry at line %d",
+                            acc->lines[i]);
         }
     }
     if (acc->n == MAX_PLUGIN_CONFIG) {
@@ -1181,13 +1183,13 @@ static void d_config(FILE *out, const void *base, const field *f, int indent);
 static void d_plugins(FILE *out, const void *base, const field *f, int indent);
 static int p_plugins(cfg_ctx *c, const node *v, const char *key, void *base, const field *f);
 
-#define FIELD(type, key, pfn, dfn, member, lo, hi, w)                                        \
-    {                                                                                       \
-        key, pfn, dfn, offsetof(type, member), sizeof(((type *)0)->member), lo, hi, w       \
+#define FIELD(type, key, pfn, dfn, member, lo, hi, w)                                              \
+    {                                                                                              \
+        key, pfn, dfn, offsetof(type, member), sizeof(((type *)0)->member), lo, hi, w              \
     }
 #define CF(key, pfn, dfn, member, lo, hi) FIELD(spk_config, key, pfn, dfn, member, lo, hi, NULL)
-#define CW(key, member, words) FIELD(spk_config, key, p_enum, d_enum, member, 0, 0, words)
-#define PF(key, pfn, dfn, member, lo, hi)                                                   \
+#define CW(key, member, words)            FIELD(spk_config, key, p_enum, d_enum, member, 0, 0, words)
+#define PF(key, pfn, dfn, member, lo, hi)                                                          \
     FIELD(spk_plugin_conf, key, pfn, dfn, member, lo, hi, NULL)
 
 static const char *const connect_words[] = {"eager", "lazy", NULL};
@@ -1259,14 +1261,10 @@ static const field root_fields[] = {
 };
 
 static const field plugin_entry_fields[] = {
-    PF("id", p_uint, d_uint, id, 0, UINT32_MAX),
-    PF("name", p_name, d_str, name, 0, 0),
-    PF("file", p_str, d_str, file, 0, 0),
-    PF("sha256", p_sha256, d_sha256, sha256, 0, 0),
-    PF("enabled", p_bool, d_bool, enabled, 0, 0),
-    PF("args", p_args, d_args, args, 0, 0),
-    PF("env", p_env, d_env, env, 0, 0),
-    PF("config", p_config, d_config, config, 0, 0),
+    PF("id", p_uint, d_uint, id, 0, UINT32_MAX),  PF("name", p_name, d_str, name, 0, 0),
+    PF("file", p_str, d_str, file, 0, 0),         PF("sha256", p_sha256, d_sha256, sha256, 0, 0),
+    PF("enabled", p_bool, d_bool, enabled, 0, 0), PF("args", p_args, d_args, args, 0, 0),
+    PF("env", p_env, d_env, env, 0, 0),           PF("config", p_config, d_config, config, 0, 0),
 };
 
 #define N(a) (sizeof(a) / sizeof((a)[0]))
@@ -1288,8 +1286,8 @@ static const section sections[] = {
 };
 
 /* Apply every pair of map `m` (at dotted key `key`) through the table to `base`. */
-static int apply_map(cfg_ctx *c, const node *m, const char *key, const field *fields,
-                     size_t n, void *base)
+static int apply_map(cfg_ctx *c, const node *m, const char *key, const field *fields, size_t n,
+                     void *base)
 {
     int rc = check_duplicate_keys(c, m, key);
     for (size_t i = 0; i < m->n && rc == 0; i++) {

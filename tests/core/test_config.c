@@ -238,64 +238,64 @@ static void test_defaults(void **state)
 }
 
 static const char FULL[] =
-    "run_dir: /tmp/spoke-run/\n"                          /* 1 */
-    "edge:\n"                                             /* 2 */
-    "  id: edge-us-west-1\n"                              /* 3 */
-    "  namespace: prod\n"                                 /* 4 */
-    "listen:\n"                                           /* 5 */
-    "  address:\n"                                        /* 6 */
-    "    - 0.0.0.0:6432\n"                                /* 7 */
-    "    - \"[::1]:6433\"\n"                              /* 8 */
-    "    - unix:/run/spoke/spoke.sock\n"                  /* 9 */
-    "  upstream: db.internal:5432\n"                      /* 10 */
-    "  workers: 8\n"                                      /* 11 */
-    "  upstream_connect: lazy\n"                          /* 12 */
-    "  connect_timeout: 2500ms\n"                         /* 13 */
-    "  read_chunk: 16KiB\n"                               /* 14 */
-    "  high_watermark: 4MiB\n"                            /* 15 */
-    "  backlog: 512\n"                                    /* 16 */
-    "  max_connections: 5000\n"                           /* 17 */
-    "plugins:\n"                                          /* 18 */
-    "  dir: /opt/spoke/plugins/\n"                        /* 19 */
-    "  autoload: yes\n"                                   /* 20 */
-    "  compatibility: loose\n"                            /* 21 */
-    "  health_check_period: 10s\n"                        /* 22 */
-    "  hook_timeout: 20ms\n"                              /* 23 */
-    "  start_timeout: 3s\n"                               /* 24 */
-    "  reload_on_crash: off\n"                            /* 25 */
-    "  health_fail_limit: 5\n"                            /* 26 */
-    "  crash_limit: 4\n"                                  /* 27 */
-    "  crash_window: 2m\n"                                /* 28 */
-    "  drain_timeout: 0\n"                                /* 29 */
-    "  tick: 250ms\n"                                     /* 30 */
-    "  list:\n"                                           /* 31 */
-    "    - id: 42\n"                                      /* 32 */
-    "      name: acme-cache\n"                            /* 33 */
-    "      file: cache.so\n"                              /* 34 */
+    "run_dir: /tmp/spoke-run/\n"         /* 1 */
+    "edge:\n"                            /* 2 */
+    "  id: edge-us-west-1\n"             /* 3 */
+    "  namespace: prod\n"                /* 4 */
+    "listen:\n"                          /* 5 */
+    "  address:\n"                       /* 6 */
+    "    - 0.0.0.0:6432\n"               /* 7 */
+    "    - \"[::1]:6433\"\n"             /* 8 */
+    "    - unix:/run/spoke/spoke.sock\n" /* 9 */
+    "  upstream: db.internal:5432\n"     /* 10 */
+    "  workers: 8\n"                     /* 11 */
+    "  upstream_connect: lazy\n"         /* 12 */
+    "  connect_timeout: 2500ms\n"        /* 13 */
+    "  read_chunk: 16KiB\n"              /* 14 */
+    "  high_watermark: 4MiB\n"           /* 15 */
+    "  backlog: 512\n"                   /* 16 */
+    "  max_connections: 5000\n"          /* 17 */
+    "plugins:\n"                         /* 18 */
+    "  dir: /opt/spoke/plugins/\n"       /* 19 */
+    "  autoload: yes\n"                  /* 20 */
+    "  compatibility: loose\n"           /* 21 */
+    "  health_check_period: 10s\n"       /* 22 */
+    "  hook_timeout: 20ms\n"             /* 23 */
+    "  start_timeout: 3s\n"              /* 24 */
+    "  reload_on_crash: off\n"           /* 25 */
+    "  health_fail_limit: 5\n"           /* 26 */
+    "  crash_limit: 4\n"                 /* 27 */
+    "  crash_window: 2m\n"               /* 28 */
+    "  drain_timeout: 0\n"               /* 29 */
+    "  tick: 250ms\n"                    /* 30 */
+    "  list:\n"                          /* 31 */
+    "    - id: 42\n"                     /* 32 */
+    "      name: acme-cache\n"           /* 33 */
+    "      file: cache.so\n"             /* 34 */
     "      sha256: 000102030405060708090a0b0c0d0e0f101112131415161718191A1B1C1D1E1F\n"
-    "      enabled: true\n"                               /* 36 */
-    "      args: [--fast, \"\", \"two words\"]\n"         /* 37 */
-    "      env: [A=1, B_2=x=y, _C=]\n"                    /* 38 */
-    "      config: {ttl: 60s, nested: {k: v}}\n"          /* 39 */
-    "    - file: /abs/other.so\n"                         /* 40 */
-    "      enabled: false\n"                              /* 41 */
-    "queue:\n"                                            /* 42 */
-    "  path: /var/tmp/q\n"                                /* 43 */
-    "  max_pending: 500\n"                                /* 44 */
-    "  max_bytes: 512MiB\n"                               /* 45 */
-    "  retention: 1h\n"                                   /* 46 */
-    "  sync: always\n"                                    /* 47 */
-    "  map_size: 1GiB\n"                                  /* 48 */
-    "uplink:\n"                                           /* 49 */
-    "  url: https://hub.example:7443\n"                   /* 50 */
-    "  heartbeat: 15s\n"                                  /* 51 */
-    "  batch_size: 250\n"                                 /* 52 */
-    "  token_file: /etc/spoke/token\n"                    /* 53 */
-    "  ca: /etc/spoke/ca.pem\n"                           /* 54 */
-    "metrics:\n"                                          /* 55 */
-    "  listen: 127.0.0.1:9090\n"                          /* 56 */
-    "log:\n"                                              /* 57 */
-    "  level: debug\n";                                   /* 58 */
+    "      enabled: true\n"                       /* 36 */
+    "      args: [--fast, \"\", \"two words\"]\n" /* 37 */
+    "      env: [A=1, B_2=x=y, _C=]\n"            /* 38 */
+    "      config: {ttl: 60s, nested: {k: v}}\n"  /* 39 */
+    "    - file: /abs/other.so\n"                 /* 40 */
+    "      enabled: false\n"                      /* 41 */
+    "queue:\n"                                    /* 42 */
+    "  path: /var/tmp/q\n"                        /* 43 */
+    "  max_pending: 500\n"                        /* 44 */
+    "  max_bytes: 512MiB\n"                       /* 45 */
+    "  retention: 1h\n"                           /* 46 */
+    "  sync: always\n"                            /* 47 */
+    "  map_size: 1GiB\n"                          /* 48 */
+    "uplink:\n"                                   /* 49 */
+    "  url: https://hub.example:7443\n"           /* 50 */
+    "  heartbeat: 15s\n"                          /* 51 */
+    "  batch_size: 250\n"                         /* 52 */
+    "  token_file: /etc/spoke/token\n"            /* 53 */
+    "  ca: /etc/spoke/ca.pem\n"                   /* 54 */
+    "metrics:\n"                                  /* 55 */
+    "  listen: 127.0.0.1:9090\n"                  /* 56 */
+    "log:\n"                                      /* 57 */
+    "  level: debug\n";                           /* 58 */
 
 static void check_full(const spk_config *cfg)
 {
@@ -400,7 +400,8 @@ static void test_dump_round_trip(void **state)
     assert_non_null(strstr(d1, "\n  workers: 8\n"));
     assert_non_null(strstr(d1, "\n  level: debug\n"));
     assert_non_null(strstr(d1, "\n        nested.k: v\n"));
-    assert_non_null(strstr(d1, "\n      sha256: 000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f\n"));
+    assert_non_null(strstr(
+        d1, "\n      sha256: 000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f\n"));
     spk_config *again = load_ok(d1);
     check_full(again);
     char *d2 = dump_text(again);
@@ -436,10 +437,17 @@ static void test_durations(void **state)
         const char *text;
         uint64_t ms;
     } good[] = {
-        {"0", 0},          {"0ms", 0},          {"0s", 0},
-        {"1ms", 1},        {"100ms", 100},      {"1500ms", 1500},
-        {"30s", 30000},    {"2m", 120000},      {"1h", 3600000},
-        {"007s", 7000},    {"18446744073709551615ms", UINT64_MAX},
+        {"0", 0},
+        {"0ms", 0},
+        {"0s", 0},
+        {"1ms", 1},
+        {"100ms", 100},
+        {"1500ms", 1500},
+        {"30s", 30000},
+        {"2m", 120000},
+        {"1h", 3600000},
+        {"007s", 7000},
+        {"18446744073709551615ms", UINT64_MAX},
         {"5124095576030h", 5124095576030ull * 3600000ull},
     };
     for (size_t i = 0; i < sizeof(good) / sizeof(good[0]); i++) {
@@ -448,9 +456,26 @@ static void test_durations(void **state)
             fail_msg("'%s' -> %llu", good[i].text, (unsigned long long)v);
     }
     static const char *const bad[] = {
-        "", "1", "10", "-1s", "+1s", "s", "ms", "1 s", " 1s", "1s ", "1.5s", "1d", "1S",
-        "1sec", "0x10s", "1msx", "18446744073709551616ms", "18446744073709551615s",
-        "5124095576031h", "99999999999999999999999h",
+        "",
+        "1",
+        "10",
+        "-1s",
+        "+1s",
+        "s",
+        "ms",
+        "1 s",
+        " 1s",
+        "1s ",
+        "1.5s",
+        "1d",
+        "1S",
+        "1sec",
+        "0x10s",
+        "1msx",
+        "18446744073709551616ms",
+        "18446744073709551615s",
+        "5124095576031h",
+        "99999999999999999999999h",
     };
     for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
         uint64_t v = 777;
@@ -490,8 +515,20 @@ static void test_sizes(void **state)
             fail_msg("'%s' -> %llu", good[i].text, (unsigned long long)v);
     }
     static const char *const bad[] = {
-        "", "-1", "KiB", "1kib", "1kb", "1K", "1 KiB", "1.5GiB", "1PiB", "1iB",
-        "18446744073709551616", "16777216TiB", "18446744073709551616B", "0x10",
+        "",
+        "-1",
+        "KiB",
+        "1kib",
+        "1kb",
+        "1K",
+        "1 KiB",
+        "1.5GiB",
+        "1PiB",
+        "1iB",
+        "18446744073709551616",
+        "16777216TiB",
+        "18446744073709551616B",
+        "0x10",
     };
     for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
         uint64_t v = 777;
@@ -577,8 +614,7 @@ static void test_unknown_keys(void **state)
                    "reload_on_crash, health_fail_limit, crash_limit, crash_window, "
                    "drain_timeout, tick, list)");
     expect_error(with_upstream("\n\nnonsense: 1\n"), 4, "nonsense", "unknown section");
-    expect_error("listen: { upstream: 127.0.0.1:1, port: 5 }\n", 1, "listen.port",
-                 "unknown key");
+    expect_error("listen: { upstream: 127.0.0.1:1, port: 5 }\n", 1, "listen.port", "unknown key");
     expect_error(with_upstream("plugins:\n  list:\n    - file: a.so\n      sha: abc\n"), 5,
                  "plugins.list[0].sha", "unknown key (known keys in plugins.list[0]: id, name");
 }
@@ -593,8 +629,8 @@ static void test_wrong_types(void **state)
     expect_message("listen:\n  upstream: [127.0.0.1:1]\n",
                    "2: listen.upstream: expected an address (host:port, [ipv6]:port or "
                    "unix:/path), got a list");
-    expect_error("listen:\n  upstream: 127.0.0.1:1\n  address: { a: 1 }\n", 3,
-                 "listen.address", "got a mapping");
+    expect_error("listen:\n  upstream: 127.0.0.1:1\n  address: { a: 1 }\n", 3, "listen.address",
+                 "got a mapping");
     expect_message(with_upstream("plugins:\n  autoload: maybe\n"),
                    "3: plugins.autoload: expected true or false, got 'maybe'");
     expect_message(with_upstream("plugins:\n  compatibility: lax\n"),
@@ -659,19 +695,19 @@ static void test_malformed_yaml(void **state)
 {
     (void)state;
     /* the unclosed flow list of tests/integration/test_refusals.py */
-    expect_error("listen:\n  upstream: 127.0.0.1:1\n  address: [unclosed\nplugins: {}\n", 4,
-                 NULL, "YAML syntax error: did not find expected ',' or ']' (column 8; while "
-                       "parsing a flow sequence that starts at line 3)");
+    expect_error("listen:\n  upstream: 127.0.0.1:1\n  address: [unclosed\nplugins: {}\n", 4, NULL,
+                 "YAML syntax error: did not find expected ',' or ']' (column 8; while "
+                 "parsing a flow sequence that starts at line 3)");
     /* a tab where indentation is expected */
     expect_error("listen:\n  upstream: 127.0.0.1:1\n\tworkers: 2\n", 3, NULL,
                  "YAML syntax error: found a tab character that violates indentation (column 1");
     /* a block mapping key at a wrong indentation */
     expect_error("listen:\n  upstream: 127.0.0.1:1\n   workers: 2\n", 3, NULL,
                  "YAML syntax error: mapping values are not allowed in this context (column 11)");
-    expect_error("listen: {upstream: \"127.0.0.1:1}\n", 2, NULL, "YAML syntax error: found "
-                                                              "unexpected end of stream");
-    expect_error(with_upstream("a: &x 1\nb: *x\n"), 3, NULL,
-                 "YAML aliases (*x) are not supported");
+    expect_error("listen: {upstream: \"127.0.0.1:1}\n", 2, NULL,
+                 "YAML syntax error: found "
+                 "unexpected end of stream");
+    expect_error(with_upstream("a: &x 1\nb: *x\n"), 3, NULL, "YAML aliases (*x) are not supported");
     expect_error(with_upstream("? [a, b]\n: 1\n"), 2, NULL, "mapping keys must be strings");
     expect_error(with_upstream("---\nlog: {}\n"), 2, NULL, "only one YAML document is allowed");
     expect_error(with_upstream("edge: { id: \"a\\0b\" }\n"), 2, NULL, "NUL character");
@@ -690,8 +726,8 @@ static void test_duplicate_keys(void **state)
     expect_message("listen:\n  upstream: 127.0.0.1:1\n  upstream: 127.0.0.1:2\n",
                    "3: listen.upstream: duplicate key (first at line 2)");
     expect_message(with_upstream("log: {}\nlog: {}\n"), "3: log: duplicate key (first at line 2)");
-    expect_error("listen: { upstream: 127.0.0.1:1, upstream: 127.0.0.1:1 }\n", 1,
-                 "listen.upstream", "duplicate key (first at line 1)");
+    expect_error("listen: { upstream: 127.0.0.1:1, upstream: 127.0.0.1:1 }\n", 1, "listen.upstream",
+                 "duplicate key (first at line 1)");
     expect_error(with_upstream("plugins:\n  list:\n    - file: a.so\n      file: b.so\n"), 5,
                  "plugins.list[0].file", "duplicate key (first at line 4)");
     expect_error(with_upstream("plugins:\n  list:\n    - file: a.so\n      config:\n"
@@ -703,14 +739,14 @@ static void test_addresses(void **state)
 {
     (void)state;
     static const char *const good[] = {
-        "127.0.0.1:5432",   "0.0.0.0:1",          "db.internal:65535", "localhost:6432",
-        "a-b.c-d.e:80",     "\"[::1]:6432\"",     "\"[2001:db8::1]:443\"",
-        "unix:/tmp/pg.sock", "\"[::ffff:1.2.3.4]:80\"",
+        "127.0.0.1:5432",        "0.0.0.0:1",         "db.internal:65535",
+        "localhost:6432",        "a-b.c-d.e:80",      "\"[::1]:6432\"",
+        "\"[2001:db8::1]:443\"", "unix:/tmp/pg.sock", "\"[::ffff:1.2.3.4]:80\"",
     };
     for (size_t i = 0; i < sizeof(good) / sizeof(good[0]); i++) {
         char text[256];
-        snprintf(text, sizeof(text), "listen:\n  upstream: %s\nmetrics: { listen: %s }\n",
-                 good[i], good[i]);
+        snprintf(text, sizeof(text), "listen:\n  upstream: %s\nmetrics: { listen: %s }\n", good[i],
+                 good[i]);
         spk_config *cfg = load_ok(text);
         const char *want = good[i][0] == '"' ? good[i] + 1 : good[i];
         assert_memory_equal(cfg->upstream, want, strlen(cfg->upstream));
@@ -796,27 +832,27 @@ static void test_queue(void **state)
 static void test_plugin_entries(void **state)
 {
     (void)state;
-    spk_config *cfg = load_ok(with_upstream(
-        "plugins:\n"                                                            /* 2 */
-        "  dir: plugs\n"                                                        /* 3 */
-        "  list:\n"                                                             /* 4 */
-        "    - file: one.so\n"                                                  /* 5 */
-        "      args:\n"                                                         /* 6 */
-        "        - -v\n"                                                        /* 7 */
-        "        - 42\n"                                                        /* 8 */
-        "      env: [\"PATH=/bin:/usr/bin\", EMPTY=]\n"                         /* 9 */
-        "      config:\n"                                                       /* 10 */
-        "        a: { b: 1 }\n"                                                 /* 11 */
-        "        l: [x, y]\n"                                                   /* 12 */
-        "        e:\n"                                                          /* 13 */
-        "        q: \"quoted: text\"\n"                                         /* 14 */
-        "        n: { deep: [ { k: v }, [p, q] ] }\n"                           /* 15 */
-        "        none: {}\n"                                                    /* 16 */
-        "    - { file: sub/two.so, name: acme.two_2, id: 4294967295 }\n"        /* 17 */
-        "    -\n"                                                               /* 18 */
-        "      file: three.so\n"                                                /* 19 */
-        "      args: []\n"                                                      /* 20 */
-        "      config: {}\n"));                                                 /* 21 */
+    spk_config *cfg = load_ok(
+        with_upstream("plugins:\n"                                                     /* 2 */
+                      "  dir: plugs\n"                                                 /* 3 */
+                      "  list:\n"                                                      /* 4 */
+                      "    - file: one.so\n"                                           /* 5 */
+                      "      args:\n"                                                  /* 6 */
+                      "        - -v\n"                                                 /* 7 */
+                      "        - 42\n"                                                 /* 8 */
+                      "      env: [\"PATH=/bin:/usr/bin\", EMPTY=]\n"                  /* 9 */
+                      "      config:\n"                                                /* 10 */
+                      "        a: { b: 1 }\n"                                          /* 11 */
+                      "        l: [x, y]\n"                                            /* 12 */
+                      "        e:\n"                                                   /* 13 */
+                      "        q: \"quoted: text\"\n"                                  /* 14 */
+                      "        n: { deep: [ { k: v }, [p, q] ] }\n"                    /* 15 */
+                      "        none: {}\n"                                             /* 16 */
+                      "    - { file: sub/two.so, name: acme.two_2, id: 4294967295 }\n" /* 17 */
+                      "    -\n"                                                        /* 18 */
+                      "      file: three.so\n"                                         /* 19 */
+                      "      args: []\n"                                               /* 20 */
+                      "      config: {}\n"));                                          /* 21 */
     assert_int_equal(cfg->n_plugins, 3);
     const spk_plugin_conf *p = &cfg->plugins[0];
     assert_int_equal(p->line, 5);
@@ -829,8 +865,8 @@ static void test_plugin_entries(void **state)
     assert_string_equal(p->env[0], "PATH=/bin:/usr/bin");
     assert_string_equal(p->env[1], "EMPTY=");
     static const char *const want[][2] = {
-        {"a.b", "1"}, {"l.0", "x"}, {"l.1", "y"}, {"e", ""}, {"q", "quoted: text"},
-        {"n.deep.0.k", "v"}, {"n.deep.1.0", "p"}, {"n.deep.1.1", "q"},
+        {"a.b", "1"},          {"l.0", "x"},        {"l.1", "y"},        {"e", ""},
+        {"q", "quoted: text"}, {"n.deep.0.k", "v"}, {"n.deep.1.0", "p"}, {"n.deep.1.1", "q"},
     };
     assert_int_equal(p->n_config, sizeof(want) / sizeof(want[0]));
     for (size_t i = 0; i < p->n_config; i++) {
@@ -849,7 +885,8 @@ static void test_plugin_entries(void **state)
     spk_config_free(cfg);
 
     /* the `config:` example from spoke.h */
-    cfg = load_ok(with_upstream("plugins: { list: [ { file: x.so, config: {a: {b: 1}, l: [x, y]} } ] }\n"));
+    cfg = load_ok(
+        with_upstream("plugins: { list: [ { file: x.so, config: {a: {b: 1}, l: [x, y]} } ] }\n"));
     assert_int_equal(cfg->plugins[0].n_config, 3);
     assert_string_equal(cfg->plugins[0].config[0].key, "a.b");
     assert_string_equal(cfg->plugins[0].config[2].key, "l.1");
@@ -906,16 +943,14 @@ static void test_plugin_errors(void **state)
 static void test_sha256(void **state)
 {
     (void)state;
-    static const char hex[] =
-        "E3B0C44298FC1C149AFBF4C8996FB92427AE41E4649B934CA495991B7852B855";
+    static const char hex[] = "E3B0C44298FC1C149AFBF4C8996FB92427AE41E4649B934CA495991B7852B855";
     static const uint8_t bin[32] = {
         0xe3, 0xb0, 0xc4, 0x42, 0x98, 0xfc, 0x1c, 0x14, 0x9a, 0xfb, 0xf4,
         0xc8, 0x99, 0x6f, 0xb9, 0x24, 0x27, 0xae, 0x41, 0xe4, 0x64, 0x9b,
         0x93, 0x4c, 0xa4, 0x95, 0x99, 0x1b, 0x78, 0x52, 0xb8, 0x55,
     };
     char text[512];
-    snprintf(text, sizeof(text), "%splugins: { list: [ { file: a.so, sha256: %s } ] }\n", UP,
-             hex);
+    snprintf(text, sizeof(text), "%splugins: { list: [ { file: a.so, sha256: %s } ] }\n", UP, hex);
     spk_config *cfg = load_ok(text);
     assert_true(cfg->plugins[0].has_sha256);
     assert_memory_equal(cfg->plugins[0].sha256, bin, 32);
@@ -925,13 +960,12 @@ static void test_sha256(void **state)
         "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b85",   /* 63 */
         "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b8555", /* 65 */
         "g3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855",  /* not hex */
-        "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b85 ",
-        "0x",
+        "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b85 ",  "0x",
     };
     for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
         char want[512];
-        snprintf(text, sizeof(text), "%splugins:\n  list:\n    - file: a.so\n      sha256: \"%s\"\n",
-                 UP, bad[i]);
+        snprintf(text, sizeof(text),
+                 "%splugins:\n  list:\n    - file: a.so\n      sha256: \"%s\"\n", UP, bad[i]);
         snprintf(want, sizeof(want),
                  "5: plugins.list[0].sha256: expected 64 hex digits (a SHA-256 sum), got '%s'",
                  bad[i]);
@@ -945,15 +979,15 @@ static void test_duplicate_plugins(void **state)
 {
     (void)state;
     expect_message(with_upstream("plugins:\n  list:\n"
-                                 "    - { file: a.so, name: acme-x }\n"  /* 4 */
-                                 "    - { file: b.so, name: acme-y }\n"  /* 5 */
+                                 "    - { file: a.so, name: acme-x }\n"   /* 4 */
+                                 "    - { file: b.so, name: acme-y }\n"   /* 5 */
                                  "    - { file: c.so, name: acme-x }\n"), /* 6 */
                    "6: plugins.list[2].name: 'acme-x' is already the name of plugins.list[0] at "
                    "line 4 (plugin names must be unique)");
     expect_message(with_upstream("plugins:\n  list:\n"
-                                 "    - file: a.so\n"  /* 4 */
+                                 "    - file: a.so\n" /* 4 */
                                  "      id: 7\n"
-                                 "    - file: b.so\n"  /* 6 */
+                                 "    - file: b.so\n" /* 6 */
                                  "      id: 7\n"),
                    "6: plugins.list[1].id: 7 is already the ID of plugins.list[0] at line 4 "
                    "(plugin IDs must be unique)");
@@ -1075,8 +1109,7 @@ static void test_alloc_failures(void **state)
             fail_msg("allocation %ld: rc %d: %s", n, rc, eb.msg);
         assert_null(cfg);
         if (alloc_live != live)
-            fail_msg("allocation %ld failed: %ld blocks leaked (%s)", n, alloc_live - live,
-                     eb.msg);
+            fail_msg("allocation %ld failed: %ld blocks leaked (%s)", n, alloc_live - live, eb.msg);
     }
     print_message("failed each of %ld allocations in turn\n", n - 1);
     assert_true(n > 100); /* FULL needs many allocations; all were exercised */
