@@ -23,6 +23,7 @@ struct spk_host_env {
     const spk_config *cfg;     /* borrowed */
     spoke_role role;
     const spk_chain *chain;    /* for stamping the watchdog slot around timer callbacks */
+    spk_slot *slot;            /* the worker's watchdog slot; NULL when unsupervised */
     struct spk_queue *queue;   /* send_to_control's queue; NULL: service not offered */
     const char *edge_id;       /* borrowed from cfg, never NULL */
     const char *edge_namespace;

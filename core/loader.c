@@ -300,6 +300,8 @@ static int parse_requirement(const char *req, char *name, size_t name_cap, enum 
         return SPK_EINVAL;
     memcpy(name, req, n);
     name[n] = '\0';
+    if (!valid_name(name))
+        return SPK_EINVAL;
     const char *s = req + n;
     while (*s == ' ')
         s++;
@@ -491,8 +493,24 @@ static int check_requirements(const spk_config *cfg, const spk_plugin_set *set,
     return 0;
 }
 
+void spk_plugin_key(const spk_plugin_conf *pc, char *out, size_t cap)
+{
+    snprintf(out, cap, "%s@%s", pc->name ? pc->name : "", pc->path ? pc->path : "");
+}
+
+static bool skipped(const spk_plugin_conf *pc, const char *const *skip, size_t n_skip)
+{
+    char key[512];
+    spk_plugin_key(pc, key, sizeof(key));
+    for (size_t i = 0; i < n_skip; i++)
+        if (strcmp(skip[i], key) == 0)
+            return true;
+    return false;
+}
+
 int spk_plugin_set_load(spk_config *cfg, const spoke_host *host, spk_host_env *env,
-                        spk_plugin_set *out, spk_errbuf *eb)
+                        const char *const *skip, size_t n_skip, spk_plugin_set *out,
+                        spk_errbuf *eb)
 {
     out->v = NULL;
     out->n = 0;
@@ -503,6 +521,11 @@ int spk_plugin_set_load(spk_config *cfg, const spoke_host *host, spk_host_env *e
         const spk_plugin_conf *pc = &cfg->plugins[i];
         if (!pc->enabled)
             continue;
+        if (skipped(pc, skip, n_skip)) {
+            spk_warn("%s: quarantined after repeated crashes; not loaded until the next reload",
+                     pc->path);
+            continue;
+        }
         spk_plugin *p;
         rc = spk_plugin_open(pc->path, pc->has_sha256 ? pc->sha256 : NULL, host, &p, eb);
         if (rc != 0) {
@@ -566,7 +589,15 @@ int spk_plugin_set_init(spk_plugin_set *set, spoke_role role, spk_errbuf *eb)
         if (p->table.init != NULL) {
             spoke_init_args args;
             fill_init_args(p, role, &args);
+            spk_slot *slot = p->env ? p->env->slot : NULL;
+            if (slot != NULL) {
+                atomic_store_explicit(&slot->hook, SPK_HOOK_INIT, memory_order_relaxed);
+                atomic_store_explicit(&slot->plugin, p->index + 1, memory_order_relaxed);
+                atomic_fetch_add_explicit(&slot->seq, 1, memory_order_relaxed);
+            }
             int rc = p->table.init(&p->ctx, &args, &p->self);
+            if (slot != NULL)
+                atomic_store_explicit(&slot->plugin, 0, memory_order_relaxed);
             if (rc != 0) {
                 spk_errf(eb, SPK_EPLUGIN_INIT, "%s: refused: plugin '%s' init failed: %s (%d)",
                          p->path, p->name, spk_strerror(rc), rc);

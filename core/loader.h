@@ -88,13 +88,22 @@ int spk_requirement_check(const char *req, spk_plugin *const *plugins, size_t n,
  * ignored): <0, 0, >0. */
 int spk_version_cmp(const char *a, const char *b);
 
-/* Load every enabled plugin of `cfg` (the "open" and "check" steps). Autoloaded files
- * are appended to cfg->plugins (hence non-const). On failure nothing stays loaded. */
+/* The quarantine key of a config entry: "NAME@PATH" with NAME the configured name ("" when
+ * none). It identifies an entry before its file is opened, so a plugin that crashes while
+ * loading can be left out too. */
+void spk_plugin_key(const spk_plugin_conf *pc, char *out, size_t cap);
+
+/* Load every enabled plugin of `cfg` (the "open" and "check" steps), except the entries
+ * whose key (spk_plugin_key) is in skip[0..n_skip) (quarantined). Autoloaded files are
+ * appended to cfg->plugins (hence non-const). On failure nothing stays loaded. */
 int spk_plugin_set_load(spk_config *cfg, const spoke_host *host, spk_host_env *env,
-                        spk_plugin_set *out, spk_errbuf *eb);
+                        const char *const *skip, size_t n_skip, spk_plugin_set *out,
+                        spk_errbuf *eb);
 
 /* Call init of every plugin in order, then on_config_loaded of each. On an init error
- * the plugins already initialised are finalised again and SPK_EPLUGIN_INIT returned. */
+ * the plugins already initialised are finalised again and SPK_EPLUGIN_INIT returned.
+ * Each call is published in the slot of the plugins' env (env->slot) when there is one,
+ * so a crash or hang in init is attributed to its plugin. */
 int spk_plugin_set_init(spk_plugin_set *set, spoke_role role, spk_errbuf *eb);
 
 /* Release a set: fini in reverse order for initialised plugins, then close. */

@@ -569,11 +569,19 @@ int spk_proxy_new(struct ev_loop *loop, const spk_config *cfg, const int *fds, s
     for (size_t i = 0; i < n; i++) {
         ev_io_init(&px->lw[i], on_accept, fds[i], EV_READ);
         px->lw[i].data = px;
-        ev_io_start(loop, &px->lw[i]);
     }
-    px->accepting = true;
     *out = px;
     return 0;
+}
+
+void spk_proxy_start_accepting(spk_proxy *px)
+{
+    if (px->accepting)
+        return;
+    px->accepting = true;
+    px->accept_paused = false;
+    for (size_t i = 0; i < px->n_listen; i++)
+        ev_io_start(px->loop, &px->lw[i]);
 }
 
 void spk_proxy_stop_accepting(spk_proxy *px)
@@ -587,6 +595,8 @@ void spk_proxy_stop_accepting(spk_proxy *px)
 }
 
 size_t spk_proxy_active(const spk_proxy *px) { return px->n_conns; }
+
+uint64_t spk_proxy_accepted(const spk_proxy *px) { return px->next_id; }
 
 void spk_proxy_close_all(spk_proxy *px)
 {

@@ -24,18 +24,22 @@
 
 typedef struct spk_proxy spk_proxy;
 
-/* Create a proxy on `loop` serving `fds[0..n)` (listening, non-blocking) for `cfg` (borrowed,
- * must outlive the proxy). `chain` (borrowed) may be swapped later with spk_proxy_set_chain.
- * Resolves listen.upstream now. Returns 0 or an error with the reason in eb; the caller
- * frees *out with spk_proxy_free(). */
+/* Create a proxy on `loop` for the listening, non-blocking sockets `fds[0..n)` and `cfg`
+ * (both borrowed, they must outlive the proxy), running `chain` (borrowed) on the traffic.
+ * Resolves listen.upstream now. The proxy does not accept until spk_proxy_start_accepting().
+ * Returns 0 or an error with the reason in eb; the caller frees *out with spk_proxy_free(). */
 int spk_proxy_new(struct ev_loop *loop, const spk_config *cfg, const int *fds, size_t n,
                   const spk_chain *chain, spk_proxy **out, spk_errbuf *eb);
+
+/* Start accepting on the listening sockets. Idempotent. */
+void spk_proxy_start_accepting(spk_proxy *px);
 
 /* Stop accepting new connections (open ones carry on). Idempotent. */
 void spk_proxy_stop_accepting(spk_proxy *px);
 
-/* Number of open client connections. */
+/* Number of open client connections, and of all accepted since creation. */
 size_t spk_proxy_active(const spk_proxy *px);
+uint64_t spk_proxy_accepted(const spk_proxy *px);
 
 /* Close every connection at once (on_close hooks run) and stop accepting. */
 void spk_proxy_close_all(spk_proxy *px);

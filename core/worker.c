@@ -5,6 +5,7 @@
 
 #include <signal.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "host.h"
@@ -15,13 +16,17 @@
 typedef struct worker {
     struct ev_loop *loop;
     spk_config *cfg;
+    const spk_worker_opts *opts;
     spk_plugin_set set;
     spk_chain chain;
     spk_host_env env;
     spk_proxy *proxy;
-    ev_signal sig_term, sig_int, sig_quit;
-    ev_timer tick, drain_check, drain_deadline;
+    spk_slot private_slot;
+    ev_signal sig_term, sig_int, sig_quit, sig_go;
+    ev_timer tick, heartbeat, health, drain_check, drain_deadline;
+    unsigned *health_fails;
     bool draining;
+    int result;
 } worker;
 
 static void on_tick(struct ev_loop *loop, ev_timer *w, int revents)
@@ -32,10 +37,56 @@ static void on_tick(struct ev_loop *loop, ev_timer *w, int revents)
     spk_chain_tick(&wk->chain);
 }
 
+/* Every 100 ms: prove the loop turns, and publish the connection counts. */
+static void on_heartbeat(struct ev_loop *loop, ev_timer *w, int revents)
+{
+    (void)loop;
+    (void)revents;
+    worker *wk = w->data;
+    spk_wslot *sl = wk->opts->wslot;
+    atomic_store_explicit(&sl->act.heartbeat_ms, spk_mono_ms(), memory_order_relaxed);
+    atomic_store_explicit(&sl->conns_active, spk_proxy_active(wk->proxy), memory_order_relaxed);
+    atomic_store_explicit(&sl->conns_total, spk_proxy_accepted(wk->proxy), memory_order_relaxed);
+}
+
 static void stop_now(worker *wk)
 {
     spk_proxy_close_all(wk->proxy);
     ev_break(wk->loop, EVBREAK_ALL);
+}
+
+static void on_health(struct ev_loop *loop, ev_timer *w, int revents)
+{
+    (void)loop;
+    (void)revents;
+    worker *wk = w->data;
+    spk_slot *s = wk->chain.slot;
+    for (size_t i = 0; i < wk->set.n; i++) {
+        spk_plugin *p = wk->set.v[i];
+        if (p->table.health == NULL)
+            continue;
+        atomic_store_explicit(&s->plugin, (uint32_t)i + 1, memory_order_relaxed);
+        atomic_store_explicit(&s->hook, SPK_HOOK_HEALTH, memory_order_relaxed);
+        atomic_fetch_add_explicit(&s->seq, 1, memory_order_relaxed);
+        int rc = p->table.health(p->self);
+        atomic_store_explicit(&s->plugin, 0, memory_order_relaxed);
+        if (rc == 0) {
+            wk->health_fails[i] = 0;
+            continue;
+        }
+        wk->health_fails[i]++;
+        spk_warn("plugin %s: health check failed (%d), %u of %u in a row", p->name, rc,
+                 wk->health_fails[i], wk->cfg->health_fail_limit);
+        if (wk->health_fails[i] >= wk->cfg->health_fail_limit) {
+            spk_error("plugin %s: failed %u health checks in a row; treating it as crashed",
+                      p->name, wk->health_fails[i]);
+            if (wk->opts->wslot != NULL)
+                atomic_store(&wk->opts->wslot->health_failed, (uint32_t)i + 1);
+            wk->result = SPK_EBUSY;
+            stop_now(wk);
+            return;
+        }
+    }
 }
 
 static void on_drain_check(struct ev_loop *loop, ev_timer *w, int revents)
@@ -61,6 +112,10 @@ static void on_signal(struct ev_loop *loop, ev_signal *w, int revents)
 {
     (void)revents;
     worker *wk = w->data;
+    if (w->signum == SIGUSR1) {
+        spk_proxy_start_accepting(wk->proxy);
+        return;
+    }
     if (w->signum == SIGQUIT) {
         spk_info("SIGQUIT: stopping now");
         stop_now(wk);
@@ -69,8 +124,10 @@ static void on_signal(struct ev_loop *loop, ev_signal *w, int revents)
     if (wk->draining)
         return;
     wk->draining = true;
+    if (wk->opts->wslot != NULL)
+        atomic_store(&wk->opts->wslot->state, SPK_W_DRAINING);
     spk_info("%s: no longer accepting; draining %zu connections (at most %llu ms)",
-             strsignal(w->signum), spk_proxy_active(wk->proxy),
+             sigabbrev_np(w->signum), spk_proxy_active(wk->proxy),
              (unsigned long long)wk->cfg->drain_timeout_ms);
     spk_proxy_stop_accepting(wk->proxy);
     ev_timer_init(&wk->drain_check, on_drain_check, 0, 0.05);
@@ -89,58 +146,108 @@ static void watch_signal(worker *wk, ev_signal *s, int signum)
     ev_signal_start(wk->loop, s);
 }
 
+static void start_timer(worker *wk, ev_timer *t, void (*cb)(struct ev_loop *, ev_timer *, int),
+                        uint64_t ms)
+{
+    ev_timer_init(t, cb, (double)ms / 1000.0, (double)ms / 1000.0);
+    t->data = wk;
+    ev_timer_start(wk->loop, t);
+}
+
+/* Tell the supervisor which plugins run, before any of their code does. */
+static void publish_plugins(worker *wk)
+{
+    spk_wslot *sl = wk->opts->wslot;
+    size_t n = wk->set.n < SPK_STATUS_PLUGINS ? wk->set.n : SPK_STATUS_PLUGINS;
+    for (size_t i = 0; i < n; i++) {
+        const spk_plugin *p = wk->set.v[i];
+        spk_plugin_info *info = &sl->plugins[i];
+        snprintf(info->name, sizeof(info->name), "%s", p->name);
+        snprintf(info->version, sizeof(info->version), "%s", p->table.version);
+        if (p->conf != NULL)
+            spk_plugin_key(p->conf, info->key, sizeof(info->key));
+        else
+            snprintf(info->key, sizeof(info->key), "@%s", p->path);
+    }
+    atomic_store_explicit(&sl->n_plugins, (uint32_t)n, memory_order_release);
+}
+
+static int start(worker *wk, spk_errbuf *eb)
+{
+    const spk_worker_opts *opts = wk->opts;
+    spk_config *cfg = wk->cfg;
+    spk_host_env_init(&wk->env, wk->loop, cfg, SPOKE_ROLE_EDGE);
+    wk->env.slot = opts->wslot ? &opts->wslot->act : &wk->private_slot;
+    int rc = spk_plugin_set_load(cfg, spk_host_table(), &wk->env, opts->quarantine,
+                                 opts->n_quarantine, &wk->set, eb);
+    if (rc != 0)
+        return rc;
+    if (opts->wslot != NULL)
+        publish_plugins(wk);
+    wk->health_fails = calloc(wk->set.n ? wk->set.n : 1, sizeof(unsigned));
+    if (wk->health_fails == NULL)
+        return spk_errf(eb, SPK_ENOMEM, "out of memory");
+    rc = spk_plugin_set_init(&wk->set, SPOKE_ROLE_EDGE, eb);
+    if (rc != 0)
+        return rc;
+    rc = spk_chain_build(&wk->chain, &wk->set);
+    if (rc != 0)
+        return spk_errf(eb, rc, "out of memory building the plugin chain");
+    spk_chain_set_slot(&wk->chain, wk->env.slot);
+    wk->env.chain = &wk->chain;
+    return spk_proxy_new(wk->loop, cfg, opts->listen_fds, opts->n_listen, &wk->chain,
+                         &wk->proxy, eb);
+}
+
 int spk_worker_run(spk_config *cfg, const spk_worker_opts *opts, spk_errbuf *eb)
 {
     worker wk;
     memset(&wk, 0, sizeof(wk));
     wk.cfg = cfg;
+    wk.opts = opts;
     wk.loop = ev_default_loop(EVFLAG_AUTO);
     if (wk.loop == NULL)
         return spk_errf(eb, SPK_EIO, "cannot create the event loop");
-    spk_host_env_init(&wk.env, wk.loop, cfg, SPOKE_ROLE_EDGE);
-
-    int rc = spk_plugin_set_load(cfg, spk_host_table(), &wk.env, &wk.set, eb);
+    int rc = start(&wk, eb);
     if (rc != 0)
-        return rc;
-    rc = spk_plugin_set_init(&wk.set, SPOKE_ROLE_EDGE, eb);
-    if (rc != 0)
-        goto out_set;
-    rc = spk_chain_build(&wk.chain, &wk.set);
-    if (rc != 0) {
-        spk_errf(eb, rc, "out of memory building the plugin chain");
-        goto out_set;
-    }
-    spk_chain_set_slot(&wk.chain, opts->slot);
-    wk.env.chain = &wk.chain;
-    rc = spk_proxy_new(wk.loop, cfg, opts->listen_fds, opts->n_listen, &wk.chain, &wk.proxy, eb);
-    if (rc != 0)
-        goto out_chain;
+        goto out;
 
     for (size_t i = 0; i < wk.set.n; i++)
         spk_info("plugin %s %s loaded from %s%s", wk.set.v[i]->name, wk.set.v[i]->table.version,
-                 wk.set.v[i]->path, wk.set.v[i]->conf && wk.set.v[i]->conf->autoloaded ?
-                 " (autoload)" : "");
-    ev_timer_init(&wk.tick, on_tick, (double)cfg->tick_ms / 1000.0, (double)cfg->tick_ms / 1000.0);
-    wk.tick.data = &wk;
-    ev_timer_start(wk.loop, &wk.tick);
+                 wk.set.v[i]->path,
+                 wk.set.v[i]->conf && wk.set.v[i]->conf->autoloaded ? " (autoload)" : "");
+    start_timer(&wk, &wk.tick, on_tick, cfg->tick_ms);
+    start_timer(&wk, &wk.health, on_health, cfg->health_check_period_ms);
     watch_signal(&wk, &wk.sig_term, SIGTERM);
     watch_signal(&wk, &wk.sig_int, SIGINT);
     watch_signal(&wk, &wk.sig_quit, SIGQUIT);
+    if (opts->wslot != NULL) {
+        watch_signal(&wk, &wk.sig_go, SIGUSR1);
+        start_timer(&wk, &wk.heartbeat, on_heartbeat, 100);
+        on_heartbeat(wk.loop, &wk.heartbeat, 0);
+        atomic_store_explicit(&opts->wslot->state, SPK_W_READY, memory_order_release);
+    } else {
+        spk_proxy_start_accepting(wk.proxy);
+    }
     spk_info("serving %s -> %s with %zu plugins", cfg->n_listen ? cfg->listen[0] : "?",
              cfg->upstream, wk.set.n);
 
     ev_run(wk.loop, 0);
+    rc = wk.result;
 
     ev_timer_stop(wk.loop, &wk.tick);
+    ev_timer_stop(wk.loop, &wk.heartbeat);
+    ev_timer_stop(wk.loop, &wk.health);
     ev_timer_stop(wk.loop, &wk.drain_check);
     ev_timer_stop(wk.loop, &wk.drain_deadline);
     ev_signal_stop(wk.loop, &wk.sig_term);
     ev_signal_stop(wk.loop, &wk.sig_int);
     ev_signal_stop(wk.loop, &wk.sig_quit);
+    ev_signal_stop(wk.loop, &wk.sig_go);
+out:
     spk_proxy_free(wk.proxy);
-out_chain:
     spk_chain_free(&wk.chain);
-out_set:
     spk_plugin_set_free(&wk.set);
+    free(wk.health_fails);
     return rc;
 }

@@ -155,6 +155,7 @@ class Spoked:
                        "upstream": upstream, "workers": 1},
             "plugins": {"dir": plugin_dir or PLUGIN_DIR, "tick": "200ms"},
             "log": {"level": log_level},
+            "run_dir": os.path.join(tmpdir, "run"),
         }
         if plugins:
             cfg["plugins"]["list"] = list(plugins)
@@ -163,6 +164,7 @@ class Spoked:
                 cfg[k].update(v)
             else:
                 cfg[k] = v
+        self.config = cfg
         self.config_path = os.path.join(tmpdir, "spoke.yaml")
         with open(self.config_path, "w") as f:
             f.write(config_text if config_text is not None else to_yaml(cfg) + "\n")
@@ -180,19 +182,40 @@ class Spoked:
         self._wait_listening(start_timeout)
 
     def _wait_listening(self, timeout):
+        """Wait for the log to say the workers serve. (No probe connection: it would reach
+        the upstream and confuse tests that count upstream connections.)"""
         deadline = time.time() + timeout
-        addr = self.listen[0]
         while time.time() < deadline:
             if self.proc.poll() is not None:
                 raise AssertionError(f"spoked exited with {self.proc.returncode}:\n{self.log()}")
-            if "serving" in self.log():
-                try:
-                    connect(addr).close()
-                    return
-                except OSError:
-                    pass
+            if re.search(r"generation \d+ serving|serving .* with \d+ plugins", self.log()):
+                return
             time.sleep(0.02)
         raise AssertionError("spoked did not start listening:\n" + self.log())
+
+    def status(self):
+        """Output of `spoked status` for this instance."""
+        p = subprocess.run([spoke_bin("spoked"), "status", "-c", self.config_path],
+                           capture_output=True, text=True, timeout=10)
+        if p.returncode != 0:
+            raise AssertionError("spoked status failed: " + p.stderr)
+        return p.stdout
+
+    def write_config(self, cfg_dict=None, text=None):
+        """Rewrite the config file (before a reload)."""
+        with open(self.config_path, "w") as f:
+            f.write(text if text is not None else to_yaml(cfg_dict) + "\n")
+
+    def worker_pids(self):
+        """PIDs of the supervisor's children (the workers)."""
+        pids = []
+        for task in os.listdir(f"/proc/{self.proc.pid}/task"):
+            try:
+                with open(f"/proc/{self.proc.pid}/task/{task}/children") as f:
+                    pids += [int(p) for p in f.read().split()]
+            except OSError:
+                pass
+        return pids
 
     def log(self):
         with open(self.log_path, "rb") as f:
@@ -208,7 +231,7 @@ class Spoked:
             time.sleep(0.02)
         raise AssertionError(f"log never matched {pattern!r}:\n{self.log()}")
 
-    def signal(self, sig):
+    def send_signal(self, sig):
         self.proc.send_signal(sig)
 
     def stop(self, sig=signal.SIGTERM, timeout=15.0):

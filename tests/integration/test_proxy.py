@@ -162,8 +162,12 @@ class ProxyTest(unittest.TestCase):
             held.append(c)
 
         threading.Thread(target=accept_and_sit, daemon=True).start()
-        with Spoked(self.dir, f"127.0.0.1:{port}") as sp:
-            base = rss_kib(sp.proc.pid)
+        # The connection cannot finish (its upstream never reads): a short drain_timeout
+        # lets spoked stop promptly at the end.
+        with Spoked(self.dir, f"127.0.0.1:{port}",
+                    extra={"plugins": {"drain_timeout": "1s"}}) as sp:
+            worker = sp.worker_pids()[0]
+            base = rss_kib(worker)
             s = connect(f"127.0.0.1:{sp.port}")
             s.setblocking(False)
             chunk = b"x" * 65536
@@ -174,7 +178,7 @@ class ProxyTest(unittest.TestCase):
                     sent += s.send(chunk)
                 except BlockingIOError:
                     time.sleep(0.01)
-            grown = rss_kib(sp.proc.pid) - base
+            grown = rss_kib(worker) - base
             s.close()
             # Kernel buffers take some; spoked itself holds at most about one high
             # watermark (1 MiB by default) plus a read chunk.
@@ -198,7 +202,7 @@ class ProxyTest(unittest.TestCase):
             s = connect(f"127.0.0.1:{sp.port}")
             s.sendall(b"one")
             self.assertEqual(recv_exact(s, 3), b"one")
-            sp.signal(15)
+            sp.send_signal(15)
             sp.wait_log("no longer accepting")
             s.sendall(b"two")  # the open connection still works while draining
             self.assertEqual(recv_exact(s, 3), b"two")

@@ -1,0 +1,269 @@
+/*
+ * spoked -- the edge: proxies client traffic to an upstream through the plugin chain.
+ *
+ *   spoked -c FILE                  serve: a supervisor and its workers (supervisor.h)
+ *   spoked -c FILE --single-process serve in this one process, unsupervised (debugging)
+ *   spoked --check-config FILE      validate FILE, print the effective config, exit 0/1
+ *   spoked status -c FILE           print the running instance's status
+ *   spoked reload -c FILE           SIGHUP the running instance (through its pid file)
+ *   spoked --version
+ *
+ * `spoked --worker ...` is how the supervisor starts a worker; it is not for operators.
+ */
+#include <errno.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+#include "config.h"
+#include "log.h"
+#include "net.h"
+#include "status.h"
+#include "supervisor.h"
+#include "worker.h"
+
+static void usage(FILE *f)
+{
+    fprintf(f, "usage: spoked -c FILE [--single-process]   serve with the config in FILE\n"
+               "       spoked --check-config FILE          validate FILE, print the effective config\n"
+               "       spoked status -c FILE               status of the running instance\n"
+               "       spoked reload -c FILE               reload the running instance (SIGHUP)\n"
+               "       spoked --version\n");
+}
+
+static int check_config(const char *path)
+{
+    spk_config *cfg;
+    spk_errbuf eb;
+    if (spk_config_load(path, &cfg, &eb) != 0) {
+        fprintf(stderr, "spoked: %s\n", eb.msg);
+        return 1;
+    }
+    spk_config_dump(cfg, stdout);
+    printf("# %s: configuration OK\n", path);
+    spk_config_free(cfg);
+    return 0;
+}
+
+static int bind_all(const spk_config *cfg, int *fds, spk_errbuf *eb)
+{
+    for (size_t i = 0; i < cfg->n_listen; i++) {
+        spk_addr a;
+        int rc = spk_addr_parse(cfg->listen[i], &a, eb);
+        if (rc == 0)
+            rc = fds[i] = spk_listen(&a, cfg->backlog, eb);
+        if (rc < 0) {
+            while (i-- > 0)
+                close(fds[i]);
+            return rc;
+        }
+    }
+    return 0;
+}
+
+static int single_process(const char *path)
+{
+    spk_config *cfg;
+    spk_errbuf eb;
+    if (spk_config_load(path, &cfg, &eb) != 0) {
+        fprintf(stderr, "spoked: %s\n", eb.msg);
+        return 1;
+    }
+    spk_log_set_level(cfg->log_level);
+    int *fds = calloc(cfg->n_listen ? cfg->n_listen : 1, sizeof(int));
+    int rc = fds ? bind_all(cfg, fds, &eb) : spk_errf(&eb, SPK_ENOMEM, "out of memory");
+    if (rc == 0) {
+        spk_worker_opts opts = {.listen_fds = fds, .n_listen = cfg->n_listen};
+        rc = spk_worker_run(cfg, &opts, &eb);
+        for (size_t i = 0; i < cfg->n_listen; i++)
+            close(fds[i]);
+    }
+    if (rc != 0)
+        spk_error("%s", eb.msg);
+    free(fds);
+    spk_config_free(cfg);
+    return rc == 0 ? 0 : 1;
+}
+
+/* Worker mode: argv as built by the supervisor's exec_worker(). */
+static int worker_main(int argc, char **argv)
+{
+    int id = 0, gen = 0, cfg_fd = -1, st_fd = -1, slot = -1;
+    const char *cfg_name = NULL;
+    int fds[64];
+    size_t n_fds = 0;
+    const char *quarantine[SPK_STATUS_PLUGINS];
+    size_t n_q = 0;
+    for (int i = 1; i + 1 < argc; i += 2) {
+        const char *k = argv[i], *v = argv[i + 1];
+        if (strcmp(k, "--worker") == 0)
+            id = atoi(v);
+        else if (strcmp(k, "--gen") == 0)
+            gen = atoi(v);
+        else if (strcmp(k, "--config-fd") == 0)
+            cfg_fd = atoi(v);
+        else if (strcmp(k, "--config-name") == 0)
+            cfg_name = v;
+        else if (strcmp(k, "--status-fd") == 0)
+            st_fd = atoi(v);
+        else if (strcmp(k, "--slot") == 0)
+            slot = atoi(v);
+        else if (strcmp(k, "--listen-fd") == 0 && n_fds < 64)
+            fds[n_fds++] = atoi(v);
+        else if (strcmp(k, "--quarantine") == 0 && n_q < SPK_STATUS_PLUGINS)
+            quarantine[n_q++] = v;
+    }
+    char tag[48];
+    snprintf(tag, sizeof(tag), "spoked worker %d.%d", gen, id);
+    spk_log_set_tag(tag);
+    spk_errbuf eb;
+    spk_status *st;
+    if (cfg_fd < 0 || st_fd < 0 || slot < 0 || slot >= SPK_STATUS_SLOTS ||
+        spk_status_map(st_fd, &st, &eb) != 0) {
+        fprintf(stderr, "spoked: bad worker arguments (this mode is for the supervisor)\n");
+        return 2;
+    }
+    close(st_fd);
+    spk_wslot *ws = &st->slots[slot];
+    char path[64];
+    snprintf(path, sizeof(path), "/proc/self/fd/%d", cfg_fd);
+    spk_config *cfg;
+    int rc = spk_config_load(path, &cfg, &eb);
+    close(cfg_fd);
+    if (rc == 0 && cfg_name != NULL) {
+        char *n = strdup(cfg_name);
+        if (n != NULL) {
+            free(cfg->file);
+            cfg->file = n;
+        }
+    }
+    if (rc == 0) {
+        spk_log_set_level(cfg->log_level);
+        spk_worker_opts opts = {.listen_fds = fds, .n_listen = n_fds, .wslot = ws,
+                                .quarantine = quarantine, .n_quarantine = n_q, .id = id};
+        rc = spk_worker_run(cfg, &opts, &eb);
+        spk_config_free(cfg);
+    }
+    int code = 0;
+    if (rc == SPK_EBUSY) {
+        code = SPK_EXIT_HEALTH;
+    } else if (rc != 0) {
+        snprintf(ws->reason, sizeof(ws->reason), "%s", eb.msg);
+        spk_error("%s", eb.msg);
+        code = SPK_EXIT_START;
+    }
+    spk_status_unmap(st);
+    return code;
+}
+
+/* The run_dir of the config at `path`, for status/reload. */
+static int run_dir_of(const char *path, char *out, size_t cap)
+{
+    spk_config *cfg;
+    spk_errbuf eb;
+    if (spk_config_load(path, &cfg, &eb) != 0) {
+        fprintf(stderr, "spoked: %s\n", eb.msg);
+        return -1;
+    }
+    snprintf(out, cap, "%s", cfg->run_dir);
+    spk_config_free(cfg);
+    return 0;
+}
+
+static int status_main(const char *path)
+{
+    char dir[256];
+    if (run_dir_of(path, dir, sizeof(dir)) != 0)
+        return 1;
+    struct sockaddr_un un = {.sun_family = AF_UNIX};
+    if (strlen(dir) + sizeof("/spoked.sock") > sizeof(un.sun_path)) {
+        fprintf(stderr, "spoked: run_dir %s is too long for a unix socket path\n", dir);
+        return 1;
+    }
+    memcpy(un.sun_path, dir, strlen(dir));
+    memcpy(un.sun_path + strlen(dir), "/spoked.sock", sizeof("/spoked.sock"));
+    int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (fd < 0 || connect(fd, (struct sockaddr *)&un, sizeof(un)) != 0) {
+        fprintf(stderr, "spoked: cannot reach %s: %s (is spoked running with this config?)\n",
+                un.sun_path, strerror(errno));
+        if (fd >= 0)
+            close(fd);
+        return 1;
+    }
+    char buf[8192];
+    ssize_t n;
+    while ((n = read(fd, buf, sizeof(buf))) > 0)
+        fwrite(buf, 1, (size_t)n, stdout);
+    close(fd);
+    return 0;
+}
+
+static int reload_main(const char *path)
+{
+    char dir[256], pidfile[300];
+    if (run_dir_of(path, dir, sizeof(dir)) != 0)
+        return 1;
+    snprintf(pidfile, sizeof(pidfile), "%s/spoked.pid", dir);
+    FILE *f = fopen(pidfile, "r");
+    int pid = 0;
+    if (f == NULL || fscanf(f, "%d", &pid) != 1 || pid <= 0) {
+        fprintf(stderr, "spoked: cannot read %s: %s (is spoked running with this config?)\n",
+                pidfile, f ? "no pid in it" : strerror(errno));
+        if (f)
+            fclose(f);
+        return 1;
+    }
+    fclose(f);
+    if (kill(pid, SIGHUP) != 0) {
+        fprintf(stderr, "spoked: cannot signal pid %d: %s\n", pid, strerror(errno));
+        return 1;
+    }
+    printf("reload signalled to spoked pid %d; `spoked status -c %s` shows the outcome\n", pid,
+           path);
+    return 0;
+}
+
+int main(int argc, char **argv)
+{
+    const char *config_path = NULL;
+    const char *cmd = NULL;
+    int single = 0;
+    if (argc > 1 && strcmp(argv[1], "--worker") == 0)
+        return worker_main(argc, argv);
+    for (int i = 1; i < argc; i++) {
+        if ((strcmp(argv[i], "-c") == 0 || strcmp(argv[i], "--config") == 0) && i + 1 < argc) {
+            config_path = argv[++i];
+        } else if (strcmp(argv[i], "--check-config") == 0 && i + 1 < argc) {
+            return check_config(argv[i + 1]);
+        } else if (strcmp(argv[i], "--single-process") == 0) {
+            single = 1;
+        } else if (strcmp(argv[i], "--version") == 0) {
+            printf("spoked %s (plugin ABI %d.%d)\n", SPOKE_VERSION, SPOKE_ABI_MAJOR,
+                   SPOKE_ABI_MINOR);
+            return 0;
+        } else if (strcmp(argv[i], "-h") == 0 || strcmp(argv[i], "--help") == 0) {
+            usage(stdout);
+            return 0;
+        } else if (cmd == NULL && (strcmp(argv[i], "status") == 0 || strcmp(argv[i], "reload") == 0)) {
+            cmd = argv[i];
+        } else {
+            fprintf(stderr, "spoked: unknown argument '%s'\n", argv[i]);
+            usage(stderr);
+            return 2;
+        }
+    }
+    if (config_path == NULL) {
+        usage(stderr);
+        return 2;
+    }
+    if (cmd != NULL)
+        return strcmp(cmd, "status") == 0 ? status_main(config_path) : reload_main(config_path);
+    signal(SIGPIPE, SIG_IGN);
+    if (single)
+        return single_process(config_path);
+    return spk_supervisor_main(config_path, "/proc/self/exe");
+}
