@@ -14,9 +14,13 @@
 # then `spoke-bench hooks`, and prints one markdown report: the machine, the commands,
 # a table per size with ratios against HAProxy, and the hooks table. Parts that cannot
 # run (spoked not built yet, haproxy missing) are listed as skipped, with the reason.
+# With --rounds R every path runs R times, interleaved (round 1 of each path, then round
+# 2 ...), and each row is the run with the median req/s of its path, shown whole, so a
+# burst of other work on the machine skews one round, not one path.
 #
 # Usage: scripts/bench-proxy.sh [--build DIR] [--duration 10s] [--warmup 1s]
-#                               [--conns 64] [--sizes "128 16384"] [--out FILE]
+#                               [--conns 64] [--sizes "128 16384"] [--rounds 1]
+#                               [--out FILE]
 # Every process it starts is stopped on exit (also on Ctrl-C). Only loopback is used.
 set -euo pipefail
 
@@ -26,6 +30,7 @@ DURATION=10s
 WARMUP=1s
 CONNS=64
 SIZES="128 16384"
+ROUNDS=1
 OUT=
 
 usage() {
@@ -39,12 +44,14 @@ while [ $# -gt 0 ]; do
     --warmup) WARMUP=$2; shift 2 ;;
     --conns) CONNS=$2; shift 2 ;;
     --sizes) SIZES=$2; shift 2 ;;
+    --rounds) ROUNDS=$2; shift 2 ;;
     --out) OUT=$2; shift 2 ;;
     -h|--help) usage; exit 0 ;;
     *) echo "bench-proxy: unknown option '$1' (see --help)" >&2; exit 1 ;;
     esac
 done
 case $BUILD in /*) ;; *) BUILD=$PWD/$BUILD ;; esac
+case $ROUNDS in ''|*[!0-9]*|0) echo "bench-proxy: --rounds: expected a positive number" >&2; exit 1 ;; esac
 
 log() { echo "bench-proxy: $*" >&2; }
 die() { log "$*"; exit 1; }
@@ -153,18 +160,27 @@ PIDS+=("$ECHO_PID")
 wait_listen "$ECHO_PORT" "$ECHO_PID" "$TMP/echo.log" || die "the echo upstream did not start"
 UPSTREAM=127.0.0.1:$ECHO_PORT
 
-# load name target size: run spoke-bench proxy, keep its JSON in $TMP/name-size.json
+# load name target size: run spoke-bench proxy, keep its JSON in
+# $TMP/name-size.rROUND.json (none when it could not run at all)
 load() {
-    local name=$1 target=$2 size=$3 rc=0
-    log "$name, $size-byte requests: $DURATION against $target"
+    local name=$1 target=$2 size=$3 rc=0 out=$TMP/$1-$3.r$ROUND
+    log "round $ROUND/$ROUNDS: $name, $size-byte requests, $DURATION against $target"
     "$BENCH" proxy --target "$target" --conns "$CONNS" --size "$size" \
-        --duration "$DURATION" --warmup "$WARMUP" --json \
-        >"$TMP/$name-$size.json" 2>"$TMP/$name-$size.err" || rc=$?
+        --duration "$DURATION" --warmup "$WARMUP" --json >"$out.json" 2>"$out.err" || rc=$?
     if [ $rc -ne 0 ]; then
         log "$name: spoke-bench proxy exited $rc:"
-        cat "$TMP/$name-$size.err" >&2
+        cat "$out.err" >&2
     fi
-    [ $rc -ne 1 ] || rm -f "$TMP/$name-$size.json"
+    [ $rc -ne 1 ] || rm -f "$out.json"
+}
+
+# pick name size: the round with the median req/s becomes $TMP/name-size.json
+pick() {
+    local files=("$TMP/$1-$2".r*.json) median
+    [ -e "${files[0]}" ] || return 0
+    median=$(for f in "${files[@]}"; do echo "$(jq .rps "$f") $f"; done |
+        sort -g | awk '{ v[NR] = $2 } END { print v[int((NR + 1) / 2)] }')
+    cp "$median" "$TMP/$1-$2.json"
 }
 
 spoked_config() { # file port n_plugins
@@ -234,12 +250,17 @@ EOF
     forget_pid "$pid"
 }
 
+for ROUND in $(seq "$ROUNDS"); do
+    for size in $SIZES; do
+        load direct "$UPSTREAM" "$size"
+        [ -n "$SKIP_HAPROXY" ] || run_haproxy "$size"
+        if [ -z "$SKIP_SPOKED" ]; then
+            for n in 0 1 4; do run_spoked "$n" "$size"; done
+        fi
+    done
+done
 for size in $SIZES; do
-    load direct "$UPSTREAM" "$size"
-    [ -n "$SKIP_HAPROXY" ] || run_haproxy "$size"
-    if [ -z "$SKIP_SPOKED" ]; then
-        for n in 0 1 4; do run_spoked "$n" "$size"; done
-    fi
+    for name in direct haproxy spoked0 spoked1 spoked4; do pick "$name" "$size"; done
 done
 
 log "spoke-bench hooks"
@@ -257,9 +278,8 @@ row() { # label file size
         echo "| $1 | failed: see the messages above | | | | | | | |"
         return
     fi
-    local rps ratio_rps="" ratio_p99="" errs
+    local rps ratio_rps="" ratio_p99=""
     rps=$(num "$f" rps)
-    errs=$(num "$f" errors)
     if [ -s "$ha" ] && [ "$2" != haproxy ] && [ "$2" != direct ]; then
         ratio_rps=$(jq -rn --argjson a "$rps" --argjson b "$(num "$ha" rps)" \
             'if $b > 0 then ($a / $b * 100 | round / 100 | tostring) + "x" else "" end')
@@ -270,7 +290,9 @@ row() { # label file size
         def f(n): n * 10 | round / 10 | tostring;
         "| \($name) | \(.rps | round) | \(f(.mib_s_out)) | \(f(.p50_us)) | \(f(.p99_us)) | " +
         "\(f(.p999_us)) | \(.errors) | \($rr) | \($rp) |"' "$f"
-    [ "$errs" = 0 ] || log "$1 ($3 B): $errs errors, see $2-$3.err"
+    local all
+    all=$(cat "$TMP/$2-$3".r*.json | jq -s 'map(.errors) | add')
+    [ "$all" = 0 ] || log "$1, $3 B: $all errors over $ROUNDS round(s) (messages above)"
 }
 
 report() {
@@ -286,6 +308,8 @@ report() {
     echo "- load: \`spoke-bench proxy --conns $CONNS --size SIZE --duration $DURATION" \
          "--warmup $WARMUP\` (one client thread), one echo upstream" \
          "(\`spoke-bench echo\`, one thread), all on 127.0.0.1"
+    [ "$ROUNDS" -eq 1 ] || echo "- $ROUNDS rounds, interleaved; each row is the round with" \
+         "the median req/s of its path"
     echo "- spoked: \`listen.workers: 1\`, N passthrough plugins; HAProxy" \
          "$("$HAPROXY" -v 2>/dev/null | head -1 | awk '{print $3}'): \`mode tcp\`, \`nbthread 1\`"
     [ -z "$SKIP_SPOKED" ] || echo "- **skipped: spoked rows** ($SKIP_SPOKED)"
