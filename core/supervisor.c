@@ -623,6 +623,13 @@ static bool classify_exit(wproc *w, int status, char *what, size_t cap)
         char sn[24];
         snprintf(what, cap, "%s in %s", sig_name(WTERMSIG(status), sn, sizeof(sn)),
                  pi ? spk_hook_name((enum spk_hook_id)hook) : "host code");
+    } else if (WIFEXITED(status) && WEXITSTATUS(status) != 0 &&
+               WEXITSTATUS(status) != SPK_EXIT_START && sl != NULL &&
+               (pi = atomic_load(&sl->act.plugin)) != 0) {
+        /* A plugin called exit(), or a sanitizer ended the process inside a hook. */
+        hook = atomic_load(&sl->act.hook);
+        snprintf(what, cap, "exit code %d in %s", WEXITSTATUS(status),
+                 spk_hook_name((enum spk_hook_id)hook));
     } else if (WIFEXITED(status)) {
         snprintf(what, cap, "exit code %d", WEXITSTATUS(status));
         return WEXITSTATUS(status) != SPK_EXIT_START;

@@ -145,7 +145,7 @@ class Spoked:
 
     def __init__(self, tmpdir, upstream, plugins=(), extra=None, plugin_dir=None,
                  listen=None, expect_fail=False, config_text=None, log_level="info",
-                 start_timeout=15.0):
+                 start_timeout=15.0, env=None):
         self.tmpdir = tmpdir
         self.port = free_port()
         self.listen = listen or [f"127.0.0.1:{self.port}"]
@@ -170,8 +170,10 @@ class Spoked:
             f.write(config_text if config_text is not None else to_yaml(cfg) + "\n")
         self.log_path = os.path.join(tmpdir, "spoked.log")
         self._log = open(self.log_path, "wb")
+        penv = dict(os.environ)
+        penv.update(env or {})
         self.proc = subprocess.Popen([spoke_bin("spoked"), "-c", self.config_path],
-                                     stdout=self._log, stderr=subprocess.STDOUT)
+                                     stdout=self._log, stderr=subprocess.STDOUT, env=penv)
         if expect_fail:
             try:
                 self.proc.wait(start_timeout)
@@ -256,6 +258,12 @@ class Spoked:
             raise AssertionError(f"spoked exited with {code}:\n{self.log()}")
         if exc[0] is None and ("AddressSanitizer" in self.log() or "runtime error:" in self.log()):
             raise AssertionError("sanitizer report:\n" + self.log())
+
+
+# For tests whose plugins crash on purpose: under AddressSanitizer, let a SIGSEGV kill the
+# worker as it would in production instead of ASan's handler turning it into exit(1).
+CRASH_ENV = {"ASAN_OPTIONS": ":".join(filter(None, [os.environ.get("ASAN_OPTIONS", ""),
+                                                     "handle_segv=0"]))}
 
 
 def connect(addr, timeout=10.0):

@@ -14,7 +14,7 @@ import time
 import unittest
 
 sys.path.insert(0, os.path.dirname(__file__))
-from spoketest import (TEST_PLUGIN_DIR, EchoServer, Spoked, TempDir, connect,  # noqa: E402
+from spoketest import (CRASH_ENV, TEST_PLUGIN_DIR, EchoServer, Spoked, TempDir, connect,  # noqa: E402
                        recv_all, recv_exact, roundtrip, spoke_bin)
 
 
@@ -54,7 +54,7 @@ class SupervisorTest(unittest.TestCase):
 
     def test_crash_restart_and_quarantine(self):
         plugins = [{"file": tp("t_crash")}, {"file": "passthrough.so"}]
-        with Spoked(self.dir, self.echo.address, plugins=plugins) as sp:
+        with Spoked(self.dir, self.echo.address, plugins=plugins, env=CRASH_ENV) as sp:
             for i in range(3):
                 self.assertTrue(dropped(sp.port, b"CRASH"), "crashing connection not dropped")
                 # The next connection waits in the backlog and is served after the restart.
@@ -107,7 +107,7 @@ class SupervisorTest(unittest.TestCase):
     def test_no_restart_when_reload_on_crash_false(self):
         extra = {"plugins": {"reload_on_crash": False}}
         with Spoked(self.dir, self.echo.address, plugins=[{"file": tp("t_crash")}],
-                    extra=extra) as sp:
+                    extra=extra, env=CRASH_ENV) as sp:
             self.assertTrue(dropped(sp.port, b"CRASH"))
             sp.wait_log(r"worker 0 not restarted \(plugins.reload_on_crash is false\)")
             self.assertRegex(sp.status(), r"worker 0\s+down")
@@ -187,7 +187,8 @@ class SupervisorTest(unittest.TestCase):
     def test_failed_reloads_keep_old_generation(self):
         pdir = self.reload_setup()
         plugins = [{"file": "t-version.so"}]
-        with Spoked(self.dir, self.echo.address, plugins=plugins, plugin_dir=pdir) as sp:
+        with Spoked(self.dir, self.echo.address, plugins=plugins, plugin_dir=pdir,
+                    env=CRASH_ENV) as sp:
             keep = socket.create_connection(("127.0.0.1", sp.port))
             # 1. an ABI mismatch
             self.install(pdir, tp("t_abi_major"))
