@@ -156,6 +156,7 @@ class Spoked:
             "plugins": {"dir": plugin_dir or PLUGIN_DIR, "tick": "200ms"},
             "log": {"level": log_level},
             "run_dir": os.path.join(tmpdir, "run"),
+            "queue": {"path": os.path.join(tmpdir, "queue")},
         }
         if plugins:
             cfg["plugins"]["list"] = list(plugins)
