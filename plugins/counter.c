@@ -30,7 +30,7 @@
 #include "spoke.h"
 
 #define COUNTER_DEFAULT_INTERVAL_MS 10000u
-#define COUNTER_MAX_INTERVAL_MS (24u * 3600u * 1000u)
+#define COUNTER_MAX_INTERVAL_MS     (24u * 3600u * 1000u)
 
 static const spoke_host *host;
 

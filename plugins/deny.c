@@ -39,7 +39,7 @@ typedef struct deny {
     char **prefix; /* owned copies, config order */
     size_t *prefix_len;
     size_t n_prefix;
-    size_t max_len; /* the longest prefix: the most bytes ever held */
+    size_t max_len;      /* the longest prefix: the most bytes ever held */
     const char *message; /* from config_get: lives until fini */
 } deny;
 

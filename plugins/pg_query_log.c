@@ -10,7 +10,8 @@
  *                                                      unnamed statement has name=)
  *
  * Control characters, backslashes and bytes that are not UTF-8 in the logged text are
- * escaped (\n, \t, \\, \xNN), so one message is always one log line.
+ * escaped (\n, \t, \\, \xNN), so one message is always one log line. A text longer
+ * than 3000 bytes (a name: 200) is cut and ends in "... (N bytes)", N being its length.
  *
  * How the stream is decoded: a connection starts with untyped messages (int32 length,
  * int32 code): the startup message, or an SSLRequest, GSSENCRequest or CancelRequest.
@@ -33,18 +34,23 @@
  * pgconn, or the address of `off_mark` once the connection is not decoded any more.
  */
 #include <errno.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "spoke.h"
 
-#define PG_STARTUP_MAX 10000u /* PostgreSQL's MAX_STARTUP_PACKET_LENGTH */
-#define PG_CODE_CANCEL 80877102u
-#define PG_CODE_SSL 80877103u
-#define PG_CODE_GSSENC 80877104u
+#define PG_STARTUP_MAX         10000u /* PostgreSQL's MAX_STARTUP_PACKET_LENGTH */
+#define PG_CODE_CANCEL         80877102u
+#define PG_CODE_SSL            80877103u
+#define PG_CODE_GSSENC         80877104u
 #define PG_DEFAULT_MAX_MESSAGE (1024u * 1024u)
-#define PG_MAX_MAX_MESSAGE (1024u * 1024u * 1024u)
-#define PG_KEEP_CAPACITY (64u * 1024u) /* a larger buffer is freed after its message */
+#define PG_MAX_MAX_MESSAGE     (1024u * 1024u * 1024u)
+#define PG_KEEP_CAPACITY       (64u * 1024u) /* a larger buffer is freed after its message */
+/* Longest text logged for a query, and for a name: the host cuts log lines at about 4 KiB,
+ * so the plugin cuts first and says how long the whole text was. */
+#define PG_LOG_SQL_MAX  3000u
+#define PG_LOG_NAME_MAX 200u
 
 static const spoke_host *host;
 
@@ -62,11 +68,11 @@ typedef struct pgconn {
     uint64_t id;
     enum phase phase;
     enum pending pending;
-    uint8_t hdr[5];   /* startup: int32 length; typed: type byte, int32 length */
+    uint8_t hdr[5]; /* startup: int32 length; typed: type byte, int32 length */
     size_t hdr_have;
-    int in_body;      /* the header is complete; body bytes are coming */
-    int keep;         /* the body is gathered in `body` (else skipped) */
-    size_t body_len;  /* the message's length minus its own 4 bytes */
+    int in_body;     /* the header is complete; body bytes are coming */
+    int keep;        /* the body is gathered in `body` (else skipped) */
+    size_t body_len; /* the message's length minus its own 4 bytes */
     size_t body_have;
     uint8_t *body;
     size_t cap;
@@ -153,40 +159,57 @@ static size_t utf8_len(const uint8_t *s, size_t n)
     return len;
 }
 
-/* A NUL-terminated, printable copy of s[0..n) (see the top comment), or NULL. */
-static char *escape(const uint8_t *s, size_t n)
+/* Append the printable form of s[i] (one byte, or one UTF-8 character) to o; return the
+ * number of input bytes it took, and in *w the number of output bytes it wrote (<= 4). */
+static size_t escape_one(const uint8_t *s, size_t n, char *o, size_t *w)
 {
     static const char hex[] = "0123456789abcdef";
-    if (n > (SIZE_MAX - 1) / 4)
-        return NULL;
-    char *out = malloc(4 * n + 1);
+    uint8_t b = s[0];
+    size_t u = b >= 0x80 ? utf8_len(s, n) : 0;
+    if (u > 0) {
+        memcpy(o, s, u);
+        *w = u;
+        return u;
+    }
+    if (b >= 0x20 && b < 0x7f && b != '\\') {
+        o[0] = (char)b;
+        *w = 1;
+        return 1;
+    }
+    o[0] = '\\';
+    if (b == '\n' || b == '\t' || b == '\r' || b == '\\') {
+        o[1] = b == '\n' ? 'n' : b == '\t' ? 't' : b == '\r' ? 'r' : '\\';
+        *w = 2;
+        return 1;
+    }
+    o[1] = 'x';
+    o[2] = hex[b >> 4];
+    o[3] = hex[b & 15];
+    *w = 4;
+    return 1;
+}
+
+/* A NUL-terminated, printable copy of s[0..n) (see the top comment) of at most `limit`
+ * bytes; a text cut short ends in "... (N bytes)". NULL when memory ran out. */
+static char *escape(const uint8_t *s, size_t n, size_t limit)
+{
+    char *out = malloc(limit + 48);
     if (out == NULL)
         return NULL;
-    char *o = out;
-    for (size_t i = 0; i < n;) {
-        uint8_t b = s[i];
-        size_t u = b >= 0x80 ? utf8_len(s + i, n - i) : 0;
-        if (u > 0) {
-            memcpy(o, s + i, u);
-            o += u;
-            i += u;
-            continue;
-        }
-        i++;
-        if (b >= 0x20 && b < 0x7f && b != '\\') {
-            *o++ = (char)b;
-            continue;
-        }
-        *o++ = '\\';
-        if (b == '\n' || b == '\t' || b == '\r' || b == '\\') {
-            *o++ = b == '\n' ? 'n' : b == '\t' ? 't' : b == '\r' ? 'r' : '\\';
-            continue;
-        }
-        *o++ = 'x';
-        *o++ = hex[b >> 4];
-        *o++ = hex[b & 15];
+    size_t o = 0, i = 0;
+    while (i < n) {
+        char tmp[4];
+        size_t w;
+        size_t took = escape_one(s + i, n - i, tmp, &w);
+        if (o + w > limit)
+            break;
+        memcpy(out + o, tmp, w);
+        o += w;
+        i += took;
     }
-    *o = '\0';
+    if (i < n)
+        o += (size_t)snprintf(out + o, 48, "... (%zu bytes)", n);
+    out[o] = '\0';
     return out;
 }
 
@@ -222,8 +245,8 @@ static void stop(const pglog *pl, pgconn *c, const char *why)
 static void log_session(const pglog *pl, const pgconn *c, const uint8_t *user, long ulen,
                         const uint8_t *db, long dlen)
 {
-    char *u = escape(user ? user : (const uint8_t *)"", user ? (size_t)ulen : 0);
-    char *d = db ? escape(db, (size_t)dlen) : NULL;
+    char *u = escape(user ? user : (const uint8_t *)"", user ? (size_t)ulen : 0, PG_LOG_NAME_MAX);
+    char *d = db ? escape(db, (size_t)dlen, PG_LOG_NAME_MAX) : NULL;
     if (u != NULL)
         host->log(pl->ctx, SPOKE_LOG_INFO, "conn %llu: session user=%s database=%s",
                   (unsigned long long)c->id, u, d ? d : u);
@@ -271,10 +294,11 @@ static void on_startup(const pglog *pl, pgconn *c, const uint8_t *b, size_t n)
 static void on_query(const pglog *pl, const pgconn *c, const uint8_t *b, size_t n)
 {
     const uint8_t *nul = memchr(b, '\0', n);
-    char *sql = escape(b, nul ? (size_t)(nul - b) : n);
+    char *sql = escape(b, nul ? (size_t)(nul - b) : n, PG_LOG_SQL_MAX);
     if (sql == NULL) {
-        host->log(pl->ctx, SPOKE_LOG_WARN, "conn %llu: query of %zu bytes not logged: "
-                  "out of memory", (unsigned long long)c->id, n);
+        host->log(pl->ctx, SPOKE_LOG_WARN,
+                  "conn %llu: query of %zu bytes not logged: out of memory",
+                  (unsigned long long)c->id, n);
         return;
     }
     host->log(pl->ctx, SPOKE_LOG_INFO, "conn %llu: query: %s", (unsigned long long)c->id, sql);
@@ -293,14 +317,15 @@ static void on_parse(const pglog *pl, const pgconn *c, const uint8_t *b, size_t 
                   (unsigned long long)c->id);
         return;
     }
-    char *nm = escape(name, (size_t)nlen);
-    char *sql = escape(query, (size_t)qlen);
+    char *nm = escape(name, (size_t)nlen, PG_LOG_NAME_MAX);
+    char *sql = escape(query, (size_t)qlen, PG_LOG_SQL_MAX);
     if (nm != NULL && sql != NULL)
         host->log(pl->ctx, SPOKE_LOG_INFO, "conn %llu: parse: name=%s query: %s",
                   (unsigned long long)c->id, nm, sql);
     else
-        host->log(pl->ctx, SPOKE_LOG_WARN, "conn %llu: Parse of %zu bytes not logged: "
-                  "out of memory", (unsigned long long)c->id, n);
+        host->log(pl->ctx, SPOKE_LOG_WARN,
+                  "conn %llu: Parse of %zu bytes not logged: out of memory",
+                  (unsigned long long)c->id, n);
     free(nm);
     free(sql);
 }
@@ -333,8 +358,9 @@ static int begin_body(const pglog *pl, pgconn *c)
     int startup = c->phase == PH_STARTUP;
     uint32_t len = be32(startup ? c->hdr : c->hdr + 1);
     if (startup && (len < 8 || len > PG_STARTUP_MAX)) {
-        stop(pl, c, "the first bytes are not a PostgreSQL startup message (TLS without "
-                    "SSLRequest?)");
+        stop(pl, c,
+             "the first bytes are not a PostgreSQL startup message (TLS without "
+             "SSLRequest?)");
         return -1;
     }
     if (!startup && len < 4) {
@@ -347,12 +373,16 @@ static int begin_body(const pglog *pl, pgconn *c)
     int wanted = startup || c->hdr[0] == 'Q' || c->hdr[0] == 'P';
     c->keep = wanted && c->body_len <= pl->max_message;
     if (wanted && !c->keep)
-        host->log(pl->ctx, SPOKE_LOG_INFO, "conn %llu: %s of %zu bytes not logged (over "
-                  "max_message %zu)", (unsigned long long)c->id,
-                  c->hdr[0] == 'Q' ? "query" : "parse", c->body_len, pl->max_message);
+        host->log(pl->ctx, SPOKE_LOG_INFO,
+                  "conn %llu: %s of %zu bytes not logged (over "
+                  "max_message %zu)",
+                  (unsigned long long)c->id, c->hdr[0] == 'Q' ? "query" : "parse", c->body_len,
+                  pl->max_message);
     if (c->keep && reserve(c) != 0) {
-        host->log(pl->ctx, SPOKE_LOG_WARN, "conn %llu: message of %zu bytes not logged: "
-                  "out of memory", (unsigned long long)c->id, c->body_len);
+        host->log(pl->ctx, SPOKE_LOG_WARN,
+                  "conn %llu: message of %zu bytes not logged: "
+                  "out of memory",
+                  (unsigned long long)c->id, c->body_len);
         c->keep = 0;
     }
     return 0;

@@ -60,12 +60,9 @@ static void config_loaded(void *self)
 }
 
 static const spoke_plugin plugin = {
-    SPOKE_PLUGIN_HEADER,
-    .name = "t-args",
-    .version = "1.0.0",
-    .description = "logs its args, env, config and edge identity",
-    .init = init,
-    .on_config_loaded = config_loaded,
+    SPOKE_PLUGIN_HEADER, .name = "t-args",
+    .version = "1.0.0",  .description = "logs its args, env, config and edge identity",
+    .init = init,        .on_config_loaded = config_loaded,
 };
 
 SPOKE_PLUGIN_ENTRY(plugin, host)

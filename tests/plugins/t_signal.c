@@ -43,12 +43,9 @@ static spoke_verdict from_client(void *self, spoke_conn *conn, spoke_buf *buf)
 }
 
 static const spoke_plugin plugin = {
-    SPOKE_PLUGIN_HEADER,
-    .name = "t-signal",
-    .version = "1.0.0",
-    .description = "emits log and terminate signals",
-    .init = init,
-    .on_traffic_from_client = from_client,
+    SPOKE_PLUGIN_HEADER, .name = "t-signal",
+    .version = "1.0.0",  .description = "emits log and terminate signals",
+    .init = init,        .on_traffic_from_client = from_client,
 };
 
 SPOKE_PLUGIN_ENTRY(plugin, host)

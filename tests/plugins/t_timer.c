@@ -38,12 +38,9 @@ static void on_tick(void *self)
 }
 
 static const spoke_plugin plugin = {
-    SPOKE_PLUGIN_HEADER,
-    .name = "t-timer",
-    .version = "1.0.0",
-    .description = "a 100 ms timer and on_tick, both logged",
-    .init = init,
-    .on_tick = on_tick,
+    SPOKE_PLUGIN_HEADER, .name = "t-timer",
+    .version = "1.0.0",  .description = "a 100 ms timer and on_tick, both logged",
+    .init = init,        .on_tick = on_tick,
 };
 
 SPOKE_PLUGIN_ENTRY(plugin, host)
