@@ -66,6 +66,8 @@ struct spk_proxy {
     unsigned upstream_log_suppressed;
 };
 
+#define SPK_ACCEPT_BATCH 4
+
 static void conn_close(pconn *c);
 static void update_readers(pconn *c);
 
@@ -501,7 +503,10 @@ static void on_accept(struct ev_loop *loop, ev_io *w, int revents)
     (void)loop;
     (void)revents;
     spk_proxy *px = w->data;
-    for (int i = 0; i < 64; i++) {
+    /* Accept only a few per wakeup: every worker's loop is woken for a new connection, and
+     * a worker that accepted a whole burst would leave its siblings idle. Taking a few and
+     * going back to the loop lets a less busy worker win the rest. */
+    for (int i = 0; i < SPK_ACCEPT_BATCH; i++) {
         if (px->n_conns >= px->cfg->max_connections) {
             spk_warn("listen.max_connections (%zu) reached; not accepting until one closes",
                      px->cfg->max_connections);
