@@ -132,7 +132,7 @@ static inline void slot_enter(spk_slot *s, uint32_t index, uint32_t hook)
 {
     atomic_store_explicit(&s->plugin, index + 1, memory_order_relaxed);
     atomic_store_explicit(&s->hook, hook, memory_order_relaxed);
-    atomic_fetch_add_explicit(&s->seq, 1, memory_order_relaxed);
+    spk_slot_bump(s);
 }
 
 static inline void slot_leave(spk_slot *s)

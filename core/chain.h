@@ -51,6 +51,14 @@ typedef struct spk_slot {
     _Atomic uint64_t heartbeat_ms;
 } spk_slot;
 
+/* Count a hook entry. Only the worker's own thread writes the slot, so a plain load and
+ * store suffice: an atomic read-modify-write (lock xadd) would cost more than the hook. */
+static inline void spk_slot_bump(spk_slot *s)
+{
+    atomic_store_explicit(&s->seq, atomic_load_explicit(&s->seq, memory_order_relaxed) + 1,
+                          memory_order_relaxed);
+}
+
 /* The host's buffer: the public view first, then the storage the host owns. */
 typedef struct spk_buf {
     spoke_buf pub;

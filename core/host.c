@@ -72,7 +72,7 @@ static void timer_fire(struct ev_loop *loop, ev_timer *w, int revents)
     if (ch != NULL) {
         atomic_store_explicit(&ch->slot->plugin, p->index + 1, memory_order_relaxed);
         atomic_store_explicit(&ch->slot->hook, SPK_HOOK_TIMER, memory_order_relaxed);
-        atomic_fetch_add_explicit(&ch->slot->seq, 1, memory_order_relaxed);
+        spk_slot_bump(ch->slot);
     }
     t->cb(p->self, t->arg);
     if (ch != NULL)

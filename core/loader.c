@@ -593,7 +593,7 @@ int spk_plugin_set_init(spk_plugin_set *set, spoke_role role, spk_errbuf *eb)
             if (slot != NULL) {
                 atomic_store_explicit(&slot->hook, SPK_HOOK_INIT, memory_order_relaxed);
                 atomic_store_explicit(&slot->plugin, p->index + 1, memory_order_relaxed);
-                atomic_fetch_add_explicit(&slot->seq, 1, memory_order_relaxed);
+                spk_slot_bump(slot);
             }
             int rc = p->table.init(&p->ctx, &args, &p->self);
             if (slot != NULL)

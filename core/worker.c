@@ -67,7 +67,7 @@ static void on_health(struct ev_loop *loop, ev_timer *w, int revents)
             continue;
         atomic_store_explicit(&s->plugin, (uint32_t)i + 1, memory_order_relaxed);
         atomic_store_explicit(&s->hook, SPK_HOOK_HEALTH, memory_order_relaxed);
-        atomic_fetch_add_explicit(&s->seq, 1, memory_order_relaxed);
+        spk_slot_bump(s);
         int rc = p->table.health(p->self);
         atomic_store_explicit(&s->plugin, 0, memory_order_relaxed);
         if (rc == 0) {
