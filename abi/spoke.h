@@ -227,10 +227,15 @@ typedef struct spoke_plugin {
     /* Called once when every configured plugin is initialised, before traffic flows. */
     void (*on_config_loaded)(void *self);
 
-    /* Edge hooks. on_open runs when a client connects, before the upstream is contacted;
-     * it may return SPOKE_RESPOND (after host->respond) or SPOKE_CLOSE to refuse it. */
+    /* Edge hooks. on_open runs when a client connects, before the upstream is contacted
+     * (with listen.upstream_connect: lazy; with eager the connect starts right after).
+     * SPOKE_CLOSE refuses the connection (after sending what respond() queued).
+     * SPOKE_RESPOND sends what respond() queued and keeps the connection (a greeting);
+     * either stops the on_open chain: later plugins' on_open does not run. */
     spoke_verdict (*on_open)(void *self, spoke_conn *conn);
-    /* Runs once per connection that on_open was called for, when it closes. */
+    /* Runs once for every plugin on every connection, when it closes, even for plugins
+     * whose on_open did not run (an earlier plugin stopped the on_open chain): free what
+     * conn_data points to here. */
     void (*on_close)(void *self, spoke_conn *conn);
     /* Bytes read from the client, before any forwarding decision. */
     spoke_traffic_hook on_traffic_from_client;
@@ -265,7 +270,7 @@ struct spoke_host {
     uint32_t struct_size;
 
     /* Log a line tagged with the plugin's name, at `level`. Lines below the host's
-     * log.level are dropped cheaply. */
+     * log.level are dropped cheaply. A line is cut at about 4 KiB (ending in "..."). */
     void (*log)(spoke_ctx *ctx, spoke_log_level level, const char *fmt, ...) SPOKE_PRINTF(3, 4);
 
     /* This plugin's `config:` value for `key` (flattened as in spoke_init_args), or NULL.
@@ -276,12 +281,15 @@ struct spoke_host {
     const char *(*edge_namespace)(spoke_ctx *ctx);
 
     /* Call cb(self, arg) every `ms` milliseconds on the worker's loop, until cancelled or
-     * fini. Returns a timer ID > 0, or a negative spoke_status. */
+     * fini. `self` is the plugin's self as it is when the timer fires, so every() may be
+     * called from init before *self is set. Returns a timer ID > 0, or a negative
+     * spoke_status. */
     int64_t (*every)(spoke_ctx *ctx, uint64_t ms, spoke_timer_cb cb, void *arg);
     /* Cancel a timer from every(). Returns 0, or SPOKE_ERR_INVALID if it is not one. */
     int (*timer_cancel)(spoke_ctx *ctx, int64_t timer_id);
 
-    /* Replace the chunk's bytes with a copy of data[0..len). Any size; 0 empties it. */
+    /* Replace the chunk's bytes with a copy of data[0..len). Any size; 0 empties it.
+     * `data` may point into the chunk itself (e.g. to drop a prefix). */
     int (*buf_set)(spoke_buf *buf, const void *data, size_t len);
     /* Resize the chunk to `len` bytes, keeping the first min(old, len) bytes, and return
      * a writable pointer to all of them (valid until the hook returns or the next buf_*
@@ -292,11 +300,13 @@ struct spoke_host {
     uint64_t (*conn_id)(const spoke_conn *conn);           /* unique within the worker */
     const char *(*conn_peer)(const spoke_conn *conn);      /* "1.2.3.4:5678", "[::1]:80", "unix" */
     /* A per-connection, per-plugin pointer the plugin may use freely; NULL initially.
-     * Free what it points to in on_close. */
+     * Free what it points to in on_close. Returns NULL only for a NULL conn or ctx. */
     void **(*conn_data)(spoke_conn *conn, spoke_ctx *ctx);
     /* Queue bytes to send back to the peer the current chunk came from (the client in
-     * on_open and the client-side hooks, the server in the server-side hooks). Return
-     * SPOKE_RESPOND after it. Returns 0 or a negative spoke_status. */
+     * on_open and the client-side hooks, the server in the server-side hooks). The host
+     * sends them when the chain run ends, whatever the verdict: return SPOKE_RESPOND to
+     * answer instead of forwarding the chunk, SPOKE_CLOSE to answer then close, or
+     * SPOKE_CONTINUE to answer and still forward it. Returns 0 or a negative spoke_status. */
     int (*respond)(spoke_conn *conn, const void *data, size_t len);
 
     /* Emit a signal, as GatewayD's plugins do; the host acts on it:

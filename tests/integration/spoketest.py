@@ -181,6 +181,7 @@ class Spoked:
             except subprocess.TimeoutExpired:
                 self.stop()
                 raise AssertionError("spoked did not fail:\n" + self.log())
+            self._log.close()
             return
         self._wait_listening(start_timeout)
 
@@ -247,7 +248,8 @@ class Spoked:
                 self.proc.kill()
                 self.proc.wait()
                 raise AssertionError("spoked did not stop on " + str(sig) + ":\n" + self.log())
-        self._log.close()
+        if not self._log.closed:
+            self._log.close()
         return self.proc.returncode
 
     def __enter__(self):
