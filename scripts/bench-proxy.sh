@@ -56,7 +56,7 @@ case $ROUNDS in ''|*[!0-9]*|0) echo "bench-proxy: --rounds: expected a positive 
 log() { echo "bench-proxy: $*" >&2; }
 die() { log "$*"; exit 1; }
 
-for tool in jq cmake make awk; do
+for tool in jq cmake make awk pgrep getconf; do
     command -v $tool >/dev/null || die "$tool is required (apt-get install $tool)"
 done
 
@@ -160,13 +160,28 @@ PIDS+=("$ECHO_PID")
 wait_listen "$ECHO_PORT" "$ECHO_PID" "$TMP/echo.log" || die "the echo upstream did not start"
 UPSTREAM=127.0.0.1:$ECHO_PORT
 
-# load name target size: run spoke-bench proxy, keep its JSON in
-# $TMP/name-size.rROUND.json (none when it could not run at all)
+CLK_TCK=$(getconf CLK_TCK)
+
+cpu_ticks() { # pid: CPU ticks (user + system, own and reaped children's) of pid and children
+    local p total=0
+    for p in "$1" $(pgrep -P "$1"); do
+        [ -r "/proc/$p/stat" ] || continue
+        total=$((total + $(sed 's/^.*) //' "/proc/$p/stat" | awk '{ print $12 + $13 + $14 + $15 }')))
+    done
+    echo $total
+}
+
+# load name target size [proxy_pid]: run spoke-bench proxy, keep its JSON in
+# $TMP/name-size.rROUND.json (none when it could not run at all), and the CPU ticks the
+# proxy process tree used meanwhile in .cpu: CPU per request does not depend on how
+# busy the rest of the machine is, unlike throughput.
 load() {
-    local name=$1 target=$2 size=$3 rc=0 out=$TMP/$1-$3.r$ROUND
+    local name=$1 target=$2 size=$3 pid=${4:-} rc=0 out=$TMP/$1-$3.r$ROUND c0=0
     log "round $ROUND/$ROUNDS: $name, $size-byte requests, $DURATION against $target"
+    [ -z "$pid" ] || c0=$(cpu_ticks "$pid")
     "$BENCH" proxy --target "$target" --conns "$CONNS" --size "$size" \
         --duration "$DURATION" --warmup "$WARMUP" --json >"$out.json" 2>"$out.err" || rc=$?
+    [ -z "$pid" ] || echo $(($(cpu_ticks "$pid") - c0)) >"$out.cpu"
     if [ $rc -ne 0 ]; then
         log "$name: spoke-bench proxy exited $rc:"
         cat "$out.err" >&2
@@ -181,6 +196,7 @@ pick() {
     median=$(for f in "${files[@]}"; do echo "$(jq .rps "$f") $f"; done |
         sort -g | awk '{ v[NR] = $2 } END { print v[int((NR + 1) / 2)] }')
     cp "$median" "$TMP/$1-$2.json"
+    [ ! -e "${median%.json}.cpu" ] || cp "${median%.json}.cpu" "$TMP/$1-$2.cpu"
 }
 
 spoked_config() { # file port n_plugins
@@ -211,7 +227,7 @@ run_spoked() { # n_plugins size
     pid=$!
     PIDS+=("$pid")
     if wait_listen "$port" "$pid" "$TMP/spoked-$n-$size.log"; then
-        load "spoked$n" "127.0.0.1:$port" "$size"
+        load "spoked$n" "127.0.0.1:$port" "$size" "$pid"
     else
         log "spoked with $n plugins did not start; config was:"
         cat "$cfg" >&2
@@ -244,7 +260,7 @@ EOF
     pid=$!
     PIDS+=("$pid")
     if wait_listen "$port" "$pid" "$TMP/haproxy-$size.log"; then
-        load haproxy "127.0.0.1:$port" "$size"
+        load haproxy "127.0.0.1:$port" "$size" "$pid"
     fi
     stop_pid "$pid"
     forget_pid "$pid"
@@ -272,24 +288,38 @@ LOAD_AFTER=$(cut -d' ' -f1-3 /proc/loadavg)
 
 num() { jq -r ".$2" "$1"; }
 
-row() { # label file size
+cpu_us() { # name size: proxy CPU µs per request of the picked run, or ""
+    local f=$TMP/$1-$2.json c=$TMP/$1-$2.cpu
+    [ -s "$c" ] && [ -s "$f" ] || { echo ""; return; }
+    jq -rn --argjson t "$(cat "$c")" --argjson n "$(jq .requests_all "$f")" --argjson hz "$CLK_TCK" \
+        'if $n > 0 then $t / $hz * 1e6 / $n * 100 | round / 100 | tostring else "" end'
+}
+
+ratio() { # a b: "a/b x" to two places, or "" when either is missing
+    [ -n "$1" ] && [ -n "$2" ] || { echo ""; return; }
+    jq -rn --argjson a "$1" --argjson b "$2" \
+        'if $b > 0 then ($a / $b * 100 | round / 100 | tostring) + "x" else "" end'
+}
+
+row() { # label name size
     local f=$TMP/$2-$3.json ha=$TMP/haproxy-$3.json
     if [ ! -s "$f" ]; then
-        echo "| $1 | failed: see the messages above | | | | | | | |"
+        echo "| $1 | failed: see the messages above | | | | | | | | | |"
         return
     fi
-    local rps ratio_rps="" ratio_p99=""
-    rps=$(num "$f" rps)
+    local cpu cpu_ha="" r_rps="" r_p99="" r_cpu=""
+    cpu=$(cpu_us "$2" "$3")
     if [ -s "$ha" ] && [ "$2" != haproxy ] && [ "$2" != direct ]; then
-        ratio_rps=$(jq -rn --argjson a "$rps" --argjson b "$(num "$ha" rps)" \
-            'if $b > 0 then ($a / $b * 100 | round / 100 | tostring) + "x" else "" end')
-        ratio_p99=$(jq -rn --argjson a "$(num "$f" p99_us)" --argjson b "$(num "$ha" p99_us)" \
-            'if $b > 0 then ($a / $b * 100 | round / 100 | tostring) + "x" else "" end')
+        cpu_ha=$(cpu_us haproxy "$3")
+        r_rps=$(ratio "$(num "$f" rps)" "$(num "$ha" rps)")
+        r_p99=$(ratio "$(num "$f" p99_us)" "$(num "$ha" p99_us)")
+        r_cpu=$(ratio "$cpu" "$cpu_ha")
     fi
-    jq -r --arg name "$1" --arg rr "$ratio_rps" --arg rp "$ratio_p99" '
+    jq -r --arg name "$1" --arg cpu "${cpu:--}" --arg rr "$r_rps" --arg rp "$r_p99" \
+        --arg rc "$r_cpu" '
         def f(n): n * 10 | round / 10 | tostring;
         "| \($name) | \(.rps | round) | \(f(.mib_s_out)) | \(f(.p50_us)) | \(f(.p99_us)) | " +
-        "\(f(.p999_us)) | \(.errors) | \($rr) | \($rp) |"' "$f"
+        "\(f(.p999_us)) | \(.errors) | \($cpu) | \($rr) | \($rp) | \($rc) |"' "$f"
     local all
     all=$(cat "$TMP/$2-$3".r*.json | jq -s 'map(.errors) | add')
     [ "$all" = 0 ] || log "$1, $3 B: $all errors over $ROUNDS round(s) (messages above)"
@@ -312,6 +342,9 @@ report() {
          "the median req/s of its path"
     echo "- spoked: \`listen.workers: 1\`, N passthrough plugins; HAProxy" \
          "$("$HAPROXY" -v 2>/dev/null | head -1 | awk '{print $3}'): \`mode tcp\`, \`nbthread 1\`"
+    echo "- proxy CPU µs/req: user + system CPU time of the proxy's processes (spoked:" \
+         "supervisor and worker) during the run, warmup included, over every request" \
+         "completed meanwhile; unlike req/s it hardly depends on what else the machine runs"
     [ -z "$SKIP_SPOKED" ] || echo "- **skipped: spoked rows** ($SKIP_SPOKED)"
     [ -z "$SKIP_HAPROXY" ] || echo "- **skipped: HAProxy row** ($SKIP_HAPROXY)"
     for size in $SIZES; do
@@ -319,8 +352,8 @@ report() {
         echo "#### $size-byte requests, $CONNS connections"
         echo
         echo "| path | req/s | MiB/s each way | p50 µs | p99 µs | p99.9 µs | errors |" \
-             "req/s vs HAProxy | p99 vs HAProxy |"
-        echo "|---|--:|--:|--:|--:|--:|--:|--:|--:|"
+             "proxy CPU µs/req | req/s vs HAProxy | p99 vs HAProxy | CPU/req vs HAProxy |"
+        echo "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|"
         row "direct to echo (no proxy)" direct "$size"
         [ -n "$SKIP_HAPROXY" ] || row "HAProxy, nbthread 1" haproxy "$size"
         if [ -z "$SKIP_SPOKED" ]; then

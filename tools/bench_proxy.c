@@ -460,6 +460,7 @@ typedef struct lg_thread {
     uint8_t *rbuf;
     hist h;                  /* latencies of requests completed in the window */
     uint64_t bytes_out, bytes_in; /* in the window */
+    uint64_t requests_all;   /* completed, warmup included (for CPU cost per request) */
     uint64_t errors[E_COUNT];
     pthread_t tid;
 } lg_thread;
@@ -626,6 +627,7 @@ static void lg_recv(lg_thread *t, lg_conn *c)
         for (uint64_t k = done; k < now_done; k++)
             hist_record(&t->h, now - c->starts[k % depth]);
     }
+    t->requests_all += now_done - done;
     if (now_done > done)
         lg_send(t, c, now);
 }
@@ -762,7 +764,7 @@ nomem:
 
 typedef struct lg_result {
     hist h;
-    uint64_t bytes_out, bytes_in;
+    uint64_t bytes_out, bytes_in, requests_all;
     uint64_t errors[E_COUNT], errors_total;
     double seconds;
 } lg_result;
@@ -816,6 +818,7 @@ static int lg_run(const lg_opts *o, lg_result *r)
         hist_merge(&r->h, &ts[i].h);
         r->bytes_out += ts[i].bytes_out;
         r->bytes_in += ts[i].bytes_in;
+        r->requests_all += ts[i].requests_all;
         for (int k = 0; k < E_COUNT; k++) {
             r->errors[k] += ts[i].errors[k];
             r->errors_total += ts[i].errors[k];
@@ -846,10 +849,11 @@ static void report(const lg_opts *o, const lg_result *r)
         printf("{\"target\":");
         spk_bench_json_string(stdout, o->target.text);
         printf(",\"conns\":%u,\"size\":%llu,\"pipeline\":%u,\"threads\":%u,"
-               "\"duration_s\":%.3f,\"warmup_s\":%.3f,\"requests\":%llu,\"errors\":%llu",
+               "\"duration_s\":%.3f,\"warmup_s\":%.3f,\"requests\":%llu,"
+               "\"requests_all\":%llu,\"errors\":%llu",
                o->conns, (unsigned long long)o->size, o->pipeline, o->threads, secs,
                o->warmup_s, (unsigned long long)r->h.total,
-               (unsigned long long)r->errors_total);
+               (unsigned long long)r->requests_all, (unsigned long long)r->errors_total);
         for (int k = 0; k < E_COUNT; k++)
             printf(",\"errors_%s\":%llu", lg_err_names[k], (unsigned long long)r->errors[k]);
         printf(",\"rps\":%.1f,\"mib_s_out\":%.3f,\"mib_s_in\":%.3f,\"p50_us\":%.2f,"
