@@ -94,8 +94,12 @@ forget_pid() { # drop $1 from PIDS once it was stopped
 
 port_busy() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 
+# Ports come from below the ephemeral range, so no client socket can hold one by chance.
+EPHEMERAL_LOW=$(cut -f1 /proc/sys/net/ipv4/ip_local_port_range 2>/dev/null || echo 32768)
+[ "$EPHEMERAL_LOW" -gt 12000 ] || EPHEMERAL_LOW=12000
+
 free_port() { # a port nobody listens on, from a per-run random start
-    local p=$((20000 + (RANDOM % 20000))) i
+    local p=$((10000 + (RANDOM % (EPHEMERAL_LOW - 10200)))) i
     for i in $(seq 200); do
         port_busy $p || { echo $p; return 0; }
         p=$((p + 1))
@@ -304,7 +308,7 @@ ratio() { # a b: "a/b x" to two places, or "" when either is missing
 row() { # label name size
     local f=$TMP/$2-$3.json ha=$TMP/haproxy-$3.json
     if [ ! -s "$f" ]; then
-        echo "| $1 | failed: see the messages above | | | | | | | | | |"
+        echo "| $1 | failed: see the messages above | | | | | | | | | | |"
         return
     fi
     local cpu cpu_ha="" r_rps="" r_p99="" r_cpu=""
@@ -319,7 +323,8 @@ row() { # label name size
         --arg rc "$r_cpu" '
         def f(n): n * 10 | round / 10 | tostring;
         "| \($name) | \(.rps | round) | \(f(.mib_s_out)) | \(f(.p50_us)) | \(f(.p99_us)) | " +
-        "\(f(.p999_us)) | \(.errors) | \($cpu) | \($rr) | \($rp) | \($rc) |"' "$f"
+        "\(f(.p999_us)) | \(.errors) | \($cpu) | \(f(.client_cpu_us_per_req // 0)) | " +
+        "\($rr) | \($rp) | \($rc) |"' "$f"
     local all
     all=$(cat "$TMP/$2-$3".r*.json | jq -s 'map(.errors) | add')
     [ "$all" = 0 ] || log "$1, $3 B: $all errors over $ROUNDS round(s) (messages above)"
@@ -344,7 +349,8 @@ report() {
          "$("$HAPROXY" -v 2>/dev/null | head -1 | awk '{print $3}'): \`mode tcp\`, \`nbthread 1\`"
     echo "- proxy CPU µs/req: user + system CPU time of the proxy's processes (spoked:" \
          "supervisor and worker) during the run, warmup included, over every request" \
-         "completed meanwhile; unlike req/s it hardly depends on what else the machine runs"
+         "completed meanwhile; unlike req/s it hardly depends on what else the machine runs." \
+         "client CPU µs/req: the same for spoke-bench proxy itself (getrusage)"
     [ -z "$SKIP_SPOKED" ] || echo "- **skipped: spoked rows** ($SKIP_SPOKED)"
     [ -z "$SKIP_HAPROXY" ] || echo "- **skipped: HAProxy row** ($SKIP_HAPROXY)"
     for size in $SIZES; do
@@ -352,8 +358,9 @@ report() {
         echo "#### $size-byte requests, $CONNS connections"
         echo
         echo "| path | req/s | MiB/s each way | p50 µs | p99 µs | p99.9 µs | errors |" \
-             "proxy CPU µs/req | req/s vs HAProxy | p99 vs HAProxy | CPU/req vs HAProxy |"
-        echo "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|"
+             "proxy CPU µs/req | client CPU µs/req | req/s vs HAProxy | p99 vs HAProxy |" \
+             "CPU/req vs HAProxy |"
+        echo "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|"
         row "direct to echo (no proxy)" direct "$size"
         [ -n "$SKIP_HAPROXY" ] || row "HAProxy, nbthread 1" haproxy "$size"
         if [ -z "$SKIP_SPOKED" ]; then

@@ -767,7 +767,18 @@ typedef struct lg_result {
     uint64_t bytes_out, bytes_in, requests_all;
     uint64_t errors[E_COUNT], errors_total;
     double seconds;
+    double cpu_us_per_req;   /* this process's CPU per completed request (all threads) */
 } lg_result;
+
+/* User + system CPU time of this process so far, in µs. */
+static double process_cpu_us(void)
+{
+    struct rusage ru;
+    if (getrusage(RUSAGE_SELF, &ru) != 0)
+        return 0;
+    return (double)(ru.ru_utime.tv_sec + ru.ru_stime.tv_sec) * 1e6 +
+           (double)(ru.ru_utime.tv_usec + ru.ru_stime.tv_usec);
+}
 
 /* Run the load; fill *r. Returns 0, or -1 on a setup failure. */
 static int lg_run(const lg_opts *o, lg_result *r)
@@ -796,6 +807,7 @@ static int lg_run(const lg_opts *o, lg_result *r)
     uint64_t t_measure = t0 + (uint64_t)(o->warmup_s * 1e9);
     uint64_t t_end = t_measure + (uint64_t)(o->duration_s * 1e9);
     unsigned started = 0;
+    const double cpu0 = process_cpu_us();
     for (unsigned i = 0; i < o->threads; i++) {
         ts[i].t_measure = t_measure;
         ts[i].t_end = t_end;
@@ -811,6 +823,7 @@ static int lg_run(const lg_opts *o, lg_result *r)
     lg_thread_main(&ts[0]);
     for (unsigned i = 1; i < started; i++)
         pthread_join(ts[i].tid, NULL);
+    const double cpu_used = process_cpu_us() - cpu0;
 
     memset(r, 0, sizeof(*r));
     uint64_t t_last = t_measure;
@@ -827,6 +840,7 @@ static int lg_run(const lg_opts *o, lg_result *r)
             t_last = ts[i].t_stopped < t_end ? ts[i].t_stopped : t_end;
     }
     r->seconds = (double)(t_last - t_measure) / 1e9;
+    r->cpu_us_per_req = r->requests_all ? cpu_used / (double)r->requests_all : 0;
 out:
     lg_threads_free(ts, o->threads);
     free(pat);
@@ -857,8 +871,9 @@ static void report(const lg_opts *o, const lg_result *r)
         for (int k = 0; k < E_COUNT; k++)
             printf(",\"errors_%s\":%llu", lg_err_names[k], (unsigned long long)r->errors[k]);
         printf(",\"rps\":%.1f,\"mib_s_out\":%.3f,\"mib_s_in\":%.3f,\"p50_us\":%.2f,"
-               "\"p99_us\":%.2f,\"p999_us\":%.2f,\"max_us\":%.2f,\"mean_us\":%.2f}\n",
-               rps, mib_out, mib_in, us[0], us[1], us[2], us[3], us[4]);
+               "\"p99_us\":%.2f,\"p999_us\":%.2f,\"max_us\":%.2f,\"mean_us\":%.2f,"
+               "\"client_cpu_us_per_req\":%.3f}\n",
+               rps, mib_out, mib_in, us[0], us[1], us[2], us[3], us[4], r->cpu_us_per_req);
         return;
     }
     printf("spoke-bench proxy: %s, %u connections, %llu-byte requests, pipeline %u, "
@@ -874,6 +889,7 @@ static void report(const lg_opts *o, const lg_result *r)
            mib_in);
     printf("  latency µs  p50 %.1f  p99 %.1f  p99.9 %.1f  max %.1f  (mean %.1f)\n", us[0],
            us[1], us[2], us[3], us[4]);
+    printf("  client CPU  %.2f µs per request (warmup included)\n", r->cpu_us_per_req);
 }
 
 /* ---- the echo child of --echo ------------------------------------------------------- */
