@@ -1236,6 +1236,7 @@ static const field queue_fields[] = {
     CF("retention", p_duration, d_duration, queue_retention_ms, SEC, 365 * DAY),
     CF("sync", p_sync, d_sync, queue_sync_interval_ms, 1, HOUR),
     CF("map_size", p_size, d_size, queue_map_size, MiB, 16 * TiB),
+    CF("writemap", p_bool, d_bool, queue_writemap, 0, 0),
 };
 
 static const field uplink_fields[] = {
@@ -1430,6 +1431,7 @@ static int set_defaults(spk_config *cfg, const char *path)
     cfg->queue_sync_always = false;
     cfg->queue_sync_interval_ms = 100;
     cfg->queue_map_size = 2 * GiB;
+    cfg->queue_writemap = true;
 
     cfg->uplink_heartbeat_ms = 30 * SEC;
     cfg->uplink_batch_size = 100;

@@ -6,6 +6,11 @@
  * connection services find theirs through spoke_conn, which the chain fills in before a
  * hook runs. Nothing here allocates on the traffic path except buf_set/buf_resize growing
  * a buffer beyond its previous capacity, and respond() queueing bytes.
+ *
+ * send_to_control is the queue's spk_queue_send() stamped with the calling plugin's ID,
+ * the edge ID and the loop's cached time (ev_now: no clock read per call). Refusals are
+ * counted by reason in the worker's status slot (the supervisor's metrics) and logged with
+ * the plugin's name, at most REFUSAL_LOGS_PER_SEC a second per worker.
  */
 #include "host.h"
 
@@ -15,6 +20,10 @@
 #include <string.h>
 
 #include "log.h"
+#include "queue.h"
+
+#define REFUSAL_LOGS_PER_SEC 10
+#define QUEUE_RETRY_S 5
 
 struct spk_timer {
     ev_timer w;
@@ -265,6 +274,134 @@ static int host_signal(spoke_ctx *ctx, spoke_conn *c, const char *name, const sp
     return 0;
 }
 
+/* ---- send_to_control ---------------------------------------------------------------- */
+
+static int refusal_reason(int err)
+{
+    switch (err) {
+    case SPK_EPAYLOAD_TOO_LARGE: return SPK_QR_PAYLOAD_TOO_LARGE;
+    case SPK_ETOO_MANY_METADATA: return SPK_QR_TOO_MANY_METADATA;
+    case SPK_EMETADATA_KEY: return SPK_QR_METADATA_KEY;
+    case SPK_EMETADATA_VALUE: return SPK_QR_METADATA_VALUE;
+    case SPK_ECORRELATION_ID: return SPK_QR_CORRELATION_ID;
+    case SPK_ENOT_JSON: return SPK_QR_NOT_JSON;
+    case SPK_EQUEUE_FULL: return SPK_QR_QUEUE_FULL;
+    case SPK_EINVAL: return SPK_QR_INVALID;
+    default: return SPK_QR_UNAVAILABLE;
+    }
+}
+
+int spk_host_queue_open(spk_host_env *env, spk_errbuf *eb)
+{
+    const spk_config *cfg = env->cfg;
+    if (cfg == NULL || cfg->queue_path == NULL)
+        return spk_errf(eb, SPK_EINVAL, "no queue.path configured");
+    spk_queue_opts o;
+    spk_queue_opts_init(&o);
+    o.max_pending = cfg->queue_max_pending;
+    o.max_bytes = cfg->queue_max_bytes;
+    o.retention_ms = cfg->queue_retention_ms;
+    o.sync_always = cfg->queue_sync_always;
+    o.map_size = cfg->queue_map_size;
+    o.writemap = cfg->queue_writemap;
+    env->queue_tried_s = env->loop != NULL ? (uint64_t)ev_now(env->loop) : 0;
+    int rc = spk_queue_open(cfg->queue_path, &o, &env->queue, eb);
+    if (env->qc != NULL)
+        atomic_store_explicit(&env->qc->unavailable, rc != 0, memory_order_relaxed);
+    return rc;
+}
+
+/* With no queue, try to open it again, at most every QUEUE_RETRY_S seconds. */
+int spk_host_queue_retry(spk_host_env *env)
+{
+    uint64_t now = env->loop != NULL ? (uint64_t)ev_now(env->loop) : 0;
+    if (env->cfg == NULL || now < env->queue_tried_s + QUEUE_RETRY_S)
+        return SPK_EQUEUE_UNAVAILABLE;
+    spk_errbuf eb;
+    int rc = spk_host_queue_open(env, &eb);
+    if (rc != 0)
+        spk_warn("send_to_control: queue still unavailable: %s", eb.msg);
+    else
+        spk_info("send_to_control: queue %s opened", env->cfg->queue_path);
+    return rc;
+}
+
+/* Count a refusal and log it with the plugin's name, rate-limited per worker. */
+static void refused(spk_host_env *env, const spk_plugin *p, int err, const char *why)
+{
+    int r = refusal_reason(err);
+    if (env->qc != NULL)
+        atomic_fetch_add_explicit(&env->qc->refused[r], 1, memory_order_relaxed);
+    uint64_t sec = env->loop != NULL ? (uint64_t)ev_now(env->loop) : 0;
+    if (sec != env->qlog_sec) {
+        if (env->qlog_dropped > 0)
+            spk_warn("send_to_control: %llu more refusals not logged in the last second(s)",
+                     (unsigned long long)env->qlog_dropped);
+        env->qlog_sec = sec;
+        env->qlog_n = 0;
+        env->qlog_dropped = 0;
+    }
+    if (env->qlog_n >= REFUSAL_LOGS_PER_SEC) {
+        env->qlog_dropped++;
+        return;
+    }
+    env->qlog_n++;
+    spk_warn("%ssend_to_control refused (%s, %s): %s", p->log_prefix,
+             spk_qrefuse_name(r), spk_strerror(err), why);
+}
+
+/* Map an internal result onto the public codes: anything that is not one of the ABI's
+ * payload/queue codes (SPK_EIO, SPK_ECORRUPT, SPK_ENOMEM) means the queue is unavailable. */
+static int public_status(int err)
+{
+    if (err == 0 || (err <= SPOKE_ERR_PAYLOAD_TOO_LARGE && err >= SPOKE_ERR_NOT_JSON) ||
+        err == SPK_EINVAL)
+        return err;
+    return SPOKE_ERR_QUEUE_UNAVAILABLE;
+}
+
+static int send_common(spoke_ctx *ctx, const void *payload, size_t len, const char *corr,
+                       const spoke_kv *md, size_t n_md, uint64_t *pending, bool json)
+{
+    if (ctx == NULL || ctx->plugin == NULL || ctx->plugin->env == NULL)
+        return SPOKE_ERR_INVALID;
+    spk_plugin *p = ctx->plugin;
+    spk_host_env *env = p->env;
+    if (env->role == SPOKE_ROLE_CONTROL)
+        return SPOKE_ERR_UNSUPPORTED;
+    spk_errbuf eb;
+    if (env->queue == NULL && spk_host_queue_retry(env) != 0) {
+        refused(env, p, SPK_EQUEUE_UNAVAILABLE, "the queue could not be opened (see the "
+                "worker's warning); retrying every few seconds");
+        return SPOKE_ERR_QUEUE_UNAVAILABLE;
+    }
+    int64_t now_ms = env->loop != NULL ? (int64_t)(ev_now(env->loop) * 1000.0) : -1;
+    int rc = spk_queue_send(env->queue, p->id, env->edge_id, payload, len, corr, md, n_md,
+                            json, now_ms, NULL, pending, &eb);
+    if (rc != 0) {
+        refused(env, p, rc, eb.msg);
+        return public_status(rc);
+    }
+    if (env->qc != NULL)
+        atomic_fetch_add_explicit(&env->qc->sent, 1, memory_order_relaxed);
+    return 0;
+}
+
+static int host_send_to_control(spoke_ctx *ctx, const void *payload, size_t len,
+                                const char *correlation_id, const spoke_kv *metadata,
+                                size_t n_metadata, uint64_t *pending)
+{
+    return send_common(ctx, payload, len, correlation_id, metadata, n_metadata, pending,
+                       false);
+}
+
+static int host_send_to_control_json(spoke_ctx *ctx, const char *json, size_t len,
+                                     const char *correlation_id, const spoke_kv *metadata,
+                                     size_t n_metadata, uint64_t *pending)
+{
+    return send_common(ctx, json, len, correlation_id, metadata, n_metadata, pending, true);
+}
+
 static const char *host_strerror(int status) { return spk_strerror(status); }
 
 static const spoke_host host_table = {
@@ -284,8 +421,8 @@ static const spoke_host host_table = {
     .conn_data = host_conn_data,
     .respond = host_respond,
     .signal = host_signal,
-    .send_to_control = NULL, /* offered once the queue is wired in (issue 5) */
-    .send_to_control_json = NULL,
+    .send_to_control = host_send_to_control,
+    .send_to_control_json = host_send_to_control_json,
     .strerror = host_strerror,
 };
 

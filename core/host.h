@@ -15,6 +15,7 @@
 #include "config.h"
 #include "loader.h"
 #include "spoke.h"
+#include "status.h"
 
 struct spk_queue; /* queue/queue.h */
 
@@ -24,7 +25,14 @@ struct spk_host_env {
     spoke_role role;
     const spk_chain *chain;    /* for stamping the watchdog slot around timer callbacks */
     spk_slot *slot;            /* the worker's watchdog slot; NULL when unsupervised */
-    struct spk_queue *queue;   /* send_to_control's queue; NULL: service not offered */
+    struct spk_queue *queue;   /* send_to_control's queue; NULL: the queue could not be
+                                  opened, and the service answers QUEUE_UNAVAILABLE */
+    spk_queue_counters *qc;    /* where send_to_control counts (the worker's status slot,
+                                  or a private struct); NULL: not counted */
+    uint64_t queue_tried_s;    /* loop time (s) of the last attempt to open the queue */
+    uint64_t qlog_sec;         /* rate limit of refusal logs: the current second ... */
+    unsigned qlog_n;           /* ... and how many were logged in it */
+    uint64_t qlog_dropped;     /* refusals not logged since the last one that was */
     const char *edge_id;       /* borrowed from cfg, never NULL */
     const char *edge_namespace;
 };
@@ -35,6 +43,16 @@ const spoke_host *spk_host_table(void);
 /* Initialise env for `loop` and `cfg` (both borrowed). */
 void spk_host_env_init(spk_host_env *env, struct ev_loop *loop, const spk_config *cfg,
                        spoke_role role);
+
+/* Open env->queue from env->cfg's queue.* keys (spk_queue_open; see queue/queue.h for the
+ * codes) and flag the worker's counters unavailable when it fails. Call it in the process
+ * that will use the queue, after fork. Close with spk_queue_close(env->queue). */
+int spk_host_queue_open(spk_host_env *env, spk_errbuf *eb);
+
+/* With env->queue NULL: retry spk_host_queue_open() if the last attempt is a few seconds
+ * old (logged). Returns 0 once the queue is open, else SPK_EQUEUE_UNAVAILABLE or the open
+ * error. send_to_control calls it; the queue stays optional for serving traffic. */
+int spk_host_queue_retry(spk_host_env *env);
 
 /* Stop and free every timer of plugin p (called before fini/dlclose). */
 void spk_host_timers_free(spk_plugin *p);

@@ -12,6 +12,7 @@
  *   plugins    the chain the worker loaded (name, version, quarantine key), written before
  *              the first init, so a crash in init is attributed like any other.
  *   reason     why a worker that could not start gave up (exit code SPK_EXIT_START).
+ *   queue      send_to_control counters: accepted, refused by reason (metrics).
  *
  * Plain data only: no pointers (the region is mapped at different addresses), no locks
  * (a worker killed mid-write must not block the supervisor). Fields are read with relaxed
@@ -46,6 +47,39 @@ typedef struct spk_plugin_info {
     char key[256]; /* quarantine key: "name@path" as configured (see loader.h) */
 } spk_plugin_info;
 
+/* Why send_to_control refused a payload; counted per worker in spk_wslot.queue. */
+enum spk_qrefuse {
+    SPK_QR_PAYLOAD_TOO_LARGE,
+    SPK_QR_TOO_MANY_METADATA,
+    SPK_QR_METADATA_KEY,
+    SPK_QR_METADATA_VALUE,
+    SPK_QR_CORRELATION_ID,
+    SPK_QR_NOT_JSON,
+    SPK_QR_QUEUE_FULL,
+    SPK_QR_UNAVAILABLE, /* the queue could not be opened or written (disk/map full, I/O) */
+    SPK_QR_INVALID,     /* NULL arguments, text that is not UTF-8 */
+    SPK_QR_N
+};
+
+/* The metric label of a refusal reason ("payload_too_large"). */
+static inline const char *spk_qrefuse_name(int r)
+{
+    static const char *const names[SPK_QR_N] = {
+        "payload_too_large", "too_many_metadata", "metadata_key_too_long",
+        "metadata_value_too_long", "correlation_id_too_long", "not_json", "queue_full",
+        "unavailable", "invalid",
+    };
+    return r >= 0 && r < SPK_QR_N ? names[r] : "unknown";
+}
+
+/* send_to_control counters of one worker (since it started; a restarted worker starts
+ * again at zero). Written by the worker with relaxed atomics, read by the supervisor. */
+typedef struct spk_queue_counters {
+    _Atomic uint64_t sent;               /* payloads accepted */
+    _Atomic uint64_t refused[SPK_QR_N];  /* payloads refused, by reason */
+    _Atomic uint32_t unavailable;        /* 1: the worker could not open the queue */
+} spk_queue_counters;
+
 typedef struct spk_wslot {
     spk_slot act;
     _Atomic uint32_t state;
@@ -55,6 +89,7 @@ typedef struct spk_wslot {
     _Atomic uint64_t conns_total;
     spk_plugin_info plugins[SPK_STATUS_PLUGINS];
     char reason[1024];
+    spk_queue_counters queue;       /* send_to_control of this worker's plugins */
 } spk_wslot;
 
 typedef struct spk_status {

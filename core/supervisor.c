@@ -34,8 +34,10 @@
 
 #include <ev.h>
 
+#include "host.h"
 #include "log.h"
 #include "net.h"
+#include "queue.h"
 #include "status.h"
 
 #define BACKOFF_MIN_S 0.1
@@ -116,6 +118,12 @@ struct sup {
     char last_reload[1200];
     char refused[1100]; /* plugin refusal of the last failed reload */
     uint64_t restarts_total, quarantines_total, reloads_ok, reloads_failed, hook_timeouts;
+    /* The queue, for the interval sync and the metrics (never used for enqueues). */
+    spk_queue *queue;
+    char *queue_path;  /* the path queue was opened at */
+    ev_timer qsync;
+    uint64_t qsyncs, qsync_errors;
+    char queue_err[1024]; /* why it could not be opened; "" when open */
 };
 
 static void spawn(wproc *w);
@@ -903,6 +911,79 @@ static void on_signal(struct ev_loop *loop, ev_signal *w, int revents)
     ev_timer_start(loop, &s->stop_deadline);
 }
 
+/* ---- queue sync --------------------------------------------------------------------------
+ *
+ * The supervisor owns the interval policy's timer: it opens the queue itself (it never
+ * loads plugins, so its handle is out of their reach) and calls spk_queue_sync() every
+ * queue.sync period, plus once after the last worker exited. One flush covers every
+ * worker's commits, since they share the file's page cache. With queue.sync: always the
+ * timer only keeps the handle (metrics); enqueues flush themselves. The flush runs on this
+ * loop: it delays the watchdog by at most one flush. */
+static const spk_config *queue_cfg(const sup *s)
+{
+    return s->cur ? s->cur->cfg : s->next ? s->next->cfg : NULL;
+}
+
+static void queue_close(sup *s)
+{
+    spk_queue_close(s->queue);
+    s->queue = NULL;
+    free(s->queue_path);
+    s->queue_path = NULL;
+}
+
+static void queue_ensure(sup *s, const spk_config *cfg)
+{
+    if (cfg == NULL || cfg->queue_path == NULL)
+        return;
+    if (s->queue != NULL && strcmp(s->queue_path, cfg->queue_path) == 0)
+        return;
+    if (s->queue != NULL) {
+        spk_queue_sync(s->queue, NULL);
+        queue_close(s);
+    }
+    spk_host_env env;
+    spk_host_env_init(&env, s->loop, cfg, SPOKE_ROLE_EDGE);
+    spk_errbuf eb;
+    if (spk_host_queue_open(&env, &eb) != 0) {
+        if (strcmp(s->queue_err, eb.msg) != 0)
+            spk_warn("queue: %s (retrying)", eb.msg);
+        snprintf(s->queue_err, sizeof(s->queue_err), "%s", eb.msg);
+        return;
+    }
+    s->queue_path = strdup(cfg->queue_path);
+    if (s->queue_path == NULL) {
+        spk_queue_close(env.queue);
+        return;
+    }
+    s->queue = env.queue;
+    s->queue_err[0] = '\0';
+}
+
+static void on_qsync(struct ev_loop *loop, ev_timer *t, int revents)
+{
+    (void)loop;
+    (void)revents;
+    sup *s = t->data;
+    const spk_config *cfg = queue_cfg(s);
+    queue_ensure(s, cfg);
+    if (cfg == NULL)
+        return;
+    double period = cfg->queue_sync_always ? 1.0 : (double)cfg->queue_sync_interval_ms / 1000.0;
+    if (t->repeat != period) {
+        t->repeat = period;
+        ev_timer_again(loop, t);
+    }
+    if (s->queue == NULL || cfg->queue_sync_always)
+        return;
+    spk_errbuf eb;
+    if (spk_queue_sync(s->queue, &eb) == 0) {
+        s->qsyncs++;
+    } else if (s->qsync_errors++ % 100 == 0) {
+        spk_error("%s", eb.msg);
+    }
+}
+
 /* ---- status report ------------------------------------------------------------------ */
 
 typedef struct outbuf {
@@ -975,6 +1056,91 @@ static const spk_wslot *plugin_source(sup *s)
     return NULL;
 }
 
+/* send_to_control counters summed over the live workers' slots. */
+static void queue_counters(sup *s, uint64_t *sent, uint64_t refused[SPK_QR_N], int *unavail)
+{
+    *sent = 0;
+    *unavail = 0;
+    memset(refused, 0, sizeof(uint64_t) * SPK_QR_N);
+    for (int i = 0; i < SPK_STATUS_SLOTS; i++) {
+        if (!s->slot_used[i])
+            continue;
+        const spk_queue_counters *qc = &s->st->slots[i].queue;
+        *sent += atomic_load_explicit(&qc->sent, memory_order_relaxed);
+        for (int r = 0; r < SPK_QR_N; r++)
+            refused[r] += atomic_load_explicit(&qc->refused[r], memory_order_relaxed);
+        *unavail += (int)atomic_load_explicit(&qc->unavailable, memory_order_relaxed);
+    }
+}
+
+static void report_queue(sup *s, outbuf *o)
+{
+    uint64_t sent, refused[SPK_QR_N], nref = 0;
+    int unavail;
+    queue_counters(s, &sent, refused, &unavail);
+    for (int r = 0; r < SPK_QR_N; r++)
+        nref += refused[r];
+    const spk_config *cfg = queue_cfg(s);
+    spk_queue_stats st;
+    spk_errbuf eb;
+    if (s->queue == NULL || spk_queue_stats_get(s->queue, &st, &eb) != 0) {
+        out(o, "queue: unavailable: %s\n", s->queue ? eb.msg : s->queue_err[0] ? s->queue_err
+                                                                               : "not open");
+    } else {
+        out(o, "queue: %s  pending %llu (%llu bytes)  oldest %.1f s  acked %llu  expired %llu  "
+               "sync %s\n",
+            s->queue_path, (unsigned long long)st.pending, (unsigned long long)st.pending_bytes,
+            (double)st.oldest_age_ms / 1000.0, (unsigned long long)st.acked,
+            (unsigned long long)st.expired, cfg && cfg->queue_sync_always ? "always" : "interval");
+        spk_queue_stats_free(&st);
+    }
+    out(o, "  send_to_control: accepted %llu  refused %llu", (unsigned long long)sent,
+        (unsigned long long)nref);
+    for (int r = 0; r < SPK_QR_N; r++)
+        if (refused[r] > 0)
+            out(o, "  %s %llu", spk_qrefuse_name(r), (unsigned long long)refused[r]);
+    if (unavail > 0)
+        out(o, "  (%d workers could not open the queue)", unavail);
+    out(o, "\n");
+}
+
+static void metrics_queue(sup *s, outbuf *o)
+{
+    uint64_t sent, refused[SPK_QR_N];
+    int unavail;
+    queue_counters(s, &sent, refused, &unavail);
+    spk_queue_stats st;
+    bool have = s->queue != NULL && spk_queue_stats_get(s->queue, &st, NULL) == 0;
+    out(o, "# TYPE spoke_queue_available gauge\nspoke_queue_available %d\n",
+        have && unavail == 0 ? 1 : 0);
+    if (have) {
+        out(o, "# TYPE spoke_queue_pending gauge\nspoke_queue_pending %llu\n",
+            (unsigned long long)st.pending);
+        out(o, "# TYPE spoke_queue_pending_bytes gauge\nspoke_queue_pending_bytes %llu\n",
+            (unsigned long long)st.pending_bytes);
+        out(o, "# TYPE spoke_queue_oldest_age_seconds gauge\n"
+               "spoke_queue_oldest_age_seconds %.3f\n", (double)st.oldest_age_ms / 1000.0);
+        out(o, "# TYPE spoke_queue_expired_total counter\nspoke_queue_expired_total %llu\n",
+            (unsigned long long)st.expired);
+        out(o, "# TYPE spoke_queue_acked_total counter\nspoke_queue_acked_total %llu\n",
+            (unsigned long long)st.acked);
+        out(o, "# TYPE spoke_queue_plugin_pending gauge\n");
+        for (size_t i = 0; i < st.n_plugins; i++)
+            out(o, "spoke_queue_plugin_pending{plugin_id=\"%u\"} %llu\n", st.plugins[i].plugin_id,
+                (unsigned long long)st.plugins[i].pending);
+        spk_queue_stats_free(&st);
+    }
+    out(o, "# TYPE spoke_queue_sent_total counter\nspoke_queue_sent_total %llu\n",
+        (unsigned long long)sent);
+    out(o, "# TYPE spoke_queue_refused_total counter\n");
+    for (int r = 0; r < SPK_QR_N; r++)
+        out(o, "spoke_queue_refused_total{reason=\"%s\"} %llu\n", spk_qrefuse_name(r),
+            (unsigned long long)refused[r]);
+    out(o, "# TYPE spoke_queue_syncs_total counter\nspoke_queue_syncs_total %llu\n"
+           "# TYPE spoke_queue_sync_errors_total counter\nspoke_queue_sync_errors_total %llu\n",
+        (unsigned long long)s->qsyncs, (unsigned long long)s->qsync_errors);
+}
+
 static void build_report(sup *s, outbuf *o)
 {
     ev_tstamp now = ev_now(s->loop);
@@ -1003,6 +1169,7 @@ static void build_report(sup *s, outbuf *o)
     }
     if (s->refused[0])
         out(o, "  refused at the last reload: %s\n", s->refused);
+    report_queue(s, o);
 }
 
 static void build_metrics(sup *s, outbuf *o)
@@ -1033,6 +1200,7 @@ static void build_metrics(sup *s, outbuf *o)
         out(o, "spoke_plugin_quarantined{plugin=\"%s\"} %d\n", s->crashes[i].name,
             s->crashes[i].quarantined ? 1 : 0);
     (void)total;
+    metrics_queue(s, o);
 }
 
 static void write_all(int fd, const char *p, size_t n)
@@ -1259,6 +1427,14 @@ int spk_supervisor_main(const char *path, const char *self_exe)
     ev_timer_init(&s.watchdog, on_watchdog, period, period);
     s.watchdog.data = &s;
     ev_timer_start(s.loop, &s.watchdog);
+    /* Open the queue before the first worker starts, so the loop is free to promote it. */
+    queue_ensure(&s, g->cfg);
+    double qperiod = g->cfg->queue_sync_always
+                         ? 1.0
+                         : (double)g->cfg->queue_sync_interval_ms / 1000.0;
+    ev_timer_init(&s.qsync, on_qsync, qperiod, qperiod);
+    s.qsync.data = &s;
+    ev_timer_start(s.loop, &s.qsync);
     ev_timer_init(&s.stop_deadline, on_stop_deadline, 0, 0);
     s.stop_deadline.data = &s;
     ev_io_init(&s.admin_w, on_admin, s.admin_fd, EV_READ);
@@ -1285,6 +1461,10 @@ int spk_supervisor_main(const char *path, const char *self_exe)
     int code = s.fatal ? s.exit_code : 0;
     ev_timer_stop(s.loop, &s.watchdog);
     ev_timer_stop(s.loop, &s.stop_deadline);
+    ev_timer_stop(s.loop, &s.qsync);
+    if (s.queue != NULL && spk_queue_sync(s.queue, &eb) != 0) /* the workers have exited */
+        spk_error("%s", eb.msg);
+    queue_close(&s);
     ev_child_stop(s.loop, &s.child);
     ev_signal_stop(s.loop, &s.sig_hup);
     ev_signal_stop(s.loop, &s.sig_term);

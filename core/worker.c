@@ -12,6 +12,7 @@
 #include "loader.h"
 #include "log.h"
 #include "proxy.h"
+#include "queue.h"
 
 typedef struct worker {
     struct ev_loop *loop;
@@ -22,6 +23,7 @@ typedef struct worker {
     spk_host_env env;
     spk_proxy *proxy;
     spk_slot private_slot;
+    spk_queue_counters private_qc;
     ev_signal sig_term, sig_int, sig_quit, sig_go;
     ev_timer tick, heartbeat, health, drain_check, drain_deadline;
     unsigned *health_fails;
@@ -184,6 +186,13 @@ static int start(worker *wk, spk_errbuf *eb)
         return rc;
     if (opts->wslot != NULL)
         publish_plugins(wk);
+    /* The queue opens before init, so plugins may send from init. A worker that cannot
+     * open it still serves: send_to_control answers QUEUE_UNAVAILABLE and retries. */
+    wk->env.qc = opts->wslot ? &opts->wslot->queue : &wk->private_qc;
+    spk_errbuf qeb;
+    if (spk_host_queue_open(&wk->env, &qeb) != 0)
+        spk_warn("send_to_control unavailable: %s; plugins get QUEUE_UNAVAILABLE until it "
+                 "opens (retried every few seconds)", qeb.msg);
     wk->health_fails = calloc(wk->set.n ? wk->set.n : 1, sizeof(unsigned));
     if (wk->health_fails == NULL)
         return spk_errf(eb, SPK_ENOMEM, "out of memory");
@@ -247,7 +256,9 @@ int spk_worker_run(spk_config *cfg, const spk_worker_opts *opts, spk_errbuf *eb)
 out:
     spk_proxy_free(wk.proxy);
     spk_chain_free(&wk.chain);
-    spk_plugin_set_free(&wk.set);
+    spk_plugin_set_free(&wk.set); /* fini may still send */
+    spk_queue_close(wk.env.queue);
+    wk.env.queue = NULL;
     free(wk.health_fails);
     return rc;
 }

@@ -52,6 +52,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <stdatomic.h>
+#include <sys/file.h>
+#include <sys/mman.h>
 #include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
@@ -62,6 +65,8 @@
 #define REC_MAGIC 0x31515053u /* "SPQ1" little-endian */
 #define QUEUE_FORMAT 1u
 #define EXPIRE_PER_TXN 10000u
+#define EXPIRE_PER_TXN_WRITEMAP 1000u /* bounded dirty set: fits the allocated headroom */
+#define SYNC_MAGIC 0x31434e5953515053ull /* "SPQSYNC1" */
 
 struct rec_hdr {
     uint32_t magic;
@@ -87,7 +92,23 @@ struct spk_queue {
     uint64_t reserve;      /* bytes of disk kept allocated past the used pages */
     uint64_t alloc_end;    /* this handle has fallocate()d the file up to here */
     uint32_t psize;
-    int fd;                /* LMDB's data file descriptor (borrowed) */
+    int fd;                /* LMDB's data file descriptor (borrowed); -1: no headroom */
+    /* writemap: PROT_NONE guard pages just below and above the map (NULL: none) */
+    void *guard_lo, *guard_hi;
+    /* sync always: the group-sync area shared by every process (see GROUP SYNC) */
+    int sync_fd;
+    struct sync_area *sync;
+    uint64_t sync_calls;   /* syncs this handle did itself */
+    uint64_t sync_shared;  /* commits made durable by another caller's sync */
+};
+
+/* The shared state of group sync: one page of the file sync.lock in the queue directory,
+ * mapped shared by every process that opened the queue with sync_always. The file's
+ * flock() is the leader lock: the kernel drops it when its holder dies, so a leader
+ * killed mid-sync blocks nobody. */
+struct sync_area {
+    uint64_t magic;
+    _Atomic uint64_t durable_txnid; /* every write transaction <= this is on disk */
 };
 
 /* ---- CRC-32C ------------------------------------------------------------------------ */
@@ -221,12 +242,16 @@ static int lmdb_err(spk_queue *q, int rc, const char *what, spk_errbuf *eb)
     }
 }
 
+static void place_guards(spk_queue *q);
+
 /* Begin a transaction, adopting a map size grown by another process. */
 static int txn_begin(spk_queue *q, unsigned flags, MDB_txn **txn)
 {
     int rc = mdb_txn_begin(q->env, NULL, flags, txn);
     if (rc == MDB_MAP_RESIZED) {
         rc = mdb_env_set_mapsize(q->env, 0);
+        if (rc == 0 && q->opts.writemap)
+            place_guards(q); /* the map moved */
         if (rc == 0)
             rc = mdb_txn_begin(q->env, NULL, flags, txn);
     }
@@ -370,6 +395,207 @@ static int ensure_headroom(spk_queue *q, uint64_t size, spk_errbuf *eb)
     return 0;
 }
 
+/* Before a deleting transaction with writemap: room for the pages that deleting `n`
+ * records may copy (a leaf each, at worst, plus the branches), so no store of LMDB's lands
+ * in an unallocated hole. Without writemap LMDB writes with pwrite(), which fails cleanly. */
+static int wmap_headroom(spk_queue *q, uint64_t n, spk_errbuf *eb)
+{
+    MDB_envinfo info;
+    if (!q->opts.writemap || q->fd < 0 || mdb_env_info(q->env, &info) != 0)
+        return 0;
+    uint64_t need = ((uint64_t)info.me_last_pgno + 1 + n + 16) * q->psize;
+    if (need > info.me_mapsize)
+        need = info.me_mapsize;
+    if (need <= q->alloc_end)
+        return 0;
+    /* No reserve demanded here: deleting is what the enqueues' reserve was kept for. */
+    if (fallocate(q->fd, FALLOC_FL_KEEP_SIZE, 0, (off_t)need) != 0 &&
+        !fits_in_free_pages(q, need))
+        return spk_errf(eb, SPK_EQUEUE_UNAVAILABLE, "queue %s: disk full: no room for the "
+                        "pages a delete copies (%s)", q->path, strerror(errno));
+    q->alloc_end = need;
+    return 0;
+}
+
+/* ---- writemap guard pages ---------------------------------------------------------------- */
+
+/* With MDB_WRITEMAP the map is writable, and plugin code runs in this process. Plugins never
+ * get a pointer into the map (payloads are copied in and out), so a stray store reaches it
+ * either by running off the end of an adjacent mapping (a heap or mmap buffer overflow) or
+ * through a wild pointer. A PROT_NONE page on each side of the map turns the first kind
+ * into a fault; the record CRC and spk_queue_verify() detect the second (docs/queue.md).
+ * Best effort: if a neighbour already occupies the page, there is nothing to guard
+ * against on that side from an overflow that would first cross that neighbour. */
+static void *guard_at(void *addr, size_t len)
+{
+    void *p = mmap(addr, len, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE,
+                   -1, 0);
+    if (p == MAP_FAILED)
+        return NULL;
+    if (p != addr) { /* a kernel without MAP_FIXED_NOREPLACE treats it as a hint */
+        munmap(p, len);
+        return NULL;
+    }
+    return p;
+}
+
+static void drop_guards(spk_queue *q)
+{
+    size_t pg = (size_t)sysconf(_SC_PAGESIZE);
+    if (q->guard_lo != NULL)
+        munmap(q->guard_lo, pg);
+    if (q->guard_hi != NULL)
+        munmap(q->guard_hi, pg);
+    q->guard_lo = q->guard_hi = NULL;
+}
+
+/* The map's address range. LMDB does not export it (me_mapaddr is only set for a fixed
+ * map), so take the address of a value read from the map and find the mapping that holds
+ * it in /proc/self/maps. Once per open. */
+static bool map_range(spk_queue *q, uintptr_t *lo, uintptr_t *hi)
+{
+    MDB_txn *txn;
+    MDB_val k = {6, "format"}, v;
+    uintptr_t addr = 0;
+    if (mdb_txn_begin(q->env, NULL, MDB_RDONLY, &txn) != 0)
+        return false;
+    if (mdb_get(txn, q->meta, &k, &v) == 0)
+        addr = (uintptr_t)v.mv_data;
+    mdb_txn_abort(txn);
+    FILE *fp = addr != 0 ? fopen("/proc/self/maps", "re") : NULL;
+    if (fp == NULL)
+        return false;
+    char line[512];
+    bool found = false;
+    while (!found && fgets(line, sizeof(line), fp) != NULL) {
+        unsigned long a, b;
+        if (sscanf(line, "%lx-%lx", &a, &b) == 2 && addr >= a && addr < b) {
+            *lo = a;
+            *hi = b;
+            found = true;
+        }
+    }
+    fclose(fp);
+    return found;
+}
+
+static void place_guards(spk_queue *q)
+{
+    size_t pg = (size_t)sysconf(_SC_PAGESIZE);
+    uintptr_t lo, hi;
+    drop_guards(q);
+    if (!map_range(q, &lo, &hi))
+        return;
+    q->guard_lo = guard_at((void *)(lo - pg), pg);
+    q->guard_hi = guard_at((void *)hi, pg);
+}
+
+/* ---- group sync (sync always) -------------------------------------------------------------
+ *
+ * LMDB's synchronous commit is two flushes in a row under the writer lock: the data pages,
+ * then the meta page. With MDB_NOMETASYNC a commit flushes the data pages and only writes
+ * the meta page; the transaction is durable once any later flush of the file has
+ * completed (LMDB keeps integrity in this mode: the meta page is never written before the
+ * pages it points to are on disk, and the other meta slot still holds the previous
+ * transaction). Two facts give group commit across processes:
+ *
+ *   1. When a commit of transaction T returns, every transaction < T is durable: its meta
+ *      page was written before T started (writers are serialised) and T flushed the file
+ *      after that.
+ *   2. A flush that starts after transaction T's commit returned makes T durable.
+ *
+ * So after committing T, a caller raises durable_txnid to T - 1 (fact 1) and, while
+ * durable_txnid < T, takes the leader lock (flock on sync.lock), re-checks, reads the last
+ * committed transaction C >= T, flushes (mdb_env_sync) and raises durable_txnid to C
+ * (fact 2). Callers that committed while a leader flushed find themselves covered by the
+ * next leader's single flush, and a commit by another process covers earlier ones for
+ * free. The call returns only after a flush that covers its record has returned. A
+ * leader killed mid-flush releases the flock with its process; the next caller flushes.
+ * durable_txnid only ever holds values that were durable when stored, so a stale value
+ * after a reboot is a safe under-estimate (transaction IDs never go below it). */
+static int sync_open(spk_queue *q, spk_errbuf *eb)
+{
+    char file[4200];
+    snprintf(file, sizeof(file), "%s/sync.lock", q->path);
+    q->sync_fd = open(file, O_RDWR | O_CREAT | O_CLOEXEC, 0600);
+    if (q->sync_fd < 0)
+        return spk_errf(eb, SPK_EQUEUE_UNAVAILABLE, "queue %s: cannot open %s: %s", q->path,
+                        file, strerror(errno));
+    struct stat st;
+    size_t len = (size_t)sysconf(_SC_PAGESIZE);
+    if (fstat(q->sync_fd, &st) != 0 ||
+        ((size_t)st.st_size < len && ftruncate(q->sync_fd, (off_t)len) != 0))
+        return spk_errf(eb, SPK_EQUEUE_UNAVAILABLE, "queue %s: cannot size %s: %s", q->path,
+                        file, strerror(errno));
+    void *p = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_SHARED, q->sync_fd, 0);
+    if (p == MAP_FAILED)
+        return spk_errf(eb, SPK_EQUEUE_UNAVAILABLE, "queue %s: cannot map %s: %s", q->path,
+                        file, strerror(errno));
+    q->sync = p;
+    /* A fresh file is all zeros: durable_txnid 0 is a valid under-estimate. The magic only
+     * marks the file as ours; racing initialisers write the same value. */
+    if (q->sync->magic != SYNC_MAGIC)
+        q->sync->magic = SYNC_MAGIC;
+    return 0;
+}
+
+static void sync_close(spk_queue *q)
+{
+    if (q->sync != NULL)
+        munmap(q->sync, (size_t)sysconf(_SC_PAGESIZE));
+    if (q->sync_fd >= 0)
+        close(q->sync_fd);
+    q->sync = NULL;
+    q->sync_fd = -1;
+}
+
+static void durable_raise(struct sync_area *a, uint64_t txnid)
+{
+    uint64_t cur = atomic_load_explicit(&a->durable_txnid, memory_order_acquire);
+    while (cur < txnid && !atomic_compare_exchange_weak_explicit(
+                              &a->durable_txnid, &cur, txnid, memory_order_acq_rel,
+                              memory_order_acquire))
+        ;
+}
+
+/* Return once write transaction `txnid`, already committed, is on stable storage. */
+static int group_sync(spk_queue *q, uint64_t txnid, spk_errbuf *eb)
+{
+    struct sync_area *a = q->sync;
+    if (a == NULL)
+        return 0;
+    if (txnid > 0)
+        durable_raise(a, txnid - 1);
+    if (atomic_load_explicit(&a->durable_txnid, memory_order_acquire) >= txnid) {
+        q->sync_shared++;
+        return 0;
+    }
+    while (flock(q->sync_fd, LOCK_EX) != 0)
+        if (errno != EINTR)
+            return spk_errf(eb, SPK_EIO, "queue %s: the record is committed but its flush "
+                            "could not be confirmed: flock: %s", q->path, strerror(errno));
+    int err = 0;
+    if (atomic_load_explicit(&a->durable_txnid, memory_order_acquire) >= txnid) {
+        q->sync_shared++;
+    } else {
+        MDB_envinfo info;
+        uint64_t upto = txnid;
+        if (mdb_env_info(q->env, &info) == 0 && info.me_last_txnid > upto)
+            upto = info.me_last_txnid;
+        int rc = mdb_env_sync(q->env, 1);
+        if (rc == 0) {
+            durable_raise(a, upto);
+            q->sync_calls++;
+        } else {
+            err = spk_errf(eb, SPK_EIO, "queue %s: the record is committed but its flush "
+                           "failed (%s): it may not survive a power loss", q->path,
+                           mdb_strerror(rc));
+        }
+    }
+    flock(q->sync_fd, LOCK_UN);
+    return err;
+}
+
 /* ---- open / close ---------------------------------------------------------------------- */
 
 static int open_dbs(spk_queue *q, spk_errbuf *eb)
@@ -427,6 +653,8 @@ int spk_queue_open(const char *path, const spk_queue_opts *opts, spk_queue **out
     if (q->opts.map_size == 0)
         q->opts.map_size = 2048ull * 1024 * 1024;
     q->pid = getpid();
+    q->fd = -1;
+    q->sync_fd = -1;
     q->path = strdup(path);
     if (q->path == NULL) {
         err = spk_errf(eb, SPK_ENOMEM, "queue %s: out of memory", path);
@@ -447,9 +675,9 @@ int spk_queue_open(const char *path, const spk_queue_opts *opts, spk_queue **out
         goto fail;
     }
 
-    unsigned flags = 0;
-    if (!q->opts.sync_always)
-        flags |= MDB_NOSYNC;
+    /* always: NOMETASYNC commits (data flushed, meta written) finished by a group sync;
+     * interval: NOSYNC commits, flushed by the owner of the timer. See DURABILITY. */
+    unsigned flags = q->opts.sync_always ? MDB_NOMETASYNC : MDB_NOSYNC;
     if (q->opts.writemap)
         flags |= MDB_WRITEMAP;
     if ((rc = mdb_env_create(&q->env)) != 0 || (rc = mdb_env_set_maxdbs(q->env, 4)) != 0 ||
@@ -470,26 +698,9 @@ int spk_queue_open(const char *path, const spk_queue_opts *opts, spk_queue **out
     if (mdb_reader_check(q->env, &dead) == 0 && dead > 0)
         q->dead_readers = (uint64_t)dead;
 
-    if (q->opts.writemap) {
-        /* A write through the map into a hole of a sparse file on a full disk raises
-         * SIGBUS; reserve the blocks now, when failing is still clean. */
-        MDB_envinfo info;
-        mdb_filehandle_t fd;
-        if (mdb_env_info(q->env, &info) == 0 && mdb_env_get_fd(q->env, &fd) == 0 &&
-            (rc = posix_fallocate(fd, 0, (off_t)info.me_mapsize)) != 0) {
-            err = spk_errf(eb, SPK_EQUEUE_UNAVAILABLE, "queue %s: cannot preallocate the "
-                           "%zu-byte map for writemap: %s", path, info.me_mapsize,
-                           strerror(rc));
-            goto fail;
-        }
-    }
-    if ((err = open_dbs(q, eb)) != 0)
-        goto fail;
     MDB_stat est;
     mdb_filehandle_t fd;
-    q->fd = -1;
-    if (!q->opts.writemap && mdb_env_stat(q->env, &est) == 0 &&
-        mdb_env_get_fd(q->env, &fd) == 0) {
+    if (mdb_env_stat(q->env, &est) == 0 && mdb_env_get_fd(q->env, &fd) == 0) {
         q->fd = fd;
         q->psize = est.ms_psize;
         q->reserve = q->opts.map_size / 64;
@@ -498,9 +709,24 @@ int spk_queue_open(const char *path, const spk_queue_opts *opts, spk_queue **out
         if (q->reserve > 8 * 1024 * 1024)
             q->reserve = 8 * 1024 * 1024;
     }
+    if (q->opts.writemap) {
+        /* LMDB made the file map_size long but sparse: a store into a hole on a full disk
+         * would be a SIGBUS. Allocate the used part and the reserve now, when failing is
+         * still clean; every write transaction extends it ahead of use (ensure_headroom). */
+        if (q->fd >= 0 && (err = ensure_headroom(q, 0, eb)) != 0)
+            goto fail;
+    }
+    if ((err = open_dbs(q, eb)) != 0)
+        goto fail;
+    if (q->opts.writemap)
+        place_guards(q);
+    if (q->opts.sync_always && (err = sync_open(q, eb)) != 0)
+        goto fail;
     *out = q;
     return 0;
 fail:
+    sync_close(q);
+    drop_guards(q);
     if (q->env != NULL)
         mdb_env_close(q->env);
     free(q->path);
@@ -514,8 +740,11 @@ void spk_queue_close(spk_queue *q)
         return;
     /* In a forked child, mdb_env_close would clear the parent's reader slots (they carry
      * the parent's pid); leave the inherited environment alone. */
-    if (q->pid == getpid())
+    if (q->pid == getpid()) {
+        drop_guards(q);
+        sync_close(q);
         mdb_env_close(q->env);
+    }
     free(q->path);
     free(q);
 }
@@ -674,10 +903,13 @@ int spk_queue_enqueue(spk_queue *q, const spk_queue_msg *m, uint64_t *seq_out,
         (rc = meta_put(txn, q->meta, "bytes", bytes + size)) != 0 ||
         (rc = plugin_adjust(q, txn, m->plugin_id, +1, size)) != 0)
         goto fail_lmdb;
+    uint64_t txnid = mdb_txn_id(txn);
     rc = mdb_txn_commit(txn);
     txn = NULL;
     if (rc != 0)
         goto fail_lmdb;
+    if (q->opts.sync_always && (err = group_sync(q, txnid, eb)) != 0)
+        return count_refusal(q, err);
     if (seq_out != NULL)
         *seq_out = seq;
     if (pending_out != NULL)
@@ -893,6 +1125,9 @@ int spk_queue_ack(spk_queue *q, const uint64_t *seqs, size_t n, size_t *acked, s
         return spk_errf(eb, SPK_EINVAL, "queue: no handle or sequence list");
     if (n == 0)
         return 0;
+    int err = wmap_headroom(q, n, eb);
+    if (err != 0)
+        return err;
     if ((rc = txn_begin(q, 0, &txn)) != 0)
         return lmdb_err(q, rc, "ack", eb);
     if ((rc = mdb_cursor_open(txn, q->pending, &cur)) != 0)
@@ -941,12 +1176,19 @@ int spk_queue_expire(spk_queue *q, uint64_t *expired, spk_errbuf *eb)
     if (q->opts.retention_ms == 0)
         return 0;
     int64_t cutoff = spk_queue_now_ms(q) - (int64_t)q->opts.retention_ms;
+    uint64_t per_txn = q->opts.writemap ? EXPIRE_PER_TXN_WRITEMAP : EXPIRE_PER_TXN;
     /* Bounded transactions, so a huge backlog does not make one huge dirty set. */
     for (;;) {
         MDB_txn *txn = NULL;
         MDB_cursor *cur = NULL;
         uint64_t freed = 0, n = 0;
         bool more = false;
+        int err = wmap_headroom(q, per_txn, eb);
+        if (err != 0) {
+            if (expired != NULL)
+                *expired = total;
+            return err;
+        }
         if ((rc = txn_begin(q, 0, &txn)) != 0)
             return lmdb_err(q, rc, "expire", eb);
         if ((rc = mdb_cursor_open(txn, q->pending, &cur)) != 0)
@@ -958,7 +1200,7 @@ int spk_queue_expire(spk_queue *q, uint64_t *expired, spk_errbuf *eb)
             const uint8_t *wire;
             if (rec_parse(&v, &h, &wire) == 0 && h.ts_ms >= cutoff)
                 break; /* a corrupt header counts as expired: it cannot be sent anyway */
-            if (n == EXPIRE_PER_TXN) {
+            if (n == per_txn) {
                 more = true;
                 break;
             }
@@ -1006,6 +1248,9 @@ int spk_queue_purge(spk_queue *q, uint64_t *purged, spk_errbuf *eb)
         *purged = 0;
     if (q == NULL)
         return spk_errf(eb, SPK_EINVAL, "queue: no handle");
+    int err = wmap_headroom(q, 64, eb);
+    if (err != 0)
+        return err;
     if ((rc = txn_begin(q, 0, &txn)) != 0)
         return lmdb_err(q, rc, "purge", eb);
     MDB_stat ms;
@@ -1129,4 +1374,81 @@ int spk_queue_sync(spk_queue *q, spk_errbuf *eb)
     if (rc != 0)
         return spk_errf(eb, SPK_EIO, "queue %s: sync: %s", q->path, mdb_strerror(rc));
     return 0;
+}
+
+/* ---- verify ------------------------------------------------------------------------------ */
+
+/* One read snapshot: records, their CRCs and order, and the counters kept beside them. A
+ * stray store into a writable map shows up here as a CRC failure, a record count or byte
+ * total that no longer matches the counters, or an LMDB error while walking the tree. */
+int spk_queue_verify(spk_queue *q, uint64_t *bad_out, spk_errbuf *eb)
+{
+    MDB_txn *txn = NULL;
+    MDB_cursor *cur = NULL;
+    uint64_t n = 0, bytes = 0, bad = 0, prev = 0;
+    bool unordered = false;
+    int rc;
+
+    if (bad_out != NULL)
+        *bad_out = 0;
+    if (q == NULL)
+        return spk_errf(eb, SPK_EINVAL, "queue: no handle");
+    if ((rc = txn_begin(q, MDB_RDONLY, &txn)) != 0)
+        return lmdb_err(q, rc, "verify", eb);
+    MDB_stat ms;
+    if ((rc = mdb_stat(txn, q->pending, &ms)) != 0 ||
+        (rc = mdb_cursor_open(txn, q->pending, &cur)) != 0)
+        goto fail;
+    MDB_val k, v;
+    for (rc = mdb_cursor_get(cur, &k, &v, MDB_FIRST); rc == 0;
+         rc = mdb_cursor_get(cur, &k, &v, MDB_NEXT)) {
+        struct rec_hdr h;
+        const uint8_t *wire;
+        uint64_t seq = k.mv_size == 8 ? get_be64(k.mv_data) : 0;
+        if (seq <= prev)
+            unordered = true;
+        prev = seq;
+        n++;
+        bytes += v.mv_size;
+        if (rec_parse(&v, &h, &wire) != 0 || rec_crc(&h, wire, h.wire_len) != h.crc)
+            bad++;
+    }
+    if (rc != MDB_NOTFOUND)
+        goto fail;
+    mdb_cursor_close(cur);
+    cur = NULL;
+    uint64_t meta_bytes = meta_get(txn, q->meta, "bytes");
+    uint64_t pl_count = 0, pl_bytes = 0;
+    if ((rc = mdb_cursor_open(txn, q->plugins, &cur)) != 0)
+        goto fail;
+    for (rc = mdb_cursor_get(cur, &k, &v, MDB_FIRST); rc == 0;
+         rc = mdb_cursor_get(cur, &k, &v, MDB_NEXT)) {
+        uint64_t c[2] = {0, 0};
+        if (v.mv_size == sizeof(c))
+            memcpy(c, v.mv_data, sizeof(c));
+        pl_count += c[0];
+        pl_bytes += c[1];
+    }
+    if (rc != MDB_NOTFOUND)
+        goto fail;
+    mdb_cursor_close(cur);
+    mdb_txn_abort(txn);
+    if (bad_out != NULL)
+        *bad_out = bad;
+    if (bad > 0 || unordered || n != ms.ms_entries || bytes != meta_bytes || n != pl_count ||
+        bytes != pl_bytes)
+        return spk_errf(eb, SPK_ECORRUPT, "queue %s: damaged: %llu of %llu records fail their "
+                        "CRC%s; walked %llu records / %llu bytes, counters say %llu entries, "
+                        "%llu bytes, per plugin %llu records / %llu bytes", q->path,
+                        (unsigned long long)bad, (unsigned long long)n,
+                        unordered ? ", keys out of order" : "", (unsigned long long)n,
+                        (unsigned long long)bytes, (unsigned long long)ms.ms_entries,
+                        (unsigned long long)meta_bytes, (unsigned long long)pl_count,
+                        (unsigned long long)pl_bytes);
+    return 0;
+fail:
+    if (cur != NULL)
+        mdb_cursor_close(cur);
+    mdb_txn_abort(txn);
+    return lmdb_err(q, rc, "verify", eb);
 }

@@ -19,18 +19,23 @@
  *   from the parent. A handle is used by one thread at a time.
  *
  * DURABILITY (opts.sync_always). "Committed" = spk_queue_enqueue() returned 0.
- *   always    the transaction is on stable storage before the call returns (LMDB's
- *             default commit: fdatasync of the data, then a synchronous meta page write).
- *             Survives a crash of any process and power loss.
- *   interval  commits use MDB_NOSYNC: the record is in the kernel's page cache before the
- *             call returns, so it survives a crash of any spoke process at once. It reaches
- *             the disk at the next spk_queue_sync() (or earlier when the kernel writes
- *             back). A power loss or kernel crash can lose the commits of the last
- *             interval; as LMDB documents for MDB_NOSYNC, on a file system that does not
- *             preserve write order a power loss in that window can also damage the file.
- *             The UPLINK process owns the interval timer: it calls spk_queue_sync() every
- *             queue.sync period (one sync flushes every process's commits, since all share
- *             the file's page cache). Workers never call it on their hot path.
+ *   always    the record is on stable storage before the call returns. The commit uses
+ *             MDB_NOMETASYNC (data pages flushed, meta page written) and is then covered
+ *             by a group sync: one flush of the file, shared by every caller of every
+ *             process that committed meanwhile, by a leader elected with flock() on
+ *             sync.lock (queue.c, GROUP SYNC). Survives a crash of any process and power
+ *             loss, and LMDB's integrity holds at any point of a power loss.
+ *   interval  commits use MDB_NOSYNC: the record is in the kernel's page cache (with
+ *             writemap: in the shared mapping) before the call returns, so it survives a
+ *             crash of any spoke process at once. It reaches the disk at the next
+ *             spk_queue_sync() (or earlier when the kernel writes back). A power loss or
+ *             kernel crash can lose the commits of the last interval; as LMDB documents
+ *             for MDB_NOSYNC, on a file system that does not preserve write order a power
+ *             loss in that window can also damage the file.
+ *             spoked's SUPERVISOR owns the interval timer: it opens the queue itself and
+ *             calls spk_queue_sync() every queue.sync period and once after its workers
+ *             exited (one sync flushes every process's commits, since all share the
+ *             file's page cache). Workers never call it on their hot path.
  *
  * ERRORS. Every function returns 0 or a negative spk_err (core/err.h) and, when `eb` is
  * not NULL, fills it with a sentence for the operator. Codes:
@@ -75,10 +80,14 @@ typedef struct spk_queue_opts {
                                bigger size stored in the file wins */
     bool create;            /* create the directory and database if missing (default
                                true); false: SPK_ENOENT when absent (tools) */
-    bool writemap;          /* map the file writable (MDB_WRITEMAP, preallocated to
-                               map_size). Default false. Faster commits, but a stray write
-                               by plugin code into the map is then caught only by the
-                               per-record CRC: see docs/queue.md before turning it on. */
+    bool writemap;          /* map the file writable (MDB_WRITEMAP). Default false here;
+                               spoked's default (queue.writemap) is true. Commits become
+                               stores into shared memory (no write(2)); the file's blocks
+                               are allocated ahead of use so a full disk is a clean
+                               SPK_EQUEUE_UNAVAILABLE, never a SIGBUS; PROT_NONE guard
+                               pages flank the map. A stray store by plugin code into the
+                               map is detected (record CRC, spk_queue_verify()) rather than
+                               made impossible: docs/queue.md has the argument. */
     spk_queue_clock clock;  /* NULL: CLOCK_REALTIME */
     void *clock_arg;
 } spk_queue_opts;
@@ -133,7 +142,10 @@ int spk_queue_validate(const spk_queue_msg *m, spk_errbuf *eb);
  * 1, strictly increasing across restarts and never reused, even after purge) and
  * *pending (if not NULL) the number of pending records including this one. Returns 0, a
  * limit code, SPK_EQUEUE_FULL, SPK_EQUEUE_UNAVAILABLE, SPK_EINVAL, SPK_ECORRUPT, SPK_EIO.
- * Nothing is stored unless it returns 0. */
+ * Nothing is stored unless it returns 0, with one exception: with sync_always, SPK_EIO
+ * "committed but its flush failed" means the record is committed (it survives process
+ * crashes, and the uplink will send it) but its durability against power loss is
+ * unknown. */
 int spk_queue_enqueue(spk_queue *q, const spk_queue_msg *m, uint64_t *seq,
                       uint64_t *pending, spk_errbuf *eb);
 
@@ -223,9 +235,18 @@ int spk_queue_stats_get(spk_queue *q, spk_queue_stats *st, spk_errbuf *eb);
 void spk_queue_stats_free(spk_queue_stats *st);
 
 /* Flush every commit of every process to stable storage (mdb_env_sync, forced). For the
- * interval policy, the uplink process calls it every queue.sync period and at shutdown;
+ * interval policy, spoked's supervisor calls it every queue.sync period and at shutdown;
  * with sync_always it is a cheap no-op in effect. Returns 0 or SPK_EIO. */
 int spk_queue_sync(spk_queue *q, spk_errbuf *eb);
+
+/* Walk every pending record in one read snapshot and check that nothing was damaged:
+ * each record's magic, length and CRC, that keys ascend, and that the record count and
+ * byte total agree with the counters kept in the same transactions (meta "bytes" and the
+ * per-plugin counts). *bad (if not NULL) receives the number of damaged records. Returns
+ * 0 when all agree, SPK_ECORRUPT with what disagrees in eb, SPK_EINVAL,
+ * SPK_EQUEUE_UNAVAILABLE, SPK_ENOMEM. O(pending): an operator or periodic check
+ * (`spoke-queue verify`), not a hot-path call. */
+int spk_queue_verify(spk_queue *q, uint64_t *bad, spk_errbuf *eb);
 
 /* Delete every pending record (operator action). Sequence numbers keep counting.
  * *purged (if not NULL) receives the count. Returns 0, SPK_EINVAL, SPK_EQUEUE_UNAVAILABLE. */

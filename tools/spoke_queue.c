@@ -5,6 +5,8 @@
  *                                  lifetime acked/expired/purged counters
  *   spoke-queue peek [N] PATH      the N oldest records (default 10), decoded, escaped
  *   spoke-queue purge [--yes] PATH delete every pending record, after typing "yes"
+ *   spoke-queue verify PATH        check every record's CRC and the counters (exit 3 when
+ *                                  something is damaged)
  *
  * It opens the queue like any other process (safe while spoked runs) and never creates
  * one: a missing PATH is an error.
@@ -24,7 +26,8 @@ static void usage(FILE *out)
 {
     fprintf(out, "usage: spoke-queue stat PATH\n"
                  "       spoke-queue peek [N] PATH\n"
-                 "       spoke-queue purge [--yes] PATH\n");
+                 "       spoke-queue purge [--yes] PATH\n"
+                 "       spoke-queue verify PATH\n");
 }
 
 static void print_escaped(const uint8_t *p, size_t n, size_t max)
@@ -167,6 +170,23 @@ static int cmd_peek(spk_queue *q, size_t n)
     return 0;
 }
 
+static int cmd_verify(spk_queue *q)
+{
+    spk_errbuf eb = {{0}};
+    uint64_t bad = 0;
+    int rc = spk_queue_verify(q, &bad, &eb);
+    if (rc == SPK_ECORRUPT) {
+        printf("DAMAGED: %s\n", eb.msg);
+        return 3;
+    }
+    if (rc != 0) {
+        fprintf(stderr, "spoke-queue: %s\n", eb.msg);
+        return 1;
+    }
+    printf("ok: every record passes its CRC and the counters agree\n");
+    return 0;
+}
+
 static int cmd_purge(spk_queue *q, const char *path, int yes)
 {
     spk_errbuf eb = {{0}};
@@ -205,7 +225,7 @@ int main(int argc, char **argv)
     const char *path = argv[argc - 1];
     size_t n = 10;
     int yes = 0;
-    if (strcmp(cmd, "stat") == 0) {
+    if (strcmp(cmd, "stat") == 0 || strcmp(cmd, "verify") == 0) {
         if (argc != 3) {
             usage(stderr);
             return 2;
@@ -245,6 +265,8 @@ int main(int argc, char **argv)
         rc = cmd_stat(q);
     else if (strcmp(cmd, "peek") == 0)
         rc = cmd_peek(q, n);
+    else if (strcmp(cmd, "verify") == 0)
+        rc = cmd_verify(q);
     else
         rc = cmd_purge(q, path, yes);
     spk_queue_close(q);

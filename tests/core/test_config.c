@@ -221,6 +221,7 @@ static void test_defaults(void **state)
     assert_false(cfg->queue_sync_always);
     assert_int_equal(cfg->queue_sync_interval_ms, 100);
     assert_int_equal(cfg->queue_map_size, 2ull << 30);
+    assert_true(cfg->queue_writemap);
     assert_null(cfg->uplink_url);
     assert_int_equal(cfg->uplink_heartbeat_ms, 30000);
     assert_int_equal(cfg->uplink_batch_size, 100);
@@ -821,6 +822,11 @@ static void test_queue(void **state)
     expect_message(with_upstream("\nqueue:\n  max_bytes: 4GiB\n"),
                    "4: queue.max_bytes: 4GiB exceeds queue.map_size (2GiB); raise "
                    "queue.map_size");
+    cfg = load_ok(with_upstream("queue: { writemap: false }\n"));
+    assert_false(cfg->queue_writemap);
+    spk_config_free(cfg);
+    expect_error(with_upstream("queue: { writemap: sometimes }\n"), 2, "queue.writemap",
+                 "expected true or false, got 'sometimes'");
     cfg = load_ok(with_upstream("queue: { max_bytes: 4GiB, map_size: 8GB }\n"));
     assert_int_equal(cfg->queue_max_bytes, 4ull << 30);
     assert_int_equal(cfg->queue_map_size, 8000000000ull);

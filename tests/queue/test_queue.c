@@ -11,6 +11,8 @@
 #include <stddef.h>
 #include <stdint.h>
 #include <sys/mount.h>
+#include <sys/wait.h>
+#include <unistd.h>
 #include <sys/stat.h>
 #include <cmocka.h>
 
@@ -575,10 +577,117 @@ static void test_crc_detects_damage(void **state)
     assert_int_equal(b.items[1].status, SPK_ECORRUPT);
     assert_int_equal(b.items[1].seq, 2);
     spk_queue_batch_free(&b);
+    assert_int_equal(spk_queue_verify(f->q, NULL, NULL), SPK_ECORRUPT);
     uint64_t two = 2;
     size_t acked = 0;
     assert_int_equal(spk_queue_ack(f->q, &two, 1, &acked, NULL), 0);
     assert_int_equal(acked, 1);
+}
+
+/* The map's address range from /proc/self/maps (the data.mdb mapping), and whether a
+ * PROT_NONE mapping ends exactly where it starts / starts where it ends. */
+static uint8_t *find_map(size_t *len, bool *guard_lo, bool *guard_hi)
+{
+    FILE *fp = fopen("/proc/self/maps", "r");
+    char line[1024];
+    unsigned long lo = 0, hi = 0, prev_hi = 0;
+    bool prev_none = false;
+    uint8_t *base = NULL;
+    *guard_lo = *guard_hi = false;
+    assert_non_null(fp);
+    while (fgets(line, sizeof(line), fp) != NULL) {
+        char perms[8] = "";
+        if (sscanf(line, "%lx-%lx %7s", &lo, &hi, perms) != 3)
+            continue;
+        if (base != NULL) {
+            *guard_hi = lo == (unsigned long)(base + *len) && strcmp(perms, "---p") == 0;
+            break;
+        }
+        if (strstr(line, "/data.mdb") != NULL) {
+            base = (uint8_t *)lo;
+            *len = hi - lo;
+            *guard_lo = prev_none && prev_hi == lo;
+        }
+        prev_hi = hi;
+        prev_none = strcmp(perms, "---p") == 0;
+    }
+    fclose(fp);
+    return base;
+}
+
+/* A stray store by "plugin code" into the writable map: the damaged record is reported by
+ * read and by verify, never delivered as if the plugin had sent it; the map is flanked by
+ * guard pages. */
+static void test_writemap_stray_write_detected(void **state)
+{
+    fixture *f = *state;
+    f->opts.writemap = true;
+    f->opts.map_size = 4 * 1024 * 1024;
+    open_q(f);
+    const char *canary = "CANARY-in-the-map-0123456789";
+    assert_int_equal(send_raw(f, 1, "before", 6, NULL, NULL, 0, NULL, NULL), 0);
+    assert_int_equal(send_raw(f, 1, canary, strlen(canary), NULL, NULL, 0, NULL, NULL), 0);
+    uint64_t bad = 9;
+    assert_int_equal(spk_queue_verify(f->q, &bad, NULL), 0);
+    assert_int_equal(bad, 0);
+
+    size_t len = 0;
+    bool glo, ghi;
+    uint8_t *map = find_map(&len, &glo, &ghi);
+    assert_non_null(map);
+    assert_true(glo);
+    assert_true(ghi);
+    uint8_t *hit = memmem(map, len, canary, strlen(canary));
+    assert_non_null(hit);
+    hit[3] ^= 0x20; /* the stray write */
+
+    spk_queue_batch b;
+    assert_int_equal(spk_queue_read(f->q, 10, 0, &b, NULL), 0);
+    assert_int_equal(b.n, 2);
+    assert_int_equal(b.items[0].status, 0);
+    assert_int_equal(b.items[1].status, SPK_ECORRUPT);
+    spk_queue_batch_free(&b);
+    spk_errbuf eb;
+    assert_int_equal(spk_queue_verify(f->q, &bad, &eb), SPK_ECORRUPT);
+    assert_int_equal(bad, 1);
+    assert_non_null(strstr(eb.msg, "1 of 2 records fail their CRC"));
+}
+
+/* Two processes enqueue at once with sync always: every call that returned 0 is there,
+ * and the group sync let some commits ride on another caller's flush. */
+static void test_always_two_processes(void **state)
+{
+    fixture *f = *state;
+    f->opts.sync_always = true;
+    f->opts.clock = NULL;
+    pid_t kids[2];
+    for (int i = 0; i < 2; i++) {
+        kids[i] = fork();
+        assert_true(kids[i] >= 0);
+        if (kids[i] == 0) {
+            spk_queue *q = NULL;
+            if (spk_queue_open(f->dir, &f->opts, &q, NULL) != 0)
+                _exit(1);
+            for (int n = 0; n < 20; n++)
+                if (spk_queue_send(q, 7, "e", "x", 1, NULL, NULL, 0, false, -1, NULL, NULL,
+                                   NULL) != 0)
+                    _exit(2);
+            spk_queue_close(q);
+            _exit(0);
+        }
+    }
+    for (int i = 0; i < 2; i++) {
+        int st;
+        assert_int_equal(waitpid(kids[i], &st, 0), kids[i]);
+        assert_true(WIFEXITED(st));
+        assert_int_equal(WEXITSTATUS(st), 0);
+    }
+    open_q(f);
+    spk_queue_stats st;
+    assert_int_equal(spk_queue_stats_get(f->q, &st, NULL), 0);
+    assert_int_equal(st.pending, 40);
+    spk_queue_stats_free(&st);
+    assert_int_equal(spk_queue_verify(f->q, NULL, NULL), 0);
 }
 
 /* ---- JSON / UTF-8 ------------------------------------------------------------------- */
@@ -644,6 +753,8 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_disk_full_tmpfs, setup, teardown),
         cmocka_unit_test_setup_teardown(test_writemap_mode, setup, teardown),
         cmocka_unit_test_setup_teardown(test_crc_detects_damage, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_writemap_stray_write_detected, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_always_two_processes, setup, teardown),
         cmocka_unit_test(test_json_validator),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
