@@ -479,9 +479,8 @@ static void lg_note_error(lg_thread *t, enum lg_err kind, const char *fmt, const
     }
 }
 
-static void lg_drop(lg_thread *t, lg_conn *c, uint64_t now)
+static void lg_drop(lg_conn *c, uint64_t now)
 {
-    (void)t;
     if (c->fd >= 0)
         close(c->fd);
     c->fd = -1;
@@ -494,7 +493,7 @@ static void lg_fail(lg_thread *t, lg_conn *c, enum lg_err kind, int err, uint64_
 {
     lg_note_error(t, kind, kind == E_CONNECT ? "connect %s: %s" : "%s: %s",
                   t->o->target.text, strerror(err));
-    lg_drop(t, c, now);
+    lg_drop(c, now);
 }
 
 static int lg_interest(lg_thread *t, lg_conn *c, uint32_t events)
@@ -579,6 +578,13 @@ static void lg_connected(lg_thread *t, lg_conn *c)
         lg_fail(t, c, E_CONNECT, err, now);
         return;
     }
+    /* Read while writing from now on: with requests larger than the socket buffers, the
+     * echo only takes more once we take its answer back. */
+    if (lg_interest(t, c, EPOLLIN) != 0) {
+        lg_fail(t, c, E_CONNECT, errno, now);
+        return;
+    }
+    c->want_out = false;
     c->state = LG_RUNNING;
     lg_send(t, c, now);
 }
@@ -589,7 +595,7 @@ static void lg_mismatch(lg_thread *t, lg_conn *c, const char *what, uint64_t now
     snprintf(where, sizeof(where), "%s (connection %u, stream offset %llu)", what,
              (unsigned)c->idx, (unsigned long long)c->recvd);
     lg_note_error(t, E_MISMATCH, "%s: %s", t->o->target.text, where);
-    lg_drop(t, c, now);
+    lg_drop(c, now);
 }
 
 /* Read once, check the bytes, complete the requests they finish, send the next ones. */
@@ -607,7 +613,7 @@ static void lg_recv(lg_thread *t, lg_conn *c)
         snprintf(left, sizeof(left), "%llu bytes", (unsigned long long)(c->sent - c->recvd));
         lg_note_error(t, E_EOF, "%s: connection closed by the peer with %s outstanding",
                       t->o->target.text, left);
-        lg_drop(t, c, now);
+        lg_drop(c, now);
         return;
     }
     if ((uint64_t)n > c->sent - c->recvd) {
