@@ -15,8 +15,9 @@
 # a table per size with ratios against HAProxy, and the hooks table. Parts that cannot
 # run (spoked not built yet, haproxy missing) are listed as skipped, with the reason.
 # With --rounds R every path runs R times, interleaved (round 1 of each path, then round
-# 2 ...), and each row is the run with the median req/s of its path, shown whole, so a
-# burst of other work on the machine skews one round, not one path.
+# 2 ..., each round starting one path later), and each row is the run with the median
+# req/s of its path, shown whole, so a burst of other work on the machine skews one
+# round, not one path.
 #
 # Usage: scripts/bench-proxy.sh [--build DIR] [--duration 10s] [--warmup 1s]
 #                               [--conns 64] [--sizes "128 16384"] [--rounds 1]
@@ -270,13 +271,22 @@ EOF
     forget_pid "$pid"
 }
 
+run_path() { # path size
+    case $1 in
+    direct) load direct "$UPSTREAM" "$2" ;;
+    haproxy) [ -n "$SKIP_HAPROXY" ] || run_haproxy "$2" ;;
+    spoked*) [ -n "$SKIP_SPOKED" ] || run_spoked "${1#spoked}" "$2" ;;
+    esac
+}
+
+# Each round starts one path later (round 2: haproxy first ... direct last), so no path
+# always runs right after the same neighbour or at the same point of the run.
+PATHS=(direct haproxy spoked0 spoked1 spoked4)
 for ROUND in $(seq "$ROUNDS"); do
     for size in $SIZES; do
-        load direct "$UPSTREAM" "$size"
-        [ -n "$SKIP_HAPROXY" ] || run_haproxy "$size"
-        if [ -z "$SKIP_SPOKED" ]; then
-            for n in 0 1 4; do run_spoked "$n" "$size"; done
-        fi
+        for i in $(seq 0 $((${#PATHS[@]} - 1))); do
+            run_path "${PATHS[$(((i + ROUND - 1) % ${#PATHS[@]}))]}" "$size"
+        done
     done
 done
 for size in $SIZES; do
@@ -343,8 +353,8 @@ report() {
     echo "- load: \`spoke-bench proxy --conns $CONNS --size SIZE --duration $DURATION" \
          "--warmup $WARMUP\` (one client thread), one echo upstream" \
          "(\`spoke-bench echo\`, one thread), all on 127.0.0.1"
-    [ "$ROUNDS" -eq 1 ] || echo "- $ROUNDS rounds, interleaved; each row is the round with" \
-         "the median req/s of its path"
+    [ "$ROUNDS" -eq 1 ] || echo "- $ROUNDS rounds, interleaved, each starting one path later;" \
+         "each row is the round with the median req/s of its path"
     echo "- spoked: \`listen.workers: 1\`, N passthrough plugins; HAProxy" \
          "$("$HAPROXY" -v 2>/dev/null | head -1 | awk '{print $3}'): \`mode tcp\`, \`nbthread 1\`"
     echo "- proxy CPU µs/req: user + system CPU time of the proxy's processes (spoked:" \

@@ -6,6 +6,7 @@
  *           throughput and a latency histogram's percentiles (text or --json)
  *   hooks   in-process cost of the plugin chain, ns per hook call
  *   queue   the durable queue's throughput (built with the queue library)
+ *   reload, crash   the supervisor: reloads and worker crashes under load
  *
  * This file holds main, the usage text and the small parsers every subcommand uses; each
  * subcommand lives in tools/bench_<name>.c (see bench.h for the calling convention).
@@ -29,6 +30,10 @@ static void usage(FILE *f)
     spk_bench_echo_usage(f);
     spk_bench_proxy_usage(f);
     spk_bench_hooks_usage(f);
+    if (spk_bench_supervisor_usage != NULL) {
+        fprintf(f, "  reload, crash: the supervisor under change:\n");
+        spk_bench_supervisor_usage(f);
+    }
 #ifdef SPOKE_BENCH_HAVE_QUEUE
     fprintf(f, "  queue [OPTIONS]\n"
                "      throughput of the durable queue; see `spoke-bench queue --help`\n");
@@ -58,6 +63,13 @@ int main(int argc, char **argv)
         return spk_bench_echo(argc - 1, argv + 1);
     if (strcmp(cmd, "hooks") == 0)
         return spk_bench_hooks(argc - 1, argv + 1);
+    if (strcmp(cmd, "reload") == 0 || strcmp(cmd, "crash") == 0) {
+        if (spk_bench_supervisor != NULL)
+            return spk_bench_supervisor(argc - 1, argv + 1);
+        fprintf(stderr, "spoke-bench: %s: not built into this binary (it needs "
+                        "tools/bench_supervisor.c)\n", cmd);
+        return 1;
+    }
     if (strcmp(cmd, "queue") == 0) {
 #ifdef SPOKE_BENCH_HAVE_QUEUE
         if (spk_bench_queue != NULL)

@@ -31,6 +31,11 @@ void spk_bench_hooks_usage(FILE *f);
 int spk_bench_queue(int argc, char **argv) __attribute__((weak));
 #endif
 
+/* tools/bench_supervisor.c (its own owner): `reload` and `crash`, dispatched on argv[0].
+ * Weak for the same reason as spk_bench_queue: main checks before calling. */
+int spk_bench_supervisor(int argc, char **argv) __attribute__((weak));
+void spk_bench_supervisor_usage(FILE *f) __attribute__((weak));
+
 /* "10s", "500ms", "2m", "1.5s" or a bare number of seconds, into seconds (> 0 unless
  * allow_zero). Returns 0 or -1. */
 int spk_bench_parse_duration(const char *text, int allow_zero, double *out_s);
