@@ -42,12 +42,14 @@ const char *spk_hook_name(enum spk_hook_id hook);
 
 /* Where a worker publishes what it is doing; lives in shared memory (the supervisor's
  * region) or, in a single process, anywhere. `plugin` is the chain index + 1 of the plugin
- * running now (0: none), `hook` its spk_hook_id, `seq` increments on every hook entry. */
+ * running now (0: none), `hook` its spk_hook_id, `seq` increments on every hook entry.
+ * No clock is read per hook: the supervisor samples (plugin, seq) and measures how long
+ * the same pair stays, which bounds a hook's run time to within one sampling period.
+ * `heartbeat_ms` is stamped by the worker's loop every 100 ms (CLOCK_MONOTONIC). */
 typedef struct spk_slot {
     _Atomic uint32_t plugin;
     _Atomic uint32_t hook;
     _Atomic uint64_t seq;
-    _Atomic uint64_t since_ms; /* loop time when the current hook started */
     _Atomic uint64_t heartbeat_ms;
 } spk_slot;
 
