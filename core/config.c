@@ -1294,7 +1294,9 @@ static int apply_map(cfg_ctx *c, const node *m, const char *key, const field *fi
     for (size_t i = 0; i < m->n && rc == 0; i++) {
         const node_pair *p = &m->pairs[i];
         char sub[256];
-        snprintf(sub, sizeof(sub), "%s.%s", key, p->key);
+        int len = snprintf(sub, sizeof(sub), "%s.%s", key, p->key);
+        if (len < 0 || (size_t)len >= sizeof(sub))
+            return cfg_fail(c, p->line, key, "key '%.64s...' is too long", p->key);
         const field *f = NULL;
         for (size_t j = 0; j < n && f == NULL; j++)
             if (strcmp(fields[j].name, p->key) == 0)
