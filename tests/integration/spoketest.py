@@ -21,6 +21,7 @@ import subprocess
 import tempfile
 import threading
 import time
+import unittest
 
 BIN_DIR = os.environ.get("SPOKE_BIN_DIR", os.path.join(os.path.dirname(__file__), "../../build"))
 PLUGIN_DIR = os.environ.get("SPOKE_PLUGIN_DIR", os.path.join(BIN_DIR, "plugins"))
@@ -349,3 +350,21 @@ class TempDir:
 
     def __exit__(self, *exc):
         shutil.rmtree(self.path, ignore_errors=True)
+
+
+def test_plugin(name):
+    """Path of a test-only plugin built by the suite (tests/plugins/NAME.c)."""
+    return os.path.join(TEST_PLUGIN_DIR, name + ".so")
+
+
+class SpokeCase(unittest.TestCase):
+    """A test with its own temporary directory (self.dir) and echo upstream (self.echo)."""
+
+    def setUp(self):
+        self.tmp = TempDir()
+        self.dir = self.tmp.__enter__()
+        self.echo = EchoServer()
+
+    def tearDown(self):
+        self.echo.stop()
+        self.tmp.__exit__(None, None, None)

@@ -10,7 +10,7 @@ import time
 import unittest
 
 sys.path.insert(0, os.path.dirname(__file__))
-from spoketest import EchoServer, Spoked, TempDir, connect, recv_all, recv_exact, roundtrip  # noqa: E402
+from spoketest import SpokeCase, Spoked, connect, recv_all, recv_exact, roundtrip  # noqa: E402
 
 COUNTS = (r"connections opened=(\d+) open=(\d+) bytes from_client=(\d+) to_server=(\d+) "
           r"from_server=(\d+) to_client=(\d+)")
@@ -27,18 +27,7 @@ def deny(prefix, message=None):
     return {"file": "deny.so", "config": config}
 
 
-class PluginTestCase(unittest.TestCase):
-    def setUp(self):
-        self.tmp = TempDir()
-        self.dir = self.tmp.__enter__()
-        self.echo = EchoServer()
-
-    def tearDown(self):
-        self.echo.stop()
-        self.tmp.__exit__(None, None, None)
-
-
-class CounterTest(PluginTestCase):
+class CounterTest(SpokeCase):
     def last_counts(self, log, final=False):
         lines = [m for m in re.finditer(("final: " if final else "") + COUNTS, log)]
         self.assertTrue(lines, "no counter line in:\n" + log)
@@ -88,7 +77,7 @@ class CounterTest(PluginTestCase):
             self.assertNotEqual(sp.proc.returncode, 0)
 
 
-class DenyTest(PluginTestCase):
+class DenyTest(SpokeCase):
     def test_denies_prefix_and_answers(self):
         with Spoked(self.dir, self.echo.address,
                     plugins=[deny("GET /admin", message="forbidden\n")]) as sp:

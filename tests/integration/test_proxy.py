@@ -14,7 +14,7 @@ import time
 import unittest
 
 sys.path.insert(0, os.path.dirname(__file__))
-from spoketest import (EchoServer, Spoked, TempDir, connect, free_port, recv_exact,  # noqa: E402
+from spoketest import (EchoServer, SpokeCase, Spoked, connect, free_port, recv_exact,  # noqa: E402
                        roundtrip)
 
 SIZES = [1, 2, 1000, 65536, 65537, 1 << 20, 16 << 20]
@@ -35,16 +35,7 @@ def rss_kib(pid):
     return 0
 
 
-class ProxyTest(unittest.TestCase):
-    def setUp(self):
-        self.tmp = TempDir()
-        self.dir = self.tmp.__enter__()
-        self.echo = EchoServer()
-
-    def tearDown(self):
-        self.echo.stop()
-        self.tmp.__exit__(None, None, None)
-
+class ProxyTest(SpokeCase):
     def check_sizes(self, addr):
         for n in SIZES:
             data = pattern(n, n)

@@ -10,12 +10,10 @@ import sys
 import unittest
 
 sys.path.insert(0, os.path.dirname(__file__))
-from spoketest import (PLUGIN_DIR, TEST_PLUGIN_DIR, EchoServer, Spoked, TempDir,  # noqa: E402
-                       roundtrip, spoke_bin)
+from spoketest import (PLUGIN_DIR, SpokeCase, Spoked, roundtrip, spoke_bin, test_plugin)  # noqa: E402
 
 
-def tp(name):
-    return os.path.join(TEST_PLUGIN_DIR, name + ".so")
+tp = test_plugin
 
 
 def sha256(path):
@@ -28,16 +26,7 @@ def run(*args):
     return p.returncode, p.stdout + p.stderr
 
 
-class RefusalTest(unittest.TestCase):
-    def setUp(self):
-        self.tmp = TempDir()
-        self.dir = self.tmp.__enter__()
-        self.echo = EchoServer()
-
-    def tearDown(self):
-        self.echo.stop()
-        self.tmp.__exit__(None, None, None)
-
+class RefusalTest(SpokeCase):
     def test_abi_major_mismatch_refused(self):
         sp = Spoked(self.dir, self.echo.address, plugins=[{"file": tp("t_abi_major")}],
                     expect_fail=True)

@@ -14,12 +14,11 @@ import time
 import unittest
 
 sys.path.insert(0, os.path.dirname(__file__))
-from spoketest import (CRASH_ENV, TEST_PLUGIN_DIR, EchoServer, Spoked, TempDir, connect,  # noqa: E402
-                       recv_all, recv_exact, roundtrip, spoke_bin)
+from spoketest import (CRASH_ENV, SpokeCase, Spoked, connect, recv_all, recv_exact, roundtrip,  # noqa: E402
+                       spoke_bin, test_plugin)
 
 
-def tp(name):
-    return os.path.join(TEST_PLUGIN_DIR, name + ".so")
+tp = test_plugin
 
 
 def dropped(port, payload):
@@ -42,16 +41,7 @@ def alive(pid):
         return False
 
 
-class SupervisorTest(unittest.TestCase):
-    def setUp(self):
-        self.tmp = TempDir()
-        self.dir = self.tmp.__enter__()
-        self.echo = EchoServer()
-
-    def tearDown(self):
-        self.echo.stop()
-        self.tmp.__exit__(None, None, None)
-
+class SupervisorTest(SpokeCase):
     def test_crash_restart_and_quarantine(self):
         plugins = [{"file": tp("t_crash")}, {"file": "passthrough.so"}]
         with Spoked(self.dir, self.echo.address, plugins=plugins, env=CRASH_ENV) as sp:

@@ -6,24 +6,14 @@ import sys
 import unittest
 
 sys.path.insert(0, os.path.dirname(__file__))
-from spoketest import (TEST_PLUGIN_DIR, EchoServer, Spoked, TempDir, connect,  # noqa: E402
-                       free_port, recv_all, recv_exact, roundtrip)
+from spoketest import (SpokeCase, Spoked, connect, free_port, recv_all, recv_exact, roundtrip,  # noqa: E402
+                       test_plugin)
 
 
-def tp(name):
-    return os.path.join(TEST_PLUGIN_DIR, name + ".so")
+tp = test_plugin
 
 
-class VerdictTest(unittest.TestCase):
-    def setUp(self):
-        self.tmp = TempDir()
-        self.dir = self.tmp.__enter__()
-        self.echo = EchoServer()
-
-    def tearDown(self):
-        self.echo.stop()
-        self.tmp.__exit__(None, None, None)
-
+class VerdictTest(SpokeCase):
     def test_rewrite_same_size(self):
         with Spoked(self.dir, self.echo.address, plugins=[{"file": tp("t_rewrite")}]) as sp:
             self.assertEqual(roundtrip(sp.port, b"hello, World 42"), b"HELLO, WORLD 42")
