@@ -36,13 +36,18 @@
  * are cleared by mdb_reader_check() at open (and LMDB clears them itself when the reader
  * table fills).
  *
- * WHY NO MDB_WRITEMAP BY DEFAULT. Plugins run in the same process as the queue. With a
- * read-only map (the default), LMDB writes through write(2), so a stray store by a plugin
- * into the map faults (SIGSEGV, the worker restarts) instead of silently changing accepted
- * records. MDB_WRITEMAP removes the write(2) calls and makes an interval-policy commit
- * about ten times cheaper (docs/benchmarks.md), so it is offered as opts.writemap, with
- * the file preallocated to map_size (a write to a sparse hole on a full disk would be a
- * SIGBUS) and the CRC as the guard against silent damage. docs/queue.md has the numbers.
+ * THE WRITABLE MAP (opts.writemap, spoked's default). With MDB_WRITEMAP an interval-policy
+ * commit is a few stores into the shared mapping and no system call, about ten times
+ * cheaper than LMDB's write(2) path. Plugins run in the same process, so the map is
+ * guarded: PROT_NONE pages on both sides stop linear overflows from neighbouring
+ * mappings, the per-record CRC and spk_queue_verify() detect any other stray store, and
+ * blocks are fallocate()d ahead of use so a full disk is an error, never a SIGBUS
+ * (ensure_headroom, wmap_headroom). docs/queue.md has the argument and the numbers.
+ *
+ * DURABILITY. interval: MDB_NOSYNC, flushed by the supervisor's timer (spk_queue_sync).
+ * always: MDB_NOMETASYNC commits completed by a group sync shared across processes
+ * (GROUP SYNC below). sync.lock in the queue directory holds the shared state of the
+ * group sync and of the writer hint (WRITER HINT below).
  */
 #include "queue.h"
 
@@ -98,6 +103,7 @@ struct spk_queue {
     /* sync always: the group-sync area shared by every process (see GROUP SYNC) */
     int sync_fd;
     struct sync_area *sync;
+    uint64_t hint_seq;     /* tokens of writer_hint */
     uint64_t sync_calls;   /* syncs this handle did itself */
     uint64_t sync_shared;  /* commits made durable by another caller's sync */
 };
@@ -109,6 +115,8 @@ struct spk_queue {
 struct sync_area {
     uint64_t magic;
     _Atomic uint64_t durable_txnid; /* every write transaction <= this is on disk */
+    _Atomic uint64_t writer_hint;   /* 0, or the token of the enqueue that writes now */
+    _Atomic uint64_t committing;    /* txnid whose sync_always commit is flushing now */
 };
 
 /* ---- CRC-32C ------------------------------------------------------------------------ */
@@ -395,15 +403,36 @@ static int ensure_headroom(spk_queue *q, uint64_t size, spk_errbuf *eb)
     return 0;
 }
 
-/* Before a deleting transaction with writemap: room for the pages that deleting `n`
- * records may copy (a leaf each, at worst, plus the branches), so no store of LMDB's lands
- * in an unallocated hole. Without writemap LMDB writes with pwrite(), which fails cleanly. */
-static int wmap_headroom(spk_queue *q, uint64_t n, spk_errbuf *eb)
+/* Before a deleting transaction with writemap: room for the pages it may copy, so that
+ * no store of LMDB's lands in an unallocated hole (a SIGBUS on a full disk). Deleting
+ * copies the leaves that hold the records, their branches, and a few pages of the meta,
+ * plugins and free DBs. `span` records of consecutive sequence numbers hold the deleted
+ * ones (expiry and purge: the oldest; an ack: from its lowest to its highest), in at most
+ * `max_leaves` leaves (an ack of n scattered records: n). Without
+ * writemap LMDB writes with pwrite(), which fails cleanly. */
+static int wmap_headroom(spk_queue *q, uint64_t span, uint64_t max_leaves, spk_errbuf *eb)
 {
     MDB_envinfo info;
+    MDB_stat ms;
+    MDB_txn *txn;
     if (!q->opts.writemap || q->fd < 0 || mdb_env_info(q->env, &info) != 0)
         return 0;
-    uint64_t need = ((uint64_t)info.me_last_pgno + 1 + n + 16) * q->psize;
+    uint64_t touched = span + 16;
+    if (txn_begin(q, MDB_RDONLY, &txn) == 0) {
+        if (mdb_stat(txn, q->pending, &ms) == 0 && ms.ms_leaf_pages > 0) {
+            uint64_t per_leaf = ms.ms_entries / ms.ms_leaf_pages;
+            uint64_t leaves = span / (per_leaf > 1 ? per_leaf / 2 : 1) + 1; /* half-full */
+            if (leaves > max_leaves)
+                leaves = max_leaves;
+            if (leaves > ms.ms_leaf_pages)
+                leaves = ms.ms_leaf_pages;
+            /* and the free list's record of every page freed (8 bytes each) */
+            uint64_t freed = ms.ms_branch_pages + ms.ms_leaf_pages + ms.ms_overflow_pages;
+            touched = leaves + ms.ms_branch_pages + ms.ms_depth + freed / 512 + 32;
+        }
+        mdb_txn_abort(txn);
+    }
+    uint64_t need = ((uint64_t)info.me_last_pgno + 1 + touched) * q->psize;
     if (need > info.me_mapsize)
         need = info.me_mapsize;
     if (need <= q->alloc_end)
@@ -412,7 +441,8 @@ static int wmap_headroom(spk_queue *q, uint64_t n, spk_errbuf *eb)
     if (fallocate(q->fd, FALLOC_FL_KEEP_SIZE, 0, (off_t)need) != 0 &&
         !fits_in_free_pages(q, need))
         return spk_errf(eb, SPK_EQUEUE_UNAVAILABLE, "queue %s: disk full: no room for the "
-                        "pages a delete copies (%s)", q->path, strerror(errno));
+                        "%llu pages a delete may copy (%s)", q->path,
+                        (unsigned long long)touched, strerror(errno));
     q->alloc_end = need;
     return 0;
 }
@@ -490,7 +520,49 @@ static void place_guards(spk_queue *q)
     q->guard_hi = guard_at((void *)hi, pg);
 }
 
-/* ---- group sync (sync always) -------------------------------------------------------------
+/* ---- WRITER HINT (interval policy) --------------------------------------------------------
+ *
+ * With writemap and the interval policy an enqueue holds LMDB's writer mutex for about a
+ * microsecond. When two workers enqueue at once, the loser of LMDB's robust mutex sleeps
+ * in the kernel and is woken after the winner's unlock: a context switch each way, many
+ * times the cost of the transaction. So enqueues first take a hint lock in the shared
+ * area by spinning briefly; then LMDB's mutex is normally free and taken without a system
+ * call. The hint is only a hint: LMDB's mutex still serialises writers, so a spinner that
+ * gives up (holder descheduled, or killed while holding it) clears the token it saw and
+ * goes on; the worst a stale or stolen hint costs is one spin. */
+#define HINT_SPINS 4000
+
+static uint64_t hint_acquire(spk_queue *q)
+{
+    struct sync_area *a = q->sync;
+    if (a == NULL || q->opts.sync_always)
+        return 0;
+    uint64_t mine = ((uint64_t)(uint32_t)q->pid << 32) | (uint32_t)(++q->hint_seq | 1u);
+    uint64_t seen = 0;
+    for (int i = 0; i < HINT_SPINS; i++) {
+        uint64_t cur = atomic_load_explicit(&a->writer_hint, memory_order_relaxed);
+        if (cur == 0 && atomic_compare_exchange_weak_explicit(&a->writer_hint, &cur, mine,
+                                                              memory_order_acquire,
+                                                              memory_order_relaxed))
+            return mine;
+        seen = cur;
+#if defined(__x86_64__)
+        __builtin_ia32_pause();
+#endif
+    }
+    /* Held all along: drop the token we saw (if it is still there) and go on unhinted. */
+    atomic_compare_exchange_strong(&a->writer_hint, &seen, 0);
+    return 0;
+}
+
+static void hint_release(spk_queue *q, uint64_t token)
+{
+    if (token != 0)
+        atomic_compare_exchange_strong_explicit(&q->sync->writer_hint, &token, 0,
+                                                memory_order_release, memory_order_relaxed);
+}
+
+/* ---- GROUP SYNC (sync always) -------------------------------------------------------------
  *
  * LMDB's synchronous commit is two flushes in a row under the writer lock: the data pages,
  * then the meta page. With MDB_NOMETASYNC a commit flushes the data pages and only writes
@@ -509,7 +581,9 @@ static void place_guards(spk_queue *q)
  * committed transaction C >= T, flushes (mdb_env_sync) and raises durable_txnid to C
  * (fact 2). Callers that committed while a leader flushed find themselves covered by the
  * next leader's single flush, and a commit by another process covers earlier ones for
- * free. The call returns only after a flush that covers its record has returned. A
+ * free: a caller that sees a later transaction's commit in flight (`committing`) waits
+ * for it instead of flushing, so with two or more busy writers each record costs about
+ * one flush, pipelined (the data flush of the next commit). The call returns only after a flush that covers its record has returned. A
  * leader killed mid-flush releases the flock with its process; the next caller flushes.
  * durable_txnid only ever holds values that were durable when stored, so a stale value
  * after a reboot is a safe under-estimate (transaction IDs never go below it). */
@@ -558,6 +632,26 @@ static void durable_raise(struct sync_area *a, uint64_t txnid)
         ;
 }
 
+/* A later transaction's commit is flushing the file right now (fact 1 will cover txnid
+ * when it returns): wait for it rather than issue a flush of our own, for at most
+ * RIDE_WAIT_NS (its writer may have died mid-commit). True when txnid became durable. */
+#define RIDE_WAIT_NS 20000000L
+static bool ride_on_commit(struct sync_area *a, uint64_t txnid)
+{
+    struct timespec t0, now, nap = {0, 20000};
+    clock_gettime(CLOCK_MONOTONIC, &t0);
+    for (;;) {
+        if (atomic_load_explicit(&a->durable_txnid, memory_order_acquire) >= txnid)
+            return true;
+        if (atomic_load_explicit(&a->committing, memory_order_acquire) <= txnid)
+            return false;
+        clock_gettime(CLOCK_MONOTONIC, &now);
+        if ((now.tv_sec - t0.tv_sec) * 1000000000L + (now.tv_nsec - t0.tv_nsec) > RIDE_WAIT_NS)
+            return false;
+        nanosleep(&nap, NULL);
+    }
+}
+
 /* Return once write transaction `txnid`, already committed, is on stable storage. */
 static int group_sync(spk_queue *q, uint64_t txnid, spk_errbuf *eb)
 {
@@ -566,7 +660,8 @@ static int group_sync(spk_queue *q, uint64_t txnid, spk_errbuf *eb)
         return 0;
     if (txnid > 0)
         durable_raise(a, txnid - 1);
-    if (atomic_load_explicit(&a->durable_txnid, memory_order_acquire) >= txnid) {
+    if (atomic_load_explicit(&a->durable_txnid, memory_order_acquire) >= txnid ||
+        ride_on_commit(a, txnid)) {
         q->sync_shared++;
         return 0;
     }
@@ -720,7 +815,7 @@ int spk_queue_open(const char *path, const spk_queue_opts *opts, spk_queue **out
         goto fail;
     if (q->opts.writemap)
         place_guards(q);
-    if (q->opts.sync_always && (err = sync_open(q, eb)) != 0)
+    if ((err = sync_open(q, eb)) != 0)
         goto fail;
     *out = q;
     return 0;
@@ -853,9 +948,12 @@ int spk_queue_enqueue(spk_queue *q, const spk_queue_msg *m, uint64_t *seq_out,
 
     if ((err = ensure_headroom(q, m->payload_len + 2048, eb)) != 0)
         return count_refusal(q, err);
+    uint64_t hint = hint_acquire(q);
     rc = txn_begin(q, 0, &txn);
-    if (rc != 0)
+    if (rc != 0) {
+        hint_release(q, hint);
         return count_refusal(q, lmdb_err(q, rc, "enqueue", eb));
+    }
 
     MDB_stat ms;
     uint64_t seq = 0;
@@ -904,8 +1002,18 @@ int spk_queue_enqueue(spk_queue *q, const spk_queue_msg *m, uint64_t *seq_out,
         (rc = plugin_adjust(q, txn, m->plugin_id, +1, size)) != 0)
         goto fail_lmdb;
     uint64_t txnid = mdb_txn_id(txn);
+    if (q->opts.sync_always && q->sync != NULL)
+        atomic_store_explicit(&q->sync->committing, txnid, memory_order_release);
     rc = mdb_txn_commit(txn);
     txn = NULL;
+    if (q->opts.sync_always && q->sync != NULL) {
+        if (rc == 0 && txnid > 0)
+            durable_raise(q->sync, txnid - 1); /* fact 1, before waiters look */
+        uint64_t mine = txnid;
+        atomic_compare_exchange_strong(&q->sync->committing, &mine, 0);
+    }
+    hint_release(q, hint);
+    hint = 0;
     if (rc != 0)
         goto fail_lmdb;
     if (q->opts.sync_always && (err = group_sync(q, txnid, eb)) != 0)
@@ -924,6 +1032,7 @@ fail_lmdb:
 fail:
     if (txn != NULL)
         mdb_txn_abort(txn);
+    hint_release(q, hint);
     return count_refusal(q, err);
 }
 
@@ -1125,7 +1234,13 @@ int spk_queue_ack(spk_queue *q, const uint64_t *seqs, size_t n, size_t *acked, s
         return spk_errf(eb, SPK_EINVAL, "queue: no handle or sequence list");
     if (n == 0)
         return 0;
-    int err = wmap_headroom(q, n, eb);
+    uint64_t lo = UINT64_MAX, hi = 0;
+    for (size_t i = 0; i < n; i++) {
+        lo = seqs[i] < lo ? seqs[i] : lo;
+        hi = seqs[i] > hi ? seqs[i] : hi;
+    }
+    uint64_t span = hi - lo + 1; /* 0 only after wrapping: every key */
+    int err = wmap_headroom(q, span == 0 ? UINT64_MAX : span, n, eb);
     if (err != 0)
         return err;
     if ((rc = txn_begin(q, 0, &txn)) != 0)
@@ -1183,7 +1298,7 @@ int spk_queue_expire(spk_queue *q, uint64_t *expired, spk_errbuf *eb)
         MDB_cursor *cur = NULL;
         uint64_t freed = 0, n = 0;
         bool more = false;
-        int err = wmap_headroom(q, per_txn, eb);
+        int err = wmap_headroom(q, per_txn, per_txn, eb);
         if (err != 0) {
             if (expired != NULL)
                 *expired = total;
@@ -1248,7 +1363,7 @@ int spk_queue_purge(spk_queue *q, uint64_t *purged, spk_errbuf *eb)
         *purged = 0;
     if (q == NULL)
         return spk_errf(eb, SPK_EINVAL, "queue: no handle");
-    int err = wmap_headroom(q, 64, eb);
+    int err = wmap_headroom(q, 0, 0, eb); /* drops copy no leaves: branches + free list */
     if (err != 0)
         return err;
     if ((rc = txn_begin(q, 0, &txn)) != 0)

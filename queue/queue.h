@@ -104,7 +104,8 @@ static inline uint64_t spk_queue_record_size(size_t wire_len)
 }
 
 /* Open (and, with opts->create, create) the queue in directory `path` (files data.mdb and
- * lock.mdb). Clears reader slots left by dead processes. opts may be NULL for defaults.
+ * lock.mdb, and sync.lock: the shared page of the group sync and the writer hint). Clears
+ * reader slots left by dead processes. opts may be NULL for defaults.
  * On success *out is a handle the caller closes with spk_queue_close(). Returns 0,
  * SPK_ENOENT, SPK_EQUEUE_UNAVAILABLE (cannot open or create, disk full), SPK_ECORRUPT
  * (not a queue, or an unknown format version), SPK_EINVAL, SPK_ENOMEM. */

@@ -11,8 +11,13 @@
  *              synchronous=FULL beside `always`
  * Writers are forked processes that each open their own handle after fork, as workers
  * do. With the interval policy a further process calls spk_queue_sync() every 100 ms, as
- * the uplink does. enq/s is all writers' calls over the wall time of the run; ns/call is
- * the mean latency of one call as a writer sees it.
+ * spoked's supervisor does. With `always`, lmdb rows use the group sync (queue.c). enq/s
+ * is all writers' calls over the wall time of the run; ns/call is the mean latency of
+ * one call as a writer sees it.
+ *
+ * Then the hot path as a plugin sees it: host->send_to_control() from the host's own
+ * services table (core/host.c), called on behalf of a plugin set up as the loader sets it
+ * up, in one process, interval policy, for both maps: the mean and the median of batches.
  */
 #include <errno.h>
 #include <getopt.h>
@@ -26,6 +31,8 @@
 #include <unistd.h>
 
 #include "bench.h"
+#include "host.h"
+#include "loader.h"
 #include "queue.h"
 
 enum store { ST_LMDB, ST_LMDB_WMAP, ST_SQLITE };
@@ -58,7 +65,10 @@ static void bq_usage(FILE *f)
                "  --dir DIR         where to create the test stores (default: .); put it on\n"
                "                    the disk you want to measure\n"
                "  --ops N           enqueues per process with the interval policy (20000)\n"
-               "  --always-ops N    enqueues per process with sync always (300)\n");
+               "  --always-ops N    enqueues per process with sync always (300)\n"
+               "  --hot-ops N       host->send_to_control calls for the hot-path figure\n"
+               "                    (200000)\n"
+               "  --hot-only        only the hot-path figure\n");
 }
 
 static spk_queue_opts case_opts(const bq_case *c)
@@ -67,7 +77,7 @@ static spk_queue_opts case_opts(const bq_case *c)
     spk_queue_opts_init(&o);
     o.sync_always = c->always;
     o.writemap = c->store == ST_LMDB_WMAP;
-    o.map_size = 1024ull * 1024 * 1024;
+    o.map_size = 8192ull * 1024 * 1024; /* sparse; blocks are allocated as it fills */
     o.max_pending = 0;
     o.max_bytes = 0;
     return o;
@@ -131,11 +141,10 @@ static void writer(const bq_case *c, const char *path, int id, int fd)
     _exit(0);
 }
 
-/* The uplink's timer: sync every 100 ms until killed. */
-static void syncer(const char *path)
+/* The supervisor's timer: sync every 100 ms until killed. */
+static void syncer(const bq_case *c, const char *path)
 {
-    spk_queue_opts o;
-    spk_queue_opts_init(&o);
+    spk_queue_opts o = case_opts(c);
     spk_queue *q = NULL;
     if (spk_queue_open(path, &o, &q, NULL) != 0)
         _exit(1);
@@ -149,7 +158,7 @@ static void syncer(const char *path)
 /* Remove a store: an LMDB directory or an SQLite file with its -wal and -shm. */
 static void remove_store(const char *path)
 {
-    static const char *suffix[] = {"/data.mdb", "/lock.mdb", "-wal", "-shm"};
+    static const char *suffix[] = {"/data.mdb", "/lock.mdb", "/sync.lock", "-wal", "-shm"};
     char f[4100];
     for (size_t i = 0; i < sizeof(suffix) / sizeof(suffix[0]); i++) {
         snprintf(f, sizeof(f), "%s%s", path, suffix[i]);
@@ -189,7 +198,7 @@ static int run_case(const bq_case *c, const char *base, int idx, bq_result *r)
     if (c->store != ST_SQLITE && !c->always) {
         sync_pid = fork();
         if (sync_pid == 0)
-            syncer(path);
+            syncer(c, path);
     }
     int fds[2];
     if (pipe(fds) != 0)
@@ -233,26 +242,106 @@ static int run_case(const bq_case *c, const char *base, int idx, bq_result *r)
     return 0;
 }
 
+static int cmp_double(const void *a, const void *b)
+{
+    double x = *(const double *)a, y = *(const double *)b;
+    return x < y ? -1 : x > y;
+}
+
+/* host->send_to_control, as a plugin calls it: ns per call, mean and median of batches. */
+static int hot_path(const char *base, bool writemap, size_t size, uint64_t ops, double *mean,
+                    double *median)
+{
+    char path[4000];
+    snprintf(path, sizeof(path), "%s/spoke-bench-hot-%d-%d-%zu", base, (int)getpid(),
+             writemap, size);
+    spk_config cfg;
+    memset(&cfg, 0, sizeof(cfg));
+    cfg.queue_path = path;
+    cfg.queue_max_pending = 0;
+    cfg.queue_max_bytes = 0;
+    cfg.queue_retention_ms = 24ull * 3600 * 1000;
+    cfg.queue_sync_interval_ms = 100;
+    cfg.queue_map_size = 4096ull * 1024 * 1024;
+    cfg.queue_writemap = writemap;
+    cfg.edge_id = "edge-bench";
+
+    struct ev_loop *loop = ev_default_loop(0);
+    spk_host_env env;
+    spk_host_env_init(&env, loop, &cfg, SPOKE_ROLE_EDGE);
+    spk_errbuf eb;
+    if (spk_host_queue_open(&env, &eb) != 0) {
+        fprintf(stderr, "spoke-bench queue: %s\n", eb.msg);
+        return -1;
+    }
+    spk_plugin p;
+    memset(&p, 0, sizeof(p));
+    p.id = 42;
+    p.env = &env;
+    p.ctx.plugin = &p;
+    snprintf(p.log_prefix, sizeof(p.log_prefix), "plugin bench: ");
+    const spoke_host *host = spk_host_table();
+    char *payload = malloc(size);
+    enum { BATCH = 1000 };
+    size_t nb = (size_t)(ops / BATCH);
+    double *per = calloc(nb ? nb : 1, sizeof(double));
+    if (payload == NULL || per == NULL) {
+        free(payload);
+        free(per);
+        spk_queue_close(env.queue);
+        return -1;
+    }
+    memset(payload, 'p', size);
+    spoke_kv md[] = {{"type", "bench"}, {"source", "spoke-bench"}};
+    uint64_t errors = 0, total = 0;
+    for (size_t b = 0; b < nb; b++) {
+        uint64_t t0 = now_ns();
+        for (int i = 0; i < BATCH; i++) {
+            uint64_t pending;
+            if (host->send_to_control(&p.ctx, payload, size, "req-12345", md, 2, &pending) != 0)
+                errors++;
+        }
+        uint64_t dt = now_ns() - t0;
+        total += dt;
+        per[b] = (double)dt / BATCH;
+    }
+    qsort(per, nb, sizeof(double), cmp_double);
+    *mean = (double)total / (double)(nb * BATCH);
+    *median = per[nb / 2];
+    free(payload);
+    free(per);
+    spk_queue_close(env.queue);
+    remove_store(path);
+    return errors ? -1 : 0;
+}
+
 int spk_bench_queue(int argc, char **argv)
 {
     static const struct option longopts[] = {
         {"dir", required_argument, NULL, 'd'},
         {"ops", required_argument, NULL, 'n'},
         {"always-ops", required_argument, NULL, 'a'},
+        {"hot-ops", required_argument, NULL, 'o'},
+        {"hot-only", no_argument, NULL, 'H'},
         {"help", no_argument, NULL, 'h'},
         {NULL, 0, NULL, 0},
     };
     const char *dir = ".";
-    uint64_t ops = 20000, always_ops = 300;
+    uint64_t ops = 20000, always_ops = 300, hot_ops = 200000;
+    bool only_hot = false;
     int ch;
     optind = 1;
-    while ((ch = getopt_long(argc, argv, "d:n:a:h", longopts, NULL)) != -1) {
+    while ((ch = getopt_long(argc, argv, "d:n:a:o:Hh", longopts, NULL)) != -1) {
         char *end;
         switch (ch) {
         case 'd':
             dir = optarg;
             break;
+        case 'H':
+            only_hot = true;
+            break;
         case 'n':
+        case 'o':
         case 'a': {
             errno = 0;
             unsigned long long v = strtoull(optarg, &end, 10);
@@ -262,6 +351,8 @@ int spk_bench_queue(int argc, char **argv)
             }
             if (ch == 'n')
                 ops = v;
+            else if (ch == 'o')
+                hot_ops = v < 1000 ? 1000 : v;
             else
                 always_ops = v;
             break;
@@ -279,7 +370,7 @@ int spk_bench_queue(int argc, char **argv)
     int errors = 0, idx = 0;
     printf("%-10s %-8s %6s %5s %12s %10s %s\n", "store", "sync", "size", "procs", "enq/s",
            "ns/call", "vs sqlite");
-    for (int a = 0; a < 2; a++) {
+    for (int a = 0; a < 2 && !only_hot; a++) {
         bool always = a == 1;
         for (size_t s = 0; s < 2; s++) {
             for (int procs = 1; procs <= 2; procs++) {
@@ -306,6 +397,24 @@ int spk_bench_queue(int argc, char **argv)
                     fflush(stdout);
                 }
             }
+        }
+    }
+    printf("\nhost->send_to_control, one process, sync 100ms (%llu calls of 256 B, a quarter "
+           "of that of 4 KiB; batches of 1000):\n", (unsigned long long)hot_ops);
+    printf("%-10s %6s %12s %12s\n", "map", "size", "mean ns", "median ns");
+    for (int w = 1; w >= 0; w--) {
+        for (size_t s = 0; s < 2; s++) {
+            double mean, median;
+            /* 4 KiB records take two pages each: a quarter of the calls keeps the file
+             * (and the disk it fills) at the size of the 256-byte run's. */
+            uint64_t n = sizes[s] > 1024 ? hot_ops / 4 : hot_ops;
+            if (hot_path(dir, w == 1, sizes[s], n < 1000 ? 1000 : n, &mean, &median) != 0) {
+                fprintf(stderr, "spoke-bench queue: hot-path run failed\n");
+                return 1;
+            }
+            printf("%-10s %6zu %12.0f %12.0f\n", w ? "writemap" : "read-only", sizes[s], mean,
+                   median);
+            fflush(stdout);
         }
     }
     return errors ? 2 : 0;

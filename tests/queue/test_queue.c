@@ -489,9 +489,24 @@ static void test_map_full(void **state)
     free(big);
 }
 
+static void disk_full_tmpfs(fixture *f);
+
 static void test_disk_full_tmpfs(void **state)
 {
+    disk_full_tmpfs(*state);
+}
+
+/* The same with the writable map: a store into an unallocated block on a full disk would
+ * be a SIGBUS, so this passing (not crashing) is the proof of the headroom logic. */
+static void test_disk_full_tmpfs_writemap(void **state)
+{
     fixture *f = *state;
+    f->opts.writemap = true;
+    disk_full_tmpfs(f);
+}
+
+static void disk_full_tmpfs(fixture *f)
+{
     char mnt[600];
     snprintf(mnt, sizeof(mnt), "%s/tmpfs", f->dir);
     assert_int_equal(mkdir(mnt, 0700), 0);
@@ -751,6 +766,7 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_json_send, setup, teardown),
         cmocka_unit_test_setup_teardown(test_map_full, setup, teardown),
         cmocka_unit_test_setup_teardown(test_disk_full_tmpfs, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_disk_full_tmpfs_writemap, setup, teardown),
         cmocka_unit_test_setup_teardown(test_writemap_mode, setup, teardown),
         cmocka_unit_test_setup_teardown(test_crc_detects_damage, setup, teardown),
         cmocka_unit_test_setup_teardown(test_writemap_stray_write_detected, setup, teardown),
