@@ -113,6 +113,7 @@ struct sup {
     int admin_fd, metrics_fd;
     char admin_path[256], pid_path[256];
     bool stopping, fatal;
+    const char *pending; /* a replacement requested while another was starting */
     int exit_code;
     ev_tstamp started;
     char last_reload[1200];
@@ -498,11 +499,14 @@ static void start_replacement(sup *s, const char *why)
     if (s->stopping)
         return;
     if (s->next != NULL) {
-        /* One at a time: a reload in progress is abandoned for the newer request. */
-        spk_warn("%s: generation %u was still starting; replacing it", why, s->next->id);
-        gen_signal(s->next, SIGKILL);
-        gen_retire(s, s->next);
-        s->next = NULL;
+        /* One generation starts at a time: this request runs when the one starting now
+         * has succeeded or failed (see promote() and on_child()). A SIGHUP wins over a
+         * pending quarantine: the reload re-reads everything anyway. */
+        spk_info("%s: generation %u is still starting; %s will follow it", why, s->next->id,
+                 why);
+        if (s->pending == NULL || strcmp(why, "reload") == 0)
+            s->pending = strcmp(why, "reload") == 0 ? "reload" : "quarantine";
+        return;
     }
     spk_errbuf eb;
     generation *g;
@@ -550,6 +554,15 @@ static void tell_accept(wproc *w)
     }
 }
 
+/* Start the replacement that was requested while another generation was starting. */
+static void run_pending(sup *s)
+{
+    const char *why = s->pending;
+    s->pending = NULL;
+    if (why != NULL && !s->stopping)
+        start_replacement(s, why);
+}
+
 /* Every worker of `next` is ready: it takes over. */
 static void promote(sup *s)
 {
@@ -569,6 +582,7 @@ static void promote(sup *s)
     } else {
         spk_info("generation %u serving (%d workers)", g->id, g->n);
     }
+    run_pending(s);
 }
 
 /* ---- child exits -------------------------------------------------------------------- */
@@ -705,6 +719,7 @@ static void on_child(struct ev_loop *loop, ev_child *c, int revents)
             return;
         }
         reload_failed(s, reason);
+        run_pending(s);
         return;
     }
 
@@ -1398,6 +1413,15 @@ int spk_supervisor_main(const char *path, const char *self_exe)
     s.st_fd = -1;
     spk_errbuf eb;
     spk_log_set_tag("spoked");
+    /* Hold the control signals until their watchers exist: a SIGHUP sent right after start
+     * (a service manager's reload) must not kill the process with the default action. */
+    sigset_t ctl, old_mask;
+    sigemptyset(&ctl);
+    sigaddset(&ctl, SIGHUP);
+    sigaddset(&ctl, SIGTERM);
+    sigaddset(&ctl, SIGINT);
+    sigaddset(&ctl, SIGQUIT);
+    sigprocmask(SIG_BLOCK, &ctl, &old_mask);
 
     generation *g = gen_new(&s, &eb);
     if (g == NULL) {
@@ -1419,6 +1443,7 @@ int spk_supervisor_main(const char *path, const char *self_exe)
     watch_signal(&s, &s.sig_term, SIGTERM);
     watch_signal(&s, &s.sig_int, SIGINT);
     watch_signal(&s, &s.sig_quit, SIGQUIT);
+    sigprocmask(SIG_SETMASK, &old_mask, NULL);
     ev_child_init(&s.child, on_child, 0, 0);
     s.child.data = &s;
     ev_child_start(s.loop, &s.child);

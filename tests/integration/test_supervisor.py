@@ -202,6 +202,53 @@ class SupervisorTest(SpokeCase):
             self.assertEqual(recv_exact(keep, 14), b"through it all")
             keep.close()
 
+    def test_reload_with_hanging_init_times_out(self):
+        pdir = self.reload_setup()
+        extra = {"plugins": {"start_timeout": "500ms"}}
+        with Spoked(self.dir, self.echo.address, plugins=[{"file": "t-version.so"}],
+                    plugin_dir=pdir, extra=extra) as sp:
+            cfg = copy.deepcopy(sp.config)
+            cfg["plugins"]["list"] = [{"file": "t-version.so"},
+                                      {"file": tp("t_sleep"), "config": {"hang_in_init": True}}]
+            sp.write_config(cfg)
+            t0 = time.time()
+            self.check_failed_reload(
+                sp, r"worker 0 crashed: plugin t-sleep: did not start within "
+                    r"plugins.start_timeout \(in plugin t-sleep, init\)")
+            self.assertLess(time.time() - t0, 10)
+
+    def test_plugin_overwritten_in_place_does_not_crash_workers(self):
+        """cp over a loaded .so (same inode, new bytes): running workers run their private
+        copy, so they keep serving; a reload then picks up the new file."""
+        pdir = self.reload_setup()
+        with Spoked(self.dir, self.echo.address, plugins=[{"file": "t-version.so"}],
+                    plugin_dir=pdir) as sp:
+            self.assertEqual(self.ask_version(sp.port), b"t-version 1.0.0\n")
+            with open(tp("t_version_v2"), "rb") as src, \
+                    open(os.path.join(pdir, "t-version.so"), "r+b") as dst:
+                dst.truncate(0)
+                dst.write(src.read())
+            for _ in range(5):
+                self.assertEqual(self.ask_version(sp.port), b"t-version 1.0.0\n")
+            self.assertNotIn("crashed", sp.log())
+            sp.send_signal(signal.SIGHUP)
+            # (until the old generation has stopped accepting, it may take a new client)
+            sp.wait_log(r"generation 1 finished draining")
+            self.assertEqual(self.ask_version(sp.port), b"t-version 2.0.0\n")
+
+    def test_sighup_while_first_generation_starts(self):
+        """A reload requested while a generation is starting runs after it, never kills it."""
+        sp = Spoked(self.dir, self.echo.address, plugins=[{"file": "passthrough.so"}],
+                    wait=False)
+        try:
+            sp.wait_log(r"supervisor pid \d+")
+            sp.send_signal(signal.SIGHUP)
+            sp.wait_log(r"generation 2 serving")
+            self.assertEqual(roundtrip(sp.port, b"both fine"), b"both fine")
+            self.assertNotIn("cannot start", sp.log())
+        finally:
+            self.assertEqual(sp.stop(), 0, sp.log())
+
     def test_spoked_reload_command(self):
         pdir = self.reload_setup()
         with Spoked(self.dir, self.echo.address, plugins=[{"file": "t-version.so"}],
@@ -210,7 +257,7 @@ class SupervisorTest(SpokeCase):
             p = subprocess.run([spoke_bin("spoked"), "reload", "-c", sp.config_path],
                                capture_output=True, text=True, timeout=10)
             self.assertEqual(p.returncode, 0, p.stderr)
-            sp.wait_log(r"generation 2 serving")
+            sp.wait_log(r"generation 1 finished draining")
             self.assertEqual(self.ask_version(sp.port), b"t-version 2.0.0\n")
             self.assertRegex(sp.status(), r"last reload: ok: generation 2 replaced 1")
 
