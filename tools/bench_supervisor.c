@@ -174,9 +174,9 @@ static int write_config(sbench *b)
 static ssize_t read_status(const sbench *b, char *buf, size_t cap)
 {
     struct sockaddr_un un = {.sun_family = AF_UNIX};
-    if (strlen(b->dir) + sizeof("/run/spoked.sock") > sizeof(un.sun_path))
+    int n = snprintf(un.sun_path, sizeof(un.sun_path), "%s/run/spoked.sock", b->dir);
+    if (n < 0 || (size_t)n >= sizeof(un.sun_path))
         return -1;
-    snprintf(un.sun_path, sizeof(un.sun_path), "%s/run/spoked.sock", b->dir);
     int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
     if (fd < 0)
         return -1;
@@ -184,13 +184,13 @@ static ssize_t read_status(const sbench *b, char *buf, size_t cap)
         close(fd);
         return -1;
     }
-    size_t n = 0;
+    size_t got = 0;
     ssize_t r;
-    while (n + 1 < cap && (r = read(fd, buf + n, cap - 1 - n)) > 0)
-        n += (size_t)r;
-    buf[n] = '\0';
+    while (got + 1 < cap && (r = read(fd, buf + got, cap - 1 - got)) > 0)
+        got += (size_t)r;
+    buf[got] = '\0';
     close(fd);
-    return (ssize_t)n;
+    return (ssize_t)got;
 }
 
 /* Wait until the status report contains `needle`; returns seconds waited or -1. */
