@@ -321,7 +321,8 @@ struct spoke_host {
     /* Queue a payload for the control plugin with this plugin's ID. It is committed to
      * the durable queue before the call returns; *pending (if not NULL) receives the
      * number of payloads waiting to be sent. correlation_id may be NULL. Returns 0 or
-     * one of the SPOKE_ERR_* payload/queue codes. NULL in the control role. */
+     * one of the SPOKE_ERR_* payload/queue codes; SPOKE_ERR_UNSUPPORTED in the control
+     * role. */
     int (*send_to_control)(spoke_ctx *ctx, const void *payload, size_t len,
                            const char *correlation_id, const spoke_kv *metadata,
                            size_t n_metadata, uint64_t *pending);
