@@ -1236,7 +1236,9 @@ static int accept_blocking(int lfd)
     int fd = accept4(lfd, NULL, NULL, SOCK_CLOEXEC);
     if (fd < 0)
         return -1;
-    struct timeval tv = {.tv_sec = 1};
+    /* The supervisor's loop also runs the watchdog: a client that is slow to send its
+     * request or to read the answer may hold it for 100 ms at most. */
+    struct timeval tv = {.tv_usec = 100000};
     setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof(tv));
     setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
     return fd;
