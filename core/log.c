@@ -32,10 +32,6 @@ int spk_log_parse_level(const char *text, spoke_log_level *out)
     return -1;
 }
 
-const char *spk_log_level_name(spoke_log_level level)
-{
-    return (unsigned)level < 4 ? level_names[level] : "?";
-}
 
 void spk_logv(spoke_log_level level, const char *prefix, const char *fmt, va_list ap)
 {

@@ -21,7 +21,6 @@ spoke_log_level spk_log_get_level(void);
 void spk_log_set_tag(const char *tag);
 /* Parse "debug|info|warn|error"; returns 0 or -1. */
 int spk_log_parse_level(const char *text, spoke_log_level *out);
-const char *spk_log_level_name(spoke_log_level level);
 
 void spk_log(spoke_log_level level, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 void spk_logv(spoke_log_level level, const char *prefix, const char *fmt, va_list ap);

@@ -111,6 +111,22 @@ int spk_listen(const spk_addr *a, int backlog, spk_errbuf *eb)
     return fd;
 }
 
+int spk_listen_all(char *const *addrs, size_t n, int backlog, int *fds, spk_errbuf *eb)
+{
+    for (size_t i = 0; i < n; i++) {
+        spk_addr a;
+        int rc = spk_addr_parse(addrs[i], &a, eb);
+        if (rc == 0)
+            rc = fds[i] = spk_listen(&a, backlog, eb);
+        if (rc < 0) {
+            while (i-- > 0)
+                close(fds[i]);
+            return rc;
+        }
+    }
+    return 0;
+}
+
 int spk_connect_start(const spk_addr *a)
 {
     int fd = socket(a->ss.ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);

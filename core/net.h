@@ -27,6 +27,10 @@ void spk_addr_format(const struct sockaddr *sa, socklen_t len, char *out, size_t
  * spk_err with the reason in eb. */
 int spk_listen(const spk_addr *a, int backlog, spk_errbuf *eb);
 
+/* Parse and bind every address of addrs[0..n) with spk_listen(), into fds[0..n). On
+ * failure the sockets already bound are closed and the reason is in eb. */
+int spk_listen_all(char *const *addrs, size_t n, int backlog, int *fds, spk_errbuf *eb);
+
 /* Start a non-blocking connect to `a`. Returns the fd (connected or in progress; check
  * SO_ERROR when it becomes writable) or -errno. */
 int spk_connect_start(const spk_addr *a);

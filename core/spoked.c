@@ -49,22 +49,6 @@ static int check_config(const char *path)
     return 0;
 }
 
-static int bind_all(const spk_config *cfg, int *fds, spk_errbuf *eb)
-{
-    for (size_t i = 0; i < cfg->n_listen; i++) {
-        spk_addr a;
-        int rc = spk_addr_parse(cfg->listen[i], &a, eb);
-        if (rc == 0)
-            rc = fds[i] = spk_listen(&a, cfg->backlog, eb);
-        if (rc < 0) {
-            while (i-- > 0)
-                close(fds[i]);
-            return rc;
-        }
-    }
-    return 0;
-}
-
 static int single_process(const char *path)
 {
     spk_config *cfg;
@@ -75,7 +59,8 @@ static int single_process(const char *path)
     }
     spk_log_set_level(cfg->log_level);
     int *fds = calloc(cfg->n_listen ? cfg->n_listen : 1, sizeof(int));
-    int rc = fds ? bind_all(cfg, fds, &eb) : spk_errf(&eb, SPK_ENOMEM, "out of memory");
+    int rc = fds ? spk_listen_all(cfg->listen, cfg->n_listen, cfg->backlog, fds, &eb)
+                 : spk_errf(&eb, SPK_ENOMEM, "out of memory");
     if (rc == 0) {
         spk_worker_opts opts = {.listen_fds = fds, .n_listen = cfg->n_listen};
         rc = spk_worker_run(cfg, &opts, &eb);
@@ -144,7 +129,7 @@ static int worker_main(int argc, char **argv)
     if (rc == 0) {
         spk_log_set_level(cfg->log_level);
         spk_worker_opts opts = {.listen_fds = fds, .n_listen = n_fds, .wslot = ws,
-                                .quarantine = quarantine, .n_quarantine = n_q, .id = id};
+                                .quarantine = quarantine, .n_quarantine = n_q};
         rc = spk_worker_run(cfg, &opts, &eb);
         spk_config_free(cfg);
     }

@@ -1354,14 +1354,11 @@ static int bind_listeners(sup *s, const spk_config *cfg, spk_errbuf *eb)
     s->listen = calloc(cfg->n_listen, sizeof(char *));
     if (s->fds == NULL || s->listen == NULL)
         return spk_errf(eb, SPK_ENOMEM, "out of memory");
+    int rc = spk_listen_all(cfg->listen, cfg->n_listen, cfg->backlog, s->fds, eb);
+    if (rc != 0)
+        return rc;
+    s->n_fds = cfg->n_listen;
     for (size_t i = 0; i < cfg->n_listen; i++) {
-        spk_addr a;
-        int rc = spk_addr_parse(cfg->listen[i], &a, eb);
-        if (rc == 0)
-            rc = spk_listen(&a, cfg->backlog, eb);
-        if (rc < 0)
-            return rc;
-        s->fds[s->n_fds++] = rc;
         if ((s->listen[i] = strdup(cfg->listen[i])) == NULL)
             return spk_errf(eb, SPK_ENOMEM, "out of memory");
         s->n_listen++;

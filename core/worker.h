@@ -24,7 +24,6 @@ typedef struct spk_worker_opts {
     spk_wslot *wslot;       /* the supervisor's slot for this worker; NULL: unsupervised */
     const char *const *quarantine; /* plugin keys not to load (spk_plugin_key) */
     size_t n_quarantine;
-    int id;                 /* worker number, for logs */
 } spk_worker_opts;
 
 /* Serve until stopped. `cfg` is borrowed (autoloaded plugins are appended to it).
