@@ -54,6 +54,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <lmdb.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -71,7 +72,6 @@
 #define QUEUE_FORMAT 1u
 #define EXPIRE_PER_TXN 10000u
 #define EXPIRE_PER_TXN_WRITEMAP 1000u /* bounded dirty set: fits the allocated headroom */
-#define SYNC_MAGIC 0x31434e5953515053ull /* "SPQSYNC1" */
 
 struct rec_hdr {
     uint32_t magic;
@@ -100,23 +100,19 @@ struct spk_queue {
     int fd;                /* LMDB's data file descriptor (borrowed); -1: no headroom */
     /* writemap: PROT_NONE guard pages just below and above the map (NULL: none) */
     void *guard_lo, *guard_hi;
-    /* sync always: the group-sync area shared by every process (see GROUP SYNC) */
-    int sync_fd;
-    struct sync_area *sync;
-    uint64_t hint_seq;     /* tokens of writer_hint */
-    uint64_t sync_calls;   /* syncs this handle did itself */
-    uint64_t sync_shared;  /* commits made durable by another caller's sync */
-};
-
-/* The shared state of group sync: one page of the file sync.lock in the queue directory,
- * mapped shared by every process that opened the queue with sync_always. The file's
- * flock() is the leader lock: the kernel drops it when its holder dies, so a leader
- * killed mid-sync blocks nobody. */
-struct sync_area {
-    uint64_t magic;
-    _Atomic uint64_t durable_txnid; /* every write transaction <= this is on disk */
-    _Atomic uint64_t writer_hint;   /* 0, or the token of the enqueue that writes now */
-    _Atomic uint64_t committing;    /* txnid whose sync_always commit is flushing now */
+    /* the journal (see JOURNAL) */
+    int cfd;               /* journal.ctl: OFD locks (byte 0 shared while open) */
+    int jfd;               /* journal */
+    struct jctl *jc;       /* journal.ctl, mapped shared */
+    uint8_t *jmap;         /* the ring, mapped shared */
+    void *jres;            /* the reservation holding jmap between two guard pages */
+    uint64_t jsize;        /* ring bytes */
+    uint8_t *scratch;      /* always: a record is built here, then written with pwrite */
+    size_t scratch_cap;
+    uint64_t rebuilds;     /* shared state rebuilt after a process died holding the lock */
+    uint64_t moved_txns;   /* move transactions this handle committed */
+    uint64_t sync_calls;   /* always: journal flushes this handle did itself */
+    uint64_t sync_shared;  /* always: appends made durable by another caller's flush */
 };
 
 /* ---- CRC-32C ------------------------------------------------------------------------ */
@@ -216,6 +212,7 @@ void spk_queue_opts_init(spk_queue_opts *opts)
     opts->map_size = 2048ull * 1024 * 1024;
     opts->create = true;
     opts->writemap = false;
+    opts->journal_size = 64ull * 1024 * 1024;
     opts->clock = NULL;
 }
 
@@ -286,8 +283,9 @@ static int meta_add(MDB_txn *txn, MDB_dbi dbi, const char *name, uint64_t delta)
     return meta_put(txn, dbi, name, meta_get(txn, dbi, name) + delta);
 }
 
-/* Add (count, bytes) to a plugin's counters; `sign` +1 or -1. */
-static int plugin_adjust(spk_queue *q, MDB_txn *txn, uint32_t id, int sign, uint64_t bytes)
+/* Add (count, bytes) to a plugin's counters, or take them away (`sign` -1). */
+static int plugin_adjust(spk_queue *q, MDB_txn *txn, uint32_t id, int sign, uint64_t count,
+                         uint64_t bytes)
 {
     uint8_t kb[4];
     be32(kb, id);
@@ -299,10 +297,10 @@ static int plugin_adjust(spk_queue *q, MDB_txn *txn, uint32_t id, int sign, uint
     else if (rc != 0 && rc != MDB_NOTFOUND)
         return rc;
     if (sign > 0) {
-        c[0] += 1;
+        c[0] += count;
         c[1] += bytes;
     } else {
-        c[0] = c[0] > 0 ? c[0] - 1 : 0;
+        c[0] = c[0] > count ? c[0] - count : 0;
         c[1] = c[1] > bytes ? c[1] - bytes : 0;
     }
     if (c[0] == 0)
@@ -520,174 +518,754 @@ static void place_guards(spk_queue *q)
     q->guard_hi = guard_at((void *)hi, pg);
 }
 
-/* ---- WRITER HINT (interval policy) --------------------------------------------------------
+/* ---- JOURNAL ----------------------------------------------------------------------------
  *
- * With writemap and the interval policy an enqueue holds LMDB's writer mutex for about a
- * microsecond. When two workers enqueue at once, the loser of LMDB's robust mutex sleeps
- * in the kernel and is woken after the winner's unlock: a context switch each way, many
- * times the cost of the transaction. So enqueues first take a hint lock in the shared
- * area by spinning briefly; then LMDB's mutex is normally free and taken without a system
- * call. The hint is only a hint: LMDB's mutex still serialises writers, so a spinner that
- * gives up (holder descheduled, or killed while holding it) clears the token it saw and
- * goes on; the worst a stale or stolen hint costs is one spin. */
-#define HINT_SPINS 4000
+ * Why. A committed LMDB write transaction costs a few microseconds even with nothing to
+ * flush: it copies every page on the path it changes (the record's leaf, the meta and
+ * plugins DBs, the free list). Several workers take turns on LMDB's one writer lock, and a
+ * 4 KiB record lands on fresh overflow pages. So send_to_control does not write LMDB:
+ * it appends the record, already in its final stored form, to the journal, a ring file
+ * shared by every process of the queue, and returns. Records are moved from the journal
+ * into LMDB in batches (one transaction for thousands of records) by whoever consumes the
+ * queue (spk_queue_read, _stats_get, _expire, _purge, _verify) and by spk_queue_sync,
+ * which spoked's supervisor calls on its timer. A record is "pending" from its append
+ * until it is acknowledged; where it sits is invisible to callers.
+ *
+ * Files. `journal`: the ring, journal_size bytes, allocated in full at creation (so an
+ * append never needs a disk block: no ENOSPC, no SIGBUS through the map). `journal.ctl`:
+ * one page of shared state (struct jctl), rebuilt from LMDB and the journal whenever the
+ * first process opens the queue, so it never needs to reach the disk.
+ *
+ * Records. At absolute byte offset `off` (position off % size) a record is a 32-byte
+ * struct jrec {magic, crc of the rest of the header, off, seq, len} followed by `len`
+ * bytes of exactly the LMDB value (struct rec_hdr with its own CRC, then the encoded
+ * EdgePayload), padded to 8 bytes. A record never wraps: the rest of the ring is skipped,
+ * with a pad record when 32 bytes or more are left. Storing the absolute offset in each
+ * header makes a record of an earlier lap at the same position invalid, so a scan stops
+ * exactly at the end of what was written in this lap.
+ *
+ * Appending. Under jctl.lock (a robust, process-shared mutex): check the limits against
+ * the pending counts (below), take the next sequence number, write the record at `tail`,
+ * then publish it by advancing `tail` (a release store). Sequence numbers are handed out
+ * in journal order, and a move always takes a prefix of the journal, so LMDB holds a
+ * prefix of the sequence: the uplink reads in sequence order. A writer killed while
+ * holding the lock leaves it EOWNERDEAD; the next locker rebuilds the shared state
+ * (journal_rebuild) before going on.
+ *
+ * Space. A record is in the ring from its append until a move put it in LMDB *and* an
+ * LMDB flush made that move durable; only then does `released` pass it and its bytes can
+ * be reused. An append that finds the ring full moves and flushes itself, then retries;
+ * only if that cannot free room (the LMDB map or disk is full) is it refused.
+ *
+ * Counting. The pending count and bytes (queue.max_pending, queue.max_bytes, the returned
+ * `pending`) are: LMDB's pending records, plus the records published but not yet moved.
+ * Every LMDB transaction that changes them mirrors, after its commit and under the lock,
+ * its counts and the journal position it moved up to (`m_*`, guarded by the transaction
+ * ID so an older one never overwrites a newer one); staged = pub_count - m_count. A
+ * process killed between a commit and its mirror update leaves the mirror one transaction
+ * behind, which the next transaction (the supervisor's timer: within one queue.sync
+ * period) corrects; until then the counts are over, never under, the truth.
+ *
+ * Durability. interval: an append is a copy into the shared mapping, in the page cache as
+ * soon as it is made, so it survives a crash of any process at once; spk_queue_sync moves
+ * it into LMDB and flushes LMDB, which makes it safe from power loss. always: the record
+ * is written with pwrite() and the journal is flushed (fdatasync) before the call returns;
+ * concurrent callers of all processes share flushes (GROUP COMMIT below). LMDB itself runs
+ * with MDB_NOMETASYNC: every commit flushes its data pages before writing its meta page,
+ * so a power loss can cost at most the last transaction, never the file's integrity, and
+ * that transaction's records are still in the journal (not yet released).
+ *
+ * Damage. Plugin code runs in the writers' processes and the ring is mapped writable
+ * there. A stray store into a published record makes it fail its header or value CRC when
+ * it is moved: it is skipped, counted (meta "damaged", spk_queue_stats.damaged), the move
+ * resynchronises on the next valid header, and spk_queue_sync reports it. Guard pages
+ * flank the mapping. docs/queue.md has the whole argument. */
 
-static uint64_t hint_acquire(spk_queue *q)
+#define JCTL_MAGIC 0x314c54434a4b5053ull /* "SPKJCTL1" */
+#define JREC_MAGIC 0x314a5053u           /* "SPJ1" */
+#define JPAD_MAGIC 0x504a5053u           /* "SPJP" */
+#define JREC_HDR 32u
+#define MOVE_MAX_RECORDS 16384u
+#define MOVE_MAX_BYTES (32u << 20)
+#define MOVE_MAX_PLUGINS 32u
+#define JLOCK_SPINS 200
+
+struct jrec {
+    uint32_t magic;
+    uint32_t hcrc; /* CRC-32C of off, seq, len, zero */
+    uint64_t off;
+    uint64_t seq;
+    uint32_t len;
+    uint32_t zero;
+};
+_Static_assert(sizeof(struct jrec) == JREC_HDR, "journal record header size");
+
+/* The shared page (journal.ctl). Fields without _Atomic are read and written under lock. */
+struct jctl {
+    uint64_t magic;
+    uint64_t size;           /* the ring's size this page describes */
+    pthread_mutex_t lock;
+    uint64_t next_seq;
+    _Atomic uint64_t tail;   /* end of the published records (absolute offset) */
+    uint64_t pub_count;      /* records / stored bytes ever published, cumulative */
+    uint64_t pub_bytes;
+    /* mirror of the newest LMDB transaction's state */
+    uint64_t m_txnid;
+    uint64_t m_pending;      /* records in LMDB */
+    uint64_t m_bytes;
+    _Atomic uint64_t m_off;  /* the journal is moved up to here */
+    uint64_t m_count;        /* records / bytes ever moved, cumulative */
+    uint64_t m_mbytes;
+    _Atomic uint64_t released; /* ring space below this may be reused */
+    _Atomic uint64_t synced;   /* always: the journal is on disk up to here */
+};
+
+/* What an LMDB transaction says about the journal and the pending records. */
+struct jbase {
+    uint64_t txnid, pending, bytes, off, count, mbytes, next_seq;
+};
+
+static size_t align8(size_t n)
 {
-    struct sync_area *a = q->sync;
-    if (a == NULL || q->opts.sync_always)
-        return 0;
-    uint64_t mine = ((uint64_t)(uint32_t)q->pid << 32) | (uint32_t)(++q->hint_seq | 1u);
-    uint64_t seen = 0;
-    for (int i = 0; i < HINT_SPINS; i++) {
-        uint64_t cur = atomic_load_explicit(&a->writer_hint, memory_order_relaxed);
-        if (cur == 0 && atomic_compare_exchange_weak_explicit(&a->writer_hint, &cur, mine,
-                                                              memory_order_acquire,
-                                                              memory_order_relaxed))
-            return mine;
-        seen = cur;
-#if defined(__x86_64__)
-        __builtin_ia32_pause();
-#endif
-    }
-    /* Held all along: drop the token we saw (if it is still there) and go on unhinted. */
-    atomic_compare_exchange_strong(&a->writer_hint, &seen, 0);
+    return (n + 7) & ~(size_t)7;
+}
+
+static uint32_t jrec_hcrc(const struct jrec *h)
+{
+    return ~crc32c(0xFFFFFFFFu, &h->off, sizeof(*h) - offsetof(struct jrec, off));
+}
+
+static int jbase_read(spk_queue *q, MDB_txn *txn, struct jbase *b)
+{
+    MDB_stat ms;
+    int rc = mdb_stat(txn, q->pending, &ms);
+    if (rc != 0)
+        return rc;
+    b->txnid = mdb_txn_id(txn);
+    b->pending = ms.ms_entries;
+    b->bytes = meta_get(txn, q->meta, "bytes");
+    b->off = meta_get(txn, q->meta, "j_off");
+    b->count = meta_get(txn, q->meta, "j_count");
+    b->mbytes = meta_get(txn, q->meta, "j_bytes");
+    b->next_seq = meta_get(txn, q->meta, "next_seq");
     return 0;
 }
 
-static void hint_release(spk_queue *q, uint64_t token)
+/* Under lock: adopt the state of a committed transaction unless a newer one is there. */
+static void mirror_store(struct jctl *c, const struct jbase *b)
 {
-    if (token != 0)
-        atomic_compare_exchange_strong_explicit(&q->sync->writer_hint, &token, 0,
-                                                memory_order_release, memory_order_relaxed);
+    if (b->txnid < c->m_txnid)
+        return;
+    c->m_txnid = b->txnid;
+    c->m_pending = b->pending;
+    c->m_bytes = b->bytes;
+    c->m_off = b->off;
+    c->m_count = b->count;
+    c->m_mbytes = b->mbytes;
+    if (b->next_seq > c->next_seq)
+        c->next_seq = b->next_seq;
+    /* released never passes what LMDB has (it may have gone back after a power loss) */
+    if (atomic_load_explicit(&c->released, memory_order_relaxed) > b->off)
+        atomic_store_explicit(&c->released, b->off, memory_order_relaxed);
 }
 
-/* ---- GROUP SYNC (sync always) -------------------------------------------------------------
- *
- * LMDB's synchronous commit is two flushes in a row under the writer lock: the data pages,
- * then the meta page. With MDB_NOMETASYNC a commit flushes the data pages and only writes
- * the meta page; the transaction is durable once any later flush of the file has
- * completed (LMDB keeps integrity in this mode: the meta page is never written before the
- * pages it points to are on disk, and the other meta slot still holds the previous
- * transaction). Two facts give group commit across processes:
- *
- *   1. When a commit of transaction T returns, every transaction < T is durable: its meta
- *      page was written before T started (writers are serialised) and T flushed the file
- *      after that.
- *   2. A flush that starts after transaction T's commit returned makes T durable.
- *
- * So after committing T, a caller raises durable_txnid to T - 1 (fact 1) and, while
- * durable_txnid < T, takes the leader lock (flock on sync.lock), re-checks, reads the last
- * committed transaction C >= T, flushes (mdb_env_sync) and raises durable_txnid to C
- * (fact 2). Callers that committed while a leader flushed find themselves covered by the
- * next leader's single flush, and a commit by another process covers earlier ones for
- * free: a caller that sees a later transaction's commit in flight (`committing`) waits
- * for it instead of flushing, so with two or more busy writers each record costs about
- * one flush, pipelined (the data flush of the next commit). The call returns only after a flush that covers its record has returned. A
- * leader killed mid-flush releases the flock with its process; the next caller flushes.
- * durable_txnid only ever holds values that were durable when stored, so a stale value
- * after a reboot is a safe under-estimate (transaction IDs never go below it). */
-static int sync_open(spk_queue *q, spk_errbuf *eb)
+/* Check the record at absolute offset `off`. Returns its length in the ring (header,
+ * value, padding) and fills the out-parameters, or 0 when there is no valid record there.
+ * *pad is set for a pad record or the implicit skip at the end of a lap (val is NULL). */
+static size_t jrec_check(const spk_queue *q, uint64_t off, uint64_t *seq, const uint8_t **val,
+                         uint32_t *vlen, bool *pad)
+{
+    uint64_t size = q->jsize;
+    uint64_t pos = off % size;
+    *pad = false;
+    *val = NULL;
+    if (size - pos < JREC_HDR) {
+        *pad = true;
+        return (size_t)(size - pos);
+    }
+    struct jrec h;
+    memcpy(&h, q->jmap + pos, sizeof(h));
+    if (h.off != off || h.zero != 0 || jrec_hcrc(&h) != h.hcrc)
+        return 0;
+    if (h.magic == JPAD_MAGIC) {
+        if (h.len != size - pos)
+            return 0;
+        *pad = true;
+        return h.len;
+    }
+    if (h.magic != JREC_MAGIC || h.len < sizeof(struct rec_hdr) ||
+        pos + JREC_HDR + h.len > size)
+        return 0;
+    struct rec_hdr r;
+    const uint8_t *v = q->jmap + pos + JREC_HDR;
+    memcpy(&r, v, sizeof(r));
+    if (r.magic != REC_MAGIC || r.wire_len != h.len - sizeof(r) ||
+        rec_crc(&r, v + sizeof(r), r.wire_len) != r.crc)
+        return 0;
+    *seq = h.seq;
+    *val = v;
+    *vlen = h.len;
+    return align8(JREC_HDR + h.len);
+}
+
+/* Walk the valid records from LMDB's journal position on, to the first invalid one, and
+ * rebuild the shared state from them and from LMDB's base `b`: at the first open
+ * (`first`: LMDB was just flushed, so everything it has moved is durable and the ring
+ * before it is free), and after a process died holding the lock. Called alone or under
+ * the lock. Returns the records found. */
+static uint64_t journal_rebuild(spk_queue *q, const struct jbase *b, bool first)
+{
+    struct jctl *c = q->jc;
+    uint64_t off = b->off, n = 0, bytes = 0, last = 0, seq = 0;
+    const uint8_t *val;
+    uint32_t vlen;
+    bool pad;
+    /* The scan may not pass more than one ring from where LMDB stands. */
+    while (off - b->off < q->jsize) {
+        size_t len = jrec_check(q, off, &seq, &val, &vlen, &pad);
+        if (len == 0 || off + len - b->off > q->jsize)
+            break;
+        if (!pad) {
+            if (seq < b->next_seq || (n > 0 && seq <= last))
+                break; /* not of this lap */
+            last = seq;
+            n++;
+            bytes += vlen;
+        }
+        off += len;
+    }
+    c->m_txnid = 0;
+    if (first)
+        atomic_store(&c->released, b->off);
+    mirror_store(c, b);
+    if (last + 1 > c->next_seq)
+        c->next_seq = last + 1;
+    if (c->next_seq == 0)
+        c->next_seq = 1;
+    atomic_store(&c->tail, off);
+    c->pub_count = b->count + n;
+    c->pub_bytes = b->mbytes + bytes;
+    if (atomic_load(&c->synced) > off)
+        atomic_store(&c->synced, off);
+    return n;
+}
+
+/* Rebuild from LMDB's committed state (a read transaction: no writer lock needed). */
+static int journal_rebuild_from_lmdb(spk_queue *q)
+{
+    MDB_txn *txn;
+    struct jbase b;
+    int rc = txn_begin(q, MDB_RDONLY, &txn);
+    if (rc != 0)
+        return rc;
+    rc = jbase_read(q, txn, &b);
+    mdb_txn_abort(txn);
+    if (rc == 0) {
+        journal_rebuild(q, &b, false);
+        q->rebuilds++;
+    }
+    return rc;
+}
+
+static int jlock(spk_queue *q, spk_errbuf *eb)
+{
+    pthread_mutex_t *m = &q->jc->lock;
+    int rc = EBUSY;
+    for (int i = 0; i < JLOCK_SPINS && rc == EBUSY; i++) {
+        rc = pthread_mutex_trylock(m);
+#if defined(__x86_64__)
+        if (rc == EBUSY)
+            __builtin_ia32_pause();
+#endif
+    }
+    if (rc == EBUSY)
+        rc = pthread_mutex_lock(m);
+    if (rc == EOWNERDEAD) {
+        /* Its holder died: the shared state may be half-updated. */
+        if (journal_rebuild_from_lmdb(q) != 0) {
+            pthread_mutex_unlock(m); /* not consistent: the next locker tries again */
+            return spk_errf(eb, SPK_EQUEUE_UNAVAILABLE, "queue %s: the journal's lock was "
+                            "held by a process that died, and its state could not be "
+                            "rebuilt", q->path);
+        }
+        pthread_mutex_consistent(m);
+        rc = 0;
+    }
+    if (rc != 0)
+        return spk_errf(eb, SPK_EQUEUE_UNAVAILABLE, "queue %s: journal lock: %s (restart "
+                        "every process using the queue)", q->path, strerror(rc));
+    return 0;
+}
+
+static void junlock(spk_queue *q)
+{
+    pthread_mutex_unlock(&q->jc->lock);
+}
+
+static int ofd_lock(int fd, short type, off_t start, bool wait)
+{
+    struct flock fl = {.l_type = type, .l_whence = SEEK_SET, .l_start = start, .l_len = 1};
+    int rc;
+    while ((rc = fcntl(fd, wait ? F_OFD_SETLKW : F_OFD_SETLK, &fl)) != 0 && errno == EINTR)
+        ;
+    return rc;
+}
+
+/* Map the ring between two PROT_NONE guard pages: one reservation, the file mapped over
+ * its middle. */
+static int journal_map(spk_queue *q)
+{
+    size_t pg = (size_t)sysconf(_SC_PAGESIZE);
+    size_t len = (size_t)q->jsize;
+    uint8_t *res = mmap(NULL, len + 2 * pg, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (res == MAP_FAILED)
+        return errno;
+    void *p = mmap(res + pg, len, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED, q->jfd, 0);
+    if (p == MAP_FAILED) {
+        int e = errno;
+        munmap(res, len + 2 * pg);
+        return e;
+    }
+    q->jres = res;
+    q->jmap = p;
+    return 0;
+}
+
+static void journal_close_map(spk_queue *q)
+{
+    if (q->jres != NULL)
+        munmap(q->jres, (size_t)q->jsize + 2 * (size_t)sysconf(_SC_PAGESIZE));
+    q->jres = q->jmap = NULL;
+}
+
+static void journal_close(spk_queue *q)
+{
+    size_t pg = (size_t)sysconf(_SC_PAGESIZE);
+    journal_close_map(q);
+    if (q->jc != NULL)
+        munmap(q->jc, pg);
+    if (q->jfd >= 0)
+        close(q->jfd);
+    if (q->cfd >= 0)
+        close(q->cfd); /* drops our OFD locks */
+    q->jc = NULL;
+    q->jfd = q->cfd = -1;
+    free(q->scratch);
+    q->scratch = NULL;
+    q->scratch_cap = 0;
+}
+
+/* Give the ring file `size` bytes of allocated blocks. */
+static int journal_alloc(int fd, uint64_t size)
+{
+    if (ftruncate(fd, (off_t)size) != 0)
+        return errno;
+    if (fallocate(fd, 0, 0, (off_t)size) == 0)
+        return 0;
+    if (errno != EOPNOTSUPP && errno != ENOSYS)
+        return errno;
+    /* No fallocate here: write the blocks. */
+    static const uint8_t zero[65536];
+    for (uint64_t o = 0; o < size; o += sizeof(zero)) {
+        size_t n = size - o < sizeof(zero) ? (size_t)(size - o) : sizeof(zero);
+        if (pwrite(fd, zero, n, (off_t)o) != (ssize_t)n)
+            return errno != 0 ? errno : EIO;
+    }
+    return 0;
+}
+
+/* Open journal and journal.ctl. The first process to open the queue (no other holds the
+ * shared lock on byte 0 of journal.ctl) rebuilds the shared state; openers are serialised
+ * by an exclusive lock on byte 1 while they do this. */
+static int journal_open(spk_queue *q, spk_errbuf *eb)
 {
     char file[4200];
-    snprintf(file, sizeof(file), "%s/sync.lock", q->path);
-    q->sync_fd = open(file, O_RDWR | O_CREAT | O_CLOEXEC, 0600);
-    if (q->sync_fd < 0)
-        return spk_errf(eb, SPK_EQUEUE_UNAVAILABLE, "queue %s: cannot open %s: %s", q->path,
-                        file, strerror(errno));
+    size_t pg = (size_t)sysconf(_SC_PAGESIZE);
+    int e;
+    snprintf(file, sizeof(file), "%s/journal.ctl", q->path);
+    q->cfd = open(file, O_RDWR | O_CREAT | O_CLOEXEC, 0600);
+    if (q->cfd < 0)
+        return spk_errf(eb, errno == ENOSPC ? SPK_EQUEUE_UNAVAILABLE : SPK_EIO,
+                        "queue %s: cannot open %s: %s", q->path, file, strerror(errno));
+    if (ofd_lock(q->cfd, F_WRLCK, 1, true) != 0)
+        return spk_errf(eb, SPK_EIO, "queue %s: cannot lock %s: %s", q->path, file,
+                        strerror(errno));
+    bool alone = ofd_lock(q->cfd, F_WRLCK, 0, false) == 0;
     struct stat st;
-    size_t len = (size_t)sysconf(_SC_PAGESIZE);
-    if (fstat(q->sync_fd, &st) != 0 ||
-        ((size_t)st.st_size < len && ftruncate(q->sync_fd, (off_t)len) != 0))
+    if (fstat(q->cfd, &st) != 0 ||
+        ((size_t)st.st_size < pg && ftruncate(q->cfd, (off_t)pg) != 0))
         return spk_errf(eb, SPK_EQUEUE_UNAVAILABLE, "queue %s: cannot size %s: %s", q->path,
                         file, strerror(errno));
-    void *p = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_SHARED, q->sync_fd, 0);
+    void *p = mmap(NULL, pg, PROT_READ | PROT_WRITE, MAP_SHARED, q->cfd, 0);
     if (p == MAP_FAILED)
         return spk_errf(eb, SPK_EQUEUE_UNAVAILABLE, "queue %s: cannot map %s: %s", q->path,
                         file, strerror(errno));
-    q->sync = p;
-    /* A fresh file is all zeros: durable_txnid 0 is a valid under-estimate. The magic only
-     * marks the file as ours; racing initialisers write the same value. */
-    if (q->sync->magic != SYNC_MAGIC)
-        q->sync->magic = SYNC_MAGIC;
+    q->jc = p;
+
+    snprintf(file, sizeof(file), "%s/journal", q->path);
+    q->jfd = open(file, O_RDWR | O_CREAT | O_CLOEXEC, 0600);
+    if (q->jfd < 0 || fstat(q->jfd, &st) != 0)
+        return spk_errf(eb, errno == ENOSPC ? SPK_EQUEUE_UNAVAILABLE : SPK_EIO,
+                        "queue %s: cannot open %s: %s", q->path, file, strerror(errno));
+    uint64_t want = q->opts.journal_size;
+    uint64_t have = (uint64_t)st.st_size;
+    if (!alone) {
+        /* The first opener sized it; a size in journal.ctl that disagrees means damage. */
+        if (q->jc->magic != JCTL_MAGIC || q->jc->size != have || have < SPK_QUEUE_JOURNAL_MIN)
+            return spk_errf(eb, SPK_ECORRUPT, "queue %s: %s does not match journal.ctl; stop "
+                            "every process using the queue and open it again", q->path, file);
+        q->jsize = have;
+    } else {
+        q->jsize = have >= SPK_QUEUE_JOURNAL_MIN ? have : want;
+        if (have != q->jsize && (e = journal_alloc(q->jfd, q->jsize)) != 0)
+            return spk_errf(eb, SPK_EQUEUE_UNAVAILABLE, "queue %s: cannot allocate the "
+                            "%llu-byte journal %s: %s", q->path,
+                            (unsigned long long)q->jsize, file, strerror(e));
+    }
+    if ((e = journal_map(q)) != 0)
+        return spk_errf(eb, SPK_EQUEUE_UNAVAILABLE, "queue %s: cannot map %s: %s", q->path,
+                        file, strerror(e));
+    if (alone) {
+        struct jctl *c = q->jc;
+        pthread_mutexattr_t ma;
+        MDB_txn *txn;
+        struct jbase b;
+        int rc;
+        if (c->magic != JCTL_MAGIC || c->size != q->jsize)
+            memset(c, 0, sizeof(*c));
+        /* What earlier processes committed may be in the page cache only: flush it, so
+         * what LMDB says it moved may be released. */
+        if ((rc = mdb_env_sync(q->env, 1)) != 0 || (rc = txn_begin(q, MDB_RDONLY, &txn)) != 0)
+            return lmdb_err(q, rc, "open the journal", eb);
+        rc = jbase_read(q, txn, &b);
+        mdb_txn_abort(txn);
+        if (rc != 0)
+            return lmdb_err(q, rc, "open the journal", eb);
+        uint64_t staged = journal_rebuild(q, &b, true);
+        if (staged == 0 && q->jsize != want && want >= SPK_QUEUE_JOURNAL_MIN) {
+            /* Empty: take the configured size. Offsets are absolute, so nothing moves. */
+            journal_close_map(q);
+            if ((e = journal_alloc(q->jfd, want)) != 0 || (q->jsize = want, 0) ||
+                (e = journal_map(q)) != 0)
+                return spk_errf(eb, SPK_EQUEUE_UNAVAILABLE, "queue %s: cannot resize the "
+                                "journal %s to %llu bytes: %s", q->path, file,
+                                (unsigned long long)want, strerror(e));
+            journal_rebuild(q, &b, true);
+        }
+        /* What the previous processes wrote is in the page cache; make it durable now,
+         * so `synced` (= tail) is true. */
+        fdatasync(q->jfd);
+        atomic_store(&c->synced, atomic_load(&c->tail));
+        if (pthread_mutexattr_init(&ma) != 0 ||
+            pthread_mutexattr_setpshared(&ma, PTHREAD_PROCESS_SHARED) != 0 ||
+            pthread_mutexattr_setrobust(&ma, PTHREAD_MUTEX_ROBUST) != 0 ||
+            pthread_mutex_init(&c->lock, &ma) != 0)
+            return spk_errf(eb, SPK_EIO, "queue %s: cannot initialise the journal lock",
+                            q->path);
+        pthread_mutexattr_destroy(&ma);
+        c->size = q->jsize;
+        c->magic = JCTL_MAGIC;
+    }
+    /* Byte 0 shared while open (converting our exclusive lock is atomic); then let the
+     * next opener in. */
+    if (ofd_lock(q->cfd, F_RDLCK, 0, true) != 0 || ofd_lock(q->cfd, F_UNLCK, 1, false) != 0)
+        return spk_errf(eb, SPK_EIO, "queue %s: cannot lock journal.ctl: %s", q->path,
+                        strerror(errno));
     return 0;
 }
 
-static void sync_close(spk_queue *q)
-{
-    if (q->sync != NULL)
-        munmap(q->sync, (size_t)sysconf(_SC_PAGESIZE));
-    if (q->sync_fd >= 0)
-        close(q->sync_fd);
-    q->sync = NULL;
-    q->sync_fd = -1;
-}
+/* ---- moving journal records into LMDB ---------------------------------------------------- */
 
-static void durable_raise(struct sync_area *a, uint64_t txnid)
-{
-    uint64_t cur = atomic_load_explicit(&a->durable_txnid, memory_order_acquire);
-    while (cur < txnid && !atomic_compare_exchange_weak_explicit(
-                              &a->durable_txnid, &cur, txnid, memory_order_acq_rel,
-                              memory_order_acquire))
-        ;
-}
+struct plugin_delta {
+    uint32_t id;
+    uint64_t count, bytes;
+};
 
-/* A later transaction's commit is flushing the file right now (fact 1 will cover txnid
- * when it returns): wait for it rather than issue a flush of our own, for at most
- * RIDE_WAIT_NS (its writer may have died mid-commit). True when txnid became durable. */
-#define RIDE_WAIT_NS 20000000L
-static bool ride_on_commit(struct sync_area *a, uint64_t txnid)
+/* Skip a damaged stretch: the next offset in [from, end) where a valid record (or a lap's
+ * end) starts, or `end`. Records are 8-byte aligned. */
+static uint64_t journal_resync(const spk_queue *q, uint64_t from, uint64_t end)
 {
-    struct timespec t0, now, nap = {0, 20000};
-    clock_gettime(CLOCK_MONOTONIC, &t0);
-    for (;;) {
-        if (atomic_load_explicit(&a->durable_txnid, memory_order_acquire) >= txnid)
-            return true;
-        if (atomic_load_explicit(&a->committing, memory_order_acquire) <= txnid)
-            return false;
-        clock_gettime(CLOCK_MONOTONIC, &now);
-        if ((now.tv_sec - t0.tv_sec) * 1000000000L + (now.tv_nsec - t0.tv_nsec) > RIDE_WAIT_NS)
-            return false;
-        nanosleep(&nap, NULL);
+    uint64_t seq;
+    const uint8_t *val;
+    uint32_t vlen;
+    bool pad;
+    for (uint64_t off = from + 8; off < end; off += 8) {
+        if (q->jsize - off % q->jsize < JREC_HDR)
+            return off; /* the implicit skip to the next lap */
+        if (jrec_check(q, off, &seq, &val, &vlen, &pad) != 0)
+            return off;
     }
+    return end;
 }
 
-/* Return once write transaction `txnid`, already committed, is on stable storage. */
-static int group_sync(spk_queue *q, uint64_t txnid, spk_errbuf *eb)
+/* Moves stop short of filling the map: acks and expiry need pages to delete records (each
+ * copies the leaves and branches it changes, and records the freed pages), and only
+ * deleting frees space. So a move may add at most `room` pages: the map's pages minus the
+ * used ones and a reserve, plus the free list's pages (LMDB reuses those first) when the
+ * map is nearly full. Computed before the write transaction; a record's pages are
+ * estimated on the high side (overflow pages whole, small records in half-full leaves). */
+#define MOVE_MAP_FULL (-30999)
+static uint64_t map_room_pages(spk_queue *q)
 {
-    struct sync_area *a = q->sync;
-    if (a == NULL)
-        return 0;
-    if (txnid > 0)
-        durable_raise(a, txnid - 1);
-    if (atomic_load_explicit(&a->durable_txnid, memory_order_acquire) >= txnid ||
-        ride_on_commit(a, txnid)) {
-        q->sync_shared++;
-        return 0;
-    }
-    while (flock(q->sync_fd, LOCK_EX) != 0)
-        if (errno != EINTR)
-            return spk_errf(eb, SPK_EIO, "queue %s: the record is committed but its flush "
-                            "could not be confirmed: flock: %s", q->path, strerror(errno));
-    int err = 0;
-    if (atomic_load_explicit(&a->durable_txnid, memory_order_acquire) >= txnid) {
-        q->sync_shared++;
-    } else {
-        MDB_envinfo info;
-        uint64_t upto = txnid;
-        if (mdb_env_info(q->env, &info) == 0 && info.me_last_txnid > upto)
-            upto = info.me_last_txnid;
-        int rc = mdb_env_sync(q->env, 1);
-        if (rc == 0) {
-            durable_raise(a, upto);
-            q->sync_calls++;
-        } else {
-            err = spk_errf(eb, SPK_EIO, "queue %s: the record is committed but its flush "
-                           "failed (%s): it may not survive a power loss", q->path,
-                           mdb_strerror(rc));
+    MDB_envinfo info;
+    if (q->psize == 0 || mdb_env_info(q->env, &info) != 0)
+        return UINT64_MAX;
+    uint64_t pages = info.me_mapsize / q->psize;
+    uint64_t keep = pages / 8;
+    if (keep > (4ull << 20) / q->psize)
+        keep = (4ull << 20) / q->psize;
+    if (keep < 16)
+        keep = 16;
+    uint64_t used = (uint64_t)info.me_last_pgno + 1;
+    uint64_t room = used + keep < pages ? pages - used - keep : 0;
+    if (room < 2ull * MOVE_MAX_BYTES / q->psize) {
+        MDB_txn *txn;
+        MDB_cursor *cur;
+        MDB_val k, v;
+        if (txn_begin(q, MDB_RDONLY, &txn) == 0) {
+            if (mdb_cursor_open(txn, 0 /* FREE_DBI */, &cur) == 0) {
+                while (mdb_cursor_get(cur, &k, &v, MDB_NEXT) == 0) {
+                    size_t n;
+                    if (v.mv_size >= sizeof(n)) {
+                        memcpy(&n, v.mv_data, sizeof(n));
+                        room += n;
+                    }
+                }
+                mdb_cursor_close(cur);
+            }
+            mdb_txn_abort(txn);
         }
     }
-    flock(q->sync_fd, LOCK_UN);
+    return room;
+}
+
+/* Pages a record of `vlen` value bytes may take, times 16 (fractions of a page). */
+static uint64_t record_pages16(const spk_queue *q, uint32_t vlen)
+{
+    uint64_t node = (uint64_t)vlen + 8 + 16;
+    if (node > q->psize / 2 - 64)
+        return 16 * ((vlen + 16 + q->psize - 1) / q->psize) + 1;
+    return (32 * node + q->psize - 1) / q->psize; /* leaves half full */
+}
+
+/* One transaction: move records from LMDB's journal position up to `end` (at most `limit`
+ * records). *moved_to receives the new position, *damaged the damaged records skipped.
+ * Returns an LMDB/errno code. */
+static int move_txn(spk_queue *q, uint64_t end, size_t limit, uint64_t max_bytes,
+                    uint64_t *moved_to,
+                    uint64_t *damaged)
+{
+    MDB_txn *txn = NULL;
+    struct plugin_delta pd[MOVE_MAX_PLUGINS];
+    size_t npd = 0;
+    struct jbase b;
+    uint64_t room16 = map_room_pages(q), used16 = 16 * 8; /* and a few for the DBs' roots */
+    room16 = room16 > UINT64_MAX / 16 ? UINT64_MAX : room16 * 16;
+    int rc = txn_begin(q, 0, &txn);
+    if (rc != 0)
+        return rc;
+    if ((rc = jbase_read(q, txn, &b)) != 0)
+        goto fail;
+    uint64_t off = b.off, n = 0, bytes = 0, bad = 0, last = 0;
+    bool soft_full = false;
+    while (off < end && n < limit && bytes < max_bytes) {
+
+        uint64_t seq = 0;
+        const uint8_t *val;
+        uint32_t vlen;
+        bool pad;
+        size_t len = jrec_check(q, off, &seq, &val, &vlen, &pad);
+        if (len != 0 && pad) {
+            off += len;
+            continue;
+        }
+        if (len == 0 || seq < b.next_seq || (last != 0 && seq <= last)) {
+            bad++;
+            off = journal_resync(q, off, end);
+            continue;
+        }
+        used16 += record_pages16(q, vlen);
+        if (used16 > room16) {
+            soft_full = true;
+            break;
+        }
+        struct rec_hdr h;
+        memcpy(&h, val, sizeof(h));
+        size_t i = 0;
+        while (i < npd && pd[i].id != h.plugin_id)
+            i++;
+        if (i == npd) {
+            if (npd == MOVE_MAX_PLUGINS)
+                break; /* the next transaction takes it */
+            pd[npd++] = (struct plugin_delta){h.plugin_id, 0, 0};
+        }
+        uint8_t kb[8];
+        be64(kb, seq);
+        MDB_val k = {8, kb}, v = {vlen, (void *)val};
+        if ((rc = mdb_put(txn, q->pending, &k, &v, MDB_APPEND)) != 0)
+            goto fail;
+        pd[i].count++;
+        pd[i].bytes += vlen;
+        n++;
+        bytes += vlen;
+        last = seq;
+        off += len;
+    }
+    if (soft_full && n == 0 && bad == 0) {
+        rc = MOVE_MAP_FULL;
+        goto fail;
+    }
+    for (size_t i = 0; i < npd; i++)
+        if ((rc = plugin_adjust(q, txn, pd[i].id, +1, pd[i].count, pd[i].bytes)) != 0)
+            goto fail;
+    if ((rc = meta_put(txn, q->meta, "j_off", off)) != 0 ||
+        (rc = meta_put(txn, q->meta, "j_count", b.count + n)) != 0 ||
+        (rc = meta_put(txn, q->meta, "j_bytes", b.mbytes + bytes)) != 0 ||
+        (rc = meta_put(txn, q->meta, "bytes", b.bytes + bytes)) != 0 ||
+        (last >= b.next_seq && (rc = meta_put(txn, q->meta, "next_seq", last + 1)) != 0) ||
+        (bad > 0 && (rc = meta_add(txn, q->meta, "damaged", bad)) != 0))
+        goto fail;
+    if ((rc = jbase_read(q, txn, &b)) != 0)
+        goto fail;
+    rc = mdb_txn_commit(txn);
+    txn = NULL;
+    if (rc != 0)
+        return rc;
+    if (jlock(q, NULL) == 0) {
+        mirror_store(q->jc, &b);
+        junlock(q);
+    }
+    *moved_to = off;
+    *damaged += bad;
+    return 0;
+fail:
+    if (txn != NULL)
+        mdb_txn_abort(txn);
+    return rc;
+}
+
+/* After a committed transaction that changed the pending records: mirror its state. */
+static void mirror_after(spk_queue *q, const struct jbase *b)
+{
+    if (jlock(q, NULL) == 0) {
+        mirror_store(q->jc, b);
+        junlock(q);
+    }
+}
+
+/* Move every record published so far into LMDB. With `release`, then flush LMDB and
+ * release the ring space of everything moved. Returns 0, SPK_EQUEUE_UNAVAILABLE (map or
+ * disk full: what was moved stays moved), SPK_EIO, or SPK_ECORRUPT when damaged records
+ * were skipped (everything else was moved; the message says how many). */
+static int journal_move(spk_queue *q, bool release, spk_errbuf *eb)
+{
+    uint64_t damaged = 0, end, moved_to, at;
+    int rc = 0;
+    if ((rc = jlock(q, eb)) != 0)
+        return rc;
+    end = atomic_load_explicit(&q->jc->tail, memory_order_acquire);
+    at = q->jc->m_off;
+    junlock(q);
+    size_t limit = MOVE_MAX_RECORDS;
+    /* With the writable map every page a transaction touches must be allocated on disk
+     * beforehand (ensure_headroom), so its batches are kept within the reserve. */
+    uint64_t max_bytes = q->opts.writemap ? q->reserve / 4 : MOVE_MAX_BYTES;
+    bool moved_any = false;
+    while (at < end) {
+        uint64_t chunk = end - at < max_bytes ? end - at : max_bytes;
+        int err = ensure_headroom(q, chunk, eb);
+        if (err != 0 && max_bytes > 65536) {
+            max_bytes /= 2; /* a smaller batch may fit on the disk */
+            continue;
+        }
+        if (err == 0) {
+            rc = move_txn(q, end, limit, max_bytes, &moved_to, &damaged);
+            if ((rc == MDB_MAP_FULL || rc == ENOSPC || rc == EIO) && limit > 1) {
+                limit /= 2; /* a smaller batch may fit */
+                max_bytes = max_bytes > 131072 ? max_bytes / 2 : max_bytes;
+                continue;
+            }
+            if (rc == MOVE_MAP_FULL)
+                rc = MDB_MAP_FULL; /* as full as moves may make it: acks need the rest */
+            if (rc != 0)
+                err = lmdb_err(q, rc, "move records from the journal", eb);
+        }
+        if (err != 0) {
+            if (!moved_any)
+                return err;
+            break; /* release what was moved; the caller retries for the rest */
+        }
+        if (moved_to == at)
+            break;
+        at = moved_to;
+        moved_any = true;
+        q->moved_txns++;
+    }
+    if (release) {
+        if ((rc = jlock(q, eb)) != 0)
+            return rc;
+        uint64_t upto = q->jc->m_off; /* of a committed transaction */
+        junlock(q);
+        if ((rc = mdb_env_sync(q->env, 1)) != 0)
+            return spk_errf(eb, SPK_EIO, "queue %s: sync: %s", q->path, mdb_strerror(rc));
+        if ((rc = jlock(q, eb)) != 0)
+            return rc;
+        if (upto > atomic_load_explicit(&q->jc->released, memory_order_relaxed) &&
+            upto <= q->jc->m_off)
+            atomic_store_explicit(&q->jc->released, upto, memory_order_release);
+        junlock(q);
+    }
+    if (damaged > 0)
+        return spk_errf(eb, SPK_ECORRUPT, "queue %s: journal: skipped %llu damaged record(s) "
+                        "(a stray write by plugin code, or disk damage); every other record "
+                        "was kept", q->path, (unsigned long long)damaged);
+    return 0;
+}
+
+/* Records published but not yet moved (cheap; no lock). */
+static bool journal_staged(const spk_queue *q)
+{
+    return atomic_load_explicit(&q->jc->tail, memory_order_acquire) !=
+           atomic_load_explicit(&q->jc->m_off, memory_order_relaxed);
+}
+
+/* ---- GROUP COMMIT (sync always) ----------------------------------------------------------
+ *
+ * An `always` append writes its record with pwrite() (a flush of pages written through a
+ * shared mapping costs ~3x more on ext4: measured in docs/benchmarks.md) and publishes
+ * it; then the record must be on disk before the call returns. `synced` says up to where
+ * the journal is known flushed. A caller whose record ends past it takes the leader lock
+ * (flock on the journal file: dropped by the kernel if the leader dies), re-checks, reads
+ * `tail` (every record below it is completely written, since records are published after
+ * their pwrite), flushes, and raises `synced` to that tail. Callers of every process that
+ * appended while a leader flushed are covered by the next single flush. */
+static int group_commit(spk_queue *q, uint64_t end, spk_errbuf *eb)
+{
+    struct jctl *c = q->jc;
+    if (atomic_load_explicit(&c->synced, memory_order_acquire) >= end) {
+        q->sync_shared++;
+        return 0;
+    }
+    while (flock(q->jfd, LOCK_EX) != 0)
+        if (errno != EINTR)
+            return spk_errf(eb, SPK_EIO, "queue %s: the record is stored but its flush could "
+                            "not be confirmed: flock: %s", q->path, strerror(errno));
+    int err = 0;
+    if (atomic_load_explicit(&c->synced, memory_order_acquire) >= end) {
+        q->sync_shared++;
+    } else {
+        uint64_t upto = atomic_load_explicit(&c->tail, memory_order_acquire);
+        if (fdatasync(q->jfd) == 0) {
+            uint64_t cur = atomic_load(&c->synced);
+            while (cur < upto && !atomic_compare_exchange_weak(&c->synced, &cur, upto))
+                ;
+            q->sync_calls++;
+        } else {
+            err = spk_errf(eb, SPK_EIO, "queue %s: the record is stored but its flush failed "
+                           "(%s): it may not survive a power loss", q->path, strerror(errno));
+        }
+    }
+    flock(q->jfd, LOCK_UN);
     return err;
 }
 
@@ -749,7 +1327,7 @@ int spk_queue_open(const char *path, const spk_queue_opts *opts, spk_queue **out
         q->opts.map_size = 2048ull * 1024 * 1024;
     q->pid = getpid();
     q->fd = -1;
-    q->sync_fd = -1;
+    q->cfd = q->jfd = -1;
     q->path = strdup(path);
     if (q->path == NULL) {
         err = spk_errf(eb, SPK_ENOMEM, "queue %s: out of memory", path);
@@ -770,9 +1348,16 @@ int spk_queue_open(const char *path, const spk_queue_opts *opts, spk_queue **out
         goto fail;
     }
 
-    /* always: NOMETASYNC commits (data flushed, meta written) finished by a group sync;
-     * interval: NOSYNC commits, flushed by the owner of the timer. See DURABILITY. */
-    unsigned flags = q->opts.sync_always ? MDB_NOMETASYNC : MDB_NOSYNC;
+    if (q->opts.journal_size < SPK_QUEUE_JOURNAL_MIN || q->opts.journal_size % 4096 != 0) {
+        err = spk_errf(eb, SPK_EINVAL, "queue %s: journal size %llu: must be a multiple of "
+                       "4096 and at least %u bytes", path,
+                       (unsigned long long)q->opts.journal_size, SPK_QUEUE_JOURNAL_MIN);
+        goto fail;
+    }
+    /* Every commit flushes its data pages before it writes its meta page, whatever the
+     * policy: LMDB stays intact through a power loss, which can cost at most the last
+     * transaction, whose records the journal still holds. See JOURNAL. */
+    unsigned flags = MDB_NOMETASYNC;
     if (q->opts.writemap)
         flags |= MDB_WRITEMAP;
     if ((rc = mdb_env_create(&q->env)) != 0 || (rc = mdb_env_set_maxdbs(q->env, 4)) != 0 ||
@@ -808,19 +1393,19 @@ int spk_queue_open(const char *path, const spk_queue_opts *opts, spk_queue **out
         /* LMDB made the file map_size long but sparse: a store into a hole on a full disk
          * would be a SIGBUS. Allocate the used part and the reserve now, when failing is
          * still clean; every write transaction extends it ahead of use (ensure_headroom). */
-        if (q->fd >= 0 && (err = ensure_headroom(q, 0, eb)) != 0)
-            goto fail;
+        if (q->fd >= 0)
+            ensure_headroom(q, 0, NULL); /* best effort: writers check again before use */
     }
     if ((err = open_dbs(q, eb)) != 0)
         goto fail;
     if (q->opts.writemap)
         place_guards(q);
-    if ((err = sync_open(q, eb)) != 0)
+    if ((err = journal_open(q, eb)) != 0)
         goto fail;
     *out = q;
     return 0;
 fail:
-    sync_close(q);
+    journal_close(q);
     drop_guards(q);
     if (q->env != NULL)
         mdb_env_close(q->env);
@@ -837,7 +1422,7 @@ void spk_queue_close(spk_queue *q)
      * the parent's pid); leave the inherited environment alone. */
     if (q->pid == getpid()) {
         drop_guards(q);
-        sync_close(q);
+        journal_close(q);
         mdb_env_close(q->env);
     }
     free(q->path);
@@ -915,15 +1500,64 @@ static int count_refusal(spk_queue *q, int err)
     return err;
 }
 
+/* Write a record of `size` stored bytes (need = its length in the ring) at absolute
+ * offset `off`, after a pad of `padlen` bytes at `off - padlen`. Under the lock. */
+static int journal_write(spk_queue *q, Spoke__Control__V1__EdgePayload *ep,
+                         const spk_queue_msg *m, uint64_t off, uint64_t padlen,
+                         size_t wire_len, size_t need, spk_errbuf *eb)
+{
+    struct jrec pad = {JPAD_MAGIC, 0, off - padlen, 0, (uint32_t)padlen, 0};
+    struct jrec h = {JREC_MAGIC, 0, off, ep->sequence,
+                     (uint32_t)(sizeof(struct rec_hdr) + wire_len), 0};
+    struct rec_hdr r = {REC_MAGIC, 0, m->plugin_id, (uint32_t)wire_len, m->edge_timestamp_ms};
+    pad.hcrc = jrec_hcrc(&pad);
+    h.hcrc = jrec_hcrc(&h);
+    uint8_t *dst;
+    if (!q->opts.sync_always) {
+        /* interval: straight into the shared mapping, no copy and no system call */
+        if (padlen >= JREC_HDR)
+            memcpy(q->jmap + (off - padlen) % q->jsize, &pad, sizeof(pad));
+        dst = q->jmap + off % q->jsize;
+    } else {
+        if (need > q->scratch_cap) {
+            uint8_t *nb = realloc(q->scratch, need);
+            if (nb == NULL)
+                return spk_errf(eb, SPK_ENOMEM, "queue %s: out of memory", q->path);
+            q->scratch = nb;
+            q->scratch_cap = need;
+        }
+        dst = q->scratch;
+    }
+    uint8_t *wire = dst + JREC_HDR + sizeof(r);
+    size_t packed = spoke__control__v1__edge_payload__pack(ep, wire);
+    if (packed != wire_len)
+        return spk_errf(eb, SPK_EIO, "queue %s: encoder wrote %zu bytes, expected %zu",
+                        q->path, packed, wire_len);
+    r.crc = rec_crc(&r, wire, wire_len);
+    memcpy(dst + JREC_HDR, &r, sizeof(r));
+    memcpy(dst, &h, sizeof(h));
+    if (!q->opts.sync_always)
+        return 0;
+    /* always: pwrite (see GROUP COMMIT) */
+    if ((padlen >= JREC_HDR &&
+         pwrite(q->jfd, &pad, sizeof(pad), (off_t)((off - padlen) % q->jsize)) !=
+             (ssize_t)sizeof(pad)) ||
+        pwrite(q->jfd, dst, need, (off_t)(off % q->jsize)) != (ssize_t)need)
+        return spk_errf(eb, errno == ENOSPC ? SPK_EQUEUE_UNAVAILABLE : SPK_EIO,
+                        "queue %s: cannot write the journal: %s; nothing was stored",
+                        q->path, strerror(errno != 0 ? errno : EIO));
+    return 0;
+}
+
+#define APPEND_TRIES 4
+
 int spk_queue_enqueue(spk_queue *q, const spk_queue_msg *m, uint64_t *seq_out,
                       uint64_t *pending_out, spk_errbuf *eb)
 {
     Spoke__Control__V1__EdgePayload ep = SPOKE__CONTROL__V1__EDGE_PAYLOAD__INIT;
     Spoke__Control__V1__KeyValue kvs[SPOKE_MAX_METADATA];
     Spoke__Control__V1__KeyValue *kvp[SPOKE_MAX_METADATA];
-    MDB_txn *txn = NULL;
     int err;
-    int rc;
 
     if (q == NULL)
         return spk_errf(eb, SPK_EINVAL, "queue: no handle");
@@ -946,94 +1580,69 @@ int spk_queue_enqueue(spk_queue *q, const spk_queue_msg *m, uint64_t *seq_out,
     ep.n_metadata = m->n_metadata;
     ep.metadata = m->n_metadata > 0 ? kvp : NULL;
 
-    if ((err = ensure_headroom(q, m->payload_len + 2048, eb)) != 0)
+    struct jctl *c = q->jc;
+    if ((err = jlock(q, eb)) != 0)
         return count_refusal(q, err);
-    uint64_t hint = hint_acquire(q);
-    rc = txn_begin(q, 0, &txn);
-    if (rc != 0) {
-        hint_release(q, hint);
-        return count_refusal(q, lmdb_err(q, rc, "enqueue", eb));
+    for (int tries = 0;; tries++) {
+        uint64_t pending = c->m_pending + (c->pub_count - c->m_count);
+        uint64_t bytes = c->m_bytes + (c->pub_bytes - c->m_mbytes);
+        if (q->opts.max_pending > 0 && pending >= q->opts.max_pending) {
+            junlock(q);
+            return count_refusal(q, spk_errf(eb, SPK_EQUEUE_FULL, "queue %s full: %llu "
+                                             "records pending (queue.max_pending)", q->path,
+                                             (unsigned long long)pending));
+        }
+        uint64_t seq = c->next_seq;
+        ep.sequence = seq;
+        size_t wire_len = spoke__control__v1__edge_payload__get_packed_size(&ep);
+        uint64_t size = spk_queue_record_size(wire_len);
+        if (q->opts.max_bytes > 0 && bytes + size > q->opts.max_bytes) {
+            junlock(q);
+            return count_refusal(
+                q, spk_errf(eb, SPK_EQUEUE_FULL, "queue %s full: %llu bytes pending, %llu "
+                            "more would pass queue.max_bytes (%llu)", q->path,
+                            (unsigned long long)bytes, (unsigned long long)size,
+                            (unsigned long long)q->opts.max_bytes));
+        }
+        size_t need = align8(JREC_HDR + (size_t)size);
+        uint64_t tail = atomic_load_explicit(&c->tail, memory_order_relaxed);
+        uint64_t pos = tail % q->jsize;
+        uint64_t padlen = pos + need > q->jsize ? q->jsize - pos : 0;
+        uint64_t released = atomic_load_explicit(&c->released, memory_order_acquire);
+        if (tail + padlen + need - released > q->jsize) {
+            /* The ring is full: move it into LMDB, flush, release, and try again. */
+            junlock(q);
+            if (tries == APPEND_TRIES)
+                return count_refusal(q, spk_errf(eb, SPK_EQUEUE_UNAVAILABLE, "queue %s: "
+                                                 "the journal (%llu bytes) stays full: "
+                                                 "records are appended faster than they "
+                                                 "can be moved into LMDB", q->path,
+                                                 (unsigned long long)q->jsize));
+            err = journal_move(q, true, eb);
+            if (err != 0 && err != SPK_ECORRUPT)
+                return count_refusal(q, err);
+            if ((err = jlock(q, eb)) != 0)
+                return count_refusal(q, err);
+            continue;
+        }
+        uint64_t off = tail + padlen;
+        if ((err = journal_write(q, &ep, m, off, padlen, wire_len, need, eb)) != 0) {
+            junlock(q);
+            return count_refusal(q, err);
+        }
+        c->next_seq = seq + 1;
+        c->pub_count++;
+        c->pub_bytes += size;
+        atomic_store_explicit(&c->tail, off + need, memory_order_release);
+        junlock(q);
+        if (q->opts.sync_always && (err = group_commit(q, off + need, eb)) != 0)
+            return count_refusal(q, err);
+        if (seq_out != NULL)
+            *seq_out = seq;
+        if (pending_out != NULL)
+            *pending_out = pending + 1;
+        return 0;
     }
-
-    MDB_stat ms;
-    uint64_t seq = 0;
-    if ((rc = mdb_stat(txn, q->pending, &ms)) != 0)
-        goto fail_lmdb;
-    uint64_t pending = ms.ms_entries;
-    uint64_t bytes = meta_get(txn, q->meta, "bytes");
-    seq = meta_get(txn, q->meta, "next_seq");
-    if (seq == 0)
-        seq = 1;
-    if (q->opts.max_pending > 0 && pending >= q->opts.max_pending) {
-        err = spk_errf(eb, SPK_EQUEUE_FULL, "queue %s full: %llu records pending "
-                       "(queue.max_pending)", q->path, (unsigned long long)pending);
-        goto fail;
-    }
-    ep.sequence = seq;
-    size_t wire_len = spoke__control__v1__edge_payload__get_packed_size(&ep);
-    uint64_t size = spk_queue_record_size(wire_len);
-    if (q->opts.max_bytes > 0 && bytes + size > q->opts.max_bytes) {
-        err = spk_errf(eb, SPK_EQUEUE_FULL, "queue %s full: %llu bytes pending, %llu more "
-                       "would pass queue.max_bytes (%llu)", q->path,
-                       (unsigned long long)bytes, (unsigned long long)size,
-                       (unsigned long long)q->opts.max_bytes);
-        goto fail;
-    }
-
-    uint8_t kb[8];
-    be64(kb, seq);
-    MDB_val k = {8, kb}, v = {(size_t)size, NULL};
-    if ((rc = mdb_put(txn, q->pending, &k, &v, MDB_RESERVE | MDB_APPEND)) != 0)
-        goto fail_lmdb;
-    /* Encode straight into the record: no intermediate copy. */
-    struct rec_hdr h = {REC_MAGIC, 0, m->plugin_id, (uint32_t)wire_len, m->edge_timestamp_ms};
-    uint8_t *dst = v.mv_data;
-    size_t packed = spoke__control__v1__edge_payload__pack(&ep, dst + sizeof(h));
-    if (packed != wire_len) {
-        err = spk_errf(eb, SPK_EIO, "queue %s: encoder wrote %zu bytes, expected %zu",
-                       q->path, packed, wire_len);
-        goto fail;
-    }
-    h.crc = rec_crc(&h, dst + sizeof(h), wire_len);
-    memcpy(dst, &h, sizeof(h));
-
-    if ((rc = meta_put(txn, q->meta, "next_seq", seq + 1)) != 0 ||
-        (rc = meta_put(txn, q->meta, "bytes", bytes + size)) != 0 ||
-        (rc = plugin_adjust(q, txn, m->plugin_id, +1, size)) != 0)
-        goto fail_lmdb;
-    uint64_t txnid = mdb_txn_id(txn);
-    if (q->opts.sync_always && q->sync != NULL)
-        atomic_store_explicit(&q->sync->committing, txnid, memory_order_release);
-    rc = mdb_txn_commit(txn);
-    txn = NULL;
-    if (q->opts.sync_always && q->sync != NULL) {
-        if (rc == 0 && txnid > 0)
-            durable_raise(q->sync, txnid - 1); /* fact 1, before waiters look */
-        uint64_t mine = txnid;
-        atomic_compare_exchange_strong(&q->sync->committing, &mine, 0);
-    }
-    hint_release(q, hint);
-    hint = 0;
-    if (rc != 0)
-        goto fail_lmdb;
-    if (q->opts.sync_always && (err = group_sync(q, txnid, eb)) != 0)
-        return count_refusal(q, err);
-    if (seq_out != NULL)
-        *seq_out = seq;
-    if (pending_out != NULL)
-        *pending_out = pending + 1;
-    return 0;
-
-fail_lmdb:
-    err = rc == MDB_KEYEXIST
-              ? spk_errf(eb, SPK_ECORRUPT, "queue %s: sequence %llu already stored "
-                         "(next_seq is behind the records)", q->path, (unsigned long long)seq)
-              : lmdb_err(q, rc, "enqueue", eb);
-fail:
-    if (txn != NULL)
-        mdb_txn_abort(txn);
-    hint_release(q, hint);
-    return count_refusal(q, err);
 }
 
 int spk_queue_send(spk_queue *q, uint32_t plugin_id, const char *edge_id,
@@ -1061,6 +1670,14 @@ int spk_queue_send(spk_queue *q, uint32_t plugin_id, const char *edge_id,
 }
 
 /* ---- read ------------------------------------------------------------------------------- */
+
+/* Before reading LMDB: move what the journal holds, so readers see every pending record
+ * in sequence order. Best effort: when the map or disk is full, what LMDB has is read. */
+static void consume_prepare(spk_queue *q)
+{
+    if (journal_staged(q))
+        journal_move(q, false, NULL);
+}
 
 /* Decode a stored value's header; returns 0 or SPK_ECORRUPT. */
 static int rec_parse(const MDB_val *v, struct rec_hdr *h, const uint8_t **wire)
@@ -1099,6 +1716,7 @@ int spk_queue_read(spk_queue *q, size_t max_n, size_t max_wire_bytes, spk_queue_
         return spk_errf(eb, SPK_EINVAL, "queue: no handle");
     if (max_n == 0)
         return 0;
+    consume_prepare(q);
     if ((rc = txn_begin(q, MDB_RDONLY, &txn)) != 0)
         return lmdb_err(q, rc, "read", eb);
     MDB_stat ms;
@@ -1181,7 +1799,7 @@ static int del_current(spk_queue *q, MDB_txn *txn, MDB_cursor *cur, const MDB_va
     const uint8_t *wire;
     uint64_t size = v->mv_size;
     int rc;
-    if (rec_parse(v, &h, &wire) == 0 && (rc = plugin_adjust(q, txn, h.plugin_id, -1, size)) != 0)
+    if (rec_parse(v, &h, &wire) == 0 && (rc = plugin_adjust(q, txn, h.plugin_id, -1, 1, size)) != 0)
         return rc;
     *bytes_freed += size;
     return mdb_cursor_del(cur, 0);
@@ -1239,6 +1857,7 @@ int spk_queue_ack(spk_queue *q, const uint64_t *seqs, size_t n, size_t *acked, s
         lo = seqs[i] < lo ? seqs[i] : lo;
         hi = seqs[i] > hi ? seqs[i] : hi;
     }
+    consume_prepare(q); /* a record may be acked before a read moved it */
     uint64_t span = hi - lo + 1; /* 0 only after wrapping: every key */
     int err = wmap_headroom(q, span == 0 ? UINT64_MAX : span, n, eb);
     if (err != 0)
@@ -1262,10 +1881,14 @@ int spk_queue_ack(spk_queue *q, const uint64_t *seqs, size_t n, size_t *acked, s
     cur = NULL;
     if (count > 0 && (rc = finish_delete(q, txn, freed, "acked", count)) != 0)
         goto fail;
+    struct jbase jb;
+    if ((rc = jbase_read(q, txn, &jb)) != 0)
+        goto fail;
     rc = mdb_txn_commit(txn);
     txn = NULL;
     if (rc != 0)
         goto fail;
+    mirror_after(q, &jb);
     if (count > 0)
         free_space_now(q);
     if (acked != NULL)
@@ -1290,6 +1913,7 @@ int spk_queue_expire(spk_queue *q, uint64_t *expired, spk_errbuf *eb)
         return spk_errf(eb, SPK_EINVAL, "queue: no handle");
     if (q->opts.retention_ms == 0)
         return 0;
+    consume_prepare(q);
     int64_t cutoff = spk_queue_now_ms(q) - (int64_t)q->opts.retention_ms;
     uint64_t per_txn = q->opts.writemap ? EXPIRE_PER_TXN_WRITEMAP : EXPIRE_PER_TXN;
     /* Bounded transactions, so a huge backlog does not make one huge dirty set. */
@@ -1330,10 +1954,14 @@ int spk_queue_expire(spk_queue *q, uint64_t *expired, spk_errbuf *eb)
         cur = NULL;
         if (n > 0 && (rc = finish_delete(q, txn, freed, "expired", n)) != 0)
             goto fail;
+        struct jbase jb;
+        if ((rc = jbase_read(q, txn, &jb)) != 0)
+            goto fail;
         rc = mdb_txn_commit(txn);
         txn = NULL;
         if (rc != 0)
             goto fail;
+        mirror_after(q, &jb);
         total += n;
         if (!more)
             break;
@@ -1363,7 +1991,10 @@ int spk_queue_purge(spk_queue *q, uint64_t *purged, spk_errbuf *eb)
         *purged = 0;
     if (q == NULL)
         return spk_errf(eb, SPK_EINVAL, "queue: no handle");
-    int err = wmap_headroom(q, 0, 0, eb); /* drops copy no leaves: branches + free list */
+    int err = journal_move(q, false, eb); /* the journal's records are pending too */
+    if (err != 0 && err != SPK_ECORRUPT)
+        return err;
+    err = wmap_headroom(q, 0, 0, eb); /* drops copy no leaves: branches + free list */
     if (err != 0)
         return err;
     if ((rc = txn_begin(q, 0, &txn)) != 0)
@@ -1374,10 +2005,14 @@ int spk_queue_purge(spk_queue *q, uint64_t *purged, spk_errbuf *eb)
         (rc = meta_put(txn, q->meta, "bytes", 0)) != 0 ||
         (rc = meta_add(txn, q->meta, "purged", ms.ms_entries)) != 0)
         goto fail;
+    struct jbase jb;
+    if ((rc = jbase_read(q, txn, &jb)) != 0)
+        goto fail;
     rc = mdb_txn_commit(txn);
     txn = NULL;
     if (rc != 0)
         goto fail;
+    mirror_after(q, &jb);
     free_space_now(q);
     if (purged != NULL)
         *purged = ms.ms_entries;
@@ -1415,6 +2050,7 @@ int spk_queue_stats_get(spk_queue *q, spk_queue_stats *st, spk_errbuf *eb)
     st->refused_unavailable = q->refused_unavailable;
     st->refused_invalid = q->refused_invalid;
     st->dead_readers_cleared = q->dead_readers;
+    consume_prepare(q);
     if ((rc = txn_begin(q, MDB_RDONLY, &txn)) != 0)
         return lmdb_err(q, rc, "stats", eb);
     MDB_stat ms;
@@ -1426,6 +2062,23 @@ int spk_queue_stats_get(spk_queue *q, spk_queue_stats *st, spk_errbuf *eb)
     st->acked = meta_get(txn, q->meta, "acked");
     st->expired = meta_get(txn, q->meta, "expired");
     st->purged = meta_get(txn, q->meta, "purged");
+    st->damaged = meta_get(txn, q->meta, "damaged");
+    {
+        /* Records appended since the snapshot's move are pending too. */
+        struct jctl *c = q->jc;
+        uint64_t jcount = meta_get(txn, q->meta, "j_count");
+        uint64_t jbytes = meta_get(txn, q->meta, "j_bytes");
+        if (jlock(q, NULL) == 0) {
+            st->staged = c->pub_count > jcount ? c->pub_count - jcount : 0;
+            st->pending += st->staged;
+            st->pending_bytes += c->pub_bytes > jbytes ? c->pub_bytes - jbytes : 0;
+            if (c->next_seq > st->next_seq)
+                st->next_seq = c->next_seq;
+            st->journal_used = atomic_load(&c->tail) - atomic_load(&c->released);
+            junlock(q);
+        }
+        st->journal_size = q->jsize;
+    }
 
     MDB_val k, v;
     if ((rc = mdb_cursor_open(txn, q->pending, &cur)) != 0)
@@ -1485,10 +2138,7 @@ int spk_queue_sync(spk_queue *q, spk_errbuf *eb)
 {
     if (q == NULL)
         return spk_errf(eb, SPK_EINVAL, "queue: no handle");
-    int rc = mdb_env_sync(q->env, 1);
-    if (rc != 0)
-        return spk_errf(eb, SPK_EIO, "queue %s: sync: %s", q->path, mdb_strerror(rc));
-    return 0;
+    return journal_move(q, true, eb);
 }
 
 /* ---- verify ------------------------------------------------------------------------------ */
@@ -1508,6 +2158,7 @@ int spk_queue_verify(spk_queue *q, uint64_t *bad_out, spk_errbuf *eb)
         *bad_out = 0;
     if (q == NULL)
         return spk_errf(eb, SPK_EINVAL, "queue: no handle");
+    consume_prepare(q);
     if ((rc = txn_begin(q, MDB_RDONLY, &txn)) != 0)
         return lmdb_err(q, rc, "verify", eb);
     MDB_stat ms;

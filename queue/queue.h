@@ -88,9 +88,17 @@ typedef struct spk_queue_opts {
                                pages flank the map. A stray store by plugin code into the
                                map is detected (record CRC, spk_queue_verify()) rather than
                                made impossible: docs/queue.md has the argument. */
+    uint64_t journal_size;  /* queue.journal_size: bytes of the ring that records are
+                               appended to before they are moved into LMDB (default 64 MiB,
+                               at least SPK_QUEUE_JOURNAL_MIN, a multiple of 4096). Takes
+                               effect when the journal is created, or reopened empty by
+                               the first process. */
     spk_queue_clock clock;  /* NULL: CLOCK_REALTIME */
     void *clock_arg;
 } spk_queue_opts;
+
+/* The smallest journal: room for the largest record (a 1 MiB payload with full metadata). */
+#define SPK_QUEUE_JOURNAL_MIN (2u * 1024 * 1024)
 
 /* Defaults as listed above. */
 void spk_queue_opts_init(spk_queue_opts *opts);
@@ -226,6 +234,10 @@ typedef struct spk_queue_stats {
     uint64_t refused_unavailable; /* SPK_EQUEUE_UNAVAILABLE */
     uint64_t refused_invalid;     /* a limit, SPK_ENOT_JSON or SPK_EINVAL */
     uint64_t dead_readers_cleared;/* stale reader slots cleared at open */
+    uint64_t damaged;          /* persistent: journal records found damaged and skipped */
+    uint64_t staged;           /* of `pending`: records in the journal, not yet in LMDB */
+    uint64_t journal_size;     /* ring bytes */
+    uint64_t journal_used;     /* ring bytes not yet free for reuse */
     spk_queue_plugin_stat *plugins; /* per plugin, by plugin ID; owned by the stats */
     size_t n_plugins;
 } spk_queue_stats;
