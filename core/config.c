@@ -1237,6 +1237,7 @@ static const field queue_fields[] = {
     CF("sync", p_sync, d_sync, queue_sync_interval_ms, 1, HOUR),
     CF("map_size", p_size, d_size, queue_map_size, MiB, 16 * TiB),
     CF("writemap", p_bool, d_bool, queue_writemap, 0, 0),
+    CF("journal_size", p_size, d_size, queue_journal_size, 2 * MiB, 64 * GiB),
 };
 
 static const field uplink_fields[] = {
@@ -1433,7 +1434,8 @@ static int set_defaults(spk_config *cfg, const char *path)
     cfg->queue_sync_always = false;
     cfg->queue_sync_interval_ms = 100;
     cfg->queue_map_size = 2 * GiB;
-    cfg->queue_writemap = true;
+    cfg->queue_writemap = false;
+    cfg->queue_journal_size = 64 * MiB;
 
     cfg->uplink_heartbeat_ms = 30 * SEC;
     cfg->uplink_batch_size = 100;
@@ -1548,6 +1550,10 @@ static int finish(cfg_ctx *c, const node *root)
                         "%s exceeds queue.map_size (%s); raise queue.map_size",
                         fmt_size(cfg->queue_max_bytes, a, sizeof(a)),
                         fmt_size(cfg->queue_map_size, b, sizeof(b)));
+    if (cfg->queue_journal_size % 4096 != 0)
+        return cfg_fail(c, key_line(root, "queue", "journal_size"), "queue.journal_size",
+                        "%s is not a multiple of 4 KiB",
+                        fmt_size(cfg->queue_journal_size, a, sizeof(a)));
     if ((rc = check_plugin_duplicates(c)) != 0)
         return rc;
     return resolve_paths(c);

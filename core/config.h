@@ -90,7 +90,8 @@ typedef struct spk_config {
     bool queue_sync_always;    /* queue.sync: "always" */
     uint64_t queue_sync_interval_ms; /* queue.sync: a duration; default 100ms */
     uint64_t queue_map_size;   /* queue.map_size: LMDB map size, default 2GiB */
-    bool queue_writemap;       /* queue.writemap: map the file writable, default true */
+    bool queue_writemap;       /* queue.writemap: map LMDB's file writable, default false */
+    uint64_t queue_journal_size; /* queue.journal_size: the append ring, default 64MiB */
 
     /* uplink: */
     char *uplink_url;          /* NULL: no uplink */

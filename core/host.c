@@ -303,9 +303,9 @@ int spk_host_queue_open(spk_host_env *env, spk_errbuf *eb)
     o.retention_ms = cfg->queue_retention_ms;
     o.sync_always = cfg->queue_sync_always;
     o.map_size = cfg->queue_map_size;
-    /* With `always` each commit waits for the disk and the writable map gains nothing
-     * (measured slower: docs/benchmarks.md), so keep the read-only map there. */
-    o.writemap = cfg->queue_writemap && !cfg->queue_sync_always;
+    o.writemap = cfg->queue_writemap;
+    if (cfg->queue_journal_size != 0)
+        o.journal_size = cfg->queue_journal_size;
     env->queue_tried_s = env->loop != NULL ? (uint64_t)ev_now(env->loop) : 0;
     int rc = spk_queue_open(cfg->queue_path, &o, &env->queue, eb);
     if (env->qc != NULL)

@@ -124,6 +124,7 @@ struct sup {
     char *queue_path;  /* the path queue was opened at */
     ev_timer qsync;
     uint64_t qsyncs, qsync_errors;
+    double qlast;               /* ev_now of the last sync */
     char queue_err[1024]; /* why it could not be opened; "" when open */
 };
 
@@ -928,12 +929,15 @@ static void on_signal(struct ev_loop *loop, ev_signal *w, int revents)
 
 /* ---- queue sync --------------------------------------------------------------------------
  *
- * The supervisor owns the interval policy's timer: it opens the queue itself (it never
- * loads plugins, so its handle is out of their reach) and calls spk_queue_sync() every
- * queue.sync period, plus once after the last worker exited. One flush covers every
- * worker's commits, since they share the file's page cache. With queue.sync: always the
- * timer only keeps the handle (metrics); enqueues flush themselves. The flush runs on this
- * loop: it delays the watchdog by at most one flush. */
+ * The supervisor keeps the queue moving: it opens the queue itself (it never loads
+ * plugins, so its handle is out of their reach) and calls spk_queue_sync() every
+ * queue.sync period (1 s with `always`), and sooner when the journal is a quarter
+ * full (checked every QCHECK_S), plus once after the last worker exited. A sync moves
+ * what workers appended to the journal into LMDB and flushes it, which frees the
+ * journal's space; workers only move it themselves when they find it full. The sync runs
+ * on this loop: it delays the watchdog by at most one flush. */
+#define QCHECK_S 0.02
+
 static const spk_config *queue_cfg(const sup *s)
 {
     return s->cur ? s->cur->cfg : s->next ? s->next->cfg : NULL;
@@ -975,22 +979,29 @@ static void queue_ensure(sup *s, const spk_config *cfg)
     s->queue_err[0] = '\0';
 }
 
+static double queue_period(const spk_config *cfg)
+{
+    /* always: appends are durable in the journal already; moving them is for readers
+     * (who move what they need themselves) and for space, so a slow beat avoids flushes
+     * that would compete with the appends' own. */
+    return cfg->queue_sync_always ? 1.0 : (double)cfg->queue_sync_interval_ms / 1000.0;
+}
+
 static void on_qsync(struct ev_loop *loop, ev_timer *t, int revents)
 {
-    (void)loop;
     (void)revents;
     sup *s = t->data;
     const spk_config *cfg = queue_cfg(s);
-    queue_ensure(s, cfg);
     if (cfg == NULL)
         return;
-    double period = cfg->queue_sync_always ? 1.0 : (double)cfg->queue_sync_interval_ms / 1000.0;
-    if (t->repeat != period) {
-        t->repeat = period;
-        ev_timer_again(loop, t);
-    }
-    if (s->queue == NULL || cfg->queue_sync_always)
+    double now = ev_now(loop);
+    if (s->queue == NULL || now - s->qlast >= queue_period(cfg))
+        queue_ensure(s, cfg);
+    if (s->queue == NULL)
         return;
+    if (now - s->qlast < queue_period(cfg) && spk_queue_journal_fill(s->queue) < 0.25)
+        return;
+    s->qlast = now;
     spk_errbuf eb;
     if (spk_queue_sync(s->queue, &eb) == 0) {
         s->qsyncs++;
@@ -1453,9 +1464,7 @@ int spk_supervisor_main(const char *path, const char *self_exe)
     ev_timer_start(s.loop, &s.watchdog);
     /* Open the queue before the first worker starts, so the loop is free to promote it. */
     queue_ensure(&s, g->cfg);
-    double qperiod = g->cfg->queue_sync_always
-                         ? 1.0
-                         : (double)g->cfg->queue_sync_interval_ms / 1000.0;
+    double qperiod = queue_period(g->cfg) < QCHECK_S ? queue_period(g->cfg) : QCHECK_S;
     ev_timer_init(&s.qsync, on_qsync, qperiod, qperiod);
     s.qsync.data = &s;
     ev_timer_start(s.loop, &s.qsync);

@@ -18,36 +18,33 @@
  *                 into the map, is reported (item.status = SPK_ECORRUPT) rather than
  *                 delivered as if it were what the plugin sent. It costs ~0.1 us per KiB
  *                 with SSE4.2.
- *   meta     key: a name; value: u64. "format" (1), "next_seq", "bytes" (sum of
- *            record sizes in pending), and the lifetime counters "acked", "expired",
- *            "purged".
+ *   meta     key: a name; value: u64. "format" (1), "next_seq" (after the last record
+ *            moved in), "bytes" (sum of record sizes in pending), the journal position
+ *            "j_off" that moves have reached with the cumulative "j_count" and "j_bytes"
+ *            moved, and the lifetime counters "acked", "expired", "purged", "damaged".
  *   plugins  key: plugin ID, 4 bytes big-endian; value: u64 count, u64 bytes of that
  *            plugin's pending records. Entries at zero are deleted.
  *
  * Every change to pending updates meta and plugins in the same write transaction, so the
- * counters can never disagree with the records, whatever process dies when. next_seq is
- * persisted with each enqueue, which makes sequence numbers monotonic across restarts and
- * purges. The pending count is the pending DB's entry count (mdb_stat, O(1)).
+ * counters can never disagree with the records, whatever process dies when; a move also
+ * advances j_off in that transaction, so each journal record reaches LMDB exactly once.
+ * The pending count is the pending DB's entry count (mdb_stat, O(1)).
+ *
+ * Records enter through the JOURNAL (below): enqueues never open an LMDB transaction.
  *
  * CONCURRENCY. LMDB allows one write transaction at a time per environment, across
  * processes, through a robust process-shared mutex in lock.mdb: a writer killed with
  * kill -9 leaves the mutex EOWNERDEAD and its transaction uncommitted, and the next writer
  * carries on. Readers (the uplink's reads, stats) never block writers. Dead readers' slots
  * are cleared by mdb_reader_check() at open (and LMDB clears them itself when the reader
- * table fills).
+ * table fills). Lock order: LMDB's writer lock, then the journal's; never the reverse.
  *
- * THE WRITABLE MAP (opts.writemap, spoked's default). With MDB_WRITEMAP an interval-policy
- * commit is a few stores into the shared mapping and no system call, about ten times
- * cheaper than LMDB's write(2) path. Plugins run in the same process, so the map is
- * guarded: PROT_NONE pages on both sides stop linear overflows from neighbouring
- * mappings, the per-record CRC and spk_queue_verify() detect any other stray store, and
- * blocks are fallocate()d ahead of use so a full disk is an error, never a SIGBUS
- * (ensure_headroom, wmap_headroom). docs/queue.md has the argument and the numbers.
- *
- * DURABILITY. interval: MDB_NOSYNC, flushed by the supervisor's timer (spk_queue_sync).
- * always: MDB_NOMETASYNC commits completed by a group sync shared across processes
- * (GROUP SYNC below). sync.lock in the queue directory holds the shared state of the
- * group sync and of the writer hint (WRITER HINT below).
+ * THE WRITABLE MAP (opts.writemap, off by default). With MDB_WRITEMAP LMDB writes its
+ * pages by storing into a shared mapping instead of write(2). The map is then guarded:
+ * PROT_NONE pages on both sides, the per-record CRC and spk_queue_verify(), and blocks
+ * fallocate()d ahead of use so a full disk is an error, never a SIGBUS (ensure_headroom,
+ * wmap_headroom). Since enqueues go to the journal, moves are batched and gain little
+ * from it; docs/queue.md has the numbers.
  */
 #include "queue.h"
 
@@ -718,7 +715,7 @@ static uint64_t journal_rebuild(spk_queue *q, const struct jbase *b, bool first)
     struct jctl *c = q->jc;
     uint64_t off = b->off, n = 0, bytes = 0, last = 0, seq = 0;
     const uint8_t *val;
-    uint32_t vlen;
+    uint32_t vlen = 0;
     bool pad;
     /* The scan may not pass more than one ring from where LMDB stands. */
     while (off - b->off < q->jsize) {
@@ -1072,7 +1069,7 @@ static int move_txn(spk_queue *q, uint64_t end, size_t limit, uint64_t max_bytes
 
         uint64_t seq = 0;
         const uint8_t *val;
-        uint32_t vlen;
+        uint32_t vlen = 0;
         bool pad;
         size_t len = jrec_check(q, off, &seq, &val, &vlen, &pad);
         if (len != 0 && pad) {
@@ -2139,6 +2136,15 @@ int spk_queue_sync(spk_queue *q, spk_errbuf *eb)
     if (q == NULL)
         return spk_errf(eb, SPK_EINVAL, "queue: no handle");
     return journal_move(q, true, eb);
+}
+
+double spk_queue_journal_fill(const spk_queue *q)
+{
+    if (q == NULL || q->jc == NULL || q->jsize == 0)
+        return 0.0;
+    uint64_t used = atomic_load_explicit(&q->jc->tail, memory_order_relaxed) -
+                    atomic_load_explicit(&q->jc->released, memory_order_relaxed);
+    return used >= q->jsize ? 1.0 : (double)used / (double)q->jsize;
 }
 
 /* ---- verify ------------------------------------------------------------------------------ */

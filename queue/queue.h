@@ -8,34 +8,40 @@
  * retention are expired. Design, key layout and the durability argument: queue.c's top
  * comment and docs/queue.md.
  *
+ * STORAGE. A queue is a directory: LMDB's data.mdb and lock.mdb, and the journal (files
+ * journal and journal.ctl), a ring that every enqueue appends to. Records are moved from
+ * the journal into LMDB in batches by every reading call (read, ack, expire, purge,
+ * stats, verify) and by spk_queue_sync(); an enqueue only moves them itself when it finds
+ * the ring full. Where a pending record sits is invisible to callers: reads see every
+ * record appended before them, in sequence order. Design: queue.c, JOURNAL.
+ *
  * PROCESSES. Any number of processes (workers, the uplink, spoke-queue) may open the same
- * queue directory at once and call any function concurrently: LMDB serialises writers with
- * a process-shared robust mutex, and readers never block. A process killed at any point
- * (kill -9 included) leaves the queue consistent: an unfinished transaction is simply not
- * there, the next writer recovers the mutex (EOWNERDEAD), and spk_queue_open() clears the
- * reader slots of dead processes (mdb_reader_check).
+ * queue directory at once and call any function concurrently: appends are serialised by
+ * a robust process-shared mutex in journal.ctl held for the copy of one record, LMDB
+ * serialises its writers the same way, and LMDB's readers never block. A process killed
+ * at any point (kill -9 included) leaves the queue consistent: a record is there once its
+ * append published it, an unfinished LMDB transaction is simply not there, and the next
+ * locker of either mutex recovers it (EOWNERDEAD) and rebuilds what the dead process may
+ * have half-updated. spk_queue_open() clears the reader slots of dead processes.
  *   Never use a handle across fork(): open the queue in each process AFTER it forked, and
  *   in a child do not call any function (not even spk_queue_close) on a handle inherited
  *   from the parent. A handle is used by one thread at a time.
  *
  * DURABILITY (opts.sync_always). "Committed" = spk_queue_enqueue() returned 0.
- *   always    the record is on stable storage before the call returns. The commit uses
- *             MDB_NOMETASYNC (data pages flushed, meta page written) and is then covered
- *             by a group sync: one flush of the file, shared by every caller of every
- *             process that committed meanwhile, by a leader elected with flock() on
- *             sync.lock (queue.c, GROUP SYNC). Survives a crash of any process and power
- *             loss, and LMDB's integrity holds at any point of a power loss.
- *   interval  commits use MDB_NOSYNC: the record is in the kernel's page cache (with
- *             writemap: in the shared mapping) before the call returns, so it survives a
- *             crash of any spoke process at once. It reaches the disk at the next
- *             spk_queue_sync() (or earlier when the kernel writes back). A power loss or
- *             kernel crash can lose the commits of the last interval; as LMDB documents
- *             for MDB_NOSYNC, on a file system that does not preserve write order a power
- *             loss in that window can also damage the file.
- *             spoked's SUPERVISOR owns the interval timer: it opens the queue itself and
- *             calls spk_queue_sync() every queue.sync period and once after its workers
- *             exited (one sync flushes every process's commits, since all share the
- *             file's page cache). Workers never call it on their hot path.
+ *   always    the record is on stable storage before the call returns: it is written to
+ *             the journal with pwrite() and the journal is flushed (fdatasync), one flush
+ *             shared by every caller of every process that appended meanwhile (GROUP
+ *             COMMIT in queue.c). Survives a crash of any process and power loss.
+ *   interval  the record is copied into the journal's shared mapping, so it is in the
+ *             kernel's page cache before the call returns and survives a crash of any
+ *             spoke process at once. The next spk_queue_sync() moves it into LMDB and
+ *             flushes LMDB; a power loss or kernel crash before that can lose it.
+ *             spoked's SUPERVISOR owns the timer: it calls spk_queue_sync() every
+ *             queue.sync period, early when the journal passes a quarter full, and once
+ *             after its workers exited. Workers never call it on their hot path.
+ *   Either way LMDB commits flush their data pages before their meta page
+ *   (MDB_NOMETASYNC), so LMDB's file stays intact through a power loss, and journal
+ *   space is reused only after the LMDB flush that made its records durable there.
  *
  * ERRORS. Every function returns 0 or a negative spk_err (core/err.h) and, when `eb` is
  * not NULL, fills it with a sentence for the operator. Codes:
@@ -111,8 +117,10 @@ static inline uint64_t spk_queue_record_size(size_t wire_len)
     return (uint64_t)wire_len + SPK_QUEUE_RECORD_OVERHEAD;
 }
 
-/* Open (and, with opts->create, create) the queue in directory `path` (files data.mdb and
- * lock.mdb, and sync.lock: the shared page of the group sync and the writer hint). Clears
+/* Open (and, with opts->create, create) the queue in directory `path` (files data.mdb,
+ * lock.mdb, journal and journal.ctl). The first process to open it rebuilds the
+ * journal's shared state from the files (and the journal takes opts->journal_size if it
+ * is new or empty). Clears
  * reader slots left by dead processes. opts may be NULL for defaults.
  * On success *out is a handle the caller closes with spk_queue_close(). Returns 0,
  * SPK_ENOENT, SPK_EQUEUE_UNAVAILABLE (cannot open or create, disk full), SPK_ECORRUPT
@@ -247,10 +255,18 @@ typedef struct spk_queue_stats {
 int spk_queue_stats_get(spk_queue *q, spk_queue_stats *st, spk_errbuf *eb);
 void spk_queue_stats_free(spk_queue_stats *st);
 
-/* Flush every commit of every process to stable storage (mdb_env_sync, forced). For the
- * interval policy, spoked's supervisor calls it every queue.sync period and at shutdown;
- * with sync_always it is a cheap no-op in effect. Returns 0 or SPK_EIO. */
+/* Move every record appended so far from the journal into LMDB, flush LMDB (every commit
+ * of every process), and free the journal space of what was moved. spoked's supervisor
+ * calls it every queue.sync period (1 s with `always`), when the journal passes a
+ * quarter full, and at shutdown. Returns 0, SPK_EIO, SPK_EQUEUE_UNAVAILABLE (the map or
+ * disk is full: what fitted was moved), or SPK_ECORRUPT when damaged journal records were
+ * skipped (counted in spk_queue_stats.damaged; every other record was moved). */
 int spk_queue_sync(spk_queue *q, spk_errbuf *eb);
+
+/* How full the journal is, 0.0 to 1.0: the bytes not yet free for reuse (records not
+ * moved, or moved but not flushed) over its size. Lock-free and cheap: the supervisor
+ * polls it to sync early under load. */
+double spk_queue_journal_fill(const spk_queue *q);
 
 /* Walk every pending record in one read snapshot and check that nothing was damaged:
  * each record's magic, length and CRC, that keys ascend, and that the record count and
