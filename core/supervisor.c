@@ -1150,6 +1150,13 @@ static void metrics_queue(sup *s, outbuf *o)
             (unsigned long long)st.expired);
         out(o, "# TYPE spoke_queue_acked_total counter\nspoke_queue_acked_total %llu\n",
             (unsigned long long)st.acked);
+        out(o, "# TYPE spoke_queue_damaged_total counter\nspoke_queue_damaged_total %llu\n",
+            (unsigned long long)st.damaged);
+        out(o, "# TYPE spoke_queue_journal_used_bytes gauge\n"
+               "spoke_queue_journal_used_bytes %llu\n"
+               "# TYPE spoke_queue_journal_size_bytes gauge\n"
+               "spoke_queue_journal_size_bytes %llu\n",
+            (unsigned long long)st.journal_used, (unsigned long long)st.journal_size);
         out(o, "# TYPE spoke_queue_plugin_pending gauge\n");
         for (size_t i = 0; i < st.n_plugins; i++)
             out(o, "spoke_queue_plugin_pending{plugin_id=\"%u\"} %llu\n", st.plugins[i].plugin_id,

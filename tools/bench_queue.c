@@ -46,7 +46,8 @@ typedef struct bq_case {
     bool always;
     size_t size;
     int procs;
-    uint64_t ops; /* per process */
+    uint64_t ops;      /* per process */
+    uint64_t warm_ops; /* per process, untimed, then deleted; 0 = a fresh store */
 } bq_case;
 
 typedef struct bq_result {
@@ -72,7 +73,11 @@ static void bq_usage(FILE *f)
                "  --hot-ops N       host->send_to_control calls for the hot-path figure\n"
                "                    (200000)\n"
                "  --hot-only        only the hot-path figure\n"
-               "  --policy P        only the `interval` or the `always` rows\n");
+               "  --policy P        only the `interval` or the `always` rows\n"
+               "  --size N          only the rows of payload size N (256 or 4096)\n"
+               "  --warm            steady state: each store first takes an untimed pass\n"
+               "                    (a full lap of the journal) whose records are then\n"
+               "                    deleted, as if an uplink kept up; default: fresh stores\n");
 }
 
 static spk_queue_opts case_opts(const bq_case *c)
@@ -168,6 +173,8 @@ static void syncer(const bq_case *c, const char *path)
 /* Remove a store: an LMDB directory or an SQLite file with its -wal and -shm. */
 static void remove_store(const char *path)
 {
+    if (access(path, F_OK) != 0)
+        return;
     static const char *suffix[] = {"/data.mdb", "/lock.mdb", "/journal", "/journal.ctl",
                                    "-wal", "-shm"};
     char f[4100];
@@ -179,32 +186,13 @@ static void remove_store(const char *path)
         fprintf(stderr, "spoke-bench queue: could not remove %s\n", path);
 }
 
-static int run_case(const bq_case *c, const char *base, int idx, bq_result *r)
+/* One timed pass: the syncer (spoke rows), `procs` writers of `ops` calls each, then the
+ * final move. */
+static int run_pass(const bq_case *c, const char *path, uint64_t ops, bq_result *r)
 {
-    char path[4000];
+    bq_case pc = *c;
+    pc.ops = ops;
     memset(r, 0, sizeof(*r));
-    snprintf(path, sizeof(path), "%s/spoke-bench-queue-%d-%d", base, (int)getpid(), idx);
-    if (c->store == ST_SQLITE) {
-        sqlite3 *db = NULL;
-        if (sqlite3_open(path, &db) != SQLITE_OK ||
-            sqlite3_exec(db, "PRAGMA journal_mode=WAL; CREATE TABLE q(seq INTEGER PRIMARY "
-                         "KEY, plugin_id INTEGER, ts INTEGER, correlation_id TEXT, metadata "
-                         "TEXT, payload BLOB)", NULL, NULL, NULL) != SQLITE_OK) {
-            fprintf(stderr, "spoke-bench queue: sqlite %s: %s\n", path, sqlite3_errmsg(db));
-            sqlite3_close(db);
-            return -1;
-        }
-        sqlite3_close(db);
-    } else {
-        spk_queue_opts o = case_opts(c);
-        spk_queue *q = NULL;
-        spk_errbuf eb = {{0}};
-        if (spk_queue_open(path, &o, &q, &eb) != 0) { /* create before forking */
-            fprintf(stderr, "spoke-bench queue: %s\n", eb.msg);
-            return -1;
-        }
-        spk_queue_close(q);
-    }
     pid_t sync_pid = -1;
     if (c->store != ST_SQLITE) {
         sync_pid = fork();
@@ -220,7 +208,7 @@ static int run_case(const bq_case *c, const char *base, int idx, bq_result *r)
         pids[i] = fork();
         if (pids[i] == 0) {
             close(fds[0]);
-            writer(c, path, i, fds[1]);
+            writer(&pc, path, i, fds[1]);
         }
     }
     close(fds[1]);
@@ -253,13 +241,83 @@ static int run_case(const bq_case *c, const char *base, int idx, bq_result *r)
         spk_queue_close(q);
     }
     uint64_t wall = now_ns() - t0;
-    remove_store(path);
     if (failed)
         return -1;
-    uint64_t ops = c->ops * (uint64_t)c->procs;
-    r->rate = (double)ops / ((double)wall / 1e9);
-    r->ns = (double)total_ns / (double)ops;
+    uint64_t n = ops * (uint64_t)c->procs;
+    r->rate = (double)n / ((double)wall / 1e9);
+    r->ns = (double)total_ns / (double)n;
     return 0;
+}
+
+/* After a warm-up pass: delete its records, as an uplink that keeps up would have. Both
+ * stores keep their files and reuse the freed pages. */
+static int reset_store(const bq_case *c, const char *path)
+{
+    if (c->store == ST_SQLITE) {
+        sqlite3 *db = NULL;
+        int rc = sqlite3_open(path, &db) == SQLITE_OK &&
+                         sqlite3_exec(db, "DELETE FROM q", NULL, NULL, NULL) == SQLITE_OK
+                     ? 0 : -1;
+        sqlite3_close(db);
+        return rc;
+    }
+    spk_queue_opts o = case_opts(c);
+    spk_queue *q = NULL;
+    spk_errbuf eb = {{0}};
+    int rc = spk_queue_open(path, &o, &q, &eb) == 0 && spk_queue_purge(q, NULL, &eb) == 0 &&
+                     spk_queue_sync(q, &eb) == 0
+                 ? 0 : -1;
+    if (rc != 0)
+        fprintf(stderr, "spoke-bench queue: reset: %s\n", eb.msg);
+    spk_queue_close(q);
+    return rc;
+}
+
+static int run_case(const bq_case *c, const char *base, int idx, bq_result *r)
+{
+    char path[4000];
+    memset(r, 0, sizeof(*r));
+    snprintf(path, sizeof(path), "%s/spoke-bench-queue-%d-%d", base, (int)getpid(), idx);
+    remove_store(path);
+    if (c->store == ST_SQLITE) {
+        sqlite3 *db = NULL;
+        if (sqlite3_open(path, &db) != SQLITE_OK ||
+            sqlite3_exec(db, "PRAGMA journal_mode=WAL; CREATE TABLE q(seq INTEGER PRIMARY "
+                         "KEY, plugin_id INTEGER, ts INTEGER, correlation_id TEXT, metadata "
+                         "TEXT, payload BLOB)", NULL, NULL, NULL) != SQLITE_OK) {
+            fprintf(stderr, "spoke-bench queue: sqlite %s: %s\n", path, sqlite3_errmsg(db));
+            sqlite3_close(db);
+            return -1;
+        }
+        sqlite3_close(db);
+    } else {
+        spk_queue_opts o = case_opts(c);
+        spk_queue *q = NULL;
+        spk_errbuf eb = {{0}};
+        if (spk_queue_open(path, &o, &q, &eb) != 0) { /* create before forking */
+            fprintf(stderr, "spoke-bench queue: %s\n", eb.msg);
+            return -1;
+        }
+        spk_queue_close(q);
+    }
+    int rc = 0;
+    if (c->warm_ops > 0) {
+        bq_result warm;
+        rc = run_pass(c, path, c->warm_ops, &warm);
+        if (rc == 0)
+            rc = reset_store(c, path);
+    }
+    if (rc == 0)
+        rc = run_pass(c, path, c->ops, r);
+    remove_store(path);
+    return rc;
+}
+
+/* Calls per process that fill the default 64 MiB journal once (records of about size + 110
+ * bytes): the warm-up that leaves every page of it in the page cache. */
+static uint64_t warm_ops(size_t size)
+{
+    return (64ull << 20) / (size + 110) + 1;
 }
 
 static int cmp_double(const void *a, const void *b)
@@ -342,6 +400,8 @@ int spk_bench_queue(int argc, char **argv)
         {"hot-ops", required_argument, NULL, 'o'},
         {"hot-only", no_argument, NULL, 'H'},
         {"policy", required_argument, NULL, 'p'},
+        {"size", required_argument, NULL, 's'},
+        {"warm", no_argument, NULL, 'w'},
         {"help", no_argument, NULL, 'h'},
         {NULL, 0, NULL, 0},
     };
@@ -349,9 +409,11 @@ int spk_bench_queue(int argc, char **argv)
     uint64_t ops = 20000, always_ops = 300, hot_ops = 200000;
     bool only_hot = false;
     int policy = -1; /* -1 both, 0 interval, 1 always */
+    size_t only_size = 0;
+    bool warm = false;
     int ch;
     optind = 1;
-    while ((ch = getopt_long(argc, argv, "d:n:a:o:Hp:h", longopts, NULL)) != -1) {
+    while ((ch = getopt_long(argc, argv, "d:n:a:o:Hp:s:wh", longopts, NULL)) != -1) {
         char *end;
         switch (ch) {
         case 'd':
@@ -366,6 +428,12 @@ int spk_bench_queue(int argc, char **argv)
                 return 1;
             }
             policy = strcmp(optarg, "always") == 0;
+            break;
+        case 's':
+            only_size = (size_t)strtoul(optarg, NULL, 10);
+            break;
+        case 'w':
+            warm = true;
             break;
         case 'n':
         case 'o':
@@ -402,11 +470,14 @@ int spk_bench_queue(int argc, char **argv)
         if (policy >= 0 && policy != a)
             continue;
         for (size_t s = 0; s < 2; s++) {
+            if (only_size != 0 && sizes[s] != only_size)
+                continue;
             for (int procs = 1; procs <= 2; procs++) {
                 bq_result res[3];
                 for (int st = ST_SQLITE; st >= ST_LMDB; st--) { /* sqlite first: baseline */
                     bq_case c = {(enum store)st, always, sizes[s], procs,
-                                 always ? always_ops : ops};
+                                 always ? always_ops : ops,
+                                 warm ? (always ? always_ops : warm_ops(sizes[s])) : 0};
                     if (run_case(&c, dir, idx++, &res[st]) != 0) {
                         fprintf(stderr, "spoke-bench queue: %s run failed\n", store_name[st]);
                         return 1;

@@ -104,6 +104,11 @@ static int cmd_stat(spk_queue *q)
     printf("acked:         %llu\n", (unsigned long long)st.acked);
     printf("expired:       %llu\n", (unsigned long long)st.expired);
     printf("purged:        %llu\n", (unsigned long long)st.purged);
+    printf("damaged:       %llu%s\n", (unsigned long long)st.damaged,
+           st.damaged > 0 ? " (journal records skipped: a stray write or disk damage)" : "");
+    printf("journal:       %llu of %llu bytes in use, %llu records not yet in LMDB\n",
+           (unsigned long long)st.journal_used, (unsigned long long)st.journal_size,
+           (unsigned long long)st.staged);
     if (st.dead_readers_cleared > 0)
         printf("stale readers cleared at open: %llu\n",
                (unsigned long long)st.dead_readers_cleared);
