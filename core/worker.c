@@ -26,6 +26,7 @@ typedef struct worker {
     spk_queue_counters private_qc;
     ev_signal sig_term, sig_int, sig_quit, sig_go;
     ev_timer tick, heartbeat, health, drain_check, drain_deadline;
+    ev_timer qsync;    /* --single-process: the supervisor's queue timer */
     unsigned *health_fails;
     bool draining;
     int result;
@@ -148,6 +149,18 @@ static void watch_signal(worker *wk, ev_signal *s, int signum)
     ev_signal_start(wk->loop, s);
 }
 
+/* --single-process has no supervisor: the worker moves and flushes the queue itself, on
+ * the same period (core/supervisor.c, queue sync). */
+static void on_qsync(struct ev_loop *loop, ev_timer *w, int revents)
+{
+    (void)loop;
+    (void)revents;
+    worker *wk = w->data;
+    spk_errbuf eb;
+    if (wk->env.queue != NULL && spk_queue_sync(wk->env.queue, &eb) != 0)
+        spk_error("%s", eb.msg);
+}
+
 static void start_timer(worker *wk, ev_timer *t, void (*cb)(struct ev_loop *, ev_timer *, int),
                         uint64_t ms)
 {
@@ -236,6 +249,8 @@ int spk_worker_run(spk_config *cfg, const spk_worker_opts *opts, spk_errbuf *eb)
         on_heartbeat(wk.loop, &wk.heartbeat, 0);
         atomic_store_explicit(&opts->wslot->state, SPK_W_READY, memory_order_release);
     } else {
+        start_timer(&wk, &wk.qsync, on_qsync,
+                    cfg->queue_sync_always ? 1000 : cfg->queue_sync_interval_ms);
         spk_proxy_start_accepting(wk.proxy);
     }
     spk_info("serving %s -> %s with %zu plugins", cfg->n_listen ? cfg->listen[0] : "?",
@@ -245,6 +260,7 @@ int spk_worker_run(spk_config *cfg, const spk_worker_opts *opts, spk_errbuf *eb)
     rc = wk.result;
 
     ev_timer_stop(wk.loop, &wk.tick);
+    ev_timer_stop(wk.loop, &wk.qsync);
     ev_timer_stop(wk.loop, &wk.heartbeat);
     ev_timer_stop(wk.loop, &wk.health);
     ev_timer_stop(wk.loop, &wk.drain_check);
@@ -257,6 +273,8 @@ out:
     spk_proxy_free(wk.proxy);
     spk_chain_free(&wk.chain);
     spk_plugin_set_free(&wk.set); /* fini may still send */
+    if (opts->wslot == NULL && wk.env.queue != NULL)
+        spk_queue_sync(wk.env.queue, NULL);
     spk_queue_close(wk.env.queue);
     wk.env.queue = NULL;
     free(wk.health_fails);
