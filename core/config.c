@@ -1237,7 +1237,7 @@ static const field queue_fields[] = {
     CF("sync", p_sync, d_sync, queue_sync_interval_ms, 1, HOUR),
     CF("map_size", p_size, d_size, queue_map_size, MiB, 16 * TiB),
     CF("writemap", p_bool, d_bool, queue_writemap, 0, 0),
-    CF("journal_size", p_size, d_size, queue_journal_size, 2 * MiB, 64 * GiB),
+    CF("journal_size", p_size, d_size, queue_journal_size, 4 * MiB, 64 * GiB),
 };
 
 static const field uplink_fields[] = {

@@ -705,31 +705,42 @@ static size_t jrec_check(const spk_queue *q, uint64_t off, uint64_t *seq, const 
     return align8(JREC_HDR + h.len);
 }
 
-/* Walk the valid records from LMDB's journal position on, to the first invalid one, and
- * rebuild the shared state from them and from LMDB's base `b`: at the first open
- * (`first`: LMDB was just flushed, so everything it has moved is durable and the ring
- * before it is free), and after a process died holding the lock. Called alone or under
- * the lock. Returns the records found. */
+static uint64_t journal_resync(const spk_queue *q, uint64_t from, uint64_t end);
+
+/* Walk the valid records from LMDB's journal position on and rebuild the shared state
+ * from them and from LMDB's base `b`: at the first open (`first`: LMDB was just flushed,
+ * so everything it has moved is durable and the ring before it is free), after a process
+ * died holding the lock, and after a move skipped damage. Called alone or under the
+ * lock. A stretch that is not a valid record is damage (a stray write, or a page lost to
+ * a power failure) if a valid record of this lap with a later sequence number follows
+ * it within the ring, and the end otherwise: a half-written append is always the last
+ * thing written, and records of earlier laps carry other offsets. Damage is kept inside
+ * the published range, for the next move to skip and count. Returns the records found. */
 static uint64_t journal_rebuild(spk_queue *q, const struct jbase *b, bool first)
 {
     struct jctl *c = q->jc;
-    uint64_t off = b->off, n = 0, bytes = 0, last = 0, seq = 0;
+    uint64_t off = b->off, good = b->off, n = 0, bytes = 0, last = 0, seq = 0;
+    uint64_t limit = b->off + q->jsize;
     const uint8_t *val;
     uint32_t vlen = 0;
     bool pad;
-    /* The scan may not pass more than one ring from where LMDB stands. */
-    while (off - b->off < q->jsize) {
+    while (off < limit) {
         size_t len = jrec_check(q, off, &seq, &val, &vlen, &pad);
-        if (len == 0 || off + len - b->off > q->jsize)
+        if (len != 0 && off + len > limit)
             break;
-        if (!pad) {
-            if (seq < b->next_seq || (n > 0 && seq <= last))
-                break; /* not of this lap */
-            last = seq;
-            n++;
-            bytes += vlen;
+        if (len != 0 && pad) {
+            off += len;
+            continue;
         }
+        if (len == 0 || seq < b->next_seq || (n > 0 && seq <= last)) {
+            off = journal_resync(q, off, limit);
+            continue; /* the end, unless a valid record of this lap follows */
+        }
+        last = seq;
+        n++;
+        bytes += vlen;
         off += len;
+        good = off;
     }
     c->m_txnid = 0;
     if (first)
@@ -739,11 +750,11 @@ static uint64_t journal_rebuild(spk_queue *q, const struct jbase *b, bool first)
         c->next_seq = last + 1;
     if (c->next_seq == 0)
         c->next_seq = 1;
-    atomic_store(&c->tail, off);
+    atomic_store(&c->tail, good);
     c->pub_count = b->count + n;
     c->pub_bytes = b->mbytes + bytes;
-    if (atomic_load(&c->synced) > off)
-        atomic_store(&c->synced, off);
+    if (atomic_load(&c->synced) > good)
+        atomic_store(&c->synced, good);
     return n;
 }
 
@@ -1212,10 +1223,16 @@ static int journal_move(spk_queue *q, bool release, spk_errbuf *eb)
             atomic_store_explicit(&q->jc->released, upto, memory_order_release);
         junlock(q);
     }
-    if (damaged > 0)
+    if (damaged > 0) {
+        /* The skipped records were counted as published: count again from the journal. */
+        if (jlock(q, NULL) == 0) {
+            journal_rebuild_from_lmdb(q);
+            junlock(q);
+        }
         return spk_errf(eb, SPK_ECORRUPT, "queue %s: journal: skipped %llu damaged record(s) "
                         "(a stray write by plugin code, or disk damage); every other record "
                         "was kept", q->path, (unsigned long long)damaged);
+    }
     return 0;
 }
 
@@ -1602,6 +1619,13 @@ int spk_queue_enqueue(spk_queue *q, const spk_queue_msg *m, uint64_t *seq_out,
                             (unsigned long long)q->opts.max_bytes));
         }
         size_t need = align8(JREC_HDR + (size_t)size);
+        if (need > q->jsize / 2) { /* only with an absurdly long edge ID or content type */
+            junlock(q);
+            return count_refusal(q, spk_errf(eb, SPK_EQUEUE_UNAVAILABLE, "queue %s: a record "
+                                             "of %zu bytes is more than half the journal "
+                                             "(%llu bytes); raise queue.journal_size",
+                                             q->path, need, (unsigned long long)q->jsize));
+        }
         uint64_t tail = atomic_load_explicit(&c->tail, memory_order_relaxed);
         uint64_t pos = tail % q->jsize;
         uint64_t padlen = pos + need > q->jsize ? q->jsize - pos : 0;

@@ -96,15 +96,18 @@ typedef struct spk_queue_opts {
                                made impossible: docs/queue.md has the argument. */
     uint64_t journal_size;  /* queue.journal_size: bytes of the ring that records are
                                appended to before they are moved into LMDB (default 64 MiB,
-                               at least SPK_QUEUE_JOURNAL_MIN, a multiple of 4096). Takes
+                               at least SPK_QUEUE_JOURNAL_MIN = 4 MiB, a multiple of 4096). Takes
                                effect when the journal is created, or reopened empty by
                                the first process. */
     spk_queue_clock clock;  /* NULL: CLOCK_REALTIME */
     void *clock_arg;
 } spk_queue_opts;
 
-/* The smallest journal: room for the largest record (a 1 MiB payload with full metadata). */
-#define SPK_QUEUE_JOURNAL_MIN (2u * 1024 * 1024)
+/* The smallest journal: room for two of the largest record (a 1 MiB payload with full
+ * metadata, ~1.3 MB). A record never wraps around the ring, so one that does not fit
+ * before its end skips there; with room for two, the largest record fits wherever the
+ * tail of an empty ring stands. */
+#define SPK_QUEUE_JOURNAL_MIN (4u * 1024 * 1024)
 
 /* Defaults as listed above. */
 void spk_queue_opts_init(spk_queue_opts *opts);

@@ -823,14 +823,14 @@ static void test_queue(void **state)
     expect_message(with_upstream("\nqueue:\n  max_bytes: 4GiB\n"),
                    "4: queue.max_bytes: 4GiB exceeds queue.map_size (2GiB); raise "
                    "queue.map_size");
-    cfg = load_ok(with_upstream("queue: { writemap: true, journal_size: 2MiB }\n"));
+    cfg = load_ok(with_upstream("queue: { writemap: true, journal_size: 4MiB }\n"));
     assert_true(cfg->queue_writemap);
-    assert_int_equal(cfg->queue_journal_size, 2ull << 20);
+    assert_int_equal(cfg->queue_journal_size, 4ull << 20);
     spk_config_free(cfg);
-    expect_error(with_upstream("queue: { journal_size: 1MiB }\n"), 2, "queue.journal_size",
+    expect_error(with_upstream("queue: { journal_size: 2MiB }\n"), 2, "queue.journal_size",
                  "out of range");
-    expect_message(with_upstream("\nqueue:\n  journal_size: 3000000\n"),
-                   "4: queue.journal_size: 3000000B is not a multiple of 4 KiB");
+    expect_message(with_upstream("\nqueue:\n  journal_size: 5000000\n"),
+                   "4: queue.journal_size: 5000000B is not a multiple of 4 KiB");
     expect_error(with_upstream("queue: { writemap: sometimes }\n"), 2, "queue.writemap",
                  "expected true or false, got 'sometimes'");
     cfg = load_ok(with_upstream("queue: { max_bytes: 4GiB, map_size: 8GB }\n"));

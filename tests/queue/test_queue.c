@@ -511,7 +511,7 @@ static void disk_full_tmpfs(fixture *f)
     char mnt[600];
     snprintf(mnt, sizeof(mnt), "%s/tmpfs", f->dir);
     assert_int_equal(mkdir(mnt, 0700), 0);
-    if (mount("tmpfs", mnt, "tmpfs", 0, "size=4m") != 0) {
+    if (mount("tmpfs", mnt, "tmpfs", 0, "size=6m") != 0) {
         print_message("SKIP disk-full on tmpfs: mount failed (%s); map-full test covers "
                       "the clean-error path\n", strerror(errno));
         skip();
