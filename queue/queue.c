@@ -706,6 +706,7 @@ static size_t jrec_check(const spk_queue *q, uint64_t off, uint64_t *seq, const 
 }
 
 static uint64_t journal_resync(const spk_queue *q, uint64_t from, uint64_t end);
+#define REBUILD_RESYNC (SPK_QUEUE_JOURNAL_MIN / 2)
 
 /* Walk the valid records from LMDB's journal position on and rebuild the shared state
  * from them and from LMDB's base `b`: at the first open (`first`: LMDB was just flushed,
@@ -733,8 +734,14 @@ static uint64_t journal_rebuild(spk_queue *q, const struct jbase *b, bool first)
             continue;
         }
         if (len == 0 || seq < b->next_seq || (n > 0 && seq <= last)) {
-            off = journal_resync(q, off, limit);
-            continue; /* the end, unless a valid record of this lap follows */
+            /* The end, unless a valid record of this lap follows. Damage spans at most one
+             * record (the largest is under REBUILD_RESYNC), so look no further than that:
+             * a scan to the end of the ring would read all of it at every first open. */
+            uint64_t end = off + REBUILD_RESYNC < limit ? off + REBUILD_RESYNC : limit;
+            off = journal_resync(q, off, end);
+            if (off == end)
+                break;
+            continue;
         }
         last = seq;
         n++;
