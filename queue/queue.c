@@ -960,8 +960,8 @@ static int journal_open(spk_queue *q, spk_errbuf *eb)
         if (staged == 0 && q->jsize != want && want >= SPK_QUEUE_JOURNAL_MIN) {
             /* Empty: take the configured size. Offsets are absolute, so nothing moves. */
             journal_close_map(q);
-            if ((e = journal_alloc(q->jfd, want)) != 0 || (q->jsize = want, 0) ||
-                (e = journal_map(q)) != 0)
+            q->jsize = want;
+            if ((e = journal_alloc(q->jfd, want)) != 0 || (e = journal_map(q)) != 0)
                 return spk_errf(eb, SPK_EQUEUE_UNAVAILABLE, "queue %s: cannot resize the "
                                 "journal %s to %llu bytes: %s", q->path, file,
                                 (unsigned long long)want, strerror(e));
@@ -2091,22 +2091,8 @@ int spk_queue_stats_get(spk_queue *q, spk_queue_stats *st, spk_errbuf *eb)
     st->expired = meta_get(txn, q->meta, "expired");
     st->purged = meta_get(txn, q->meta, "purged");
     st->damaged = meta_get(txn, q->meta, "damaged");
-    {
-        /* Records appended since the snapshot's move are pending too. */
-        struct jctl *c = q->jc;
-        uint64_t jcount = meta_get(txn, q->meta, "j_count");
-        uint64_t jbytes = meta_get(txn, q->meta, "j_bytes");
-        if (jlock(q, NULL) == 0) {
-            st->staged = c->pub_count > jcount ? c->pub_count - jcount : 0;
-            st->pending += st->staged;
-            st->pending_bytes += c->pub_bytes > jbytes ? c->pub_bytes - jbytes : 0;
-            if (c->next_seq > st->next_seq)
-                st->next_seq = c->next_seq;
-            st->journal_used = atomic_load(&c->tail) - atomic_load(&c->released);
-            junlock(q);
-        }
-        st->journal_size = q->jsize;
-    }
+    uint64_t jcount = meta_get(txn, q->meta, "j_count");
+    uint64_t jbytes = meta_get(txn, q->meta, "j_bytes");
 
     MDB_val k, v;
     if ((rc = mdb_cursor_open(txn, q->pending, &cur)) != 0)
@@ -2151,6 +2137,19 @@ int spk_queue_stats_get(spk_queue *q, spk_queue_stats *st, spk_errbuf *eb)
         goto fail_lmdb;
     mdb_cursor_close(cur);
     mdb_txn_abort(txn);
+    /* Records appended since the snapshot's move are pending too. (After the read
+     * transaction: a locker may have to rebuild, which opens one of its own.) */
+    struct jctl *c = q->jc;
+    if (jlock(q, NULL) == 0) {
+        st->staged = c->pub_count > jcount ? c->pub_count - jcount : 0;
+        st->pending += st->staged;
+        st->pending_bytes += c->pub_bytes > jbytes ? c->pub_bytes - jbytes : 0;
+        if (c->next_seq > st->next_seq)
+            st->next_seq = c->next_seq;
+        st->journal_used = atomic_load(&c->tail) - atomic_load(&c->released);
+        junlock(q);
+    }
+    st->journal_size = q->jsize;
     return 0;
 fail_lmdb:
     err = lmdb_err(q, rc, "stats", eb);
