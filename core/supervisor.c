@@ -931,8 +931,8 @@ static void on_signal(struct ev_loop *loop, ev_signal *w, int revents)
  *
  * The supervisor keeps the queue moving: it opens the queue itself (it never loads
  * plugins, so its handle is out of their reach) and calls spk_queue_sync() every
- * queue.sync period (1 s with `always`), and sooner when the journal is a quarter
- * full (checked every QCHECK_S), plus once after the last worker exited. A sync moves
+ * queue.sync period, and sooner when the journal is a quarter full (checked every
+ * QCHECK_S; with `always`, only then), plus once after the last worker exited. A sync moves
  * what workers appended to the journal into LMDB and flushes it, which frees the
  * journal's space; workers only move it themselves when they find it full. The sync runs
  * on this loop: it delays the watchdog by at most one flush. */
@@ -981,9 +981,6 @@ static void queue_ensure(sup *s, const spk_config *cfg)
 
 static double queue_period(const spk_config *cfg)
 {
-    /* always: appends are durable in the journal already; moving them is for readers
-     * (who move what they need themselves) and for space, so a slow beat avoids flushes
-     * that would compete with the appends' own. */
     return cfg->queue_sync_always ? 1.0 : (double)cfg->queue_sync_interval_ms / 1000.0;
 }
 
@@ -999,7 +996,11 @@ static void on_qsync(struct ev_loop *loop, ev_timer *t, int revents)
         queue_ensure(s, cfg);
     if (s->queue == NULL)
         return;
-    if (now - s->qlast < queue_period(cfg) && spk_queue_journal_fill(s->queue) < 0.25)
+    /* always: appends are durable in the journal already; moving them is for readers
+     * (who move what they need themselves) and for space, so only a quarter-full journal
+     * is moved: a move's flushes would compete with the appends' own. */
+    bool due = !cfg->queue_sync_always && now - s->qlast >= queue_period(cfg);
+    if (!due && spk_queue_journal_fill(s->queue) < 0.25)
         return;
     s->qlast = now;
     spk_errbuf eb;

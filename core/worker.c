@@ -157,7 +157,10 @@ static void on_qsync(struct ev_loop *loop, ev_timer *w, int revents)
     (void)revents;
     worker *wk = w->data;
     spk_errbuf eb;
-    if (wk->env.queue != NULL && spk_queue_sync(wk->env.queue, &eb) != 0)
+    if (wk->env.queue == NULL ||
+        (wk->cfg->queue_sync_always && spk_queue_journal_fill(wk->env.queue) < 0.25))
+        return;
+    if (spk_queue_sync(wk->env.queue, &eb) != 0)
         spk_error("%s", eb.msg);
 }
 
@@ -250,7 +253,7 @@ int spk_worker_run(spk_config *cfg, const spk_worker_opts *opts, spk_errbuf *eb)
         atomic_store_explicit(&opts->wslot->state, SPK_W_READY, memory_order_release);
     } else {
         start_timer(&wk, &wk.qsync, on_qsync,
-                    cfg->queue_sync_always ? 1000 : cfg->queue_sync_interval_ms);
+                    cfg->queue_sync_always ? 20 : cfg->queue_sync_interval_ms);
         spk_proxy_start_accepting(wk.proxy);
     }
     spk_info("serving %s -> %s with %zu plugins", cfg->n_listen ? cfg->listen[0] : "?",

@@ -260,7 +260,7 @@ void spk_queue_stats_free(spk_queue_stats *st);
 
 /* Move every record appended so far from the journal into LMDB, flush LMDB (every commit
  * of every process), and free the journal space of what was moved. spoked's supervisor
- * calls it every queue.sync period (1 s with `always`), when the journal passes a
+ * calls it every queue.sync period (with `always`: only) when the journal passes a
  * quarter full, and at shutdown. Returns 0, SPK_EIO, SPK_EQUEUE_UNAVAILABLE (the map or
  * disk is full: what fitted was moved), or SPK_ECORRUPT when damaged journal records were
  * skipped (counted in spk_queue_stats.damaged; every other record was moved). */
