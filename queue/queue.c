@@ -585,7 +585,7 @@ static void place_guards(spk_queue *q)
 #define JPAD_MAGIC 0x504a5053u           /* "SPJP" */
 #define JREC_HDR 32u
 #define MOVE_MAX_RECORDS 16384u
-#define MOVE_MAX_BYTES (32u << 20)
+#define MOVE_MAX_BYTES (4u << 20)
 #define MOVE_MAX_PLUGINS 32u
 #define JLOCK_SPINS 200
 
