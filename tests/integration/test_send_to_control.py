@@ -159,6 +159,30 @@ class SendToControlTest(unittest.TestCase):
             self.assertRegex(metrics, r"spoke_queue_oldest_age_seconds \d+\.\d+\n")
             self.assertIn("spoke_queue_available 1\n", metrics)
 
+    def test_supervisor_moves_the_journal(self):
+        # send_to_control only appends to the journal; the supervisor's timer moves the
+        # records into LMDB, flushes it and frees the journal (docs/queue.md).
+        mport = free_port()
+        with self.spoked(extra={"metrics": {"listen": f"127.0.0.1:{mport}"}}) as sp:
+            c = Client(sp.port)
+            for i in range(20):
+                self.assertEqual(c.cmd(f"SEND m-{i} to be moved"), (0, i + 1))
+            c.close()
+            deadline = time.time() + 10
+            while True:
+                with urllib.request.urlopen(f"http://127.0.0.1:{mport}/metrics",
+                                            timeout=10) as r:
+                    metrics = r.read().decode()
+                if "spoke_queue_journal_used_bytes 0\n" in metrics:
+                    break
+                self.assertLess(time.time(), deadline, metrics)
+                time.sleep(0.05)
+            self.assertIn("spoke_queue_pending 20\n", metrics)
+            self.assertIn("spoke_queue_damaged_total 0\n", metrics)
+            self.assertRegex(metrics, r"spoke_queue_syncs_total [1-9]\d*\n")
+            self.assertRegex(metrics, r"spoke_queue_journal_size_bytes 67108864\n")
+        self.assertEqual(pending(self.qdir), 20)
+
     def test_kill9_after_send_loses_nothing(self):
         with self.spoked() as sp:
             for i in range(3):
