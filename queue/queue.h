@@ -86,18 +86,17 @@ typedef struct spk_queue_opts {
                                bigger size stored in the file wins */
     bool create;            /* create the directory and database if missing (default
                                true); false: SPK_ENOENT when absent (tools) */
-    bool writemap;          /* map the file writable (MDB_WRITEMAP). Default false here;
-                               spoked's default (queue.writemap) is true. Commits become
-                               stores into shared memory (no write(2)); the file's blocks
-                               are allocated ahead of use so a full disk is a clean
-                               SPK_EQUEUE_UNAVAILABLE, never a SIGBUS; PROT_NONE guard
-                               pages flank the map. A stray store by plugin code into the
-                               map is detected (record CRC, spk_queue_verify()) rather than
-                               made impossible: docs/queue.md has the argument. */
+    bool writemap;          /* map LMDB's file writable (MDB_WRITEMAP; queue.writemap,
+                               default false). Moves become stores into shared memory (no
+                               write(2)); the file's blocks are allocated ahead of use so a
+                               full disk is a clean SPK_EQUEUE_UNAVAILABLE, never a SIGBUS;
+                               PROT_NONE guard pages flank the map. Measured slower with
+                               batched moves (docs/benchmarks.md). */
     uint64_t journal_size;  /* queue.journal_size: bytes of the ring that records are
                                appended to before they are moved into LMDB (default 64 MiB,
-                               at least SPK_QUEUE_JOURNAL_MIN = 4 MiB, a multiple of 4096). Takes
-                               effect when the journal is created, or reopened empty by
+                               at least SPK_QUEUE_JOURNAL_MIN = 4 MiB, a multiple of
+                               4096). Takes effect when the journal is created, or reopened
+                               empty by
                                the first process. */
     spk_queue_clock clock;  /* NULL: CLOCK_REALTIME */
     void *clock_arg;
@@ -157,15 +156,17 @@ typedef struct spk_queue_msg {
  * and value), or SPK_EINVAL. */
 int spk_queue_validate(const spk_queue_msg *m, spk_errbuf *eb);
 
-/* Validate and commit `m` as one record, encoded once as an EdgePayload carrying its new
- * sequence number. On success *seq (if not NULL) is that number (per queue, starting at
- * 1, strictly increasing across restarts and never reused, even after purge) and
- * *pending (if not NULL) the number of pending records including this one. Returns 0, a
- * limit code, SPK_EQUEUE_FULL, SPK_EQUEUE_UNAVAILABLE, SPK_EINVAL, SPK_ECORRUPT, SPK_EIO.
- * Nothing is stored unless it returns 0, with one exception: with sync_always, SPK_EIO
- * "committed but its flush failed" means the record is committed (it survives process
- * crashes, and the uplink will send it) but its durability against power loss is
- * unknown. */
+/* Validate `m` and append it to the journal as one record, encoded once as an
+ * EdgePayload carrying its new sequence number (see DURABILITY for when it is committed).
+ * On success *seq (if not NULL) is that number (per queue, starting at 1, strictly
+ * increasing across restarts and never reused, even after purge, in the order of the
+ * appends) and *pending (if not NULL) the number of pending records including this one.
+ * When the journal is full it first moves records into LMDB itself. Returns 0, a limit
+ * code, SPK_EQUEUE_FULL, SPK_EQUEUE_UNAVAILABLE (journal full and LMDB's map or disk full),
+ * SPK_EINVAL, SPK_ENOMEM, SPK_EIO. Nothing is stored unless it returns 0, with one
+ * exception: with sync_always, SPK_EIO "stored but its flush failed" means the record is
+ * stored (it survives process crashes, and the uplink will send it) but its durability
+ * against power loss is unknown. */
 int spk_queue_enqueue(spk_queue *q, const spk_queue_msg *m, uint64_t *seq,
                       uint64_t *pending, spk_errbuf *eb);
 

@@ -4,8 +4,8 @@
  *
  * For each payload size (256 B, 4 KiB), durability policy and process count (1, 2) it
  * runs, each in a fresh directory:
- *   lmdb       spk_queue_send() with the default read-only map
- *   lmdb-wmap  the same with opts.writemap (MDB_WRITEMAP)
+ *   lmdb       spk_queue_send() as spoked configures it (journal, LMDB read-only map)
+ *   lmdb-wmap  the same with opts.writemap (LMDB's map writable, MDB_WRITEMAP)
  *   sqlite     INSERT of (plugin, ts, correlation, metadata, payload) in autocommit mode,
  *              journal_mode=WAL, synchronous=NORMAL beside the interval policy and
  *              synchronous=FULL beside `always`
