@@ -625,6 +625,8 @@ struct jctl {
     uint32_t last_pub;               /* under lock: pid of the last publisher */
 };
 
+_Static_assert(sizeof(struct jctl) <= 4096, "journal.ctl is one page");
+
 /* What an LMDB transaction says about the journal and the pending records. */
 struct jbase {
     uint64_t txnid, pending, bytes, off, count, mbytes, next_seq;
