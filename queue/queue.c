@@ -623,6 +623,7 @@ struct jctl {
     _Atomic uint32_t flush_sleepers; /* followers in futex_wait */
     _Atomic uint64_t mixed_ns;       /* when a publish last followed another process's */
     uint32_t last_pub;               /* under lock: pid of the last publisher */
+    uint32_t need_rebuild;           /* under lock: a holder died; rebuild before use */
 };
 
 _Static_assert(sizeof(struct jctl) <= 4096, "journal.ctl is one page");
@@ -759,6 +760,12 @@ static uint64_t journal_rebuild(spk_queue *q, const struct jbase *b, bool first)
         off += len;
         good = off;
     }
+    /* Under the lock (not `first`), everything below the tail was published: a stretch
+     * that scans as damaged there stays published (a move may already hold that end, and
+     * moves skip damage), so the tail never goes back. */
+    uint64_t old_tail = atomic_load(&c->tail);
+    if (!first && old_tail > good && old_tail - b->off <= q->jsize)
+        good = old_tail;
     c->m_txnid = 0;
     if (first)
         atomic_store(&c->released, b->off);
@@ -806,19 +813,25 @@ static int jlock(spk_queue *q, spk_errbuf *eb)
     if (rc == EBUSY)
         rc = pthread_mutex_lock(m);
     if (rc == EOWNERDEAD) {
-        /* Its holder died: the shared state may be half-updated. */
-        if (journal_rebuild_from_lmdb(q) != 0) {
-            pthread_mutex_unlock(m); /* not consistent: the next locker tries again */
-            return spk_errf(eb, SPK_EQUEUE_UNAVAILABLE, "queue %s: the journal's lock was "
-                            "held by a process that died, and its state could not be "
-                            "rebuilt", q->path);
-        }
+        /* Its holder died: the shared state may be half-updated. The mutex is made
+         * consistent at once (a mutex unlocked without that is unusable for good), and
+         * the flag makes every locker rebuild until one succeeds. */
+        q->jc->need_rebuild = 1;
         pthread_mutex_consistent(m);
         rc = 0;
     }
     if (rc != 0)
         return spk_errf(eb, SPK_EQUEUE_UNAVAILABLE, "queue %s: journal lock: %s (restart "
                         "every process using the queue)", q->path, strerror(rc));
+    if (q->jc->need_rebuild) {
+        if (journal_rebuild_from_lmdb(q) != 0) {
+            pthread_mutex_unlock(m);
+            return spk_errf(eb, SPK_EQUEUE_UNAVAILABLE, "queue %s: the journal's lock was "
+                            "held by a process that died, and its state could not be "
+                            "rebuilt yet (retried by the next call)", q->path);
+        }
+        q->jc->need_rebuild = 0;
+    }
     return 0;
 }
 
@@ -900,6 +913,35 @@ static int journal_alloc(int fd, uint64_t size)
     return fdatasync(fd) == 0 ? 0 : errno;
 }
 
+/* (Re)create the ring file at `file` with `size` bytes, fully allocated and written, by
+ * way of journal.new and a rename: a crash half-way leaves the old file or none, never a
+ * sparse journal that a later open would take for a whole one. Replaces q->jfd. */
+static int journal_create(spk_queue *q, const char *file, uint64_t size)
+{
+    char tmp[4200];
+    snprintf(tmp, sizeof(tmp), "%s/journal.new", q->path);
+    int fd = open(tmp, O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+    if (fd < 0)
+        return errno;
+    int e = journal_alloc(fd, size);
+    if (e == 0 && rename(tmp, file) != 0)
+        e = errno;
+    if (e != 0) {
+        close(fd);
+        unlink(tmp);
+        return e;
+    }
+    int dfd = open(q->path, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    if (dfd >= 0) { /* the rename itself survives a power loss */
+        fsync(dfd);
+        close(dfd);
+    }
+    if (q->jfd >= 0)
+        close(q->jfd);
+    q->jfd = fd;
+    return 0;
+}
+
 /* Open journal and journal.ctl. The first process to open the queue (no other holds the
  * shared lock on byte 0 of journal.ctl) rebuilds the shared state; openers are serialised
  * by an exclusive lock on byte 1 while they do this. */
@@ -929,12 +971,14 @@ static int journal_open(spk_queue *q, spk_errbuf *eb)
     q->jc = p;
 
     snprintf(file, sizeof(file), "%s/journal", q->path);
-    q->jfd = open(file, O_RDWR | O_CREAT | O_CLOEXEC, 0600);
-    if (q->jfd < 0 || fstat(q->jfd, &st) != 0)
-        return spk_errf(eb, errno == ENOSPC ? SPK_EQUEUE_UNAVAILABLE : SPK_EIO,
-                        "queue %s: cannot open %s: %s", q->path, file, strerror(errno));
+    q->jfd = open(file, O_RDWR | O_CLOEXEC);
+    uint64_t have = 0;
+    if (q->jfd >= 0 && fstat(q->jfd, &st) == 0)
+        have = (uint64_t)st.st_size;
+    else if (q->jfd >= 0 || errno != ENOENT)
+        return spk_errf(eb, SPK_EIO, "queue %s: cannot open %s: %s", q->path, file,
+                        strerror(errno));
     uint64_t want = q->opts.journal_size;
-    uint64_t have = (uint64_t)st.st_size;
     if (!alone) {
         /* The first opener sized it; a size in journal.ctl that disagrees means damage. */
         if (q->jc->magic != JCTL_MAGIC || q->jc->size != have || have < SPK_QUEUE_JOURNAL_MIN)
@@ -943,7 +987,7 @@ static int journal_open(spk_queue *q, spk_errbuf *eb)
         q->jsize = have;
     } else {
         q->jsize = have >= SPK_QUEUE_JOURNAL_MIN ? have : want;
-        if (have != q->jsize && (e = journal_alloc(q->jfd, q->jsize)) != 0)
+        if (have != q->jsize && (e = journal_create(q, file, q->jsize)) != 0)
             return spk_errf(eb, SPK_EQUEUE_UNAVAILABLE, "queue %s: cannot allocate the "
                             "%llu-byte journal %s: %s", q->path,
                             (unsigned long long)q->jsize, file, strerror(e));
@@ -972,7 +1016,7 @@ static int journal_open(spk_queue *q, spk_errbuf *eb)
             /* Empty: take the configured size. Offsets are absolute, so nothing moves. */
             journal_close_map(q);
             q->jsize = want;
-            if ((e = journal_alloc(q->jfd, want)) != 0 || (e = journal_map(q)) != 0)
+            if ((e = journal_create(q, file, want)) != 0 || (e = journal_map(q)) != 0)
                 return spk_errf(eb, SPK_EQUEUE_UNAVAILABLE, "queue %s: cannot resize the "
                                 "journal %s to %llu bytes: %s", q->path, file,
                                 (unsigned long long)want, strerror(e));
@@ -1077,9 +1121,8 @@ static uint64_t record_pages16(const spk_queue *q, uint32_t vlen)
 /* One transaction: move records from LMDB's journal position up to `end` (at most `limit`
  * records). *moved_to receives the new position, *damaged the damaged records skipped.
  * Returns an LMDB/errno code. */
-static int move_txn(spk_queue *q, uint64_t end, size_t limit, uint64_t max_bytes,
-                    uint64_t *moved_to,
-                    uint64_t *damaged)
+static int move_txn(spk_queue *q, uint64_t end, size_t limit, uint64_t max_bytes, bool drop,
+                    uint64_t *moved_to, uint64_t *damaged)
 {
     MDB_txn *txn = NULL;
     struct plugin_delta pd[MOVE_MAX_PLUGINS];
@@ -1108,6 +1151,13 @@ static int move_txn(spk_queue *q, uint64_t end, size_t limit, uint64_t max_bytes
         if (len == 0 || seq < b.next_seq || (last != 0 && seq <= last)) {
             bad++;
             off = journal_resync(q, off, end);
+            continue;
+        }
+        if (drop) { /* purge: count it as purged instead of putting it */
+            n++;
+            bytes += vlen;
+            last = seq;
+            off += len;
             continue;
         }
         used16 += record_pages16(q, vlen);
@@ -1147,7 +1197,8 @@ static int move_txn(spk_queue *q, uint64_t end, size_t limit, uint64_t max_bytes
     if ((rc = meta_put(txn, q->meta, "j_off", off)) != 0 ||
         (rc = meta_put(txn, q->meta, "j_count", b.count + n)) != 0 ||
         (rc = meta_put(txn, q->meta, "j_bytes", b.mbytes + bytes)) != 0 ||
-        (rc = meta_put(txn, q->meta, "bytes", b.bytes + bytes)) != 0 ||
+        (!drop && (rc = meta_put(txn, q->meta, "bytes", b.bytes + bytes)) != 0) ||
+        (drop && n > 0 && (rc = meta_add(txn, q->meta, "purged", n)) != 0) ||
         (last >= b.next_seq && (rc = meta_put(txn, q->meta, "next_seq", last + 1)) != 0) ||
         (bad > 0 && (rc = meta_add(txn, q->meta, "damaged", bad)) != 0))
         goto fail;
@@ -1197,6 +1248,7 @@ static int journal_move(spk_queue *q, bool release, spk_errbuf *eb)
      * beforehand (ensure_headroom), so its batches are kept within the reserve. */
     uint64_t max_bytes = q->opts.writemap ? q->reserve / 4 : MOVE_MAX_BYTES;
     bool moved_any = false;
+    int failed = 0;
     while (at < end) {
         uint64_t chunk = end - at < max_bytes ? end - at : max_bytes;
         int err = ensure_headroom(q, chunk, eb);
@@ -1205,7 +1257,7 @@ static int journal_move(spk_queue *q, bool release, spk_errbuf *eb)
             continue;
         }
         if (err == 0) {
-            rc = move_txn(q, end, limit, max_bytes, &moved_to, &damaged);
+            rc = move_txn(q, end, limit, max_bytes, false, &moved_to, &damaged);
             if ((rc == MDB_MAP_FULL || rc == ENOSPC || rc == EIO) && limit > 1) {
                 limit /= 2; /* a smaller batch may fit */
                 max_bytes = max_bytes > 131072 ? max_bytes / 2 : max_bytes;
@@ -1218,8 +1270,8 @@ static int journal_move(spk_queue *q, bool release, spk_errbuf *eb)
         }
         if (err != 0) {
             if (!moved_any)
-                return err;
-            break; /* release what was moved; the caller retries for the rest */
+                failed = err; /* still release what earlier moves (readers') put in LMDB */
+            break;            /* release what was moved; the caller retries for the rest */
         }
         if (moved_to == at)
             break;
@@ -1241,6 +1293,8 @@ static int journal_move(spk_queue *q, bool release, spk_errbuf *eb)
             atomic_store_explicit(&q->jc->released, upto, memory_order_release);
         junlock(q);
     }
+    if (failed != 0)
+        return failed;
     if (damaged > 0) {
         /* The skipped records were counted as published: count again from the journal. */
         if (jlock(q, NULL) == 0) {
@@ -1783,6 +1837,17 @@ static void consume_prepare(spk_queue *q)
         journal_move(q, false, NULL);
 }
 
+/* spk_queue_read hands records to the uplink, which sends them: they must be durable in
+ * LMDB first, or a power loss could take LMDB (and next_seq) back below sequence numbers
+ * hubd has already seen, and new records would reuse them. So a read that moved anything
+ * flushes, as spk_queue_sync does. */
+static void read_prepare(spk_queue *q)
+{
+    if (journal_staged(q) || atomic_load(&q->jc->released) !=
+                                 atomic_load_explicit(&q->jc->m_off, memory_order_relaxed))
+        journal_move(q, true, NULL);
+}
+
 /* Decode a stored value's header; returns 0 or SPK_ECORRUPT. */
 static int rec_parse(const MDB_val *v, struct rec_hdr *h, const uint8_t **wire)
 {
@@ -1820,7 +1885,7 @@ int spk_queue_read(spk_queue *q, size_t max_n, size_t max_wire_bytes, spk_queue_
         return spk_errf(eb, SPK_EINVAL, "queue: no handle");
     if (max_n == 0)
         return 0;
-    consume_prepare(q);
+    read_prepare(q);
     if ((rc = txn_begin(q, MDB_RDONLY, &txn)) != 0)
         return lmdb_err(q, rc, "read", eb);
     MDB_stat ms;
@@ -1992,9 +2057,10 @@ int spk_queue_ack(spk_queue *q, const uint64_t *seqs, size_t n, size_t *acked, s
     txn = NULL;
     if (rc != 0)
         goto fail;
-    mirror_after(q, &jb);
-    if (count > 0)
+    if (count > 0) { /* an empty transaction commits nothing and reuses its ID */
+        mirror_after(q, &jb);
         free_space_now(q);
+    }
     if (acked != NULL)
         *acked = count;
     return 0;
@@ -2065,7 +2131,8 @@ int spk_queue_expire(spk_queue *q, uint64_t *expired, spk_errbuf *eb)
         txn = NULL;
         if (rc != 0)
             goto fail;
-        mirror_after(q, &jb);
+        if (n > 0)
+            mirror_after(q, &jb);
         total += n;
         if (!more)
             break;
@@ -2095,10 +2162,9 @@ int spk_queue_purge(spk_queue *q, uint64_t *purged, spk_errbuf *eb)
         *purged = 0;
     if (q == NULL)
         return spk_errf(eb, SPK_EINVAL, "queue: no handle");
-    int err = journal_move(q, false, eb); /* the journal's records are pending too */
-    if (err != 0 && err != SPK_ECORRUPT)
-        return err;
-    err = wmap_headroom(q, 0, 0, eb); /* drops copy no leaves: branches + free list */
+    /* The journal's records are pending too: moved if they fit, dropped below if not. */
+    journal_move(q, false, NULL);
+    int err = wmap_headroom(q, 0, 0, eb); /* drops copy no leaves: branches + free list */
     if (err != 0)
         return err;
     if ((rc = txn_begin(q, 0, &txn)) != 0)
@@ -2118,8 +2184,29 @@ int spk_queue_purge(spk_queue *q, uint64_t *purged, spk_errbuf *eb)
         goto fail;
     mirror_after(q, &jb);
     free_space_now(q);
+    uint64_t total = ms.ms_entries;
+    /* What the map could not take: drop it from the journal, counted as purged. */
+    if (jlock(q, eb) == 0) {
+        uint64_t end = atomic_load_explicit(&q->jc->tail, memory_order_acquire);
+        uint64_t at = q->jc->m_off, dropped_to, bad = 0;
+        junlock(q);
+        while (at < end) {
+            uint64_t before = jb.count;
+            if ((rc = move_txn(q, end, MOVE_MAX_RECORDS, UINT64_MAX, true, &dropped_to,
+                               &bad)) != 0)
+                return lmdb_err(q, rc, "purge the journal", eb);
+            if (dropped_to == at)
+                break;
+            at = dropped_to;
+            if (jlock(q, NULL) == 0) {
+                total += q->jc->m_count - before;
+                jb.count = q->jc->m_count;
+                junlock(q);
+            }
+        }
+    }
     if (purged != NULL)
-        *purged = ms.ms_entries;
+        *purged = total;
     return 0;
 fail:
     if (txn != NULL)
