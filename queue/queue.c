@@ -337,29 +337,38 @@ static int mkdir_p(const char *path)
  * reservation fails the enqueue is refused as "disk full" while acks and expiry still
  * have room. Called outside the write transaction; another process may have reserved
  * more already, which makes our fallocate a cheap no-op. */
-/* True when `need` bytes fit in what the file has allocated once LMDB's free pages (freed
- * by acks and expiry, reused before the file grows) are counted. Slow path only: walks
- * the free list, like `mdb_stat -f`. */
-static bool fits_in_free_pages(spk_queue *q, uint64_t need)
+/* Pages on LMDB's free list (freed by acks and expiry, reused before the file grows).
+ * Slow path only: walks the free list, like `mdb_stat -f`. 0 when it cannot be read. */
+static uint64_t free_list_pages(spk_queue *q)
 {
     MDB_txn *txn;
     MDB_cursor *cur;
     MDB_val k, v;
-    uint64_t free_pages = 0;
-    struct stat st;
-    if (fstat(q->fd, &st) != 0 || txn_begin(q, MDB_RDONLY, &txn) != 0)
-        return false;
+    uint64_t pages = 0;
+    if (txn_begin(q, MDB_RDONLY, &txn) != 0)
+        return 0;
     if (mdb_cursor_open(txn, 0 /* FREE_DBI */, &cur) == 0) {
         while (mdb_cursor_get(cur, &k, &v, MDB_NEXT) == 0) {
             size_t n;
             if (v.mv_size >= sizeof(n)) {
                 memcpy(&n, v.mv_data, sizeof(n));
-                free_pages += n;
+                pages += n;
             }
         }
         mdb_cursor_close(cur);
     }
     mdb_txn_abort(txn);
+    return pages;
+}
+
+/* True when `need` bytes fit in what the file has allocated once LMDB's free pages are
+ * counted. */
+static bool fits_in_free_pages(spk_queue *q, uint64_t need)
+{
+    struct stat st;
+    if (fstat(q->fd, &st) != 0)
+        return false;
+    uint64_t free_pages = free_list_pages(q);
     uint64_t allocated = (uint64_t)st.st_blocks * 512;
     if (allocated < q->alloc_end)
         allocated = q->alloc_end;
@@ -1088,24 +1097,8 @@ static uint64_t map_room_pages(spk_queue *q)
         keep = 16;
     uint64_t used = (uint64_t)info.me_last_pgno + 1;
     uint64_t room = used + keep < pages ? pages - used - keep : 0;
-    if (room < 2ull * MOVE_MAX_BYTES / q->psize) {
-        MDB_txn *txn;
-        MDB_cursor *cur;
-        MDB_val k, v;
-        if (txn_begin(q, MDB_RDONLY, &txn) == 0) {
-            if (mdb_cursor_open(txn, 0 /* FREE_DBI */, &cur) == 0) {
-                while (mdb_cursor_get(cur, &k, &v, MDB_NEXT) == 0) {
-                    size_t n;
-                    if (v.mv_size >= sizeof(n)) {
-                        memcpy(&n, v.mv_data, sizeof(n));
-                        room += n;
-                    }
-                }
-                mdb_cursor_close(cur);
-            }
-            mdb_txn_abort(txn);
-        }
-    }
+    if (room < 2ull * MOVE_MAX_BYTES / q->psize)
+        room += free_list_pages(q);
     return room;
 }
 
