@@ -146,7 +146,7 @@ class Spoked:
 
     def __init__(self, tmpdir, upstream, plugins=(), extra=None, plugin_dir=None,
                  listen=None, expect_fail=False, config_text=None, log_level="info",
-                 start_timeout=15.0, env=None, wait=True):
+                 start_timeout=15.0, env=None, wait=True, args=()):
         self.tmpdir = tmpdir
         self.port = free_port()
         self.listen = listen or [f"127.0.0.1:{self.port}"]
@@ -174,7 +174,7 @@ class Spoked:
         self._log = open(self.log_path, "wb")
         penv = dict(os.environ)
         penv.update(env or {})
-        self.proc = subprocess.Popen([spoke_bin("spoked"), "-c", self.config_path],
+        self.proc = subprocess.Popen([spoke_bin("spoked"), "-c", self.config_path, *args],
                                      stdout=self._log, stderr=subprocess.STDOUT, env=penv)
         if not wait:
             return
@@ -198,7 +198,8 @@ class Spoked:
         while time.time() < deadline:
             if self.proc.poll() is not None:
                 raise AssertionError(f"spoked exited with {self.proc.returncode}:\n{self.log()}")
-            if re.search(r"generation \d+ serving", self.log()):
+            # the supervisor's line, or a --single-process worker's
+            if re.search(r"generation \d+ serving|spoked\[\d+\]: serving \S+ -> ", self.log()):
                 return
             time.sleep(0.02)
         raise AssertionError("spoked did not start listening:\n" + self.log())

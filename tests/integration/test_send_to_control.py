@@ -183,6 +183,22 @@ class SendToControlTest(unittest.TestCase):
             self.assertRegex(metrics, r"spoke_queue_journal_size_bytes 67108864\n")
         self.assertEqual(pending(self.qdir), 20)
 
+    def test_single_process_moves_the_journal(self):
+        # --single-process has no supervisor: the worker runs the queue timer itself.
+        with self.spoked(args=("--single-process",)) as sp:
+            c = Client(sp.port)
+            for i in range(10):
+                self.assertEqual(c.cmd(f"SEND s-{i} single"), (0, i + 1))
+            c.close()
+            deadline = time.time() + 10
+            while True:
+                stat = queue_tool("stat", self.qdir)
+                if re.search(r"journal:\s+0 of \d+ bytes in use", stat):
+                    break
+                self.assertLess(time.time(), deadline, stat)
+                time.sleep(0.05)
+            self.assertEqual(pending(self.qdir), 10)
+
     def test_kill9_after_send_loses_nothing(self):
         with self.spoked() as sp:
             for i in range(3):
