@@ -1223,18 +1223,19 @@ static void mirror_after(spk_queue *q, const struct jbase *b)
     }
 }
 
-/* Move every record published so far into LMDB. With `release`, then flush LMDB and
- * release the ring space of everything moved. Returns 0, SPK_EQUEUE_UNAVAILABLE (map or
+/* Move every record published so far into LMDB (with a `budget` > 0: stop once that
+ * many journal bytes are moved). With `release`, then flush LMDB and release the ring
+ * space of everything moved. Returns 0, SPK_EQUEUE_UNAVAILABLE (map or
  * disk full: what was moved stays moved), SPK_EIO, or SPK_ECORRUPT when damaged records
  * were skipped (everything else was moved; the message says how many). */
-static int journal_move(spk_queue *q, bool release, spk_errbuf *eb)
+static int journal_move(spk_queue *q, bool release, uint64_t budget, spk_errbuf *eb)
 {
-    uint64_t damaged = 0, end, moved_to, at;
+    uint64_t damaged = 0, end, moved_to, at, start;
     int rc = 0;
     if ((rc = jlock(q, eb)) != 0)
         return rc;
     end = atomic_load_explicit(&q->jc->tail, memory_order_acquire);
-    at = q->jc->m_off;
+    at = start = q->jc->m_off;
     junlock(q);
     size_t limit = MOVE_MAX_RECORDS;
     /* With the writable map every page a transaction touches must be allocated on disk
@@ -1271,6 +1272,8 @@ static int journal_move(spk_queue *q, bool release, spk_errbuf *eb)
         at = moved_to;
         moved_any = true;
         q->moved_txns++;
+        if (budget > 0 && at - start >= budget)
+            break;
     }
     if (release) {
         if ((rc = jlock(q, eb)) != 0)
@@ -1764,7 +1767,9 @@ int spk_queue_enqueue(spk_queue *q, const spk_queue_msg *m, uint64_t *seq_out,
                                                  "records are appended faster than they "
                                                  "can be moved into LMDB", q->path,
                                                  (unsigned long long)q->jsize));
-            err = journal_move(q, true, eb);
+            /* Only what this record needs (one batch): this runs inside a plugin's hook,
+             * which the supervisor's watchdog times. */
+            err = journal_move(q, true, need, eb);
             if (err != 0 && err != SPK_ECORRUPT)
                 return count_refusal(q, err);
             if ((err = jlock(q, eb)) != 0)
@@ -1827,7 +1832,7 @@ int spk_queue_send(spk_queue *q, uint32_t plugin_id, const char *edge_id,
 static void consume_prepare(spk_queue *q)
 {
     if (journal_staged(q))
-        journal_move(q, false, NULL);
+        journal_move(q, false, 0, NULL);
 }
 
 /* spk_queue_read hands records to the uplink, which sends them: they must be durable in
@@ -1838,7 +1843,7 @@ static void read_prepare(spk_queue *q)
 {
     if (journal_staged(q) || atomic_load(&q->jc->released) !=
                                  atomic_load_explicit(&q->jc->m_off, memory_order_relaxed))
-        journal_move(q, true, NULL);
+        journal_move(q, true, 0, NULL);
 }
 
 /* Decode a stored value's header; returns 0 or SPK_ECORRUPT. */
@@ -2156,7 +2161,7 @@ int spk_queue_purge(spk_queue *q, uint64_t *purged, spk_errbuf *eb)
     if (q == NULL)
         return spk_errf(eb, SPK_EINVAL, "queue: no handle");
     /* The journal's records are pending too: moved if they fit, dropped below if not. */
-    journal_move(q, false, NULL);
+    journal_move(q, false, 0, NULL);
     int err = wmap_headroom(q, 0, 0, eb); /* drops copy no leaves: branches + free list */
     if (err != 0)
         return err;
@@ -2321,7 +2326,7 @@ int spk_queue_sync(spk_queue *q, spk_errbuf *eb)
 {
     if (q == NULL)
         return spk_errf(eb, SPK_EINVAL, "queue: no handle");
-    return journal_move(q, true, eb);
+    return journal_move(q, true, 0, eb);
 }
 
 double spk_queue_journal_fill(const spk_queue *q)
