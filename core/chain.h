@@ -51,6 +51,9 @@ typedef struct spk_slot {
     _Atomic uint32_t hook;
     _Atomic uint64_t seq;
     _Atomic uint64_t heartbeat_ms;
+    _Atomic uint32_t in_host; /* 1 while a hook waits in a host service that may wait for
+                                 the disk (send_to_control with queue.sync: always, or a
+                                 full journal): that time is not the plugin's */
 } spk_slot;
 
 /* Count a hook entry. Only the worker's own thread writes the slot, so a plain load and

@@ -378,8 +378,12 @@ static int send_common(spoke_ctx *ctx, const void *payload, size_t len, const ch
         return SPOKE_ERR_QUEUE_UNAVAILABLE;
     }
     int64_t now_ms = env->loop != NULL ? (int64_t)(ev_now(env->loop) * 1000.0) : -1;
+    if (env->slot != NULL)
+        atomic_store_explicit(&env->slot->in_host, 1, memory_order_relaxed);
     int rc = spk_queue_send(env->queue, p->id, env->edge_id, payload, len, corr, md, n_md,
                             json, now_ms, NULL, pending, &eb);
+    if (env->slot != NULL)
+        atomic_store_explicit(&env->slot->in_host, 0, memory_order_relaxed);
     if (rc != 0) {
         refused(env, p, rc, eb.msg);
         return public_status(rc);
