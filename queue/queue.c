@@ -1077,6 +1077,29 @@ static uint64_t journal_resync(const spk_queue *q, uint64_t from, uint64_t end)
     return end;
 }
 
+/* Commit `txn` (consumed: aborted on failure) and, when it changed the pending records,
+ * mirror its state into journal.ctl (see JOURNAL, Counting). An empty transaction commits
+ * nothing and reuses its ID, so it must not mirror. *out (if not NULL) receives the
+ * state. Returns an LMDB code. */
+static int commit_mirrored(spk_queue *q, MDB_txn *txn, bool changed, struct jbase *out)
+{
+    struct jbase b;
+    int rc = jbase_read(q, txn, &b);
+    if (rc != 0) {
+        mdb_txn_abort(txn);
+        return rc;
+    }
+    if ((rc = mdb_txn_commit(txn)) != 0)
+        return rc;
+    if (changed && jlock(q, NULL) == 0) {
+        mirror_store(q->jc, &b);
+        junlock(q);
+    }
+    if (out != NULL)
+        *out = b;
+    return 0;
+}
+
 /* Moves stop short of filling the map: acks and expiry need pages to delete records (each
  * copies the leaves and branches it changes, and records the freed pages), and only
  * deleting frees space. So a move may add at most `room` pages: the map's pages minus the
@@ -1195,16 +1218,10 @@ static int move_txn(spk_queue *q, uint64_t end, size_t limit, uint64_t max_bytes
         (last >= b.next_seq && (rc = meta_put(txn, q->meta, "next_seq", last + 1)) != 0) ||
         (bad > 0 && (rc = meta_add(txn, q->meta, "damaged", bad)) != 0))
         goto fail;
-    if ((rc = jbase_read(q, txn, &b)) != 0)
-        goto fail;
-    rc = mdb_txn_commit(txn);
+    rc = commit_mirrored(q, txn, true, NULL);
     txn = NULL;
     if (rc != 0)
         return rc;
-    if (jlock(q, NULL) == 0) {
-        mirror_store(q->jc, &b);
-        junlock(q);
-    }
     *moved_to = off;
     *damaged += bad;
     return 0;
@@ -1212,15 +1229,6 @@ fail:
     if (txn != NULL)
         mdb_txn_abort(txn);
     return rc;
-}
-
-/* After a committed transaction that changed the pending records: mirror its state. */
-static void mirror_after(spk_queue *q, const struct jbase *b)
-{
-    if (jlock(q, NULL) == 0) {
-        mirror_store(q->jc, b);
-        junlock(q);
-    }
 }
 
 /* Move every record published so far into LMDB (with a `budget` > 0: stop once that
@@ -2048,17 +2056,12 @@ int spk_queue_ack(spk_queue *q, const uint64_t *seqs, size_t n, size_t *acked, s
     cur = NULL;
     if (count > 0 && (rc = finish_delete(q, txn, freed, "acked", count)) != 0)
         goto fail;
-    struct jbase jb;
-    if ((rc = jbase_read(q, txn, &jb)) != 0)
-        goto fail;
-    rc = mdb_txn_commit(txn);
+    rc = commit_mirrored(q, txn, count > 0, NULL);
     txn = NULL;
     if (rc != 0)
         goto fail;
-    if (count > 0) { /* an empty transaction commits nothing and reuses its ID */
-        mirror_after(q, &jb);
+    if (count > 0)
         free_space_now(q);
-    }
     if (acked != NULL)
         *acked = count;
     return 0;
@@ -2122,15 +2125,10 @@ int spk_queue_expire(spk_queue *q, uint64_t *expired, spk_errbuf *eb)
         cur = NULL;
         if (n > 0 && (rc = finish_delete(q, txn, freed, "expired", n)) != 0)
             goto fail;
-        struct jbase jb;
-        if ((rc = jbase_read(q, txn, &jb)) != 0)
-            goto fail;
-        rc = mdb_txn_commit(txn);
+        rc = commit_mirrored(q, txn, n > 0, NULL);
         txn = NULL;
         if (rc != 0)
             goto fail;
-        if (n > 0)
-            mirror_after(q, &jb);
         total += n;
         if (!more)
             break;
@@ -2174,13 +2172,10 @@ int spk_queue_purge(spk_queue *q, uint64_t *purged, spk_errbuf *eb)
         (rc = meta_add(txn, q->meta, "purged", ms.ms_entries)) != 0)
         goto fail;
     struct jbase jb;
-    if ((rc = jbase_read(q, txn, &jb)) != 0)
-        goto fail;
-    rc = mdb_txn_commit(txn);
+    rc = commit_mirrored(q, txn, true, &jb);
     txn = NULL;
     if (rc != 0)
         goto fail;
-    mirror_after(q, &jb);
     free_space_now(q);
     uint64_t total = ms.ms_entries;
     /* What the map could not take: drop it from the journal, counted as purged. */
