@@ -1238,6 +1238,7 @@ static const field queue_fields[] = {
     CF("map_size", p_size, d_size, queue_map_size, MiB, 16 * TiB),
     CF("writemap", p_bool, d_bool, queue_writemap, 0, 0),
     CF("journal_size", p_size, d_size, queue_journal_size, 4 * MiB, 64 * GiB),
+    CF("segment_size", p_size, d_size, queue_segment_size, 2 * MiB, GiB),
 };
 
 static const field uplink_fields[] = {
@@ -1436,6 +1437,7 @@ static int set_defaults(spk_config *cfg, const char *path)
     cfg->queue_map_size = 2 * GiB;
     cfg->queue_writemap = false;
     cfg->queue_journal_size = 64 * MiB;
+    cfg->queue_segment_size = 32 * MiB;
 
     cfg->uplink_heartbeat_ms = 30 * SEC;
     cfg->uplink_batch_size = 100;

@@ -92,6 +92,7 @@ typedef struct spk_config {
     uint64_t queue_map_size;   /* queue.map_size: LMDB map size, default 2GiB */
     bool queue_writemap;       /* queue.writemap: map LMDB's file writable, default false */
     uint64_t queue_journal_size; /* queue.journal_size: the append ring, default 64MiB */
+    uint64_t queue_segment_size; /* queue.segment_size: files of large records, 32MiB */
 
     /* uplink: */
     char *uplink_url;          /* NULL: no uplink */

@@ -306,6 +306,8 @@ int spk_host_queue_open(spk_host_env *env, spk_errbuf *eb)
     o.writemap = cfg->queue_writemap;
     if (cfg->queue_journal_size != 0)
         o.journal_size = cfg->queue_journal_size;
+    if (cfg->queue_segment_size != 0)
+        o.segment_size = cfg->queue_segment_size;
     env->queue_tried_s = env->loop != NULL ? (uint64_t)ev_now(env->loop) : 0;
     int rc = spk_queue_open(cfg->queue_path, &o, &env->queue, eb);
     if (env->qc != NULL)

@@ -935,11 +935,11 @@ static void on_signal(struct ev_loop *loop, ev_signal *w, int revents)
  * The supervisor keeps the queue moving: it opens the queue itself (it never loads
  * plugins, so its handle is out of their reach) and calls spk_queue_sync() every
  * queue.sync period, and sooner when the journal is a quarter full (checked every
- * QCHECK_S; with `always`, only then), plus once after the last worker exited. A sync moves
+ * QCHECK_S, 5 ms; with `always`, only then), plus once after the last worker exited. A sync moves
  * what workers appended to the journal into LMDB and flushes it, which frees the
  * journal's space; workers only move it themselves when they find it full. The sync runs
  * on this loop: it delays the watchdog by at most one flush. */
-#define QCHECK_S 0.02
+#define QCHECK_S 0.005
 
 static const spk_config *queue_cfg(const sup *s)
 {

@@ -52,11 +52,14 @@
 #include <fcntl.h>
 #include <lmdb.h>
 #include <pthread.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <stdatomic.h>
+#include <dirent.h>
 #include <sys/file.h>
+#include <sys/uio.h>
 #include <sys/mman.h>
 #include <linux/futex.h>
 #include <sys/stat.h>
@@ -68,7 +71,8 @@
 #include "spoke/control/v1/control.pb-c.h"
 
 #define REC_MAGIC 0x31515053u /* "SPQ1" little-endian */
-#define QUEUE_FORMAT 1u
+#define REF_MAGIC 0x52515053u /* "SPQR": the record's value is in a segment file */
+#define QUEUE_FORMAT 2u       /* 1: no segments (read as is, upgraded on open) */
 #define EXPIRE_PER_TXN 10000u
 #define EXPIRE_PER_TXN_WRITEMAP 1000u /* bounded dirty set: fits the allocated headroom */
 
@@ -81,11 +85,33 @@ struct rec_hdr {
 };
 _Static_assert(sizeof(struct rec_hdr) == SPK_QUEUE_RECORD_OVERHEAD, "record header size");
 
+/* The LMDB value of a record stored by reference (SEGMENTS): its header, with magic
+ * REF_MAGIC and the CRC of the value in the segment, and where that value starts. */
+struct rec_ref {
+    struct rec_hdr h;
+    uint64_t soff;
+};
+
+/* A parsed LMDB value: inline (wire points into LMDB) or by reference (soff). */
+struct rec_view {
+    struct rec_hdr h;
+    const uint8_t *wire;
+    uint64_t soff;
+    uint64_t size; /* the record's stored size: header + wire bytes, wherever they are */
+    bool ref;
+};
+
+_Static_assert(SPK_QUEUE_SEGMENT_MIN >= 2ull * SPOKE_MAX_PAYLOAD,
+               "the largest record fits a segment");
+#define SEG_FDS 4
+
 struct spk_queue {
     MDB_env *env;
     MDB_dbi pending;
     MDB_dbi meta;
     MDB_dbi plugins;
+    MDB_dbi segs;
+    uint64_t seg_size;     /* meta "seg_size": fixed when the queue got its segments */
     spk_queue_opts opts;
     pid_t pid;
     char *path;
@@ -108,6 +134,8 @@ struct spk_queue {
     uint64_t jsize;        /* ring bytes */
     uint8_t *scratch;      /* always: a record is built here, then written with pwrite */
     size_t scratch_cap;
+    struct { uint64_t k; int fd; } segfd[SEG_FDS]; /* open segment files (fd -1: none) */
+    unsigned segfd_next;
     uint64_t rebuilds;     /* shared state rebuilt after a process died holding the lock */
     uint64_t moved_txns;   /* move transactions this handle committed */
     uint64_t sync_calls;   /* always: journal flushes this handle did itself */
@@ -212,6 +240,7 @@ void spk_queue_opts_init(spk_queue_opts *opts)
     opts->create = true;
     opts->writemap = false;
     opts->journal_size = 64ull * 1024 * 1024;
+    opts->segment_size = 32ull * 1024 * 1024;
     opts->clock = NULL;
 }
 
@@ -282,31 +311,16 @@ static int meta_add(MDB_txn *txn, MDB_dbi dbi, const char *name, uint64_t delta)
     return meta_put(txn, dbi, name, meta_get(txn, dbi, name) + delta);
 }
 
+static int count_adjust(MDB_txn *txn, MDB_dbi dbi, void *key, size_t klen, int sign,
+                        uint64_t count, uint64_t bytes, bool *zeroed);
+
 /* Add (count, bytes) to a plugin's counters, or take them away (`sign` -1). */
 static int plugin_adjust(spk_queue *q, MDB_txn *txn, uint32_t id, int sign, uint64_t count,
                          uint64_t bytes)
 {
     uint8_t kb[4];
     be32(kb, id);
-    MDB_val k = {4, kb}, v;
-    uint64_t c[2] = {0, 0};
-    int rc = mdb_get(txn, q->plugins, &k, &v);
-    if (rc == 0 && v.mv_size == sizeof(c))
-        memcpy(c, v.mv_data, sizeof(c));
-    else if (rc != 0 && rc != MDB_NOTFOUND)
-        return rc;
-    if (sign > 0) {
-        c[0] += count;
-        c[1] += bytes;
-    } else {
-        c[0] = c[0] > count ? c[0] - count : 0;
-        c[1] = c[1] > bytes ? c[1] - bytes : 0;
-    }
-    if (c[0] == 0)
-        return rc == 0 ? mdb_del(txn, q->plugins, &k, NULL) : 0;
-    v.mv_size = sizeof(c);
-    v.mv_data = c;
-    return mdb_put(txn, q->plugins, &k, &v, 0);
+    return count_adjust(txn, q->plugins, kb, 4, sign, count, bytes, NULL);
 }
 
 static int mkdir_p(const char *path)
@@ -589,12 +603,13 @@ static void place_guards(spk_queue *q)
  * resynchronises on the next valid header, and spk_queue_sync reports it. Guard pages
  * flank the mapping. docs/queue.md has the whole argument. */
 
-#define JCTL_MAGIC 0x314c54434a4b5053ull /* "SPKJCTL1" */
+#define JCTL_MAGIC 0x324c54434a4b5053ull /* "SPKJCTL2" */
 #define JREC_MAGIC 0x314a5053u           /* "SPJ1" */
 #define JPAD_MAGIC 0x504a5053u           /* "SPJP" */
 #define JREC_HDR 32u
 #define MOVE_MAX_RECORDS 16384u
-#define MOVE_MAX_BYTES (4u << 20)
+#define MOVE_MAX_BYTES (4u << 20)     /* of values stored inline in LMDB */
+#define MOVE_MAX_REF_BYTES (32u << 20) /* of values written to segments */
 #define MOVE_MAX_PLUGINS 32u
 #define JLOCK_SPINS 200
 
@@ -633,6 +648,10 @@ struct jctl {
     _Atomic uint64_t mixed_ns;       /* when a publish last followed another process's */
     uint32_t last_pub;               /* under lock: pid of the last publisher */
     uint32_t need_rebuild;           /* under lock: a holder died; rebuild before use */
+    /* appends that find the ring full wait for a mover at work (RING FULL below) */
+    _Atomic uint32_t mover;            /* pid of a process in journal_move, or 0 */
+    _Atomic uint32_t release_gen;      /* futex word: bumped whenever `released` advances */
+    _Atomic uint32_t release_sleepers; /* appends in futex_wait on it */
 };
 
 _Static_assert(sizeof(struct jctl) <= 4096, "journal.ctl is one page");
@@ -1053,6 +1072,407 @@ static int journal_open(spk_queue *q, spk_errbuf *eb)
     return 0;
 }
 
+/* ---- SEGMENTS ----------------------------------------------------------------------------
+ *
+ * LMDB stores a value too large for a leaf (more than about half a page) in overflow pages
+ * of its own, whole pages: a 4.2 KB record takes two 4 KiB pages, 8 KiB to allocate, copy,
+ * write and flush, and a fresh file's pages are new disk blocks. Such records are moved
+ * instead into SEGMENT files beside LMDB, and LMDB keeps a 32-byte struct rec_ref in
+ * `pending` (magic REF_MAGIC: the record's header and where its value starts). Records that
+ * fit a leaf stay inline. The choice is made per record when it is moved and is invisible
+ * to callers.
+ *
+ * Segment space is one sequence of offsets; segment k holds [k * S, (k+1) * S) in the
+ * file seg-<k in 16 hex digits>, where S is meta "seg_size" (opts.segment_size when the
+ * queue was created; it never changes), each value whole (one that would cross
+ * the end starts the next segment). meta "s_end" is where the next value goes; a move
+ * writes its values there with pwritev(), flushes the segment (fdatasync) and only then
+ * commits the transaction that points at them and advances s_end, so LMDB never refers to
+ * bytes that a power loss could take back; a move that dies before its commit leaves bytes
+ * past s_end, which the next move overwrites. The value in the segment is the exact value
+ * the journal held (header with CRC, then the EdgePayload), so reads check it the same way.
+ *
+ * The `segs` DB counts, per segment (key k, 8 bytes big-endian), the pending records it
+ * holds and their bytes, updated in the transactions that move, ack, expire and purge
+ * them. A segment below the one s_end is in, with no entry, holds nothing pending and is
+ * never written again: seg_reclaim() deletes its file (after such commits and at the first
+ * open, which also removes what a crash between a commit and an unlink left). So disk use
+ * follows acks at segment granularity; a segment with one record still pending stays
+ * whole until that record is acknowledged or expires. */
+
+/* Whether a value of `vlen` bytes goes to a segment: LMDB would give it overflow pages
+ * (a leaf node of 8 bytes header, 8 key bytes and the value over half the page). */
+static bool rec_by_ref(const spk_queue *q, uint64_t vlen)
+{
+    uint64_t psize = q->psize != 0 ? q->psize : 4096;
+    return vlen + 16 > ((psize - 16) / 2 & ~1ull);
+}
+
+static void seg_name(const spk_queue *q, uint64_t k, char *buf, size_t n)
+{
+    snprintf(buf, n, "%s/seg-%016llx", q->path, (unsigned long long)k);
+}
+
+/* An fd for reading segment k, from the handle's small cache (which owns it). Returns 0
+ * or an errno value. */
+static int seg_fd(spk_queue *q, uint64_t k, int *fd_out)
+{
+    for (unsigned i = 0; i < SEG_FDS; i++)
+        if (q->segfd[i].fd >= 0 && q->segfd[i].k == k) {
+            *fd_out = q->segfd[i].fd;
+            return 0;
+        }
+    char name[4200];
+    seg_name(q, k, name, sizeof(name));
+    int fd = open(name, O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return errno;
+    unsigned slot = q->segfd_next++ % SEG_FDS;
+    if (q->segfd[slot].fd >= 0)
+        close(q->segfd[slot].fd);
+    q->segfd[slot].k = k;
+    q->segfd[slot].fd = fd;
+    *fd_out = fd;
+    return 0;
+}
+
+static void seg_forget(spk_queue *q, uint64_t k)
+{
+    for (unsigned i = 0; i < SEG_FDS; i++)
+        if (q->segfd[i].fd >= 0 && q->segfd[i].k == k) {
+            close(q->segfd[i].fd);
+            q->segfd[i].fd = -1;
+        }
+}
+
+static void seg_close_all(spk_queue *q)
+{
+    for (unsigned i = 0; i < SEG_FDS; i++) {
+        if (q->segfd[i].fd >= 0)
+            close(q->segfd[i].fd);
+        q->segfd[i].fd = -1;
+    }
+}
+
+/* pwritev() all of iov[0..n) at `pos`, resuming after short writes. 0 or an errno value. */
+static int pwritev_all(int fd, struct iovec *iov, int n, uint64_t pos)
+{
+    while (n > 0) {
+        ssize_t w = pwritev(fd, iov, n, (off_t)pos);
+        if (w < 0) {
+            if (errno == EINTR)
+                continue;
+            return errno;
+        }
+        if (w == 0)
+            return EIO;
+        pos += (uint64_t)w;
+        while (n > 0 && (size_t)w >= iov->iov_len) {
+            w -= (ssize_t)iov->iov_len;
+            iov++;
+            n--;
+        }
+        if (n > 0) {
+            iov->iov_base = (uint8_t *)iov->iov_base + w;
+            iov->iov_len -= (size_t)w;
+        }
+    }
+    return 0;
+}
+
+/* The values a move writes: consecutive runs in one segment, written with pwritev() as
+ * they fill, writeback started at once (sync_file_range), and every segment touched
+ * flushed at the end, before the commit. So the disk writes one segment while the move
+ * copies the next, and the flushes mostly wait for I/O already done. */
+#define SEG_IOV 256
+#define SEG_WRITER_FILES 8
+struct seg_writer {
+    spk_queue *q;
+    uint64_t k;      /* the segment of the run; UINT64_MAX: none yet */
+    uint64_t start;  /* the run's first byte (segment space) */
+    uint64_t len;
+    int niov;
+    int nfd;         /* files[nfd - 1] is segment k */
+    int files[SEG_WRITER_FILES]; /* opened by this move, flushed and closed at its end */
+    struct iovec iov[SEG_IOV];
+};
+
+static void seg_writer_init(struct seg_writer *w, spk_queue *q)
+{
+    w->q = q;
+    w->k = UINT64_MAX;
+    w->len = 0;
+    w->niov = 0;
+    w->nfd = 0;
+}
+
+static int seg_run_write(struct seg_writer *w)
+{
+    if (w->niov == 0)
+        return 0;
+    int fd = w->files[w->nfd - 1];
+    int e = pwritev_all(fd, w->iov, w->niov, w->start % w->q->seg_size);
+    if (e == 0)
+        sync_file_range(fd, (off_t)(w->start % w->q->seg_size), (off_t)w->len,
+                        SYNC_FILE_RANGE_WRITE);
+    w->start += w->len;
+    w->len = 0;
+    w->niov = 0;
+    return e;
+}
+
+/* Write what is queued, flush the first `n` files and close them. 0 or an errno value. */
+static int seg_flush_files(struct seg_writer *w, int n)
+{
+    int e = n == w->nfd ? seg_run_write(w) : 0;
+    for (int i = 0; i < n; i++) {
+        if (e == 0 && fdatasync(w->files[i]) != 0)
+            e = errno;
+        close(w->files[i]);
+    }
+    memmove(w->files, w->files + n, (size_t)(w->nfd - n) * sizeof(w->files[0]));
+    w->nfd -= n;
+    return e;
+}
+
+/* Flush and close everything (the end of a move; also its cleanup after a failure). */
+static int seg_flush(struct seg_writer *w)
+{
+    return seg_flush_files(w, w->nfd);
+}
+
+/* Segment k's file, created if missing (the directory then flushed, so that its name
+ * survives a power loss). Returns an fd or -1 with errno set. */
+static int seg_open_for_write(spk_queue *q, uint64_t k)
+{
+    char name[4200];
+    seg_name(q, k, name, sizeof(name));
+    int fd = open(name, O_RDWR | O_CLOEXEC);
+    if (fd >= 0 || errno != ENOENT)
+        return fd;
+    if ((fd = open(name, O_RDWR | O_CREAT | O_CLOEXEC, 0600)) < 0)
+        return -1;
+    int dfd = open(q->path, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    if (dfd < 0 || fsync(dfd) != 0) {
+        int e = errno;
+        if (dfd >= 0)
+            close(dfd);
+        close(fd);
+        errno = e;
+        return -1;
+    }
+    close(dfd);
+    return fd;
+}
+
+/* Queue `len` bytes at `val` for segment offset `soff`. 0 or an errno value. */
+static int seg_add(struct seg_writer *w, uint64_t soff, const void *val, size_t len)
+{
+    uint64_t k = soff / w->q->seg_size;
+    int e;
+    if (k != w->k) {
+        if ((e = seg_run_write(w)) != 0)
+            return e;
+        if (w->nfd == SEG_WRITER_FILES && (e = seg_flush_files(w, 1)) != 0)
+            return e;
+        int fd = seg_open_for_write(w->q, k);
+        if (fd < 0)
+            return errno;
+        w->files[w->nfd++] = fd;
+        w->k = k;
+        w->start = soff;
+    } else if (soff != w->start + w->len || w->niov == SEG_IOV) {
+        if ((e = seg_run_write(w)) != 0)
+            return e;
+        w->start = soff;
+    }
+    w->iov[w->niov++] = (struct iovec){(void *)val, len};
+    w->len += len;
+    return 0;
+}
+
+/* Add (count, bytes) to the counters under `key` in `dbi`, or take them away (`sign` -1);
+ * an entry that reaches zero is deleted (*zeroed set, when given). */
+static int count_adjust(MDB_txn *txn, MDB_dbi dbi, void *key, size_t klen, int sign,
+                        uint64_t count, uint64_t bytes, bool *zeroed)
+{
+    MDB_val k = {klen, key}, v;
+    uint64_t c[2] = {0, 0};
+    int rc = mdb_get(txn, dbi, &k, &v);
+    if (rc == 0 && v.mv_size == sizeof(c))
+        memcpy(c, v.mv_data, sizeof(c));
+    else if (rc != 0 && rc != MDB_NOTFOUND)
+        return rc;
+    if (sign > 0) {
+        c[0] += count;
+        c[1] += bytes;
+    } else {
+        c[0] = c[0] > count ? c[0] - count : 0;
+        c[1] = c[1] > bytes ? c[1] - bytes : 0;
+    }
+    if (c[0] == 0) {
+        if (rc != 0)
+            return 0;
+        if (zeroed != NULL)
+            *zeroed = true;
+        return mdb_del(txn, dbi, &k, NULL);
+    }
+    v.mv_size = sizeof(c);
+    v.mv_data = c;
+    return mdb_put(txn, dbi, &k, &v, 0);
+}
+
+/* Pending records taken out of segments by one transaction, summed per segment before
+ * they are written to `segs` (records of one transaction mostly share a segment). */
+#define SEG_DELTAS 8
+struct seg_deltas {
+    size_t n;
+    bool zeroed; /* a segment's count reached zero: seg_reclaim() after the commit */
+    struct { uint64_t k, count, bytes; } d[SEG_DELTAS];
+};
+
+static int seg_deltas_flush(spk_queue *q, MDB_txn *txn, struct seg_deltas *sd, int sign)
+{
+    for (size_t i = 0; i < sd->n; i++) {
+        uint8_t kb[8];
+        be64(kb, sd->d[i].k);
+        int rc = count_adjust(txn, q->segs, kb, 8, sign, sd->d[i].count, sd->d[i].bytes,
+                              &sd->zeroed);
+        if (rc != 0)
+            return rc;
+    }
+    sd->n = 0;
+    return 0;
+}
+
+static int seg_deltas_add(spk_queue *q, MDB_txn *txn, struct seg_deltas *sd, int sign,
+                          uint64_t k, uint64_t bytes)
+{
+    size_t i = 0;
+    while (i < sd->n && sd->d[i].k != k)
+        i++;
+    if (i == sd->n) {
+        int rc;
+        if (sd->n == SEG_DELTAS && (rc = seg_deltas_flush(q, txn, sd, sign)) != 0)
+            return rc;
+        i = sd->n++;
+        sd->d[i].k = k;
+        sd->d[i].count = sd->d[i].bytes = 0;
+    }
+    sd->d[i].count++;
+    sd->d[i].bytes += bytes;
+    return 0;
+}
+
+/* Once the segment that s_end is in holds nothing pending, move s_end to the next
+ * segment: the emptied one is then left behind and seg_reclaim() deletes its file, so
+ * acknowledging everything gives all the space back. */
+static int seg_retire_current(spk_queue *q, MDB_txn *txn)
+{
+    uint64_t s_end = meta_get(txn, q->meta, "s_end");
+    if (s_end % q->seg_size == 0)
+        return 0;
+    uint8_t kb[8];
+    be64(kb, s_end / q->seg_size);
+    MDB_val k = {8, kb}, v;
+    int rc = mdb_get(txn, q->segs, &k, &v);
+    if (rc != MDB_NOTFOUND)
+        return rc;
+    return meta_put(txn, q->meta, "s_end", (s_end / q->seg_size + 1) * q->seg_size);
+}
+
+/* The end of a deleting transaction: take the records out of their segments' counts. */
+static int seg_deltas_done(spk_queue *q, MDB_txn *txn, struct seg_deltas *sd)
+{
+    int rc = seg_deltas_flush(q, txn, sd, -1);
+    if (rc == 0 && sd->zeroed)
+        rc = seg_retire_current(q, txn);
+    return rc;
+}
+
+/* Delete the files of segments that hold no pending record and are never written again
+ * (below the segment s_end is in), as a snapshot sees them: a later transaction can only
+ * add records at or above that segment, so the snapshot's verdict stays true. Errors are
+ * ignored: a file left over is deleted next time. */
+static void seg_reclaim(spk_queue *q)
+{
+    MDB_txn *txn;
+    if (txn_begin(q, MDB_RDONLY, &txn) != 0)
+        return;
+    uint64_t cur = meta_get(txn, q->meta, "s_end") / q->seg_size;
+    DIR *d = cur > 0 ? opendir(q->path) : NULL;
+    struct dirent *de;
+    while (d != NULL && (de = readdir(d)) != NULL) {
+        char *end;
+        if (strncmp(de->d_name, "seg-", 4) != 0 || strlen(de->d_name) != 20)
+            continue;
+        unsigned long long k = strtoull(de->d_name + 4, &end, 16);
+        if (*end != '\0' || k >= cur)
+            continue;
+        uint8_t kb[8];
+        be64(kb, k);
+        MDB_val key = {8, kb}, v;
+        if (mdb_get(txn, q->segs, &key, &v) != MDB_NOTFOUND)
+            continue;
+        char name[4200];
+        seg_name(q, k, name, sizeof(name));
+        seg_forget(q, k);
+        unlink(name);
+    }
+    if (d != NULL)
+        closedir(d);
+    mdb_txn_abort(txn);
+}
+
+/* Decode an LMDB value; returns 0 or SPK_ECORRUPT. */
+static int rec_parse(const MDB_val *v, struct rec_view *r)
+{
+    memset(r, 0, sizeof(*r));
+    r->size = v->mv_size;
+    if (v->mv_size < sizeof(r->h))
+        return SPK_ECORRUPT;
+    memcpy(&r->h, v->mv_data, sizeof(r->h));
+    if (r->h.magic == REC_MAGIC && r->h.wire_len == v->mv_size - sizeof(r->h)) {
+        r->wire = (const uint8_t *)v->mv_data + sizeof(r->h);
+        return 0;
+    }
+    if (r->h.magic == REF_MAGIC && v->mv_size == sizeof(struct rec_ref)) {
+        struct rec_ref ref;
+        memcpy(&ref, v->mv_data, sizeof(ref));
+        r->soff = ref.soff;
+        r->ref = true;
+        r->size = sizeof(r->h) + (uint64_t)r->h.wire_len;
+        return 0;
+    }
+    return SPK_ECORRUPT;
+}
+
+/* Copy a record's wire bytes to `dst` (r->h.wire_len bytes) and check them against its
+ * CRC. Returns 0, SPK_ECORRUPT (damaged or missing bytes), SPK_ENOENT (its segment file is
+ * gone: the record was deleted since the snapshot, or the file was lost) or SPK_EIO. */
+static int rec_load(spk_queue *q, const struct rec_view *r, uint8_t *dst)
+{
+    if (!r->ref) {
+        memcpy(dst, r->wire, r->h.wire_len);
+        return rec_crc(&r->h, dst, r->h.wire_len) == r->h.crc ? 0 : SPK_ECORRUPT;
+    }
+    int fd;
+    int e = seg_fd(q, r->soff / q->seg_size, &fd);
+    if (e != 0)
+        return e == ENOENT ? SPK_ENOENT : SPK_EIO;
+    struct rec_hdr h;
+    struct iovec iov[2] = {{&h, sizeof(h)}, {dst, r->h.wire_len}};
+    uint64_t want = sizeof(h) + (uint64_t)r->h.wire_len;
+    ssize_t got = preadv(fd, iov, 2, (off_t)(r->soff % q->seg_size));
+    if (got < 0)
+        return SPK_EIO;
+    if ((uint64_t)got != want || h.magic != REC_MAGIC || h.crc != r->h.crc ||
+        h.plugin_id != r->h.plugin_id || h.wire_len != r->h.wire_len || h.ts_ms != r->h.ts_ms ||
+        rec_crc(&h, dst, h.wire_len) != h.crc)
+        return SPK_ECORRUPT;
+    return 0;
+}
+
 /* ---- moving journal records into LMDB ---------------------------------------------------- */
 
 struct plugin_delta {
@@ -1135,8 +1555,9 @@ static uint64_t record_pages16(const spk_queue *q, uint32_t vlen)
 }
 
 /* One transaction: move records from LMDB's journal position up to `end` (at most `limit`
- * records). *moved_to receives the new position, *damaged the damaged records skipped.
- * Returns an LMDB/errno code. */
+ * records, `max_bytes` of inline values). *moved_to receives the new position, *damaged
+ * the damaged records skipped. Values too large for a leaf go to segments (SEGMENTS): they
+ * are written and flushed before the commit. Returns an LMDB/errno code. */
 static int move_txn(spk_queue *q, uint64_t end, size_t limit, uint64_t max_bytes, bool drop,
                     uint64_t *moved_to, uint64_t *damaged)
 {
@@ -1144,6 +1565,8 @@ static int move_txn(spk_queue *q, uint64_t end, size_t limit, uint64_t max_bytes
     struct plugin_delta pd[MOVE_MAX_PLUGINS];
     size_t npd = 0;
     struct jbase b;
+    struct seg_deltas sd = {0};
+    struct seg_writer *sw = NULL;
     uint64_t room16 = map_room_pages(q), used16 = 16 * 8; /* and a few for the DBs' roots */
     room16 = room16 > UINT64_MAX / 16 ? UINT64_MAX : room16 * 16;
     int rc = txn_begin(q, 0, &txn);
@@ -1151,10 +1574,10 @@ static int move_txn(spk_queue *q, uint64_t end, size_t limit, uint64_t max_bytes
         return rc;
     if ((rc = jbase_read(q, txn, &b)) != 0)
         goto fail;
-    uint64_t off = b.off, n = 0, bytes = 0, bad = 0, last = 0;
+    uint64_t s_end = meta_get(txn, q->meta, "s_end"), s_start = s_end;
+    uint64_t off = b.off, n = 0, bytes = 0, inl = 0, refb = 0, bad = 0, last = 0;
     bool soft_full = false;
-    while (off < end && n < limit && bytes < max_bytes) {
-
+    while (off < end && n < limit && inl < max_bytes && refb < MOVE_MAX_REF_BYTES) {
         uint64_t seq = 0;
         const uint8_t *val;
         uint32_t vlen = 0;
@@ -1176,7 +1599,8 @@ static int move_txn(spk_queue *q, uint64_t end, size_t limit, uint64_t max_bytes
             off += len;
             continue;
         }
-        used16 += record_pages16(q, vlen);
+        bool ref = rec_by_ref(q, vlen);
+        used16 += record_pages16(q, ref ? sizeof(struct rec_ref) : vlen);
         if (used16 > room16) {
             soft_full = true;
             break;
@@ -1194,6 +1618,30 @@ static int move_txn(spk_queue *q, uint64_t end, size_t limit, uint64_t max_bytes
         uint8_t kb[8];
         be64(kb, seq);
         MDB_val k = {8, kb}, v = {vlen, (void *)val};
+        struct rec_ref rr;
+        if (ref) {
+            if (sw == NULL) {
+                if ((sw = malloc(sizeof(*sw))) == NULL) {
+                    rc = ENOMEM;
+                    goto fail;
+                }
+                seg_writer_init(sw, q);
+            }
+            if (s_end % q->seg_size + vlen > q->seg_size)
+                s_end = (s_end / q->seg_size + 1) * q->seg_size; /* a value never spans two */
+            if ((rc = seg_add(sw, s_end, val, vlen)) != 0 ||
+                (rc = seg_deltas_add(q, txn, &sd, +1, s_end / q->seg_size, vlen)) != 0)
+                goto fail;
+            rr.h = h;
+            rr.h.magic = REF_MAGIC;
+            rr.soff = s_end;
+            s_end += vlen;
+            refb += vlen;
+            v.mv_size = sizeof(rr);
+            v.mv_data = &rr;
+        } else {
+            inl += vlen;
+        }
         if ((rc = mdb_put(txn, q->pending, &k, &v, MDB_APPEND)) != 0)
             goto fail;
         pd[i].count++;
@@ -1210,7 +1658,12 @@ static int move_txn(spk_queue *q, uint64_t end, size_t limit, uint64_t max_bytes
     for (size_t i = 0; i < npd; i++)
         if ((rc = plugin_adjust(q, txn, pd[i].id, +1, pd[i].count, pd[i].bytes)) != 0)
             goto fail;
-    if ((rc = meta_put(txn, q->meta, "j_off", off)) != 0 ||
+    /* The values must be on disk before the transaction that refers to them. */
+    if (sw != NULL && (rc = seg_flush(sw)) != 0)
+        goto fail;
+    if ((rc = seg_deltas_flush(q, txn, &sd, +1)) != 0 ||
+        (s_end != s_start && (rc = meta_put(txn, q->meta, "s_end", s_end)) != 0) ||
+        (rc = meta_put(txn, q->meta, "j_off", off)) != 0 ||
         (rc = meta_put(txn, q->meta, "j_count", b.count + n)) != 0 ||
         (rc = meta_put(txn, q->meta, "j_bytes", b.mbytes + bytes)) != 0 ||
         (!drop && (rc = meta_put(txn, q->meta, "bytes", b.bytes + bytes)) != 0) ||
@@ -1218,17 +1671,46 @@ static int move_txn(spk_queue *q, uint64_t end, size_t limit, uint64_t max_bytes
         (last >= b.next_seq && (rc = meta_put(txn, q->meta, "next_seq", last + 1)) != 0) ||
         (bad > 0 && (rc = meta_add(txn, q->meta, "damaged", bad)) != 0))
         goto fail;
+    free(sw);
+    sw = NULL;
     rc = commit_mirrored(q, txn, true, NULL);
     txn = NULL;
     if (rc != 0)
         return rc;
+    if (s_end / q->seg_size != s_start / q->seg_size)
+        seg_reclaim(q); /* the segments left behind may hold nothing pending any more */
     *moved_to = off;
     *damaged += bad;
     return 0;
 fail:
+    if (sw != NULL) {
+        sw->niov = 0; /* nothing more to write: only close the files */
+        seg_flush(sw);
+        free(sw);
+    }
     if (txn != NULL)
         mdb_txn_abort(txn);
     return rc;
+}
+
+/* Let ring space below `upto` be reused: a move's end whose transaction is durable (a
+ * later commit or an mdb_env_sync flushed LMDB after it). Wakes appends waiting for room. */
+static void release_upto(spk_queue *q, uint64_t upto)
+{
+    struct jctl *c = q->jc;
+    if (jlock(q, NULL) != 0)
+        return;
+    bool moved = false;
+    if (upto > atomic_load_explicit(&c->released, memory_order_relaxed) && upto <= c->m_off) {
+        atomic_store_explicit(&c->released, upto, memory_order_release);
+        moved = true;
+    }
+    junlock(q);
+    if (moved) {
+        atomic_fetch_add(&c->release_gen, 1);
+        if (atomic_load(&c->release_sleepers) > 0)
+            syscall(SYS_futex, &c->release_gen, FUTEX_WAKE, INT32_MAX, NULL, NULL, 0);
+    }
 }
 
 /* Move every record published so far into LMDB (with a `budget` > 0: stop once that
@@ -1245,6 +1727,12 @@ static int journal_move(spk_queue *q, bool release, uint64_t budget, spk_errbuf 
     end = atomic_load_explicit(&q->jc->tail, memory_order_acquire);
     at = start = q->jc->m_off;
     junlock(q);
+    uint32_t self = (uint32_t)q->pid, other = atomic_load(&q->jc->mover);
+    if (other != 0 && kill((pid_t)other, 0) != 0 && errno == ESRCH)
+        atomic_compare_exchange_strong(&q->jc->mover, &other, 0); /* it died moving */
+    other = 0;
+    bool mover = atomic_compare_exchange_strong(&q->jc->mover, &other, self);
+    uint64_t durable = 0; /* the end of this call's last transaction made durable */
     size_t limit = MOVE_MAX_RECORDS;
     /* With the writable map every page a transaction touches must be allocated on disk
      * beforehand (ensure_headroom), so its batches are kept within the reserve. */
@@ -1277,12 +1765,27 @@ static int journal_move(spk_queue *q, bool release, uint64_t budget, spk_errbuf 
         }
         if (moved_to == at)
             break;
+        /* This commit flushed LMDB's file before writing its meta page (MDB_NOMETASYNC),
+         * so every earlier transaction, this call's previous move included, is durable:
+         * its ring space can be reused while this call goes on. */
+        if (release && durable > 0)
+            release_upto(q, durable);
+        durable = moved_to;
         at = moved_to;
         moved_any = true;
         q->moved_txns++;
         if (budget > 0 && at - start >= budget)
             break;
+        if (release && at >= end) {
+            /* When appends made meanwhile filled a quarter of the ring again, keep moving
+             * (up to one lap per call), rather than make them wait for the next call. */
+            uint64_t tail = atomic_load_explicit(&q->jc->tail, memory_order_acquire);
+            if (tail - at >= q->jsize / 4 && tail - start <= q->jsize)
+                end = tail;
+        }
     }
+    if (mover)
+        atomic_store(&q->jc->mover, 0);
     if (release) {
         if ((rc = jlock(q, eb)) != 0)
             return rc;
@@ -1290,12 +1793,7 @@ static int journal_move(spk_queue *q, bool release, uint64_t budget, spk_errbuf 
         junlock(q);
         if ((rc = mdb_env_sync(q->env, 1)) != 0)
             return spk_errf(eb, SPK_EIO, "queue %s: sync: %s", q->path, mdb_strerror(rc));
-        if ((rc = jlock(q, eb)) != 0)
-            return rc;
-        if (upto > atomic_load_explicit(&q->jc->released, memory_order_relaxed) &&
-            upto <= q->jc->m_off)
-            atomic_store_explicit(&q->jc->released, upto, memory_order_release);
-        junlock(q);
+        release_upto(q, upto);
     }
     if (failed != 0)
         return failed;
@@ -1429,17 +1927,31 @@ static int open_dbs(spk_queue *q, spk_errbuf *eb)
         return lmdb_err(q, rc, "open", eb);
     if ((rc = mdb_dbi_open(txn, "pending", MDB_CREATE, &q->pending)) != 0 ||
         (rc = mdb_dbi_open(txn, "meta", MDB_CREATE, &q->meta)) != 0 ||
-        (rc = mdb_dbi_open(txn, "plugins", MDB_CREATE, &q->plugins)) != 0)
+        (rc = mdb_dbi_open(txn, "plugins", MDB_CREATE, &q->plugins)) != 0 ||
+        (rc = mdb_dbi_open(txn, "segs", MDB_CREATE, &q->segs)) != 0)
         goto fail;
     uint64_t format = meta_get(txn, q->meta, "format");
     if (format == 0) {
         if ((rc = meta_put(txn, q->meta, "format", QUEUE_FORMAT)) != 0 ||
             (rc = meta_put(txn, q->meta, "next_seq", 1)) != 0)
             goto fail;
+    } else if (format == 1) { /* format 1 had no segments; its records are all inline */
+        if ((rc = meta_put(txn, q->meta, "format", QUEUE_FORMAT)) != 0)
+            goto fail;
     } else if (format != QUEUE_FORMAT) {
         mdb_txn_abort(txn);
         return spk_errf(eb, SPK_ECORRUPT, "queue %s: unknown queue format %llu (this build "
                         "reads format %u)", q->path, (unsigned long long)format, QUEUE_FORMAT);
+    }
+    q->seg_size = meta_get(txn, q->meta, "seg_size");
+    if (q->seg_size == 0) {
+        q->seg_size = q->opts.segment_size;
+        if ((rc = meta_put(txn, q->meta, "seg_size", q->seg_size)) != 0)
+            goto fail;
+    } else if (q->seg_size < SPK_QUEUE_SEGMENT_MIN || q->seg_size > SPK_QUEUE_SEGMENT_MAX) {
+        mdb_txn_abort(txn);
+        return spk_errf(eb, SPK_ECORRUPT, "queue %s: damaged: segment size %llu out of range",
+                        q->path, (unsigned long long)q->seg_size);
     }
     rc = mdb_txn_commit(txn);
     txn = NULL;
@@ -1478,6 +1990,8 @@ int spk_queue_open(const char *path, const spk_queue_opts *opts, spk_queue **out
     q->pid = getpid();
     q->fd = -1;
     q->cfd = q->jfd = -1;
+    for (unsigned i = 0; i < SEG_FDS; i++)
+        q->segfd[i].fd = -1;
     q->path = strdup(path);
     if (q->path == NULL) {
         err = spk_errf(eb, SPK_ENOMEM, "queue %s: out of memory", path);
@@ -1504,13 +2018,20 @@ int spk_queue_open(const char *path, const spk_queue_opts *opts, spk_queue **out
                        (unsigned long long)q->opts.journal_size, SPK_QUEUE_JOURNAL_MIN);
         goto fail;
     }
+    if (q->opts.segment_size < SPK_QUEUE_SEGMENT_MIN ||
+        q->opts.segment_size > SPK_QUEUE_SEGMENT_MAX) {
+        err = spk_errf(eb, SPK_EINVAL, "queue %s: segment size %llu: must be between %u and "
+                       "%u bytes", path, (unsigned long long)q->opts.segment_size,
+                       SPK_QUEUE_SEGMENT_MIN, SPK_QUEUE_SEGMENT_MAX);
+        goto fail;
+    }
     /* Every commit flushes its data pages before it writes its meta page, whatever the
      * policy: LMDB stays intact through a power loss, which can cost at most the last
      * transaction, whose records the journal still holds. See JOURNAL. */
     unsigned flags = MDB_NOMETASYNC;
     if (q->opts.writemap)
         flags |= MDB_WRITEMAP;
-    if ((rc = mdb_env_create(&q->env)) != 0 || (rc = mdb_env_set_maxdbs(q->env, 4)) != 0 ||
+    if ((rc = mdb_env_create(&q->env)) != 0 || (rc = mdb_env_set_maxdbs(q->env, 8)) != 0 ||
         (rc = mdb_env_set_mapsize(q->env, q->opts.map_size)) != 0) {
         err = lmdb_err(q, rc, "create environment", eb);
         goto fail;
@@ -1552,6 +2073,7 @@ int spk_queue_open(const char *path, const spk_queue_opts *opts, spk_queue **out
         place_guards(q);
     if ((err = journal_open(q, eb)) != 0)
         goto fail;
+    seg_reclaim(q); /* what a crash between a commit and an unlink left */
     *out = q;
     return 0;
 fail:
@@ -1573,6 +2095,7 @@ void spk_queue_close(spk_queue *q)
     if (q->pid == getpid()) {
         drop_guards(q);
         journal_close(q);
+        seg_close_all(q);
         mdb_env_close(q->env);
     }
     free(q->path);
@@ -1700,6 +2223,8 @@ static int journal_write(spk_queue *q, Spoke__Control__V1__EdgePayload *ep,
 }
 
 #define APPEND_TRIES 4
+#define APPEND_WAITS 10                /* a mover that frees nothing in 10 waits ... */
+#define APPEND_WAIT_NS (10 * 1000000L) /* ... of 10 ms is helped, not waited for */
 
 int spk_queue_enqueue(spk_queue *q, const spk_queue_msg *m, uint64_t *seq_out,
                       uint64_t *pending_out, spk_errbuf *eb)
@@ -1733,6 +2258,7 @@ int spk_queue_enqueue(spk_queue *q, const spk_queue_msg *m, uint64_t *seq_out,
     struct jctl *c = q->jc;
     if ((err = jlock(q, eb)) != 0)
         return count_refusal(q, err);
+    int waits = 0;
     for (int tries = 0;; tries++) {
         uint64_t pending = c->m_pending + (c->pub_count - c->m_count);
         uint64_t bytes = c->m_bytes + (c->pub_bytes - c->m_mbytes);
@@ -1767,8 +2293,24 @@ int spk_queue_enqueue(spk_queue *q, const spk_queue_msg *m, uint64_t *seq_out,
         uint64_t padlen = pos + need > q->jsize ? q->jsize - pos : 0;
         uint64_t released = atomic_load_explicit(&c->released, memory_order_acquire);
         if (tail + padlen + need - released > q->jsize) {
-            /* The ring is full: move it into LMDB, flush, release, and try again. */
+            /* The ring is full: wait for the mover at work, or move, flush and release
+             * ourselves, and try again (RING FULL). */
+            uint32_t gen = atomic_load(&c->release_gen);
+            pid_t mover = (pid_t)atomic_load(&c->mover);
             junlock(q);
+            if (mover != 0 && mover != q->pid && waits < APPEND_WAITS &&
+                (kill(mover, 0) == 0 || errno == EPERM)) {
+                struct timespec to = {0, APPEND_WAIT_NS};
+                atomic_fetch_add(&c->release_sleepers, 1);
+                syscall(SYS_futex, &c->release_gen, FUTEX_WAIT, gen, &to, NULL, 0);
+                atomic_fetch_sub(&c->release_sleepers, 1);
+                if (atomic_load(&c->release_gen) == gen)
+                    waits++; /* no progress */
+                tries--; /* waiting for a mover is not a failed try */
+                if ((err = jlock(q, eb)) != 0)
+                    return count_refusal(q, err);
+                continue;
+            }
             if (tries == APPEND_TRIES)
                 return count_refusal(q, spk_errf(eb, SPK_EQUEUE_UNAVAILABLE, "queue %s: "
                                                  "the journal (%llu bytes) stays full: "
@@ -1854,18 +2396,6 @@ static void read_prepare(spk_queue *q)
         journal_move(q, true, 0, NULL);
 }
 
-/* Decode a stored value's header; returns 0 or SPK_ECORRUPT. */
-static int rec_parse(const MDB_val *v, struct rec_hdr *h, const uint8_t **wire)
-{
-    if (v->mv_size < sizeof(*h))
-        return SPK_ECORRUPT;
-    memcpy(h, v->mv_data, sizeof(*h));
-    if (h->magic != REC_MAGIC || h->wire_len != v->mv_size - sizeof(*h))
-        return SPK_ECORRUPT;
-    *wire = (const uint8_t *)v->mv_data + sizeof(*h);
-    return 0;
-}
-
 void spk_queue_batch_free(spk_queue_batch *batch)
 {
     if (batch == NULL)
@@ -1907,27 +2437,20 @@ int spk_queue_read(spk_queue *q, size_t max_n, size_t max_wire_bytes, spk_queue_
         goto fail;
     }
     MDB_val k, v;
+    bool missing = false;
     rc = mdb_cursor_get(cur, &k, &v, MDB_FIRST);
     while (rc == 0 && batch->n < n_items) {
-        struct rec_hdr h;
-        const uint8_t *wire = NULL;
+        struct rec_view r;
         spk_queue_item *it = &batch->items[batch->n];
         it->seq = k.mv_size == 8 ? get_be64(k.mv_data) : 0;
-        it->status = rec_parse(&v, &h, &wire);
-        if (it->status == 0 && rec_crc(&h, wire, h.wire_len) != h.crc)
-            it->status = SPK_ECORRUPT;
-        if (it->status != 0) {
-            it->wire_len = 0; /* skip its bytes; the caller acks it away */
-        } else {
+        it->status = rec_parse(&v, &r);
+        if (it->status == 0) {
             if (max_wire_bytes > 0 && batch->n > 0 &&
-                batch->wire_bytes + h.wire_len > max_wire_bytes)
+                batch->wire_bytes + r.h.wire_len > max_wire_bytes)
                 break;
-            it->plugin_id = h.plugin_id;
-            it->edge_timestamp_ms = h.ts_ms;
-            it->wire_len = h.wire_len;
-            if (batch->wire_bytes + h.wire_len > cap) {
-                size_t ncap = cap * 2 > batch->wire_bytes + h.wire_len
-                                  ? cap * 2 : batch->wire_bytes + h.wire_len;
+            if (batch->wire_bytes + r.h.wire_len > cap) {
+                size_t ncap = cap * 2 > batch->wire_bytes + r.h.wire_len
+                                  ? cap * 2 : batch->wire_bytes + r.h.wire_len;
                 uint8_t *nbuf = realloc(batch->buf, ncap > 0 ? ncap : 1);
                 if (nbuf == NULL) {
                     err = spk_errf(eb, SPK_ENOMEM, "queue %s: out of memory", q->path);
@@ -1936,14 +2459,55 @@ int spk_queue_read(spk_queue *q, size_t max_n, size_t max_wire_bytes, spk_queue_
                 batch->buf = nbuf;
                 cap = ncap;
             }
-            memcpy(batch->buf + batch->wire_bytes, wire, h.wire_len);
-            batch->wire_bytes += h.wire_len;
+            it->status = rec_load(q, &r, batch->buf + batch->wire_bytes);
+            if (it->status == SPK_EIO) {
+                err = spk_errf(eb, SPK_EQUEUE_UNAVAILABLE, "queue %s: cannot read segment "
+                               "seg-%016llx: %s", q->path,
+                               (unsigned long long)(r.soff / q->seg_size), strerror(errno));
+                goto fail;
+            }
+        }
+        if (it->status != 0) {
+            it->wire_len = 0; /* skip its bytes; the caller acks it away */
+            missing |= it->status == SPK_ENOENT;
+        } else {
+            it->plugin_id = r.h.plugin_id;
+            it->edge_timestamp_ms = r.h.ts_ms;
+            it->wire_len = r.h.wire_len;
+            batch->wire_bytes += r.h.wire_len;
         }
         batch->n++;
         rc = mdb_cursor_get(cur, &k, &v, MDB_NEXT);
     }
     if (rc != 0 && rc != MDB_NOTFOUND)
         goto fail_lmdb;
+    if (missing) {
+        /* A segment file that is gone: its records were acknowledged (or expired, or
+         * purged) by another process since this snapshot, which then deleted the file;
+         * they are left out. One still pending is damage: its file was lost. */
+        mdb_cursor_close(cur);
+        cur = NULL;
+        mdb_txn_abort(txn);
+        txn = NULL;
+        if ((rc = txn_begin(q, MDB_RDONLY, &txn)) != 0)
+            goto fail_lmdb;
+        size_t kept = 0;
+        for (size_t i = 0; i < batch->n; i++) {
+            spk_queue_item it = batch->items[i];
+            if (it.status == SPK_ENOENT) {
+                uint8_t kb[8];
+                be64(kb, it.seq);
+                MDB_val key = {8, kb}, val;
+                if ((rc = mdb_get(txn, q->pending, &key, &val)) == MDB_NOTFOUND)
+                    continue;
+                if (rc != 0)
+                    goto fail_lmdb;
+                it.status = SPK_ECORRUPT;
+            }
+            batch->items[kept++] = it;
+        }
+        batch->n = kept;
+    }
     /* Point items into the final buffer (it may have moved while growing). */
     size_t off = 0;
     for (size_t i = 0; i < batch->n; i++) {
@@ -1951,7 +2515,8 @@ int spk_queue_read(spk_queue *q, size_t max_n, size_t max_wire_bytes, spk_queue_
         off += batch->items[i].wire_len;
     }
 done:
-    mdb_cursor_close(cur);
+    if (cur != NULL)
+        mdb_cursor_close(cur);
     mdb_txn_abort(txn);
     return 0;
 fail_lmdb:
@@ -1959,24 +2524,28 @@ fail_lmdb:
 fail:
     if (cur != NULL)
         mdb_cursor_close(cur);
-    mdb_txn_abort(txn);
+    if (txn != NULL)
+        mdb_txn_abort(txn);
     spk_queue_batch_free(batch);
     return err;
 }
 
 /* ---- ack / expire / purge ------------------------------------------------------------- */
 
-/* Delete the record under the cursor, updating counters. */
+/* Delete the record under the cursor, updating counters (a segment's through `sd`, which
+ * the caller flushes with sign -1 before its commit). */
 static int del_current(spk_queue *q, MDB_txn *txn, MDB_cursor *cur, const MDB_val *v,
-                       uint64_t *bytes_freed)
+                       uint64_t *bytes_freed, struct seg_deltas *sd)
 {
-    struct rec_hdr h;
-    const uint8_t *wire;
-    uint64_t size = v->mv_size;
+    struct rec_view r;
     int rc;
-    if (rec_parse(v, &h, &wire) == 0 && (rc = plugin_adjust(q, txn, h.plugin_id, -1, 1, size)) != 0)
-        return rc;
-    *bytes_freed += size;
+    if (rec_parse(v, &r) == 0) {
+        if ((rc = plugin_adjust(q, txn, r.h.plugin_id, -1, 1, r.size)) != 0)
+            return rc;
+        if (r.ref && (rc = seg_deltas_add(q, txn, sd, -1, r.soff / q->seg_size, r.size)) != 0)
+            return rc;
+    }
+    *bytes_freed += r.size;
     return mdb_cursor_del(cur, 0);
 }
 
@@ -2013,32 +2582,18 @@ static void free_space_now(spk_queue *q)
     mdb_txn_commit(txn);
 }
 
-int spk_queue_ack(spk_queue *q, const uint64_t *seqs, size_t n, size_t *acked, spk_errbuf *eb)
+/* One transaction: delete the records of seqs[0..n) that are there; *count gets how many.
+ * Returns an LMDB code. */
+static int ack_txn(spk_queue *q, const uint64_t *seqs, size_t n, size_t *count)
 {
     MDB_txn *txn = NULL;
     MDB_cursor *cur = NULL;
+    struct seg_deltas sd = {0};
     uint64_t freed = 0;
-    size_t count = 0;
-    int rc;
-
-    if (acked != NULL)
-        *acked = 0;
-    if (q == NULL || (seqs == NULL && n > 0))
-        return spk_errf(eb, SPK_EINVAL, "queue: no handle or sequence list");
-    if (n == 0)
-        return 0;
-    uint64_t lo = UINT64_MAX, hi = 0;
-    for (size_t i = 0; i < n; i++) {
-        lo = seqs[i] < lo ? seqs[i] : lo;
-        hi = seqs[i] > hi ? seqs[i] : hi;
-    }
-    consume_prepare(q); /* a record may be acked before a read moved it */
-    uint64_t span = hi - lo + 1; /* 0 only after wrapping: every key */
-    int err = wmap_headroom(q, span == 0 ? UINT64_MAX : span, n, eb);
-    if (err != 0)
-        return err;
-    if ((rc = txn_begin(q, 0, &txn)) != 0)
-        return lmdb_err(q, rc, "ack", eb);
+    size_t c = 0;
+    int rc = txn_begin(q, 0, &txn);
+    if (rc != 0)
+        return rc;
     if ((rc = mdb_cursor_open(txn, q->pending, &cur)) != 0)
         goto fail;
     for (size_t i = 0; i < n; i++) {
@@ -2048,29 +2603,80 @@ int spk_queue_ack(spk_queue *q, const uint64_t *seqs, size_t n, size_t *acked, s
         rc = mdb_cursor_get(cur, &k, &v, MDB_SET_KEY);
         if (rc == MDB_NOTFOUND)
             continue;
-        if (rc != 0 || (rc = del_current(q, txn, cur, &v, &freed)) != 0)
+        if (rc != 0 || (rc = del_current(q, txn, cur, &v, &freed, &sd)) != 0)
             goto fail;
-        count++;
+        c++;
     }
     mdb_cursor_close(cur);
     cur = NULL;
-    if (count > 0 && (rc = finish_delete(q, txn, freed, "acked", count)) != 0)
+    if ((rc = seg_deltas_done(q, txn, &sd)) != 0 ||
+        (c > 0 && (rc = finish_delete(q, txn, freed, "acked", c)) != 0))
         goto fail;
-    rc = commit_mirrored(q, txn, count > 0, NULL);
+    rc = commit_mirrored(q, txn, c > 0, NULL);
     txn = NULL;
     if (rc != 0)
-        goto fail;
-    if (count > 0)
+        return rc;
+    if (c > 0)
         free_space_now(q);
-    if (acked != NULL)
-        *acked = count;
+    if (sd.zeroed)
+        seg_reclaim(q);
+    *count = c;
     return 0;
 fail:
     if (cur != NULL)
         mdb_cursor_close(cur);
     if (txn != NULL)
         mdb_txn_abort(txn);
-    return lmdb_err(q, rc, "ack", eb);
+    return rc;
+}
+
+int spk_queue_ack(spk_queue *q, const uint64_t *seqs, size_t n, size_t *acked, spk_errbuf *eb)
+{
+    if (acked != NULL)
+        *acked = 0;
+    if (q == NULL || (seqs == NULL && n > 0))
+        return spk_errf(eb, SPK_EINVAL, "queue: no handle or sequence list");
+    if (n == 0)
+        return 0;
+    consume_prepare(q); /* a record may be acked before a read moved it */
+    /* Deleting copies every leaf it touches, so a big ack on a full map or disk may not
+     * fit in one transaction: then it goes in smaller ones, each freeing room for those
+     * after it. */
+    size_t done = 0, total = 0, chunk = n;
+    while (done < n) {
+        size_t m = n - done < chunk ? n - done : chunk, count = 0;
+        uint64_t lo = UINT64_MAX, hi = 0;
+        for (size_t i = done; i < done + m; i++) {
+            lo = seqs[i] < lo ? seqs[i] : lo;
+            hi = seqs[i] > hi ? seqs[i] : hi;
+        }
+        uint64_t span = hi - lo + 1; /* 0 only after wrapping: every key */
+        int err = wmap_headroom(q, span == 0 ? UINT64_MAX : span, m, eb);
+        if (err == SPK_EQUEUE_UNAVAILABLE && m > 1) {
+            chunk = m / 2;
+            continue;
+        }
+        if (err != 0) {
+            if (acked != NULL)
+                *acked = total;
+            return err;
+        }
+        int rc = ack_txn(q, seqs + done, m, &count);
+        if (rc == MDB_MAP_FULL && m > 1) {
+            chunk = m / 2;
+            continue;
+        }
+        if (rc != 0) {
+            if (acked != NULL)
+                *acked = total;
+            return lmdb_err(q, rc, "ack", eb);
+        }
+        total += count;
+        done += m;
+    }
+    if (acked != NULL)
+        *acked = total;
+    return 0;
 }
 
 int spk_queue_expire(spk_queue *q, uint64_t *expired, spk_errbuf *eb)
@@ -2091,6 +2697,7 @@ int spk_queue_expire(spk_queue *q, uint64_t *expired, spk_errbuf *eb)
     for (;;) {
         MDB_txn *txn = NULL;
         MDB_cursor *cur = NULL;
+        struct seg_deltas sd = {0};
         uint64_t freed = 0, n = 0;
         bool more = false;
         int err = wmap_headroom(q, per_txn, per_txn, eb);
@@ -2106,15 +2713,14 @@ int spk_queue_expire(spk_queue *q, uint64_t *expired, spk_errbuf *eb)
         MDB_val k, v;
         rc = mdb_cursor_get(cur, &k, &v, MDB_FIRST);
         while (rc == 0) {
-            struct rec_hdr h;
-            const uint8_t *wire;
-            if (rec_parse(&v, &h, &wire) == 0 && h.ts_ms >= cutoff)
+            struct rec_view r;
+            if (rec_parse(&v, &r) == 0 && r.h.ts_ms >= cutoff)
                 break; /* a corrupt header counts as expired: it cannot be sent anyway */
             if (n == per_txn) {
                 more = true;
                 break;
             }
-            if ((rc = del_current(q, txn, cur, &v, &freed)) != 0)
+            if ((rc = del_current(q, txn, cur, &v, &freed, &sd)) != 0)
                 goto fail;
             n++;
             rc = mdb_cursor_get(cur, &k, &v, MDB_FIRST); /* we always delete the oldest */
@@ -2123,12 +2729,15 @@ int spk_queue_expire(spk_queue *q, uint64_t *expired, spk_errbuf *eb)
             goto fail;
         mdb_cursor_close(cur);
         cur = NULL;
-        if (n > 0 && (rc = finish_delete(q, txn, freed, "expired", n)) != 0)
+        if ((rc = seg_deltas_done(q, txn, &sd)) != 0 ||
+            (n > 0 && (rc = finish_delete(q, txn, freed, "expired", n)) != 0))
             goto fail;
         rc = commit_mirrored(q, txn, n > 0, NULL);
         txn = NULL;
         if (rc != 0)
             goto fail;
+        if (sd.zeroed)
+            seg_reclaim(q);
         total += n;
         if (!more)
             break;
@@ -2168,6 +2777,7 @@ int spk_queue_purge(spk_queue *q, uint64_t *purged, spk_errbuf *eb)
     MDB_stat ms;
     if ((rc = mdb_stat(txn, q->pending, &ms)) != 0 ||
         (rc = mdb_drop(txn, q->pending, 0)) != 0 || (rc = mdb_drop(txn, q->plugins, 0)) != 0 ||
+        (rc = mdb_drop(txn, q->segs, 0)) != 0 || (rc = seg_retire_current(q, txn)) != 0 ||
         (rc = meta_put(txn, q->meta, "bytes", 0)) != 0 ||
         (rc = meta_add(txn, q->meta, "purged", ms.ms_entries)) != 0)
         goto fail;
@@ -2177,6 +2787,7 @@ int spk_queue_purge(spk_queue *q, uint64_t *purged, spk_errbuf *eb)
     if (rc != 0)
         goto fail;
     free_space_now(q);
+    seg_reclaim(q);
     uint64_t total = ms.ms_entries;
     /* What the map could not take: drop it from the journal, counted as purged. */
     if (jlock(q, eb) == 0) {
@@ -2254,11 +2865,10 @@ int spk_queue_stats_get(spk_queue *q, spk_queue_stats *st, spk_errbuf *eb)
     if ((rc = mdb_cursor_open(txn, q->pending, &cur)) != 0)
         goto fail_lmdb;
     if (mdb_cursor_get(cur, &k, &v, MDB_FIRST) == 0) {
-        struct rec_hdr h;
-        const uint8_t *wire;
+        struct rec_view r;
         st->oldest_seq = k.mv_size == 8 ? get_be64(k.mv_data) : 0;
-        if (rec_parse(&v, &h, &wire) == 0) {
-            int64_t age = spk_queue_now_ms(q) - h.ts_ms;
+        if (rec_parse(&v, &r) == 0) {
+            int64_t age = spk_queue_now_ms(q) - r.h.ts_ms;
             st->oldest_age_ms = age > 0 ? age : 0;
         }
     }
@@ -2342,7 +2952,9 @@ int spk_queue_verify(spk_queue *q, uint64_t *bad_out, spk_errbuf *eb)
 {
     MDB_txn *txn = NULL;
     MDB_cursor *cur = NULL;
-    uint64_t n = 0, bytes = 0, bad = 0, prev = 0;
+    uint64_t n = 0, bytes = 0, bad = 0, prev = 0, refs = 0, ref_bytes = 0;
+    uint8_t *buf = NULL;
+    size_t cap = 0;
     bool unordered = false;
     int rc;
 
@@ -2360,16 +2972,47 @@ int spk_queue_verify(spk_queue *q, uint64_t *bad_out, spk_errbuf *eb)
     MDB_val k, v;
     for (rc = mdb_cursor_get(cur, &k, &v, MDB_FIRST); rc == 0;
          rc = mdb_cursor_get(cur, &k, &v, MDB_NEXT)) {
-        struct rec_hdr h;
-        const uint8_t *wire;
+        struct rec_view r;
         uint64_t seq = k.mv_size == 8 ? get_be64(k.mv_data) : 0;
         if (seq <= prev)
             unordered = true;
         prev = seq;
         n++;
-        bytes += v.mv_size;
-        if (rec_parse(&v, &h, &wire) != 0 || rec_crc(&h, wire, h.wire_len) != h.crc)
+        int st = rec_parse(&v, &r);
+        bytes += r.size;
+        if (st == 0 && r.ref) {
+            refs++;
+            ref_bytes += r.size;
+        }
+        if (st == 0 && (buf == NULL || r.h.wire_len > cap)) {
+            uint8_t *nbuf = realloc(buf, r.h.wire_len > 0 ? r.h.wire_len : 1);
+            if (nbuf == NULL) {
+                mdb_cursor_close(cur);
+                mdb_txn_abort(txn);
+                free(buf);
+                return spk_errf(eb, SPK_ENOMEM, "queue %s: out of memory", q->path);
+            }
+            buf = nbuf;
+            cap = r.h.wire_len;
+        }
+        if (st != 0 || rec_load(q, &r, buf) != 0)
             bad++;
+    }
+    free(buf);
+    if (rc != MDB_NOTFOUND)
+        goto fail;
+    mdb_cursor_close(cur);
+    cur = NULL;
+    uint64_t seg_count = 0, seg_bytes = 0;
+    if ((rc = mdb_cursor_open(txn, q->segs, &cur)) != 0)
+        goto fail;
+    for (rc = mdb_cursor_get(cur, &k, &v, MDB_FIRST); rc == 0;
+         rc = mdb_cursor_get(cur, &k, &v, MDB_NEXT)) {
+        uint64_t c[2] = {0, 0};
+        if (v.mv_size == sizeof(c))
+            memcpy(c, v.mv_data, sizeof(c));
+        seg_count += c[0];
+        seg_bytes += c[1];
     }
     if (rc != MDB_NOTFOUND)
         goto fail;
@@ -2394,15 +3037,18 @@ int spk_queue_verify(spk_queue *q, uint64_t *bad_out, spk_errbuf *eb)
     if (bad_out != NULL)
         *bad_out = bad;
     if (bad > 0 || unordered || n != ms.ms_entries || bytes != meta_bytes || n != pl_count ||
-        bytes != pl_bytes)
+        bytes != pl_bytes || refs != seg_count || ref_bytes != seg_bytes)
         return spk_errf(eb, SPK_ECORRUPT, "queue %s: damaged: %llu of %llu records fail their "
-                        "CRC%s; walked %llu records / %llu bytes, counters say %llu entries, "
-                        "%llu bytes, per plugin %llu records / %llu bytes", q->path,
+                        "CRC or are missing%s; walked %llu records / %llu bytes (%llu / %llu in "
+                        "segments), counters say %llu entries, %llu bytes, per plugin %llu "
+                        "records / %llu bytes, per segment %llu records / %llu bytes", q->path,
                         (unsigned long long)bad, (unsigned long long)n,
                         unordered ? ", keys out of order" : "", (unsigned long long)n,
-                        (unsigned long long)bytes, (unsigned long long)ms.ms_entries,
+                        (unsigned long long)bytes, (unsigned long long)refs,
+                        (unsigned long long)ref_bytes, (unsigned long long)ms.ms_entries,
                         (unsigned long long)meta_bytes, (unsigned long long)pl_count,
-                        (unsigned long long)pl_bytes);
+                        (unsigned long long)pl_bytes, (unsigned long long)seg_count,
+                        (unsigned long long)seg_bytes);
     return 0;
 fail:
     if (cur != NULL)

@@ -98,9 +98,19 @@ typedef struct spk_queue_opts {
                                4096). Takes effect when the journal is created, or reopened
                                empty by
                                the first process. */
+    uint64_t segment_size;  /* queue.segment_size: records too large for an LMDB leaf
+                               (values over about half a page) are kept in segment files
+                               of this size, deleted once nothing in them is pending
+                               (default 32 MiB, at least SPK_QUEUE_SEGMENT_MIN = 2 MiB, at
+                               most 1 GiB). Fixed when the queue is created: a later value
+                               is ignored. */
     spk_queue_clock clock;  /* NULL: CLOCK_REALTIME */
     void *clock_arg;
 } spk_queue_opts;
+
+/* The smallest segment: room for the largest record (~1.3 MB) whole. */
+#define SPK_QUEUE_SEGMENT_MIN (2u * 1024 * 1024)
+#define SPK_QUEUE_SEGMENT_MAX (1024u * 1024 * 1024)
 
 /* The smallest journal: room for two of the largest record (a 1 MiB payload with full
  * metadata, ~1.3 MB). A record never wraps around the ring, so one that does not fit

@@ -22,6 +22,7 @@
  * services table (core/host.c), called on behalf of a plugin set up as the loader sets it
  * up, in one process, interval policy, for both maps: the mean and the median of batches.
  */
+#include <dirent.h>
 #include <errno.h>
 #include <getopt.h>
 #include <signal.h>
@@ -151,7 +152,7 @@ static void writer(const bq_case *c, const char *path, int id, int fd)
 }
 
 /* The supervisor's timer (core/supervisor.c, on_qsync): sync every 100 ms (not with
- * `always`), and when the journal is a quarter full (checked every 20 ms), until killed. */
+ * `always`), and when the journal is a quarter full (checked every 5 ms), until killed. */
 static void syncer(const bq_case *c, const char *path)
 {
     spk_queue_opts o = case_opts(c);
@@ -160,7 +161,7 @@ static void syncer(const bq_case *c, const char *path)
         _exit(1);
     uint64_t last = now_ns();
     for (;;) {
-        struct timespec ts = {0, 20 * 1000000L};
+        struct timespec ts = {0, 5 * 1000000L};
         nanosleep(&ts, NULL);
         bool due = !c->always && now_ns() - last >= 100 * 1000000ull;
         if (!due && spk_queue_journal_fill(q) < 0.25)
@@ -182,6 +183,15 @@ static void remove_store(const char *path)
         snprintf(f, sizeof(f), "%s%s", path, suffix[i]);
         unlink(f);
     }
+    DIR *d = opendir(path); /* segment files */
+    struct dirent *de;
+    while (d != NULL && (de = readdir(d)) != NULL)
+        if (strncmp(de->d_name, "seg-", 4) == 0) {
+            snprintf(f, sizeof(f), "%s/%s", path, de->d_name);
+            unlink(f);
+        }
+    if (d != NULL)
+        closedir(d);
     if (rmdir(path) != 0 && unlink(path) != 0)
         fprintf(stderr, "spoke-bench queue: could not remove %s\n", path);
 }

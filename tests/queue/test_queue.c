@@ -490,11 +490,18 @@ static void test_map_full(void **state)
     free(big);
 }
 
-static void disk_full_tmpfs(fixture *f);
+static void disk_full_tmpfs(fixture *f, size_t len);
 
+/* 3000-byte records: their values go to segment files, which fill the disk. */
 static void test_disk_full_tmpfs(void **state)
 {
-    disk_full_tmpfs(*state);
+    disk_full_tmpfs(*state, 3000);
+}
+
+/* 1000-byte records stay inline: LMDB's file fills the disk. */
+static void test_disk_full_tmpfs_inline(void **state)
+{
+    disk_full_tmpfs(*state, 1000);
 }
 
 /* The same with the writable map: a store into an unallocated block on a full disk would
@@ -503,15 +510,15 @@ static void test_disk_full_tmpfs_writemap(void **state)
 {
     fixture *f = *state;
     f->opts.writemap = true;
-    disk_full_tmpfs(f);
+    disk_full_tmpfs(f, 1000);
 }
 
-static void disk_full_tmpfs(fixture *f)
+static void disk_full_tmpfs(fixture *f, size_t len)
 {
     char mnt[600];
     snprintf(mnt, sizeof(mnt), "%s/tmpfs", f->dir);
     assert_int_equal(mkdir(mnt, 0700), 0);
-    if (mount("tmpfs", mnt, "tmpfs", 0, "size=6m") != 0) {
+    if (mount("tmpfs", mnt, "tmpfs", 0, "size=24m") != 0) {
         print_message("SKIP disk-full on tmpfs: mount failed (%s); map-full test covers "
                       "the clean-error path\n", strerror(errno));
         skip();
@@ -521,18 +528,19 @@ static void disk_full_tmpfs(fixture *f)
     char *saved = f->dir;
     f->dir = strdup(qdir);
     assert_non_null(f->dir);
-    f->opts.map_size = 16 * 1024 * 1024; /* the map is bigger than the disk */
+    f->opts.map_size = 64 * 1024 * 1024; /* the map is bigger than the disk */
+    f->opts.segment_size = SPK_QUEUE_SEGMENT_MIN; /* acks free whole segments */
     open_q(f);
-    char *p = filled(3000, 'd');
+    char *p = filled(len, 'd');
     spk_errbuf eb = {{0}};
-    int n = fill_until_unavailable(f, p, 3000, &eb);
+    int n = fill_until_unavailable(f, p, len, &eb);
     assert_true(n > 10);
     assert_non_null(strstr(eb.msg, "disk full"));
     ack_oldest(f, (size_t)n / 2);
-    assert_int_equal(send_with_retries(f, p, 3000), 0);
+    assert_int_equal(send_with_retries(f, p, len), 0);
     /* and it still reopens */
     open_q(f);
-    assert_int_equal(send_with_retries(f, p, 3000), 0);
+    assert_int_equal(send_with_retries(f, p, len), 0);
     spk_queue_close(f->q);
     f->q = NULL;
     free(f->dir);
@@ -768,6 +776,7 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_json_send, setup, teardown),
         cmocka_unit_test_setup_teardown(test_map_full, setup, teardown),
         cmocka_unit_test_setup_teardown(test_disk_full_tmpfs, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_disk_full_tmpfs_inline, setup, teardown),
         cmocka_unit_test_setup_teardown(test_disk_full_tmpfs_writemap, setup, teardown),
         cmocka_unit_test_setup_teardown(test_writemap_mode, setup, teardown),
         cmocka_unit_test_setup_teardown(test_crc_detects_damage, setup, teardown),
