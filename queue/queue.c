@@ -104,6 +104,7 @@ struct rec_view {
 _Static_assert(SPK_QUEUE_SEGMENT_MIN >= 2ull * SPOKE_MAX_PAYLOAD,
                "the largest record fits a segment");
 #define SEG_FDS 4
+#define SEG_SPARES 4 /* emptied segment files kept for reuse */
 
 struct spk_queue {
     MDB_env *env;
@@ -1250,6 +1251,19 @@ static int seg_open_for_write(spk_queue *q, uint64_t k)
     int fd = open(name, O_RDWR | O_CLOEXEC);
     if (fd >= 0 || errno != ENOENT)
         return fd;
+    /* A spare left by seg_reclaim(), if there is one (another process may take it first). */
+    DIR *d = opendir(q->path);
+    struct dirent *de;
+    while (d != NULL && (de = readdir(d)) != NULL) {
+        char spare[4200];
+        if (strncmp(de->d_name, "spare-", 6) != 0)
+            continue;
+        snprintf(spare, sizeof(spare), "%s/%s", q->path, de->d_name);
+        if (rename(spare, name) == 0)
+            break;
+    }
+    if (d != NULL)
+        closedir(d);
     if ((fd = open(name, O_RDWR | O_CREAT | O_CLOEXEC, 0600)) < 0)
         return -1;
     int dfd = open(q->path, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
@@ -1402,8 +1416,14 @@ static void seg_reclaim(spk_queue *q)
     uint64_t cur = meta_get(txn, q->meta, "s_end") / q->seg_size;
     DIR *d = cur > 0 ? opendir(q->path) : NULL;
     struct dirent *de;
+    uint64_t done[16];
+    size_t ndone = 0, spares = 0;
     while (d != NULL && (de = readdir(d)) != NULL) {
         char *end;
+        if (strncmp(de->d_name, "spare-", 6) == 0) {
+            spares++;
+            continue;
+        }
         if (strncmp(de->d_name, "seg-", 4) != 0 || strlen(de->d_name) != 20)
             continue;
         unsigned long long k = strtoull(de->d_name + 4, &end, 16);
@@ -1414,6 +1434,10 @@ static void seg_reclaim(spk_queue *q)
         MDB_val key = {8, kb}, v;
         if (mdb_get(txn, q->segs, &key, &v) != MDB_NOTFOUND)
             continue;
+        if (ndone < sizeof(done) / sizeof(done[0])) {
+            done[ndone++] = k;
+            continue;
+        }
         char name[4200];
         seg_name(q, k, name, sizeof(name));
         seg_forget(q, k);
@@ -1422,6 +1446,37 @@ static void seg_reclaim(spk_queue *q)
     if (d != NULL)
         closedir(d);
     mdb_txn_abort(txn);
+    /* Keep a few as spares: a new segment then overwrites blocks the file system has
+     * already allocated, which is faster than allocating new ones (docs/queue.md). */
+    for (size_t i = 0; i < ndone; i++) {
+        char name[4200], spare[4200];
+        seg_name(q, done[i], name, sizeof(name));
+        snprintf(spare, sizeof(spare), "%s/spare-%016llx", q->path,
+                 (unsigned long long)done[i]);
+        seg_forget(q, done[i]);
+        if (spares < SEG_SPARES && rename(name, spare) == 0)
+            spares++;
+        else
+            unlink(name);
+    }
+}
+
+/* Delete every spare segment file: the disk is full and LMDB may need the space. */
+static bool seg_drop_spares(spk_queue *q)
+{
+    DIR *d = opendir(q->path);
+    struct dirent *de;
+    bool any = false;
+    while (d != NULL && (de = readdir(d)) != NULL) {
+        char spare[4200];
+        if (strncmp(de->d_name, "spare-", 6) != 0)
+            continue;
+        snprintf(spare, sizeof(spare), "%s/%s", q->path, de->d_name);
+        any |= unlink(spare) == 0;
+    }
+    if (d != NULL)
+        closedir(d);
+    return any;
 }
 
 /* Decode an LMDB value; returns 0 or SPK_ECORRUPT. */
@@ -1732,7 +1787,6 @@ static int journal_move(spk_queue *q, bool release, uint64_t budget, spk_errbuf 
         atomic_compare_exchange_strong(&q->jc->mover, &other, 0); /* it died moving */
     other = 0;
     bool mover = atomic_compare_exchange_strong(&q->jc->mover, &other, self);
-    uint64_t durable = 0; /* the end of this call's last transaction made durable */
     size_t limit = MOVE_MAX_RECORDS;
     /* With the writable map every page a transaction touches must be allocated on disk
      * beforehand (ensure_headroom), so its batches are kept within the reserve. */
@@ -1748,6 +1802,8 @@ static int journal_move(spk_queue *q, bool release, uint64_t budget, spk_errbuf 
         }
         if (err == 0) {
             rc = move_txn(q, end, limit, max_bytes, false, &moved_to, &damaged);
+            if (rc == ENOSPC && seg_drop_spares(q))
+                continue; /* the spare segments' space may be enough */
             if ((rc == MDB_MAP_FULL || rc == ENOSPC || rc == EIO) && limit > 1) {
                 limit /= 2; /* a smaller batch may fit */
                 max_bytes = max_bytes > 131072 ? max_bytes / 2 : max_bytes;
@@ -1765,12 +1821,11 @@ static int journal_move(spk_queue *q, bool release, uint64_t budget, spk_errbuf 
         }
         if (moved_to == at)
             break;
-        /* This commit flushed LMDB's file before writing its meta page (MDB_NOMETASYNC),
-         * so every earlier transaction, this call's previous move included, is durable:
-         * its ring space can be reused while this call goes on. */
-        if (release && durable > 0)
-            release_upto(q, durable);
-        durable = moved_to;
+        /* Make this move durable at once (MDB_NOMETASYNC left its meta page unflushed)
+         * and let appends reuse its ring space while this call goes on: one more flush
+         * per batch of up to MOVE_MAX_REF_BYTES, against appenders waiting a batch. */
+        if (release && mdb_env_sync(q->env, 1) == 0)
+            release_upto(q, moved_to);
         at = moved_to;
         moved_any = true;
         q->moved_txns++;
@@ -2460,6 +2515,8 @@ int spk_queue_read(spk_queue *q, size_t max_n, size_t max_wire_bytes, spk_queue_
                 cap = ncap;
             }
             it->status = rec_load(q, &r, batch->buf + batch->wire_bytes);
+            if (r.ref && it->status == SPK_ECORRUPT)
+                it->status = SPK_ENOENT; /* checked again below */
             if (it->status == SPK_EIO) {
                 err = spk_errf(eb, SPK_EQUEUE_UNAVAILABLE, "queue %s: cannot read segment "
                                "seg-%016llx: %s", q->path,
@@ -2482,9 +2539,9 @@ int spk_queue_read(spk_queue *q, size_t max_n, size_t max_wire_bytes, spk_queue_
     if (rc != 0 && rc != MDB_NOTFOUND)
         goto fail_lmdb;
     if (missing) {
-        /* A segment file that is gone: its records were acknowledged (or expired, or
-         * purged) by another process since this snapshot, which then deleted the file;
-         * they are left out. One still pending is damage: its file was lost. */
+        /* A segment file that is gone or holds other bytes: its records were acknowledged
+         * (or expired, or purged) by another process since this snapshot, which then
+         * deleted or reused the file; they are left out. One still pending is damage. */
         mdb_cursor_close(cur);
         cur = NULL;
         mdb_txn_abort(txn);
@@ -2955,6 +3012,8 @@ int spk_queue_verify(spk_queue *q, uint64_t *bad_out, spk_errbuf *eb)
     uint64_t n = 0, bytes = 0, bad = 0, prev = 0, refs = 0, ref_bytes = 0;
     uint8_t *buf = NULL;
     size_t cap = 0;
+    uint64_t *recheck = NULL; /* by reference and unreadable: deleted since, or damaged? */
+    size_t nrecheck = 0, recheck_cap = 0;
     bool unordered = false;
     int rc;
 
@@ -2990,13 +3049,31 @@ int spk_queue_verify(spk_queue *q, uint64_t *bad_out, spk_errbuf *eb)
                 mdb_cursor_close(cur);
                 mdb_txn_abort(txn);
                 free(buf);
+                free(recheck);
                 return spk_errf(eb, SPK_ENOMEM, "queue %s: out of memory", q->path);
             }
             buf = nbuf;
             cap = r.h.wire_len;
         }
-        if (st != 0 || rec_load(q, &r, buf) != 0)
+        int ld = st == 0 ? rec_load(q, &r, buf) : st;
+        if (ld != 0 && r.ref) {
+            if (nrecheck == recheck_cap) {
+                size_t ncap = recheck_cap ? recheck_cap * 2 : 64;
+                uint64_t *nr = realloc(recheck, ncap * sizeof(*nr));
+                if (nr == NULL) {
+                    mdb_cursor_close(cur);
+                    mdb_txn_abort(txn);
+                    free(buf);
+                    free(recheck);
+                    return spk_errf(eb, SPK_ENOMEM, "queue %s: out of memory", q->path);
+                }
+                recheck = nr;
+                recheck_cap = ncap;
+            }
+            recheck[nrecheck++] = seq;
+        } else if (ld != 0) {
             bad++;
+        }
     }
     free(buf);
     if (rc != MDB_NOTFOUND)
@@ -3033,7 +3110,30 @@ int spk_queue_verify(spk_queue *q, uint64_t *bad_out, spk_errbuf *eb)
     if (rc != MDB_NOTFOUND)
         goto fail;
     mdb_cursor_close(cur);
+    cur = NULL;
     mdb_txn_abort(txn);
+    txn = NULL;
+    if (nrecheck > 0) {
+        /* Records another process acknowledged (or expired, or purged) during the walk
+         * lose their segment file; only those still pending are damage. */
+        rc = txn_begin(q, MDB_RDONLY, &txn);
+        for (size_t i = 0; rc == 0 && i < nrecheck; i++) {
+            uint8_t kb[8];
+            be64(kb, recheck[i]);
+            MDB_val key = {8, kb}, val;
+            int g = mdb_get(txn, q->pending, &key, &val);
+            if (g == 0)
+                bad++;
+            else if (g != MDB_NOTFOUND)
+                rc = g;
+        }
+        if (rc != 0)
+            goto fail;
+        mdb_txn_abort(txn);
+        txn = NULL;
+    }
+    free(recheck);
+    recheck = NULL;
     if (bad_out != NULL)
         *bad_out = bad;
     if (bad > 0 || unordered || n != ms.ms_entries || bytes != meta_bytes || n != pl_count ||
@@ -3051,8 +3151,10 @@ int spk_queue_verify(spk_queue *q, uint64_t *bad_out, spk_errbuf *eb)
                         (unsigned long long)seg_bytes);
     return 0;
 fail:
+    free(recheck);
     if (cur != NULL)
         mdb_cursor_close(cur);
-    mdb_txn_abort(txn);
+    if (txn != NULL)
+        mdb_txn_abort(txn);
     return lmdb_err(q, rc, "verify", eb);
 }
