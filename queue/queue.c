@@ -24,6 +24,11 @@
  *            moved, and the lifetime counters "acked", "expired", "purged", "damaged".
  *   plugins  key: plugin ID, 4 bytes big-endian; value: u64 count, u64 bytes of that
  *            plugin's pending records. Entries at zero are deleted.
+ *   segs     key: segment number, 8 bytes big-endian; value: u64 count, u64 bytes of the
+ *            pending records whose values are in that segment file (SEGMENTS). A record
+ *            whose value would need LMDB overflow pages is stored there, and its `pending`
+ *            value is a struct rec_ref: the same header with magic "SPQR", then the
+ *            value's offset in segment space.
  *
  * Every change to pending updates meta and plugins in the same write transaction, so the
  * counters can never disagree with the records, whatever process dies when; a move also

@@ -8,8 +8,10 @@
  * retention are expired. Design, key layout and the durability argument: queue.c's top
  * comment and docs/queue.md.
  *
- * STORAGE. A queue is a directory: LMDB's data.mdb and lock.mdb, and the journal (files
- * journal and journal.ctl), a ring that every enqueue appends to. Records are moved from
+ * STORAGE. A queue is a directory: LMDB's data.mdb and lock.mdb, the journal (files
+ * journal and journal.ctl), a ring that every enqueue appends to, and segment files
+ * (seg-*, spare-*) holding the bytes of records too large for an LMDB leaf, to which LMDB
+ * then keeps a reference (queue.c, SEGMENTS). Records are moved from
  * the journal into LMDB in batches by every reading call (read, ack, expire, purge,
  * stats, verify) and by spk_queue_sync(); an enqueue only moves them itself when it finds
  * the ring full. Where a pending record sits is invisible to callers: reads see every
