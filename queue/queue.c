@@ -68,6 +68,7 @@
 #include <sys/mman.h>
 #include <linux/futex.h>
 #include <sys/stat.h>
+#include <sys/statvfs.h>
 #include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
@@ -582,8 +583,10 @@ static void place_guards(spk_queue *q)
  *
  * Space. A record is in the ring from its append until a move put it in LMDB *and* an
  * LMDB flush made that move durable; only then does `released` pass it and its bytes can
- * be reused. An append that finds the ring full moves and flushes itself, then retries;
- * only if that cannot free room (the LMDB map or disk is full) is it refused.
+ * be reused. An append that finds the ring full waits for the process moving it, if one is
+ * at work (jctl.mover; futex on release_gen, for at most APPEND_WAIT_MAX_NS in all), or
+ * moves and flushes itself, then retries; only if that cannot free room (the LMDB map or
+ * disk is full) is it refused.
  *
  * Counting. The pending count and bytes (queue.max_pending, queue.max_bytes, the returned
  * `pending`) are: LMDB's pending records, plus the records published but not yet moved.
@@ -654,7 +657,7 @@ struct jctl {
     _Atomic uint64_t mixed_ns;       /* when a publish last followed another process's */
     uint32_t last_pub;               /* under lock: pid of the last publisher */
     uint32_t need_rebuild;           /* under lock: a holder died; rebuild before use */
-    /* appends that find the ring full wait for a mover at work (RING FULL below) */
+    /* appends that find the ring full wait for a mover at work (see Space above) */
     _Atomic uint32_t mover;            /* pid of a process in journal_move, or 0 */
     _Atomic uint32_t release_gen;      /* futex word: bumped whenever `released` advances */
     _Atomic uint32_t release_sleepers; /* appends in futex_wait on it */
@@ -1037,6 +1040,11 @@ static int journal_open(spk_queue *q, spk_errbuf *eb)
         int rc;
         if (c->magic != JCTL_MAGIC || c->size != q->jsize)
             memset(c, 0, sizeof(*c));
+        /* Nobody else has the queue open: no mover, no sleeper (a pid left here could
+         * be reused by an unrelated process). */
+        atomic_store(&c->mover, 0);
+        atomic_store(&c->release_sleepers, 0);
+        atomic_store(&c->flush_sleepers, 0);
         /* What earlier processes committed may be in the page cache only: flush it, so
          * what LMDB says it moved may be released. */
         if ((rc = mdb_env_sync(q->env, 1)) != 0 || (rc = txn_begin(q, MDB_RDONLY, &txn)) != 0)
@@ -1111,7 +1119,7 @@ static int journal_open(spk_queue *q, spk_errbuf *eb)
 static bool rec_by_ref(const spk_queue *q, uint64_t vlen)
 {
     uint64_t psize = q->psize != 0 ? q->psize : 4096;
-    return vlen + 16 > ((psize - 16) / 2 & ~1ull);
+    return vlen + 16 > ((psize - 16) / 2 & ~1ull) - 2; /* LMDB's me_nodemax */
 }
 
 static void seg_name(const spk_queue *q, uint64_t k, char *buf, size_t n)
@@ -1241,10 +1249,21 @@ static int seg_flush_files(struct seg_writer *w, int n)
     return e;
 }
 
-/* Flush and close everything (the end of a move; also its cleanup after a failure). */
+/* Flush and close everything (the end of a move; also its cleanup after a failure), and
+ * the directory: a file this move wrote may have got its name from a rename (a spare
+ * taken) by a process that died before flushing the directory. */
 static int seg_flush(struct seg_writer *w)
 {
-    return seg_flush_files(w, w->nfd);
+    bool any = w->nfd > 0;
+    int e = seg_flush_files(w, w->nfd);
+    if (e == 0 && any) {
+        int dfd = open(w->q->path, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+        if (dfd < 0 || fsync(dfd) != 0)
+            e = errno;
+        if (dfd >= 0)
+            close(dfd);
+    }
+    return e;
 }
 
 /* Segment k's file, created if missing (the directory then flushed, so that its name
@@ -1451,8 +1470,17 @@ static void seg_reclaim(spk_queue *q)
     if (d != NULL)
         closedir(d);
     mdb_txn_abort(txn);
+    /* The deletes that emptied these segments may not be durable yet (MDB_NOMETASYNC):
+     * after a power loss LMDB could come back with their records pending. Flush first. */
+    if (ndone > 0 && mdb_env_sync(q->env, 1) != 0)
+        return;
     /* Keep a few as spares: a new segment then overwrites blocks the file system has
-     * already allocated, which is faster than allocating new ones (docs/queue.md). */
+     * already allocated, which is faster than allocating new ones (docs/queue.md). But
+     * not when the disk is getting full: LMDB may need the space. */
+    struct statvfs sv;
+    if (ndone > 0 && statvfs(q->path, &sv) == 0 &&
+        (uint64_t)sv.f_bavail * sv.f_frsize < 2ull * SEG_SPARES * q->seg_size)
+        spares = SEG_SPARES;
     for (size_t i = 0; i < ndone; i++) {
         char name[4200], spare[4200];
         seg_name(q, done[i], name, sizeof(name));
@@ -1484,8 +1512,9 @@ static bool seg_drop_spares(spk_queue *q)
     return any;
 }
 
-/* Decode an LMDB value; returns 0 or SPK_ECORRUPT. */
-static int rec_parse(const MDB_val *v, struct rec_view *r)
+/* Decode an LMDB value; returns 0 or SPK_ECORRUPT (also for a reference whose value
+ * could not be in a segment: a damaged reference must not make a reader allocate GiBs). */
+static int rec_parse(const spk_queue *q, const MDB_val *v, struct rec_view *r)
 {
     memset(r, 0, sizeof(*r));
     r->size = v->mv_size;
@@ -1502,6 +1531,8 @@ static int rec_parse(const MDB_val *v, struct rec_view *r)
         r->soff = ref.soff;
         r->ref = true;
         r->size = sizeof(r->h) + (uint64_t)r->h.wire_len;
+        if (r->h.wire_len > SPK_QUEUE_SEGMENT_MIN || r->soff % q->seg_size + r->size > q->seg_size)
+            return SPK_ECORRUPT;
         return 0;
     }
     return SPK_ECORRUPT;
@@ -1753,6 +1784,9 @@ fail:
     return rc;
 }
 
+static uint64_t mono_ns(void);
+#define MOVE_EXTEND_NS (250 * 1000000ull) /* a move keeps up with new appends this long */
+
 /* Let ring space below `upto` be reused: a move's end whose transaction is durable (a
  * later commit or an mdb_env_sync flushed LMDB after it). Wakes appends waiting for room. */
 static void release_upto(spk_queue *q, uint64_t upto)
@@ -1787,11 +1821,12 @@ static int journal_move(spk_queue *q, bool release, uint64_t budget, spk_errbuf 
     end = atomic_load_explicit(&q->jc->tail, memory_order_acquire);
     at = start = q->jc->m_off;
     junlock(q);
+    uint64_t t0 = mono_ns();
     uint32_t self = (uint32_t)q->pid, other = atomic_load(&q->jc->mover);
     if (other != 0 && kill((pid_t)other, 0) != 0 && errno == ESRCH)
         atomic_compare_exchange_strong(&q->jc->mover, &other, 0); /* it died moving */
     other = 0;
-    bool mover = atomic_compare_exchange_strong(&q->jc->mover, &other, self);
+    bool mover = release && atomic_compare_exchange_strong(&q->jc->mover, &other, self);
     size_t limit = MOVE_MAX_RECORDS;
     /* With the writable map every page a transaction touches must be allocated on disk
      * beforehand (ensure_headroom), so its batches are kept within the reserve. */
@@ -1801,6 +1836,8 @@ static int journal_move(spk_queue *q, bool release, uint64_t budget, spk_errbuf 
     while (at < end) {
         uint64_t chunk = end - at < max_bytes ? end - at : max_bytes;
         int err = ensure_headroom(q, chunk, eb);
+        if (err != 0 && seg_drop_spares(q))
+            continue; /* the spare segments' space may be enough */
         if (err != 0 && max_bytes > 65536) {
             max_bytes /= 2; /* a smaller batch may fit on the disk */
             continue;
@@ -1840,12 +1877,17 @@ static int journal_move(spk_queue *q, bool release, uint64_t budget, spk_errbuf 
             /* When appends made meanwhile filled a quarter of the ring again, keep moving
              * (up to one lap per call), rather than make them wait for the next call. */
             uint64_t tail = atomic_load_explicit(&q->jc->tail, memory_order_acquire);
-            if (tail - at >= q->jsize / 4 && tail - start <= q->jsize)
+            if (tail - at >= q->jsize / 4 && tail - start <= q->jsize &&
+                mono_ns() - t0 < MOVE_EXTEND_NS)
                 end = tail;
         }
     }
-    if (mover)
+    if (mover) {
         atomic_store(&q->jc->mover, 0);
+        atomic_fetch_add(&q->jc->release_gen, 1); /* waiters: stop waiting for us */
+        if (atomic_load(&q->jc->release_sleepers) > 0)
+            syscall(SYS_futex, &q->jc->release_gen, FUTEX_WAKE, INT32_MAX, NULL, NULL, 0);
+    }
     if (release) {
         if ((rc = jlock(q, eb)) != 0)
             return rc;
@@ -2005,6 +2047,13 @@ static int open_dbs(spk_queue *q, spk_errbuf *eb)
     }
     q->seg_size = meta_get(txn, q->meta, "seg_size");
     if (q->seg_size == 0) {
+        if (q->opts.segment_size < SPK_QUEUE_SEGMENT_MIN ||
+            q->opts.segment_size > SPK_QUEUE_SEGMENT_MAX) {
+            mdb_txn_abort(txn);
+            return spk_errf(eb, SPK_EINVAL, "queue %s: segment size %llu: must be between %u "
+                            "and %u bytes", q->path, (unsigned long long)q->opts.segment_size,
+                            SPK_QUEUE_SEGMENT_MIN, SPK_QUEUE_SEGMENT_MAX);
+        }
         q->seg_size = q->opts.segment_size;
         if ((rc = meta_put(txn, q->meta, "seg_size", q->seg_size)) != 0)
             goto fail;
@@ -2076,13 +2125,6 @@ int spk_queue_open(const char *path, const spk_queue_opts *opts, spk_queue **out
         err = spk_errf(eb, SPK_EINVAL, "queue %s: journal size %llu: must be a multiple of "
                        "4096 and at least %u bytes", path,
                        (unsigned long long)q->opts.journal_size, SPK_QUEUE_JOURNAL_MIN);
-        goto fail;
-    }
-    if (q->opts.segment_size < SPK_QUEUE_SEGMENT_MIN ||
-        q->opts.segment_size > SPK_QUEUE_SEGMENT_MAX) {
-        err = spk_errf(eb, SPK_EINVAL, "queue %s: segment size %llu: must be between %u and "
-                       "%u bytes", path, (unsigned long long)q->opts.segment_size,
-                       SPK_QUEUE_SEGMENT_MIN, SPK_QUEUE_SEGMENT_MAX);
         goto fail;
     }
     /* Every commit flushes its data pages before it writes its meta page, whatever the
@@ -2285,6 +2327,7 @@ static int journal_write(spk_queue *q, Spoke__Control__V1__EdgePayload *ep,
 #define APPEND_TRIES 4
 #define APPEND_WAITS 10                /* a mover that frees nothing in 10 waits ... */
 #define APPEND_WAIT_NS (10 * 1000000L) /* ... of 10 ms is helped, not waited for */
+#define APPEND_WAIT_MAX_NS (1000 * 1000000ull) /* nor one that takes longer than 1 s */
 
 int spk_queue_enqueue(spk_queue *q, const spk_queue_msg *m, uint64_t *seq_out,
                       uint64_t *pending_out, spk_errbuf *eb)
@@ -2319,6 +2362,7 @@ int spk_queue_enqueue(spk_queue *q, const spk_queue_msg *m, uint64_t *seq_out,
     if ((err = jlock(q, eb)) != 0)
         return count_refusal(q, err);
     int waits = 0;
+    uint64_t wait_from = 0;
     for (int tries = 0;; tries++) {
         uint64_t pending = c->m_pending + (c->pub_count - c->m_count);
         uint64_t bytes = c->m_bytes + (c->pub_bytes - c->m_mbytes);
@@ -2354,11 +2398,14 @@ int spk_queue_enqueue(spk_queue *q, const spk_queue_msg *m, uint64_t *seq_out,
         uint64_t released = atomic_load_explicit(&c->released, memory_order_acquire);
         if (tail + padlen + need - released > q->jsize) {
             /* The ring is full: wait for the mover at work, or move, flush and release
-             * ourselves, and try again (RING FULL). */
+             * ourselves, and try again (see Space at the top of JOURNAL). */
             uint32_t gen = atomic_load(&c->release_gen);
             pid_t mover = (pid_t)atomic_load(&c->mover);
             junlock(q);
+            if (wait_from == 0)
+                wait_from = mono_ns();
             if (mover != 0 && mover != q->pid && waits < APPEND_WAITS &&
+                mono_ns() - wait_from < APPEND_WAIT_MAX_NS &&
                 (kill(mover, 0) == 0 || errno == EPERM)) {
                 struct timespec to = {0, APPEND_WAIT_NS};
                 atomic_fetch_add(&c->release_sleepers, 1);
@@ -2503,7 +2550,7 @@ int spk_queue_read(spk_queue *q, size_t max_n, size_t max_wire_bytes, spk_queue_
         struct rec_view r;
         spk_queue_item *it = &batch->items[batch->n];
         it->seq = k.mv_size == 8 ? get_be64(k.mv_data) : 0;
-        it->status = rec_parse(&v, &r);
+        it->status = rec_parse(q, &v, &r);
         if (it->status == 0) {
             if (max_wire_bytes > 0 && batch->n > 0 &&
                 batch->wire_bytes + r.h.wire_len > max_wire_bytes)
@@ -2601,7 +2648,7 @@ static int del_current(spk_queue *q, MDB_txn *txn, MDB_cursor *cur, const MDB_va
 {
     struct rec_view r;
     int rc;
-    if (rec_parse(v, &r) == 0) {
+    if (rec_parse(q, v, &r) == 0) {
         if ((rc = plugin_adjust(q, txn, r.h.plugin_id, -1, 1, r.size)) != 0)
             return rc;
         if (r.ref && (rc = seg_deltas_add(q, txn, sd, -1, r.soff / q->seg_size, r.size)) != 0)
@@ -2724,7 +2771,9 @@ int spk_queue_ack(spk_queue *q, const uint64_t *seqs, size_t n, size_t *acked, s
             return err;
         }
         int rc = ack_txn(q, seqs + done, m, &count);
-        if (rc == MDB_MAP_FULL && m > 1) {
+        if (rc == ENOSPC && seg_drop_spares(q))
+            continue;
+        if ((rc == MDB_MAP_FULL || rc == ENOSPC) && m > 1) {
             chunk = m / 2;
             continue;
         }
@@ -2776,7 +2825,7 @@ int spk_queue_expire(spk_queue *q, uint64_t *expired, spk_errbuf *eb)
         rc = mdb_cursor_get(cur, &k, &v, MDB_FIRST);
         while (rc == 0) {
             struct rec_view r;
-            if (rec_parse(&v, &r) == 0 && r.h.ts_ms >= cutoff)
+            if (rec_parse(q, &v, &r) == 0 && r.h.ts_ms >= cutoff)
                 break; /* a corrupt header counts as expired: it cannot be sent anyway */
             if (n == per_txn) {
                 more = true;
@@ -2929,7 +2978,7 @@ int spk_queue_stats_get(spk_queue *q, spk_queue_stats *st, spk_errbuf *eb)
     if (mdb_cursor_get(cur, &k, &v, MDB_FIRST) == 0) {
         struct rec_view r;
         st->oldest_seq = k.mv_size == 8 ? get_be64(k.mv_data) : 0;
-        if (rec_parse(&v, &r) == 0) {
+        if (rec_parse(q, &v, &r) == 0) {
             int64_t age = spk_queue_now_ms(q) - r.h.ts_ms;
             st->oldest_age_ms = age > 0 ? age : 0;
         }
@@ -3042,7 +3091,7 @@ int spk_queue_verify(spk_queue *q, uint64_t *bad_out, spk_errbuf *eb)
             unordered = true;
         prev = seq;
         n++;
-        int st = rec_parse(&v, &r);
+        int st = rec_parse(q, &v, &r);
         bytes += r.size;
         if (st == 0 && r.ref) {
             refs++;

@@ -173,7 +173,8 @@ int spk_queue_validate(const spk_queue_msg *m, spk_errbuf *eb);
  * On success *seq (if not NULL) is that number (per queue, starting at 1, strictly
  * increasing across restarts and never reused, even after purge, in the order of the
  * appends) and *pending (if not NULL) the number of pending records including this one.
- * When the journal is full it first moves records into LMDB itself. Returns 0, a limit
+ * When the journal is full it waits (at most 1 s) for another process moving records
+ * into LMDB to free room, or moves them itself. Returns 0, a limit
  * code, SPK_EQUEUE_FULL, SPK_EQUEUE_UNAVAILABLE (journal full and LMDB's map or disk full),
  * SPK_EINVAL, SPK_ENOMEM, SPK_EIO. Nothing is stored unless it returns 0, with one
  * exception: with sync_always, SPK_EIO "stored but its flush failed" means the record is

@@ -183,10 +183,10 @@ static void remove_store(const char *path)
         snprintf(f, sizeof(f), "%s%s", path, suffix[i]);
         unlink(f);
     }
-    DIR *d = opendir(path); /* segment files */
+    DIR *d = opendir(path); /* segment files and spares */
     struct dirent *de;
     while (d != NULL && (de = readdir(d)) != NULL)
-        if (strncmp(de->d_name, "seg-", 4) == 0) {
+        if (strncmp(de->d_name, "seg-", 4) == 0 || strncmp(de->d_name, "spare-", 6) == 0) {
             snprintf(f, sizeof(f), "%s/%s", path, de->d_name);
             unlink(f);
         }
