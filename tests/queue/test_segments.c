@@ -496,6 +496,48 @@ static void test_mixed_sizes_in_order(void **state)
     spk_queue_batch_free(&b);
 }
 
+/* ---- 1b. moves bigger than one batch (PIPELINE in queue.c) ----------------------------------
+ *
+ * More than MOVE_MAX_REF_BYTES (32 MiB) of segment values staged at once: a sync moves
+ * them in several transactions, and each copies the next batch's values ahead while its
+ * own are flushed; the next transaction takes them only if they are where it would put
+ * them. Acks between syncs retire segments and move s_end, so later copies ahead start
+ * from other places. */
+#define PIPE_N 14000u
+
+static size_t pipe_len(uint32_t id)
+{
+    return id % 50 == 7 ? SMALL : id % 997 == 3 ? 200000 : BIG;
+}
+
+static void test_pipelined_moves(void **state)
+{
+    fixture *f = *state;
+    f->opts.journal_size = 128ull * 1024 * 1024;
+    open_q(f);
+    for (uint32_t id = 0; id < PIPE_N; id++)
+        must_send(f, id, pipe_len(id), id + 1);
+    assert_int_equal(spk_queue_sync(f->q, NULL), 0);
+    check_all(f, PIPE_N, 0, 1, pipe_len);
+    verify_clean(f);
+    /* ack the older half: its segments go, the current one may be retired */
+    assert_int_equal(ack_ids(f, 0, PIPE_N / 2 - 1, 1), PIPE_N / 2);
+    for (uint32_t id = PIPE_N; id < 2 * PIPE_N; id++)
+        must_send(f, id, pipe_len(id), id + 1);
+    assert_int_equal(spk_queue_sync(f->q, NULL), 0);
+    check_all(f, PIPE_N + PIPE_N / 2, PIPE_N / 2, PIPE_N / 2 + 1, pipe_len);
+    verify_clean(f);
+    /* everything acked: no segment left behind, and a reopen sees an empty queue */
+    assert_int_equal(ack_ids(f, PIPE_N / 2, 2 * PIPE_N - 1, 1), PIPE_N + PIPE_N / 2);
+    open_q(f);
+    assert_int_equal(seg_count(f), 0);
+    spk_queue_stats st;
+    get_stats(f, &st);
+    assert_int_equal(st.pending, 0);
+    assert_int_equal(st.pending_bytes, 0);
+    spk_queue_stats_free(&st);
+}
+
 /* ---- 2. reopen ------------------------------------------------------------------------------ */
 
 static void test_reopen(void **state)
@@ -1716,6 +1758,7 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_damage, setup, teardown),
         cmocka_unit_test_setup_teardown(test_missing_file, setup, teardown),
         cmocka_unit_test_setup_teardown(test_concurrent_reader_acker, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_pipelined_moves, setup, teardown),
         cmocka_unit_test_setup_teardown(test_kill9_moves, setup, teardown),
         cmocka_unit_test_setup_teardown(test_read_during_acks, setup, teardown),
         cmocka_unit_test_setup_teardown(test_verify_during_acks, setup, teardown),
