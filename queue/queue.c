@@ -143,7 +143,6 @@ struct spk_queue {
     size_t scratch_cap;
     struct { uint64_t k; int fd; } segfd[SEG_FDS]; /* open segment files (fd -1: none) */
     unsigned segfd_next;
-    struct precopy *pre;   /* the values the last move copied ahead (PIPELINE) */
     uint64_t rebuilds;     /* shared state rebuilt after a process died holding the lock */
     uint64_t moved_txns;   /* move transactions this handle committed */
     uint64_t sync_calls;   /* always: journal flushes this handle did itself */
@@ -1304,10 +1303,8 @@ static int seg_open_for_write(spk_queue *q, uint64_t k)
     return fd;
 }
 
-/* Queue `len` bytes at `val` for segment offset `soff`; with !write they are there
- * already (PIPELINE), and only the file is taken for the flush. 0 or an errno value. */
-static int seg_add(struct seg_writer *w, uint64_t soff, const void *val, size_t len,
-                   bool write)
+/* Queue `len` bytes at `val` for segment offset `soff`. 0 or an errno value. */
+static int seg_add(struct seg_writer *w, uint64_t soff, const void *val, size_t len)
 {
     uint64_t k = soff / w->q->seg_size;
     int e;
@@ -1322,52 +1319,14 @@ static int seg_add(struct seg_writer *w, uint64_t soff, const void *val, size_t 
         w->files[w->nfd++] = fd;
         w->k = k;
         w->start = soff;
-    } else if (!write || soff != w->start + w->len || w->niov == SEG_IOV) {
+    } else if (soff != w->start + w->len || w->niov == SEG_IOV) {
         if ((e = seg_run_write(w)) != 0)
             return e;
         w->start = soff;
     }
-    if (!write) {
-        w->start = soff + len;
-        return 0;
-    }
     w->iov[w->niov++] = (struct iovec){(void *)val, len};
     w->len += len;
     return 0;
-}
-
-/* ---- PIPELINE ------------------------------------------------------------------------------
- *
- * A move must flush its segment values before its commit, and the flush mostly waits for
- * the disk. So while a helper thread flushes one batch's files, the mover copies the next
- * batch's values to where they will go: it still holds LMDB's writer lock, so nobody else
- * writes segments meanwhile, and where each value goes follows from the batch's end
- * (j_off, s_end) alone. The next move checks that it starts from that very end and that
- * each value's place is the one recorded here; it then only flushes those values, and
- * writes any that do not match as usual. Bytes copied ahead that no move takes lie past
- * s_end, where the next move overwrites them. */
-struct precopy {
-    bool valid;
-    uint64_t j_from, s_from; /* the journal and segment positions it started from */
-    size_t n, cap;
-    struct { uint64_t off, soff; } *e; /* each value copied: journal and segment offset */
-};
-
-struct flush_job {
-    int files[SEG_WRITER_FILES];
-    int nfd;
-    int err;
-};
-
-static void *flush_job_run(void *arg)
-{
-    struct flush_job *j = arg;
-    for (int i = 0; i < j->nfd; i++) {
-        if (j->err == 0 && fdatasync(j->files[i]) != 0)
-            j->err = errno;
-        close(j->files[i]);
-    }
-    return NULL;
 }
 
 /* Add (count, bytes) to the counters under `key` in `dbi`, or take them away (`sign` -1);
@@ -1690,79 +1649,8 @@ static uint64_t record_pages16(const spk_queue *q, uint32_t vlen)
  * records, `max_bytes` of inline values). *moved_to receives the new position, *damaged
  * the damaged records skipped. Values too large for a leaf go to segments (SEGMENTS): they
  * are written and flushed before the commit. Returns an LMDB/errno code. */
-/* PIPELINE: copy the values of the records from journal offset `off` (segment offset
- * `s_end`) on, as the next move would place them, up to one batch; no flush. Stops at
- * the first record that is not valid. Records what it copied in q->pre. */
-static void precopy_next(spk_queue *q, uint64_t off, uint64_t end, uint64_t s_end,
-                         uint64_t next_seq, uint64_t last, size_t limit, uint64_t max_bytes)
-{
-    struct precopy *pre = q->pre;
-    struct seg_writer *w = malloc(sizeof(*w));
-    if (w == NULL)
-        return;
-    seg_writer_init(w, q);
-    pre->j_from = off;
-    pre->s_from = s_end;
-    pre->n = 0;
-    uint64_t n = 0, inl = 0, refb = 0;
-    int e = 0;
-    while (e == 0 && off < end && n < limit && inl < max_bytes && refb < MOVE_MAX_REF_BYTES &&
-           pre->n < pre->cap) {
-        uint64_t seq = 0;
-        const uint8_t *val;
-        uint32_t vlen = 0;
-        bool pad;
-        size_t len = jrec_check(q, off, &seq, &val, &vlen, &pad);
-        if (len != 0 && pad) {
-            off += len;
-            continue;
-        }
-        if (len == 0 || seq < next_seq || (last != 0 && seq <= last))
-            break; /* the move will skip it and resynchronise: too rare to predict */
-        if (rec_by_ref(q, vlen)) {
-            if (s_end % q->seg_size + vlen > q->seg_size)
-                s_end = (s_end / q->seg_size + 1) * q->seg_size;
-            if ((e = seg_add(w, s_end, val, vlen, true)) != 0)
-                break;
-            pre->e[pre->n].off = off;
-            pre->e[pre->n].soff = s_end;
-            pre->n++;
-            s_end += vlen;
-            refb += vlen;
-        } else {
-            inl += vlen;
-        }
-        n++;
-        last = seq;
-        off += len;
-    }
-    if (e == 0)
-        e = seg_run_write(w);
-    for (int i = 0; i < w->nfd; i++)
-        close(w->files[i]); /* the next move flushes them */
-    free(w);
-    pre->valid = e == 0 && pre->n > 0;
-}
-
-/* The handle's pre-copy record, allocated on first use; false when out of memory. */
-static bool precopy_ready(spk_queue *q, size_t limit)
-{
-    if (q->pre == NULL) {
-        struct precopy *p = calloc(1, sizeof(*p));
-        if (p == NULL)
-            return false;
-        if ((p->e = calloc(limit, sizeof(*p->e))) == NULL) {
-            free(p);
-            return false;
-        }
-        p->cap = limit;
-        q->pre = p;
-    }
-    return true;
-}
-
 static int move_txn(spk_queue *q, uint64_t end, size_t limit, uint64_t max_bytes, bool drop,
-                    bool pipeline, uint64_t *moved_to, uint64_t *damaged)
+                    uint64_t *moved_to, uint64_t *damaged)
 {
     MDB_txn *txn = NULL;
     struct plugin_delta pd[MOVE_MAX_PLUGINS];
@@ -1780,12 +1668,6 @@ static int move_txn(spk_queue *q, uint64_t end, size_t limit, uint64_t max_bytes
     uint64_t s_end = meta_get(txn, q->meta, "s_end"), s_start = s_end;
     uint64_t off = b.off, n = 0, bytes = 0, inl = 0, refb = 0, bad = 0, last = 0;
     bool soft_full = false;
-    /* What the previous move copied ahead counts only if it started where this one does. */
-    struct precopy *pre = q->pre;
-    size_t pi = 0, pn = pre != NULL && pre->valid && pre->j_from == off &&
-                              pre->s_from == s_end ? pre->n : 0;
-    if (pre != NULL)
-        pre->valid = false;
     while (off < end && n < limit && inl < max_bytes && refb < MOVE_MAX_REF_BYTES) {
         uint64_t seq = 0;
         const uint8_t *val;
@@ -1838,12 +1720,7 @@ static int move_txn(spk_queue *q, uint64_t end, size_t limit, uint64_t max_bytes
             }
             if (s_end % q->seg_size + vlen > q->seg_size)
                 s_end = (s_end / q->seg_size + 1) * q->seg_size; /* a value never spans two */
-            bool there = pi < pn && pre->e[pi].off == off && pre->e[pi].soff == s_end;
-            if (there)
-                pi++;
-            else
-                pn = 0; /* from here on the copy ahead no longer matches */
-            if ((rc = seg_add(sw, s_end, val, vlen, !there)) != 0 ||
+            if ((rc = seg_add(sw, s_end, val, vlen)) != 0 ||
                 (rc = seg_deltas_add(q, txn, &sd, +1, s_end / q->seg_size, vlen)) != 0)
                 goto fail;
             rr.h = h;
@@ -1872,39 +1749,9 @@ static int move_txn(spk_queue *q, uint64_t end, size_t limit, uint64_t max_bytes
     for (size_t i = 0; i < npd; i++)
         if ((rc = plugin_adjust(q, txn, pd[i].id, +1, pd[i].count, pd[i].bytes)) != 0)
             goto fail;
-    /* The values must be on disk before the transaction that refers to them. With more
-     * to move, a helper thread flushes them while this one copies ahead (PIPELINE). */
-    if (sw != NULL && pipeline && off < end && refb > 0 && precopy_ready(q, limit)) {
-        struct flush_job job = {.nfd = 0, .err = 0};
-        pthread_t th;
-        if ((rc = seg_run_write(sw)) != 0)
-            goto fail;
-        memcpy(job.files, sw->files, (size_t)sw->nfd * sizeof(int));
-        job.nfd = sw->nfd;
-        sw->nfd = 0;
-        sw->k = UINT64_MAX;
-        if (pthread_create(&th, NULL, flush_job_run, &job) == 0) {
-            precopy_next(q, off, end, s_end, b.next_seq, last, limit, max_bytes);
-            pthread_join(th, NULL);
-        } else {
-            flush_job_run(&job);
-        }
-        if ((rc = job.err) != 0) {
-            q->pre->valid = false;
-            goto fail;
-        }
-        int dfd = open(q->path, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-        if (dfd < 0 || fsync(dfd) != 0)
-            rc = errno;
-        if (dfd >= 0)
-            close(dfd);
-        if (rc != 0) {
-            q->pre->valid = false;
-            goto fail;
-        }
-    } else if (sw != NULL && (rc = seg_flush(sw)) != 0) {
+    /* The values must be on disk before the transaction that refers to them. */
+    if (sw != NULL && (rc = seg_flush(sw)) != 0)
         goto fail;
-    }
     if ((rc = seg_deltas_flush(q, txn, &sd, +1)) != 0 ||
         (s_end != s_start && (rc = meta_put(txn, q->meta, "s_end", s_end)) != 0) ||
         (rc = meta_put(txn, q->meta, "j_off", off)) != 0 ||
@@ -1996,7 +1843,7 @@ static int journal_move(spk_queue *q, bool release, uint64_t budget, spk_errbuf 
             continue;
         }
         if (err == 0) {
-            rc = move_txn(q, end, limit, max_bytes, false, budget == 0, &moved_to, &damaged);
+            rc = move_txn(q, end, limit, max_bytes, false, &moved_to, &damaged);
             if (rc == ENOSPC && seg_drop_spares(q))
                 continue; /* the spare segments' space may be enough */
             if ((rc == MDB_MAP_FULL || rc == ENOSPC || rc == EIO) && limit > 1) {
@@ -2353,9 +2200,6 @@ void spk_queue_close(spk_queue *q)
         seg_close_all(q);
         mdb_env_close(q->env);
     }
-    if (q->pre != NULL)
-        free(q->pre->e);
-    free(q->pre);
     free(q->path);
     free(q);
 }
@@ -3063,7 +2907,7 @@ int spk_queue_purge(spk_queue *q, uint64_t *purged, spk_errbuf *eb)
         junlock(q);
         while (at < end) {
             uint64_t before = jb.count;
-            if ((rc = move_txn(q, end, MOVE_MAX_RECORDS, UINT64_MAX, true, false, &dropped_to,
+            if ((rc = move_txn(q, end, MOVE_MAX_RECORDS, UINT64_MAX, true, &dropped_to,
                                &bad)) != 0)
                 return lmdb_err(q, rc, "purge the journal", eb);
             if (dropped_to == at)

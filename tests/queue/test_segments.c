@@ -496,13 +496,11 @@ static void test_mixed_sizes_in_order(void **state)
     spk_queue_batch_free(&b);
 }
 
-/* ---- 1b. moves bigger than one batch (PIPELINE in queue.c) ----------------------------------
+/* ---- 1b. moves bigger than one batch ---------------------------------------------------------
  *
  * More than MOVE_MAX_REF_BYTES (32 MiB) of segment values staged at once: a sync moves
- * them in several transactions, and each copies the next batch's values ahead while its
- * own are flushed; the next transaction takes them only if they are where it would put
- * them. Acks between syncs retire segments and move s_end, so later copies ahead start
- * from other places. */
+ * them in several transactions, releasing journal space after each. Acks between syncs
+ * retire segments and move s_end. */
 #define PIPE_N 14000u
 
 static size_t pipe_len(uint32_t id)
