@@ -938,8 +938,9 @@ static void on_signal(struct ev_loop *loop, ev_signal *w, int revents)
  * QCHECK_S, 5 ms; with `always`, only then), plus once after the last worker exited. A sync moves
  * what workers appended to the journal into LMDB and flushes it, which frees the
  * journal's space; workers only move it themselves when they find it full. The sync runs
- * on this loop: while appends keep refilling the journal it keeps moving for up to
- * 250 ms past its last batch (docs/queue.md), delaying the watchdog's checks by that. */
+ * on this loop: while appends keep refilling the journal it keeps moving, but starts no
+ * new batch after 250 ms (docs/queue.md), delaying the watchdog's checks by that much
+ * plus one batch. */
 #define QCHECK_S 0.005
 
 static const spk_config *queue_cfg(const sup *s)

@@ -1159,6 +1159,19 @@ static void seg_forget(spk_queue *q, uint64_t k)
         }
 }
 
+/* Close cached fds of segment files deleted since (another process reclaimed them): an
+ * open fd would keep their blocks allocated. Called once per read or verify. */
+static void seg_fds_check(spk_queue *q)
+{
+    for (unsigned i = 0; i < SEG_FDS; i++) {
+        struct stat st;
+        if (q->segfd[i].fd >= 0 && fstat(q->segfd[i].fd, &st) == 0 && st.st_nlink == 0) {
+            close(q->segfd[i].fd);
+            q->segfd[i].fd = -1;
+        }
+    }
+}
+
 static void seg_close_all(spk_queue *q)
 {
     for (unsigned i = 0; i < SEG_FDS; i++) {
@@ -1432,6 +1445,8 @@ static int seg_deltas_done(spk_queue *q, MDB_txn *txn, struct seg_deltas *sd)
  * (below the segment s_end is in), as a snapshot sees them: a later transaction can only
  * add records at or above that segment, so the snapshot's verdict stays true. Errors are
  * ignored: a file left over is deleted next time. */
+static bool seg_drop_spares(spk_queue *q);
+
 static void seg_reclaim(spk_queue *q)
 {
     MDB_txn *txn;
@@ -1440,8 +1455,8 @@ static void seg_reclaim(spk_queue *q)
     uint64_t cur = meta_get(txn, q->meta, "s_end") / q->seg_size;
     DIR *d = cur > 0 ? opendir(q->path) : NULL;
     struct dirent *de;
-    uint64_t done[16];
-    size_t ndone = 0, spares = 0;
+    uint64_t *done = NULL;
+    size_t ndone = 0, cap = 0, spares = 0;
     while (d != NULL && (de = readdir(d)) != NULL) {
         char *end;
         if (strncmp(de->d_name, "spare-", 6) == 0) {
@@ -1458,29 +1473,34 @@ static void seg_reclaim(spk_queue *q)
         MDB_val key = {8, kb}, v;
         if (mdb_get(txn, q->segs, &key, &v) != MDB_NOTFOUND)
             continue;
-        if (ndone < sizeof(done) / sizeof(done[0])) {
-            done[ndone++] = k;
-            continue;
+        if (ndone == cap) {
+            size_t ncap = cap > 0 ? 2 * cap : 16;
+            uint64_t *nd = realloc(done, ncap * sizeof(*nd));
+            if (nd == NULL)
+                break; /* the rest next time */
+            done = nd;
+            cap = ncap;
         }
-        char name[4200];
-        seg_name(q, k, name, sizeof(name));
-        seg_forget(q, k);
-        unlink(name);
+        done[ndone++] = k;
     }
     if (d != NULL)
         closedir(d);
     mdb_txn_abort(txn);
     /* The deletes that emptied these segments may not be durable yet (MDB_NOMETASYNC):
      * after a power loss LMDB could come back with their records pending. Flush first. */
-    if (ndone > 0 && mdb_env_sync(q->env, 1) != 0)
+    if (ndone > 0 && mdb_env_sync(q->env, 1) != 0) {
+        free(done);
         return;
+    }
     /* Keep a few as spares: a new segment then overwrites blocks the file system has
      * already allocated, which is faster than allocating new ones (docs/queue.md). But
      * not when the disk is getting full: LMDB may need the space. */
     struct statvfs sv;
     if (ndone > 0 && statvfs(q->path, &sv) == 0 &&
-        (uint64_t)sv.f_bavail * sv.f_frsize < 2ull * SEG_SPARES * q->seg_size)
+        (uint64_t)sv.f_bavail * sv.f_frsize < 2ull * SEG_SPARES * q->seg_size) {
         spares = SEG_SPARES;
+        seg_drop_spares(q);
+    }
     for (size_t i = 0; i < ndone; i++) {
         char name[4200], spare[4200];
         seg_name(q, done[i], name, sizeof(name));
@@ -1492,6 +1512,7 @@ static void seg_reclaim(spk_queue *q)
         else
             unlink(name);
     }
+    free(done);
 }
 
 /* Delete every spare segment file: the disk is full and LMDB may need the space. */
@@ -1531,8 +1552,11 @@ static int rec_parse(const spk_queue *q, const MDB_val *v, struct rec_view *r)
         r->soff = ref.soff;
         r->ref = true;
         r->size = sizeof(r->h) + (uint64_t)r->h.wire_len;
-        if (r->h.wire_len > SPK_QUEUE_SEGMENT_MIN || r->soff % q->seg_size + r->size > q->seg_size)
+        if (r->h.wire_len > SPK_QUEUE_SEGMENT_MIN ||
+            r->soff % q->seg_size + r->size > q->seg_size) {
+            r->size = 0; /* not to be believed; del_current still takes the record's count */
             return SPK_ECORRUPT;
+        }
         return 0;
     }
     return SPK_ECORRUPT;
@@ -1833,7 +1857,10 @@ static int journal_move(spk_queue *q, bool release, uint64_t budget, spk_errbuf 
     uint64_t max_bytes = q->opts.writemap ? q->reserve / 4 : MOVE_MAX_BYTES;
     bool moved_any = false;
     int failed = 0;
+    bool extended = false;
     while (at < end) {
+        if (extended && mono_ns() - t0 >= MOVE_EXTEND_NS)
+            break; /* the rest waits for the next call */
         uint64_t chunk = end - at < max_bytes ? end - at : max_bytes;
         int err = ensure_headroom(q, chunk, eb);
         if (err != 0 && seg_drop_spares(q))
@@ -1844,7 +1871,7 @@ static int journal_move(spk_queue *q, bool release, uint64_t budget, spk_errbuf 
         }
         if (err == 0) {
             rc = move_txn(q, end, limit, max_bytes, false, &moved_to, &damaged);
-            if (rc == ENOSPC && seg_drop_spares(q))
+            if ((rc == ENOSPC || rc == EDQUOT) && seg_drop_spares(q))
                 continue; /* the spare segments' space may be enough */
             if ((rc == MDB_MAP_FULL || rc == ENOSPC || rc == EIO) && limit > 1) {
                 limit /= 2; /* a smaller batch may fit */
@@ -1878,12 +1905,15 @@ static int journal_move(spk_queue *q, bool release, uint64_t budget, spk_errbuf 
              * (up to one lap per call), rather than make them wait for the next call. */
             uint64_t tail = atomic_load_explicit(&q->jc->tail, memory_order_acquire);
             if (tail - at >= q->jsize / 4 && tail - start <= q->jsize &&
-                mono_ns() - t0 < MOVE_EXTEND_NS)
+                mono_ns() - t0 < MOVE_EXTEND_NS) {
                 end = tail;
+                extended = true;
+            }
         }
     }
     if (mover) {
-        atomic_store(&q->jc->mover, 0);
+        uint32_t me = self;
+        atomic_compare_exchange_strong(&q->jc->mover, &me, 0);
         atomic_fetch_add(&q->jc->release_gen, 1); /* waiters: stop waiting for us */
         if (atomic_load(&q->jc->release_sleepers) > 0)
             syscall(SYS_futex, &q->jc->release_gen, FUTEX_WAKE, INT32_MAX, NULL, NULL, 0);
@@ -2384,6 +2414,15 @@ int spk_queue_enqueue(spk_queue *q, const spk_queue_msg *m, uint64_t *seq_out,
                             (unsigned long long)bytes, (unsigned long long)size,
                             (unsigned long long)q->opts.max_bytes));
         }
+        if (wire_len > SPK_QUEUE_SEGMENT_MIN - sizeof(struct rec_hdr) ||
+            (rec_by_ref(q, size) && size > q->seg_size)) {
+            junlock(q);
+            return count_refusal(q, spk_errf(eb, SPK_EPAYLOAD_TOO_LARGE, "queue %s: a record "
+                                             "of %llu bytes (payload, metadata, edge ID and "
+                                             "content type) is over the %u-byte limit",
+                                             q->path, (unsigned long long)size,
+                                             SPK_QUEUE_SEGMENT_MIN - 24u));
+        }
         size_t need = align8(JREC_HDR + (size_t)size);
         if (need > q->jsize / 2) { /* only with an absurdly long edge ID or content type */
             junlock(q);
@@ -2488,6 +2527,10 @@ int spk_queue_send(spk_queue *q, uint32_t plugin_id, const char *edge_id,
  * in sequence order. Best effort: when the map or disk is full, what LMDB has is read. */
 static void consume_prepare(spk_queue *q)
 {
+    /* Take the journal's lock once: if a writer died holding it, the rebuild adopts the
+     * record it had completed, so this call moves it rather than count it as staged. */
+    if (jlock(q, NULL) == 0)
+        junlock(q);
     if (journal_staged(q))
         journal_move(q, false, 0, NULL);
 }
@@ -2498,6 +2541,8 @@ static void consume_prepare(spk_queue *q)
  * flushes, as spk_queue_sync does. */
 static void read_prepare(spk_queue *q)
 {
+    if (jlock(q, NULL) == 0) /* as in consume_prepare */
+        junlock(q);
     if (journal_staged(q) || atomic_load(&q->jc->released) !=
                                  atomic_load_explicit(&q->jc->m_off, memory_order_relaxed))
         journal_move(q, true, 0, NULL);
@@ -2529,6 +2574,7 @@ int spk_queue_read(spk_queue *q, size_t max_n, size_t max_wire_bytes, spk_queue_
     if (max_n == 0)
         return 0;
     read_prepare(q);
+    seg_fds_check(q);
     if ((rc = txn_begin(q, MDB_RDONLY, &txn)) != 0)
         return lmdb_err(q, rc, "read", eb);
     MDB_stat ms;
@@ -2566,13 +2612,15 @@ int spk_queue_read(spk_queue *q, size_t max_n, size_t max_wire_bytes, spk_queue_
                 batch->buf = nbuf;
                 cap = ncap;
             }
+            errno = 0;
             it->status = rec_load(q, &r, batch->buf + batch->wire_bytes);
             if (r.ref && it->status == SPK_ECORRUPT)
                 it->status = SPK_ENOENT; /* checked again below */
             if (it->status == SPK_EIO) {
                 err = spk_errf(eb, SPK_EQUEUE_UNAVAILABLE, "queue %s: cannot read segment "
                                "seg-%016llx: %s", q->path,
-                               (unsigned long long)(r.soff / q->seg_size), strerror(errno));
+                               (unsigned long long)(r.soff / q->seg_size),
+                               strerror(errno != 0 ? errno : EIO));
                 goto fail;
             }
         }
@@ -2648,7 +2696,7 @@ static int del_current(spk_queue *q, MDB_txn *txn, MDB_cursor *cur, const MDB_va
 {
     struct rec_view r;
     int rc;
-    if (rec_parse(q, v, &r) == 0) {
+    if (rec_parse(q, v, &r) == 0 || r.ref) { /* a damaged reference: its count at least */
         if ((rc = plugin_adjust(q, txn, r.h.plugin_id, -1, 1, r.size)) != 0)
             return rc;
         if (r.ref && (rc = seg_deltas_add(q, txn, sd, -1, r.soff / q->seg_size, r.size)) != 0)
@@ -2761,6 +2809,8 @@ int spk_queue_ack(spk_queue *q, const uint64_t *seqs, size_t n, size_t *acked, s
         }
         uint64_t span = hi - lo + 1; /* 0 only after wrapping: every key */
         int err = wmap_headroom(q, span == 0 ? UINT64_MAX : span, m, eb);
+        if (err == SPK_EQUEUE_UNAVAILABLE && seg_drop_spares(q))
+            continue;
         if (err == SPK_EQUEUE_UNAVAILABLE && m > 1) {
             chunk = m / 2;
             continue;
@@ -2771,9 +2821,9 @@ int spk_queue_ack(spk_queue *q, const uint64_t *seqs, size_t n, size_t *acked, s
             return err;
         }
         int rc = ack_txn(q, seqs + done, m, &count);
-        if (rc == ENOSPC && seg_drop_spares(q))
+        if ((rc == ENOSPC || rc == EDQUOT) && seg_drop_spares(q))
             continue;
-        if ((rc == MDB_MAP_FULL || rc == ENOSPC) && m > 1) {
+        if ((rc == MDB_MAP_FULL || rc == ENOSPC || rc == EDQUOT) && m > 1) {
             chunk = m / 2;
             continue;
         }
@@ -2812,6 +2862,8 @@ int spk_queue_expire(spk_queue *q, uint64_t *expired, spk_errbuf *eb)
         uint64_t freed = 0, n = 0;
         bool more = false;
         int err = wmap_headroom(q, per_txn, per_txn, eb);
+        if (err == SPK_EQUEUE_UNAVAILABLE && seg_drop_spares(q))
+            continue; /* the spare segments' space may be enough */
         if (err != 0) {
             if (expired != NULL)
                 *expired = total;
@@ -2858,6 +2910,8 @@ int spk_queue_expire(spk_queue *q, uint64_t *expired, spk_errbuf *eb)
             mdb_cursor_close(cur);
         if (txn != NULL)
             mdb_txn_abort(txn);
+        if ((rc == ENOSPC || rc == EDQUOT) && seg_drop_spares(q))
+            continue; /* the spare segments' space may be enough */
         if (expired != NULL)
             *expired = total;
         return lmdb_err(q, rc, "expire", eb);
@@ -3076,6 +3130,7 @@ int spk_queue_verify(spk_queue *q, uint64_t *bad_out, spk_errbuf *eb)
     if (q == NULL)
         return spk_errf(eb, SPK_EINVAL, "queue: no handle");
     consume_prepare(q);
+    seg_fds_check(q);
     if ((rc = txn_begin(q, MDB_RDONLY, &txn)) != 0)
         return lmdb_err(q, rc, "verify", eb);
     MDB_stat ms;

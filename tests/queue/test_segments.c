@@ -501,32 +501,32 @@ static void test_mixed_sizes_in_order(void **state)
  * More than MOVE_MAX_REF_BYTES (32 MiB) of segment values staged at once: a sync moves
  * them in several transactions, releasing journal space after each. Acks between syncs
  * retire segments and move s_end. */
-#define PIPE_N 14000u
+#define MULTI_N 14000u
 
-static size_t pipe_len(uint32_t id)
+static size_t multi_len(uint32_t id)
 {
     return id % 50 == 7 ? SMALL : id % 997 == 3 ? 200000 : BIG;
 }
 
-static void test_pipelined_moves(void **state)
+static void test_multi_batch_moves(void **state)
 {
     fixture *f = *state;
     f->opts.journal_size = 128ull * 1024 * 1024;
     open_q(f);
-    for (uint32_t id = 0; id < PIPE_N; id++)
-        must_send(f, id, pipe_len(id), id + 1);
+    for (uint32_t id = 0; id < MULTI_N; id++)
+        must_send(f, id, multi_len(id), id + 1);
     assert_int_equal(spk_queue_sync(f->q, NULL), 0);
-    check_all(f, PIPE_N, 0, 1, pipe_len);
+    check_all(f, MULTI_N, 0, 1, multi_len);
     verify_clean(f);
     /* ack the older half: its segments go, the current one may be retired */
-    assert_int_equal(ack_ids(f, 0, PIPE_N / 2 - 1, 1), PIPE_N / 2);
-    for (uint32_t id = PIPE_N; id < 2 * PIPE_N; id++)
-        must_send(f, id, pipe_len(id), id + 1);
+    assert_int_equal(ack_ids(f, 0, MULTI_N / 2 - 1, 1), MULTI_N / 2);
+    for (uint32_t id = MULTI_N; id < 2 * MULTI_N; id++)
+        must_send(f, id, multi_len(id), id + 1);
     assert_int_equal(spk_queue_sync(f->q, NULL), 0);
-    check_all(f, PIPE_N + PIPE_N / 2, PIPE_N / 2, PIPE_N / 2 + 1, pipe_len);
+    check_all(f, MULTI_N + MULTI_N / 2, MULTI_N / 2, MULTI_N / 2 + 1, multi_len);
     verify_clean(f);
     /* everything acked: no segment left behind, and a reopen sees an empty queue */
-    assert_int_equal(ack_ids(f, PIPE_N / 2, 2 * PIPE_N - 1, 1), PIPE_N + PIPE_N / 2);
+    assert_int_equal(ack_ids(f, MULTI_N / 2, 2 * MULTI_N - 1, 1), MULTI_N + MULTI_N / 2);
     open_q(f);
     assert_int_equal(seg_count(f), 0);
     spk_queue_stats st;
@@ -1756,7 +1756,7 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_damage, setup, teardown),
         cmocka_unit_test_setup_teardown(test_missing_file, setup, teardown),
         cmocka_unit_test_setup_teardown(test_concurrent_reader_acker, setup, teardown),
-        cmocka_unit_test_setup_teardown(test_pipelined_moves, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_multi_batch_moves, setup, teardown),
         cmocka_unit_test_setup_teardown(test_kill9_moves, setup, teardown),
         cmocka_unit_test_setup_teardown(test_read_during_acks, setup, teardown),
         cmocka_unit_test_setup_teardown(test_verify_during_acks, setup, teardown),
