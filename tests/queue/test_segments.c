@@ -536,6 +536,46 @@ static void test_multi_batch_moves(void **state)
     spk_queue_stats_free(&st);
 }
 
+/* A record that could not be stored whole in a segment (here: a 1 MiB payload with an
+ * edge ID of 1.5 MiB) is refused at once with its own code, not accepted and then
+ * reported damaged; one byte under the limit is accepted and read back. */
+static void test_record_size_limit(void **state)
+{
+    fixture *f = *state;
+    f->opts.journal_size = 16ull * 1024 * 1024;
+    open_q(f);
+    size_t plen = 1024 * 1024, elen = 1536 * 1024;
+    char *edge = malloc(elen + 1);
+    uint8_t *p = malloc(plen);
+    assert_non_null(edge);
+    assert_non_null(p);
+    memset(edge, 'e', elen);
+    edge[elen] = '\0';
+    gen_payload(p, plen, 1);
+    spk_errbuf eb = {{0}};
+    assert_int_equal(spk_queue_send(f->q, 1, edge, p, plen, NULL, NULL, 0, false, -1, NULL,
+                                    NULL, &eb),
+                     SPK_EPAYLOAD_TOO_LARGE);
+    assert_non_null(strstr(eb.msg, "over the"));
+    /* a record just under the limit: wire bytes = 2 MiB - 24 - a few header bytes */
+    size_t under = SPK_QUEUE_SEGMENT_MIN - 24 - plen - 64;
+    edge[under] = '\0';
+    uint64_t seq = 0;
+    int rc = spk_queue_send(f->q, 1, edge, p, plen, NULL, NULL, 0, false, -1, &seq, NULL, &eb);
+    if (rc != 0)
+        fail_msg("just under the limit: %d: %s", rc, eb.msg);
+    assert_int_equal(spk_queue_sync(f->q, NULL), 0);
+    spk_queue_batch b;
+    read_all(f, &b);
+    assert_int_equal(b.n, 1);
+    assert_int_equal(b.items[0].status, 0);
+    assert_int_equal(b.items[0].seq, seq);
+    spk_queue_batch_free(&b);
+    verify_clean(f);
+    free(edge);
+    free(p);
+}
+
 /* ---- 2. reopen ------------------------------------------------------------------------------ */
 
 static void test_reopen(void **state)
@@ -1757,6 +1797,7 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_missing_file, setup, teardown),
         cmocka_unit_test_setup_teardown(test_concurrent_reader_acker, setup, teardown),
         cmocka_unit_test_setup_teardown(test_multi_batch_moves, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_record_size_limit, setup, teardown),
         cmocka_unit_test_setup_teardown(test_kill9_moves, setup, teardown),
         cmocka_unit_test_setup_teardown(test_read_during_acks, setup, teardown),
         cmocka_unit_test_setup_teardown(test_verify_during_acks, setup, teardown),
