@@ -3110,6 +3110,26 @@ double spk_queue_journal_fill(const spk_queue *q)
 
 /* ---- verify ------------------------------------------------------------------------------ */
 
+/* Sum the (count, bytes) values of a counters DB (plugins, segs). Returns an LMDB code. */
+static int sum_counters(MDB_txn *txn, MDB_dbi dbi, uint64_t *count, uint64_t *bytes)
+{
+    MDB_cursor *cur;
+    MDB_val k, v;
+    int rc = mdb_cursor_open(txn, dbi, &cur);
+    if (rc != 0)
+        return rc;
+    for (rc = mdb_cursor_get(cur, &k, &v, MDB_FIRST); rc == 0;
+         rc = mdb_cursor_get(cur, &k, &v, MDB_NEXT)) {
+        uint64_t c[2] = {0, 0};
+        if (v.mv_size == sizeof(c))
+            memcpy(c, v.mv_data, sizeof(c));
+        *count += c[0];
+        *bytes += c[1];
+    }
+    mdb_cursor_close(cur);
+    return rc == MDB_NOTFOUND ? 0 : rc;
+}
+
 /* One read snapshot: records, their CRCs and order, and the counters kept beside them. A
  * stray store into a writable map shows up here as a CRC failure, a record count or byte
  * total that no longer matches the counters, or an LMDB error while walking the tree. */
@@ -3189,37 +3209,11 @@ int spk_queue_verify(spk_queue *q, uint64_t *bad_out, spk_errbuf *eb)
         goto fail;
     mdb_cursor_close(cur);
     cur = NULL;
-    uint64_t seg_count = 0, seg_bytes = 0;
-    if ((rc = mdb_cursor_open(txn, q->segs, &cur)) != 0)
-        goto fail;
-    for (rc = mdb_cursor_get(cur, &k, &v, MDB_FIRST); rc == 0;
-         rc = mdb_cursor_get(cur, &k, &v, MDB_NEXT)) {
-        uint64_t c[2] = {0, 0};
-        if (v.mv_size == sizeof(c))
-            memcpy(c, v.mv_data, sizeof(c));
-        seg_count += c[0];
-        seg_bytes += c[1];
-    }
-    if (rc != MDB_NOTFOUND)
-        goto fail;
-    mdb_cursor_close(cur);
-    cur = NULL;
+    uint64_t seg_count = 0, seg_bytes = 0, pl_count = 0, pl_bytes = 0;
     uint64_t meta_bytes = meta_get(txn, q->meta, "bytes");
-    uint64_t pl_count = 0, pl_bytes = 0;
-    if ((rc = mdb_cursor_open(txn, q->plugins, &cur)) != 0)
+    if ((rc = sum_counters(txn, q->segs, &seg_count, &seg_bytes)) != 0 ||
+        (rc = sum_counters(txn, q->plugins, &pl_count, &pl_bytes)) != 0)
         goto fail;
-    for (rc = mdb_cursor_get(cur, &k, &v, MDB_FIRST); rc == 0;
-         rc = mdb_cursor_get(cur, &k, &v, MDB_NEXT)) {
-        uint64_t c[2] = {0, 0};
-        if (v.mv_size == sizeof(c))
-            memcpy(c, v.mv_data, sizeof(c));
-        pl_count += c[0];
-        pl_bytes += c[1];
-    }
-    if (rc != MDB_NOTFOUND)
-        goto fail;
-    mdb_cursor_close(cur);
-    cur = NULL;
     mdb_txn_abort(txn);
     txn = NULL;
     if (nrecheck > 0) {
