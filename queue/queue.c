@@ -57,7 +57,6 @@
 #include <fcntl.h>
 #include <lmdb.h>
 #include <pthread.h>
-#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -584,7 +583,7 @@ static void place_guards(spk_queue *q)
  * Space. A record is in the ring from its append until a move put it in LMDB *and* an
  * LMDB flush made that move durable; only then does `released` pass it and its bytes can
  * be reused. An append that finds the ring full waits for the process moving it, if one is
- * at work (jctl.mover; futex on release_gen, for at most APPEND_WAIT_MAX_NS in all), or
+ * at work (an OFD lock on MOVER_BYTE; futex on release_gen, at most APPEND_WAIT_MAX_NS), or
  * moves and flushes itself, then retries; only if that cannot free room (the LMDB map or
  * disk is full) is it refused.
  *
@@ -612,7 +611,7 @@ static void place_guards(spk_queue *q)
  * resynchronises on the next valid header, and spk_queue_sync reports it. Guard pages
  * flank the mapping. docs/queue.md has the whole argument. */
 
-#define JCTL_MAGIC 0x324c54434a4b5053ull /* "SPKJCTL2" */
+#define JCTL_MAGIC 0x334c54434a4b5053ull /* "SPKJCTL3" */
 #define JREC_MAGIC 0x314a5053u           /* "SPJ1" */
 #define JPAD_MAGIC 0x504a5053u           /* "SPJP" */
 #define JREC_HDR 32u
@@ -658,7 +657,6 @@ struct jctl {
     uint32_t last_pub;               /* under lock: pid of the last publisher */
     uint32_t need_rebuild;           /* under lock: a holder died; rebuild before use */
     /* appends that find the ring full wait for a mover at work (see Space above) */
-    _Atomic uint32_t mover;            /* pid of a process in journal_move, or 0 */
     _Atomic uint32_t release_gen;      /* futex word: bumped whenever `released` advances */
     _Atomic uint32_t release_sleepers; /* appends in futex_wait on it */
 };
@@ -877,6 +875,10 @@ static void junlock(spk_queue *q)
     pthread_mutex_unlock(&q->jc->lock);
 }
 
+/* journal.ctl's lock bytes: 0 shared while open, 1 serialises openers, MOVER_BYTE held by
+ * a process moving with release (spk_queue_sync, reads). */
+#define MOVER_BYTE 2
+
 static int ofd_lock(int fd, short type, off_t start, bool wait)
 {
     struct flock fl = {.l_type = type, .l_whence = SEEK_SET, .l_start = start, .l_len = 1};
@@ -1040,9 +1042,7 @@ static int journal_open(spk_queue *q, spk_errbuf *eb)
         int rc;
         if (c->magic != JCTL_MAGIC || c->size != q->jsize)
             memset(c, 0, sizeof(*c));
-        /* Nobody else has the queue open: no mover, no sleeper (a pid left here could
-         * be reused by an unrelated process). */
-        atomic_store(&c->mover, 0);
+        /* Nobody else has the queue open: no sleeper. */
         atomic_store(&c->release_sleepers, 0);
         atomic_store(&c->flush_sleepers, 0);
         /* What earlier processes committed may be in the page cache only: flush it, so
@@ -1811,6 +1811,15 @@ fail:
 static uint64_t mono_ns(void);
 #define MOVE_EXTEND_NS (250 * 1000000ull) /* a move keeps up with new appends this long */
 
+/* Whether another handle is moving with release (holds MOVER_BYTE). Our own lock never
+ * conflicts with us, so a handle never waits for itself. */
+static bool mover_active(const spk_queue *q)
+{
+    struct flock fl = {.l_type = F_WRLCK, .l_whence = SEEK_SET, .l_start = MOVER_BYTE,
+                       .l_len = 1};
+    return fcntl(q->cfd, F_OFD_GETLK, &fl) == 0 && fl.l_type != F_UNLCK;
+}
+
 /* Let ring space below `upto` be reused: a move's end whose transaction is durable (a
  * later commit or an mdb_env_sync flushed LMDB after it). Wakes appends waiting for room. */
 static void release_upto(spk_queue *q, uint64_t upto)
@@ -1846,11 +1855,9 @@ static int journal_move(spk_queue *q, bool release, uint64_t budget, spk_errbuf 
     at = start = q->jc->m_off;
     junlock(q);
     uint64_t t0 = mono_ns();
-    uint32_t self = (uint32_t)q->pid, other = atomic_load(&q->jc->mover);
-    if (other != 0 && kill((pid_t)other, 0) != 0 && errno == ESRCH)
-        atomic_compare_exchange_strong(&q->jc->mover, &other, 0); /* it died moving */
-    other = 0;
-    bool mover = release && atomic_compare_exchange_strong(&q->jc->mover, &other, self);
+    /* Appends that find the ring full wait for a releasing move: it holds MOVER_BYTE of
+     * journal.ctl (an OFD lock, which the kernel drops if the process dies). */
+    bool mover = release && ofd_lock(q->cfd, F_WRLCK, MOVER_BYTE, false) == 0;
     size_t limit = MOVE_MAX_RECORDS;
     /* With the writable map every page a transaction touches must be allocated on disk
      * beforehand (ensure_headroom), so its batches are kept within the reserve. */
@@ -1912,8 +1919,7 @@ static int journal_move(spk_queue *q, bool release, uint64_t budget, spk_errbuf 
         }
     }
     if (mover) {
-        uint32_t me = self;
-        atomic_compare_exchange_strong(&q->jc->mover, &me, 0);
+        ofd_lock(q->cfd, F_UNLCK, MOVER_BYTE, false);
         atomic_fetch_add(&q->jc->release_gen, 1); /* waiters: stop waiting for us */
         if (atomic_load(&q->jc->release_sleepers) > 0)
             syscall(SYS_futex, &q->jc->release_gen, FUTEX_WAKE, INT32_MAX, NULL, NULL, 0);
@@ -2439,13 +2445,11 @@ int spk_queue_enqueue(spk_queue *q, const spk_queue_msg *m, uint64_t *seq_out,
             /* The ring is full: wait for the mover at work, or move, flush and release
              * ourselves, and try again (see Space at the top of JOURNAL). */
             uint32_t gen = atomic_load(&c->release_gen);
-            pid_t mover = (pid_t)atomic_load(&c->mover);
             junlock(q);
             if (wait_from == 0)
                 wait_from = mono_ns();
-            if (mover != 0 && mover != q->pid && waits < APPEND_WAITS &&
-                mono_ns() - wait_from < APPEND_WAIT_MAX_NS &&
-                (kill(mover, 0) == 0 || errno == EPERM)) {
+            if (waits < APPEND_WAITS && mono_ns() - wait_from < APPEND_WAIT_MAX_NS &&
+                mover_active(q)) {
                 struct timespec to = {0, APPEND_WAIT_NS};
                 atomic_fetch_add(&c->release_sleepers, 1);
                 syscall(SYS_futex, &c->release_gen, FUTEX_WAIT, gen, &to, NULL, 0);
