@@ -1865,6 +1865,7 @@ static int journal_move(spk_queue *q, bool release, uint64_t budget, spk_errbuf 
     bool moved_any = false;
     int failed = 0;
     bool extended = false;
+    uint64_t synced_to = 0; /* this call flushed LMDB with the journal moved up to here */
     while (at < end) {
         if (extended && mono_ns() - t0 >= MOVE_EXTEND_NS)
             break; /* the rest waits for the next call */
@@ -1900,8 +1901,10 @@ static int journal_move(spk_queue *q, bool release, uint64_t budget, spk_errbuf 
         /* Make this move durable at once (MDB_NOMETASYNC left its meta page unflushed)
          * and let appends reuse its ring space while this call goes on: one more flush
          * per batch of up to MOVE_MAX_REF_BYTES, against appenders waiting a batch. */
-        if (release && mdb_env_sync(q->env, 1) == 0)
+        if (release && mdb_env_sync(q->env, 1) == 0) {
             release_upto(q, moved_to);
+            synced_to = moved_to;
+        }
         at = moved_to;
         moved_any = true;
         q->moved_txns++;
@@ -1918,21 +1921,24 @@ static int journal_move(spk_queue *q, bool release, uint64_t budget, spk_errbuf 
             }
         }
     }
-    if (mover) {
+    int final = 0;
+    if (release && (final = jlock(q, eb)) == 0) {
+        uint64_t upto = q->jc->m_off; /* of a committed transaction */
+        junlock(q);
+        /* Flush unless this call's last batch did, and nobody moved further since. */
+        if (upto != synced_to && (rc = mdb_env_sync(q->env, 1)) != 0)
+            final = spk_errf(eb, SPK_EIO, "queue %s: sync: %s", q->path, mdb_strerror(rc));
+        else
+            release_upto(q, upto);
+    }
+    if (mover) { /* after the last release, so that waiters find the room */
         ofd_lock(q->cfd, F_UNLCK, MOVER_BYTE, false);
         atomic_fetch_add(&q->jc->release_gen, 1); /* waiters: stop waiting for us */
         if (atomic_load(&q->jc->release_sleepers) > 0)
             syscall(SYS_futex, &q->jc->release_gen, FUTEX_WAKE, INT32_MAX, NULL, NULL, 0);
     }
-    if (release) {
-        if ((rc = jlock(q, eb)) != 0)
-            return rc;
-        uint64_t upto = q->jc->m_off; /* of a committed transaction */
-        junlock(q);
-        if ((rc = mdb_env_sync(q->env, 1)) != 0)
-            return spk_errf(eb, SPK_EIO, "queue %s: sync: %s", q->path, mdb_strerror(rc));
-        release_upto(q, upto);
-    }
+    if (final != 0)
+        return final;
     if (failed != 0)
         return failed;
     if (damaged > 0) {
