@@ -984,6 +984,8 @@ static int journal_create(spk_queue *q, const char *file, uint64_t size)
 /* Open journal and journal.ctl. The first process to open the queue (no other holds the
  * shared lock on byte 0 of journal.ctl) rebuilds the shared state; openers are serialised
  * by an exclusive lock on byte 1 while they do this. */
+static void seg_drop_unused(spk_queue *q);
+
 static int journal_open(spk_queue *q, spk_errbuf *eb)
 {
     char file[4200];
@@ -1077,6 +1079,7 @@ static int journal_open(spk_queue *q, spk_errbuf *eb)
         pthread_mutexattr_destroy(&ma);
         c->size = q->jsize;
         c->magic = JCTL_MAGIC;
+        seg_drop_unused(q); /* nobody else has the queue open, nobody is moving */
     }
     /* Byte 0 shared while open (converting our exclusive lock is atomic); then let the
      * next opener in. */
@@ -1513,6 +1516,33 @@ static void seg_reclaim(spk_queue *q)
             unlink(name);
     }
     free(done);
+}
+
+/* Delete the files of segments above the one s_end is in: a move killed before its
+ * commit leaves them, and nothing refers to them. Only while no other process has the
+ * queue open (the first opener), since a move at work creates exactly such files. */
+static void seg_drop_unused(spk_queue *q)
+{
+    MDB_txn *txn;
+    if (txn_begin(q, MDB_RDONLY, &txn) != 0)
+        return;
+    uint64_t cur = meta_get(txn, q->meta, "s_end") / q->seg_size;
+    mdb_txn_abort(txn);
+    DIR *d = opendir(q->path);
+    struct dirent *de;
+    while (d != NULL && (de = readdir(d)) != NULL) {
+        char *end;
+        if (strncmp(de->d_name, "seg-", 4) != 0 || strlen(de->d_name) != 20)
+            continue;
+        unsigned long long k = strtoull(de->d_name + 4, &end, 16);
+        if (*end != '\0' || k <= cur)
+            continue;
+        char name[4200];
+        seg_name(q, k, name, sizeof(name));
+        unlink(name);
+    }
+    if (d != NULL)
+        closedir(d);
 }
 
 /* Delete every spare segment file: the disk is full and LMDB may need the space. */

@@ -576,6 +576,41 @@ static void test_record_size_limit(void **state)
     free(p);
 }
 
+static size_t big_len_fixed(uint32_t id)
+{
+    (void)id;
+    return BIG;
+}
+
+/* Files above the segment being written are what a move killed before its commit leaves:
+ * the first process to open the queue deletes them; the others are kept. */
+static void test_unused_files_dropped(void **state)
+{
+    fixture *f = *state;
+    open_q(f);
+    for (uint32_t id = 0; id < 20; id++)
+        must_send(f, id, BIG, id + 1);
+    assert_int_equal(spk_queue_sync(f->q, NULL), 0);
+    uint64_t ks[8];
+    size_t n = seg_list(f, ks, 8);
+    assert_int_equal(n, 1);
+    close_q(f);
+    char path[4200];
+    for (uint64_t k = ks[0] + 1; k <= ks[0] + 3; k += 2) {
+        seg_path(f, k, path, sizeof(path));
+        FILE *fp = fopen(path, "w");
+        assert_non_null(fp);
+        fputs("left by a move that died", fp);
+        fclose(fp);
+    }
+    assert_int_equal(seg_count(f), 3);
+    open_q(f);
+    assert_int_equal(seg_count(f), 1);
+    assert_true(seg_exists(f, ks[0]));
+    check_all(f, 20, 0, 1, big_len_fixed);
+    verify_clean(f);
+}
+
 /* ---- 2. reopen ------------------------------------------------------------------------------ */
 
 static void test_reopen(void **state)
@@ -1798,6 +1833,7 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_concurrent_reader_acker, setup, teardown),
         cmocka_unit_test_setup_teardown(test_multi_batch_moves, setup, teardown),
         cmocka_unit_test_setup_teardown(test_record_size_limit, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_unused_files_dropped, setup, teardown),
         cmocka_unit_test_setup_teardown(test_kill9_moves, setup, teardown),
         cmocka_unit_test_setup_teardown(test_read_during_acks, setup, teardown),
         cmocka_unit_test_setup_teardown(test_verify_during_acks, setup, teardown),
