@@ -952,6 +952,18 @@ static int journal_alloc(int fd, uint64_t size)
     return fdatasync(fd) == 0 ? 0 : errno;
 }
 
+/* Flush directory `path`, so that names created or renamed in it survive a power loss.
+ * Returns 0 or an errno value. */
+static int dir_sync(const char *path)
+{
+    int dfd = open(path, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    if (dfd < 0)
+        return errno;
+    int e = fsync(dfd) == 0 ? 0 : errno;
+    close(dfd);
+    return e;
+}
+
 /* (Re)create the ring file at `file` with `size` bytes, fully allocated and written, by
  * way of journal.new and a rename: a crash half-way leaves the old file or none, never a
  * sparse journal that a later open would take for a whole one. Replaces q->jfd. */
@@ -970,11 +982,7 @@ static int journal_create(spk_queue *q, const char *file, uint64_t size)
         unlink(tmp);
         return e;
     }
-    int dfd = open(q->path, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-    if (dfd >= 0) { /* the rename itself survives a power loss */
-        fsync(dfd);
-        close(dfd);
-    }
+    dir_sync(q->path); /* the rename itself survives a power loss (best effort) */
     if (q->jfd >= 0)
         close(q->jfd);
     q->jfd = fd;
@@ -1130,6 +1138,16 @@ static void seg_name(const spk_queue *q, uint64_t k, char *buf, size_t n)
     snprintf(buf, n, "%s/seg-%016llx", q->path, (unsigned long long)k);
 }
 
+/* The segment number of a directory entry named seg-<16 hex digits>, or false. */
+static bool seg_name_parse(const char *name, uint64_t *k)
+{
+    char *end;
+    if (strncmp(name, "seg-", 4) != 0 || strlen(name) != 20)
+        return false;
+    *k = strtoull(name + 4, &end, 16);
+    return *end == '\0';
+}
+
 /* An fd for reading segment k, from the handle's small cache (which owns it). Returns 0
  * or an errno value. */
 static int seg_fd(spk_queue *q, uint64_t k, int *fd_out)
@@ -1272,13 +1290,8 @@ static int seg_flush(struct seg_writer *w)
 {
     bool any = w->nfd > 0;
     int e = seg_flush_files(w, w->nfd);
-    if (e == 0 && any) {
-        int dfd = open(w->q->path, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-        if (dfd < 0 || fsync(dfd) != 0)
-            e = errno;
-        if (dfd >= 0)
-            close(dfd);
-    }
+    if (e == 0 && any)
+        e = dir_sync(w->q->path);
     return e;
 }
 
@@ -1306,16 +1319,12 @@ static int seg_open_for_write(spk_queue *q, uint64_t k)
         closedir(d);
     if ((fd = open(name, O_RDWR | O_CREAT | O_CLOEXEC, 0600)) < 0)
         return -1;
-    int dfd = open(q->path, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-    if (dfd < 0 || fsync(dfd) != 0) {
-        int e = errno;
-        if (dfd >= 0)
-            close(dfd);
+    int e = dir_sync(q->path);
+    if (e != 0) {
         close(fd);
         errno = e;
         return -1;
     }
-    close(dfd);
     return fd;
 }
 
@@ -1461,15 +1470,12 @@ static void seg_reclaim(spk_queue *q)
     uint64_t *done = NULL;
     size_t ndone = 0, cap = 0, spares = 0;
     while (d != NULL && (de = readdir(d)) != NULL) {
-        char *end;
+        uint64_t k;
         if (strncmp(de->d_name, "spare-", 6) == 0) {
             spares++;
             continue;
         }
-        if (strncmp(de->d_name, "seg-", 4) != 0 || strlen(de->d_name) != 20)
-            continue;
-        unsigned long long k = strtoull(de->d_name + 4, &end, 16);
-        if (*end != '\0' || k >= cur)
+        if (!seg_name_parse(de->d_name, &k) || k >= cur)
             continue;
         uint8_t kb[8];
         be64(kb, k);
@@ -1531,11 +1537,8 @@ static void seg_drop_unused(spk_queue *q)
     DIR *d = opendir(q->path);
     struct dirent *de;
     while (d != NULL && (de = readdir(d)) != NULL) {
-        char *end;
-        if (strncmp(de->d_name, "seg-", 4) != 0 || strlen(de->d_name) != 20)
-            continue;
-        unsigned long long k = strtoull(de->d_name + 4, &end, 16);
-        if (*end != '\0' || k <= cur)
+        uint64_t k;
+        if (!seg_name_parse(de->d_name, &k) || k <= cur)
             continue;
         char name[4200];
         seg_name(q, k, name, sizeof(name));
@@ -1850,6 +1853,14 @@ static bool mover_active(const spk_queue *q)
     return fcntl(q->cfd, F_OFD_GETLK, &fl) == 0 && fl.l_type != F_UNLCK;
 }
 
+/* Tell appends waiting for journal space (futex on release_gen) to look again. */
+static void release_wake(struct jctl *c)
+{
+    atomic_fetch_add(&c->release_gen, 1);
+    if (atomic_load(&c->release_sleepers) > 0)
+        syscall(SYS_futex, &c->release_gen, FUTEX_WAKE, INT32_MAX, NULL, NULL, 0);
+}
+
 /* Let ring space below `upto` be reused: a move's end whose transaction is durable (a
  * later commit or an mdb_env_sync flushed LMDB after it). Wakes appends waiting for room. */
 static void release_upto(spk_queue *q, uint64_t upto)
@@ -1863,11 +1874,8 @@ static void release_upto(spk_queue *q, uint64_t upto)
         moved = true;
     }
     junlock(q);
-    if (moved) {
-        atomic_fetch_add(&c->release_gen, 1);
-        if (atomic_load(&c->release_sleepers) > 0)
-            syscall(SYS_futex, &c->release_gen, FUTEX_WAKE, INT32_MAX, NULL, NULL, 0);
-    }
+    if (moved)
+        release_wake(c);
 }
 
 /* Move every record published so far into LMDB (with a `budget` > 0: stop once that
@@ -1963,9 +1971,7 @@ static int journal_move(spk_queue *q, bool release, uint64_t budget, spk_errbuf 
     }
     if (mover) { /* after the last release, so that waiters find the room */
         ofd_lock(q->cfd, F_UNLCK, MOVER_BYTE, false);
-        atomic_fetch_add(&q->jc->release_gen, 1); /* waiters: stop waiting for us */
-        if (atomic_load(&q->jc->release_sleepers) > 0)
-            syscall(SYS_futex, &q->jc->release_gen, FUTEX_WAKE, INT32_MAX, NULL, NULL, 0);
+        release_wake(q->jc); /* waiters: stop waiting for us */
     }
     if (final != 0)
         return final;
@@ -3214,13 +3220,8 @@ int spk_queue_verify(spk_queue *q, uint64_t *bad_out, spk_errbuf *eb)
         }
         if (st == 0 && (buf == NULL || r.h.wire_len > cap)) {
             uint8_t *nbuf = realloc(buf, r.h.wire_len > 0 ? r.h.wire_len : 1);
-            if (nbuf == NULL) {
-                mdb_cursor_close(cur);
-                mdb_txn_abort(txn);
-                free(buf);
-                free(recheck);
-                return spk_errf(eb, SPK_ENOMEM, "queue %s: out of memory", q->path);
-            }
+            if (nbuf == NULL)
+                goto nomem;
             buf = nbuf;
             cap = r.h.wire_len;
         }
@@ -3229,13 +3230,8 @@ int spk_queue_verify(spk_queue *q, uint64_t *bad_out, spk_errbuf *eb)
             if (nrecheck == recheck_cap) {
                 size_t ncap = recheck_cap ? recheck_cap * 2 : 64;
                 uint64_t *nr = realloc(recheck, ncap * sizeof(*nr));
-                if (nr == NULL) {
-                    mdb_cursor_close(cur);
-                    mdb_txn_abort(txn);
-                    free(buf);
-                    free(recheck);
-                    return spk_errf(eb, SPK_ENOMEM, "queue %s: out of memory", q->path);
-                }
+                if (nr == NULL)
+                    goto nomem;
                 recheck = nr;
                 recheck_cap = ncap;
             }
@@ -3293,6 +3289,12 @@ int spk_queue_verify(spk_queue *q, uint64_t *bad_out, spk_errbuf *eb)
                         (unsigned long long)pl_bytes, (unsigned long long)seg_count,
                         (unsigned long long)seg_bytes);
     return 0;
+nomem:
+    free(buf);
+    free(recheck);
+    mdb_cursor_close(cur);
+    mdb_txn_abort(txn);
+    return spk_errf(eb, SPK_ENOMEM, "queue %s: out of memory", q->path);
 fail:
     free(recheck);
     if (cur != NULL)

@@ -576,7 +576,7 @@ static void test_record_size_limit(void **state)
     free(p);
 }
 
-static size_t big_len_fixed(uint32_t id)
+static size_t big_len(uint32_t id)
 {
     (void)id;
     return BIG;
@@ -607,7 +607,7 @@ static void test_unused_files_dropped(void **state)
     open_q(f);
     assert_int_equal(seg_count(f), 1);
     assert_true(seg_exists(f, ks[0]));
-    check_all(f, 20, 0, 1, big_len_fixed);
+    check_all(f, 20, 0, 1, big_len);
     verify_clean(f);
 }
 
@@ -643,12 +643,6 @@ static void test_reopen(void **state)
 }
 
 /* ---- 3. reclaim ----------------------------------------------------------------------------- */
-
-static size_t big_len(uint32_t id)
-{
-    (void)id;
-    return BIG;
-}
 
 static void test_reclaim(void **state)
 {
