@@ -14,6 +14,7 @@ import json
 import os
 import re
 import select
+import selectors
 import shutil
 import signal
 import socket
@@ -76,10 +77,13 @@ def to_yaml(obj, indent=0):
 
 
 class EchoServer:
-    """A threaded TCP echo server on 127.0.0.1 (or a unix socket path).
+    """A TCP echo server on 127.0.0.1 (or a unix socket path), one selector thread.
 
-    Half-close aware: when the client shuts down its write side, the server finishes
-    echoing and then shuts down its own, so a proxy's half-close handling is observable.
+    One thread serves every connection, so a test can hold thousands of them open
+    without meeting a thread or pid limit. Half-close aware: when the client shuts down
+    its write side, the server finishes echoing and then shuts down its own, so a
+    proxy's half-close handling is observable. A connection whose echo is not being
+    read stops being read (at most 256 KiB waits per connection), like a blocking echo.
     """
 
     def __init__(self, unix_path=None):
@@ -94,46 +98,88 @@ class EchoServer:
             self.sock.bind(("127.0.0.1", 0))
             self.port = self.sock.getsockname()[1]
             self.address = f"127.0.0.1:{self.port}"
-        self.sock.listen(512)
+        self.sock.listen(4096)
+        self.sock.setblocking(False)
         self.connections = 0
         self.received = 0
-        self._stop = False
         self._lock = threading.Lock()
-        self._thread = threading.Thread(target=self._accept, daemon=True)
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._sel = selectors.DefaultSelector()
+        self._sel.register(self.sock, selectors.EVENT_READ, None)
+        self._sel.register(self._wake_r, selectors.EVENT_READ, None)
+        self._conns = {}  # socket -> [pending output, peer finished sending]
+        self._thread = threading.Thread(target=self._loop, daemon=True)
         self._thread.start()
 
     def _accept(self):
-        while not self._stop:
+        while True:
             try:
                 c, _ = self.sock.accept()
-            except OSError:
+            except (BlockingIOError, InterruptedError):
                 return
+            except OSError:  # EMFILE and the like: retry on the next readiness
+                return
+            c.setblocking(False)
             with self._lock:
                 self.connections += 1
-            threading.Thread(target=self._serve, args=(c,), daemon=True).start()
+            self._conns[c] = [b"", False]
+            self._sel.register(c, selectors.EVENT_READ, None)
 
-    def _serve(self, c):
+    def _close(self, c):
+        self._sel.unregister(c)
+        del self._conns[c]
+        c.close()
+
+    def _service(self, c, events):
+        st = self._conns[c]
         try:
-            while True:
+            if events & selectors.EVENT_READ and not st[0] and not st[1]:
                 d = c.recv(262144)
-                if not d:
-                    c.shutdown(socket.SHUT_WR)
-                    break
-                with self._lock:
-                    self.received += len(d)
-                c.sendall(d)
-        except OSError:
+                if d:
+                    with self._lock:
+                        self.received += len(d)
+                    st[0] = d
+                else:
+                    st[1] = True
+            if st[0]:
+                n = c.send(st[0])
+                st[0] = st[0][n:]
+            if st[1] and not st[0]:
+                c.shutdown(socket.SHUT_WR)
+                self._close(c)
+                return
+        except (BlockingIOError, InterruptedError):
             pass
-        finally:
-            c.close()
+        except OSError:
+            self._close(c)
+            return
+        self._sel.modify(c, selectors.EVENT_WRITE if st[0] else selectors.EVENT_READ, None)
+
+    def _loop(self):
+        while True:
+            for key, events in self._sel.select():
+                s = key.fileobj
+                if s is self._wake_r:
+                    for c in list(self._conns):
+                        self._close(c)
+                    self._sel.close()
+                    self.sock.close()
+                    self._wake_r.close()
+                    return
+                if s is self.sock:
+                    self._accept()
+                elif s in self._conns:
+                    self._service(s, events)
 
     def stop(self):
-        self._stop = True
+        """Stop the server and close every connection it holds."""
         try:
-            self.sock.shutdown(socket.SHUT_RDWR)
+            self._wake_w.send(b"x")
         except OSError:
             pass
-        self.sock.close()
+        self._thread.join(10)
+        self._wake_w.close()
 
 
 class Spoked:

@@ -130,13 +130,19 @@ class ProxyTest(SpokeCase):
             self.skipTest(f"RLIMIT_NOFILE hard limit {hard} too low")
         resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 3 * n + 100), hard))
         with Spoked(self.dir, self.echo.address) as sp:
-            socks = [connect(f"127.0.0.1:{sp.port}") for _ in range(n)]
-            for i, s in enumerate(socks):
-                s.sendall(b"conn-%06d;" % i)
-            for i, s in enumerate(socks):
-                self.assertEqual(recv_exact(s, 12), b"conn-%06d;" % i)
-            for s in socks:
-                s.close()
+            socks = []
+            try:
+                for _ in range(n):
+                    socks.append(connect(f"127.0.0.1:{sp.port}"))
+                for i, s in enumerate(socks):
+                    s.sendall(b"conn-%06d;" % i)
+                for i, s in enumerate(socks):
+                    self.assertEqual(recv_exact(s, 12), b"conn-%06d;" % i, "connection %d" % i)
+            finally:
+                # Closed before spoked stops, also on failure: it would otherwise wait
+                # out its drain time for them.
+                for s in socks:
+                    s.close()
 
     def test_slow_reader_memory_bounded(self):
         """The upstream never reads: spoked must stop reading the client instead of
