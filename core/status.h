@@ -73,7 +73,9 @@ static inline const char *spk_qrefuse_name(int r)
 }
 
 /* send_to_control counters of one worker (since it started; a restarted worker starts
- * again at zero). Written by the worker with relaxed atomics, read by the supervisor. */
+ * again at zero, and the supervisor adds an exited worker's final counts to its own
+ * totals when it frees the slot). Written by the worker with relaxed atomics, read by
+ * the supervisor. */
 typedef struct spk_queue_counters {
     _Atomic uint64_t sent;               /* payloads accepted */
     _Atomic uint64_t refused[SPK_QR_N];  /* payloads refused, by reason */

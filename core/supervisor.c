@@ -124,6 +124,9 @@ struct sup {
     char *queue_path;  /* the path queue was opened at */
     ev_timer qsync;
     uint64_t qsyncs, qsync_errors;
+    /* send_to_control counters of the workers that exited (their slots were freed), so
+     * that the totals survive restarts: metrics counters never go back. */
+    uint64_t q_gone_sent, q_gone_refused[SPK_QR_N];
     double qlast;               /* ev_now of the last sync */
     char queue_err[1024]; /* why it could not be opened; "" when open */
 };
@@ -196,10 +199,17 @@ static int slot_alloc(sup *s)
     return -1;
 }
 
+/* Free slot i of a worker that exited (or never started): its send_to_control counters,
+ * final now, are added to the supervisor's totals of exited workers. */
 static void slot_free(sup *s, int i)
 {
-    if (i >= 0)
-        s->slot_used[i] = false;
+    if (i < 0 || !s->slot_used[i])
+        return;
+    const spk_queue_counters *qc = &s->st->slots[i].queue;
+    s->q_gone_sent += atomic_load_explicit(&qc->sent, memory_order_relaxed);
+    for (int r = 0; r < SPK_QR_N; r++)
+        s->q_gone_refused[r] += atomic_load_explicit(&qc->refused[r], memory_order_relaxed);
+    s->slot_used[i] = false;
 }
 
 static spk_wslot *wslot(const wproc *w)
@@ -1088,12 +1098,13 @@ static const spk_wslot *plugin_source(sup *s)
     return NULL;
 }
 
-/* send_to_control counters summed over the live workers' slots. */
+/* send_to_control counters since the supervisor started: the live workers' slots plus
+ * what the exited ones had counted. `unavail`: live workers that could not open the queue. */
 static void queue_counters(sup *s, uint64_t *sent, uint64_t refused[SPK_QR_N], int *unavail)
 {
-    *sent = 0;
+    *sent = s->q_gone_sent;
     *unavail = 0;
-    memset(refused, 0, sizeof(uint64_t) * SPK_QR_N);
+    memcpy(refused, s->q_gone_refused, sizeof(uint64_t) * SPK_QR_N);
     for (int i = 0; i < SPK_STATUS_SLOTS; i++) {
         if (!s->slot_used[i])
             continue;

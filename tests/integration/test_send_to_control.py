@@ -206,6 +206,7 @@ class SendToControlTest(unittest.TestCase):
                 self.assertEqual(len(pids), 1)
                 c = Client(sp.port)
                 self.assertEqual(c.cmd(f"SEND kill-{i} accepted before kill -9")[0], 0)
+                self.assertEqual(c.cmd(f"JSON kill-{i} {{not json")[0], ERR["not_json"])
                 os.kill(pids[0], signal.SIGKILL)  # at once, before any sync could run
                 c.close()
                 self.assertEqual(pending(self.qdir), i + 1)
@@ -219,6 +220,10 @@ class SendToControlTest(unittest.TestCase):
             recs = peek(self.qdir)
             self.assertEqual([r["corr"] for r in recs], ["kill-0", "kill-1", "kill-2"])
             self.assertIn("ok:", queue_tool("verify", self.qdir))
+            # The counters of the killed workers are kept: metrics counters never go back.
+            status = sp.status()
+            self.assertRegex(status, r"send_to_control: accepted 3  refused 3")
+            self.assertIn("not_json 3", status)
 
     def test_sync_always(self):
         with self.spoked(extra={"queue": {"sync": "always", "map_size": "64MiB",
