@@ -9,17 +9,16 @@
  */
 #include "qtest.h"
 
-#include <errno.h>
-#include <fcntl.h>
 #include <poll.h>
 #include <setjmp.h>
 #include <signal.h>
 #include <stdarg.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
 #include <sys/stat.h>
-#include <sys/wait.h>
-#include <time.h>
 #include <unistd.h>
 #include <cmocka.h>
 
@@ -28,108 +27,36 @@
 
 #define JMIN ((uint64_t)SPK_QUEUE_JOURNAL_MIN)
 
-
-static int64_t test_now = 1700000000000;
-static int64_t test_clock(void *arg)
-{
-    (void)arg;
-    return test_now;
-}
-
-typedef struct fixture {
-    char *dir;
-    spk_queue *q;
-    spk_queue_opts opts;
-} fixture;
+typedef qtest_fixture fixture;
 
 static int setup(void **state)
 {
-    fixture *f = calloc(1, sizeof(*f));
-    assert_non_null(f);
-    f->dir = qtest_tmpdir("journal");
-    assert_non_null(f->dir);
-    spk_queue_opts_init(&f->opts);
-    f->opts.clock = test_clock;
+    fixture *f = qtest_fixture_new("journal", NULL);
     f->opts.map_size = 256ull * 1024 * 1024;
     f->opts.journal_size = JMIN;
-    test_now = 1700000000000;
     *state = f;
     return 0;
 }
 
 static int teardown(void **state)
 {
-    fixture *f = *state;
-    spk_queue_close(f->q);
-    qtest_rmrf(f->dir);
-    free(f->dir);
-    free(f);
+    qtest_fixture_free(*state);
     return 0;
-}
-
-static void close_q(fixture *f)
-{
-    spk_queue_close(f->q);
-    f->q = NULL;
-}
-
-static void open_q(fixture *f)
-{
-    spk_errbuf eb = {{0}};
-    close_q(f);
-    int rc = spk_queue_open(f->dir, &f->opts, &f->q, &eb);
-    if (rc != 0)
-        fail_msg("open: %s", eb.msg);
 }
 
 /* ---- payloads ------------------------------------------------------------------------ */
 
-#define TAG_LEN 14 /* "jrec-%08x-" */
-
-/* The payload of record `id`: `len` pseudo-random bytes from id, starting with the tag
- * "jrec-<id in hex>-" when it fits, so a stored record says which one it is. */
-static void gen_payload(uint8_t *buf, size_t len, uint32_t id)
-{
-    uint32_t x = id * 2654435761u + 0x9e3779b9u;
-    for (size_t j = 0; j < len; j += 4) {
-        x ^= x << 13;
-        x ^= x >> 17;
-        x ^= x << 5;
-        size_t n = len - j < 4 ? len - j : 4;
-        memcpy(buf + j, &x, n);
-    }
-    if (len >= TAG_LEN) {
-        char tag[TAG_LEN + 1];
-        snprintf(tag, sizeof(tag), "jrec-%08x-", id);
-        memcpy(buf, tag, TAG_LEN);
-    }
-}
-
-/* Enqueue gen_payload(id, len) as plugin `plugin`; fails the test on error unless `rc_out`
- * is given. */
-static int send_gen(spk_queue *q, uint32_t plugin, uint32_t id, size_t len, uint64_t *seq,
-                    uint64_t *pending, spk_errbuf *eb)
-{
-    uint8_t *p = malloc(len > 0 ? len : 1);
-    if (p == NULL)
-        return SPK_ENOMEM;
-    gen_payload(p, len, id);
-    int rc = spk_queue_send(q, plugin, "edge-j", p, len, NULL, NULL, 0, false, -1, seq,
-                            pending, eb);
-    free(p);
-    return rc;
-}
-
+/* Enqueue record `id`, qtest_gen_payload(id, len), as plugin 1; fails the test on error. */
 static void must_send(fixture *f, uint32_t id, size_t len, uint64_t *seq)
 {
     spk_errbuf eb = {{0}};
-    int rc = send_gen(f->q, 1, id, len, seq, NULL, &eb);
+    int rc = qtest_send_gen(f->q, 1, id, len, seq, NULL, &eb);
     if (rc != 0)
         fail_msg("enqueue of record %u (%zu bytes): %d: %s", id, len, rc, eb.msg);
 }
 
 /* Check a read item: its CRC passed, it decodes, carries `seq`, and its payload is exactly
- * gen_payload(id, len). */
+ * qtest_gen_payload(id, len) (which may be too short for a tag). */
 static void check_item(const spk_queue_item *it, uint64_t seq, uint32_t id, size_t len)
 {
     assert_int_equal(it->status, 0);
@@ -144,58 +71,26 @@ static void check_item(const spk_queue_item *it, uint64_t seq, uint32_t id, size
                  (unsigned long long)seq, ep->payload.len, len, id);
     uint8_t *want = malloc(len > 0 ? len : 1);
     assert_non_null(want);
-    gen_payload(want, len, id);
+    qtest_gen_payload(want, len, id);
     if (len > 0 && memcmp(ep->payload.data, want, len) != 0)
         fail_msg("seq %llu: payload differs from record %u", (unsigned long long)seq, id);
     free(want);
     spoke__control__v1__edge_payload__free_unpacked(ep, NULL);
 }
 
-/* The record ID from a stored payload's tag; fails unless the record is intact. The
- * payload length of record `id` must be len_of(id). */
+/* The record ID from a stored payload's tag; fails unless the record is intact
+ * (qtest_item_problem()). The payload length of record `id` must be len_of(id). */
 static uint32_t check_tagged(const spk_queue_item *it, size_t (*len_of)(uint32_t))
 {
-    assert_int_equal(it->status, 0);
-    Spoke__Control__V1__EdgePayload *ep =
-        spoke__control__v1__edge_payload__unpack(NULL, it->wire_len, it->wire);
-    assert_non_null(ep);
-    assert_int_equal(ep->sequence, it->seq);
-    assert_true(ep->payload.len >= TAG_LEN);
-    char tag[TAG_LEN + 1];
-    memcpy(tag, ep->payload.data, TAG_LEN);
-    tag[TAG_LEN] = '\0';
-    unsigned id = 0;
-    if (sscanf(tag, "jrec-%8x-", &id) != 1)
-        fail_msg("seq %llu: no record tag", (unsigned long long)it->seq);
-    size_t len = ep->payload.len;
-    spoke__control__v1__edge_payload__free_unpacked(ep, NULL);
+    uint32_t id = 0;
+    size_t len = 0;
+    const char *why = qtest_item_problem(it, &id, &len);
+    if (why != NULL)
+        fail_msg("seq %llu: %s", (unsigned long long)it->seq, why);
     if (len != len_of(id))
-        fail_msg("seq %llu: record %x has %zu bytes, expected %zu", (unsigned long long)it->seq,
-                 id, len, len_of(id));
-    check_item(it, it->seq, id, len);
+        fail_msg("seq %llu: record %x has %zu bytes, expected %zu", (unsigned long long)it->seq, id,
+                 len, len_of(id));
     return id;
-}
-
-static void read_all(fixture *f, spk_queue_batch *b)
-{
-    spk_errbuf eb = {{0}};
-    int rc = spk_queue_read(f->q, SIZE_MAX, 0, b, &eb);
-    if (rc != 0)
-        fail_msg("read: %d: %s", rc, eb.msg);
-}
-
-static void ack_batch(fixture *f, const spk_queue_batch *b)
-{
-    if (b->n == 0)
-        return;
-    uint64_t *seqs = malloc(b->n * sizeof(*seqs));
-    assert_non_null(seqs);
-    for (size_t i = 0; i < b->n; i++)
-        seqs[i] = b->items[i].seq;
-    size_t acked = 0;
-    assert_int_equal(spk_queue_ack(f->q, seqs, b->n, &acked, NULL), 0);
-    assert_int_equal(acked, b->n);
-    free(seqs);
 }
 
 static uint64_t stats_pending(fixture *f)
@@ -214,36 +109,12 @@ static void qfile(const fixture *f, const char *name, char *out, size_t cap)
     snprintf(out, cap, "%s/%s", f->dir, name);
 }
 
-static uint8_t *slurp(const char *path, size_t *len)
-{
-    int fd = open(path, O_RDONLY | O_CLOEXEC);
-    assert_true(fd >= 0);
-    struct stat st;
-    assert_int_equal(fstat(fd, &st), 0);
-    uint8_t *buf = malloc((size_t)st.st_size + 1);
-    assert_non_null(buf);
-    size_t got = 0;
-    while (got < (size_t)st.st_size) {
-        ssize_t n = pread(fd, buf + got, (size_t)st.st_size - got, (off_t)got);
-        assert_true(n > 0);
-        got += (size_t)n;
-    }
-    close(fd);
-    *len = got;
-    return buf;
-}
-
 /* Offset of `needle` in the queue file `name`, or -1. */
 static long file_find(const fixture *f, const char *name, const void *needle, size_t n)
 {
     char path[600];
-    size_t len;
     qfile(f, name, path, sizeof(path));
-    uint8_t *buf = slurp(path, &len);
-    uint8_t *hit = memmem(buf, len, needle, n);
-    long off = hit != NULL ? (long)(hit - buf) : -1;
-    free(buf);
-    return off;
+    return qtest_file_find(path, needle, n);
 }
 
 static void file_poke(const fixture *f, const char *name, long off, const void *bytes,
@@ -251,10 +122,7 @@ static void file_poke(const fixture *f, const char *name, long off, const void *
 {
     char path[600];
     qfile(f, name, path, sizeof(path));
-    int fd = open(path, O_RDWR | O_CLOEXEC);
-    assert_true(fd >= 0);
-    assert_int_equal(pwrite(fd, bytes, n, (off_t)off), (ssize_t)n);
-    close(fd);
+    qtest_file_poke(path, off, bytes, n);
 }
 
 static uint64_t file_size(const fixture *f, const char *name)
@@ -280,27 +148,13 @@ typedef struct wreport {
 static void put_report(int fd, uint64_t seq, uint32_t id, size_t len)
 {
     wreport r = {seq, id, (uint32_t)len};
-    ssize_t w;
-    do
-        w = write(fd, &r, sizeof(r)); /* < PIPE_BUF: atomic */
-    while (w < 0 && errno == EINTR);
-    if (w != (ssize_t)sizeof(r))
-        _exit(9);
+    qtest_write_all(fd, &r, sizeof(r)); /* < PIPE_BUF: atomic */
 }
 
 /* Read one report; 1, or 0 at EOF (every writer end closed). */
 static int get_report(int fd, wreport *r)
 {
-    size_t got = 0;
-    while (got < sizeof(*r)) {
-        ssize_t n = read(fd, (char *)r + got, sizeof(*r) - got);
-        if (n < 0 && errno == EINTR)
-            continue;
-        if (n <= 0)
-            return 0;
-        got += (size_t)n;
-    }
-    return 1;
+    return qtest_read_full(fd, r, sizeof(*r));
 }
 
 typedef struct reports {
@@ -326,19 +180,12 @@ static void drain_reports(int fd, reports *rs)
         reports_add(rs, &r);
 }
 
-static int64_t mono_us(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (int64_t)ts.tv_sec * 1000000 + ts.tv_nsec / 1000;
-}
-
 /* Collect reports for `us` microseconds (so the writer never blocks on a full pipe). */
 static void collect_for(int fd, int64_t us, reports *rs)
 {
-    int64_t end = mono_us() + us;
+    int64_t end = qtest_mono_us() + us;
     for (;;) {
-        int64_t left = end - mono_us();
+        int64_t left = end - qtest_mono_us();
         if (left <= 0)
             return;
         struct pollfd p = {fd, POLLIN, 0};
@@ -359,46 +206,25 @@ static void collect_for(int fd, int64_t us, reports *rs)
  * returns and never touches the parent's handle: it opens its own. */
 static pid_t spawn(fixture *f, void (*fn)(fixture *, int, uint32_t), uint32_t arg, int *rfd)
 {
-    int p[2];
-    assert_int_equal(pipe(p), 0);
-    pid_t pid = fork();
-    assert_true(pid >= 0);
+    pid_t pid = qtest_fork_pipe(rfd);
     if (pid == 0) {
-        close(p[0]);
-        fn(f, p[1], arg);
+        fn(f, *rfd, arg);
         _exit(0);
     }
-    close(p[1]);
-    *rfd = p[0];
     return pid;
 }
 
-static void expect_killed(pid_t pid)
+/* In a writer child: enqueue record `id`, `len` bytes, as plugin `plugin` and report it on
+ * fd once accepted; print why and _exit(3) when it is refused. */
+static void child_send(spk_queue *q, int fd, uint32_t plugin, uint32_t id, size_t len)
 {
-    int st = 0;
-    assert_int_equal(waitpid(pid, &st, 0), pid);
-    if (!WIFSIGNALED(st) || WTERMSIG(st) != SIGKILL)
-        fail_msg("child %d was not killed by SIGKILL (status %#x, exit %d)", (int)pid, st,
-                 WIFEXITED(st) ? WEXITSTATUS(st) : -1);
-}
-
-static void expect_exit0(pid_t pid)
-{
-    int st = 0;
-    assert_int_equal(waitpid(pid, &st, 0), pid);
-    if (!WIFEXITED(st) || WEXITSTATUS(st) != 0)
-        fail_msg("child %d failed (status %#x)", (int)pid, st);
-}
-
-static spk_queue *child_open(fixture *f)
-{
-    spk_queue *q = NULL;
+    uint64_t seq = 0;
     spk_errbuf eb = {{0}};
-    if (spk_queue_open(f->dir, &f->opts, &q, &eb) != 0) {
-        fprintf(stderr, "child %d: open: %s\n", (int)getpid(), eb.msg);
-        _exit(2);
+    if (qtest_send_gen(q, plugin, id, len, &seq, NULL, &eb) != 0) {
+        fprintf(stderr, "writer (plugin %u): enqueue of record %x: %s\n", plugin, id, eb.msg);
+        _exit(3);
     }
-    return q;
+    put_report(fd, seq, id, len);
 }
 
 /* ---- 1. kill -9 of a writer whose records are only in the journal --------------------- */
@@ -407,22 +233,15 @@ static spk_queue *child_open(fixture *f)
 
 static size_t die_len(uint32_t id)
 {
-    return TAG_LEN + 2 + (id * 37u) % 900;
+    return QTEST_TAG_LEN + 2 + (id * 37u) % 900;
 }
 
 /* Enqueue DIE_K records (IDs base..), reporting each, then kill -9 ourselves. */
 static void writer_then_die(fixture *f, int fd, uint32_t base)
 {
-    spk_queue *q = child_open(f);
-    for (uint32_t i = 0; i < DIE_K; i++) {
-        uint64_t seq = 0;
-        spk_errbuf eb = {{0}};
-        if (send_gen(q, 5, base + i, die_len(base + i), &seq, NULL, &eb) != 0) {
-            fprintf(stderr, "writer: enqueue: %s\n", eb.msg);
-            _exit(3);
-        }
-        put_report(fd, seq, base + i, die_len(base + i));
-    }
+    spk_queue *q = qtest_child_open(f);
+    for (uint32_t i = 0; i < DIE_K; i++)
+        child_send(q, fd, 5, base + i, die_len(base + i));
     raise(SIGKILL);
     _exit(4);
 }
@@ -433,7 +252,7 @@ static void run_writer_then_die(fixture *f, uint32_t base, reports *rs)
     pid_t pid = spawn(f, writer_then_die, base, &fd);
     drain_reports(fd, rs);
     close(fd);
-    expect_killed(pid);
+    qtest_expect_killed(pid, "child");
 }
 
 static void check_die_batch(const spk_queue_batch *b, size_t from, const reports *rs)
@@ -454,14 +273,14 @@ static void test_kill9_writer_nothing_moved(void **state)
     assert_int_equal(rs.n, DIE_K);
     for (size_t i = 0; i < rs.n; i++)
         assert_int_equal(rs.v[i].seq, i + 1);
-    char tag[TAG_LEN + 1];
-    snprintf(tag, sizeof(tag), "jrec-%08x-", 0u);
-    assert_true(file_find(f, "journal", tag, TAG_LEN) >= 0);
-    assert_int_equal(file_find(f, "data.mdb", tag, TAG_LEN), -1); /* nothing was moved */
-    open_q(f);
+    char tag[QTEST_TAG_LEN + 1];
+    qtest_make_tag(tag, 0);
+    assert_true(file_find(f, "journal", tag, QTEST_TAG_LEN) >= 0);
+    assert_int_equal(file_find(f, "data.mdb", tag, QTEST_TAG_LEN), -1); /* nothing was moved */
+    qtest_open(f);
     assert_true(spk_queue_journal_fill(f->q) > 0.0); /* still in the ring */
     spk_queue_batch b;
-    read_all(f, &b);
+    qtest_read_all(f, &b);
     assert_int_equal(b.n, DIE_K);
     check_die_batch(&b, 0, &rs);
     spk_queue_batch_free(&b);
@@ -472,13 +291,13 @@ static void test_kill9_writer_nothing_moved(void **state)
     reports rs2 = {0};
     run_writer_then_die(f, DIE_K, &rs2);
     assert_int_equal(rs2.n, DIE_K);
-    read_all(f, &b);
+    qtest_read_all(f, &b);
     assert_int_equal(b.n, 2 * DIE_K);
     check_die_batch(&b, 0, &rs);
     check_die_batch(&b, DIE_K, &rs2);
     spk_queue_batch_free(&b);
-    open_q(f);
-    read_all(f, &b);
+    qtest_open(f);
+    qtest_read_all(f, &b);
     assert_int_equal(b.n, 2 * DIE_K);
     check_die_batch(&b, DIE_K, &rs2);
     spk_queue_batch_free(&b);
@@ -521,14 +340,14 @@ static void laps_read_ack(fixture *f, laps *l, size_t max_n, size_t max_bytes)
         uint64_t seq = l->next_read++;
         check_item(&b.items[i], seq, (uint32_t)(seq - 1), l->lens[seq - 1]);
     }
-    ack_batch(f, &b);
+    qtest_ack_batch(f, &b);
     l->acked += b.n;
     spk_queue_batch_free(&b);
 }
 
 static void wrap_laps(fixture *f)
 {
-    open_q(f);
+    qtest_open(f);
     laps l = {NULL, 0, 0, 0, 1};
     uint32_t rng = 0x2545f491u;
     uint8_t *buf = malloc(LAP_MAX_RECORD);
@@ -551,7 +370,7 @@ static void wrap_laps(fixture *f)
             assert_non_null(l.lens);
         }
         l.lens[l.enq] = len;
-        gen_payload(buf, len, (uint32_t)l.enq);
+        qtest_gen_payload(buf, len, (uint32_t)l.enq);
         uint64_t seq = 0, pending = 0;
         spk_errbuf eb = {{0}};
         int rc = spk_queue_send(f->q, 1 + (uint32_t)(l.enq % 3), "edge-w", buf, len, NULL,
@@ -588,7 +407,7 @@ static void wrap_laps(fixture *f)
     spk_queue_stats_free(&st);
     assert_int_equal(spk_queue_verify(f->q, NULL, NULL), 0);
     /* and after a reopen the sequence goes on */
-    open_q(f);
+    qtest_open(f);
     uint64_t seq = 0;
     must_send(f, 7, 100, &seq);
     assert_int_equal(seq, l.enq + 1);
@@ -616,11 +435,11 @@ static void test_wrap_laps_always(void **state)
 static void test_full_journal_no_consumer(void **state)
 {
     fixture *f = *state;
-    open_q(f);
+    qtest_open(f);
     for (uint32_t i = 0; i < FULL_N; i++) {
         uint64_t seq = 0, pending = 0;
         spk_errbuf eb = {{0}};
-        int rc = send_gen(f->q, 2, i, FULL_LEN, &seq, &pending, &eb);
+        int rc = qtest_send_gen(f->q, 2, i, FULL_LEN, &seq, &pending, &eb);
         if (rc != 0)
             fail_msg("enqueue %u: %d: %s", i, rc, eb.msg);
         assert_int_equal(seq, i + 1);
@@ -629,7 +448,7 @@ static void test_full_journal_no_consumer(void **state)
     }
     assert_true((uint64_t)FULL_N * FULL_LEN > 4 * JMIN);
     spk_queue_batch b;
-    read_all(f, &b);
+    qtest_read_all(f, &b);
     assert_int_equal(b.n, FULL_N);
     for (uint32_t i = 0; i < FULL_N; i++)
         check_item(&b.items[i], i + 1, i, FULL_LEN);
@@ -656,7 +475,7 @@ static void maxrec_init(maxrec *m, uint32_t id)
 {
     m->payload = malloc(SPOKE_MAX_PAYLOAD);
     assert_non_null(m->payload);
-    gen_payload(m->payload, SPOKE_MAX_PAYLOAD, id);
+    qtest_gen_payload(m->payload, SPOKE_MAX_PAYLOAD, id);
     for (size_t i = 0; i < SPOKE_MAX_METADATA; i++) {
         m->keys[i] = malloc(SPOKE_MAX_METADATA_KEY + 1);
         m->values[i] = malloc(SPOKE_MAX_METADATA_VALUE + 1);
@@ -697,7 +516,7 @@ static int maxrec_send(fixture *f, const maxrec *m, uint64_t *seq, spk_errbuf *e
         .metadata = m->md,
         .n_metadata = SPOKE_MAX_METADATA,
         .content_type = "application/octet-stream",
-        .edge_timestamp_ms = test_now,
+        .edge_timestamp_ms = qtest_now,
     };
     return spk_queue_enqueue(f->q, &msg, seq, NULL, eb);
 }
@@ -727,7 +546,7 @@ static void maxrec_check(const spk_queue_item *it, const maxrec *m, uint64_t seq
 static void test_max_record_fits(void **state)
 {
     fixture *f = *state;
-    open_q(f);
+    qtest_open(f);
     maxrec m;
     maxrec_init(&m, 1);
     uint64_t seq = 0;
@@ -738,12 +557,12 @@ static void test_max_record_fits(void **state)
     assert_int_equal(seq, 1);
     assert_true(spk_queue_journal_fill(f->q) > 0.25); /* it is over a quarter of the ring */
     /* it survives a reopen while still in the journal */
-    open_q(f);
+    qtest_open(f);
     spk_queue_batch b;
-    read_all(f, &b);
+    qtest_read_all(f, &b);
     assert_int_equal(b.n, 1);
     maxrec_check(&b.items[0], &m, 1);
-    ack_batch(f, &b);
+    qtest_ack_batch(f, &b);
     spk_queue_batch_free(&b);
     maxrec_free(&m);
 }
@@ -763,7 +582,7 @@ static void test_max_record_any_position(void **state)
         fixture g = *f;
         g.dir = dir;
         g.q = NULL;
-        open_q(&g);
+        qtest_open(&g);
         /* records that take the ring's tail to about kib[i] KiB, moved and acked */
         for (uint64_t at = 0; at < kib[i];) {
             uint64_t step = kib[i] - at > 1000 ? 1000 : kib[i] - at;
@@ -772,8 +591,8 @@ static void test_max_record_any_position(void **state)
         }
         assert_int_equal(spk_queue_sync(g.q, NULL), 0);
         spk_queue_batch b;
-        read_all(&g, &b);
-        ack_batch(&g, &b);
+        qtest_read_all(&g, &b);
+        qtest_ack_batch(&g, &b);
         spk_queue_batch_free(&b);
         assert_true(spk_queue_journal_fill(g.q) == 0.0);
         uint64_t seq = 0;
@@ -782,12 +601,12 @@ static void test_max_record_any_position(void **state)
         if (rc != 0)
             fail_msg("tail at %llu KiB of the ring: the largest record was refused: %d: %s",
                      (unsigned long long)kib[i], rc, eb.msg);
-        open_q(&g);
-        read_all(&g, &b);
+        qtest_open(&g);
+        qtest_read_all(&g, &b);
         assert_int_equal(b.n, 1);
         maxrec_check(&b.items[0], &m, seq);
         spk_queue_batch_free(&b);
-        close_q(&g);
+        qtest_close(&g);
     }
     maxrec_free(&m);
 }
@@ -799,16 +618,26 @@ static void test_max_record_any_position(void **state)
 /* Enqueue records A, B, C (IDs 0xA, 0xB, 0xC) and find B's payload in the journal file. */
 static long damage_setup(fixture *f, bool reopen)
 {
-    open_q(f);
+    qtest_open(f);
     for (uint32_t id = 0xA; id <= 0xC; id++)
         must_send(f, id, DMG_LEN, NULL);
     if (reopen)
-        close_q(f);
-    char tag[TAG_LEN + 1];
-    snprintf(tag, sizeof(tag), "jrec-%08x-", 0xBu);
-    long at = file_find(f, "journal", tag, TAG_LEN);
+        qtest_close(f);
+    char tag[QTEST_TAG_LEN + 1];
+    qtest_make_tag(tag, 0xB);
+    long at = file_find(f, "journal", tag, QTEST_TAG_LEN);
     assert_true(at > 0);
     return at;
+}
+
+/* Damage B's payload in the journal: with the queue open, or (reopen) while no process has
+ * it open, reopening it after. */
+static void damage_payload(fixture *f, bool reopen)
+{
+    long at = damage_setup(f, reopen);
+    file_poke(f, "journal", at + 40, "\xde\xad\xbe", 3);
+    if (reopen)
+        qtest_open(f);
 }
 
 static void damage_check(fixture *f)
@@ -817,7 +646,7 @@ static void damage_check(fixture *f)
     assert_int_equal(spk_queue_sync(f->q, &eb), SPK_ECORRUPT);
     assert_non_null(strstr(eb.msg, "damaged"));
     spk_queue_batch b;
-    read_all(f, &b);
+    qtest_read_all(f, &b);
     assert_int_equal(b.n, 2);
     check_item(&b.items[0], 1, 0xA, DMG_LEN);
     check_item(&b.items[1], 3, 0xC, DMG_LEN);
@@ -832,7 +661,7 @@ static void damage_check(fixture *f)
     must_send(f, 0xD, DMG_LEN, &seq);
     assert_int_equal(seq, 4);
     assert_int_equal(spk_queue_sync(f->q, NULL), 0);
-    read_all(f, &b);
+    qtest_read_all(f, &b);
     assert_int_equal(b.n, 3);
     check_item(&b.items[0], 1, 0xA, DMG_LEN);
     check_item(&b.items[1], 3, 0xC, DMG_LEN);
@@ -844,7 +673,7 @@ static void damage_check(fixture *f)
 static void damage_counts(fixture *f)
 {
     spk_queue_batch b;
-    read_all(f, &b);
+    qtest_read_all(f, &b);
     assert_int_equal(b.n, 3); /* A, C, D */
     uint64_t bytes = 0;
     for (size_t i = 0; i < b.n; i++)
@@ -860,7 +689,7 @@ static void damage_counts(fixture *f)
     /* and queue.max_pending counts the same */
     uint64_t pending = 0;
     spk_errbuf eb = {{0}};
-    assert_int_equal(send_gen(f->q, 1, 0xE, DMG_LEN, NULL, &pending, &eb), 0);
+    assert_int_equal(qtest_send_gen(f->q, 1, 0xE, DMG_LEN, NULL, &pending, &eb), 0);
     assert_int_equal(pending, b.n + 1);
     spk_queue_batch_free(&b);
 }
@@ -870,8 +699,7 @@ static void damage_counts(fixture *f)
 static void test_damage_payload_open(void **state)
 {
     fixture *f = *state;
-    long at = damage_setup(f, false);
-    file_poke(f, "journal", at + 40, "\xde\xad\xbe", 3);
+    damage_payload(f, false);
     damage_check(f);
 }
 
@@ -886,7 +714,7 @@ static void test_damage_header_open(void **state)
     char path[600];
     size_t len;
     qfile(f, "journal", path, sizeof(path));
-    uint8_t *buf = slurp(path, &len);
+    uint8_t *buf = qtest_slurp(path, &len);
     uint8_t *hit = memmem(buf + 4, len - 4, "SPJ1", 4);
     assert_non_null(hit);
     long b_at = (long)(hit - buf);
@@ -900,8 +728,7 @@ static void test_damage_header_open(void **state)
 static void test_damage_pending_count(void **state)
 {
     fixture *f = *state;
-    long at = damage_setup(f, false);
-    file_poke(f, "journal", at + 40, "\xde\xad\xbe", 3);
+    damage_payload(f, false);
     damage_check(f);
     damage_counts(f);
 }
@@ -910,9 +737,7 @@ static void test_damage_pending_count(void **state)
 static void test_damage_payload_reopen(void **state)
 {
     fixture *f = *state;
-    long at = damage_setup(f, true);
-    file_poke(f, "journal", at + 40, "\xde\xad\xbe", 3);
-    open_q(f);
+    damage_payload(f, true);
     damage_check(f);
 }
 
@@ -921,26 +746,26 @@ static void test_damage_payload_reopen(void **state)
 static void test_seq_across_reopen(void **state)
 {
     fixture *f = *state;
-    open_q(f);
+    qtest_open(f);
     uint64_t seq = 0;
     for (uint32_t i = 0; i < 3; i++) {
         must_send(f, i, 50, &seq);
         assert_int_equal(seq, i + 1);
     }
-    open_q(f); /* the three are only in the journal */
+    qtest_open(f); /* the three are only in the journal */
     assert_true(spk_queue_journal_fill(f->q) > 0.0);
     must_send(f, 3, 50, &seq);
     assert_int_equal(seq, 4);
 
     assert_int_equal(spk_queue_sync(f->q, NULL), 0);
     spk_queue_batch b;
-    read_all(f, &b);
+    qtest_read_all(f, &b);
     assert_int_equal(b.n, 4);
     for (uint32_t i = 0; i < 4; i++)
         check_item(&b.items[i], i + 1, i, 50);
-    ack_batch(f, &b);
+    qtest_ack_batch(f, &b);
     spk_queue_batch_free(&b);
-    open_q(f);
+    qtest_open(f);
     assert_true(spk_queue_journal_fill(f->q) == 0.0);
     must_send(f, 4, 50, &seq);
     assert_int_equal(seq, 5);
@@ -953,11 +778,11 @@ static void test_seq_across_reopen(void **state)
 
     /* moved but not acked, then one more staged: reopen twice */
     must_send(f, 5, 50, &seq);
-    open_q(f);
-    open_q(f);
+    qtest_open(f);
+    qtest_open(f);
     must_send(f, 6, 50, &seq);
     assert_int_equal(seq, 7);
-    read_all(f, &b);
+    qtest_read_all(f, &b);
     assert_int_equal(b.n, 3);
     for (uint32_t i = 0; i < 3; i++)
         check_item(&b.items[i], i + 5, i + 4, 50);
@@ -975,19 +800,19 @@ static size_t kill_len(uint32_t id)
 {
     if ((id & PARENT_ID) == PARENT_ID)
         return 333;
-    return TAG_LEN + 50 + ((id & 0xFFFFFu) * 97u) % 1800;
+    return QTEST_TAG_LEN + 50 + ((id & 0xFFFFFu) * 97u) % 1800;
 }
 
 /* Enqueue in a tight loop until killed; reports "ready" once open, then every record. */
 static void kill_looper(fixture *f, int fd, uint32_t round)
 {
-    spk_queue *q = child_open(f);
+    spk_queue *q = qtest_child_open(f);
     put_report(fd, 0, READY_ID, 0);
     uint8_t buf[2048];
     for (uint32_t i = 0; i < 0xFFFFFu; i++) {
         uint32_t id = round << 20 | i;
         size_t len = kill_len(id);
-        gen_payload(buf, len, id);
+        qtest_gen_payload(buf, len, id);
         uint64_t seq = 0;
         spk_errbuf eb = {{0}};
         if (spk_queue_send(q, 100 + round, "edge-k", buf, len, NULL, NULL, 0, false, -1, &seq,
@@ -998,12 +823,6 @@ static void kill_looper(fixture *f, int fd, uint32_t round)
         put_report(fd, seq, id, len);
     }
     _exit(5);
-}
-
-static int seq_cmp(const void *a, const void *b)
-{
-    uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
-    return x < y ? -1 : x > y;
 }
 
 static bool batch_has(const spk_queue_batch *b, uint64_t seq)
@@ -1023,7 +842,7 @@ static bool batch_has(const spk_queue_batch *b, uint64_t seq)
 
 static void lock_holder_dies(fixture *f, int rounds)
 {
-    open_q(f); /* once, before any child; the children open their own */
+    qtest_open(f); /* once, before any child; the children open their own */
     srand(4242);
     uint64_t total = 0;
     for (int round = 0; round < rounds; round++) {
@@ -1037,19 +856,19 @@ static void lock_holder_dies(fixture *f, int rounds)
             fail_msg("round %d: the writer did not open the queue", round);
         collect_for(fd, rand() % 3001, &rs);
         assert_int_equal(kill(pid, SIGKILL), 0);
-        expect_killed(pid);
+        qtest_expect_killed(pid, "child");
         drain_reports(fd, &rs);
         close(fd);
 
         uint64_t pseq = 0;
         spk_errbuf eb = {{0}};
-        int rc = send_gen(f->q, 1, PARENT_ID | (uint32_t)round,
-                          kill_len(PARENT_ID | (uint32_t)round), &pseq, NULL, &eb);
+        int rc = qtest_send_gen(f->q, 1, PARENT_ID | (uint32_t)round,
+                                kill_len(PARENT_ID | (uint32_t)round), &pseq, NULL, &eb);
         if (rc != 0)
             fail_msg("round %d: enqueue after the kill: %d: %s", round, rc, eb.msg);
         uint64_t pending = stats_pending(f);
         spk_queue_batch b;
-        read_all(f, &b);
+        qtest_read_all(f, &b);
         if (b.n != pending)
             fail_msg("round %d: stats say %llu pending, %zu records are there", round,
                      (unsigned long long)pending, b.n);
@@ -1069,7 +888,7 @@ static void lock_holder_dies(fixture *f, int rounds)
                 fail_msg("round %d: reported record %x (seq %llu) is missing", round,
                          rs.v[i].id, (unsigned long long)rs.v[i].seq);
         total += b.n;
-        ack_batch(f, &b);
+        qtest_ack_batch(f, &b);
         spk_queue_batch_free(&b);
         free(rs.v);
     }
@@ -1100,21 +919,15 @@ static void test_lock_holder_dies_always(void **state)
 
 static size_t two_len(uint32_t id)
 {
-    return TAG_LEN + 10 + (id * 13u) % 700;
+    return QTEST_TAG_LEN + 10 + (id * 13u) % 700;
 }
 
 static void two_writer(fixture *f, int fd, uint32_t w)
 {
-    spk_queue *q = child_open(f);
+    spk_queue *q = qtest_child_open(f);
     for (uint32_t i = 0; i < TWO_N; i++) {
         uint32_t id = w << 20 | i;
-        uint64_t seq = 0;
-        spk_errbuf eb = {{0}};
-        if (send_gen(q, w, id, two_len(id), &seq, NULL, &eb) != 0) {
-            fprintf(stderr, "writer %u: enqueue: %s\n", w, eb.msg);
-            _exit(3);
-        }
-        put_report(fd, seq, id, two_len(id));
+        child_send(q, fd, w, id, two_len(id));
     }
     spk_queue_close(q);
     _exit(0);
@@ -1132,22 +945,22 @@ static void test_two_writers_always(void **state)
     for (int w = 0; w < 2; w++) {
         drain_reports(fd[w], &rs);
         close(fd[w]);
-        expect_exit0(pid[w]);
+        qtest_expect_exit0(pid[w], "writer");
     }
     assert_int_equal(rs.n, 2 * TWO_N);
     uint64_t *seqs = malloc(rs.n * sizeof(*seqs));
     assert_non_null(seqs);
     for (size_t i = 0; i < rs.n; i++)
         seqs[i] = rs.v[i].seq;
-    qsort(seqs, rs.n, sizeof(*seqs), seq_cmp);
+    qsort(seqs, rs.n, sizeof(*seqs), qtest_cmp_u64);
     for (size_t i = 1; i < rs.n; i++)
         assert_true(seqs[i] > seqs[i - 1]); /* no sequence number given twice */
     free(seqs);
 
-    open_q(f);
+    qtest_open(f);
     assert_int_equal(stats_pending(f), 2 * TWO_N);
     spk_queue_batch b;
-    read_all(f, &b);
+    qtest_read_all(f, &b);
     assert_int_equal(b.n, 2 * TWO_N);
     for (size_t i = 0; i < b.n; i++) {
         if (i > 0)
@@ -1179,24 +992,24 @@ static void test_journal_resize(void **state)
     spk_queue_batch b;
 
     /* 2 MiB, records still staged: a reopen asking for 4 MiB keeps 2 MiB */
-    open_q(f);
+    qtest_open(f);
     assert_int_equal(file_size(f, "journal"), JMIN);
     /* first past a lap, so offsets are beyond the ring's size */
     for (uint32_t i = 0; i < 40; i++)
         must_send(f, 1000 + i, 64 * 1024, &seq);
     assert_int_equal(spk_queue_sync(f->q, NULL), 0);
-    read_all(f, &b);
+    qtest_read_all(f, &b);
     assert_int_equal(b.n, 40);
-    ack_batch(f, &b);
+    qtest_ack_batch(f, &b);
     spk_queue_batch_free(&b);
     next = seq + 1;
     for (uint32_t i = 0; i < 5; i++) {
         must_send(f, i, 2000, &seq);
         assert_int_equal(seq, next + i);
     }
-    close_q(f);
+    qtest_close(f);
     f->opts.journal_size = 2 * JMIN;
-    open_q(f);
+    qtest_open(f);
     assert_int_equal(file_size(f, "journal"), JMIN);
     assert_true(spk_queue_journal_fill(f->q) > 0.0);
     spk_queue_stats st;
@@ -1204,18 +1017,18 @@ static void test_journal_resize(void **state)
     assert_int_equal(st.journal_size, JMIN);
     assert_int_equal(st.pending, 5);
     spk_queue_stats_free(&st);
-    read_all(f, &b);
+    qtest_read_all(f, &b);
     assert_int_equal(b.n, 5);
     for (uint32_t i = 0; i < 5; i++)
         check_item(&b.items[i], next + i, i, 2000);
 
     /* emptied (moved, flushed, acked): the next first open takes 4 MiB */
     assert_int_equal(spk_queue_sync(f->q, NULL), 0);
-    ack_batch(f, &b);
+    qtest_ack_batch(f, &b);
     spk_queue_batch_free(&b);
     next += 5;
-    close_q(f);
-    open_q(f);
+    qtest_close(f);
+    qtest_open(f);
     assert_int_equal(file_size(f, "journal"), 2 * JMIN);
     assert_int_equal(spk_queue_stats_get(f->q, &st, NULL), 0);
     assert_int_equal(st.journal_size, 2 * JMIN);
@@ -1226,12 +1039,12 @@ static void test_journal_resize(void **state)
         must_send(f, 2000 + i, 64 * 1024, &seq);
         assert_int_equal(seq, next + i);
         if (i % 40 == 39) {
-            open_q(f);
-            read_all(f, &b);
+            qtest_open(f);
+            qtest_read_all(f, &b);
             assert_int_equal(b.n, 40);
             for (uint32_t k = 0; k < 40; k++)
                 check_item(&b.items[k], next + i - 39 + k, 2000 + i - 39 + k, 64 * 1024);
-            ack_batch(f, &b);
+            qtest_ack_batch(f, &b);
             spk_queue_batch_free(&b);
         }
     }
@@ -1239,27 +1052,27 @@ static void test_journal_resize(void **state)
     /* staged records again, reopened asking for 2 MiB: stays 4 MiB, nothing lost */
     for (uint32_t i = 0; i < 3; i++)
         must_send(f, 3000 + i, 5000, &seq);
-    close_q(f);
+    qtest_close(f);
     f->opts.journal_size = JMIN;
-    open_q(f);
+    qtest_open(f);
     assert_int_equal(file_size(f, "journal"), 2 * JMIN);
-    read_all(f, &b);
+    qtest_read_all(f, &b);
     assert_int_equal(b.n, 3);
     for (uint32_t i = 0; i < 3; i++)
         check_item(&b.items[i], next + i, 3000 + i, 5000);
-    ack_batch(f, &b);
+    qtest_ack_batch(f, &b);
     spk_queue_batch_free(&b);
     next += 3;
     /* and empty, back to 2 MiB */
     assert_int_equal(spk_queue_sync(f->q, NULL), 0);
-    close_q(f);
-    open_q(f);
+    qtest_close(f);
+    qtest_open(f);
     assert_int_equal(file_size(f, "journal"), JMIN);
     must_send(f, 4000, 100, &seq);
     assert_int_equal(seq, next);
-    close_q(f);
-    open_q(f);
-    read_all(f, &b);
+    qtest_close(f);
+    qtest_open(f);
+    qtest_read_all(f, &b);
     assert_int_equal(b.n, 1);
     check_item(&b.items[0], next, 4000, 100);
     spk_queue_batch_free(&b);
@@ -1288,7 +1101,7 @@ static void test_journal_size_invalid(void **state)
     }
     /* any multiple of 4096 from the minimum on is fine */
     f->opts.journal_size = JMIN + 4096;
-    open_q(f);
+    qtest_open(f);
     assert_int_equal(file_size(f, "journal"), JMIN + 4096);
     must_send(f, 1, 10, NULL);
 }
@@ -1302,11 +1115,11 @@ static void test_full_map_purge(void **state)
 {
     fixture *f = *state;
     f->opts.map_size = 1024 * 1024;
-    open_q(f);
+    qtest_open(f);
     uint32_t n = 0;
     for (;;) {
         spk_errbuf eb = {{0}};
-        int rc = send_gen(f->q, 1, n, 2000, NULL, NULL, &eb);
+        int rc = qtest_send_gen(f->q, 1, n, 2000, NULL, NULL, &eb);
         if (rc != 0) {
             assert_int_equal(rc, SPK_EQUEUE_UNAVAILABLE);
             assert_non_null(strstr(eb.msg, "map is full"));

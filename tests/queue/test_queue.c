@@ -10,8 +10,10 @@
 #include <stdarg.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
 #include <sys/mount.h>
-#include <sys/wait.h>
 #include <unistd.h>
 #include <sys/stat.h>
 #include <cmocka.h>
@@ -20,30 +22,13 @@
 #include "queue.h"
 #include "spoke/control/v1/control.pb-c.h"
 
-static int64_t test_now = 1700000000000;
-static int64_t test_clock(void *arg)
-{
-    (void)arg;
-    return test_now;
-}
-
-typedef struct fixture {
-    char *dir;
-    spk_queue *q;
-    spk_queue_opts opts;
-} fixture;
+typedef qtest_fixture fixture;
 
 static int setup(void **state)
 {
-    fixture *f = calloc(1, sizeof(*f));
-    assert_non_null(f);
-    f->dir = qtest_tmpdir("queue");
-    assert_non_null(f->dir);
-    spk_queue_opts_init(&f->opts);
-    f->opts.clock = test_clock;
+    fixture *f = qtest_fixture_new("queue", NULL);
     f->opts.map_size = 64ull * 1024 * 1024;
     f->opts.journal_size = SPK_QUEUE_JOURNAL_MIN;
-    test_now = 1700000000000;
     *state = f;
     return 0;
 }
@@ -51,24 +36,12 @@ static int setup(void **state)
 static int teardown(void **state)
 {
     fixture *f = *state;
-    spk_queue_close(f->q);
+    qtest_close(f);
     char mnt[600];
     snprintf(mnt, sizeof(mnt), "%s/tmpfs", f->dir);
     umount2(mnt, MNT_DETACH); /* test_disk_full_tmpfs, if it failed half-way */
-    qtest_rmrf(f->dir);
-    free(f->dir);
-    free(f);
+    qtest_fixture_free(f);
     return 0;
-}
-
-static void open_q(fixture *f)
-{
-    spk_errbuf eb = {{0}};
-    spk_queue_close(f->q);
-    f->q = NULL;
-    int rc = spk_queue_open(f->dir, &f->opts, &f->q, &eb);
-    if (rc != 0)
-        fail_msg("open: %s", eb.msg);
 }
 
 static int send_raw(fixture *f, uint32_t plugin, const void *p, size_t len, const char *corr,
@@ -93,7 +66,7 @@ static char *filled(size_t n, char c)
 static void test_payload_limit(void **state)
 {
     fixture *f = *state;
-    open_q(f);
+    qtest_open(f);
     char *p = filled(SPOKE_MAX_PAYLOAD + 1, 'p');
     uint64_t seq = 0, pending = 0;
     assert_int_equal(send_raw(f, 1, p, SPOKE_MAX_PAYLOAD, NULL, NULL, 0, &seq, &pending), 0);
@@ -113,7 +86,7 @@ static void test_payload_limit(void **state)
 static void test_metadata_limits(void **state)
 {
     fixture *f = *state;
-    open_q(f);
+    qtest_open(f);
     spoke_kv md[SPOKE_MAX_METADATA + 1];
     for (size_t i = 0; i <= SPOKE_MAX_METADATA; i++) {
         md[i].key = "k";
@@ -152,7 +125,7 @@ static void test_full_by_count(void **state)
 {
     fixture *f = *state;
     f->opts.max_pending = 3;
-    open_q(f);
+    qtest_open(f);
     uint64_t pending = 0;
     for (int i = 0; i < 3; i++)
         assert_int_equal(send_raw(f, 1, "abc", 3, NULL, NULL, 0, NULL, &pending), 0);
@@ -175,7 +148,7 @@ static void test_full_by_count(void **state)
 static void test_full_by_bytes(void **state)
 {
     fixture *f = *state;
-    open_q(f);
+    qtest_open(f);
     assert_int_equal(send_raw(f, 1, "0123456789", 10, NULL, NULL, 0, NULL, NULL), 0);
     spk_queue_stats st;
     assert_int_equal(spk_queue_stats_get(f->q, &st, NULL), 0);
@@ -185,7 +158,7 @@ static void test_full_by_bytes(void **state)
 
     /* exactly at the limit: accepted */
     f->opts.max_bytes = 2 * b;
-    open_q(f);
+    qtest_open(f);
     assert_int_equal(send_raw(f, 1, "0123456789", 10, NULL, NULL, 0, NULL, NULL), 0);
     assert_int_equal(send_raw(f, 1, "0123456789", 10, NULL, NULL, 0, NULL, NULL),
                      SPK_EQUEUE_FULL);
@@ -193,7 +166,7 @@ static void test_full_by_bytes(void **state)
     uint64_t seqs[] = {1, 2};
     assert_int_equal(spk_queue_ack(f->q, seqs, 2, NULL, NULL), 0);
     f->opts.max_bytes = 2 * b - 1;
-    open_q(f);
+    qtest_open(f);
     assert_int_equal(send_raw(f, 1, "0123456789", 10, NULL, NULL, 0, NULL, NULL), 0);
     spk_errbuf eb = {{0}};
     assert_int_equal(spk_queue_send(f->q, 1, "edge-1", "0123456789", 10, NULL, NULL, 0, false,
@@ -207,13 +180,13 @@ static void test_full_by_bytes(void **state)
 static void test_order_and_wire(void **state)
 {
     fixture *f = *state;
-    open_q(f);
+    qtest_open(f);
     spoke_kv md[] = {{"zeta", "1"}, {"alpha", "2"}, {"mid", "3"}};
     for (int i = 0; i < 10; i++) {
         char p[32], c[32];
         int n = snprintf(p, sizeof(p), "payload-%d", i);
         snprintf(c, sizeof(c), "corr-%d", i);
-        test_now += 5;
+        qtest_now += 5;
         uint64_t seq;
         assert_int_equal(send_raw(f, 40 + (uint32_t)i % 2, p, (size_t)n, c, md, 3, &seq, NULL),
                          0);
@@ -240,7 +213,7 @@ static void test_order_and_wire(void **state)
         assert_string_equal(ep->correlation_id, c);
         assert_string_equal(ep->edge_id, "edge-1");
         assert_string_equal(ep->content_type, "");
-        assert_int_equal(ep->edge_timestamp_ms, 1700000000000 + 5 * ((int64_t)i + 1));
+        assert_int_equal(ep->edge_timestamp_ms, QTEST_T0 + 5 * ((int64_t)i + 1));
         assert_int_equal(ep->n_metadata, 3);
         for (size_t k = 0; k < 3; k++) {
             assert_string_equal(ep->metadata[k]->key, md[k].key);
@@ -262,7 +235,7 @@ static void test_order_and_wire(void **state)
 static void test_ack_partial(void **state)
 {
     fixture *f = *state;
-    open_q(f);
+    qtest_open(f);
     for (int i = 0; i < 6; i++)
         assert_int_equal(send_raw(f, i < 3 ? 7 : 8, "data", 4, NULL, NULL, 0, NULL, NULL), 0);
     uint64_t acks[] = {2, 4, 99, 2, 0};
@@ -304,17 +277,17 @@ static void test_expiry(void **state)
 {
     fixture *f = *state;
     f->opts.retention_ms = 1500;
-    open_q(f);
-    int64_t t0 = test_now;
+    qtest_open(f);
+    int64_t t0 = qtest_now;
     for (int i = 0; i < 3; i++) {
-        test_now = t0 + 1000 * (i + 1);
+        qtest_now = t0 + 1000 * (i + 1);
         assert_int_equal(send_raw(f, 3, "e", 1, NULL, NULL, 0, NULL, NULL), 0);
     }
     uint64_t expired = 99;
-    test_now = t0 + 2500; /* cutoff t0+1000: nothing older */
+    qtest_now = t0 + 2500; /* cutoff t0+1000: nothing older */
     assert_int_equal(spk_queue_expire(f->q, &expired, NULL), 0);
     assert_int_equal(expired, 0);
-    test_now = t0 + 3600; /* cutoff t0+2100: the first two go */
+    qtest_now = t0 + 3600; /* cutoff t0+2100: the first two go */
     assert_int_equal(spk_queue_expire(f->q, &expired, NULL), 0);
     assert_int_equal(expired, 2);
     spk_queue_stats st;
@@ -332,10 +305,10 @@ static void test_expiry_many(void **state)
 {
     fixture *f = *state;
     f->opts.retention_ms = 10;
-    open_q(f);
+    qtest_open(f);
     for (int i = 0; i < 12000; i++)
         assert_int_equal(send_raw(f, 3, "e", 1, NULL, NULL, 0, NULL, NULL), 0);
-    test_now += 11;
+    qtest_now += 11;
     uint64_t expired = 0;
     assert_int_equal(spk_queue_expire(f->q, &expired, NULL), 0);
     assert_int_equal(expired, 12000);
@@ -344,22 +317,22 @@ static void test_expiry_many(void **state)
 static void test_reopen_continues(void **state)
 {
     fixture *f = *state;
-    open_q(f);
+    qtest_open(f);
     uint64_t seq;
     for (int i = 0; i < 3; i++)
         assert_int_equal(send_raw(f, 1, "r", 1, NULL, NULL, 0, &seq, NULL), 0);
-    open_q(f);
+    qtest_open(f);
     assert_int_equal(send_raw(f, 1, "r", 1, NULL, NULL, 0, &seq, NULL), 0);
     assert_int_equal(seq, 4);
     uint64_t all[] = {1, 2, 3, 4};
     assert_int_equal(spk_queue_ack(f->q, all, 4, NULL, NULL), 0);
-    open_q(f);
+    qtest_open(f);
     assert_int_equal(send_raw(f, 1, "r", 1, NULL, NULL, 0, &seq, NULL), 0);
     assert_int_equal(seq, 5);
     uint64_t purged = 0;
     assert_int_equal(spk_queue_purge(f->q, &purged, NULL), 0);
     assert_int_equal(purged, 1);
-    open_q(f);
+    qtest_open(f);
     assert_int_equal(send_raw(f, 1, "r", 1, NULL, NULL, 0, &seq, NULL), 0);
     assert_int_equal(seq, 6);
     spk_queue_stats st;
@@ -391,7 +364,7 @@ static void test_open_missing(void **state)
 static void test_json_send(void **state)
 {
     fixture *f = *state;
-    open_q(f);
+    qtest_open(f);
     const char *ok = "{\"hits\": 3, \"rate\": 0.5}";
     const char *bad = "{\"hits\": 3,}";
     uint64_t seq = 0;
@@ -436,16 +409,7 @@ static void ack_oldest(fixture *f, size_t n)
 {
     spk_queue_batch b;
     assert_int_equal(spk_queue_read(f->q, n, 0, &b, NULL), 0);
-    uint64_t *seqs = calloc(b.n + 1, sizeof(*seqs));
-    assert_non_null(seqs);
-    for (size_t i = 0; i < b.n; i++)
-        seqs[i] = b.items[i].seq;
-    size_t acked = 0;
-    spk_errbuf eb = {{0}};
-    if (spk_queue_ack(f->q, seqs, b.n, &acked, &eb) != 0)
-        fail_msg("ack: %s", eb.msg);
-    assert_int_equal(acked, b.n);
-    free(seqs);
+    qtest_ack_batch(f, &b);
     spk_queue_batch_free(&b);
 }
 
@@ -466,7 +430,7 @@ static void test_map_full(void **state)
 {
     fixture *f = *state;
     f->opts.map_size = 256 * 1024;
-    open_q(f);
+    qtest_open(f);
     char *p = filled(3000, 'm');
     spk_errbuf eb = {{0}};
     int n = fill_until_unavailable(f, p, 3000, &eb);
@@ -480,7 +444,7 @@ static void test_map_full(void **state)
     assert_int_equal(send_with_retries(f, p, 3000), 0);
     /* A bigger map on the next open takes the 1 MiB payload. */
     f->opts.map_size = 8 * 1024 * 1024;
-    open_q(f);
+    qtest_open(f);
     assert_int_equal(send_raw(f, 1, big, SPOKE_MAX_PAYLOAD, NULL, NULL, 0, NULL, NULL), 0);
     spk_queue_stats st;
     assert_int_equal(spk_queue_stats_get(f->q, &st, NULL), 0);
@@ -530,7 +494,7 @@ static void disk_full_tmpfs(fixture *f, size_t len)
     assert_non_null(f->dir);
     f->opts.map_size = 64 * 1024 * 1024; /* the map is bigger than the disk */
     f->opts.segment_size = SPK_QUEUE_SEGMENT_MIN; /* acks free whole segments */
-    open_q(f);
+    qtest_open(f);
     char *p = filled(len, 'd');
     spk_errbuf eb = {{0}};
     int n = fill_until_unavailable(f, p, len, &eb);
@@ -539,10 +503,9 @@ static void disk_full_tmpfs(fixture *f, size_t len)
     ack_oldest(f, (size_t)n / 2);
     assert_int_equal(send_with_retries(f, p, len), 0);
     /* and it still reopens */
-    open_q(f);
+    qtest_open(f);
     assert_int_equal(send_with_retries(f, p, len), 0);
-    spk_queue_close(f->q);
-    f->q = NULL;
+    qtest_close(f);
     free(f->dir);
     f->dir = saved;
     umount2(mnt, MNT_DETACH);
@@ -554,7 +517,7 @@ static void test_writemap_mode(void **state)
     fixture *f = *state;
     f->opts.writemap = true;
     f->opts.map_size = 4 * 1024 * 1024;
-    open_q(f);
+    qtest_open(f);
     uint64_t seq;
     for (int i = 0; i < 100; i++)
         assert_int_equal(send_raw(f, 2, "w", 1, NULL, NULL, 0, &seq, NULL), 0);
@@ -569,32 +532,20 @@ static void test_writemap_mode(void **state)
 static void test_crc_detects_damage(void **state)
 {
     fixture *f = *state;
-    open_q(f);
+    qtest_open(f);
     const char *canary = "CANARY-0123456789-abcdefghijklmnop";
     assert_int_equal(send_raw(f, 1, "before", 6, NULL, NULL, 0, NULL, NULL), 0);
     assert_int_equal(send_raw(f, 1, canary, strlen(canary), NULL, NULL, 0, NULL, NULL), 0);
     assert_int_equal(spk_queue_sync(f->q, NULL), 0); /* from the journal into LMDB */
-    spk_queue_close(f->q);
-    f->q = NULL;
+    qtest_close(f);
 
     char path[600];
     snprintf(path, sizeof(path), "%s/data.mdb", f->dir);
-    FILE *fp = fopen(path, "r+b");
-    assert_non_null(fp);
-    fseek(fp, 0, SEEK_END);
-    long size = ftell(fp);
-    char *buf = malloc((size_t)size);
-    assert_non_null(buf);
-    fseek(fp, 0, SEEK_SET);
-    assert_int_equal(fread(buf, 1, (size_t)size, fp), (size_t)size);
-    char *hit = memmem(buf, (size_t)size, canary, strlen(canary));
-    assert_non_null(hit);
-    fseek(fp, (long)(hit - buf) + 7, SEEK_SET);
-    fputc('X', fp);
-    fclose(fp);
-    free(buf);
+    long hit = qtest_file_find(path, canary, strlen(canary));
+    assert_true(hit >= 0);
+    qtest_file_poke(path, hit + 7, "X", 1);
 
-    open_q(f);
+    qtest_open(f);
     spk_queue_batch b;
     assert_int_equal(spk_queue_read(f->q, 10, 0, &b, NULL), 0);
     assert_int_equal(b.n, 2);
@@ -648,7 +599,7 @@ static void test_writemap_stray_write_detected(void **state)
     fixture *f = *state;
     f->opts.writemap = true;
     f->opts.map_size = 4 * 1024 * 1024;
-    open_q(f);
+    qtest_open(f);
     const char *canary = "CANARY-in-the-map-0123456789";
     assert_int_equal(send_raw(f, 1, "before", 6, NULL, NULL, 0, NULL, NULL), 0);
     assert_int_equal(send_raw(f, 1, canary, strlen(canary), NULL, NULL, 0, NULL, NULL), 0);
@@ -690,9 +641,7 @@ static void test_always_two_processes(void **state)
         kids[i] = fork();
         assert_true(kids[i] >= 0);
         if (kids[i] == 0) {
-            spk_queue *q = NULL;
-            if (spk_queue_open(f->dir, &f->opts, &q, NULL) != 0)
-                _exit(1);
+            spk_queue *q = qtest_child_open(f);
             for (int n = 0; n < 20; n++)
                 if (spk_queue_send(q, 7, "e", "x", 1, NULL, NULL, 0, false, -1, NULL, NULL,
                                    NULL) != 0)
@@ -701,13 +650,9 @@ static void test_always_two_processes(void **state)
             _exit(0);
         }
     }
-    for (int i = 0; i < 2; i++) {
-        int st;
-        assert_int_equal(waitpid(kids[i], &st, 0), kids[i]);
-        assert_true(WIFEXITED(st));
-        assert_int_equal(WEXITSTATUS(st), 0);
-    }
-    open_q(f);
+    for (int i = 0; i < 2; i++)
+        qtest_expect_exit0(kids[i], "writer");
+    qtest_open(f);
     spk_queue_stats st;
     assert_int_equal(spk_queue_stats_get(f->q, &st, NULL), 0);
     assert_int_equal(st.pending, 40);

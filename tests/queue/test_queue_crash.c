@@ -26,8 +26,12 @@
 #include <stdarg.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
 #include <sys/wait.h>
 #include <time.h>
+#include <unistd.h>
 #include <cmocka.h>
 
 #include "queue.h"
@@ -248,12 +252,6 @@ static void drain(int fd, bool until_eof)
     }
 }
 
-static int cmp_u64(const void *a, const void *b)
-{
-    uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
-    return x < y ? -1 : x > y;
-}
-
 static void verify(int acker_fd, int round)
 {
     spk_queue_opts o = crash_opts();
@@ -293,7 +291,7 @@ static void verify(int acker_fd, int round)
         content[i] = (uint64_t)w << 56 | (uint64_t)rd << 32 | n;
         bytes += spk_queue_record_size(it->wire_len);
     }
-    qsort(content, b.n, sizeof(*content), cmp_u64);
+    qsort(content, b.n, sizeof(*content), qtest_cmp_u64);
     for (size_t i = 1; i < b.n; i++)
         if (content[i] == content[i - 1])
             fail_msg("round %d: a payload is stored twice", round);
@@ -321,12 +319,6 @@ static void verify(int acker_fd, int round)
     spk_queue_close(q);
 }
 
-static void sleep_ms(long ms)
-{
-    struct timespec ts = {ms / 1000, (ms % 1000) * 1000000L};
-    nanosleep(&ts, NULL);
-}
-
 static void test_kill9_rounds(void **state)
 {
     (void)state;
@@ -341,32 +333,23 @@ static void test_kill9_rounds(void **state)
     srand((unsigned)time(NULL));
 
     /* create the queue first, in a child, so the parent never holds an env across fork */
-    int apipe[2];
-    assert_int_equal(pipe(apipe), 0);
-    pid_t acker = fork();
-    assert_true(acker >= 0);
-    if (acker == 0) {
-        close(apipe[0]);
-        acker_main(apipe[1]);
-    }
-    close(apipe[1]);
-    fcntl(apipe[0], F_SETFL, fcntl(apipe[0], F_GETFL) | O_NONBLOCK);
-    sleep_ms(50);
+    int afd;
+    pid_t acker = qtest_fork_pipe(&afd);
+    if (acker == 0)
+        acker_main(afd);
+    fcntl(afd, F_SETFL, fcntl(afd, F_GETFL) | O_NONBLOCK);
+    qtest_sleep_us(50 * 1000);
 
     uint64_t total_reports = 0;
     for (int round = 0; round < ROUNDS; round++) {
-        int wp[2][2];
+        int wfd[2];
         pid_t w[2];
         for (int i = 0; i < 2; i++) {
-            assert_int_equal(pipe(wp[i]), 0);
-            w[i] = fork();
-            assert_true(w[i] >= 0);
+            w[i] = qtest_fork_pipe(&wfd[i]);
             if (w[i] == 0) {
-                close(wp[i][0]);
-                close(apipe[0]);
-                writer_main((uint32_t)i + 1, (uint32_t)round, wp[i][1]);
+                close(afd);
+                writer_main((uint32_t)i + 1, (uint32_t)round, wfd[i]);
             }
-            close(wp[i][1]);
         }
         /* kill each at its own random moment, draining reports meanwhile */
         long t_kill[2] = {5 + rand() % 60, 5 + rand() % 60};
@@ -377,22 +360,22 @@ static void test_kill9_rounds(void **state)
                     killed++;
                 }
             for (int i = 0; i < 2; i++)
-                drain(wp[i][0], false);
-            drain(apipe[0], false);
-            sleep_ms(1);
+                drain(wfd[i], false);
+            drain(afd, false);
+            qtest_sleep_us(1000);
         }
         for (int i = 0; i < 2; i++) {
             int status;
             assert_int_equal(waitpid(w[i], &status, 0), w[i]);
             if (!(WIFSIGNALED(status) && WTERMSIG(status) == SIGKILL))
                 fail_msg("round %d: writer %d ended otherwise than by our SIGKILL", round, i);
-            drain(wp[i][0], true);
-            close(wp[i][0]);
+            drain(wfd[i], true);
+            close(wfd[i]);
         }
         int st;
         if (waitpid(acker, &st, WNOHANG) != 0)
             fail_msg("round %d: the acker died", round);
-        verify(apipe[0], round);
+        verify(afd, round);
     }
     for (uint64_t s = 1; s <= max_reported; s++)
         total_reports += seqs_info[s].wrote;
@@ -403,8 +386,8 @@ static void test_kill9_rounds(void **state)
     kill(acker, SIGKILL);
     int status;
     waitpid(acker, &status, 0);
-    drain(apipe[0], true);
-    close(apipe[0]);
+    drain(afd, true);
+    close(afd);
     verify(-1, ROUNDS); /* the acker is gone: nothing more to drain */
 
     /* still usable afterwards */

@@ -8,11 +8,11 @@
  * segment whose records another process acknowledged (and whose file it deleted) meanwhile.
  *
  * Real files in a temporary directory, real fork()ed processes and real SIGKILLs; no mocks.
- * Every payload is pseudo-random bytes derived from a record ID and starts with the tag
- * "srec-<ID in hex>-", so a stored record says which one it is and can be found in a
- * segment file. When queue.h has opts.segment_size the tests use the smallest segments
- * (SPK_QUEUE_SEGMENT_MIN), so that spanning many of them is cheap; what a segment holds is
- * always read from the files, never assumed. SEGS_FILTER=<name> runs one test.
+ * Every payload is qtest_gen_payload(): pseudo-random bytes derived from a record ID that
+ * start with the tag "qrec-<ID in hex>-", so a stored record says which one it is and can
+ * be found in a segment file. When queue.h has opts.segment_size the tests use the
+ * smallest segments (SPK_QUEUE_SEGMENT_MIN), so that spanning many of them is cheap; what
+ * a segment holds is always read from the files, never assumed. SEGS_FILTER=<name> runs one test.
  */
 #include "qtest.h"
 
@@ -26,6 +26,9 @@
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
 #include <time.h>
@@ -39,164 +42,40 @@
 #define SMALL    100u  /* one that certainly stays inline in LMDB */
 #define MAX_SEGS 4096
 
-static int64_t test_now = 1700000000000;
-static int64_t test_clock(void *arg)
-{
-    (void)arg;
-    return test_now;
-}
-
-typedef struct fixture {
-    char *root; /* the temporary directory: the queue and the tests' own files */
-    char *dir;  /* the queue: root/q */
-    spk_queue *q;
-    spk_queue_opts opts;
-} fixture;
+/* f->root holds the queue and the tests' own files; the queue is f->dir, root/q. */
+typedef qtest_fixture fixture;
 
 static int setup(void **state)
 {
-    fixture *f = calloc(1, sizeof(*f));
-    assert_non_null(f);
-    f->root = qtest_tmpdir("segs");
-    assert_non_null(f->root);
-    size_t n = strlen(f->root) + 3;
-    f->dir = malloc(n);
-    assert_non_null(f->dir);
-    snprintf(f->dir, n, "%s/q", f->root);
-    spk_queue_opts_init(&f->opts);
-    f->opts.clock = test_clock;
+    fixture *f = qtest_fixture_new("segs", "q");
     f->opts.map_size = 512ull * 1024 * 1024;
     f->opts.journal_size = 8ull * 1024 * 1024;
 #ifdef SPK_QUEUE_SEGMENT_MIN
     f->opts.segment_size = SPK_QUEUE_SEGMENT_MIN;
 #endif
-    test_now = 1700000000000;
     *state = f;
     return 0;
 }
 
 static int teardown(void **state)
 {
-    fixture *f = *state;
-    spk_queue_close(f->q);
-    qtest_rmrf(f->root);
-    free(f->dir);
-    free(f->root);
-    free(f);
+    qtest_fixture_free(*state);
     return 0;
 }
 
-static void close_q(fixture *f)
-{
-    spk_queue_close(f->q);
-    f->q = NULL;
-}
-
-static void open_q(fixture *f)
-{
-    spk_errbuf eb = {{0}};
-    close_q(f);
-    int rc = spk_queue_open(f->dir, &f->opts, &f->q, &eb);
-    if (rc != 0)
-        fail_msg("open: %d: %s", rc, eb.msg);
-}
-
 /* ---- payloads ------------------------------------------------------------------------------- */
-
-#define TAG_LEN 14 /* "srec-%08x-" */
-
-/* The payload of record `id`: `len` pseudo-random bytes from id, starting with its tag
- * when it fits. */
-static void gen_payload(uint8_t *buf, size_t len, uint32_t id)
-{
-    uint32_t x = id * 2654435761u + 0x9e3779b9u;
-    for (size_t j = 0; j < len; j += 4) {
-        x ^= x << 13;
-        x ^= x >> 17;
-        x ^= x << 5;
-        size_t n = len - j < 4 ? len - j : 4;
-        memcpy(buf + j, &x, n);
-    }
-    if (len >= TAG_LEN) {
-        char tag[TAG_LEN + 1];
-        snprintf(tag, sizeof(tag), "srec-%08x-", id);
-        memcpy(buf, tag, TAG_LEN);
-    }
-}
-
-static void make_tag(char *tag, uint32_t id)
-{
-    snprintf(tag, TAG_LEN + 1, "srec-%08x-", id);
-}
-
-/* Enqueue gen_payload(id, len) as `plugin`; returns the queue's code. */
-static int send_gen(spk_queue *q, uint32_t plugin, uint32_t id, size_t len, uint64_t *seq,
-                    spk_errbuf *eb)
-{
-    uint8_t *p = malloc(len > 0 ? len : 1);
-    if (p == NULL)
-        return SPK_ENOMEM;
-    gen_payload(p, len, id);
-    int rc = spk_queue_send(q, plugin, "edge-s", p, len, NULL, NULL, 0, false, -1, seq, NULL, eb);
-    free(p);
-    return rc;
-}
 
 /* Enqueue record `id` and check its sequence number when `want_seq` is not 0. */
 static void must_send(fixture *f, uint32_t id, size_t len, uint64_t want_seq)
 {
     spk_errbuf eb = {{0}};
     uint64_t seq = 0;
-    int rc = send_gen(f->q, 1 + id % 3, id, len, &seq, &eb);
+    int rc = qtest_send_gen(f->q, 1 + id % 3, id, len, &seq, NULL, &eb);
     if (rc != 0)
         fail_msg("enqueue of record %u (%zu bytes): %d: %s", id, len, rc, eb.msg);
     if (want_seq != 0 && seq != want_seq)
         fail_msg("record %u got sequence %llu, expected %llu", id, (unsigned long long)seq,
                  (unsigned long long)want_seq);
-}
-
-/* What is wrong with a read item (NULL: nothing): status 0, it decodes, carries its key's
- * sequence number and plugin, and its payload is exactly gen_payload() of the ID in its
- * tag. *id and *len receive that ID and the payload length. Does not assert: children use
- * it too. */
-static const char *item_problem(const spk_queue_item *it, uint32_t *id, size_t *len)
-{
-    if (it->status != 0)
-        return "status is not 0";
-    Spoke__Control__V1__EdgePayload *ep =
-        spoke__control__v1__edge_payload__unpack(NULL, it->wire_len, it->wire);
-    if (ep == NULL)
-        return "not a decodable EdgePayload";
-    const char *why = NULL;
-    char tag[TAG_LEN + 1];
-    unsigned tid = 0;
-    if (ep->sequence != it->seq)
-        why = "its sequence differs from its key";
-    else if (ep->plugin_id != it->plugin_id)
-        why = "its plugin differs from the item's";
-    else if (ep->payload.len < TAG_LEN)
-        why = "its payload has no tag";
-    if (why == NULL) {
-        memcpy(tag, ep->payload.data, TAG_LEN);
-        tag[TAG_LEN] = '\0';
-        if (sscanf(tag, "srec-%8x-", &tid) != 1)
-            why = "its payload has no tag";
-    }
-    if (why == NULL) {
-        uint8_t *want = malloc(ep->payload.len);
-        if (want == NULL) {
-            why = "out of memory";
-        } else {
-            gen_payload(want, ep->payload.len, tid);
-            if (memcmp(want, ep->payload.data, ep->payload.len) != 0)
-                why = "its payload bytes differ from what was sent";
-            free(want);
-        }
-        *id = tid;
-        *len = ep->payload.len;
-    }
-    spoke__control__v1__edge_payload__free_unpacked(ep, NULL);
-    return why;
 }
 
 /* Assert that `it` is record `id` with sequence `seq`, `len` bytes, byte-exact. */
@@ -207,20 +86,12 @@ static void check_item(const spk_queue_item *it, uint64_t seq, uint32_t id, size
     assert_int_equal(it->seq, seq);
     uint32_t got_id = 0;
     size_t got_len = 0;
-    const char *why = item_problem(it, &got_id, &got_len);
+    const char *why = qtest_item_problem(it, &got_id, &got_len);
     if (why != NULL)
         fail_msg("seq %llu: %s", (unsigned long long)seq, why);
     if (got_id != id || got_len != len)
         fail_msg("seq %llu: record %u of %zu bytes, expected record %u of %zu bytes",
                  (unsigned long long)seq, got_id, got_len, id, len);
-}
-
-static void read_all(fixture *f, spk_queue_batch *b)
-{
-    spk_errbuf eb = {{0}};
-    int rc = spk_queue_read(f->q, SIZE_MAX, 0, b, &eb);
-    if (rc != 0)
-        fail_msg("read: %d: %s", rc, eb.msg);
 }
 
 /* Ack the given sequence numbers; returns how many were acked. */
@@ -248,18 +119,6 @@ static size_t ack_ids(fixture *f, uint32_t lo, uint32_t hi, uint32_t step)
     return acked;
 }
 
-static void ack_batch(fixture *f, const spk_queue_batch *b)
-{
-    if (b->n == 0)
-        return;
-    uint64_t *seqs = malloc(b->n * sizeof(*seqs));
-    assert_non_null(seqs);
-    for (size_t i = 0; i < b->n; i++)
-        seqs[i] = b->items[i].seq;
-    assert_int_equal(ack_seqs(f, seqs, b->n), b->n);
-    free(seqs);
-}
-
 static void get_stats(fixture *f, spk_queue_stats *st)
 {
     spk_errbuf eb = {{0}};
@@ -280,12 +139,6 @@ static void verify_clean(fixture *f)
 }
 
 /* ---- files ---------------------------------------------------------------------------------- */
-
-static int cmp_u64(const void *a, const void *b)
-{
-    uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
-    return x < y ? -1 : x > y;
-}
 
 /* The numbers of the segment files in the queue directory, ascending (up to `cap` of them
  * in ks); returns how many there are. */
@@ -308,7 +161,7 @@ static size_t seg_list(const fixture *f, uint64_t *ks, size_t cap)
     }
     closedir(d);
     if (ks != NULL && n > 0)
-        qsort(ks, n < cap ? n : cap, sizeof(*ks), cmp_u64);
+        qsort(ks, n < cap ? n : cap, sizeof(*ks), qtest_cmp_u64);
     return n;
 }
 
@@ -330,26 +183,6 @@ static bool seg_exists(const fixture *f, uint64_t k)
     return stat(path, &st) == 0;
 }
 
-static uint8_t *slurp(const char *path, size_t *len)
-{
-    int fd = open(path, O_RDONLY | O_CLOEXEC);
-    if (fd < 0)
-        fail_msg("open %s: %s", path, strerror(errno));
-    struct stat st;
-    assert_int_equal(fstat(fd, &st), 0);
-    uint8_t *buf = malloc((size_t)st.st_size + 1);
-    assert_non_null(buf);
-    size_t got = 0;
-    while (got < (size_t)st.st_size) {
-        ssize_t n = pread(fd, buf + got, (size_t)st.st_size - got, (off_t)got);
-        assert_true(n > 0);
-        got += (size_t)n;
-    }
-    close(fd);
-    *len = got;
-    return buf;
-}
-
 /* The record tags in segment k: how many, and the lowest and highest ID. */
 typedef struct segscan {
     size_t n;
@@ -361,23 +194,23 @@ static segscan seg_scan(const fixture *f, uint64_t k)
     char path[700];
     size_t len;
     seg_path(f, k, path, sizeof(path));
-    uint8_t *buf = slurp(path, &len);
+    uint8_t *buf = qtest_slurp(path, &len);
     segscan s = {0, UINT32_MAX, 0};
     const uint8_t *p = buf, *end = buf + len;
-    while (p < end && (p = memmem(p, (size_t)(end - p), "srec-", 5)) != NULL) {
-        char tag[TAG_LEN + 1];
+    while (p < end && (p = memmem(p, (size_t)(end - p), QTEST_TAG_PREFIX, 5)) != NULL) {
+        char tag[QTEST_TAG_LEN + 1];
         unsigned id;
         char dash;
-        if ((size_t)(end - p) < TAG_LEN) {
+        if ((size_t)(end - p) < QTEST_TAG_LEN) {
             break;
         }
-        memcpy(tag, p, TAG_LEN);
-        tag[TAG_LEN] = '\0';
-        if (sscanf(tag, "srec-%8x%c", &id, &dash) == 2 && dash == '-') {
+        memcpy(tag, p, QTEST_TAG_LEN);
+        tag[QTEST_TAG_LEN] = '\0';
+        if (sscanf(tag, QTEST_TAG_PREFIX "%8x%c", &id, &dash) == 2 && dash == '-') {
             s.n++;
             s.lo = id < s.lo ? id : s.lo;
             s.hi = id > s.hi ? id : s.hi;
-            p += TAG_LEN;
+            p += QTEST_TAG_LEN;
         } else {
             p += 5;
         }
@@ -391,16 +224,12 @@ static bool seg_find(const fixture *f, uint32_t id, uint64_t *k_out, long *off_o
 {
     uint64_t ks[MAX_SEGS];
     size_t n = seg_list(f, ks, MAX_SEGS);
-    char tag[TAG_LEN + 1];
-    make_tag(tag, id);
+    char tag[QTEST_TAG_LEN + 1];
+    qtest_make_tag(tag, id);
     for (size_t i = 0; i < n && i < MAX_SEGS; i++) {
         char path[700];
-        size_t len;
         seg_path(f, ks[i], path, sizeof(path));
-        uint8_t *buf = slurp(path, &len);
-        uint8_t *hit = memmem(buf, len, tag, TAG_LEN);
-        long off = hit != NULL ? (long)(hit - buf) : -1;
-        free(buf);
+        long off = qtest_file_find(path, tag, QTEST_TAG_LEN);
         if (off >= 0) {
             if (k_out != NULL)
                 *k_out = ks[i];
@@ -415,14 +244,10 @@ static bool seg_find(const fixture *f, uint32_t id, uint64_t *k_out, long *off_o
 /* Whether LMDB's data file holds record `id`'s tag (an inline record). */
 static bool in_data_mdb(const fixture *f, uint32_t id)
 {
-    char path[700], tag[TAG_LEN + 1];
-    size_t len;
+    char path[700], tag[QTEST_TAG_LEN + 1];
     snprintf(path, sizeof(path), "%s/data.mdb", f->dir);
-    make_tag(tag, id);
-    uint8_t *buf = slurp(path, &len);
-    bool hit = memmem(buf, len, tag, TAG_LEN) != NULL;
-    free(buf);
-    return hit;
+    qtest_make_tag(tag, id);
+    return qtest_file_find(path, tag, QTEST_TAG_LEN) >= 0;
 }
 
 /* ---- 1. mixed sizes in order ---------------------------------------------------------------- */
@@ -445,7 +270,7 @@ static uint64_t check_all(fixture *f, size_t n, uint32_t first, uint64_t seq0,
                           size_t (*len_of)(uint32_t))
 {
     spk_queue_batch b;
-    read_all(f, &b);
+    qtest_read_all(f, &b);
     assert_int_equal(b.n, n);
     uint64_t bytes = 0;
     for (size_t i = 0; i < n; i++) {
@@ -456,14 +281,46 @@ static uint64_t check_all(fixture *f, size_t n, uint32_t first, uint64_t seq0,
     return bytes;
 }
 
+static size_t big_len(uint32_t id)
+{
+    (void)id;
+    return BIG;
+}
+
+/* Enqueue records from..to-1: record i has sequence i + 1 and len_of(i) bytes. */
+static void send_range(fixture *f, uint32_t from, uint32_t to, size_t (*len_of)(uint32_t))
+{
+    for (uint32_t id = from; id < to; id++)
+        must_send(f, id, len_of(id), id + 1);
+}
+
+/* Open the queue and enqueue records 0..n-1 as send_range() does, all moved by a sync. */
+static void open_and_send(fixture *f, uint32_t n, size_t (*len_of)(uint32_t))
+{
+    qtest_open(f);
+    send_range(f, 0, n, len_of);
+    assert_int_equal(spk_queue_sync(f->q, NULL), 0);
+}
+
+/* Enqueue records 0, 1, ... as send_range() does, 500 at a time, each 500 moved by a sync,
+ * until at least `nseg` segment files exist; returns how many were enqueued. */
+static uint32_t fill_segments(fixture *f, size_t nseg, size_t (*len_of)(uint32_t))
+{
+    uint32_t n = 0;
+    while (seg_count(f) < nseg) {
+        send_range(f, n, n + 500, len_of);
+        n += 500;
+        assert_int_equal(spk_queue_sync(f->q, NULL), 0);
+        assert_true(n < 200000);
+    }
+    return n;
+}
+
 static void test_mixed_sizes_in_order(void **state)
 {
     fixture *f = *state;
-    open_q(f);
     const uint32_t n = 15;
-    for (uint32_t id = 0; id < n; id++)
-        must_send(f, id, mixed_len(id), id + 1);
-    assert_int_equal(spk_queue_sync(f->q, NULL), 0);
+    open_and_send(f, n, mixed_len);
     assert_true(seg_count(f) >= 1);
     /* big values are in segment files, not in LMDB; small ones stay inline */
     for (uint32_t id = 0; id < n; id++) {
@@ -512,22 +369,18 @@ static void test_multi_batch_moves(void **state)
 {
     fixture *f = *state;
     f->opts.journal_size = 128ull * 1024 * 1024;
-    open_q(f);
-    for (uint32_t id = 0; id < MULTI_N; id++)
-        must_send(f, id, multi_len(id), id + 1);
-    assert_int_equal(spk_queue_sync(f->q, NULL), 0);
+    open_and_send(f, MULTI_N, multi_len);
     check_all(f, MULTI_N, 0, 1, multi_len);
     verify_clean(f);
     /* ack the older half: its segments go, the current one may be retired */
     assert_int_equal(ack_ids(f, 0, MULTI_N / 2 - 1, 1), MULTI_N / 2);
-    for (uint32_t id = MULTI_N; id < 2 * MULTI_N; id++)
-        must_send(f, id, multi_len(id), id + 1);
+    send_range(f, MULTI_N, 2 * MULTI_N, multi_len);
     assert_int_equal(spk_queue_sync(f->q, NULL), 0);
     check_all(f, MULTI_N + MULTI_N / 2, MULTI_N / 2, MULTI_N / 2 + 1, multi_len);
     verify_clean(f);
     /* everything acked: no segment left behind, and a reopen sees an empty queue */
     assert_int_equal(ack_ids(f, MULTI_N / 2, 2 * MULTI_N - 1, 1), MULTI_N + MULTI_N / 2);
-    open_q(f);
+    qtest_open(f);
     assert_int_equal(seg_count(f), 0);
     spk_queue_stats st;
     get_stats(f, &st);
@@ -543,7 +396,7 @@ static void test_record_size_limit(void **state)
 {
     fixture *f = *state;
     f->opts.journal_size = 16ull * 1024 * 1024;
-    open_q(f);
+    qtest_open(f);
     size_t plen = 1024 * 1024, elen = 1536 * 1024;
     char *edge = malloc(elen + 1);
     uint8_t *p = malloc(plen);
@@ -551,7 +404,7 @@ static void test_record_size_limit(void **state)
     assert_non_null(p);
     memset(edge, 'e', elen);
     edge[elen] = '\0';
-    gen_payload(p, plen, 1);
+    qtest_gen_payload(p, plen, 1);
     spk_errbuf eb = {{0}};
     assert_int_equal(spk_queue_send(f->q, 1, edge, p, plen, NULL, NULL, 0, false, -1, NULL,
                                     NULL, &eb),
@@ -566,7 +419,7 @@ static void test_record_size_limit(void **state)
         fail_msg("just under the limit: %d: %s", rc, eb.msg);
     assert_int_equal(spk_queue_sync(f->q, NULL), 0);
     spk_queue_batch b;
-    read_all(f, &b);
+    qtest_read_all(f, &b);
     assert_int_equal(b.n, 1);
     assert_int_equal(b.items[0].status, 0);
     assert_int_equal(b.items[0].seq, seq);
@@ -576,25 +429,16 @@ static void test_record_size_limit(void **state)
     free(p);
 }
 
-static size_t big_len(uint32_t id)
-{
-    (void)id;
-    return BIG;
-}
-
 /* Files above the segment being written are what a move killed before its commit leaves:
  * the first process to open the queue deletes them; the others are kept. */
 static void test_unused_files_dropped(void **state)
 {
     fixture *f = *state;
-    open_q(f);
-    for (uint32_t id = 0; id < 20; id++)
-        must_send(f, id, BIG, id + 1);
-    assert_int_equal(spk_queue_sync(f->q, NULL), 0);
+    open_and_send(f, 20, big_len);
     uint64_t ks[8];
     size_t n = seg_list(f, ks, 8);
     assert_int_equal(n, 1);
-    close_q(f);
+    qtest_close(f);
     char path[4200];
     for (uint64_t k = ks[0] + 1; k <= ks[0] + 3; k += 2) {
         seg_path(f, k, path, sizeof(path));
@@ -604,7 +448,7 @@ static void test_unused_files_dropped(void **state)
         fclose(fp);
     }
     assert_int_equal(seg_count(f), 3);
-    open_q(f);
+    qtest_open(f);
     assert_int_equal(seg_count(f), 1);
     assert_true(seg_exists(f, ks[0]));
     check_all(f, 20, 0, 1, big_len);
@@ -616,21 +460,17 @@ static void test_unused_files_dropped(void **state)
 static void test_reopen(void **state)
 {
     fixture *f = *state;
-    open_q(f);
-    for (uint32_t id = 0; id < 6; id++)
-        must_send(f, id, mixed_len(id), id + 1);
-    assert_int_equal(spk_queue_sync(f->q, NULL), 0);
-    for (uint32_t id = 6; id < 9; id++) /* these stay in the journal */
-        must_send(f, id, mixed_len(id), id + 1);
-    open_q(f);
+    open_and_send(f, 6, mixed_len);
+    send_range(f, 6, 9, mixed_len); /* these stay in the journal */
+    qtest_open(f);
     must_send(f, 9, mixed_len(9), 10);
     check_all(f, 10, 0, 1, mixed_len);
     verify_clean(f);
     assert_true(seg_count(f) >= 1);
 
     assert_int_equal(ack_ids(f, 0, 3, 1), 4);
-    open_q(f);
-    open_q(f);
+    qtest_open(f);
+    qtest_open(f);
     check_all(f, 6, 4, 5, mixed_len);
     must_send(f, 10, mixed_len(10), 11);
     spk_queue_stats st;
@@ -647,16 +487,10 @@ static void test_reopen(void **state)
 static void test_reclaim(void **state)
 {
     fixture *f = *state;
-    open_q(f);
+    qtest_open(f);
     /* Fill until at least four segments exist: three full ones and the one being
      * written. */
-    uint32_t n = 0;
-    while (seg_count(f) < 4) {
-        for (uint32_t i = 0; i < 500; i++, n++)
-            must_send(f, n, BIG, n + 1);
-        assert_int_equal(spk_queue_sync(f->q, NULL), 0);
-        assert_true(n < 200000);
-    }
+    uint32_t n = fill_segments(f, 4, big_len);
     uint64_t ks[MAX_SEGS];
     size_t nseg = seg_list(f, ks, MAX_SEGS);
     assert_true(nseg >= 4 && nseg < 16);
@@ -721,8 +555,7 @@ static void test_reclaim(void **state)
     verify_clean(f);
 
     /* More big records start a new segment after the last one. */
-    for (uint32_t i = 0; i < 20; i++)
-        must_send(f, n + i, BIG, n + i + 1);
+    send_range(f, n, n + 20, big_len);
     assert_int_equal(spk_queue_sync(f->q, NULL), 0);
     uint64_t after[4];
     assert_int_equal(seg_list(f, after, 4), 1);
@@ -732,7 +565,7 @@ static void test_reclaim(void **state)
     assert_int_equal(ack_ids(f, n, n + 19, 1), 20);
     assert_int_equal(seg_count(f), 0);
     /* and a reopen finds nothing to complain about */
-    open_q(f);
+    qtest_open(f);
     verify_clean(f);
     assert_int_equal(seg_count(f), 0);
 }
@@ -748,21 +581,14 @@ static void test_expiry(void **state)
 {
     fixture *f = *state;
     f->opts.retention_ms = 1000;
-    open_q(f);
-    int64_t t0 = test_now;
+    qtest_open(f);
+    int64_t t0 = qtest_now;
     /* Old records over at least two segments, with a few inline ones among them. */
-    uint32_t n_old = 0;
-    while (seg_count(f) < 2) {
-        for (uint32_t i = 0; i < 500; i++, n_old++)
-            must_send(f, n_old, exp_len(n_old), n_old + 1);
-        assert_int_equal(spk_queue_sync(f->q, NULL), 0);
-        assert_true(n_old < 200000);
-    }
+    uint32_t n_old = fill_segments(f, 2, exp_len);
     /* Young ones. */
-    test_now = t0 + 2000;
+    qtest_now = t0 + 2000;
     const uint32_t n_young = 6;
-    for (uint32_t i = 0; i < n_young; i++)
-        must_send(f, n_old + i, exp_len(n_old + i), n_old + i + 1);
+    send_range(f, n_old, n_old + n_young, exp_len);
     assert_int_equal(spk_queue_sync(f->q, NULL), 0);
     uint64_t young_segs[8];
     size_t n_young_segs = 0;
@@ -778,7 +604,7 @@ static void test_expiry(void **state)
     assert_true(before >= 2);
 
     /* cutoff t0 + 1500: the old ones go, and with them every file holding only them */
-    test_now = t0 + 2500;
+    qtest_now = t0 + 2500;
     uint64_t expired = 0;
     assert_int_equal(spk_queue_expire(f->q, &expired, NULL), 0);
     assert_int_equal(expired, n_old);
@@ -791,7 +617,7 @@ static void test_expiry(void **state)
     verify_clean(f);
 
     /* the young ones' turn: no file remains */
-    test_now = t0 + 10000;
+    qtest_now = t0 + 10000;
     assert_int_equal(spk_queue_expire(f->q, &expired, NULL), 0);
     assert_int_equal(expired, n_young);
     assert_int_equal(seg_count(f), 0);
@@ -805,8 +631,7 @@ static void test_expiry(void **state)
 
     /* and the queue goes on */
     uint32_t id = n_old + n_young;
-    for (uint32_t i = 0; i < 3; i++)
-        must_send(f, id + i, BIG, id + i + 1);
+    send_range(f, id, id + 3, big_len);
     check_all(f, 3, id, id + 1, big_len);
     assert_true(seg_count(f) >= 1);
 }
@@ -821,12 +646,8 @@ static size_t purge_len(uint32_t id)
 static void test_purge(void **state)
 {
     fixture *f = *state;
-    open_q(f);
-    for (uint32_t id = 0; id < 43; id++)
-        must_send(f, id, purge_len(id), id + 1);
-    assert_int_equal(spk_queue_sync(f->q, NULL), 0);
-    for (uint32_t id = 43; id < 53; id++) /* these stay in the journal */
-        must_send(f, id, purge_len(id), id + 1);
+    open_and_send(f, 43, purge_len);
+    send_range(f, 43, 53, purge_len); /* these stay in the journal */
     assert_true(seg_count(f) >= 1);
     uint64_t purged = 0;
     assert_int_equal(spk_queue_purge(f->q, &purged, NULL), 0);
@@ -840,15 +661,14 @@ static void test_purge(void **state)
     spk_queue_stats_free(&st);
     verify_clean(f);
 
-    for (uint32_t id = 53; id < 58; id++)
-        must_send(f, id, purge_len(id), id + 1);
+    send_range(f, 53, 58, purge_len);
     assert_int_equal(spk_queue_sync(f->q, NULL), 0);
     assert_true(seg_count(f) >= 1);
     check_all(f, 5, 53, 54, purge_len);
     verify_clean(f);
 
     /* everything moved this time; after a reopen */
-    open_q(f);
+    qtest_open(f);
     assert_int_equal(spk_queue_purge(f->q, &purged, NULL), 0);
     assert_int_equal(purged, 5);
     assert_int_equal(seg_count(f), 0);
@@ -880,10 +700,7 @@ static void file_flip(const char *path, long off, size_t n)
 static void test_damage(void **state)
 {
     fixture *f = *state;
-    open_q(f);
-    for (uint32_t id = 0; id < 6; id++)
-        must_send(f, id, dmg_len(id), id + 1);
-    assert_int_equal(spk_queue_sync(f->q, NULL), 0);
+    open_and_send(f, 6, dmg_len);
 
     /* flip bytes in the middle of record 3's payload */
     uint64_t k;
@@ -894,7 +711,7 @@ static void test_damage(void **state)
     file_flip(path, off + 1000, 8);
 
     spk_queue_batch b;
-    read_all(f, &b);
+    qtest_read_all(f, &b);
     assert_int_equal(b.n, 6);
     for (uint32_t i = 0; i < 6; i++) {
         if (i == 3) {
@@ -915,7 +732,7 @@ static void test_damage(void **state)
     uint64_t four = 4;
     assert_int_equal(ack_seqs(f, &four, 1), 1);
     verify_clean(f);
-    read_all(f, &b);
+    qtest_read_all(f, &b);
     assert_int_equal(b.n, 5);
     for (size_t i = 0; i < b.n; i++)
         assert_int_equal(b.items[i].status, 0);
@@ -925,7 +742,7 @@ static void test_damage(void **state)
     assert_true(seg_find(f, 5, &k, &off));
     seg_path(f, k, path, sizeof(path));
     assert_int_equal(truncate(path, off + 10), 0);
-    read_all(f, &b);
+    qtest_read_all(f, &b);
     assert_int_equal(b.n, 5);
     for (size_t i = 0; i < 4; i++)
         assert_int_equal(b.items[i].status, 0);
@@ -954,22 +771,19 @@ static size_t lost_len(uint32_t id)
 static void test_missing_file(void **state)
 {
     fixture *f = *state;
-    open_q(f);
-    for (uint32_t id = 0; id < 8; id++)
-        must_send(f, id, lost_len(id), id + 1);
-    assert_int_equal(spk_queue_sync(f->q, NULL), 0);
+    open_and_send(f, 8, lost_len);
     uint64_t ks[4];
     assert_int_equal(seg_list(f, ks, 4), 1);
-    close_q(f);
+    qtest_close(f);
     char path[700];
     seg_path(f, ks[0], path, sizeof(path));
     assert_int_equal(unlink(path), 0);
 
     /* (a) after a reopen: every record of the lost file is reported, none dropped */
-    open_q(f);
+    qtest_open(f);
     for (int pass = 0; pass < 2; pass++) {
         spk_queue_batch b;
-        read_all(f, &b);
+        qtest_read_all(f, &b);
         assert_int_equal(b.n, 8);
         for (uint32_t i = 0; i < 8; i++) {
             assert_int_equal(b.items[i].seq, i + 1);
@@ -995,8 +809,7 @@ static void test_missing_file(void **state)
     check_all(f, 1, 5, 6, lost_len);
 
     /* (b) with the handle open, which has not read that file yet */
-    for (uint32_t id = 8; id < 12; id++)
-        must_send(f, id, BIG, id + 1);
+    send_range(f, 8, 12, big_len);
     assert_int_equal(spk_queue_sync(f->q, NULL), 0);
     uint64_t k;
     assert_true(seg_find(f, 8, &k, NULL));
@@ -1008,7 +821,7 @@ static void test_missing_file(void **state)
     seg_path(f, k, path, sizeof(path));
     assert_int_equal(unlink(path), 0);
     spk_queue_batch b;
-    read_all(f, &b);
+    qtest_read_all(f, &b);
     assert_int_equal(b.n, 5);
     check_item(&b.items[0], 6, 5, SMALL);
     for (size_t i = 1; i < 5; i++) {
@@ -1022,75 +835,20 @@ static void test_missing_file(void **state)
     /* acking them clears it; new records go on working */
     assert_int_equal(ack_ids(f, 8, 11, 1), 4);
     verify_clean(f);
-    for (uint32_t id = 12; id < 15; id++)
-        must_send(f, id, BIG, id + 1);
+    send_range(f, 12, 15, big_len);
     assert_int_equal(spk_queue_sync(f->q, NULL), 0);
-    read_all(f, &b);
+    qtest_read_all(f, &b);
     assert_int_equal(b.n, 4);
     check_item(&b.items[0], 6, 5, SMALL);
     for (uint32_t i = 1; i < 4; i++)
         check_item(&b.items[i], 12 + i, 11 + i, BIG);
-    ack_batch(f, &b);
+    qtest_ack_batch(f, &b);
     spk_queue_batch_free(&b);
     assert_int_equal(seg_count(f), 0);
     verify_clean(f);
 }
 
 /* ---- child processes ------------------------------------------------------------------------ */
-
-static int64_t mono_us(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (int64_t)ts.tv_sec * 1000000 + ts.tv_nsec / 1000;
-}
-
-static void sleep_us(long us)
-{
-    struct timespec ts = {us / 1000000, (us % 1000000) * 1000L};
-    nanosleep(&ts, NULL);
-}
-
-static spk_queue *child_open(fixture *f)
-{
-    spk_queue *q = NULL;
-    spk_errbuf eb = {{0}};
-    if (spk_queue_open(f->dir, &f->opts, &q, &eb) != 0) {
-        fprintf(stderr, "child %d: open: %s\n", (int)getpid(), eb.msg);
-        _exit(2);
-    }
-    return q;
-}
-
-static void write_all(int fd, const void *p, size_t n)
-{
-    const char *c = p;
-    while (n > 0) {
-        ssize_t w = write(fd, c, n);
-        if (w < 0 && errno == EINTR)
-            continue;
-        if (w <= 0)
-            _exit(9);
-        c += w;
-        n -= (size_t)w;
-    }
-}
-
-/* Read exactly n bytes; false at EOF. */
-static bool read_full(int fd, void *p, size_t n)
-{
-    char *c = p;
-    while (n > 0) {
-        ssize_t r = read(fd, c, n);
-        if (r < 0 && errno == EINTR)
-            continue;
-        if (r <= 0)
-            return false;
-        c += r;
-        n -= (size_t)r;
-    }
-    return true;
-}
 
 /* Whether the parent closed the stop pipe (its write end). */
 static bool stop_requested(int fd)
@@ -1102,32 +860,23 @@ static bool stop_requested(int fd)
 /* Wait for `pid` to exit 0 within `ms` milliseconds; kill it and fail otherwise. */
 static void expect_exit0_within(pid_t pid, const char *who, long ms)
 {
-    int64_t end = mono_us() + ms * 1000;
+    int64_t end = qtest_mono_us() + ms * 1000;
     int st = 0;
     for (;;) {
         pid_t r = waitpid(pid, &st, WNOHANG);
         if (r == pid)
             break;
         assert_int_equal(r, 0);
-        if (mono_us() > end) {
+        if (qtest_mono_us() > end) {
             kill(pid, SIGKILL);
             waitpid(pid, &st, 0);
             fail_msg("%s did not finish within %ld ms", who, ms);
         }
-        sleep_us(1000);
+        qtest_sleep_us(1000);
     }
     if (!WIFEXITED(st) || WEXITSTATUS(st) != 0)
         fail_msg("%s failed (status %#x, exit code %d)", who, st,
                  WIFEXITED(st) ? WEXITSTATUS(st) : -1);
-}
-
-static void expect_killed(pid_t pid, const char *who)
-{
-    int st = 0;
-    assert_int_equal(waitpid(pid, &st, 0), pid);
-    if (!WIFSIGNALED(st) || WTERMSIG(st) != SIGKILL)
-        fail_msg("%s %d was not killed by our SIGKILL (status %#x, exit code %d)", who, (int)pid,
-                 st, WIFEXITED(st) ? WEXITSTATUS(st) : -1);
 }
 
 /* ---- 8. a reader, an acker and a writer at once --------------------------------------------- */
@@ -1162,7 +911,7 @@ enum { ACKER_CORRUPT = 20, ACKER_BAD = 21, ACKER_READ = 22, ACKER_ACK = 23, ACKE
 
 static void acker_child(fixture *f, int stop_fd, int out_fd)
 {
-    spk_queue *q = child_open(f);
+    spk_queue *q = qtest_child_open(f);
     for (;;) {
         bool stop = stop_requested(stop_fd);
         spk_queue_batch b;
@@ -1175,7 +924,7 @@ static void acker_child(fixture *f, int stop_fd, int out_fd)
             spk_queue_batch_free(&b);
             if (stop)
                 break; /* everything appended before the stop was read and acked */
-            sleep_us(200);
+            qtest_sleep_us(200);
             continue;
         }
         uint64_t seqs[64];
@@ -1189,7 +938,7 @@ static void acker_child(fixture *f, int stop_fd, int out_fd)
                         it->status);
                 _exit(ACKER_CORRUPT);
             }
-            const char *why = item_problem(it, &id, &len);
+            const char *why = qtest_item_problem(it, &id, &len);
             if (why != NULL || len != conc_len(id)) {
                 fprintf(stderr, "acker: seq %llu: %s\n", (unsigned long long)it->seq,
                         why != NULL ? why : "wrong length");
@@ -1207,7 +956,7 @@ static void acker_child(fixture *f, int stop_fd, int out_fd)
             fprintf(stderr, "acker: acked %zu of %zu\n", acked, b.n);
             _exit(ACKER_COUNT);
         }
-        write_all(out_fd, reps, b.n * sizeof(reps[0]));
+        qtest_write_all(out_fd, reps, b.n * sizeof(reps[0]));
         spk_queue_batch_free(&b);
     }
     spk_queue_close(q);
@@ -1216,7 +965,7 @@ static void acker_child(fixture *f, int stop_fd, int out_fd)
 
 static void reader_child(fixture *f, int stop_fd, int out_fd)
 {
-    spk_queue *q = child_open(f);
+    spk_queue *q = qtest_child_open(f);
     readsum s = {0};
     while (!stop_requested(stop_fd)) {
         spk_queue_batch b;
@@ -1239,7 +988,7 @@ static void reader_child(fixture *f, int stop_fd, int out_fd)
                 s.corrupt++;
                 continue;
             }
-            const char *why = item_problem(it, &id, &len);
+            const char *why = qtest_item_problem(it, &id, &len);
             if (why != NULL || len != conc_len(id) || it->seq != (uint64_t)id + 1) {
                 fprintf(stderr, "reader: seq %llu: %s\n", (unsigned long long)it->seq,
                         why != NULL ? why : "wrong length or record");
@@ -1251,14 +1000,14 @@ static void reader_child(fixture *f, int stop_fd, int out_fd)
         spk_queue_batch_free(&b);
     }
     spk_queue_close(q);
-    write_all(out_fd, &s, sizeof(s));
+    qtest_write_all(out_fd, &s, sizeof(s));
     _exit(0);
 }
 
 static void test_concurrent_reader_acker(void **state)
 {
     fixture *f = *state;
-    open_q(f); /* creates the queue; the children open their own handles */
+    qtest_open(f); /* creates the queue; the children open their own handles */
     char apath[700];
     snprintf(apath, sizeof(apath), "%s/acked.bin", f->root);
     int afd = open(apath, O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
@@ -1287,14 +1036,14 @@ static void test_concurrent_reader_acker(void **state)
     close(rpipe[1]);
 
     /* Enqueue for a while. */
-    int64_t end = mono_us() + CONC_TIME_US;
+    int64_t end = qtest_mono_us() + CONC_TIME_US;
     uint64_t bytes = 0;
     uint32_t n = 0;
     uint8_t *buf = malloc(300000);
     assert_non_null(buf);
-    while (n < CONC_MAX_RECORDS && bytes < CONC_MAX_BYTES && mono_us() < end) {
+    while (n < CONC_MAX_RECORDS && bytes < CONC_MAX_BYTES && qtest_mono_us() < end) {
         size_t len = conc_len(n);
-        gen_payload(buf, len, n);
+        qtest_gen_payload(buf, len, n);
         uint64_t seq = 0;
         spk_errbuf eb = {{0}};
         int rc = spk_queue_send(f->q, 1 + n % 3, "edge-c", buf, len, NULL, NULL, 0, false, -1, &seq,
@@ -1319,12 +1068,12 @@ static void test_concurrent_reader_acker(void **state)
         }
     }
     free(buf);
-    int64_t t_enq = mono_us() - (end - CONC_TIME_US);
+    int64_t t_enq = qtest_mono_us() - (end - CONC_TIME_US);
     close(stop[1]); /* stop: the reader ends, the acker empties the queue and ends */
 
     readsum s;
     struct pollfd p = {rpipe[0], POLLIN, 0};
-    bool got_sum = poll(&p, 1, 20000) == 1 && read_full(rpipe[0], &s, sizeof(s));
+    bool got_sum = poll(&p, 1, 20000) == 1 && qtest_read_full(rpipe[0], &s, sizeof(s));
     close(rpipe[0]);
     expect_exit0_within(reader, "the reader", 20000);
     expect_exit0_within(acker, "the acker", 20000);
@@ -1342,7 +1091,7 @@ static void test_concurrent_reader_acker(void **state)
 
     /* Every record was acked exactly once, as the record it is. */
     size_t len = 0;
-    uint8_t *raw = slurp(apath, &len);
+    uint8_t *raw = qtest_slurp(apath, &len);
     close(afd);
     assert_int_equal(len % sizeof(ackrep), 0);
     const ackrep *reps = (const ackrep *)raw;
@@ -1392,25 +1141,25 @@ static uint32_t k9_id(uint32_t round, uint32_t w, uint32_t i)
 
 static void k9_writer(fixture *f, uint32_t round, uint32_t w, int fd)
 {
-    spk_queue *q = child_open(f);
+    spk_queue *q = qtest_child_open(f);
     for (uint32_t i = 0; i < (1u << 23); i++) {
         uint32_t id = k9_id(round, w, i);
         uint64_t seq = 0;
         spk_errbuf eb = {{0}};
-        int rc = send_gen(q, 1 + w, id, BIG, &seq, &eb);
+        int rc = qtest_send_gen(q, 1 + w, id, BIG, &seq, NULL, &eb);
         if (rc != 0) {
             fprintf(stderr, "writer %u: enqueue: %d: %s\n", w, rc, eb.msg);
             _exit(3);
         }
         wreport r = {seq, id, 0};
-        write_all(fd, &r, sizeof(r)); /* < PIPE_BUF: atomic */
+        qtest_write_all(fd, &r, sizeof(r)); /* < PIPE_BUF: atomic */
     }
     _exit(4);
 }
 
 static void k9_syncer(fixture *f)
 {
-    spk_queue *q = child_open(f);
+    spk_queue *q = qtest_child_open(f);
     for (;;) {
         spk_errbuf eb = {{0}};
         int rc = spk_queue_sync(q, &eb);
@@ -1487,9 +1236,9 @@ static int cmp_u32(const void *a, const void *b)
  * number of records seen. */
 static size_t k9_check(fixture *f, k9state *s, uint32_t round)
 {
-    open_q(f); /* every child is dead: the first open since */
+    qtest_open(f); /* every child is dead: the first open since */
     spk_queue_batch b;
-    read_all(f, &b);
+    qtest_read_all(f, &b);
     spk_queue_stats st;
     get_stats(f, &st);
     uint32_t *ids = malloc((b.n + 1) * sizeof(*ids));
@@ -1502,7 +1251,7 @@ static size_t k9_check(fixture *f, k9state *s, uint32_t round)
         const spk_queue_item *it = &b.items[i];
         uint32_t id = 0;
         size_t len = 0;
-        const char *why = item_problem(it, &id, &len);
+        const char *why = qtest_item_problem(it, &id, &len);
         if (why != NULL)
             fail_msg("round %u: seq %llu (status %d): %s", round, (unsigned long long)it->seq,
                      it->status, why);
@@ -1549,7 +1298,7 @@ static size_t k9_check(fixture *f, k9state *s, uint32_t round)
     free(ids);
     free(acks);
     spk_queue_batch_free(&b);
-    close_q(f); /* the next round's first open is the children's */
+    qtest_close(f); /* the next round's first open is the children's */
     return seen;
 }
 
@@ -1565,16 +1314,9 @@ static void test_kill9_moves(void **state)
         pid_t pids[K9_WRITERS + 1];
         int fds[K9_WRITERS];
         for (uint32_t w = 0; w < K9_WRITERS; w++) {
-            int p[2];
-            assert_int_equal(pipe(p), 0);
-            pids[w] = fork();
-            assert_true(pids[w] >= 0);
-            if (pids[w] == 0) {
-                close(p[0]);
-                k9_writer(f, round, w, p[1]);
-            }
-            close(p[1]);
-            fds[w] = p[0];
+            pids[w] = qtest_fork_pipe(&fds[w]);
+            if (pids[w] == 0)
+                k9_writer(f, round, w, fds[w]);
         }
         pids[K9_WRITERS] = fork();
         assert_true(pids[K9_WRITERS] >= 0);
@@ -1594,10 +1336,10 @@ static void test_kill9_moves(void **state)
                 }
             for (int w = 0; w < K9_WRITERS; w++)
                 k9_drain(fds[w], &s, false);
-            sleep_us(1000);
+            qtest_sleep_us(1000);
         }
         for (int i = 0; i <= K9_WRITERS; i++)
-            expect_killed(pids[i], i < K9_WRITERS ? "writer" : "syncer");
+            qtest_expect_killed(pids[i], i < K9_WRITERS ? "writer" : "syncer");
         for (int w = 0; w < K9_WRITERS; w++) {
             k9_drain(fds[w], &s, true);
             close(fds[w]);
@@ -1612,10 +1354,10 @@ static void test_kill9_moves(void **state)
 
     /* Ack what is left. A move killed after writing to the next segment may have left
      * that file (it is reused by the next move); a clean cycle then removes every one. */
-    open_q(f);
+    qtest_open(f);
     spk_queue_batch b;
-    read_all(f, &b);
-    ack_batch(f, &b);
+    qtest_read_all(f, &b);
+    qtest_ack_batch(f, &b);
     spk_queue_batch_free(&b);
     size_t left = seg_count(f);
     if (left > 0)
@@ -1630,8 +1372,8 @@ static void test_kill9_moves(void **state)
     for (uint32_t i = 0; i < 10; i++)
         must_send(f, i, BIG, next + i);
     check_all(f, 10, 0, next, big_len);
-    read_all(f, &b);
-    ack_batch(f, &b);
+    qtest_read_all(f, &b);
+    qtest_ack_batch(f, &b);
     spk_queue_batch_free(&b);
     assert_int_equal(seg_count(f), 0);
     verify_clean(f);
@@ -1654,12 +1396,12 @@ static void seg_evict(const fixture *f, uint64_t k)
 /* Wait for the go byte, then ack records lo..hi (record i has sequence i + 1). */
 static void verify_acker(fixture *f, int go_fd, int ready_fd, uint32_t lo, uint32_t hi)
 {
-    spk_queue *q = child_open(f);
-    write_all(ready_fd, "r", 1);
+    spk_queue *q = qtest_child_open(f);
+    qtest_write_all(ready_fd, "r", 1);
     char c;
-    if (!read_full(go_fd, &c, 1))
+    if (!qtest_read_full(go_fd, &c, 1))
         _exit(5);
-    sleep_us(2000); /* let the parent's verify take its snapshot first */
+    qtest_sleep_us(2000); /* let the parent's verify take its snapshot first */
     size_t n = hi - lo + 1, acked = 0;
     uint64_t *seqs = malloc(n * sizeof(*seqs));
     if (seqs == NULL)
@@ -1692,14 +1434,11 @@ typedef struct walk {
  * each walk found; returns the number of records enqueued. */
 static uint32_t walk_during_acks(fixture *f, bool verify, walk out[3], size_t seg_n[3])
 {
-    open_q(f);
-    uint32_t n = 0;
-    while (seg_count(f) < 10) {
-        for (uint32_t i = 0; i < 500; i++, n++)
-            must_send(f, n, BIG, n + 1);
-        assert_int_equal(spk_queue_sync(f->q, NULL), 0);
-        assert_true(n < 200000);
-    }
+#ifndef SPK_QUEUE_SEGMENT_MIN
+    skip(); /* needs many small segments */
+#endif
+    qtest_open(f);
+    uint32_t n = fill_segments(f, 10, big_len);
     uint64_t ks[MAX_SEGS];
     size_t nseg = seg_list(f, ks, MAX_SEGS);
     assert_true(nseg >= 10 && nseg < MAX_SEGS);
@@ -1708,7 +1447,7 @@ static uint32_t walk_during_acks(fixture *f, bool verify, walk out[3], size_t se
         segscan sc = seg_scan(f, target);
         assert_int_equal(sc.hi - sc.lo + 1, sc.n);
         seg_n[attempt] = sc.n;
-        open_q(f); /* a fresh handle: no segment file is open in it */
+        qtest_open(f); /* a fresh handle: no segment file is open in it */
         for (size_t i = 0; i < nseg; i++)
             if (seg_exists(f, ks[i]))
                 seg_evict(f, ks[i]);
@@ -1727,8 +1466,8 @@ static uint32_t walk_during_acks(fixture *f, bool verify, walk out[3], size_t se
         char c;
         struct pollfd p = {ready[0], POLLIN, 0};
         assert_int_equal(poll(&p, 1, 20000), 1);
-        assert_true(read_full(ready[0], &c, 1));
-        write_all(go[1], "g", 1);
+        assert_true(qtest_read_full(ready[0], &c, 1));
+        qtest_write_all(go[1], "g", 1);
         walk *w = &out[attempt];
         spk_errbuf eb = {{0}};
         memset(w, 0, sizeof(*w));
@@ -1743,7 +1482,7 @@ static uint32_t walk_during_acks(fixture *f, bool verify, walk out[3], size_t se
                 size_t len = 0;
                 if (b.items[i].status != 0)
                     w->corrupt++;
-                else if (item_problem(&b.items[i], &id, &len) != NULL || len != BIG ||
+                else if (qtest_item_problem(&b.items[i], &id, &len) != NULL || len != BIG ||
                          b.items[i].seq != (uint64_t)id + 1 ||
                          (i > 0 && b.items[i].seq <= b.items[i - 1].seq))
                     w->wrong++;
@@ -1765,9 +1504,6 @@ static uint32_t walk_during_acks(fixture *f, bool verify, walk out[3], size_t se
 static void test_read_during_acks(void **state)
 {
     fixture *f = *state;
-#ifndef SPK_QUEUE_SEGMENT_MIN
-    skip(); /* needs many small segments */
-#endif
     walk w[3];
     size_t seg_n[3];
     uint32_t n = walk_during_acks(f, false, w, seg_n);
@@ -1794,9 +1530,6 @@ static void test_read_during_acks(void **state)
 static void test_verify_during_acks(void **state)
 {
     fixture *f = *state;
-#ifndef SPK_QUEUE_SEGMENT_MIN
-    skip(); /* needs many small segments */
-#endif
     walk w[3];
     size_t seg_n[3];
     walk_during_acks(f, true, w, seg_n);
