@@ -52,6 +52,7 @@
  * from it; docs/queue.md has the numbers.
  */
 #include "queue.h"
+#include "crc32c.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -148,52 +149,13 @@ struct spk_queue {
     uint64_t sync_shared;  /* always: appends made durable by another caller's flush */
 };
 
-/* ---- CRC-32C ------------------------------------------------------------------------ */
-
-static uint32_t crc32c_soft(uint32_t crc, const uint8_t *p, size_t n)
-{
-    while (n--) {
-        crc ^= *p++;
-        for (int k = 0; k < 8; k++)
-            crc = (crc >> 1) ^ (0x82F63B78u & (0u - (crc & 1u)));
-    }
-    return crc;
-}
-
-#if defined(__x86_64__)
-#include <nmmintrin.h>
-__attribute__((target("sse4.2"))) static uint32_t crc32c_hw(uint32_t crc, const uint8_t *p,
-                                                              size_t n)
-{
-    uint64_t c = crc;
-    while (n >= 8) {
-        uint64_t w;
-        memcpy(&w, p, 8);
-        c = _mm_crc32_u64(c, w);
-        p += 8;
-        n -= 8;
-    }
-    crc = (uint32_t)c;
-    while (n--)
-        crc = _mm_crc32_u8(crc, *p++);
-    return crc;
-}
-#endif
-
-static uint32_t crc32c(uint32_t crc, const void *data, size_t n)
-{
-#if defined(__x86_64__)
-    if (__builtin_cpu_supports("sse4.2"))
-        return crc32c_hw(crc, data, n);
-#endif
-    return crc32c_soft(crc, data, n);
-}
+/* ---- CRC-32C (crc32c.c) --------------------------------------------------------------- */
 
 static uint32_t rec_crc(const struct rec_hdr *h, const void *wire, size_t wire_len)
 {
-    uint32_t c = crc32c(0xFFFFFFFFu, &h->plugin_id,
-                        sizeof(*h) - offsetof(struct rec_hdr, plugin_id));
-    return ~crc32c(c, wire, wire_len);
+    uint32_t c = spk_crc32c(0xFFFFFFFFu, &h->plugin_id,
+                            sizeof(*h) - offsetof(struct rec_hdr, plugin_id));
+    return ~spk_crc32c(c, wire, wire_len);
 }
 
 /* ---- small helpers -------------------------------------------------------------------- */
@@ -675,7 +637,7 @@ static size_t align8(size_t n)
 
 static uint32_t jrec_hcrc(const struct jrec *h)
 {
-    return ~crc32c(0xFFFFFFFFu, &h->off, sizeof(*h) - offsetof(struct jrec, off));
+    return ~spk_crc32c(0xFFFFFFFFu, &h->off, sizeof(*h) - offsetof(struct jrec, off));
 }
 
 static int jbase_read(spk_queue *q, MDB_txn *txn, struct jbase *b)
