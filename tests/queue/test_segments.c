@@ -593,7 +593,7 @@ static void test_expiry(void **state)
     uint64_t young_segs[8];
     size_t n_young_segs = 0;
     for (uint32_t i = 0; i < n_young; i++) {
-        uint64_t k;
+        uint64_t k = 0;
         if (exp_len(n_old + i) != BIG)
             continue;
         assert_true(seg_find(f, n_old + i, &k, NULL));
