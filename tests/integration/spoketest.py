@@ -108,7 +108,9 @@ class EchoServer:
         self._sel = selectors.DefaultSelector()
         self._sel.register(self.sock, selectors.EVENT_READ, None)
         self._sel.register(self._wake_r, selectors.EVENT_READ, None)
-        self._conns = {}  # socket -> [pending output, peer finished sending]
+        self._conns = {}  # socket -> [pending output (memoryview), peer finished sending]
+        self._accept_resume = None  # when accepting paused on EMFILE: time to retry
+        self.error = None  # an exception that stopped the loop; stop() raises it
         self._thread = threading.Thread(target=self._loop, daemon=True)
         self._thread.start()
 
@@ -118,12 +120,16 @@ class EchoServer:
                 c, _ = self.sock.accept()
             except (BlockingIOError, InterruptedError):
                 return
-            except OSError:  # EMFILE and the like: retry on the next readiness
+            except OSError:
+                # EMFILE and the like: the listening socket stays readable, so stop
+                # watching it for a moment rather than spin on it.
+                self._sel.unregister(self.sock)
+                self._accept_resume = time.monotonic() + 0.05
                 return
             c.setblocking(False)
             with self._lock:
                 self.connections += 1
-            self._conns[c] = [b"", False]
+            self._conns[c] = [memoryview(b""), False]
             self._sel.register(c, selectors.EVENT_READ, None)
 
     def _close(self, c):
@@ -139,12 +145,12 @@ class EchoServer:
                 if d:
                     with self._lock:
                         self.received += len(d)
-                    st[0] = d
+                    st[0] = memoryview(d)
                 else:
                     st[1] = True
             if st[0]:
                 n = c.send(st[0])
-                st[0] = st[0][n:]
+                st[0] = st[0][n:]  # a view: no copy of what is left
             if st[1] and not st[0]:
                 c.shutdown(socket.SHUT_WR)
                 self._close(c)
@@ -157,8 +163,22 @@ class EchoServer:
         self._sel.modify(c, selectors.EVENT_WRITE if st[0] else selectors.EVENT_READ, None)
 
     def _loop(self):
+        try:
+            self._run()
+        except BaseException as e:  # surfaced by stop(), not lost with the thread
+            self.error = e
+            raise
+
+    def _run(self):
         while True:
-            for key, events in self._sel.select():
+            timeout = None
+            if self._accept_resume is not None:
+                timeout = max(0.0, self._accept_resume - time.monotonic())
+                if timeout == 0.0:
+                    self._sel.register(self.sock, selectors.EVENT_READ, None)
+                    self._accept_resume = None
+                    timeout = None
+            for key, events in self._sel.select(timeout):
                 s = key.fileobj
                 if s is self._wake_r:
                     for c in list(self._conns):
@@ -173,13 +193,18 @@ class EchoServer:
                     self._service(s, events)
 
     def stop(self):
-        """Stop the server and close every connection it holds."""
+        """Stop the server and close every connection it holds. Raises what stopped its
+        loop, if anything did."""
         try:
             self._wake_w.send(b"x")
         except OSError:
             pass
         self._thread.join(10)
         self._wake_w.close()
+        if self.error is not None:
+            raise AssertionError("echo server failed: %r" % (self.error,))
+        if self._thread.is_alive():
+            raise AssertionError("echo server did not stop within 10 s")
 
 
 class Spoked:
