@@ -349,12 +349,13 @@ static int gen_copy_quarantine(generation *dst, const generation *src)
 static int gen_start(sup *s, generation *g)
 {
     g->id = ++s->gen_counter;
-    g->n = g->cfg->workers > 0 ? g->cfg->workers : (int)sysconf(_SC_NPROCESSORS_ONLN);
-    if (g->n < 1)
-        g->n = 1;
-    g->w = calloc((size_t)g->n, sizeof(wproc));
+    int n = g->cfg->workers > 0 ? g->cfg->workers : (int)sysconf(_SC_NPROCESSORS_ONLN);
+    if (n < 1)
+        n = 1;
+    g->w = calloc((size_t)n, sizeof(wproc));
     if (g->w == NULL)
-        return SPK_ENOMEM;
+        return SPK_ENOMEM; /* g->n stays 0: gen_free() has no workers to look at */
+    g->n = n;
     g->started = ev_now(s->loop);
     for (int i = 0; i < g->n; i++) {
         wproc *w = &g->w[i];

@@ -212,10 +212,11 @@ class SendToControlTest(unittest.TestCase):
                 self.assertEqual(pending(self.qdir), i + 1)
                 # wait for the replacement worker before the next round
                 deadline = time.time() + 15
-                while time.time() < deadline:
+                while True:
                     new = sp.worker_pids()
                     if new and new[0] != pids[0] and "ready" in sp.status():
                         break
+                    self.assertLess(time.time(), deadline, "no replacement worker:\n" + sp.log())
                     time.sleep(0.05)
             recs = peek(self.qdir)
             self.assertEqual([r["corr"] for r in recs], ["kill-0", "kill-1", "kill-2"])

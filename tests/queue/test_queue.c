@@ -38,7 +38,7 @@ static int teardown(void **state)
     fixture *f = *state;
     qtest_close(f);
     char mnt[600];
-    snprintf(mnt, sizeof(mnt), "%s/tmpfs", f->dir);
+    snprintf(mnt, sizeof(mnt), "%s/tmpfs", f->root); /* f->dir may point into it */
     umount2(mnt, MNT_DETACH); /* test_disk_full_tmpfs, if it failed half-way */
     qtest_fixture_free(f);
     return 0;
@@ -480,7 +480,7 @@ static void test_disk_full_tmpfs_writemap(void **state)
 static void disk_full_tmpfs(fixture *f, size_t len)
 {
     char mnt[600];
-    snprintf(mnt, sizeof(mnt), "%s/tmpfs", f->dir);
+    snprintf(mnt, sizeof(mnt), "%s/tmpfs", f->root);
     assert_int_equal(mkdir(mnt, 0700), 0);
     if (mount("tmpfs", mnt, "tmpfs", 0, "size=24m") != 0) {
         print_message("SKIP disk-full on tmpfs: mount failed (%s); map-full test covers "
