@@ -109,6 +109,17 @@ class SendToControlTest(unittest.TestCase):
         extra.update(kw.pop("extra", {}))
         return Spoked(self.dir, self.echo.address, plugins=[t_send(config)], extra=extra, **kw)
 
+    def poll(self, get, done, timeout=10.0):
+        """Call get() every 50 ms until done(value); return that value. Fails the test
+        with the last value when `timeout` seconds pass first."""
+        deadline = time.time() + timeout
+        while True:
+            value = get()
+            if done(value):
+                return value
+            self.assertLess(time.time(), deadline, value)
+            time.sleep(0.05)
+
     def test_records_limits_and_json(self):
         mport = free_port()
         with self.spoked({"init_send": "hello from init"},
@@ -168,15 +179,12 @@ class SendToControlTest(unittest.TestCase):
             for i in range(20):
                 self.assertEqual(c.cmd(f"SEND m-{i} to be moved"), (0, i + 1))
             c.close()
-            deadline = time.time() + 10
-            while True:
+            def scrape():
                 with urllib.request.urlopen(f"http://127.0.0.1:{mport}/metrics",
                                             timeout=10) as r:
-                    metrics = r.read().decode()
-                if "spoke_queue_journal_used_bytes 0\n" in metrics:
-                    break
-                self.assertLess(time.time(), deadline, metrics)
-                time.sleep(0.05)
+                    return r.read().decode()
+
+            metrics = self.poll(scrape, lambda m: "spoke_queue_journal_used_bytes 0\n" in m)
             self.assertIn("spoke_queue_pending 20\n", metrics)
             self.assertIn("spoke_queue_damaged_total 0\n", metrics)
             self.assertRegex(metrics, r"spoke_queue_syncs_total [1-9]\d*\n")
@@ -190,13 +198,8 @@ class SendToControlTest(unittest.TestCase):
             for i in range(10):
                 self.assertEqual(c.cmd(f"SEND s-{i} single"), (0, i + 1))
             c.close()
-            deadline = time.time() + 10
-            while True:
-                stat = queue_tool("stat", self.qdir)
-                if re.search(r"journal:\s+0 of \d+ bytes in use", stat):
-                    break
-                self.assertLess(time.time(), deadline, stat)
-                time.sleep(0.05)
+            self.poll(lambda: queue_tool("stat", self.qdir),
+                      lambda st: re.search(r"journal:\s+0 of \d+ bytes in use", st))
             self.assertEqual(pending(self.qdir), 10)
 
     def test_kill9_after_send_loses_nothing(self):
@@ -211,13 +214,9 @@ class SendToControlTest(unittest.TestCase):
                 c.close()
                 self.assertEqual(pending(self.qdir), i + 1)
                 # wait for the replacement worker before the next round
-                deadline = time.time() + 15
-                while True:
-                    new = sp.worker_pids()
-                    if new and new[0] != pids[0] and "ready" in sp.status():
-                        break
-                    self.assertLess(time.time(), deadline, "no replacement worker:\n" + sp.log())
-                    time.sleep(0.05)
+                self.poll(lambda: (sp.worker_pids(), sp.status()),
+                          lambda v: v[0] and v[0][0] != pids[0] and "ready" in v[1],
+                          timeout=15)
             recs = peek(self.qdir)
             self.assertEqual([r["corr"] for r in recs], ["kill-0", "kill-1", "kill-2"])
             self.assertIn("ok:", queue_tool("verify", self.qdir))
