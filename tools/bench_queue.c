@@ -16,7 +16,10 @@
  * before it returns (group commit, queue.c). enq/s is all writers' calls over the wall
  * time of the run, and for the spoke rows that wall time ends only after a last
  * spk_queue_sync() has moved every record into LMDB and flushed it: the deferred work is
- * counted. ns/call is the mean latency of one call as a writer sees it.
+ * counted. ns/call is the mean latency of one call as a writer sees it. When --dir is on
+ * a block device, each row also says what that device did during the timed pass: bytes
+ * written per enqueue and the share of the time it was busy (its io_ticks counter, which
+ * counts every process's I/O on it: run on an otherwise idle disk).
  *
  * Then the hot path as a plugin sees it: host->send_to_control() from the host's own
  * services table (core/host.c), called on behalf of a plugin set up as the loader sets it
@@ -30,6 +33,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
+#include <sys/sysmacros.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
@@ -55,7 +60,47 @@ typedef struct bq_result {
     double rate;   /* enqueues per second, all processes */
     double ns;     /* mean ns per call */
     uint64_t errors;
+    bool disk;          /* the disk figures below were read */
+    double disk_bytes;  /* bytes the disk wrote per enqueue, during the timed pass */
+    double disk_busy;   /* share of the timed pass the disk was busy (io_ticks), 0..1 */
 } bq_result;
+
+/* The counters of the block device that holds --dir (/sys/dev/block/MAJ:MIN/stat, the
+ * kernel's Documentation/block/stat.rst): what the disk did while a pass ran. */
+typedef struct disk_stat {
+    uint64_t sectors_written; /* field 7, 512-byte units */
+    uint64_t io_ticks_ms;     /* field 10: ms with at least one request in flight */
+} disk_stat;
+
+static char disk_stat_path[64]; /* "" when --dir is not on a block device */
+
+static void disk_stat_find(const char *dir)
+{
+    struct stat st;
+    disk_stat_path[0] = '\0';
+    if (stat(dir, &st) != 0 || major(st.st_dev) == 0)
+        return; /* tmpfs, overlay...: no device counters to read */
+    snprintf(disk_stat_path, sizeof(disk_stat_path), "/sys/dev/block/%u:%u/stat",
+             major(st.st_dev), minor(st.st_dev));
+    if (access(disk_stat_path, R_OK) != 0)
+        disk_stat_path[0] = '\0';
+}
+
+static bool disk_stat_read(disk_stat *d)
+{
+    unsigned long long v[10];
+    FILE *f = disk_stat_path[0] ? fopen(disk_stat_path, "r") : NULL;
+    if (f == NULL)
+        return false;
+    int n = fscanf(f, "%llu %llu %llu %llu %llu %llu %llu %llu %llu %llu", &v[0], &v[1], &v[2],
+                   &v[3], &v[4], &v[5], &v[6], &v[7], &v[8], &v[9]);
+    fclose(f);
+    if (n != 10)
+        return false;
+    d->sectors_written = v[6];
+    d->io_ticks_ms = v[9];
+    return true;
+}
 
 static uint64_t now_ns(void)
 {
@@ -213,6 +258,8 @@ static int run_pass(const bq_case *c, const char *path, uint64_t ops, bq_result 
     if (pipe(fds) != 0)
         return -1;
     pid_t pids[2] = {-1, -1};
+    disk_stat d0 = {0, 0}, d1 = {0, 0};
+    bool disk = disk_stat_read(&d0);
     uint64_t t0 = now_ns();
     for (int i = 0; i < c->procs; i++) {
         pids[i] = fork();
@@ -251,11 +298,19 @@ static int run_pass(const bq_case *c, const char *path, uint64_t ops, bq_result 
         spk_queue_close(q);
     }
     uint64_t wall = now_ns() - t0;
+    disk = disk && disk_stat_read(&d1);
     if (failed)
         return -1;
     uint64_t n = ops * (uint64_t)c->procs;
     r->rate = (double)n / ((double)wall / 1e9);
     r->ns = (double)total_ns / (double)n;
+    if (disk) {
+        r->disk = true;
+        r->disk_bytes = (double)(d1.sectors_written - d0.sectors_written) * 512.0 / (double)n;
+        r->disk_busy = (double)(d1.io_ticks_ms - d0.io_ticks_ms) / ((double)wall / 1e6);
+        if (r->disk_busy > 1.0)
+            r->disk_busy = 1.0; /* the counters tick in whole ms */
+    }
     return 0;
 }
 
@@ -488,6 +543,7 @@ int spk_bench_queue(int argc, char **argv)
 
     static const size_t sizes[] = {256, 4096};
     int errors = 0, idx = 0;
+    disk_stat_find(dir);
     printf("%-10s %-8s %6s %5s %12s %10s %s\n", "store", "sync", "size", "procs", "enq/s",
            "ns/call", "vs sqlite");
     for (int a = 0; a < 2 && !only_hot; a++) {
@@ -516,6 +572,9 @@ int spk_bench_queue(int argc, char **argv)
                         printf(" %6.1fx", res[st].rate / res[ST_SQLITE].rate);
                     if (st == ST_SQLITE)
                         printf(" (synchronous=%s)", always ? "FULL" : "NORMAL");
+                    if (res[st].disk)
+                        printf("  disk: %.0f B/enq, busy %.0f%%", res[st].disk_bytes,
+                               100.0 * res[st].disk_busy);
                     if (res[st].errors > 0)
                         printf(" ERRORS: %llu", (unsigned long long)res[st].errors);
                     printf("\n");
