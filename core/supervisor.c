@@ -694,6 +694,14 @@ static void on_child(struct ev_loop *loop, ev_child *c, int revents)
     if (w->draining || s->stopping) {
         spk_debug("generation %u worker %d exited (%s)", g->id, w->index,
                   WIFEXITED(status) ? "done" : "killed");
+        if (w->blame_key[0] != '\0') {
+            /* The watchdog killed it in a hook on its way out (fini, a last on_close):
+             * the plugin's crash like any other, counted against the serving
+             * generation's limits (no replacement starts while stopping). */
+            spk_error("generation %u worker %d (pid %d) crashed: plugin %s, %s", g->id,
+                      w->index, c->rpid, w->blame_name, w->kill_reason);
+            blame(s, s->cur != NULL ? s->cur : g, w->blame_key, w->blame_name, w->kill_reason);
+        }
         slot_free(s, w->slot);
         w->slot = -1;
         reap_old(s);
@@ -790,6 +798,8 @@ static void watch_worker(sup *s, wproc *w, uint64_t now)
     spk_wslot *sl = wslot(w);
     if (w->pid == 0 || sl == NULL || w->kill_reason[0] != '\0')
         return;
+    if (w->draining && !w->accepting)
+        return; /* never served: it was sent SIGKILL when its generation was retired */
     const spk_config *cfg = w->g->cfg;
     uint32_t state = atomic_load_explicit(&sl->state, memory_order_acquire);
     if (state == SPK_W_STARTING) {
@@ -804,10 +814,12 @@ static void watch_worker(sup *s, wproc *w, uint64_t now)
         }
         return;
     }
-    if (state == SPK_W_READY && w->g->ready)
+    if (state == SPK_W_READY && w->g->ready && !w->draining)
         tell_accept(w); /* a restarted worker of the serving generation */
 
-    uint32_t pi = atomic_load_explicit(&sl->act.plugin, memory_order_relaxed);
+    /* plugin first, with acquire: slot.h's store order then gives the seq and hook of the
+     * entry that published it (or later ones). */
+    uint32_t pi = atomic_load_explicit(&sl->act.plugin, memory_order_acquire);
     uint64_t seq = atomic_load_explicit(&sl->act.seq, memory_order_relaxed);
     /* A hook waiting in send_to_control for the disk is not the plugin's time: its clock
      * restarts when the host service returns. */
@@ -866,6 +878,10 @@ static void on_watchdog(struct ev_loop *loop, ev_timer *t, int revents)
     for (int k = 0; k < 2; k++)
         for (int i = 0; gens[k] && i < gens[k]->n; i++)
             watch_worker(s, &gens[k]->w[i], now);
+    /* Draining generations too: a hook that hangs on the way out (fini) is killed. */
+    for (generation *g = s->old; g; g = g->next_old)
+        for (int i = 0; i < g->n; i++)
+            watch_worker(s, &g->w[i], now);
     if (s->next != NULL && !s->stopping) {
         generation *g = s->next;
         int ready = 0;

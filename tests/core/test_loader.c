@@ -205,10 +205,10 @@ static void cfg_add(cfgfix *f, const char *path, const char *name, uint32_t id)
 static int load_set(cfgfix *f, spk_errbuf *eb)
 {
     spk_plugin_set set;
-    int rc = spk_plugin_set_load(&f->cfg, spk_host_table(), NULL, NULL, 0, &set, eb);
+    int rc = spk_plugin_set_load(&f->cfg, spk_host_table(), NULL, NULL, NULL, 0, &set, eb);
     if (rc == 0) {
         rc = spk_plugin_set_init(&set, SPOKE_ROLE_EDGE, eb);
-        spk_plugin_set_free(&set);
+        spk_host_unload(&set);
     }
     return rc;
 }
