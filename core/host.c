@@ -21,6 +21,7 @@
 
 #include "log.h"
 #include "queue.h"
+#include "queue_conf.h"
 
 #define REFUSAL_LOGS_PER_SEC 10
 #define QUEUE_RETRY_S 5
@@ -316,23 +317,8 @@ static int refusal_reason(int err)
 
 int spk_host_queue_open(spk_host_env *env, spk_errbuf *eb)
 {
-    const spk_config *cfg = env->cfg;
-    if (cfg == NULL || cfg->queue_path == NULL)
-        return spk_errf(eb, SPK_EINVAL, "no queue.path configured");
-    spk_queue_opts o;
-    spk_queue_opts_init(&o);
-    o.max_pending = cfg->queue_max_pending;
-    o.max_bytes = cfg->queue_max_bytes;
-    o.retention_ms = cfg->queue_retention_ms;
-    o.sync_always = cfg->queue_sync_always;
-    o.map_size = cfg->queue_map_size;
-    o.writemap = cfg->queue_writemap;
-    if (cfg->queue_journal_size != 0)
-        o.journal_size = cfg->queue_journal_size;
-    if (cfg->queue_segment_size != 0)
-        o.segment_size = cfg->queue_segment_size;
     env->queue_tried_s = env->loop != NULL ? (uint64_t)ev_now(env->loop) : 0;
-    int rc = spk_queue_open(cfg->queue_path, &o, &env->queue, eb);
+    int rc = spk_queue_conf_open(env->cfg, &env->queue, eb);
     if (env->qc != NULL)
         atomic_store_explicit(&env->qc->unavailable, rc != 0, memory_order_relaxed);
     return rc;

@@ -42,8 +42,8 @@ const spoke_host *spk_host_table(void);
 void spk_host_env_init(spk_host_env *env, struct ev_loop *loop, const spk_config *cfg,
                        spoke_role role);
 
-/* Open env->queue from env->cfg's queue.* keys (spk_queue_open; see queue/queue.h for the
- * codes) and flag the worker's counters unavailable when it fails. Call it in the process
+/* Open env->queue from env->cfg's queue.* keys (spk_queue_conf_open; see queue/queue.h for
+ * the codes) and flag the worker's counters unavailable when it fails. Call it in the process
  * that will use the queue, after fork. Close with spk_queue_close(env->queue). */
 int spk_host_queue_open(spk_host_env *env, spk_errbuf *eb);
 

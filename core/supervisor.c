@@ -34,10 +34,11 @@
 
 #include <ev.h>
 
-#include "host.h"
+#include "config.h"
 #include "log.h"
 #include "net.h"
 #include "queue.h"
+#include "queue_conf.h"
 #include "status.h"
 
 #define BACKOFF_MIN_S 0.1
@@ -993,10 +994,9 @@ static void queue_ensure(sup *s, const spk_config *cfg)
         spk_queue_sync(s->queue, NULL);
         queue_close(s);
     }
-    spk_host_env env;
-    spk_host_env_init(&env, s->loop, cfg, SPOKE_ROLE_EDGE);
+    spk_queue *q;
     spk_errbuf eb;
-    if (spk_host_queue_open(&env, &eb) != 0) {
+    if (spk_queue_conf_open(cfg, &q, &eb) != 0) {
         if (strcmp(s->queue_err, eb.msg) != 0)
             spk_warn("queue: %s (retrying)", eb.msg);
         snprintf(s->queue_err, sizeof(s->queue_err), "%s", eb.msg);
@@ -1004,10 +1004,10 @@ static void queue_ensure(sup *s, const spk_config *cfg)
     }
     s->queue_path = strdup(cfg->queue_path);
     if (s->queue_path == NULL) {
-        spk_queue_close(env.queue);
+        spk_queue_close(q);
         return;
     }
-    s->queue = env.queue;
+    s->queue = q;
     s->queue_err[0] = '\0';
 }
 
