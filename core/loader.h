@@ -102,8 +102,8 @@ void spk_plugin_key(const spk_plugin_conf *pc, char *out, size_t cap);
 
 /* Load every enabled plugin of `cfg` (the "open" and "check" steps), except the entries
  * whose key (spk_plugin_key) is in skip[0..n_skip) (quarantined). Each plugin gets `env`
- * and `slot` (both borrowed, may be NULL: no environment; its own slot). Autoloaded files are appended to cfg->plugins
- * (hence non-const). On failure nothing stays loaded. */
+ * and `slot` (both borrowed, may be NULL: no environment; its own slot). Autoloaded files
+ * are appended to cfg->plugins (hence non-const). On failure nothing stays loaded. */
 int spk_plugin_set_load(spk_config *cfg, const spoke_host *host, spk_host_env *env,
                         spk_slot *slot, const char *const *skip, size_t n_skip,
                         spk_plugin_set *out, spk_errbuf *eb);
