@@ -66,7 +66,6 @@ typedef struct spk_chain {
     size_t n_traffic[4];
     spk_slot *slot;              /* never NULL after build: a private slot by default */
     spk_slot own_slot;
-    _Atomic uint64_t *now_ms;    /* the loop's cached time, stamped into the slot; may be NULL */
 } spk_chain;
 
 /* Build the chain over `set` (borrowed; it must outlive the chain), after
