@@ -48,8 +48,7 @@ crash_rec *spk_sup_crash_find(sup *s, const char *key, const char *name, bool cr
 }
 
 /* Count a crash of plugin `key`; quarantine it past crash_limit in crash_window. */
-void spk_sup_blame(sup *s, generation *g, const char *key, const char *name,
-                   const char *what)
+void spk_sup_blame(sup *s, generation *g, const char *key, const char *name, const char *what)
 {
     crash_rec *c = spk_sup_crash_find(s, key, name, true);
     if (c == NULL)
