@@ -2,26 +2,14 @@
  * chain.c -- run plugin hooks in config order and merge their verdicts (see chain.h).
  *
  * The traffic path is spk_chain_run(): for each plugin implementing the hook, publish
- * "plugin i, hook h" in the watchdog slot (two relaxed stores and a relaxed increment:
- * plain movs on x86, no fences), call it, and stop at the first RESPOND or CLOSE. The
- * slot is read by the supervisor from another process; relaxed ordering is enough because
- * it only samples the values, it never synchronises on them.
+ * "plugin i, hook h" in the watchdog slot (spk_slot_enter: plain movs on x86, no fences;
+ * slot.h has the store order the supervisor relies on), call it, and stop at the first
+ * RESPOND or CLOSE.
  */
 #include "chain.h"
 
 #include <stdlib.h>
 #include <string.h>
-
-static const char *const hook_names[SPK_HOOK_COUNT] = {
-    "on_traffic_from_client", "on_traffic_to_server", "on_traffic_from_server",
-    "on_traffic_to_client", "on_open", "on_close", "on_tick", "health", "init", "fini",
-    "timer", "accept_edge_payload",
-};
-
-const char *spk_hook_name(enum spk_hook_id hook)
-{
-    return (unsigned)hook < SPK_HOOK_COUNT ? hook_names[hook] : "?";
-}
 
 int spk_bytes_append(spk_bytes *b, const void *data, size_t len)
 {
@@ -128,18 +116,6 @@ void spk_chain_conn_fini(spoke_conn *conn)
     spk_bytes_free(&conn->reply);
 }
 
-static inline void slot_enter(spk_slot *s, uint32_t index, uint32_t hook)
-{
-    atomic_store_explicit(&s->plugin, index + 1, memory_order_relaxed);
-    atomic_store_explicit(&s->hook, hook, memory_order_relaxed);
-    spk_slot_bump(s);
-}
-
-static inline void slot_leave(spk_slot *s)
-{
-    atomic_store_explicit(&s->plugin, 0, memory_order_relaxed);
-}
-
 static inline spoke_verdict merge_stop(spoke_conn *conn, spoke_verdict v)
 {
     if (v != SPOKE_RESPOND)
@@ -155,15 +131,15 @@ spoke_verdict spk_chain_run(const spk_chain *ch, enum spk_hook_id hook, spoke_co
     spk_slot *s = ch->slot;
     conn->reply_to_server = hook >= SPK_HOOK_FROM_SERVER;
     for (size_t i = 0; i < n; i++) {
-        slot_enter(s, e[i].index, hook);
+        spk_slot_enter(s, e[i].index, hook);
         spoke_verdict v = e[i].fn(e[i].self, conn, &buf->pub);
         if (__builtin_expect(v > SPOKE_MODIFIED || (conn->flags & SPK_CONN_TERMINATE), 0)) {
-            slot_leave(s);
+            spk_slot_leave(s);
             return (conn->flags & SPK_CONN_TERMINATE) ? SPOKE_CLOSE : merge_stop(conn, v);
         }
     }
     if (n)
-        slot_leave(s);
+        spk_slot_leave(s);
     return SPOKE_CONTINUE;
 }
 
@@ -175,9 +151,9 @@ spoke_verdict spk_chain_open(const spk_chain *ch, spoke_conn *conn)
         const spk_plugin *p = ch->plugins[i];
         if (p->table.on_open == NULL)
             continue;
-        slot_enter(s, (uint32_t)i, SPK_HOOK_OPEN);
+        spk_slot_enter(s, (uint32_t)i, SPK_HOOK_OPEN);
         spoke_verdict v = p->table.on_open(p->self, conn);
-        slot_leave(s);
+        spk_slot_leave(s);
         if (v > SPOKE_MODIFIED || (conn->flags & SPK_CONN_TERMINATE))
             return (conn->flags & SPK_CONN_TERMINATE) ? SPOKE_CLOSE : merge_stop(conn, v);
     }
@@ -191,9 +167,9 @@ void spk_chain_close(const spk_chain *ch, spoke_conn *conn)
         const spk_plugin *p = ch->plugins[i];
         if (p->table.on_close == NULL)
             continue;
-        slot_enter(s, (uint32_t)i, SPK_HOOK_CLOSE);
+        spk_slot_enter(s, (uint32_t)i, SPK_HOOK_CLOSE);
         p->table.on_close(p->self, conn);
-        slot_leave(s);
+        spk_slot_leave(s);
     }
 }
 
@@ -204,8 +180,8 @@ void spk_chain_tick(const spk_chain *ch)
         const spk_plugin *p = ch->plugins[i];
         if (p->table.on_tick == NULL)
             continue;
-        slot_enter(s, (uint32_t)i, SPK_HOOK_TICK);
+        spk_slot_enter(s, (uint32_t)i, SPK_HOOK_TICK);
         p->table.on_tick(p->self);
-        slot_leave(s);
+        spk_slot_leave(s);
     }
 }

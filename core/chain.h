@@ -4,8 +4,9 @@
  *
  * spk_chain_build() turns a plugin set into one compact array per hook holding only the
  * plugins that implement it, so a hook nobody implements costs one compare, and each
- * call is one indirect call plus two relaxed stores into the worker's watchdog slot (so
- * the supervisor can tell which plugin and hook a worker died or hung in).
+ * call is one indirect call between spk_slot_enter() and spk_slot_leave() on the worker's
+ * watchdog slot (slot.h: so the supervisor can tell which plugin and hook a worker died or
+ * hung in).
  *
  * Merging (see spoke_verdict in spoke.h): CONTINUE and MODIFIED go on to the next plugin,
  * which sees the rewritten buffer; the first RESPOND or CLOSE stops the chain and is the
@@ -20,49 +21,8 @@
 #include <stdint.h>
 
 #include "loader.h"
+#include "slot.h"
 #include "spoke.h"
-
-enum spk_hook_id {
-    SPK_HOOK_FROM_CLIENT = 0,
-    SPK_HOOK_TO_SERVER = 1,
-    SPK_HOOK_FROM_SERVER = 2,
-    SPK_HOOK_TO_CLIENT = 3,
-    SPK_HOOK_OPEN = 4,
-    SPK_HOOK_CLOSE = 5,
-    SPK_HOOK_TICK = 6,
-    SPK_HOOK_HEALTH = 7,
-    SPK_HOOK_INIT = 8,
-    SPK_HOOK_FINI = 9,
-    SPK_HOOK_TIMER = 10,
-    SPK_HOOK_ACCEPT = 11,
-    SPK_HOOK_COUNT
-};
-
-const char *spk_hook_name(enum spk_hook_id hook);
-
-/* Where a worker publishes what it is doing; lives in shared memory (the supervisor's
- * region) or, in a single process, anywhere. `plugin` is the chain index + 1 of the plugin
- * running now (0: none), `hook` its spk_hook_id, `seq` increments on every hook entry.
- * No clock is read per hook: the supervisor samples (plugin, seq) and measures how long
- * the same pair stays, which bounds a hook's run time to within one sampling period.
- * `heartbeat_ms` is stamped by the worker's loop every 100 ms (CLOCK_MONOTONIC). */
-typedef struct spk_slot {
-    _Atomic uint32_t plugin;
-    _Atomic uint32_t hook;
-    _Atomic uint64_t seq;
-    _Atomic uint64_t heartbeat_ms;
-    _Atomic uint32_t in_host; /* 1 while a hook waits in a host service that may wait for
-                                 the disk (send_to_control with queue.sync: always, or a
-                                 full journal): that time is not the plugin's */
-} spk_slot;
-
-/* Count a hook entry. Only the worker's own thread writes the slot, so a plain load and
- * store suffice: an atomic read-modify-write (lock xadd) would cost more than the hook. */
-static inline void spk_slot_bump(spk_slot *s)
-{
-    atomic_store_explicit(&s->seq, atomic_load_explicit(&s->seq, memory_order_relaxed) + 1,
-                          memory_order_relaxed);
-}
 
 /* The host's buffer: the public view first, then the storage the host owns. */
 typedef struct spk_buf {
@@ -106,7 +66,6 @@ typedef struct spk_chain {
     size_t n_traffic[4];
     spk_slot *slot;              /* never NULL after build: a private slot by default */
     spk_slot own_slot;
-    _Atomic uint64_t *now_ms;    /* the loop's cached time, stamped into the slot; may be NULL */
 } spk_chain;
 
 /* Build the chain over `set` (borrowed; it must outlive the chain), after

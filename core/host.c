@@ -21,6 +21,7 @@
 
 #include "log.h"
 #include "queue.h"
+#include "queue_conf.h"
 
 #define REFUSAL_LOGS_PER_SEC 10
 #define QUEUE_RETRY_S 5
@@ -77,15 +78,9 @@ static void timer_fire(struct ev_loop *loop, ev_timer *w, int revents)
     (void)revents;
     spk_timer *t = (spk_timer *)w;
     spk_plugin *p = t->plugin;
-    const spk_chain *ch = p->env ? p->env->chain : NULL;
-    if (ch != NULL) {
-        atomic_store_explicit(&ch->slot->plugin, p->index + 1, memory_order_relaxed);
-        atomic_store_explicit(&ch->slot->hook, SPK_HOOK_TIMER, memory_order_relaxed);
-        spk_slot_bump(ch->slot);
-    }
+    spk_slot_enter(p->slot, p->index, SPK_HOOK_TIMER);
     t->cb(p->self, t->arg);
-    if (ch != NULL)
-        atomic_store_explicit(&ch->slot->plugin, 0, memory_order_relaxed);
+    spk_slot_leave(p->slot);
 }
 
 static int64_t host_every(spoke_ctx *ctx, uint64_t ms, spoke_timer_cb cb, void *arg)
@@ -127,7 +122,7 @@ static int host_timer_cancel(spoke_ctx *ctx, int64_t id)
     return SPOKE_ERR_INVALID;
 }
 
-void spk_host_timers_free(spk_plugin *p)
+static void timers_free(spk_plugin *p)
 {
     while (p->timers != NULL) {
         spk_timer *t = p->timers;
@@ -136,6 +131,35 @@ void spk_host_timers_free(spk_plugin *p)
             ev_timer_stop(p->env->loop, &t->w);
         free(t);
     }
+}
+
+/* ---- unload ------------------------------------------------------------------------
+ *
+ * The one unload sequence, for the worker, hubd and the tools: fini runs first (it may
+ * still cancel its timers or send), stamped like every other hook; then the timers go,
+ * so none fires into code about to be unmapped; then dlclose. */
+
+void spk_host_plugin_unload(spk_plugin *p)
+{
+    if (p == NULL)
+        return;
+    if (p->initialised && p->table.fini != NULL) {
+        spk_slot_enter(p->slot, p->index, SPK_HOOK_FINI);
+        p->table.fini(p->self);
+        spk_slot_leave(p->slot);
+    }
+    p->initialised = false;
+    timers_free(p);
+    spk_plugin_close(p);
+}
+
+void spk_host_unload(spk_plugin_set *set)
+{
+    for (size_t i = set->n; i-- > 0;)
+        spk_host_plugin_unload(set->v[i]);
+    free(set->v);
+    set->v = NULL;
+    set->n = 0;
 }
 
 /* ---- buffers ------------------------------------------------------------------------ */
@@ -293,23 +317,8 @@ static int refusal_reason(int err)
 
 int spk_host_queue_open(spk_host_env *env, spk_errbuf *eb)
 {
-    const spk_config *cfg = env->cfg;
-    if (cfg == NULL || cfg->queue_path == NULL)
-        return spk_errf(eb, SPK_EINVAL, "no queue.path configured");
-    spk_queue_opts o;
-    spk_queue_opts_init(&o);
-    o.max_pending = cfg->queue_max_pending;
-    o.max_bytes = cfg->queue_max_bytes;
-    o.retention_ms = cfg->queue_retention_ms;
-    o.sync_always = cfg->queue_sync_always;
-    o.map_size = cfg->queue_map_size;
-    o.writemap = cfg->queue_writemap;
-    if (cfg->queue_journal_size != 0)
-        o.journal_size = cfg->queue_journal_size;
-    if (cfg->queue_segment_size != 0)
-        o.segment_size = cfg->queue_segment_size;
     env->queue_tried_s = env->loop != NULL ? (uint64_t)ev_now(env->loop) : 0;
-    int rc = spk_queue_open(cfg->queue_path, &o, &env->queue, eb);
+    int rc = spk_queue_conf_open(env->cfg, &env->queue, eb);
     if (env->qc != NULL)
         atomic_store_explicit(&env->qc->unavailable, rc != 0, memory_order_relaxed);
     return rc;
@@ -380,12 +389,10 @@ static int send_common(spoke_ctx *ctx, const void *payload, size_t len, const ch
         return SPOKE_ERR_QUEUE_UNAVAILABLE;
     }
     int64_t now_ms = env->loop != NULL ? (int64_t)(ev_now(env->loop) * 1000.0) : -1;
-    if (env->slot != NULL)
-        atomic_store_explicit(&env->slot->in_host, 1, memory_order_relaxed);
+    spk_slot_in_host(p->slot, 1);
     int rc = spk_queue_send(env->queue, p->id, env->edge_id, payload, len, corr, md, n_md,
                             json, now_ms, NULL, pending, &eb);
-    if (env->slot != NULL)
-        atomic_store_explicit(&env->slot->in_host, 0, memory_order_relaxed);
+    spk_slot_in_host(p->slot, 0);
     if (rc != 0) {
         refused(env, p, rc, eb.msg);
         return public_status(rc);

@@ -23,8 +23,6 @@ struct spk_host_env {
     struct ev_loop *loop;      /* the process's loop (timers run on it) */
     const spk_config *cfg;     /* borrowed */
     spoke_role role;
-    const spk_chain *chain;    /* for stamping the watchdog slot around timer callbacks */
-    spk_slot *slot;            /* the worker's watchdog slot; NULL when unsupervised */
     struct spk_queue *queue;   /* send_to_control's queue; NULL: the queue could not be
                                   opened, and the service answers QUEUE_UNAVAILABLE */
     spk_queue_counters *qc;    /* where send_to_control counts (the worker's status slot,
@@ -44,8 +42,8 @@ const spoke_host *spk_host_table(void);
 void spk_host_env_init(spk_host_env *env, struct ev_loop *loop, const spk_config *cfg,
                        spoke_role role);
 
-/* Open env->queue from env->cfg's queue.* keys (spk_queue_open; see queue/queue.h for the
- * codes) and flag the worker's counters unavailable when it fails. Call it in the process
+/* Open env->queue from env->cfg's queue.* keys (spk_queue_conf_open; see queue/queue.h for
+ * the codes) and flag the worker's counters unavailable when it fails. Call it in the process
  * that will use the queue, after fork. Close with spk_queue_close(env->queue). */
 int spk_host_queue_open(spk_host_env *env, spk_errbuf *eb);
 
@@ -54,7 +52,14 @@ int spk_host_queue_open(spk_host_env *env, spk_errbuf *eb);
  * error. send_to_control calls it; the queue stays optional for serving traffic. */
 int spk_host_queue_retry(spk_host_env *env);
 
-/* Stop and free every timer of plugin p (called before fini/dlclose). */
-void spk_host_timers_free(spk_plugin *p);
+/* Unload one plugin: fini if it is initialised (stamped in its slot, so a crash or hang
+ * in fini is blamed on it), its timers stopped and freed, then spk_plugin_close()
+ * (dlclose, free). NULL is allowed. */
+void spk_host_plugin_unload(spk_plugin *p);
+
+/* The unload sequence of a set, loaded or initialised (also after a failed
+ * spk_plugin_set_init()): spk_host_plugin_unload() of each plugin in reverse chain order,
+ * then the set's array is freed and the set left empty. */
+void spk_host_unload(spk_plugin_set *set);
 
 #endif

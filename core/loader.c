@@ -25,7 +25,6 @@
 
 #include <openssl/evp.h>
 
-#include "host.h"
 #include "log.h"
 
 /* The smallest table a 1.0 plugin may declare: everything up to and including the
@@ -193,6 +192,7 @@ int spk_plugin_open(const char *path, const uint8_t *expect_sha256, const spoke_
         return spk_errf(eb, SPK_ENOMEM, "%s: out of memory", path);
     }
     p->ctx.plugin = p;
+    p->slot = &p->own_slot;
 
     int mfd = private_copy(path, p->sha256, eb);
     int rc = mfd < 0 ? mfd : 0;
@@ -254,10 +254,6 @@ void spk_plugin_close(spk_plugin *p)
 {
     if (p == NULL)
         return;
-    if (p->initialised && p->table.fini != NULL)
-        p->table.fini(p->self);
-    p->initialised = false;
-    spk_host_timers_free(p);
     if (p->dl != NULL)
         dlclose(p->dl);
     if (p->mfd > 0)
@@ -508,9 +504,19 @@ static bool skipped(const spk_plugin_conf *pc, const char *const *skip, size_t n
     return false;
 }
 
+/* Close every plugin of a set that was never initialised, and free it. */
+static void set_close(spk_plugin_set *set)
+{
+    for (size_t i = set->n; i-- > 0;)
+        spk_plugin_close(set->v[i]);
+    free(set->v);
+    set->v = NULL;
+    set->n = 0;
+}
+
 int spk_plugin_set_load(spk_config *cfg, const spoke_host *host, spk_host_env *env,
-                        const char *const *skip, size_t n_skip, spk_plugin_set *out,
-                        spk_errbuf *eb)
+                        spk_slot *slot, const char *const *skip, size_t n_skip,
+                        spk_plugin_set *out, spk_errbuf *eb)
 {
     out->v = NULL;
     out->n = 0;
@@ -538,6 +544,8 @@ int spk_plugin_set_load(spk_config *cfg, const spoke_host *host, spk_host_env *e
         p->conf = pc;
         p->id = pc->id;
         p->env = env;
+        if (slot != NULL)
+            p->slot = slot;
         p->index = (unsigned)out->n;
         if (pc->name != NULL) {
             char *nm = strdup(pc->name);
@@ -560,7 +568,7 @@ int spk_plugin_set_load(spk_config *cfg, const spoke_host *host, spk_host_env *e
         goto fail;
     return 0;
 fail:
-    spk_plugin_set_free(out);
+    set_close(out);
     return rc;
 }
 
@@ -589,42 +597,23 @@ int spk_plugin_set_init(spk_plugin_set *set, spoke_role role, spk_errbuf *eb)
         if (p->table.init != NULL) {
             spoke_init_args args;
             fill_init_args(p, role, &args);
-            spk_slot *slot = p->env ? p->env->slot : NULL;
-            if (slot != NULL) {
-                atomic_store_explicit(&slot->hook, SPK_HOOK_INIT, memory_order_relaxed);
-                atomic_store_explicit(&slot->plugin, p->index + 1, memory_order_relaxed);
-                spk_slot_bump(slot);
-            }
+            spk_slot_enter(p->slot, p->index, SPK_HOOK_INIT);
             int rc = p->table.init(&p->ctx, &args, &p->self);
-            if (slot != NULL)
-                atomic_store_explicit(&slot->plugin, 0, memory_order_relaxed);
-            if (rc != 0) {
-                spk_errf(eb, SPK_EPLUGIN_INIT, "%s: refused: plugin '%s' init failed: %s (%d)",
-                         p->path, p->name, spk_strerror(rc), rc);
-                for (size_t j = i; j-- > 0;) {
-                    spk_plugin *q = set->v[j];
-                    if (q->initialised && q->table.fini != NULL)
-                        q->table.fini(q->self);
-                    q->initialised = false;
-                    spk_host_timers_free(q);
-                }
-                spk_host_timers_free(p);
-                return SPK_EPLUGIN_INIT;
-            }
+            spk_slot_leave(p->slot);
+            if (rc != 0)
+                return spk_errf(eb, SPK_EPLUGIN_INIT,
+                                "%s: refused: plugin '%s' init failed: %s (%d)", p->path,
+                                p->name, spk_strerror(rc), rc);
         }
         p->initialised = true;
     }
-    for (size_t i = 0; i < set->n; i++)
-        if (set->v[i]->table.on_config_loaded != NULL)
-            set->v[i]->table.on_config_loaded(set->v[i]->self);
+    for (size_t i = 0; i < set->n; i++) {
+        spk_plugin *p = set->v[i];
+        if (p->table.on_config_loaded == NULL)
+            continue;
+        spk_slot_enter(p->slot, p->index, SPK_HOOK_CONFIG_LOADED);
+        p->table.on_config_loaded(p->self);
+        spk_slot_leave(p->slot);
+    }
     return 0;
-}
-
-void spk_plugin_set_free(spk_plugin_set *set)
-{
-    for (size_t i = set->n; i-- > 0;)
-        spk_plugin_close(set->v[i]);
-    free(set->v);
-    set->v = NULL;
-    set->n = 0;
 }

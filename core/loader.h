@@ -18,8 +18,10 @@
  * partial chain the operator did not ask for. The caller decides what that means (at
  * start: exit with the message; at reload: keep the old generation).
  *
- * Ownership: an spk_plugin_set owns its plugins; spk_plugin_set_free() calls fini of the
- * initialised ones (in reverse order) and dlcloses them.
+ * Ownership: an spk_plugin_set owns its plugins. The loader only opens and closes files
+ * and runs init; unloading an initialised set (fini in reverse order, the plugins' timers,
+ * dlclose) is the host's: spk_host_unload() in host.h, the one unload sequence. The loader
+ * does not depend on the host module.
  */
 #ifndef SPK_LOADER_H
 #define SPK_LOADER_H
@@ -30,6 +32,7 @@
 
 #include "config.h"
 #include "err.h"
+#include "slot.h"
 #include "spoke.h"
 
 typedef struct spk_host_env spk_host_env; /* host.h */
@@ -55,6 +58,9 @@ typedef struct spk_plugin {
     void *self;              /* what init stored */
     bool initialised;        /* init returned 0; fini is due */
     spk_host_env *env;       /* the worker's host environment (borrowed) */
+    spk_slot *slot;          /* the watchdog slot its hooks are stamped in: the worker's
+                                (borrowed), else own_slot; never NULL */
+    spk_slot own_slot;       /* for a plugin loaded bare (a tool, a test) */
     spk_timer *timers;       /* timers from host->every(), freed at unload */
     char log_prefix[96];     /* "plugin NAME: " */
 } spk_plugin;
@@ -76,7 +82,8 @@ int spk_sha256_file(const char *path, uint8_t sum[32], spk_errbuf *eb);
 int spk_plugin_open(const char *path, const uint8_t *expect_sha256, const spoke_host *host,
                     spk_plugin **out, spk_errbuf *eb);
 
-/* fini (if initialised), timers freed, dlclose, free. NULL is allowed. */
+/* dlclose and free a plugin that is not initialised (never was, or spk_host_unload() ran
+ * its fini): fini and the timers are the host's. NULL is allowed. */
 void spk_plugin_close(spk_plugin *p);
 
 /* Parse and check one requirement string against a set ("cache>=1.2"). Returns 0 when
@@ -94,19 +101,18 @@ int spk_version_cmp(const char *a, const char *b);
 void spk_plugin_key(const spk_plugin_conf *pc, char *out, size_t cap);
 
 /* Load every enabled plugin of `cfg` (the "open" and "check" steps), except the entries
- * whose key (spk_plugin_key) is in skip[0..n_skip) (quarantined). Autoloaded files are
- * appended to cfg->plugins (hence non-const). On failure nothing stays loaded. */
+ * whose key (spk_plugin_key) is in skip[0..n_skip) (quarantined). Each plugin gets `env`
+ * and `slot` (both borrowed, may be NULL: no environment; its own slot). Autoloaded files
+ * are appended to cfg->plugins (hence non-const). On failure nothing stays loaded. */
 int spk_plugin_set_load(spk_config *cfg, const spoke_host *host, spk_host_env *env,
-                        const char *const *skip, size_t n_skip, spk_plugin_set *out,
-                        spk_errbuf *eb);
+                        spk_slot *slot, const char *const *skip, size_t n_skip,
+                        spk_plugin_set *out, spk_errbuf *eb);
 
-/* Call init of every plugin in order, then on_config_loaded of each. On an init error
- * the plugins already initialised are finalised again and SPK_EPLUGIN_INIT returned.
- * Each call is published in the slot of the plugins' env (env->slot) when there is one,
- * so a crash or hang in init is attributed to its plugin. */
+/* Call init of every plugin in order, then on_config_loaded of each. Each call is stamped
+ * in the plugin's slot (spk_slot_enter/leave), so a crash or hang in init
+ * or on_config_loaded is attributed to its plugin. On an init error SPK_EPLUGIN_INIT is
+ * returned: the plugins before the failed one stay initialised, the failed one is not
+ * (its fini never runs), and spk_host_unload() finalises the set as after a success. */
 int spk_plugin_set_init(spk_plugin_set *set, spoke_role role, spk_errbuf *eb);
-
-/* Release a set: fini in reverse order for initialised plugins, then close. */
-void spk_plugin_set_free(spk_plugin_set *set);
 
 #endif

@@ -5,9 +5,9 @@
  * each worker maps it too and owns one slot. A worker writes, the supervisor reads:
  *
  *   act        which plugin and hook run now and a sequence number bumped on every hook
- *              entry (two relaxed stores and an increment per hook, see chain.c), and a
- *              heartbeat the worker's loop stamps every 100 ms. The supervisor samples them:
- *              the same (plugin, seq) seen for longer than hook_timeout is a slow hook.
+ *              entry (slot.h: its type, the helpers that stamp it and their store order),
+ *              and a heartbeat the worker's loop stamps every 100 ms. The supervisor samples
+ *              them: the same (plugin, seq) seen for longer than hook_timeout is a slow hook.
  *   state      STARTING until the worker serves, then READY; DRAINING once asked to stop.
  *   plugins    the chain the worker loaded (name, version, quarantine key), written before
  *              the first init, so a crash in init is attributed like any other.
@@ -25,7 +25,8 @@
 #include <stdatomic.h>
 #include <stdint.h>
 
-#include "chain.h"
+#include "err.h"
+#include "slot.h"
 
 #define SPK_STATUS_SLOTS 128 /* workers of two generations, and the uplink */
 #define SPK_STATUS_PLUGINS 64

@@ -1,5 +1,6 @@
 /*
- * supervisor.c -- spoked's master process (see supervisor.h for what it does).
+ * supervisor.c -- spoked's master process: generations and child processes (see
+ * supervisor.h for what it does; supervisor_int.h for how its three files divide it).
  *
  * State: a *generation* is one config snapshot (the file's text, kept in a memfd that
  * every worker of the generation parses, so a restarted worker runs exactly the config
@@ -11,13 +12,16 @@
  * dropping a single client connection, and the handover is: start accepting in the new
  * generation, then stop accepting in the old one (SIGTERM: stop accepting, drain, exit).
  *
- * The watchdog is a timer sampling every worker's slot (status.h); it never interrupts a
- * worker unless a hook overstays ten times hook_timeout or the heartbeat stops.
+ * A worker that exits is restarted with backoff; who is to blame for its end is
+ * watchdog.c's (spk_sup_classify_exit, spk_sup_blame). One timer samples every worker's
+ * slot for the watchdog, then admits restarted workers and promotes a ready generation.
+ * The watchdog never interrupts a worker unless a hook overstays ten times hook_timeout
+ * or the heartbeat stops. This file also keeps the queue moving (queue sync, below) and
+ * sets up and tears down the process; report.c answers the admin and metrics sockets.
  */
 #include "supervisor.h"
 
 #include <errno.h>
-#include <stdarg.h>
 #include <fcntl.h>
 #include <signal.h>
 #include <stdio.h>
@@ -27,109 +31,22 @@
 #include <sys/prctl.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
-#include <sys/un.h>
 #include <sys/wait.h>
-#include <time.h>
 #include <unistd.h>
 
 #include <ev.h>
 
-#include "host.h"
+#include "config.h"
 #include "log.h"
 #include "net.h"
 #include "queue.h"
+#include "queue_conf.h"
 #include "status.h"
+#include "supervisor_int.h"
 
 #define BACKOFF_MIN_S 0.1
 #define BACKOFF_MAX_S 10.0
 #define STABLE_S 60.0
-#define HEARTBEAT_PERIOD_MS 100
-
-typedef struct sup sup;
-typedef struct generation generation;
-
-typedef struct wproc {
-    sup *s;
-    generation *g;
-    int index;
-    int slot; /* -1: none */
-    pid_t pid; /* 0: not running */
-    bool draining, accepting;
-    ev_tstamp started;
-    unsigned fails, restarts;
-    ev_timer restart;
-    /* watchdog */
-    uint32_t seen_plugin;
-    uint64_t seen_seq, seen_ms;
-    bool warned;
-    char kill_reason[160]; /* why the watchdog killed it; "" if it did not */
-    char blame_key[256], blame_name[64];
-    uint32_t blame_hook;
-} wproc;
-
-struct generation {
-    uint32_t id;
-    spk_config *cfg;
-    int cfg_fd;
-    char **quarantine; /* keys of quarantined plugins */
-    size_t n_quarantine;
-    wproc *w;
-    int n;
-    bool ready; /* every worker reported ready once and was told to accept */
-    ev_tstamp started;
-    generation *next_old;
-};
-
-typedef struct crash_rec {
-    char key[256];
-    char name[64];
-    ev_tstamp times[32];
-    unsigned n_times;
-    unsigned total, slow_hooks;
-    bool quarantined;
-    char last[200];
-} crash_rec;
-
-struct sup {
-    struct ev_loop *loop;
-    const char *path;
-    const char *self_exe;
-    pid_t pid;
-    int *fds;
-    size_t n_fds;
-    char **listen; /* addresses bound, to compare at reload */
-    size_t n_listen;
-    spk_status *st;
-    int st_fd;
-    bool slot_used[SPK_STATUS_SLOTS];
-    generation *cur, *next, *old;
-    uint32_t gen_counter;
-    crash_rec *crashes;
-    size_t n_crashes;
-    ev_signal sig_hup, sig_term, sig_int, sig_quit;
-    ev_child child;
-    ev_timer watchdog, stop_deadline;
-    ev_io admin_w, metrics_w;
-    int admin_fd, metrics_fd;
-    char admin_path[256], pid_path[256];
-    bool stopping, fatal;
-    const char *pending; /* a replacement requested while another was starting */
-    int exit_code;
-    ev_tstamp started;
-    char last_reload[1200];
-    char refused[1100]; /* plugin refusal of the last failed reload */
-    uint64_t restarts_total, quarantines_total, reloads_ok, reloads_failed, hook_timeouts;
-    /* The queue, for the interval sync and the metrics (never used for enqueues). */
-    spk_queue *queue;
-    char *queue_path;  /* the path queue was opened at */
-    ev_timer qsync;
-    uint64_t qsyncs, qsync_errors;
-    /* send_to_control counters of the workers that exited (their slots were freed), so
-     * that the totals survive restarts: metrics counters never go back. */
-    uint64_t q_gone_sent, q_gone_refused[SPK_QR_N];
-    double qlast;               /* ev_now of the last sync */
-    char queue_err[1024]; /* why it could not be opened; "" when open */
-};
 
 static void spawn(wproc *w);
 static void gen_free(sup *s, generation *g);
@@ -212,11 +129,6 @@ static void slot_free(sup *s, int i)
     s->slot_used[i] = false;
 }
 
-static spk_wslot *wslot(const wproc *w)
-{
-    return w->slot >= 0 ? &w->s->st->slots[w->slot] : NULL;
-}
-
 static char *fmt_int(char *buf, size_t cap, long v)
 {
     snprintf(buf, cap, "%ld", v);
@@ -282,7 +194,7 @@ static void spawn(wproc *w)
         ev_timer_start(s->loop, &w->restart);
         return;
     }
-    spk_wslot *sl = wslot(w);
+    spk_wslot *sl = spk_sup_wslot(w);
     atomic_store(&sl->state, SPK_W_STARTING);
     atomic_store(&sl->act.heartbeat_ms, spk_mono_ms());
     w->kill_reason[0] = '\0';
@@ -418,72 +330,6 @@ static void gen_retire(sup *s, generation *g)
     s->old = g;
 }
 
-/* ---- crashes and quarantine --------------------------------------------------------- */
-
-static crash_rec *crash_find(sup *s, const char *key, const char *name, bool create)
-{
-    for (size_t i = 0; i < s->n_crashes; i++)
-        if (strcmp(s->crashes[i].key, key) == 0)
-            return &s->crashes[i];
-    if (!create)
-        return NULL;
-    crash_rec *n = realloc(s->crashes, (s->n_crashes + 1) * sizeof(*n));
-    if (n == NULL)
-        return NULL;
-    s->crashes = n;
-    crash_rec *c = &n[s->n_crashes++];
-    memset(c, 0, sizeof(*c));
-    snprintf(c->key, sizeof(c->key), "%s", key);
-    snprintf(c->name, sizeof(c->name), "%s", name);
-    return c;
-}
-
-static void start_replacement(sup *s, const char *why);
-
-/* Count a crash of plugin `key`; quarantine it past crash_limit in crash_window. */
-static void blame(sup *s, generation *g, const char *key, const char *name, const char *what)
-{
-    crash_rec *c = crash_find(s, key, name, true);
-    if (c == NULL)
-        return;
-    ev_tstamp now = ev_now(s->loop);
-    double window = (double)g->cfg->crash_window_ms / 1000.0;
-    unsigned keep = 0;
-    for (unsigned i = 0; i < c->n_times; i++)
-        if (now - c->times[i] <= window)
-            c->times[keep++] = c->times[i];
-    c->n_times = keep;
-    if (c->n_times < sizeof(c->times) / sizeof(c->times[0]))
-        c->times[c->n_times++] = now;
-    c->total++;
-    snprintf(c->last, sizeof(c->last), "%s", what);
-    if (c->quarantined || c->n_times < g->cfg->crash_limit)
-        return;
-    c->quarantined = true;
-    s->quarantines_total++;
-    spk_error("plugin %s quarantined: %u crashes in %.0f s (last: %s); workers restart "
-              "without it until the next reload",
-              name, c->n_times, window, what);
-    char **nq = realloc(g->quarantine, (g->n_quarantine + 1) * sizeof(char *));
-    if (nq != NULL) {
-        g->quarantine = nq;
-        if ((nq[g->n_quarantine] = strdup(key)) != NULL)
-            g->n_quarantine++;
-    }
-    start_replacement(s, "quarantine");
-}
-
-/* "SIGSEGV" for SIGSEGV; `buf` holds at least 16 bytes. */
-static const char *sig_name(int sig, char *buf, size_t cap)
-{
-    const char *n = sigabbrev_np(sig);
-    if (n == NULL)
-        snprintf(buf, cap, "signal %d", sig);
-    else
-        snprintf(buf, cap, "SIG%s", n);
-    return buf;
-}
-
 /* ---- generations: reload, replacement, promotion ------------------------------------ */
 
 static bool same_listen(const sup *s, const spk_config *cfg)
@@ -506,7 +352,7 @@ static void reload_failed(sup *s, const char *why)
 
 /* Start a generation to replace `cur`: from the re-read config file on SIGHUP
  * (quarantine cleared), or from cur's own snapshot when quarantining a plugin. */
-static void start_replacement(sup *s, const char *why)
+void spk_sup_start_replacement(sup *s, const char *why)
 {
     if (s->stopping)
         return;
@@ -572,7 +418,7 @@ static void run_pending(sup *s)
     const char *why = s->pending;
     s->pending = NULL;
     if (why != NULL && !s->stopping)
-        start_replacement(s, why);
+        spk_sup_start_replacement(s, why);
 }
 
 /* Every worker of `next` is ready: it takes over. */
@@ -638,46 +484,6 @@ static void maybe_finish_stop(sup *s)
         ev_break(s->loop, EVBREAK_ALL);
 }
 
-/* Describe how the worker ended and whom to blame; returns true for a crash. */
-static bool classify_exit(wproc *w, int status, char *what, size_t cap)
-{
-    spk_wslot *sl = wslot(w);
-    uint32_t pi = 0, hook = 0;
-    if (WIFEXITED(status) && WEXITSTATUS(status) == SPK_EXIT_HEALTH && sl != NULL) {
-        pi = atomic_load(&sl->health_failed);
-        hook = SPK_HOOK_HEALTH;
-        snprintf(what, cap, "failed health checks");
-    } else if (w->kill_reason[0] != '\0') {
-        snprintf(what, cap, "%s", w->kill_reason);
-        if (w->blame_key[0] != '\0')
-            return true;
-    } else if (WIFSIGNALED(status) && sl != NULL) {
-        pi = atomic_load(&sl->act.plugin);
-        hook = atomic_load(&sl->act.hook);
-        char sn[24];
-        snprintf(what, cap, "%s in %s", sig_name(WTERMSIG(status), sn, sizeof(sn)),
-                 pi ? spk_hook_name((enum spk_hook_id)hook) : "host code");
-    } else if (WIFEXITED(status) && WEXITSTATUS(status) != 0 &&
-               WEXITSTATUS(status) != SPK_EXIT_START && sl != NULL &&
-               (pi = atomic_load(&sl->act.plugin)) != 0) {
-        /* A plugin called exit(), or a sanitizer ended the process inside a hook. */
-        hook = atomic_load(&sl->act.hook);
-        snprintf(what, cap, "exit code %d in %s", WEXITSTATUS(status),
-                 spk_hook_name((enum spk_hook_id)hook));
-    } else if (WIFEXITED(status)) {
-        snprintf(what, cap, "exit code %d", WEXITSTATUS(status));
-        return WEXITSTATUS(status) != SPK_EXIT_START;
-    } else {
-        snprintf(what, cap, "status %d", status);
-    }
-    if (pi > 0 && sl != NULL && pi <= atomic_load(&sl->n_plugins) && pi <= SPK_STATUS_PLUGINS) {
-        snprintf(w->blame_key, sizeof(w->blame_key), "%s", sl->plugins[pi - 1].key);
-        snprintf(w->blame_name, sizeof(w->blame_name), "%s", sl->plugins[pi - 1].name);
-        w->blame_hook = hook;
-    }
-    return true;
-}
-
 static void on_child(struct ev_loop *loop, ev_child *c, int revents)
 {
     (void)loop;
@@ -689,11 +495,20 @@ static void on_child(struct ev_loop *loop, ev_child *c, int revents)
     generation *g = w->g;
     int status = c->rstatus;
     w->pid = 0;
-    spk_wslot *sl = wslot(w);
+    spk_wslot *sl = spk_sup_wslot(w);
 
     if (w->draining || s->stopping) {
         spk_debug("generation %u worker %d exited (%s)", g->id, w->index,
                   WIFEXITED(status) ? "done" : "killed");
+        if (w->blame_key[0] != '\0') {
+            /* The watchdog killed it in a hook on its way out (fini, a last on_close):
+             * the plugin's crash like any other, counted against the serving
+             * generation's limits (no replacement starts while stopping). */
+            spk_error("generation %u worker %d (pid %d) crashed: plugin %s, %s", g->id,
+                      w->index, c->rpid, w->blame_name, w->kill_reason);
+            spk_sup_blame(s, s->cur != NULL ? s->cur : g, w->blame_key, w->blame_name,
+                          w->kill_reason);
+        }
         slot_free(s, w->slot);
         w->slot = -1;
         reap_old(s);
@@ -702,7 +517,7 @@ static void on_child(struct ev_loop *loop, ev_child *c, int revents)
     }
 
     char what[200];
-    bool crash = classify_exit(w, status, what, sizeof(what));
+    bool crash = spk_sup_classify_exit(w, status, what, sizeof(what));
     bool start_failed = sl != NULL && atomic_load(&sl->state) == SPK_W_STARTING;
     char reason[1100];
     if (WIFEXITED(status) && WEXITSTATUS(status) == SPK_EXIT_START && sl != NULL)
@@ -738,7 +553,7 @@ static void on_child(struct ev_loop *loop, ev_child *c, int revents)
     if (crash && w->blame_key[0] != '\0') {
         spk_error("generation %u worker %d (pid %d) crashed: plugin %s, %s", g->id, w->index,
                   c->rpid, w->blame_name, what);
-        blame(s, g, w->blame_key, w->blame_name, what);
+        spk_sup_blame(s, g, w->blame_key, w->blame_name, what);
     } else if (start_failed) {
         spk_error("generation %u worker %d could not start: %s", g->id, w->index, reason);
     } else {
@@ -768,109 +583,36 @@ static void on_child(struct ev_loop *loop, ev_child *c, int revents)
     ev_timer_start(s->loop, &w->restart);
 }
 
-/* ---- watchdog ----------------------------------------------------------------------- */
+/* ---- the sampling timer ------------------------------------------------------------ */
 
-static void watchdog_kill(wproc *w, const char *fmt, const char *name, const char *key,
-                          uint32_t hook, uint64_t ms)
+/* A restarted worker of the serving generation is told to accept once it is ready. */
+static void admit_restarted(sup *s)
 {
-    snprintf(w->kill_reason, sizeof(w->kill_reason), fmt, name, spk_hook_name(hook),
-             (unsigned long long)ms);
-    if (key != NULL) {
-        snprintf(w->blame_key, sizeof(w->blame_key), "%s", key);
-        snprintf(w->blame_name, sizeof(w->blame_name), "%s", name);
-        w->blame_hook = hook;
-    }
-    spk_error("generation %u worker %d (pid %d): %s; killing it", w->g->id, w->index,
-              (int)w->pid, w->kill_reason);
-    kill(w->pid, SIGKILL);
-}
-
-static void watch_worker(sup *s, wproc *w, uint64_t now)
-{
-    spk_wslot *sl = wslot(w);
-    if (w->pid == 0 || sl == NULL || w->kill_reason[0] != '\0')
-        return;
-    const spk_config *cfg = w->g->cfg;
-    uint32_t state = atomic_load_explicit(&sl->state, memory_order_acquire);
-    if (state == SPK_W_STARTING) {
-        if ((ev_now(s->loop) - w->started) * 1000.0 > (double)cfg->start_timeout_ms) {
-            uint32_t pi = atomic_load(&sl->act.plugin);
-            const char *name = pi && pi <= atomic_load(&sl->n_plugins) ? sl->plugins[pi - 1].name
-                                                                        : "(none)";
-            watchdog_kill(w, "did not start within plugins.start_timeout (in plugin %s, %s) "
-                             "after %llu ms",
-                          name, pi ? sl->plugins[pi - 1].key : NULL,
-                          atomic_load(&sl->act.hook), cfg->start_timeout_ms);
-        }
-        return;
-    }
-    if (state == SPK_W_READY && w->g->ready)
-        tell_accept(w); /* a restarted worker of the serving generation */
-
-    uint32_t pi = atomic_load_explicit(&sl->act.plugin, memory_order_relaxed);
-    uint64_t seq = atomic_load_explicit(&sl->act.seq, memory_order_relaxed);
-    /* A hook waiting in send_to_control for the disk is not the plugin's time: its clock
-     * restarts when the host service returns. */
-    bool in_host = atomic_load_explicit(&sl->act.in_host, memory_order_relaxed) != 0;
-    if (pi == 0 || pi != w->seen_plugin || seq != w->seen_seq || in_host) {
-        w->seen_plugin = pi;
-        w->seen_seq = seq;
-        w->seen_ms = now;
-        w->warned = false;
-    } else if (pi <= atomic_load(&sl->n_plugins)) {
-        uint64_t in_hook = now - w->seen_ms;
-        uint32_t hook = atomic_load(&sl->act.hook);
-        const spk_plugin_info *info = &sl->plugins[pi - 1];
-        if (in_hook >= cfg->hook_timeout_ms && !w->warned) {
-            w->warned = true;
-            s->hook_timeouts++;
-            crash_rec *c = crash_find(s, info->key, info->name, true);
-            if (c != NULL)
-                c->slow_hooks++;
-            spk_warn("generation %u worker %d: plugin %s %s still running after %llu ms "
-                     "(plugins.hook_timeout %llu ms)",
-                     w->g->id, w->index, info->name, spk_hook_name(hook),
-                     (unsigned long long)in_hook, (unsigned long long)cfg->hook_timeout_ms);
-        }
-        if (in_hook >= 10 * cfg->hook_timeout_ms) {
-            uint64_t hb = atomic_load(&sl->act.heartbeat_ms);
-            watchdog_kill(w,
-                          now - hb > 2 * HEARTBEAT_PERIOD_MS
-                              ? "heartbeat lost: plugin %s %s running for %llu ms, over 10x "
-                                "plugins.hook_timeout"
-                              : "plugin %s %s running for %llu ms, over 10x plugins.hook_timeout",
-                          info->name, info->key, hook, in_hook);
-            return;
-        }
-    }
-    uint64_t hb = atomic_load_explicit(&sl->act.heartbeat_ms, memory_order_relaxed);
-    uint64_t hb_limit = 10 * cfg->hook_timeout_ms;
-    if (hb_limit < 1000)
-        hb_limit = 1000;
-    if (pi == 0 && now > hb && now - hb > hb_limit) {
-        snprintf(w->kill_reason, sizeof(w->kill_reason),
-                 "heartbeat lost for %llu ms outside plugin hooks", (unsigned long long)(now - hb));
-        spk_error("generation %u worker %d (pid %d): %s; killing it", w->g->id, w->index,
-                  (int)w->pid, w->kill_reason);
-        kill(w->pid, SIGKILL);
+    generation *g = s->cur;
+    for (int i = 0; g && g->ready && i < g->n; i++) {
+        wproc *w = &g->w[i];
+        spk_wslot *sl = spk_sup_wslot(w);
+        if (w->pid != 0 && sl != NULL && !w->draining && w->kill_reason[0] == '\0' &&
+            atomic_load_explicit(&sl->state, memory_order_acquire) == SPK_W_READY)
+            tell_accept(w);
     }
 }
 
+/* Every sampling period: the watchdog looks at every worker's slot (watchdog.c), then
+ * restarted workers are admitted and a starting generation whose workers are all ready
+ * takes over. */
 static void on_watchdog(struct ev_loop *loop, ev_timer *t, int revents)
 {
     (void)loop;
     (void)revents;
     sup *s = t->data;
-    uint64_t now = spk_mono_ms();
-    generation *gens[2] = {s->cur, s->next};
-    for (int k = 0; k < 2; k++)
-        for (int i = 0; gens[k] && i < gens[k]->n; i++)
-            watch_worker(s, &gens[k]->w[i], now);
+    spk_sup_watchdog_sample(s);
+    admit_restarted(s);
     if (s->next != NULL && !s->stopping) {
         generation *g = s->next;
         int ready = 0;
         for (int i = 0; i < g->n; i++) {
-            spk_wslot *sl = wslot(&g->w[i]);
+            spk_wslot *sl = spk_sup_wslot(&g->w[i]);
             ready += sl != NULL && g->w[i].pid != 0 &&
                      atomic_load_explicit(&sl->state, memory_order_acquire) == SPK_W_READY;
         }
@@ -919,7 +661,7 @@ static void on_signal(struct ev_loop *loop, ev_signal *w, int revents)
     sup *s = w->data;
     if (w->signum == SIGHUP) {
         spk_info("SIGHUP: reloading %s", s->path);
-        start_replacement(s, "reload");
+        spk_sup_start_replacement(s, "reload");
         return;
     }
     if (s->stopping && w->signum != SIGQUIT)
@@ -931,7 +673,7 @@ static void on_signal(struct ev_loop *loop, ev_signal *w, int revents)
     } else {
         char sn[24];
         spk_info("%s: stopping; workers drain for at most %llu ms",
-                 sig_name(w->signum, sn, sizeof(sn)),
+                 spk_sup_sig_name(w->signum, sn, sizeof(sn)),
                  (unsigned long long)(s->cur ? s->cur->cfg->drain_timeout_ms : 0));
         grace = (s->cur ? (double)s->cur->cfg->drain_timeout_ms / 1000.0 : 0) + 5.0;
     }
@@ -956,7 +698,7 @@ static void on_signal(struct ev_loop *loop, ev_signal *w, int revents)
 
 static const spk_config *queue_cfg(const sup *s)
 {
-    return s->cur ? s->cur->cfg : s->next ? s->next->cfg : NULL;
+    return spk_sup_cfg(s);
 }
 
 static void queue_close(sup *s)
@@ -977,10 +719,9 @@ static void queue_ensure(sup *s, const spk_config *cfg)
         spk_queue_sync(s->queue, NULL);
         queue_close(s);
     }
-    spk_host_env env;
-    spk_host_env_init(&env, s->loop, cfg, SPOKE_ROLE_EDGE);
+    spk_queue *q;
     spk_errbuf eb;
-    if (spk_host_queue_open(&env, &eb) != 0) {
+    if (spk_queue_conf_open(cfg, &q, &eb) != 0) {
         if (strcmp(s->queue_err, eb.msg) != 0)
             spk_warn("queue: %s (retrying)", eb.msg);
         snprintf(s->queue_err, sizeof(s->queue_err), "%s", eb.msg);
@@ -988,10 +729,10 @@ static void queue_ensure(sup *s, const spk_config *cfg)
     }
     s->queue_path = strdup(cfg->queue_path);
     if (s->queue_path == NULL) {
-        spk_queue_close(env.queue);
+        spk_queue_close(q);
         return;
     }
-    s->queue = env.queue;
+    s->queue = q;
     s->queue_err[0] = '\0';
 }
 
@@ -1025,305 +766,6 @@ static void on_qsync(struct ev_loop *loop, ev_timer *t, int revents)
     } else if (s->qsync_errors++ % 100 == 0) {
         spk_error("%s", eb.msg);
     }
-}
-
-/* ---- status report ------------------------------------------------------------------ */
-
-typedef struct outbuf {
-    char *p;
-    size_t len, cap;
-} outbuf;
-
-__attribute__((format(printf, 2, 3))) static void out(outbuf *o, const char *fmt, ...)
-{
-    va_list ap;
-    for (;;) {
-        va_start(ap, fmt);
-        int n = vsnprintf(o->p ? o->p + o->len : NULL, o->p ? o->cap - o->len : 0, fmt, ap);
-        va_end(ap);
-        if (n < 0)
-            return;
-        if (o->p && o->len + (size_t)n < o->cap) {
-            o->len += (size_t)n;
-            return;
-        }
-        size_t cap = o->cap ? o->cap * 2 : 4096;
-        while (cap < o->len + (size_t)n + 1)
-            cap *= 2;
-        char *np = realloc(o->p, cap);
-        if (np == NULL)
-            return;
-        o->p = np;
-        o->cap = cap;
-    }
-}
-
-static const char *state_name(uint32_t st)
-{
-    switch (st) {
-    case SPK_W_STARTING: return "starting";
-    case SPK_W_READY: return "ready";
-    case SPK_W_DRAINING: return "draining";
-    }
-    return "down";
-}
-
-static void report_gen(sup *s, outbuf *o, generation *g, const char *role)
-{
-    ev_tstamp now = ev_now(s->loop);
-    out(o, "generation %u (%s): %d workers\n", g->id, role, g->n);
-    for (int i = 0; i < g->n; i++) {
-        wproc *w = &g->w[i];
-        spk_wslot *sl = wslot(w);
-        if (w->pid == 0) {
-            out(o, "  worker %d  down        restarts %u%s\n", i, w->restarts,
-                ev_is_active(&w->restart) ? "  (restart pending)" : "");
-            continue;
-        }
-        out(o, "  worker %d  pid %-7d %-9s up %.1f s  restarts %u  connections %llu "
-               "(total %llu)\n",
-            i, (int)w->pid, state_name(sl ? atomic_load(&sl->state) : 0), now - w->started,
-            w->restarts, sl ? (unsigned long long)atomic_load(&sl->conns_active) : 0ULL,
-            sl ? (unsigned long long)atomic_load(&sl->conns_total) : 0ULL);
-    }
-}
-
-/* Plugins of the serving generation, from the slot of its first worker that published. */
-static const spk_wslot *plugin_source(sup *s)
-{
-    for (int i = 0; s->cur && i < s->cur->n; i++) {
-        const spk_wslot *sl = wslot(&s->cur->w[i]);
-        if (sl != NULL && atomic_load(&sl->state) == SPK_W_READY)
-            return sl;
-    }
-    return NULL;
-}
-
-/* send_to_control counters since the supervisor started: the live workers' slots plus
- * what the exited ones had counted. `unavail`: live workers that could not open the queue. */
-static void queue_counters(sup *s, uint64_t *sent, uint64_t refused[SPK_QR_N], int *unavail)
-{
-    *sent = s->q_gone_sent;
-    *unavail = 0;
-    memcpy(refused, s->q_gone_refused, sizeof(uint64_t) * SPK_QR_N);
-    for (int i = 0; i < SPK_STATUS_SLOTS; i++) {
-        if (!s->slot_used[i])
-            continue;
-        const spk_queue_counters *qc = &s->st->slots[i].queue;
-        *sent += atomic_load_explicit(&qc->sent, memory_order_relaxed);
-        for (int r = 0; r < SPK_QR_N; r++)
-            refused[r] += atomic_load_explicit(&qc->refused[r], memory_order_relaxed);
-        *unavail += (int)atomic_load_explicit(&qc->unavailable, memory_order_relaxed);
-    }
-}
-
-static void report_queue(sup *s, outbuf *o)
-{
-    uint64_t sent, refused[SPK_QR_N], nref = 0;
-    int unavail;
-    queue_counters(s, &sent, refused, &unavail);
-    for (int r = 0; r < SPK_QR_N; r++)
-        nref += refused[r];
-    const spk_config *cfg = queue_cfg(s);
-    spk_queue_stats st;
-    spk_errbuf eb;
-    if (s->queue == NULL || spk_queue_stats_get(s->queue, &st, &eb) != 0) {
-        out(o, "queue: unavailable: %s\n", s->queue ? eb.msg : s->queue_err[0] ? s->queue_err
-                                                                               : "not open");
-    } else {
-        out(o, "queue: %s  pending %llu (%llu bytes)  oldest %.1f s  acked %llu  expired %llu  "
-               "sync %s\n",
-            s->queue_path, (unsigned long long)st.pending, (unsigned long long)st.pending_bytes,
-            (double)st.oldest_age_ms / 1000.0, (unsigned long long)st.acked,
-            (unsigned long long)st.expired, cfg && cfg->queue_sync_always ? "always" : "interval");
-        spk_queue_stats_free(&st);
-    }
-    out(o, "  send_to_control: accepted %llu  refused %llu", (unsigned long long)sent,
-        (unsigned long long)nref);
-    for (int r = 0; r < SPK_QR_N; r++)
-        if (refused[r] > 0)
-            out(o, "  %s %llu", spk_qrefuse_name(r), (unsigned long long)refused[r]);
-    if (unavail > 0)
-        out(o, "  (%d workers could not open the queue)", unavail);
-    out(o, "\n");
-}
-
-static void metrics_queue(sup *s, outbuf *o)
-{
-    uint64_t sent, refused[SPK_QR_N];
-    int unavail;
-    queue_counters(s, &sent, refused, &unavail);
-    spk_queue_stats st;
-    bool have = s->queue != NULL && spk_queue_stats_get(s->queue, &st, NULL) == 0;
-    out(o, "# TYPE spoke_queue_available gauge\nspoke_queue_available %d\n",
-        have && unavail == 0 ? 1 : 0);
-    if (have) {
-        out(o, "# TYPE spoke_queue_pending gauge\nspoke_queue_pending %llu\n",
-            (unsigned long long)st.pending);
-        out(o, "# TYPE spoke_queue_pending_bytes gauge\nspoke_queue_pending_bytes %llu\n",
-            (unsigned long long)st.pending_bytes);
-        out(o, "# TYPE spoke_queue_oldest_age_seconds gauge\n"
-               "spoke_queue_oldest_age_seconds %.3f\n", (double)st.oldest_age_ms / 1000.0);
-        out(o, "# TYPE spoke_queue_expired_total counter\nspoke_queue_expired_total %llu\n",
-            (unsigned long long)st.expired);
-        out(o, "# TYPE spoke_queue_acked_total counter\nspoke_queue_acked_total %llu\n",
-            (unsigned long long)st.acked);
-        out(o, "# TYPE spoke_queue_damaged_total counter\nspoke_queue_damaged_total %llu\n",
-            (unsigned long long)st.damaged);
-        out(o, "# TYPE spoke_queue_journal_used_bytes gauge\n"
-               "spoke_queue_journal_used_bytes %llu\n"
-               "# TYPE spoke_queue_journal_size_bytes gauge\n"
-               "spoke_queue_journal_size_bytes %llu\n",
-            (unsigned long long)st.journal_used, (unsigned long long)st.journal_size);
-        out(o, "# TYPE spoke_queue_plugin_pending gauge\n");
-        for (size_t i = 0; i < st.n_plugins; i++)
-            out(o, "spoke_queue_plugin_pending{plugin_id=\"%u\"} %llu\n", st.plugins[i].plugin_id,
-                (unsigned long long)st.plugins[i].pending);
-        spk_queue_stats_free(&st);
-    }
-    out(o, "# TYPE spoke_queue_sent_total counter\nspoke_queue_sent_total %llu\n",
-        (unsigned long long)sent);
-    out(o, "# TYPE spoke_queue_refused_total counter\n");
-    for (int r = 0; r < SPK_QR_N; r++)
-        out(o, "spoke_queue_refused_total{reason=\"%s\"} %llu\n", spk_qrefuse_name(r),
-            (unsigned long long)refused[r]);
-    out(o, "# TYPE spoke_queue_syncs_total counter\nspoke_queue_syncs_total %llu\n"
-           "# TYPE spoke_queue_sync_errors_total counter\nspoke_queue_sync_errors_total %llu\n",
-        (unsigned long long)s->qsyncs, (unsigned long long)s->qsync_errors);
-}
-
-static void build_report(sup *s, outbuf *o)
-{
-    ev_tstamp now = ev_now(s->loop);
-    out(o, "spoked %s  pid %d  up %.0f s  config %s\n", SPOKE_VERSION, (int)s->pid,
-        now - s->started, s->path);
-    out(o, "last reload: %s\n", s->last_reload[0] ? s->last_reload : "none");
-    if (s->cur)
-        report_gen(s, o, s->cur, "serving");
-    if (s->next)
-        report_gen(s, o, s->next, "starting");
-    for (generation *g = s->old; g; g = g->next_old)
-        report_gen(s, o, g, "draining");
-    out(o, "plugins:\n");
-    const spk_wslot *sl = plugin_source(s);
-    uint32_t n = sl ? atomic_load(&sl->n_plugins) : 0;
-    for (uint32_t i = 0; i < n && i < SPK_STATUS_PLUGINS; i++) {
-        const crash_rec *c = crash_find(s, sl->plugins[i].key, "", false);
-        out(o, "  %-24s %-10s active       crashes %u  slow hooks %u\n", sl->plugins[i].name,
-            sl->plugins[i].version, c ? c->total : 0, c ? c->slow_hooks : 0);
-    }
-    for (size_t i = 0; i < s->n_crashes; i++) {
-        const crash_rec *c = &s->crashes[i];
-        if (c->quarantined)
-            out(o, "  %-24s %-10s quarantined  crashes %u  (last: %s)\n", c->name, "", c->total,
-                c->last);
-    }
-    if (s->refused[0])
-        out(o, "  refused at the last reload: %s\n", s->refused);
-    report_queue(s, o);
-}
-
-static void build_metrics(sup *s, outbuf *o)
-{
-    out(o, "# TYPE spoke_generation gauge\nspoke_generation %u\n", s->cur ? s->cur->id : 0);
-    out(o, "# TYPE spoke_worker_restarts_total counter\nspoke_worker_restarts_total %llu\n",
-        (unsigned long long)s->restarts_total);
-    out(o, "# TYPE spoke_reloads_total counter\nspoke_reloads_total{result=\"ok\"} %llu\n"
-           "spoke_reloads_total{result=\"failed\"} %llu\n",
-        (unsigned long long)s->reloads_ok, (unsigned long long)s->reloads_failed);
-    out(o, "# TYPE spoke_hook_timeouts_total counter\nspoke_hook_timeouts_total %llu\n",
-        (unsigned long long)s->hook_timeouts);
-    uint64_t active = 0, total = 0;
-    for (int i = 0; i < SPK_STATUS_SLOTS; i++) {
-        if (!s->slot_used[i])
-            continue;
-        active += atomic_load(&s->st->slots[i].conns_active);
-        total += atomic_load(&s->st->slots[i].conns_total);
-    }
-    out(o, "# TYPE spoke_connections_active gauge\nspoke_connections_active %llu\n",
-        (unsigned long long)active);
-    out(o, "# TYPE spoke_plugin_crashes_total counter\n");
-    for (size_t i = 0; i < s->n_crashes; i++)
-        out(o, "spoke_plugin_crashes_total{plugin=\"%s\"} %u\n", s->crashes[i].name,
-            s->crashes[i].total);
-    out(o, "# TYPE spoke_plugin_quarantined gauge\n");
-    for (size_t i = 0; i < s->n_crashes; i++)
-        out(o, "spoke_plugin_quarantined{plugin=\"%s\"} %d\n", s->crashes[i].name,
-            s->crashes[i].quarantined ? 1 : 0);
-    (void)total;
-    metrics_queue(s, o);
-}
-
-static void write_all(int fd, const char *p, size_t n)
-{
-    while (n > 0) {
-        ssize_t w = write(fd, p, n);
-        if (w < 0 && errno == EINTR)
-            continue;
-        if (w <= 0)
-            return;
-        p += w;
-        n -= (size_t)w;
-    }
-}
-
-static int accept_blocking(int lfd)
-{
-    int fd = accept4(lfd, NULL, NULL, SOCK_CLOEXEC);
-    if (fd < 0)
-        return -1;
-    /* The supervisor's loop also runs the watchdog: a client that is slow to send its
-     * request or to read the answer may hold it for 100 ms at most. */
-    struct timeval tv = {.tv_usec = 100000};
-    setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof(tv));
-    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
-    return fd;
-}
-
-/* The admin socket answers every connection with the status report, then closes. */
-static void on_admin(struct ev_loop *loop, ev_io *w, int revents)
-{
-    (void)loop;
-    (void)revents;
-    sup *s = w->data;
-    int fd = accept_blocking(w->fd);
-    if (fd < 0)
-        return;
-    outbuf o = {0};
-    build_report(s, &o);
-    if (o.p)
-        write_all(fd, o.p, o.len);
-    free(o.p);
-    close(fd);
-}
-
-static void on_metrics(struct ev_loop *loop, ev_io *w, int revents)
-{
-    (void)loop;
-    (void)revents;
-    sup *s = w->data;
-    int fd = accept_blocking(w->fd);
-    if (fd < 0)
-        return;
-    char req[2048];
-    ssize_t n = read(fd, req, sizeof(req) - 1);
-    outbuf body = {0}, o = {0};
-    if (n > 0) {
-        req[n] = '\0';
-        if (strncmp(req, "GET /metrics", 12) == 0) {
-            build_metrics(s, &body);
-            out(&o, "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\n"
-                    "Content-Length: %zu\r\nConnection: close\r\n\r\n%s",
-                body.len, body.p ? body.p : "");
-        } else {
-            out(&o, "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
-        }
-        if (o.p)
-            write_all(fd, o.p, o.len);
-    }
-    free(body.p);
-    free(o.p);
-    close(fd);
 }
 
 /* ---- setup -------------------------------------------------------------------------- */
@@ -1495,11 +937,11 @@ int spk_supervisor_main(const char *path, const char *self_exe)
     ev_timer_start(s.loop, &s.qsync);
     ev_timer_init(&s.stop_deadline, on_stop_deadline, 0, 0);
     s.stop_deadline.data = &s;
-    ev_io_init(&s.admin_w, on_admin, s.admin_fd, EV_READ);
+    ev_io_init(&s.admin_w, spk_sup_on_admin, s.admin_fd, EV_READ);
     s.admin_w.data = &s;
     ev_io_start(s.loop, &s.admin_w);
     if (s.metrics_fd > 0) {
-        ev_io_init(&s.metrics_w, on_metrics, s.metrics_fd, EV_READ);
+        ev_io_init(&s.metrics_w, spk_sup_on_metrics, s.metrics_fd, EV_READ);
         s.metrics_w.data = &s;
         ev_io_start(s.loop, &s.metrics_w);
     }

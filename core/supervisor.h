@@ -12,7 +12,8 @@
  *     the plugin and hook the worker's slot names; crash_limit crashes of one plugin within
  *     crash_window quarantine it: the workers are replaced by ones without it.
  *   - a hook running past hook_timeout is logged and counted; past ten times that the
- *     worker is killed. A worker whose heartbeat stops is killed.
+ *     worker is killed. A worker whose heartbeat stops is killed. Draining workers are
+ *     watched too, so a fini that hangs is killed and blamed like any other hook.
  *   - SIGHUP starts a new generation from the re-read config and plugins directory; when
  *     all its workers are ready the old generation drains and exits. If the new one fails,
  *     the old one keeps serving and the log (and `spoked status`) says why.

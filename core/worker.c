@@ -22,6 +22,7 @@ typedef struct worker {
     spk_chain chain;
     spk_host_env env;
     spk_proxy *proxy;
+    spk_slot *slot;    /* the status slot's act, or private_slot unsupervised */
     spk_slot private_slot;
     spk_queue_counters private_qc;
     ev_signal sig_term, sig_int, sig_quit, sig_go;
@@ -63,16 +64,13 @@ static void on_health(struct ev_loop *loop, ev_timer *w, int revents)
     (void)loop;
     (void)revents;
     worker *wk = w->data;
-    spk_slot *s = wk->chain.slot;
     for (size_t i = 0; i < wk->set.n; i++) {
         spk_plugin *p = wk->set.v[i];
         if (p->table.health == NULL)
             continue;
-        atomic_store_explicit(&s->plugin, (uint32_t)i + 1, memory_order_relaxed);
-        atomic_store_explicit(&s->hook, SPK_HOOK_HEALTH, memory_order_relaxed);
-        spk_slot_bump(s);
+        spk_slot_enter(wk->slot, (uint32_t)i, SPK_HOOK_HEALTH);
         int rc = p->table.health(p->self);
-        atomic_store_explicit(&s->plugin, 0, memory_order_relaxed);
+        spk_slot_leave(wk->slot);
         if (rc == 0) {
             wk->health_fails[i] = 0;
             continue;
@@ -195,8 +193,8 @@ static int start(worker *wk, spk_errbuf *eb)
     const spk_worker_opts *opts = wk->opts;
     spk_config *cfg = wk->cfg;
     spk_host_env_init(&wk->env, wk->loop, cfg, SPOKE_ROLE_EDGE);
-    wk->env.slot = opts->wslot ? &opts->wslot->act : &wk->private_slot;
-    int rc = spk_plugin_set_load(cfg, spk_host_table(), &wk->env, opts->quarantine,
+    wk->slot = opts->wslot ? &opts->wslot->act : &wk->private_slot;
+    int rc = spk_plugin_set_load(cfg, spk_host_table(), &wk->env, wk->slot, opts->quarantine,
                                  opts->n_quarantine, &wk->set, eb);
     if (rc != 0)
         return rc;
@@ -218,8 +216,7 @@ static int start(worker *wk, spk_errbuf *eb)
     rc = spk_chain_build(&wk->chain, &wk->set);
     if (rc != 0)
         return spk_errf(eb, rc, "out of memory building the plugin chain");
-    spk_chain_set_slot(&wk->chain, wk->env.slot);
-    wk->env.chain = &wk->chain;
+    spk_chain_set_slot(&wk->chain, wk->slot);
     return spk_proxy_new(wk->loop, cfg, opts->listen_fds, opts->n_listen, &wk->chain,
                          &wk->proxy, eb);
 }
@@ -275,7 +272,7 @@ int spk_worker_run(spk_config *cfg, const spk_worker_opts *opts, spk_errbuf *eb)
 out:
     spk_proxy_free(wk.proxy);
     spk_chain_free(&wk.chain);
-    spk_plugin_set_free(&wk.set); /* fini may still send */
+    spk_host_unload(&wk.set); /* fini may still send */
     if (opts->wslot == NULL && wk.env.queue != NULL)
         spk_queue_sync(wk.env.queue, NULL);
     spk_queue_close(wk.env.queue);

@@ -119,10 +119,9 @@ static int measure(const hooks_opts *o, hooks_env *he, unsigned n, double *ns)
     if (rc == 0 && (rc = spk_chain_build(&ch, &set)) != 0)
         fprintf(stderr, "spoke-bench: hooks: chain: %s\n", spk_strerror(rc));
     if (rc != 0) {
-        spk_plugin_set_free(&set);
+        spk_host_unload(&set);
         return -1;
     }
-    he->host.chain = &ch;
     rc = spk_chain_conn_init(&ch, &conn, 1, "spoke-bench");
     if (rc != 0) {
         fprintf(stderr, "spoke-bench: hooks: connection: %s\n", spk_strerror(rc));
@@ -134,9 +133,8 @@ static int measure(const hooks_opts *o, hooks_env *he, unsigned n, double *ns)
         spk_chain_conn_fini(&conn);
     }
     spk_buf_free(&buf);
-    he->host.chain = NULL;
     spk_chain_free(&ch);
-    spk_plugin_set_free(&set);
+    spk_host_unload(&set);
     return rc;
 }
 

@@ -1,14 +1,9 @@
 /*
- * bench_proxy.c -- `spoke-bench echo` (the upstream) and `spoke-bench proxy` (the load).
+ * bench_proxy.c -- `spoke-bench proxy`: round-trip load against an address (a spoked, or
+ * anything that echoes). The echo server is bench_echo.c, the histogram bench_hist.c.
  *
- * echo: one level-triggered epoll loop per thread, all sharing one non-blocking listening
- * socket (EPOLLEXCLUSIVE, so one thread wakes per new connection). Each connection owns a
- * 64 KiB buffer allocated at accept: read what is there, write it back; while the peer
- * does not take it all, stop reading that connection (backpressure, EPOLLOUT only) until
- * it has. Nothing is allocated per message. SIGTERM/SIGINT stop the loops within 200 ms.
- *
- * proxy: N connections spread over T threads (default 1), each thread a level-triggered
- * epoll loop. A connection keeps `pipeline` requests of `size` bytes in flight: it writes
+ * N connections spread over T threads (default 1), each thread a level-triggered epoll
+ * loop. A connection keeps `pipeline` requests of `size` bytes in flight: it writes
  * them, and every time `size` more bytes have come back one request is complete and the
  * next one is written. Request k starts when its first byte is written; its latency ends
  * when its last byte is read; both instants come from CLOCK_MONOTONIC (one clock read per
@@ -22,9 +17,8 @@
  * end) and the first of each kind is printed; a failed connection reconnects after 50 ms
  * so the load stays at N.
  *
- * Latencies go into a log-linear histogram (128 linear sub-buckets per power of two of
- * nanoseconds: < 0.8% error from 128 ns to 36 min) per thread, merged at the end. The
- * first `warmup` seconds (connection set-up included) are not counted.
+ * Latencies go into a histogram (bench_hist.h) per thread, merged at the end. The first
+ * `warmup` seconds (connection set-up included) are not counted.
  */
 #include <errno.h>
 #include <getopt.h>
@@ -38,382 +32,12 @@
 #include <sys/prctl.h>
 #include <sys/resource.h>
 #include <sys/socket.h>
-#include <sys/un.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
 #include "bench.h"
-#include "net.h"
-
-#define NS_PER_S 1000000000ull
-#define NS_PER_MS 1000000ull
-
-/* ---- stop flag ---------------------------------------------------------------------- */
-
-static volatile sig_atomic_t g_stop;
-
-static void on_stop_signal(int sig)
-{
-    (void)sig;
-    g_stop = 1;
-}
-
-/* SIGINT/SIGTERM set g_stop (no SA_RESTART: epoll_wait returns EINTR); SIGPIPE ignored,
- * a write to a reset socket is an error return, not a death. */
-static int install_signals(void)
-{
-    struct sigaction sa;
-    memset(&sa, 0, sizeof(sa));
-    sa.sa_handler = on_stop_signal;
-    sigemptyset(&sa.sa_mask);
-    if (sigaction(SIGINT, &sa, NULL) != 0 || sigaction(SIGTERM, &sa, NULL) != 0) {
-        fprintf(stderr, "spoke-bench: sigaction: %s\n", strerror(errno));
-        return -1;
-    }
-    signal(SIGPIPE, SIG_IGN);
-    return 0;
-}
-
-/* Many connections need many descriptors: lift the soft limit to the hard one. */
-static void raise_nofile(void)
-{
-    struct rlimit rl;
-    if (getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur < rl.rlim_max) {
-        rl.rlim_cur = rl.rlim_max;
-        setrlimit(RLIMIT_NOFILE, &rl);
-    }
-}
-
-static void unlink_if_unix(const spk_addr *a)
-{
-    if (a->ss.ss_family == AF_UNIX)
-        unlink(((const struct sockaddr_un *)&a->ss)->sun_path);
-}
-
-/* ---- histogram ---------------------------------------------------------------------- */
-
-#define HIST_SUB_BITS 7
-#define HIST_SUB (1u << HIST_SUB_BITS)
-#define HIST_MAX_MSB 41
-#define HIST_BUCKETS ((HIST_MAX_MSB - HIST_SUB_BITS + 2) * HIST_SUB)
-
-typedef struct hist {
-    uint64_t count[HIST_BUCKETS];
-    uint64_t total, sum, max;
-} hist;
-
-static unsigned hist_index(uint64_t v)
-{
-    if (v < HIST_SUB)
-        return (unsigned)v;
-    unsigned msb = 63u - (unsigned)__builtin_clzll(v);
-    if (msb > HIST_MAX_MSB) {
-        v = (2ull << HIST_MAX_MSB) - 1;
-        msb = HIST_MAX_MSB;
-    }
-    unsigned shift = msb - HIST_SUB_BITS;
-    return (shift + 1) * HIST_SUB + (unsigned)((v >> shift) - HIST_SUB);
-}
-
-/* The middle of bucket i's range of values. */
-static uint64_t hist_value(unsigned i)
-{
-    if (i < HIST_SUB)
-        return i;
-    unsigned shift = i / HIST_SUB - 1;
-    uint64_t lo = (uint64_t)(i % HIST_SUB + HIST_SUB) << shift;
-    return lo + ((1ull << shift) - 1) / 2;
-}
-
-static inline void hist_record(hist *h, uint64_t v)
-{
-    h->count[hist_index(v)]++;
-    h->total++;
-    h->sum += v;
-    if (v > h->max)
-        h->max = v;
-}
-
-static void hist_merge(hist *into, const hist *from)
-{
-    for (unsigned i = 0; i < HIST_BUCKETS; i++)
-        into->count[i] += from->count[i];
-    into->total += from->total;
-    into->sum += from->sum;
-    if (from->max > into->max)
-        into->max = from->max;
-}
-
-/* The value at quantile q (0..1), in ns; 0 for an empty histogram. */
-static uint64_t hist_quantile(const hist *h, double q)
-{
-    if (h->total == 0)
-        return 0;
-    uint64_t rank = (uint64_t)(q * (double)h->total + 0.999999);
-    if (rank < 1)
-        rank = 1;
-    uint64_t cum = 0;
-    for (unsigned i = 0; i < HIST_BUCKETS; i++) {
-        cum += h->count[i];
-        if (cum >= rank) {
-            uint64_t v = hist_value(i);
-            return v > h->max ? h->max : v;
-        }
-    }
-    return h->max;
-}
-
-/* ---- echo server -------------------------------------------------------------------- */
-
-#define ECHO_BUF (64 * 1024)
-
-typedef struct echo_conn {
-    int fd;
-    bool want_out;             /* waiting for EPOLLOUT to flush buf[off..off+len) */
-    uint32_t off, len;
-    struct echo_conn *prev, *next;
-    uint8_t buf[ECHO_BUF];
-} echo_conn;
-
-typedef struct echo_thread {
-    int lfd, ep;
-    echo_conn *conns;          /* every open connection, for shutdown */
-    uint64_t accepted, errors;
-    pthread_t tid;
-} echo_thread;
-
-static char g_listen_tag; /* epoll data.ptr of the listening socket */
-
-static void echo_close(echo_thread *t, echo_conn *c)
-{
-    close(c->fd);
-    if (c->prev)
-        c->prev->next = c->next;
-    else
-        t->conns = c->next;
-    if (c->next)
-        c->next->prev = c->prev;
-    free(c);
-}
-
-static int echo_interest(echo_thread *t, echo_conn *c, bool out)
-{
-    if (c->want_out == out)
-        return 0;
-    struct epoll_event ev = {.events = out ? EPOLLOUT : EPOLLIN, .data.ptr = c};
-    if (epoll_ctl(t->ep, EPOLL_CTL_MOD, c->fd, &ev) != 0)
-        return -1;
-    c->want_out = out;
-    return 0;
-}
-
-static void echo_accept(echo_thread *t)
-{
-    for (;;) {
-        int fd = accept4(t->lfd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
-        if (fd < 0) {
-            if (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR &&
-                errno != ECONNABORTED) {
-                fprintf(stderr, "spoke-bench: echo: accept: %s\n", strerror(errno));
-                t->errors++;
-            }
-            return;
-        }
-        echo_conn *c = malloc(sizeof(*c));
-        struct epoll_event ev = {.events = EPOLLIN, .data.ptr = c};
-        if (c == NULL || epoll_ctl(t->ep, EPOLL_CTL_ADD, fd, &ev) != 0) {
-            fprintf(stderr, "spoke-bench: echo: %s\n",
-                    c == NULL ? "out of memory" : strerror(errno));
-            free(c);
-            close(fd);
-            t->errors++;
-            continue;
-        }
-        c->fd = fd;
-        c->want_out = false;
-        c->off = c->len = 0;
-        c->prev = NULL;
-        c->next = t->conns;
-        if (t->conns)
-            t->conns->prev = c;
-        t->conns = c;
-        t->accepted++;
-    }
-}
-
-/* Read once (when nothing is pending), then write back until done or the socket is full. */
-static void echo_io(echo_thread *t, echo_conn *c)
-{
-    if (c->len == 0) {
-        ssize_t n = recv(c->fd, c->buf, ECHO_BUF, MSG_DONTWAIT);
-        if (n == 0 || (n < 0 && errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR)) {
-            if (n < 0 && errno != ECONNRESET)
-                t->errors++;
-            echo_close(t, c);
-            return;
-        }
-        if (n < 0)
-            return;
-        c->off = 0;
-        c->len = (uint32_t)n;
-    }
-    while (c->len > 0) {
-        ssize_t w = send(c->fd, c->buf + c->off, c->len, MSG_DONTWAIT | MSG_NOSIGNAL);
-        if (w < 0 && errno == EINTR)
-            continue;
-        if (w < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
-            if (echo_interest(t, c, true) != 0)
-                echo_close(t, c);
-            return;
-        }
-        if (w < 0) {
-            if (errno != ECONNRESET && errno != EPIPE)
-                t->errors++;
-            echo_close(t, c);
-            return;
-        }
-        c->off += (uint32_t)w;
-        c->len -= (uint32_t)w;
-    }
-    if (echo_interest(t, c, false) != 0)
-        echo_close(t, c);
-}
-
-static void *echo_thread_main(void *arg)
-{
-    echo_thread *t = arg;
-    struct epoll_event evs[256];
-    while (!g_stop) {
-        int n = epoll_wait(t->ep, evs, 256, 200);
-        if (n < 0) {
-            if (errno == EINTR)
-                continue;
-            fprintf(stderr, "spoke-bench: echo: epoll_wait: %s\n", strerror(errno));
-            t->errors++;
-            break;
-        }
-        for (int i = 0; i < n; i++) {
-            if (evs[i].data.ptr == &g_listen_tag)
-                echo_accept(t);
-            else
-                echo_io(t, evs[i].data.ptr);
-        }
-    }
-    while (t->conns)
-        echo_close(t, t->conns);
-    return NULL;
-}
-
-static int echo_thread_init(echo_thread *t, int lfd)
-{
-    memset(t, 0, sizeof(*t));
-    t->lfd = lfd;
-    t->ep = epoll_create1(EPOLL_CLOEXEC);
-    if (t->ep < 0) {
-        fprintf(stderr, "spoke-bench: echo: epoll_create1: %s\n", strerror(errno));
-        return -1;
-    }
-    struct epoll_event ev = {.events = EPOLLIN | EPOLLEXCLUSIVE, .data.ptr = &g_listen_tag};
-    if (epoll_ctl(t->ep, EPOLL_CTL_ADD, lfd, &ev) != 0) {
-        fprintf(stderr, "spoke-bench: echo: epoll_ctl: %s\n", strerror(errno));
-        close(t->ep);
-        return -1;
-    }
-    return 0;
-}
-
-/* Serve echo on the listening socket lfd with `threads` loops (this thread is the first)
- * until g_stop. Returns 0, or 1 on a setup failure. */
-static int echo_serve(int lfd, unsigned threads)
-{
-    echo_thread *ts = calloc(threads, sizeof(*ts));
-    if (ts == NULL) {
-        fprintf(stderr, "spoke-bench: echo: out of memory\n");
-        return 1;
-    }
-    unsigned ready = 0, started = 1;
-    while (ready < threads && echo_thread_init(&ts[ready], lfd) == 0)
-        ready++;
-    int rc = ready == threads ? 0 : 1;
-    for (; rc == 0 && started < threads; started++) {
-        errno = pthread_create(&ts[started].tid, NULL, echo_thread_main, &ts[started]);
-        if (errno != 0) {
-            fprintf(stderr, "spoke-bench: echo: pthread_create: %s\n", strerror(errno));
-            g_stop = 1;
-            rc = 1;
-            break;
-        }
-    }
-    if (rc == 0)
-        echo_thread_main(&ts[0]);
-    for (unsigned i = 1; i < started; i++)
-        pthread_join(ts[i].tid, NULL);
-    for (unsigned i = 0; i < ready; i++)
-        close(ts[i].ep);
-    free(ts);
-    return rc;
-}
-
-void spk_bench_echo_usage(FILE *f)
-{
-    fprintf(f, "  echo --listen ADDR [--threads 1]\n"
-               "      echo server (epoll, one loop per thread); stops on SIGTERM/SIGINT.\n"
-               "      Prints \"listening on ADDR\" once it accepts connections.\n");
-}
-
-int spk_bench_echo(int argc, char **argv)
-{
-    static const struct option opts[] = {
-        {"listen", required_argument, NULL, 'l'},
-        {"threads", required_argument, NULL, 'T'},
-        {"help", no_argument, NULL, 'h'},
-        {NULL, 0, NULL, 0},
-    };
-    const char *listen_text = NULL;
-    uint64_t threads = 1;
-    int c;
-    optind = 0;
-    while ((c = getopt_long(argc, argv, "l:T:h", opts, NULL)) != -1) {
-        switch (c) {
-        case 'l': listen_text = optarg; break;
-        case 'T':
-            if (spk_bench_parse_uint(optarg, 1, 64, &threads) != 0) {
-                fprintf(stderr, "spoke-bench: echo: --threads: expected 1..64, got '%s'\n",
-                        optarg);
-                return 1;
-            }
-            break;
-        case 'h': spk_bench_echo_usage(stdout); return 0;
-        default: spk_bench_echo_usage(stderr); return 1;
-        }
-    }
-    if (listen_text == NULL || optind != argc) {
-        fprintf(stderr, "spoke-bench: echo: --listen ADDR is required\n");
-        spk_bench_echo_usage(stderr);
-        return 1;
-    }
-    spk_addr addr;
-    spk_errbuf eb;
-    if (spk_addr_parse(listen_text, &addr, &eb) != 0) {
-        fprintf(stderr, "spoke-bench: echo: %s\n", eb.msg);
-        return 1;
-    }
-    raise_nofile();
-    if (install_signals() != 0)
-        return 1;
-    int lfd = spk_listen(&addr, 4096, &eb);
-    if (lfd < 0) {
-        fprintf(stderr, "spoke-bench: echo: %s\n", eb.msg);
-        return 1;
-    }
-    printf("spoke-bench echo: listening on %s (%u thread%s)\n", addr.text, (unsigned)threads,
-           threads == 1 ? "" : "s");
-    fflush(stdout);
-    int rc = echo_serve(lfd, (unsigned)threads);
-    close(lfd);
-    unlink_if_unix(&addr);
-    return rc;
-}
+#include "bench_hist.h"
+#include "bench_net.h"
 
 /* ---- load generator ----------------------------------------------------------------- */
 
@@ -458,7 +82,7 @@ typedef struct lg_thread {
     int ep;
     uint64_t t_measure, t_end, t_stopped;
     uint8_t *rbuf;
-    hist h;                  /* latencies of requests completed in the window */
+    spk_bench_hist h;        /* latencies of requests completed in the window */
     uint64_t bytes_out, bytes_in; /* in the window */
     uint64_t requests_all;   /* completed, warmup included (for CPU cost per request) */
     uint64_t errors[E_COUNT];
@@ -631,7 +255,7 @@ static void lg_recv(lg_thread *t, lg_conn *c)
     if (in_window(t, now)) {
         t->bytes_in += (uint64_t)n;
         for (uint64_t k = done; k < now_done; k++)
-            hist_record(&t->h, now - c->starts[k % depth]);
+            spk_bench_hist_record(&t->h, now - c->starts[k % depth]);
     }
     t->requests_all += now_done - done;
     if (now_done > done)
@@ -681,7 +305,7 @@ static void *lg_thread_main(void *arg)
         lg_connect(t, &t->conns[i], now);
     uint64_t next_sweep = now + 10 * NS_PER_MS;
     struct epoll_event evs[256];
-    while (!g_stop) {
+    while (!spk_bench_stop) {
         now = spk_bench_now_ns();
         if (now >= t->t_end)
             break;
@@ -769,7 +393,7 @@ nomem:
 }
 
 typedef struct lg_result {
-    hist h;
+    spk_bench_hist h;
     uint64_t bytes_out, bytes_in, requests_all;
     uint64_t errors[E_COUNT], errors_total;
     double seconds;
@@ -821,7 +445,7 @@ static int lg_run(const lg_opts *o, lg_result *r)
     for (started = 1; started < o->threads; started++) {
         if ((errno = pthread_create(&ts[started].tid, NULL, lg_thread_main, &ts[started])) != 0) {
             fprintf(stderr, "spoke-bench: pthread_create: %s\n", strerror(errno));
-            g_stop = 1;
+            spk_bench_stop = 1;
             rc = -1;
             break;
         }
@@ -834,7 +458,7 @@ static int lg_run(const lg_opts *o, lg_result *r)
     memset(r, 0, sizeof(*r));
     uint64_t t_last = t_measure;
     for (unsigned i = 0; i < started; i++) {
-        hist_merge(&r->h, &ts[i].h);
+        spk_bench_hist_merge(&r->h, &ts[i].h);
         r->bytes_out += ts[i].bytes_out;
         r->bytes_in += ts[i].bytes_in;
         r->requests_all += ts[i].requests_all;
@@ -862,8 +486,9 @@ static void report(const lg_opts *o, const lg_result *r)
     const double mib_out = (double)r->bytes_out / secs / 1048576.0;
     const double mib_in = (double)r->bytes_in / secs / 1048576.0;
     const double us[5] = {
-        (double)hist_quantile(&r->h, 0.50) / 1e3, (double)hist_quantile(&r->h, 0.99) / 1e3,
-        (double)hist_quantile(&r->h, 0.999) / 1e3, (double)r->h.max / 1e3,
+        (double)spk_bench_hist_quantile(&r->h, 0.50) / 1e3,
+        (double)spk_bench_hist_quantile(&r->h, 0.99) / 1e3,
+        (double)spk_bench_hist_quantile(&r->h, 0.999) / 1e3, (double)r->h.max / 1e3,
         r->h.total ? (double)r->h.sum / (double)r->h.total / 1e3 : 0};
     if (o->json) {
         printf("{\"target\":");
@@ -925,7 +550,7 @@ static pid_t start_echo_child(const char *text, spk_addr *addr)
         prctl(PR_SET_PDEATHSIG, SIGTERM);
         if (getppid() == 1)
             _exit(0);
-        int rc = echo_serve(lfd, 1);
+        int rc = spk_bench_echo_serve(lfd, 1);
         close(lfd);
         _exit(rc);
     }
@@ -946,7 +571,7 @@ static void stop_echo_child(pid_t pid, const spk_addr *addr)
         }
         usleep(10000);
     }
-    unlink_if_unix(addr);
+    spk_bench_unlink_if_unix(addr);
 }
 
 /* ---- proxy subcommand --------------------------------------------------------------- */
@@ -1049,8 +674,8 @@ int spk_bench_proxy(int argc, char **argv)
         fprintf(stderr, "spoke-bench: proxy: --target: %s\n", eb.msg);
         return 1;
     }
-    raise_nofile();
-    if (install_signals() != 0)
+    spk_bench_raise_nofile();
+    if (spk_bench_install_signals() != 0)
         return 1;
     spk_addr echo_addr;
     pid_t echo_pid = -1;

@@ -117,7 +117,7 @@ static int verify(const char *path, const char *sha_hex, int run_init)
             fprintf(stderr, "spoke-plugin: %s\n", eb.msg);
             rc = 1;
         }
-        spk_plugin_close(p);
+        spk_host_plugin_unload(p);
     } else {
         spk_plugin_close(p);
     }

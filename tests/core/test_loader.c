@@ -205,10 +205,10 @@ static void cfg_add(cfgfix *f, const char *path, const char *name, uint32_t id)
 static int load_set(cfgfix *f, spk_errbuf *eb)
 {
     spk_plugin_set set;
-    int rc = spk_plugin_set_load(&f->cfg, spk_host_table(), NULL, NULL, 0, &set, eb);
+    int rc = spk_plugin_set_load(&f->cfg, spk_host_table(), NULL, NULL, NULL, 0, &set, eb);
     if (rc == 0) {
         rc = spk_plugin_set_init(&set, SPOKE_ROLE_EDGE, eb);
-        spk_plugin_set_free(&set);
+        spk_host_unload(&set);
     }
     return rc;
 }
@@ -291,6 +291,50 @@ static void test_init_failure_refused(void **state)
     assert_non_null(strstr(eb.msg, "t_init_fail.so"));
 }
 
+/* init, on_config_loaded and fini are each stamped in the set's slot (slot.h): entered
+ * with the plugin's index and the hook, left again, one seq per call. */
+static void test_lifecycle_hooks_are_stamped(void **state)
+{
+    (void)state;
+    cfgfix f;
+    spk_errbuf eb;
+    spk_slot slot;
+    memset(&slot, 0, sizeof(slot));
+    cfg_init(&f, SPK_COMPAT_STRICT);
+    cfg_add(&f, plugin("passthrough"), NULL, 0);
+    cfg_add(&f, tplugin("t_hook_fault"), NULL, 0); /* init, on_config_loaded, fini */
+    spk_plugin_set set;
+    assert_int_equal(spk_plugin_set_load(&f.cfg, spk_host_table(), NULL, &slot, NULL, 0, &set,
+                                         &eb), 0);
+    assert_ptr_equal(set.v[1]->slot, &slot);
+    uint64_t seq0 = atomic_load(&slot.seq);
+    assert_int_equal(spk_plugin_set_init(&set, SPOKE_ROLE_EDGE, &eb), 0);
+    uint64_t seq1 = atomic_load(&slot.seq);
+    assert_true(seq1 - seq0 >= 2); /* at least t_hook_fault's init and on_config_loaded */
+    assert_int_equal(atomic_load(&slot.plugin), 0);
+    assert_int_equal(atomic_load(&slot.hook), SPK_HOOK_CONFIG_LOADED);
+    spk_host_unload(&set);
+    assert_true(atomic_load(&slot.seq) > seq1);
+    assert_int_equal(atomic_load(&slot.plugin), 0);
+    assert_int_equal(atomic_load(&slot.hook), SPK_HOOK_FINI);
+    assert_null(set.v);
+}
+
+/* Without a slot from the caller, a plugin stamps its own: never a NULL slot. */
+static void test_bare_plugin_has_its_own_slot(void **state)
+{
+    (void)state;
+    spk_plugin *p = NULL;
+    spk_errbuf eb;
+    assert_int_equal(spk_plugin_open(tplugin("t_hook_fault"), NULL, spk_host_table(), &p, &eb),
+                     0);
+    assert_ptr_equal(p->slot, &p->own_slot);
+    spk_plugin_set set = {.v = &p, .n = 1};
+    assert_int_equal(spk_plugin_set_init(&set, SPOKE_ROLE_EDGE, &eb), 0);
+    assert_int_equal(atomic_load(&p->own_slot.seq), 2);
+    spk_host_plugin_unload(p);
+}
+
 static void test_disabled_plugin_not_loaded(void **state)
 {
     (void)state;
@@ -339,6 +383,8 @@ int main(void)
         cmocka_unit_test(test_requires_strict_and_loose),
         cmocka_unit_test(test_requirement_syntax),
         cmocka_unit_test(test_init_failure_refused),
+        cmocka_unit_test(test_lifecycle_hooks_are_stamped),
+        cmocka_unit_test(test_bare_plugin_has_its_own_slot),
         cmocka_unit_test(test_disabled_plugin_not_loaded),
         cmocka_unit_test(test_refusal_names_config_line),
     };

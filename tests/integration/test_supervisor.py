@@ -94,6 +94,46 @@ class SupervisorTest(SpokeCase):
             sp.wait_log(r"plugin t-unhealthy quarantined", timeout=20)
             self.assertEqual(roundtrip(sp.port, b"ok"), b"ok")
 
+    def test_crash_in_on_config_loaded_is_blamed_and_quarantined(self):
+        """on_config_loaded is stamped in the slot like a traffic hook: a restarted worker
+        that crashes there is blamed on the plugin, and quarantine follows."""
+        marker = os.path.join(self.dir, "crash-now")
+        plugins = [{"file": tp("t_hook_fault"),
+                    "config": {"crash_in_config_loaded_if": marker}},
+                   {"file": "passthrough.so"}]
+        with Spoked(self.dir, self.echo.address, plugins=plugins, env=CRASH_ENV) as sp:
+            self.assertEqual(roundtrip(sp.port, b"before"), b"before")
+            open(marker, "w").close()
+            for pid in sp.worker_pids():
+                os.kill(pid, signal.SIGKILL)
+            sp.wait_log(r"worker 0 \(pid \d+\) crashed: plugin t-hook-fault, SIGSEGV in "
+                        r"on_config_loaded")
+            sp.wait_log(r"plugin t-hook-fault quarantined: 3 crashes in 60 s")
+            sp.wait_log(r"generation 2 serving")
+            self.assertEqual(roundtrip(sp.port, b"after"), b"after")
+            status = sp.status()
+            self.assertRegex(status, r"t-hook-fault\s+quarantined\s+crashes 3")
+            self.assertRegex(status, r"passthrough\s+1\.0\.0\s+active")
+
+    def test_hang_in_fini_of_a_draining_generation_is_blamed(self):
+        """fini is stamped too, and the watchdog watches draining generations: a worker of
+        the old generation that hangs in fini after a reload is killed and blamed."""
+        extra = {"plugins": {"hook_timeout": "20ms"}}
+        plugins = [{"file": tp("t_hook_fault"), "config": {"hang_in_fini": True}}]
+        with Spoked(self.dir, self.echo.address, plugins=plugins, extra=extra) as sp:
+            t0 = time.time()
+            sp.send_signal(signal.SIGHUP)
+            sp.wait_log(r"generation 2 serving")
+            sp.wait_log(r"generation 1 worker 0 \(pid \d+\): (heartbeat lost: )?plugin "
+                        r"t-hook-fault fini running "
+                        r"for \d+ ms, over 10x plugins.hook_timeout; killing it")
+            sp.wait_log(r"generation 1 worker 0 \(pid \d+\) crashed: plugin t-hook-fault, "
+                        r"(heartbeat lost: )?plugin t-hook-fault fini running")
+            sp.wait_log(r"generation 1 finished draining")
+            self.assertLess(time.time() - t0, 10)
+            self.assertEqual(roundtrip(sp.port, b"still serving"), b"still serving")
+            self.assertRegex(sp.status(), r"t-hook-fault\s+1\.0\.0\s+active\s+crashes 1")
+
     def test_no_restart_when_reload_on_crash_false(self):
         extra = {"plugins": {"reload_on_crash": False}}
         with Spoked(self.dir, self.echo.address, plugins=[{"file": tp("t_crash")}],

@@ -1,0 +1,29 @@
+/*
+ * queue_conf.c -- spk_config's queue.* keys onto spk_queue_opts (see queue_conf.h).
+ *
+ * A key left at 0 in the config means "the queue's default": spk_queue_opts_init() holds
+ * those, and only what the operator set overrides them.
+ */
+#include "queue_conf.h"
+
+#include "queue.h"
+
+int spk_queue_conf_open(const spk_config *cfg, spk_queue **out, spk_errbuf *eb)
+{
+    *out = NULL;
+    if (cfg == NULL || cfg->queue_path == NULL)
+        return spk_errf(eb, SPK_EINVAL, "no queue.path configured");
+    spk_queue_opts o;
+    spk_queue_opts_init(&o);
+    o.max_pending = cfg->queue_max_pending;
+    o.max_bytes = cfg->queue_max_bytes;
+    o.retention_ms = cfg->queue_retention_ms;
+    o.sync_always = cfg->queue_sync_always;
+    o.map_size = cfg->queue_map_size;
+    o.writemap = cfg->queue_writemap;
+    if (cfg->queue_journal_size != 0)
+        o.journal_size = cfg->queue_journal_size;
+    if (cfg->queue_segment_size != 0)
+        o.segment_size = cfg->queue_segment_size;
+    return spk_queue_open(cfg->queue_path, &o, out, eb);
+}

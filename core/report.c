@@ -1,0 +1,320 @@
+/*
+ * report.c -- what the supervisor tells operators: the status report on the admin socket
+ * (run_dir/spoked.sock, read by `spoked status`) and the Prometheus metrics on
+ * metrics.listen.
+ *
+ * Both are built from the supervisor's own state (generations, restarts, reloads, crash
+ * records) and from the workers' status slots (state, connections, plugins, the
+ * send_to_control counters), which are read without locks. Each request is answered at
+ * once on the supervisor's loop, into a growing buffer, then written with a 100 ms
+ * timeout: the loop also runs the watchdog, and a slow client may not hold it longer.
+ * The queue figures come from the supervisor's own queue handle (supervisor.c, queue
+ * sync); counters of exited workers are kept in the supervisor so totals never go back.
+ */
+#include <errno.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include "queue.h"
+#include "supervisor_int.h"
+
+typedef struct outbuf {
+    char *p;
+    size_t len, cap;
+} outbuf;
+
+__attribute__((format(printf, 2, 3))) static void out(outbuf *o, const char *fmt, ...)
+{
+    va_list ap;
+    for (;;) {
+        va_start(ap, fmt);
+        int n = vsnprintf(o->p ? o->p + o->len : NULL, o->p ? o->cap - o->len : 0, fmt, ap);
+        va_end(ap);
+        if (n < 0)
+            return;
+        if (o->p && o->len + (size_t)n < o->cap) {
+            o->len += (size_t)n;
+            return;
+        }
+        size_t cap = o->cap ? o->cap * 2 : 4096;
+        while (cap < o->len + (size_t)n + 1)
+            cap *= 2;
+        char *np = realloc(o->p, cap);
+        if (np == NULL)
+            return;
+        o->p = np;
+        o->cap = cap;
+    }
+}
+
+static const char *state_name(uint32_t st)
+{
+    switch (st) {
+    case SPK_W_STARTING: return "starting";
+    case SPK_W_READY: return "ready";
+    case SPK_W_DRAINING: return "draining";
+    }
+    return "down";
+}
+
+static void report_gen(sup *s, outbuf *o, generation *g, const char *role)
+{
+    ev_tstamp now = ev_now(s->loop);
+    out(o, "generation %u (%s): %d workers\n", g->id, role, g->n);
+    for (int i = 0; i < g->n; i++) {
+        wproc *w = &g->w[i];
+        spk_wslot *sl = spk_sup_wslot(w);
+        if (w->pid == 0) {
+            out(o, "  worker %d  down        restarts %u%s\n", i, w->restarts,
+                ev_is_active(&w->restart) ? "  (restart pending)" : "");
+            continue;
+        }
+        out(o, "  worker %d  pid %-7d %-9s up %.1f s  restarts %u  connections %llu "
+               "(total %llu)\n",
+            i, (int)w->pid, state_name(sl ? atomic_load(&sl->state) : 0), now - w->started,
+            w->restarts, sl ? (unsigned long long)atomic_load(&sl->conns_active) : 0ULL,
+            sl ? (unsigned long long)atomic_load(&sl->conns_total) : 0ULL);
+    }
+}
+
+/* Plugins of the serving generation, from the slot of its first worker that published. */
+static const spk_wslot *plugin_source(sup *s)
+{
+    for (int i = 0; s->cur && i < s->cur->n; i++) {
+        const spk_wslot *sl = spk_sup_wslot(&s->cur->w[i]);
+        if (sl != NULL && atomic_load(&sl->state) == SPK_W_READY)
+            return sl;
+    }
+    return NULL;
+}
+
+/* send_to_control counters since the supervisor started: the live workers' slots plus
+ * what the exited ones had counted. `unavail`: live workers that could not open the queue. */
+static void queue_counters(sup *s, uint64_t *sent, uint64_t refused[SPK_QR_N], int *unavail)
+{
+    *sent = s->q_gone_sent;
+    *unavail = 0;
+    memcpy(refused, s->q_gone_refused, sizeof(uint64_t) * SPK_QR_N);
+    for (int i = 0; i < SPK_STATUS_SLOTS; i++) {
+        if (!s->slot_used[i])
+            continue;
+        const spk_queue_counters *qc = &s->st->slots[i].queue;
+        *sent += atomic_load_explicit(&qc->sent, memory_order_relaxed);
+        for (int r = 0; r < SPK_QR_N; r++)
+            refused[r] += atomic_load_explicit(&qc->refused[r], memory_order_relaxed);
+        *unavail += (int)atomic_load_explicit(&qc->unavailable, memory_order_relaxed);
+    }
+}
+
+static void report_queue(sup *s, outbuf *o)
+{
+    uint64_t sent, refused[SPK_QR_N], nref = 0;
+    int unavail;
+    queue_counters(s, &sent, refused, &unavail);
+    for (int r = 0; r < SPK_QR_N; r++)
+        nref += refused[r];
+    const spk_config *cfg = spk_sup_cfg(s);
+    spk_queue_stats st;
+    spk_errbuf eb;
+    if (s->queue == NULL || spk_queue_stats_get(s->queue, &st, &eb) != 0) {
+        out(o, "queue: unavailable: %s\n", s->queue ? eb.msg : s->queue_err[0] ? s->queue_err
+                                                                               : "not open");
+    } else {
+        out(o, "queue: %s  pending %llu (%llu bytes)  oldest %.1f s  acked %llu  expired %llu  "
+               "sync %s\n",
+            s->queue_path, (unsigned long long)st.pending, (unsigned long long)st.pending_bytes,
+            (double)st.oldest_age_ms / 1000.0, (unsigned long long)st.acked,
+            (unsigned long long)st.expired, cfg && cfg->queue_sync_always ? "always" : "interval");
+        spk_queue_stats_free(&st);
+    }
+    out(o, "  send_to_control: accepted %llu  refused %llu", (unsigned long long)sent,
+        (unsigned long long)nref);
+    for (int r = 0; r < SPK_QR_N; r++)
+        if (refused[r] > 0)
+            out(o, "  %s %llu", spk_qrefuse_name(r), (unsigned long long)refused[r]);
+    if (unavail > 0)
+        out(o, "  (%d workers could not open the queue)", unavail);
+    out(o, "\n");
+}
+
+static void metrics_queue(sup *s, outbuf *o)
+{
+    uint64_t sent, refused[SPK_QR_N];
+    int unavail;
+    queue_counters(s, &sent, refused, &unavail);
+    spk_queue_stats st;
+    bool have = s->queue != NULL && spk_queue_stats_get(s->queue, &st, NULL) == 0;
+    out(o, "# TYPE spoke_queue_available gauge\nspoke_queue_available %d\n",
+        have && unavail == 0 ? 1 : 0);
+    if (have) {
+        out(o, "# TYPE spoke_queue_pending gauge\nspoke_queue_pending %llu\n",
+            (unsigned long long)st.pending);
+        out(o, "# TYPE spoke_queue_pending_bytes gauge\nspoke_queue_pending_bytes %llu\n",
+            (unsigned long long)st.pending_bytes);
+        out(o, "# TYPE spoke_queue_oldest_age_seconds gauge\n"
+               "spoke_queue_oldest_age_seconds %.3f\n", (double)st.oldest_age_ms / 1000.0);
+        out(o, "# TYPE spoke_queue_expired_total counter\nspoke_queue_expired_total %llu\n",
+            (unsigned long long)st.expired);
+        out(o, "# TYPE spoke_queue_acked_total counter\nspoke_queue_acked_total %llu\n",
+            (unsigned long long)st.acked);
+        out(o, "# TYPE spoke_queue_damaged_total counter\nspoke_queue_damaged_total %llu\n",
+            (unsigned long long)st.damaged);
+        out(o, "# TYPE spoke_queue_journal_used_bytes gauge\n"
+               "spoke_queue_journal_used_bytes %llu\n"
+               "# TYPE spoke_queue_journal_size_bytes gauge\n"
+               "spoke_queue_journal_size_bytes %llu\n",
+            (unsigned long long)st.journal_used, (unsigned long long)st.journal_size);
+        out(o, "# TYPE spoke_queue_plugin_pending gauge\n");
+        for (size_t i = 0; i < st.n_plugins; i++)
+            out(o, "spoke_queue_plugin_pending{plugin_id=\"%u\"} %llu\n", st.plugins[i].plugin_id,
+                (unsigned long long)st.plugins[i].pending);
+        spk_queue_stats_free(&st);
+    }
+    out(o, "# TYPE spoke_queue_sent_total counter\nspoke_queue_sent_total %llu\n",
+        (unsigned long long)sent);
+    out(o, "# TYPE spoke_queue_refused_total counter\n");
+    for (int r = 0; r < SPK_QR_N; r++)
+        out(o, "spoke_queue_refused_total{reason=\"%s\"} %llu\n", spk_qrefuse_name(r),
+            (unsigned long long)refused[r]);
+    out(o, "# TYPE spoke_queue_syncs_total counter\nspoke_queue_syncs_total %llu\n"
+           "# TYPE spoke_queue_sync_errors_total counter\nspoke_queue_sync_errors_total %llu\n",
+        (unsigned long long)s->qsyncs, (unsigned long long)s->qsync_errors);
+}
+
+static void build_report(sup *s, outbuf *o)
+{
+    ev_tstamp now = ev_now(s->loop);
+    out(o, "spoked %s  pid %d  up %.0f s  config %s\n", SPOKE_VERSION, (int)s->pid,
+        now - s->started, s->path);
+    out(o, "last reload: %s\n", s->last_reload[0] ? s->last_reload : "none");
+    if (s->cur)
+        report_gen(s, o, s->cur, "serving");
+    if (s->next)
+        report_gen(s, o, s->next, "starting");
+    for (generation *g = s->old; g; g = g->next_old)
+        report_gen(s, o, g, "draining");
+    out(o, "plugins:\n");
+    const spk_wslot *sl = plugin_source(s);
+    uint32_t n = sl ? atomic_load(&sl->n_plugins) : 0;
+    for (uint32_t i = 0; i < n && i < SPK_STATUS_PLUGINS; i++) {
+        const crash_rec *c = spk_sup_crash_find(s, sl->plugins[i].key, "", false);
+        out(o, "  %-24s %-10s active       crashes %u  slow hooks %u\n", sl->plugins[i].name,
+            sl->plugins[i].version, c ? c->total : 0, c ? c->slow_hooks : 0);
+    }
+    for (size_t i = 0; i < s->n_crashes; i++) {
+        const crash_rec *c = &s->crashes[i];
+        if (c->quarantined)
+            out(o, "  %-24s %-10s quarantined  crashes %u  (last: %s)\n", c->name, "", c->total,
+                c->last);
+    }
+    if (s->refused[0])
+        out(o, "  refused at the last reload: %s\n", s->refused);
+    report_queue(s, o);
+}
+
+static void build_metrics(sup *s, outbuf *o)
+{
+    out(o, "# TYPE spoke_generation gauge\nspoke_generation %u\n", s->cur ? s->cur->id : 0);
+    out(o, "# TYPE spoke_worker_restarts_total counter\nspoke_worker_restarts_total %llu\n",
+        (unsigned long long)s->restarts_total);
+    out(o, "# TYPE spoke_reloads_total counter\nspoke_reloads_total{result=\"ok\"} %llu\n"
+           "spoke_reloads_total{result=\"failed\"} %llu\n",
+        (unsigned long long)s->reloads_ok, (unsigned long long)s->reloads_failed);
+    out(o, "# TYPE spoke_hook_timeouts_total counter\nspoke_hook_timeouts_total %llu\n",
+        (unsigned long long)s->hook_timeouts);
+    uint64_t active = 0, total = 0;
+    for (int i = 0; i < SPK_STATUS_SLOTS; i++) {
+        if (!s->slot_used[i])
+            continue;
+        active += atomic_load(&s->st->slots[i].conns_active);
+        total += atomic_load(&s->st->slots[i].conns_total);
+    }
+    out(o, "# TYPE spoke_connections_active gauge\nspoke_connections_active %llu\n",
+        (unsigned long long)active);
+    out(o, "# TYPE spoke_plugin_crashes_total counter\n");
+    for (size_t i = 0; i < s->n_crashes; i++)
+        out(o, "spoke_plugin_crashes_total{plugin=\"%s\"} %u\n", s->crashes[i].name,
+            s->crashes[i].total);
+    out(o, "# TYPE spoke_plugin_quarantined gauge\n");
+    for (size_t i = 0; i < s->n_crashes; i++)
+        out(o, "spoke_plugin_quarantined{plugin=\"%s\"} %d\n", s->crashes[i].name,
+            s->crashes[i].quarantined ? 1 : 0);
+    (void)total;
+    metrics_queue(s, o);
+}
+
+static void write_all(int fd, const char *p, size_t n)
+{
+    while (n > 0) {
+        ssize_t w = write(fd, p, n);
+        if (w < 0 && errno == EINTR)
+            continue;
+        if (w <= 0)
+            return;
+        p += w;
+        n -= (size_t)w;
+    }
+}
+
+static int accept_blocking(int lfd)
+{
+    int fd = accept4(lfd, NULL, NULL, SOCK_CLOEXEC);
+    if (fd < 0)
+        return -1;
+    /* The supervisor's loop also runs the watchdog: a client that is slow to send its
+     * request or to read the answer may hold it for 100 ms at most. */
+    struct timeval tv = {.tv_usec = 100000};
+    setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof(tv));
+    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
+    return fd;
+}
+
+/* The admin socket answers every connection with the status report, then closes. */
+void spk_sup_on_admin(struct ev_loop *loop, ev_io *w, int revents)
+{
+    (void)loop;
+    (void)revents;
+    sup *s = w->data;
+    int fd = accept_blocking(w->fd);
+    if (fd < 0)
+        return;
+    outbuf o = {0};
+    build_report(s, &o);
+    if (o.p)
+        write_all(fd, o.p, o.len);
+    free(o.p);
+    close(fd);
+}
+
+void spk_sup_on_metrics(struct ev_loop *loop, ev_io *w, int revents)
+{
+    (void)loop;
+    (void)revents;
+    sup *s = w->data;
+    int fd = accept_blocking(w->fd);
+    if (fd < 0)
+        return;
+    char req[2048];
+    ssize_t n = read(fd, req, sizeof(req) - 1);
+    outbuf body = {0}, o = {0};
+    if (n > 0) {
+        req[n] = '\0';
+        if (strncmp(req, "GET /metrics", 12) == 0) {
+            build_metrics(s, &body);
+            out(&o, "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\n"
+                    "Content-Length: %zu\r\nConnection: close\r\n\r\n%s",
+                body.len, body.p ? body.p : "");
+        } else {
+            out(&o, "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+        }
+        if (o.p)
+            write_all(fd, o.p, o.len);
+    }
+    free(body.p);
+    free(o.p);
+    close(fd);
+}

@@ -1,0 +1,169 @@
+/*
+ * supervisor_int.h -- the supervisor's state, shared by its three files (private to them).
+ *
+ *   supervisor.c   generations and child processes: config snapshots, fork/exec of the
+ *                  workers, restarts with backoff, reload, replacement and promotion,
+ *                  signals, the queue sync timer, setup and teardown, the main loop
+ *   watchdog.c     the watchdog (sampling the workers' slots) and crash attribution:
+ *                  whom a dead or killed worker is blamed on, crash counts, quarantine
+ *   report.c       the status report (admin socket) and the metrics endpoint
+ *
+ * Everything runs on the supervisor's one loop: no locks. The supervisor knows of its
+ * workers only what the config and the status region (status.h) say, so hubd can run it
+ * in front of different workers.
+ */
+#ifndef SPK_SUPERVISOR_INT_H
+#define SPK_SUPERVISOR_INT_H
+
+#include <stdbool.h>
+#include <stdint.h>
+#include <sys/types.h>
+
+#include <ev.h>
+
+#include "config.h"
+#include "err.h"
+#include "queue.h"
+#include "status.h"
+
+typedef struct sup sup;
+typedef struct generation generation;
+
+/* One worker process of a generation (it keeps its place across restarts). */
+typedef struct wproc {
+    sup *s;
+    generation *g;
+    int index;
+    int slot; /* -1: none */
+    pid_t pid; /* 0: not running */
+    bool draining, accepting;
+    ev_tstamp started;
+    unsigned fails, restarts;
+    ev_timer restart;
+    /* watchdog */
+    uint32_t seen_plugin;
+    uint64_t seen_seq, seen_ms;
+    bool warned;
+    char kill_reason[160]; /* why the watchdog killed it; "" if it did not */
+    char blame_key[256], blame_name[64];
+    uint32_t blame_hook;
+} wproc;
+
+/* One config snapshot and its workers (supervisor.c's top comment). */
+struct generation {
+    uint32_t id;
+    spk_config *cfg;
+    int cfg_fd;
+    char **quarantine; /* keys of quarantined plugins */
+    size_t n_quarantine;
+    wproc *w;
+    int n;
+    bool ready; /* every worker reported ready once and was told to accept */
+    ev_tstamp started;
+    generation *next_old;
+};
+
+/* Crashes of one plugin, by quarantine key (watchdog.c). */
+typedef struct crash_rec {
+    char key[256];
+    char name[64];
+    ev_tstamp times[32];
+    unsigned n_times;
+    unsigned total, slow_hooks;
+    bool quarantined;
+    char last[200];
+} crash_rec;
+
+/* The supervisor: one per spoked; every field is touched only on its loop. */
+struct sup {
+    struct ev_loop *loop;
+    const char *path;
+    const char *self_exe;
+    pid_t pid;
+    int *fds;
+    size_t n_fds;
+    char **listen; /* addresses bound, to compare at reload */
+    size_t n_listen;
+    spk_status *st;
+    int st_fd;
+    bool slot_used[SPK_STATUS_SLOTS];
+    generation *cur, *next, *old;
+    uint32_t gen_counter;
+    crash_rec *crashes;
+    size_t n_crashes;
+    ev_signal sig_hup, sig_term, sig_int, sig_quit;
+    ev_child child;
+    ev_timer watchdog, stop_deadline;
+    ev_io admin_w, metrics_w;
+    int admin_fd, metrics_fd;
+    char admin_path[256], pid_path[256];
+    bool stopping, fatal;
+    const char *pending; /* a replacement requested while another was starting */
+    int exit_code;
+    ev_tstamp started;
+    char last_reload[1200];
+    char refused[1100]; /* plugin refusal of the last failed reload */
+    uint64_t restarts_total, quarantines_total, reloads_ok, reloads_failed, hook_timeouts;
+    /* The queue, for the interval sync and the metrics (never used for enqueues). */
+    spk_queue *queue;
+    char *queue_path;  /* the path queue was opened at */
+    ev_timer qsync;
+    uint64_t qsyncs, qsync_errors;
+    /* send_to_control counters of the workers that exited (their slots were freed), so
+     * that the totals survive restarts: metrics counters never go back. */
+    uint64_t q_gone_sent, q_gone_refused[SPK_QR_N];
+    double qlast;               /* ev_now of the last sync */
+    char queue_err[1024]; /* why it could not be opened; "" when open */
+};
+
+/* The status slot of worker w, or NULL while it has none. */
+static inline spk_wslot *spk_sup_wslot(const wproc *w)
+{
+    return w->slot >= 0 ? &w->s->st->slots[w->slot] : NULL;
+}
+
+/* The config in force: the serving generation's, else the starting one's; NULL before
+ * the first generation exists. */
+static inline const spk_config *spk_sup_cfg(const sup *s)
+{
+    return s->cur ? s->cur->cfg : s->next ? s->next->cfg : NULL;
+}
+
+/* ---- supervisor.c ---- */
+
+/* Start a generation to replace `cur`: why = "reload" re-reads the config file (SIGHUP),
+ * "quarantine" restarts cur's snapshot without the quarantined plugins. One at a time: a
+ * request while another generation starts runs after it. */
+void spk_sup_start_replacement(sup *s, const char *why);
+
+/* ---- watchdog.c ---- */
+
+/* Sample every worker's slot (serving, starting and draining generations): log and count
+ * a hook over hook_timeout, kill a worker whose hook overstays ten times that, whose
+ * start overstays start_timeout or whose heartbeat stops. Called every sampling period. */
+void spk_sup_watchdog_sample(sup *s);
+
+/* Worker w ended with wait status `status` (its slot still allocated): describe how into
+ * what[cap] and set w->blame_key/blame_name/blame_hook when a plugin is to blame. Returns
+ * true for a crash (anything but a clean exit or a failure to start). */
+bool spk_sup_classify_exit(wproc *w, int status, char *what, size_t cap);
+
+/* Count a crash of plugin `key` (display name `name`, `what` happened) under g's
+ * crash_limit and crash_window; past the limit, quarantine it in g and ask for a
+ * replacement generation. */
+void spk_sup_blame(sup *s, generation *g, const char *key, const char *name, const char *what);
+
+/* The crash record of plugin `key`; with `create`, a new one (NULL when out of memory). */
+crash_rec *spk_sup_crash_find(sup *s, const char *key, const char *name, bool create);
+
+/* "SIGSEGV" for SIGSEGV into buf[cap] (at least 16 bytes); returns buf. */
+const char *spk_sup_sig_name(int sig, char *buf, size_t cap);
+
+/* ---- report.c ---- */
+
+/* ev_io callbacks of the admin socket (answers every connection with the status report)
+ * and of the metrics listener (GET /metrics). w->data is the sup. */
+void spk_sup_on_admin(struct ev_loop *loop, ev_io *w, int revents);
+void spk_sup_on_metrics(struct ev_loop *loop, ev_io *w, int revents);
+
+#endif
