@@ -30,6 +30,7 @@
 #include "grpc_client.h"
 #include "log.h"
 #include "queue.h"
+#include "queue_conf.h"
 #include "spoke/control/v1/control.pb-c.h"
 
 #define POLL_MS 100
@@ -536,20 +537,6 @@ static int read_token(const char *path, char **out, spk_errbuf *eb)
     return *out != NULL ? 0 : spk_errf(eb, SPK_ENOMEM, "out of memory");
 }
 
-static int open_queue(const spk_config *cfg, spk_queue **q, spk_errbuf *eb)
-{
-    spk_queue_opts o;
-    spk_queue_opts_init(&o);
-    o.max_pending = cfg->queue_max_pending;
-    o.max_bytes = cfg->queue_max_bytes;
-    o.retention_ms = cfg->queue_retention_ms;
-    o.sync_always = cfg->queue_sync_always;
-    o.map_size = cfg->queue_map_size;
-    if (cfg->queue_journal_size != 0)
-        o.journal_size = cfg->queue_journal_size;
-    return spk_queue_open(cfg->queue_path, &o, q, eb);
-}
-
 int spk_uplink_run(const spk_config *cfg, spk_wslot *slot, spk_errbuf *eb)
 {
     if (cfg->uplink_url == NULL)
@@ -565,7 +552,7 @@ int spk_uplink_run(const spk_config *cfg, spk_wslot *slot, spk_errbuf *eb)
     char *token = NULL;
     int rc = cfg->uplink_token_file != NULL ? read_token(cfg->uplink_token_file, &token, eb) : 0;
     if (rc == 0)
-        rc = open_queue(cfg, &u.q, eb);
+        rc = spk_queue_conf_open(cfg, &u.q, eb);
     if (rc == 0) {
         spk_grpc_client_opts co = {.url = cfg->uplink_url, .ca_file = cfg->uplink_ca,
                                    .token = token};
