@@ -20,6 +20,7 @@
 #include <unistd.h>
 
 #include "queue.h"
+#include "grpc.h"
 #include "supervisor_int.h"
 
 typedef struct outbuf {
@@ -185,6 +186,67 @@ static void metrics_queue(sup *s, outbuf *o)
         (unsigned long long)s->qsyncs, (unsigned long long)s->qsync_errors);
 }
 
+#define UPLINK_COUNTERS(X)                                                                 \
+    X(batches_ok, "batches delivered", "spoke_uplink_batches_total{result=\"ok\"}")            \
+    X(batches_failed, "failed (retried)", "spoke_uplink_batches_total{result=\"failed\"}")      \
+    X(acked, "payloads accepted", "spoke_uplink_payloads_total{outcome=\"accepted\"}")          \
+    X(duplicates, "duplicates", "spoke_uplink_payloads_total{outcome=\"duplicate\"}")          \
+    X(refused, "refused", "spoke_uplink_payloads_total{outcome=\"refused\"}")                  \
+    X(no_receiver, "no receiver", "spoke_uplink_payloads_total{outcome=\"no_receiver\"}")      \
+    X(damaged, "damaged", "spoke_uplink_payloads_total{outcome=\"damaged\"}")
+
+static void report_uplink(sup *s, outbuf *o)
+{
+    const spk_config *cfg = spk_sup_cfg(s);
+    if (cfg == NULL || cfg->uplink_url == NULL)
+        return;
+    const uproc *u = &s->up;
+    if (u->pid != 0)
+        out(o, "uplink: pid %d  %s  up %.1f s  restarts %u  to %s\n", (int)u->pid,
+            state_name(atomic_load(&s->st->slots[u->slot].state)), ev_now(s->loop) - u->started,
+            u->restarts, cfg->uplink_url);
+    else
+        out(o, "uplink: down  restarts %u%s%s  to %s\n", u->restarts,
+            u->last_exit[0] ? "  last: " : "", u->last_exit, cfg->uplink_url);
+    spk_uplink_counters t;
+    spk_sup_uplink_totals(s, &t);
+    out(o, " ");
+#define X(f, label, metric) out(o, " %s %llu", label, (unsigned long long)atomic_load(&t.f));
+    UPLINK_COUNTERS(X)
+#undef X
+    uint64_t last = atomic_load(&t.last_ok_ms);
+    out(o, "\n  last delivery: %s", last ? "" : "never");
+    if (last)
+        out(o, "%.1f s ago (round trip %.1f ms)", ev_now(s->loop) - (double)last / 1000.0,
+            (double)atomic_load(&t.last_rtt_us) / 1000.0);
+    out(o, "  last status %s  plugins waiting for a receiver %u\n",
+        spk_grpc_code_name((int)atomic_load(&t.last_status)), atomic_load(&t.parked));
+}
+
+static void metrics_uplink(sup *s, outbuf *o)
+{
+    const spk_config *cfg = spk_sup_cfg(s);
+    if (cfg == NULL || cfg->uplink_url == NULL)
+        return;
+    spk_uplink_counters t;
+    spk_sup_uplink_totals(s, &t);
+    out(o, "# TYPE spoke_uplink_up gauge\nspoke_uplink_up %d\n", s->up.pid != 0);
+    out(o, "# TYPE spoke_uplink_restarts_total counter\nspoke_uplink_restarts_total %u\n",
+        s->up.restarts);
+    out(o, "# TYPE spoke_uplink_batches_total counter\n");
+    out(o, "# TYPE spoke_uplink_payloads_total counter\n");
+#define X(f, label, metric) out(o, "%s %llu\n", metric, (unsigned long long)atomic_load(&t.f));
+    UPLINK_COUNTERS(X)
+#undef X
+    out(o, "# TYPE spoke_uplink_last_success_timestamp_seconds gauge\n"
+           "spoke_uplink_last_success_timestamp_seconds %.3f\n",
+        (double)atomic_load(&t.last_ok_ms) / 1000.0);
+    out(o, "# TYPE spoke_uplink_rtt_seconds gauge\nspoke_uplink_rtt_seconds %.6f\n",
+        (double)atomic_load(&t.last_rtt_us) / 1e6);
+    out(o, "# TYPE spoke_uplink_parked_plugins gauge\nspoke_uplink_parked_plugins %u\n",
+        atomic_load(&t.parked));
+}
+
 static void build_report(sup *s, outbuf *o)
 {
     ev_tstamp now = ev_now(s->loop);
@@ -214,6 +276,7 @@ static void build_report(sup *s, outbuf *o)
     if (s->refused[0])
         out(o, "  refused at the last reload: %s\n", s->refused);
     report_queue(s, o);
+    report_uplink(s, o);
 }
 
 static void build_metrics(sup *s, outbuf *o)
@@ -245,6 +308,7 @@ static void build_metrics(sup *s, outbuf *o)
             s->crashes[i].quarantined ? 1 : 0);
     (void)total;
     metrics_queue(s, o);
+    metrics_uplink(s, o);
 }
 
 static void write_all(int fd, const char *p, size_t n)

@@ -8,9 +8,11 @@
  *   spoked reload -c FILE           SIGHUP the running instance (through its pid file)
  *   spoked --version
  *
- * `spoked --worker ...` is how the supervisor starts a worker; it is not for operators.
+ * `spoked --worker ...` and `spoked --uplink ...` are how the supervisor starts a worker
+ * and the uplink; they are not for operators.
  */
 #include <errno.h>
+#include <stdbool.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -24,6 +26,7 @@
 #include "net.h"
 #include "status.h"
 #include "supervisor.h"
+#include "uplink.h"
 #include "worker.h"
 
 static void usage(FILE *f)
@@ -74,9 +77,10 @@ static int single_process(const char *path)
     return rc == 0 ? 0 : 1;
 }
 
-/* Worker mode: argv as built by the supervisor's exec_worker(). */
+/* Worker and uplink mode: argv as built by the supervisor's spk_sup_exec(). */
 static int worker_main(int argc, char **argv)
 {
+    bool uplink = strcmp(argv[1], "--uplink") == 0;
     int id = 0, gen = 0, cfg_fd = -1, st_fd = -1, slot = -1;
     const char *cfg_name = NULL;
     int fds[64];
@@ -85,7 +89,7 @@ static int worker_main(int argc, char **argv)
     size_t n_q = 0;
     for (int i = 1; i + 1 < argc; i += 2) {
         const char *k = argv[i], *v = argv[i + 1];
-        if (strcmp(k, "--worker") == 0)
+        if (strcmp(k, "--worker") == 0 || strcmp(k, "--uplink") == 0)
             id = atoi(v);
         else if (strcmp(k, "--gen") == 0)
             gen = atoi(v);
@@ -103,7 +107,10 @@ static int worker_main(int argc, char **argv)
             quarantine[n_q++] = v;
     }
     char tag[48];
-    snprintf(tag, sizeof(tag), "spoked worker %d.%d", gen, id);
+    if (uplink)
+        snprintf(tag, sizeof(tag), "spoked uplink");
+    else
+        snprintf(tag, sizeof(tag), "spoked worker %d.%d", gen, id);
     spk_log_set_tag(tag);
     spk_errbuf eb;
     spk_status *st;
@@ -126,7 +133,11 @@ static int worker_main(int argc, char **argv)
             cfg->file = n;
         }
     }
-    if (rc == 0) {
+    if (rc == 0 && uplink) {
+        spk_log_set_level(cfg->log_level);
+        rc = spk_uplink_run(cfg, ws, &eb);
+        spk_config_free(cfg);
+    } else if (rc == 0) {
         spk_log_set_level(cfg->log_level);
         spk_worker_opts opts = {.listen_fds = fds, .n_listen = n_fds, .wslot = ws,
                                 .quarantine = quarantine, .n_quarantine = n_q};
@@ -217,7 +228,7 @@ int main(int argc, char **argv)
     const char *config_path = NULL;
     const char *cmd = NULL;
     int single = 0;
-    if (argc > 1 && strcmp(argv[1], "--worker") == 0)
+    if (argc > 1 && (strcmp(argv[1], "--worker") == 0 || strcmp(argv[1], "--uplink") == 0))
         return worker_main(argc, argv);
     for (int i = 1; i < argc; i++) {
         if ((strcmp(argv[i], "-c") == 0 || strcmp(argv[i], "--config") == 0) && i + 1 < argc) {

@@ -104,7 +104,7 @@ static int load_snapshot(const char *path, generation *g, spk_errbuf *eb)
 
 /* ---- slots and processes ------------------------------------------------------------ */
 
-static int slot_alloc(sup *s)
+int spk_sup_slot_alloc(sup *s)
 {
     for (int i = 0; i < SPK_STATUS_SLOTS; i++) {
         if (!s->slot_used[i]) {
@@ -118,7 +118,7 @@ static int slot_alloc(sup *s)
 
 /* Free slot i of a worker that exited (or never started): its send_to_control counters,
  * final now, are added to the supervisor's totals of exited workers. */
-static void slot_free(sup *s, int i)
+void spk_sup_slot_free(sup *s, int i)
 {
     if (i < 0 || !s->slot_used[i])
         return;
@@ -135,10 +135,9 @@ static char *fmt_int(char *buf, size_t cap, long v)
     return buf;
 }
 
-static void exec_worker(wproc *w)
+void spk_sup_exec(sup *s, generation *g, const char *mode, int index, int slot,
+                  bool with_listeners)
 {
-    sup *s = w->s;
-    generation *g = w->g;
     prctl(PR_SET_PDEATHSIG, SIGKILL);
     if (getppid() != s->pid)
         _exit(1); /* the supervisor died before prctl took effect */
@@ -152,8 +151,8 @@ static void exec_worker(wproc *w)
         _exit(1);
     size_t a = 0;
     argv[a++] = "spoked";
-    argv[a++] = "--worker";
-    argv[a++] = fmt_int(nbuf[0], sizeof(nbuf[0]), w->index);
+    argv[a++] = (char *)mode;
+    argv[a++] = fmt_int(nbuf[0], sizeof(nbuf[0]), index);
     argv[a++] = "--gen";
     argv[a++] = fmt_int(nbuf[1], sizeof(nbuf[1]), (long)g->id);
     argv[a++] = "--config-fd";
@@ -163,10 +162,10 @@ static void exec_worker(wproc *w)
     argv[a++] = "--status-fd";
     argv[a++] = fmt_int(nbuf[3], sizeof(nbuf[3]), s->st_fd);
     argv[a++] = "--slot";
-    argv[a++] = fmt_int(nbuf[4], sizeof(nbuf[4]), w->slot);
+    argv[a++] = fmt_int(nbuf[4], sizeof(nbuf[4]), slot);
     fcntl(g->cfg_fd, F_SETFD, 0);
     fcntl(s->st_fd, F_SETFD, 0);
-    for (size_t i = 0; i < s->n_fds; i++) {
+    for (size_t i = 0; with_listeners && i < s->n_fds; i++) {
         char *b = malloc(24);
         if (b == NULL)
             _exit(1);
@@ -174,20 +173,20 @@ static void exec_worker(wproc *w)
         argv[a++] = fmt_int(b, 24, s->fds[i]);
         fcntl(s->fds[i], F_SETFD, 0);
     }
-    for (size_t i = 0; i < g->n_quarantine; i++) {
+    for (size_t i = 0; with_listeners && i < g->n_quarantine; i++) {
         argv[a++] = "--quarantine";
         argv[a++] = g->quarantine[i];
     }
     argv[a] = NULL;
     execv(s->self_exe, argv);
-    fprintf(stderr, "spoked: cannot exec worker %s: %s\n", s->self_exe, strerror(errno));
+    fprintf(stderr, "spoked: cannot exec %s %s: %s\n", s->self_exe, mode, strerror(errno));
     _exit(127);
 }
 
 static void spawn(wproc *w)
 {
     sup *s = w->s;
-    w->slot = slot_alloc(s);
+    w->slot = spk_sup_slot_alloc(s);
     if (w->slot < 0) {
         spk_error("no free status slot for worker %d; retrying in 1 s", w->index);
         ev_timer_set(&w->restart, 1.0, 0);
@@ -206,14 +205,14 @@ static void spawn(wproc *w)
     pid_t pid = fork();
     if (pid < 0) {
         spk_error("fork worker %d: %s; retrying in 1 s", w->index, strerror(errno));
-        slot_free(s, w->slot);
+        spk_sup_slot_free(s, w->slot);
         w->slot = -1;
         ev_timer_set(&w->restart, 1.0, 0);
         ev_timer_start(s->loop, &w->restart);
         return;
     }
     if (pid == 0)
-        exec_worker(w);
+        spk_sup_exec(s, w->g, "--worker", w->index, w->slot, true);
     w->pid = pid;
     w->started = ev_now(s->loop);
     spk_debug("generation %u worker %d started: pid %d", w->g->id, w->index, (int)pid);
@@ -303,7 +302,7 @@ static void gen_free(sup *s, generation *g)
         return;
     for (int i = 0; i < g->n; i++) {
         ev_timer_stop(s->loop, &g->w[i].restart);
-        slot_free(s, g->w[i].slot);
+        spk_sup_slot_free(s, g->w[i].slot);
     }
     free(g->w);
     for (size_t i = 0; i < g->n_quarantine; i++)
@@ -430,6 +429,7 @@ static void promote(sup *s)
         tell_accept(&g->w[i]);
     g->ready = true;
     s->cur = g;
+    spk_sup_uplink_sync(s);
     if (old != NULL) {
         s->reloads_ok++;
         snprintf(s->last_reload, sizeof(s->last_reload), "ok: generation %u replaced %u", g->id,
@@ -480,6 +480,7 @@ static void maybe_finish_stop(sup *s)
     int live = (s->cur ? gen_live(s->cur) : 0) + (s->next ? gen_live(s->next) : 0);
     for (generation *g = s->old; g; g = g->next_old)
         live += gen_live(g);
+    live += spk_sup_uplink_live(s);
     if (live == 0)
         ev_break(s->loop, EVBREAK_ALL);
 }
@@ -489,6 +490,10 @@ static void on_child(struct ev_loop *loop, ev_child *c, int revents)
     (void)loop;
     (void)revents;
     sup *s = c->data;
+    if (spk_sup_uplink_exited(s, c->rpid, c->rstatus)) {
+        maybe_finish_stop(s);
+        return;
+    }
     wproc *w = find_worker(s, c->rpid);
     if (w == NULL)
         return;
@@ -509,7 +514,7 @@ static void on_child(struct ev_loop *loop, ev_child *c, int revents)
             spk_sup_blame(s, s->cur != NULL ? s->cur : g, w->blame_key, w->blame_name,
                           w->kill_reason);
         }
-        slot_free(s, w->slot);
+        spk_sup_slot_free(s, w->slot);
         w->slot = -1;
         reap_old(s);
         maybe_finish_stop(s);
@@ -527,7 +532,7 @@ static void on_child(struct ev_loop *loop, ev_child *c, int revents)
                  w->blame_name, what);
     else
         snprintf(reason, sizeof(reason), "worker %d ended: %s", w->index, what);
-    slot_free(s, w->slot);
+    spk_sup_slot_free(s, w->slot);
     w->slot = -1;
 
     if (g == s->next) {
@@ -607,6 +612,7 @@ static void on_watchdog(struct ev_loop *loop, ev_timer *t, int revents)
     (void)revents;
     sup *s = t->data;
     spk_sup_watchdog_sample(s);
+    spk_sup_uplink_sample(s);
     admit_restarted(s);
     if (s->next != NULL && !s->stopping) {
         generation *g = s->next;
@@ -638,6 +644,7 @@ static void stop_all(sup *s, int sig)
     }
     for (generation *g = s->old; g; g = g->next_old)
         gen_signal(g, sig == SIGQUIT ? SIGQUIT : SIGTERM);
+    spk_sup_uplink_stop(s, sig == SIGQUIT ? SIGQUIT : SIGTERM);
     maybe_finish_stop(s);
 }
 
@@ -653,6 +660,7 @@ static void on_stop_deadline(struct ev_loop *loop, ev_timer *t, int revents)
             gen_signal(gens[k], SIGKILL);
     for (generation *g = s->old; g; g = g->next_old)
         gen_signal(g, SIGKILL);
+    spk_sup_uplink_stop(s, SIGKILL);
 }
 
 static void on_signal(struct ev_loop *loop, ev_signal *w, int revents)
@@ -888,6 +896,7 @@ int spk_supervisor_main(const char *path, const char *self_exe)
     s.self_exe = self_exe;
     s.pid = getpid();
     s.st_fd = -1;
+    spk_sup_uplink_init(&s);
     spk_errbuf eb;
     spk_log_set_tag("spoked");
     /* Hold the control signals until their watchers exist: a SIGHUP sent right after start
@@ -962,6 +971,7 @@ int spk_supervisor_main(const char *path, const char *self_exe)
     ev_timer_stop(s.loop, &s.watchdog);
     ev_timer_stop(s.loop, &s.stop_deadline);
     ev_timer_stop(s.loop, &s.qsync);
+    ev_timer_stop(s.loop, &s.up.restart);
     if (s.queue != NULL && spk_queue_sync(s.queue, &eb) != 0) /* the workers have exited */
         spk_error("%s", eb.msg);
     queue_close(&s);

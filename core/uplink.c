@@ -67,9 +67,17 @@ typedef struct uplink {
     uint8_t *hb_req;             /* the heartbeat call in flight (NULL: none) */
     parked *parked;
     size_t n_parked;
-    /* counters (reported in the log at exit and, later, metrics) */
-    uint64_t batches_ok, batches_failed, acked, duplicates, refused, no_receiver, corrupt;
+    spk_uplink_counters *ct;     /* the slot's counters, or own_ct unsupervised */
+    spk_uplink_counters own_ct;
 } uplink;
+
+/* Count one event in the uplink's counters (the supervisor reads them). */
+#define COUNT(u, field, n)                                                                 \
+    atomic_store_explicit(&(u)->ct->field,                                                 \
+                          atomic_load_explicit(&(u)->ct->field, memory_order_relaxed) + (n), \
+                          memory_order_relaxed)
+#define SET(u, field, v) atomic_store_explicit(&(u)->ct->field, (v), memory_order_relaxed)
+#define GET(u, field) atomic_load_explicit(&(u)->ct->field, memory_order_relaxed)
 
 /* ---- helpers ---------------------------------------------------------------------------- */
 
@@ -139,6 +147,7 @@ static void park(uplink *u, uint32_t plugin_id)
         return; /* not parked: its payloads are simply tried again sooner */
     u->parked = np;
     u->parked[u->n_parked++] = (parked){plugin_id, until};
+    SET(u, parked, (uint32_t)u->n_parked);
     spk_info("plugin %u: hubd has no control plugin with this ID yet; its payloads stay "
              "queued and are retried every %u heartbeats", plugin_id, SPK_UPLINK_PARK_BEATS);
 }
@@ -151,6 +160,7 @@ static bool unpark_due(uplink *u)
     for (size_t i = 0; i < u->n_parked;) {
         if (u->parked[i].until <= now) {
             u->parked[i] = u->parked[--u->n_parked];
+            SET(u, parked, (uint32_t)u->n_parked);
             any = true;
         } else {
             i++;
@@ -240,21 +250,21 @@ static bool apply_results(uplink *u, const Spoke__Control__V1__SendPluginControl
         uint64_t seq = pr->sequence;
         switch (pr->outcome) {
         case SPOKE__CONTROL__V1__PAYLOAD_RESULT__OUTCOME__ACCEPTED:
-            u->acked++;
+            COUNT(u, acked, 1);
             u->sent_seq[j++] = seq;
             break;
         case SPOKE__CONTROL__V1__PAYLOAD_RESULT__OUTCOME__DUPLICATE:
-            u->duplicates++;
+            COUNT(u, duplicates, 1);
             u->sent_seq[j++] = seq;
             break;
         case SPOKE__CONTROL__V1__PAYLOAD_RESULT__OUTCOME__REFUSED:
-            u->refused++;
+            COUNT(u, refused, 1);
             spk_error("hubd refused payload %llu (%s): %s; deleting it (resending cannot help)",
                       (unsigned long long)seq, pr->code, pr->reason);
             u->sent_seq[j++] = seq;
             break;
         case SPOKE__CONTROL__V1__PAYLOAD_RESULT__OUTCOME__NO_RECEIVER: {
-            u->no_receiver++;
+            COUNT(u, no_receiver, 1);
             for (size_t k = 0; k < u->batch.n; k++)
                 if (u->batch.items[k].seq == seq)
                     park(u, u->batch.items[k].plugin_id);
@@ -291,18 +301,22 @@ static void on_batch_done(void *arg, const spk_grpc_result *res)
                     u->n_sent, spk_grpc_code_name(res->status), res->message);
     }
     batch_release(u);
+    SET(u, last_status, (uint32_t)(res->status == SPK_GRPC_OK && !ok ? SPK_GRPC_INTERNAL
+                                                                    : res->status));
+    SET(u, last_rtt_us, (uint64_t)(res->seconds * 1e6));
     if (ok) {
         if (u->fails > 0)
             spk_info("hubd reachable again after %u failed calls", u->fails);
         u->fails = 0;
-        u->batches_ok++;
+        COUNT(u, batches_ok, 1);
+        SET(u, last_ok_ms, (uint64_t)(ev_now(u->loop) * 1000.0));
         /* A full batch means more may be waiting; a heartbeat's drain goes on regardless
          * until a read finds nothing. */
         if (full || u->draining)
             send_next(u);
     } else {
         u->fails++;
-        u->batches_failed++;
+        COUNT(u, batches_failed, 1);
         schedule_retry(u);
     }
     maybe_stop(u);
@@ -328,7 +342,7 @@ static size_t read_batch(uplink *u)
     for (size_t i = 0; i < u->batch.n; i++) {
         spk_queue_item *it = &u->batch.items[i];
         if (it->status != 0) {
-            u->corrupt++;
+            COUNT(u, damaged, 1);
             spk_error("queued payload %llu of plugin %u is damaged (CRC mismatch); deleting it",
                       (unsigned long long)it->seq, it->plugin_id);
             ack(u, &it->seq, 1);
@@ -413,6 +427,7 @@ static void on_heartbeat_done(void *arg, const spk_grpc_result *res)
         maybe_stop(u);
         return;
     }
+    COUNT(u, heartbeats_ok, 1);
     /* The hub may tune the edge; values out of the config's own ranges are ignored. */
     if (r->heartbeat_interval_ms >= 100 && r->heartbeat_interval_ms <= 86400000 &&
         r->heartbeat_interval_ms != u->heartbeat_ms) {
@@ -426,6 +441,32 @@ static void on_heartbeat_done(void *arg, const spk_grpc_result *res)
         u->batch_size = r->batch_size;
     spoke__control__v1__heartbeat_response__free_unpacked(r, NULL);
     maybe_stop(u);
+}
+
+/* Copy the plugin list the supervisor publishes in the slot (status.h: plugins_seq is odd
+ * while it writes). Returns how many; 0 when unsupervised or mid-write. */
+static size_t copy_plugins(const uplink *u, spk_plugin_info *out)
+{
+    if (u->slot == NULL)
+        return 0;
+    for (int tries = 0; tries < 3; tries++) {
+        uint32_t s1 = atomic_load_explicit(&u->slot->plugins_seq, memory_order_acquire);
+        if (s1 & 1)
+            continue;
+        uint32_t n = atomic_load_explicit(&u->slot->n_plugins, memory_order_relaxed);
+        if (n > SPK_STATUS_PLUGINS)
+            n = SPK_STATUS_PLUGINS;
+        memcpy(out, u->slot->plugins, n * sizeof(*out));
+        atomic_thread_fence(memory_order_acquire);
+        if (atomic_load_explicit(&u->slot->plugins_seq, memory_order_relaxed) == s1) {
+            for (uint32_t i = 0; i < n; i++) {
+                out[i].name[sizeof(out[i].name) - 1] = '\0';
+                out[i].version[sizeof(out[i].version) - 1] = '\0';
+            }
+            return n;
+        }
+    }
+    return 0;
 }
 
 static void send_heartbeat(uplink *u)
@@ -443,6 +484,21 @@ static void send_heartbeat(uplink *u)
         hb.queue_oldest_age_ms = st.oldest_age_ms;
         spk_queue_stats_free(&st);
     }
+    /* The serving plugins, as the supervisor published them in this slot. */
+    spk_plugin_info info[SPK_STATUS_PLUGINS];
+    Spoke__Control__V1__PluginStatus ps[SPK_STATUS_PLUGINS], *psp[SPK_STATUS_PLUGINS];
+    size_t n = copy_plugins(u, info);
+    for (size_t i = 0; i < n; i++) {
+        spoke__control__v1__plugin_status__init(&ps[i]);
+        ps[i].id = info[i].id;
+        ps[i].name = info[i].name;
+        ps[i].version = info[i].version;
+        ps[i].state = info[i].quarantined ? SPOKE__CONTROL__V1__PLUGIN_STATUS__STATE__QUARANTINED
+                                          : SPOKE__CONTROL__V1__PLUGIN_STATUS__STATE__ACTIVE;
+        psp[i] = &ps[i];
+    }
+    hb.plugins = psp;
+    hb.n_plugins = n;
     size_t len = spoke__control__v1__heartbeat_request__get_packed_size(&hb);
     u->hb_req = malloc(SPK_GRPC_PREFIX + len);
     if (u->hb_req == NULL)
@@ -542,6 +598,7 @@ int spk_uplink_run(const spk_config *cfg, spk_wslot *slot, spk_errbuf *eb)
     if (cfg->uplink_url == NULL)
         return spk_errf(eb, SPK_ECONFIG, "no uplink.url configured");
     uplink u = {.cfg = cfg, .slot = slot, .loop = ev_default_loop(EVFLAG_AUTO)};
+    u.ct = slot != NULL ? &slot->uplink : &u.own_ct;
     if (u.loop == NULL)
         return spk_errf(eb, SPK_EIO, "cannot create the event loop");
     u.heartbeat_ms = cfg->uplink_heartbeat_ms;
@@ -594,10 +651,10 @@ int spk_uplink_run(const spk_config *cfg, spk_wslot *slot, spk_errbuf *eb)
 
     spk_info("uplink stopping: %llu batches delivered, %llu failed; payloads acked %llu, "
              "duplicates %llu, refused %llu, no receiver %llu, damaged %llu",
-             (unsigned long long)u.batches_ok, (unsigned long long)u.batches_failed,
-             (unsigned long long)u.acked, (unsigned long long)u.duplicates,
-             (unsigned long long)u.refused, (unsigned long long)u.no_receiver,
-             (unsigned long long)u.corrupt);
+             (unsigned long long)GET(&u, batches_ok), (unsigned long long)GET(&u, batches_failed),
+             (unsigned long long)GET(&u, acked), (unsigned long long)GET(&u, duplicates),
+             (unsigned long long)GET(&u, refused), (unsigned long long)GET(&u, no_receiver),
+             (unsigned long long)GET(&u, damaged));
     ev_timer_stop(u.loop, &u.beat);
     ev_timer_stop(u.loop, &u.poll);
     ev_timer_stop(u.loop, &u.retry);

@@ -180,6 +180,7 @@ static void publish_plugins(worker *wk)
         spk_plugin_info *info = &sl->plugins[i];
         snprintf(info->name, sizeof(info->name), "%s", p->name);
         snprintf(info->version, sizeof(info->version), "%s", p->table.version);
+        info->id = p->id;
         if (p->conf != NULL)
             spk_plugin_key(p->conf, info->key, sizeof(info->key));
         else

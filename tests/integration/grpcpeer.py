@@ -12,6 +12,7 @@ Run with Debian's /usr/bin/python3.
 """
 
 import importlib
+import importlib.util
 import os
 import subprocess
 import sys
@@ -47,7 +48,11 @@ def load_protos():
                     "grpc/health/v1/health.proto"], check=True)
     sys.path.insert(0, out)
     control = importlib.import_module("spoke.control.v1.control_pb2")
-    health = importlib.import_module("grpc.health.v1.health_pb2")
+    # grpc.health.v1's module path would shadow the grpc library: load it by file.
+    spec = importlib.util.spec_from_file_location(
+        "spoke_test_health_pb2", os.path.join(out, "grpc/health/v1/health_pb2.py"))
+    health = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(health)
     _protos = Protos(control, health)
     return _protos
 
