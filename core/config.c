@@ -39,14 +39,14 @@
 #define MAX_PLUGIN_CONFIG 10000 /* flattened `config:` entries per plugin */
 #define MAX_NAME          64    /* plugins.list[].name */
 
-#define KiB    1024ull
-#define MiB    (1024ull * KiB)
-#define GiB    (1024ull * MiB)
-#define TiB    (1024ull * GiB)
-#define SEC    1000ull
-#define MINUTE (60ull * SEC)
-#define HOUR   (60ull * MINUTE)
-#define DAY    (24ull * HOUR)
+/* Short names for the tables' ranges and defaults. */
+#define KiB  SPK_KiB
+#define MiB  SPK_MiB
+#define GiB  SPK_GiB
+#define TiB  SPK_TiB
+#define SEC  SPK_SEC_MS
+#define HOUR SPK_HOUR_MS
+#define DAY  SPK_DAY_MS
 
 /* ---- the node tree ----------------------------------------------------------------- */
 
@@ -340,105 +340,6 @@ done:
     return rc;
 }
 
-/* ---- value parsers shared with the tools ------------------------------------------- */
-
-/* Leading decimal digits of s into *v; *end past them. Fails on no digit or overflow. */
-static int parse_digits(const char *s, uint64_t *v, const char **end)
-{
-    uint64_t n = 0;
-    const char *p = s;
-    if (*p < '0' || *p > '9')
-        return -1;
-    for (; *p >= '0' && *p <= '9'; p++) {
-        unsigned d = (unsigned)(*p - '0');
-        if (n > (UINT64_MAX - d) / 10)
-            return -1;
-        n = n * 10 + d;
-    }
-    *v = n;
-    *end = p;
-    return 0;
-}
-
-typedef struct unit {
-    const char *name;
-    uint64_t mul;
-} unit;
-
-static const unit duration_units[] = {
-    {"ms", 1},
-    {"s", SEC},
-    {"m", MINUTE},
-    {"h", HOUR},
-};
-
-static const unit size_units[] = {
-    {"B", 1},           {"KiB", KiB},          {"MiB", MiB},
-    {"GiB", GiB},       {"TiB", TiB},          {"KB", 1000ull},
-    {"MB", 1000000ull}, {"GB", 1000000000ull}, {"TB", 1000000000000ull},
-};
-
-/* "<digits><unit>" with a unit from the table; a bare number when bare_mul != 0. */
-static int parse_with_unit(const char *text, const unit *units, size_t n_units, uint64_t bare_mul,
-                           bool bare_zero_only, uint64_t *out)
-{
-    uint64_t v, mul = 0;
-    const char *p;
-    if (text == NULL || parse_digits(text, &v, &p) != 0)
-        return SPK_EINVAL;
-    if (*p == '\0') {
-        if (bare_zero_only && v != 0)
-            return SPK_EINVAL;
-        mul = bare_mul;
-    }
-    for (size_t i = 0; i < n_units && *p != '\0'; i++)
-        if (strcmp(p, units[i].name) == 0)
-            mul = units[i].mul;
-    if (mul == 0 || v > UINT64_MAX / mul)
-        return SPK_EINVAL;
-    *out = v * mul;
-    return 0;
-}
-
-int spk_parse_duration_ms(const char *text, uint64_t *out_ms)
-{
-    return parse_with_unit(text, duration_units, sizeof(duration_units) / sizeof(duration_units[0]),
-                           1, true, out_ms);
-}
-
-int spk_parse_size(const char *text, uint64_t *out_bytes)
-{
-    return parse_with_unit(text, size_units, sizeof(size_units) / sizeof(size_units[0]), 1, false,
-                           out_bytes);
-}
-
-/* The largest unit that divides v exactly: 90000 -> "90s", 3600000 -> "1h". */
-static const char *fmt_unit(uint64_t v, const unit *units, size_t n, char *buf, size_t cap)
-{
-    const unit *best = NULL;
-    for (size_t i = 0; i < n; i++)
-        if (v != 0 && v % units[i].mul == 0 && (best == NULL || units[i].mul > best->mul))
-            best = &units[i];
-    if (best == NULL || best->mul == 1)
-        snprintf(buf, cap, "%llu%s", (unsigned long long)v,
-                 v == 0 || best == NULL ? "" : best->name);
-    else
-        snprintf(buf, cap, "%llu%s", (unsigned long long)(v / best->mul), best->name);
-    return buf;
-}
-
-static const char *fmt_duration(uint64_t ms, char *buf, size_t cap)
-{
-    return fmt_unit(ms, duration_units, sizeof(duration_units) / sizeof(duration_units[0]), buf,
-                    cap);
-}
-
-/* Sizes print in binary units only (KB & co. would not be chosen for a power of two). */
-static const char *fmt_size(uint64_t b, char *buf, size_t cap)
-{
-    return fmt_unit(b, size_units, 5, buf, cap);
-}
-
 /* ---- pass 2: the schema ------------------------------------------------------------ */
 
 typedef struct cfg_ctx {
@@ -637,7 +538,7 @@ static int p_uint(cfg_ctx *c, const node *v, const char *key, void *base, const 
         return rc;
     uint64_t n;
     const char *end;
-    if (parse_digits(v->text, &n, &end) != 0 || *end != '\0' || n < f->min || n > f->max)
+    if (spk_parse_digits(v->text, &n, &end) != 0 || *end != '\0' || n < f->min || n > f->max)
         return cfg_fail(c, v->line, key, "expected %s, got '%.100s'", what, v->text);
     store_uint(at(base, f), f->width, n);
     return 0;
@@ -652,7 +553,7 @@ static int p_workers(cfg_ctx *c, const node *v, const char *key, void *base, con
     }
     uint64_t n;
     const char *end;
-    if (v->kind != NODE_SCALAR || parse_digits(v->text, &n, &end) != 0 || *end != '\0' ||
+    if (v->kind != NODE_SCALAR || spk_parse_digits(v->text, &n, &end) != 0 || *end != '\0' ||
         n < f->min || n > f->max)
         return cfg_fail(
             c, v->line, key, "expected 'auto' or an integer in %llu..%llu, got %s%.100s%s",
@@ -674,7 +575,7 @@ static int check_duration(cfg_ctx *c, const node *v, const char *key, const fiel
     if (*ms < f->min || *ms > f->max) {
         char lo[32], hi[32];
         return cfg_fail(c, v->line, key, "%s is out of range %s..%s", v->text,
-                        fmt_duration(f->min, lo, sizeof(lo)), fmt_duration(f->max, hi, sizeof(hi)));
+                        spk_fmt_duration(f->min, lo, sizeof(lo)), spk_fmt_duration(f->max, hi, sizeof(hi)));
     }
     return 0;
 }
@@ -700,7 +601,7 @@ static int p_size(cfg_ctx *c, const node *v, const char *key, void *base, const 
     if (b < f->min || b > f->max) {
         char lo[32], hi[32];
         return cfg_fail(c, v->line, key, "%s is out of range %s..%s", v->text,
-                        fmt_size(f->min, lo, sizeof(lo)), fmt_size(f->max, hi, sizeof(hi)));
+                        spk_fmt_size(f->min, lo, sizeof(lo)), spk_fmt_size(f->max, hi, sizeof(hi)));
     }
     store_uint(at(base, f), f->width, b);
     return 0;
@@ -811,7 +712,7 @@ static const char *address_problem(const char *s, char *why, size_t cap)
     }
     uint64_t pn;
     const char *end;
-    if (parse_digits(port, &pn, &end) != 0 || *end != '\0' || pn < 1 || pn > 65535)
+    if (spk_parse_digits(port, &pn, &end) != 0 || *end != '\0' || pn < 1 || pn > 65535)
         return "the port must be a number in 1..65535";
     return NULL;
 }
@@ -1550,12 +1451,12 @@ static int finish(cfg_ctx *c, const node *root)
     if (cfg->queue_max_bytes > cfg->queue_map_size)
         return cfg_fail(c, key_line(root, "queue", "max_bytes"), "queue.max_bytes",
                         "%s exceeds queue.map_size (%s); raise queue.map_size",
-                        fmt_size(cfg->queue_max_bytes, a, sizeof(a)),
-                        fmt_size(cfg->queue_map_size, b, sizeof(b)));
+                        spk_fmt_size(cfg->queue_max_bytes, a, sizeof(a)),
+                        spk_fmt_size(cfg->queue_map_size, b, sizeof(b)));
     if (cfg->queue_journal_size % 4096 != 0)
         return cfg_fail(c, key_line(root, "queue", "journal_size"), "queue.journal_size",
                         "%s is not a multiple of 4 KiB",
-                        fmt_size(cfg->queue_journal_size, a, sizeof(a)));
+                        spk_fmt_size(cfg->queue_journal_size, a, sizeof(a)));
     if ((rc = check_plugin_duplicates(c)) != 0)
         return rc;
     return resolve_paths(c);
@@ -1742,14 +1643,14 @@ static void d_duration(FILE *out, const void *base, const field *f, int indent)
 {
     char buf[32];
     put_key(out, indent, f->name);
-    fprintf(out, " %s\n", fmt_duration(load_uint(cat(base, f), f->width), buf, sizeof(buf)));
+    fprintf(out, " %s\n", spk_fmt_duration(load_uint(cat(base, f), f->width), buf, sizeof(buf)));
 }
 
 static void d_size(FILE *out, const void *base, const field *f, int indent)
 {
     char buf[32];
     put_key(out, indent, f->name);
-    fprintf(out, " %s\n", fmt_size(load_uint(cat(base, f), f->width), buf, sizeof(buf)));
+    fprintf(out, " %s\n", spk_fmt_size(load_uint(cat(base, f), f->width), buf, sizeof(buf)));
 }
 
 static void d_sync(FILE *out, const void *base, const field *f, int indent)

@@ -4,8 +4,8 @@
  * spk_config_load() reads the file, applies defaults, and validates every key: an unknown
  * key, a wrong type or an out-of-range value fails the load with a message naming the
  * file, the line and the dotted key ("spoke.yaml:14: plugins.hook_timeout: expected a
- * duration such as 50ms or 2s, got 'fast'"). Durations take the units ms, s, m, h
- * ("30s", "100ms", "1h"); sizes take B, KiB, MiB, GiB (and KB, MB, GB as powers of ten).
+ * duration such as 50ms or 2s, got 'fast'"). Durations and sizes are read by
+ * core/base/units.h ("30s", "100ms", "1h"; "64KiB", "1GiB").
  * The sketch of keys lives in docs/config.md; every key below is documented there with
  * its default.
  *
@@ -22,6 +22,7 @@
 
 #include "err.h"
 #include "spoke.h"
+#include "units.h"
 
 enum spk_compat { SPK_COMPAT_STRICT = 0, SPK_COMPAT_LOOSE = 1 };
 enum spk_connect_mode { SPK_CONNECT_EAGER = 0, SPK_CONNECT_LAZY = 1 };
@@ -122,10 +123,6 @@ int spk_config_load(const char *path, spk_config **out, spk_errbuf *eb);
 
 /* Free a config from spk_config_load(); NULL is allowed. */
 void spk_config_free(spk_config *cfg);
-
-/* Parsers shared with the tools. Each returns 0 or SPK_EINVAL. */
-int spk_parse_duration_ms(const char *text, uint64_t *out_ms);
-int spk_parse_size(const char *text, uint64_t *out_bytes);
 
 /* Append a plugin entry for an autoloaded file (plugins.autoload). Returns 0 or
  * SPK_ENOMEM; the new entry has defaults, enabled = true, autoloaded = true. */
