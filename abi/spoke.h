@@ -17,7 +17,11 @@
  *  failed: init must release what it allocated before it returns an error (timers from
  *  every() are stopped by the host either way). When a later plugin's init fails, the
  *  plugins initialised before it get their fini, in reverse order, and the set is not
- *  used.
+ *  used: on_config_loaded runs only after every init succeeded. A crash or a hang in
+ *  init ends the worker process, so nothing runs after it (the supervisor blames the
+ *  plugin). Otherwise fini runs when the worker unloads the plugin as it stops (SIGTERM,
+ *  SIGQUIT, an old generation ending after a reload); a worker that crashes or that the
+ *  watchdog kills runs no fini at all.
  *
  * ABI RULES
  *
