@@ -60,24 +60,25 @@ static const char *host_config_get(spoke_ctx *ctx, const char *key)
 
 /* config_get_duration / config_get_size: the config file's own parsers (units.h), so a
  * plugin's "10s" means what the host's does. A key that is not set leaves *out alone. */
-static int host_config_get_duration(spoke_ctx *ctx, const char *key, uint64_t *out_ms)
+static int config_get_parsed(spoke_ctx *ctx, const char *key, uint64_t *out,
+                             int (*parse)(const char *text, uint64_t *out))
 {
-    if (ctx == NULL || key == NULL || out_ms == NULL)
+    if (ctx == NULL || key == NULL || out == NULL)
         return SPOKE_ERR_INVALID;
     const char *v = host_config_get(ctx, key);
     if (v == NULL)
         return 0;
-    return spk_parse_duration_ms(v, out_ms) == 0 ? 0 : SPOKE_ERR_INVALID;
+    return parse(v, out) == 0 ? 0 : SPOKE_ERR_INVALID;
+}
+
+static int host_config_get_duration(spoke_ctx *ctx, const char *key, uint64_t *out_ms)
+{
+    return config_get_parsed(ctx, key, out_ms, spk_parse_duration_ms);
 }
 
 static int host_config_get_size(spoke_ctx *ctx, const char *key, uint64_t *out_bytes)
 {
-    if (ctx == NULL || key == NULL || out_bytes == NULL)
-        return SPOKE_ERR_INVALID;
-    const char *v = host_config_get(ctx, key);
-    if (v == NULL)
-        return 0;
-    return spk_parse_size(v, out_bytes) == 0 ? 0 : SPOKE_ERR_INVALID;
+    return config_get_parsed(ctx, key, out_bytes, spk_parse_size);
 }
 
 static const char *host_edge_id(spoke_ctx *ctx)
