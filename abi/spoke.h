@@ -342,9 +342,10 @@ struct spoke_host {
     /* Edge role only. Replace the chunk's bytes with a copy of data[0..len). Any size; 0
      * empties it. `data` may point into the chunk itself (e.g. to drop a prefix). */
     int (*buf_set)(spoke_buf *buf, const void *data, size_t len);
-    /* Edge role only. Resize the chunk to `len` bytes, keeping the first min(old, len) bytes, and return
-     * a writable pointer to all of them (valid until the hook returns or the next buf_*
-     * call), or NULL if memory ran out. buf->data/len reflect the change. */
+    /* Edge role only. Resize the chunk to `len` bytes, keeping the first min(old, len)
+     * bytes, and return a writable pointer to all of them (valid until the hook returns
+     * or the next buf_* call), or NULL if memory ran out. buf->data/len reflect the
+     * change. */
     uint8_t *(*buf_resize)(spoke_buf *buf, size_t len);
 
     /* Connection accessors; edge role only. */
@@ -357,11 +358,12 @@ struct spoke_host {
     /* A per-connection, per-plugin pointer the plugin may use freely; NULL initially.
      * Free what it points to in on_close. Returns NULL only for a NULL conn or ctx. */
     void **(*conn_data)(spoke_conn *conn, spoke_ctx *ctx);
-    /* Edge role only. Queue bytes to send back to the peer the current chunk came from (the client in
-     * on_open and the client-side hooks, the server in the server-side hooks). The host
-     * sends them when the chain run ends, whatever the verdict: return SPOKE_RESPOND to
-     * answer instead of forwarding the chunk, SPOKE_CLOSE to answer then close, or
-     * SPOKE_CONTINUE to answer and still forward it. Returns 0 or a negative spoke_status. */
+    /* Edge role only. Queue bytes to send back to the peer the current chunk came from
+     * (the client in on_open and the client-side hooks, the server in the server-side
+     * hooks). The host sends them when the chain run ends, whatever the verdict: return
+     * SPOKE_RESPOND to answer instead of forwarding the chunk, SPOKE_CLOSE to answer then
+     * close, or SPOKE_CONTINUE to answer and still forward it. Returns 0 or a negative
+     * spoke_status. */
     int (*respond)(spoke_conn *conn, const void *data, size_t len);
 
     /* Emit a signal, as GatewayD's plugins do; the host acts on it:
@@ -380,8 +382,9 @@ struct spoke_host {
     int (*send_to_control)(spoke_ctx *ctx, const void *payload, size_t len,
                            const char *correlation_id, const spoke_kv *metadata,
                            size_t n_metadata, uint64_t *pending);
-    /* Edge role only. As send_to_control, for JSON text: refused with SPOKE_ERR_NOT_JSON unless `json`
-     * is one well-formed JSON value; marked with content type "application/json". */
+    /* Edge role only. As send_to_control, for JSON text: refused with
+     * SPOKE_ERR_NOT_JSON unless `json` is one well-formed JSON value; marked with content
+     * type "application/json". */
     int (*send_to_control_json)(spoke_ctx *ctx, const char *json, size_t len,
                                 const char *correlation_id, const spoke_kv *metadata,
                                 size_t n_metadata, uint64_t *pending);

@@ -584,7 +584,8 @@ static int check_duration(cfg_ctx *c, const node *v, const char *key, const fiel
     if (*ms < f->min || *ms > f->max) {
         char lo[32], hi[32];
         return cfg_fail(c, v->line, key, "%s is out of range %s..%s", v->text,
-                        spk_fmt_duration(f->min, lo, sizeof(lo)), spk_fmt_duration(f->max, hi, sizeof(hi)));
+                        spk_fmt_duration(f->min, lo, sizeof(lo)),
+                        spk_fmt_duration(f->max, hi, sizeof(hi)));
     }
     return 0;
 }
@@ -1161,8 +1162,7 @@ static const field plugins_fields[] = {
 
 static const field queue_fields[] = {
     CS("path", p_str, d_str, queue_path, "/var/lib/spoke/queue"),
-    CF("max_pending", p_uint, d_uint, queue_max_pending, 1, 1000000000,
-       QUEUE_DEFAULT_MAX_PENDING),
+    CF("max_pending", p_uint, d_uint, queue_max_pending, 1, 1000000000, QUEUE_DEFAULT_MAX_PENDING),
     CF("max_bytes", p_size, d_size, queue_max_bytes, KiB, 16 * TiB, QUEUE_DEFAULT_MAX_BYTES),
     CF("retention", p_duration, d_duration, queue_retention_ms, SEC, 365 * DAY,
        QUEUE_DEFAULT_RETENTION_MS),
@@ -1197,10 +1197,14 @@ static const field root_fields[] = {
 };
 
 static const field plugin_entry_fields[] = {
-    PF("id", p_uint, d_uint, id, 0, UINT32_MAX, 0),  PS("name", p_name, d_str, name),
-    PS("file", p_str, d_str, file),                  PS("sha256", p_sha256, d_sha256, sha256),
-    PF("enabled", p_bool, d_bool, enabled, 0, 0, true), PS("args", p_args, d_args, args),
-    PS("env", p_env, d_env, env),                    PS("config", p_config, d_config, config),
+    PF("id", p_uint, d_uint, id, 0, UINT32_MAX, 0),
+    PS("name", p_name, d_str, name),
+    PS("file", p_str, d_str, file),
+    PS("sha256", p_sha256, d_sha256, sha256),
+    PF("enabled", p_bool, d_bool, enabled, 0, 0, true),
+    PS("args", p_args, d_args, args),
+    PS("env", p_env, d_env, env),
+    PS("config", p_config, d_config, config),
 };
 
 #define N(a) (sizeof(a) / sizeof((a)[0]))

@@ -54,8 +54,8 @@ int spk_parse_digits(const char *s, uint64_t *v, const char **end)
 
 /* "<digits><unit>" with a unit from the table, or bare digits: multiplied by 1, but only
  * when they are 0 if bare_zero_only. */
-static int parse_with_unit(const char *text, const unit *units, size_t n_units,
-                           bool bare_zero_only, uint64_t *out)
+static int parse_with_unit(const char *text, const unit *units, size_t n_units, bool bare_zero_only,
+                           uint64_t *out)
 {
     uint64_t v, mul = 0;
     const char *p;

@@ -238,7 +238,7 @@ static void test_config_units_services(void **state)
     assert_int_equal(h->config_get_duration(ctx, "bad", &v), SPOKE_ERR_INVALID);
     assert_int_equal(h->config_get_size(ctx, "bad", &v), SPOKE_ERR_INVALID);
     assert_int_equal(h->config_get_duration(ctx, "limit", &v), SPOKE_ERR_INVALID); /* a size */
-    assert_int_equal(h->config_get_size(ctx, "interval", &v), SPOKE_ERR_INVALID); /* "ms" */
+    assert_int_equal(h->config_get_size(ctx, "interval", &v), SPOKE_ERR_INVALID);  /* "ms" */
     assert_int_equal(v, 7);
 
     /* NULL arguments. */

@@ -56,11 +56,7 @@ static void fini(void *self)
 }
 
 static const spoke_plugin plugin = {
-    SPOKE_PLUGIN_HEADER,
-    .name = "t-lifecycle",
-    .version = "1.0.0",
-    .init = init,
-    .fini = fini,
+    SPOKE_PLUGIN_HEADER, .name = "t-lifecycle", .version = "1.0.0", .init = init, .fini = fini,
 };
 
 SPOKE_PLUGIN_ENTRY(plugin, host)

@@ -26,8 +26,7 @@ static int init(spoke_ctx *ctx, const spoke_init_args *args, void **self)
         host->log(ctx, SPOKE_LOG_ERROR, "t_units: limit: %s", host->strerror(rc));
         return rc;
     }
-    host->log(ctx, SPOKE_LOG_INFO, "t_units: interval=%" PRIu64 "ms limit=%" PRIu64 "B", ms,
-              bytes);
+    host->log(ctx, SPOKE_LOG_INFO, "t_units: interval=%" PRIu64 "ms limit=%" PRIu64 "B", ms, bytes);
     return 0;
 }
 
