@@ -65,6 +65,7 @@ struct spk_kv {
     pid_t pid;       /* the process that opened it: the only one that may use it */
     unsigned n_top;  /* top-level transactions open */
     bool writing;    /* one of them is a write transaction */
+    uint64_t dead_readers;
 };
 
 struct spk_kv_txn {
@@ -74,6 +75,7 @@ struct spk_kv_txn {
     spk_kv_txn *child;
     bool write;
     bool scanning; /* inside a spk_kv_scan() callback */
+    bool reset;    /* spk_kv_reset() released its snapshot */
     int failed;    /* 0, or the spk_err that made it unusable */
 };
 
@@ -176,6 +178,9 @@ static int txn_usable(const spk_kv_txn *t, bool write, const char *what, spk_err
                         "kv store %s: %s: the transaction has an open nested transaction; "
                         "commit or abort that first",
                         t->kv->path, what);
+    if (t->reset)
+        return spk_errf(eb, SPK_EINVAL, "kv store %s: %s: the transaction is reset; renew it",
+                        t->kv->path, what);
     if (t->failed != 0)
         return spk_errf(eb, t->failed,
                         "kv store %s: %s: an earlier call failed in this transaction (%s); "
@@ -232,6 +237,15 @@ static int mkdir_p(const char *path)
 }
 
 /* ---- open and close ------------------------------------------------------------------ */
+
+/* Free the reader slots of processes that died inside a read transaction: until then
+ * LMDB keeps the pages of their snapshots from reuse. */
+static void clear_dead_readers(spk_kv *kv)
+{
+    int dead = 0;
+    if (mdb_reader_check(kv->env, &dead) == 0 && dead > 0)
+        kv->dead_readers += (uint64_t)dead;
+}
 
 static const char *const db_names[] = {"kv", "dedupe", "dedupe_time", "dedupe_edges", "meta"};
 
@@ -320,8 +334,7 @@ int spk_kv_open(const char *dir, const spk_kv_opts *o, spk_kv **out, spk_errbuf 
                        mdb_env_get_maxkeysize(kv->env), SPK_KV_LMDB_MAX_KEY);
         goto fail;
     }
-    int dead = 0;
-    (void)mdb_reader_check(kv->env, &dead); /* slots of processes that died reading */
+    clear_dead_readers(kv);
 
     /* The usual case, an existing store, needs no write lock to open. */
     rc = open_dbs(kv, false);
@@ -362,6 +375,7 @@ int spk_kv_sync(spk_kv *kv, spk_errbuf *eb)
 {
     if (kv == NULL)
         return spk_errf(eb, SPK_EINVAL, "kv store: no handle");
+    clear_dead_readers(kv);
     int rc = mdb_env_sync(kv->env, 1);
     if (rc != 0)
         return spk_errf(eb, SPK_EIO, "kv store %s: flush: %s", kv->path, mdb_strerror(rc));
@@ -486,6 +500,30 @@ int spk_kv_commit(spk_kv_txn *t, spk_errbuf *eb)
     }
     txn_free(t);
     return err;
+}
+
+void spk_kv_reset(spk_kv_txn *t)
+{
+    if (t == NULL || t->write || t->reset)
+        return;
+    mdb_txn_reset(t->txn);
+    t->reset = true;
+}
+
+int spk_kv_renew(spk_kv_txn *t, spk_errbuf *eb)
+{
+    if (t == NULL || !t->reset)
+        return spk_errf(eb, SPK_EINVAL, "kv renew: not a reset read-only transaction");
+    int rc = mdb_txn_renew(t->txn);
+    if (rc == MDB_MAP_RESIZED && t->kv->n_top == 1) {
+        /* only this (reset) transaction is open: the map may be adopted */
+        if ((rc = mdb_env_set_mapsize(t->kv->env, 0)) == 0)
+            rc = mdb_txn_renew(t->txn);
+    }
+    if (rc != 0)
+        return lmdb_err(t->kv, rc, "renew", eb);
+    t->reset = false;
+    return 0;
 }
 
 bool spk_kv_txn_writable(const spk_kv_txn *t)
@@ -778,6 +816,8 @@ int spk_kv_dedupe_expire(spk_kv *kv, int64_t older_than_ms, uint64_t *removed,
         *removed = 0;
     if (kv == NULL)
         return spk_errf(eb, SPK_EINVAL, "kv dedupe expire: no handle");
+    if (kv->pid == getpid() && !kv->writing)
+        clear_dead_readers(kv);
     if (older_than_ms <= 0)
         return 0; /* marks have times >= 0: none is older */
     for (;;) {
@@ -837,6 +877,7 @@ int spk_kv_stat(spk_kv *kv, spk_kv_stats *st, spk_errbuf *eb)
         st->map_used = ((uint64_t)info.me_last_pgno + 1) * s.ms_psize;
         st->readers = info.me_numreaders;
         st->last_txn_id = info.me_last_txnid;
+        st->dead_readers = kv->dead_readers;
     }
     spk_kv_abort(t);
     return rc == 0 ? 0 : lmdb_err(kv, rc, "stat", eb);

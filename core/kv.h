@@ -135,8 +135,11 @@ int spk_kv_open(const char *dir, const spk_kv_opts *o, spk_kv **out, spk_errbuf 
  * opts.sync = false it does not flush: call spk_kv_sync() first if that is wanted. */
 void spk_kv_close(spk_kv *kv);
 
-/* Flush every commit so far to stable storage (fdatasync). A no-op cost-wise when
- * opts.sync is true. Returns 0, SPK_EINVAL, SPK_EIO. */
+/* Flush every commit so far to stable storage (fdatasync); cheap when opts.sync is true.
+ * Also clears reader slots of dead processes (as spk_kv_dedupe_expire() does): a worker
+ * killed inside a read transaction otherwise keeps its snapshot's pages from reuse until
+ * the next open, and the file grows. The edge's owner of the store calls it on a timer.
+ * Returns 0, SPK_EINVAL, SPK_EIO. */
 int spk_kv_sync(spk_kv *kv, spk_errbuf *eb);
 
 /* The directory the store was opened in; owned by kv. */
@@ -169,6 +172,18 @@ int spk_kv_commit(spk_kv_txn *t, spk_errbuf *eb);
  * aborted and freed too (its pointer is then invalid). NULL is allowed. */
 void spk_kv_abort(spk_kv_txn *t);
 
+/* Release the snapshot of a top-level read-only transaction but keep it (and its reader
+ * slot) for spk_kv_renew(): cheaper than an abort and a begin, for a worker that reads in
+ * every hook. While reset, t may only be renewed or aborted (other calls: SPK_EINVAL);
+ * what a get returned from it is invalid. Holding a reset transaction pins nothing. A
+ * no-op for other transactions and NULL. */
+void spk_kv_reset(spk_kv_txn *t);
+
+/* Take the latest snapshot in a read-only transaction that spk_kv_reset() released.
+ * Returns 0, SPK_EINVAL (not a reset read-only transaction), SPK_EQUEUE_UNAVAILABLE (as
+ * spk_kv_begin; t stays reset). */
+int spk_kv_renew(spk_kv_txn *t, spk_errbuf *eb);
+
 /* True for a write transaction (top-level or nested). */
 bool spk_kv_txn_writable(const spk_kv_txn *t);
 
@@ -176,8 +191,8 @@ bool spk_kv_txn_writable(const spk_kv_txn *t);
 
 /* Look up `key` (klen bytes, at most SPK_KV_MAX_KEY; may be NULL when klen is 0) of
  * namespace `ns`. On success *val and *vlen describe the value, BORROWED from the store:
- * valid until t (or an ancestor) ends or the next put or del in t or a child of t; copy
- * it to keep it. Returns 0, SPK_ENOENT (absent; *val = NULL, *vlen = 0), SPK_EINVAL,
+ * valid until t (or an ancestor) ends or is reset, or the next write (put, del,
+ * dedupe_mark) in t or a child of t; copy it to keep it. Returns 0, SPK_ENOENT (absent; *val = NULL, *vlen = 0), SPK_EINVAL,
  * SPK_EQUEUE_UNAVAILABLE (t failed earlier), SPK_ECORRUPT. */
 int spk_kv_get(spk_kv_txn *t, uint32_t ns, const void *key, size_t klen, const void **val,
                size_t *vlen, spk_errbuf *eb);
@@ -235,7 +250,7 @@ int spk_kv_dedupe_marked(spk_kv_txn *t, const char *edge_id, uint64_t seq,
  * write transactions of at most opts.expire_per_txn marks each, so a large expiry holds
  * the write lock only briefly at a time; each one is committed (and flushed per
  * opts.sync) before the next begins. Marks at or after older_than_ms stay. hubd calls it
- * with now - dedupe_retention. It begins its own transactions: do not call it while this
+ * with now - dedupe_retention, on a timer; it also clears dead readers (spk_kv_sync). It begins its own transactions: do not call it while this
  * handle holds a write transaction (SPK_EBUSY). *removed (if not NULL) receives the number
  * removed, also on failure (what earlier transactions committed). Returns 0, SPK_EINVAL,
  * SPK_EBUSY, SPK_EQUEUE_UNAVAILABLE, SPK_ECORRUPT, SPK_ENOMEM. */
@@ -253,6 +268,8 @@ typedef struct spk_kv_stats {
     uint64_t last_txn_id;    /* LMDB's ID of the last committed write transaction: grows
                                 by one per top-level commit, of any process */
     unsigned readers;        /* reader slots used so far (LMDB's high-water mark) */
+    uint64_t dead_readers;   /* slots of dead processes this handle cleared (open, sync,
+                                expire) */
 } spk_kv_stats;
 
 /* Fill *st from a fresh read-only transaction. Returns 0, SPK_EINVAL,

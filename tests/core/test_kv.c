@@ -970,6 +970,9 @@ static void test_kill9_mid_txn(void **state)
     check_after_kill(f, 1);
     kill9(f, KILL_READER); /* dies with a read transaction open: a stale reader slot */
     check_after_kill(f, 2);
+    assert_int_equal(stats(f).dead_readers, 0);
+    assert_int_equal(spk_kv_sync(f->kv, NULL), 0); /* clears it */
+    assert_int_equal(stats(f).dead_readers, 1);
     for (int i = 3; i < 6; i++) {
         kill9(f, i % 2 ? KILL_SELF : KILL_BY_PARENT);
         check_after_kill(f, i);
@@ -1016,6 +1019,109 @@ static void test_kill9_group_commit(void **state)
     assert_int_equal(when, 3000); /* marked by the resend, not by the dead process */
     assert_int_equal(group_commit(f->kv, 2, 5, 10, -1, 0, 4000, false), 20);
     assert_int_equal(counter(f, "edge-1"), 14);
+}
+
+/* In another process, open the store with a map of map_size and write `n` values of
+ * 64 KiB, keys big-<first>... */
+static void grow_in_child(fixture *f, uint64_t map_size, int first, int n)
+{
+    pid_t pid = fork();
+    assert_true(pid >= 0);
+    if (pid == 0) {
+        spk_kv_opts o = f->opts;
+        o.map_size = map_size;
+        spk_kv *kv;
+        spk_kv_txn *t;
+        static uint8_t val[64 * 1024];
+        if (spk_kv_open(f->dir, &o, &kv, NULL) != 0 || spk_kv_begin(kv, NULL, true, &t, NULL))
+            _exit(10);
+        for (int i = first; i < first + n; i++) {
+            char k[16];
+            snprintf(k, sizeof(k), "big-%03d", i);
+            if (spk_kv_put(t, 1, k, strlen(k), val, sizeof(val), NULL) != 0)
+                _exit(11);
+        }
+        _exit(spk_kv_commit(t, NULL) != 0 ? 12 : 0);
+    }
+    int st = wait_child(pid);
+    assert_true(WIFEXITED(st) && WEXITSTATUS(st) == 0);
+}
+
+/* Another process grows the map past this handle's: the next begin adopts its size. */
+static void test_map_resized(void **state)
+{
+    fixture *f = *state;
+    f->opts.map_size = 1024 * 1024;
+    kv_open(f);
+    spk_kv_txn *r = begin(f, NULL, false); /* kept, reset, across the growth */
+    spk_kv_reset(r);
+    grow_in_child(f, 16 * 1024 * 1024, 0, 64); /* 4 MiB: past this handle's map */
+    /* the reset reader is the only transaction: renew adopts the new size */
+    spk_errbuf eb = {{0}};
+    int rc = spk_kv_renew(r, &eb);
+    if (rc != 0)
+        fail_msg("renew: %s", eb.msg);
+    const void *v;
+    size_t vl;
+    assert_int_equal(spk_kv_get(r, 1, "big-063", 7, &v, &vl, NULL), 0);
+    assert_int_equal(vl, 64 * 1024);
+    spk_kv_abort(r);
+    spk_kv_txn *t = begin(f, NULL, true);
+    put_s(t, 1, "small", "fits");
+    commit(t);
+    assert_int_equal(stats(f).map_size, 16 * 1024 * 1024);
+    assert_int_equal(stats(f).kv_entries, 65);
+
+    /* again, with no transaction open here: a top-level begin adopts it */
+    grow_in_child(f, 32 * 1024 * 1024, 64, 192); /* 12 MiB more */
+    t = begin(f, NULL, true);
+    assert_int_equal(spk_kv_get(t, 1, "big-255", 7, &v, &vl, NULL), 0);
+    put_s(t, 1, "small2", "fits");
+    commit(t);
+    assert_int_equal(stats(f).map_size, 32 * 1024 * 1024);
+    /* while a transaction of this handle is open it cannot: a clean error */
+    r = begin(f, NULL, false);
+    grow_in_child(f, 64 * 1024 * 1024, 256, 256); /* 16 MiB more */
+    spk_kv_txn *t2 = NULL;
+    spk_errbuf eb2 = {{0}};
+    rc = spk_kv_begin(f->kv, NULL, false, &t2, &eb2);
+    assert_int_equal(rc, SPK_EQUEUE_UNAVAILABLE);
+    assert_non_null(strstr(eb2.msg, "grew the map"));
+    assert_null(t2);
+    spk_kv_abort(r);
+    t = begin(f, NULL, false);
+    assert_int_equal(spk_kv_get(t, 1, "big-511", 7, &v, &vl, NULL), 0);
+    spk_kv_abort(t);
+}
+
+/* A reader kept across hooks: reset between them, renewed on the latest commit. */
+static void test_reset_renew(void **state)
+{
+    fixture *f = *state;
+    kv_open(f);
+    spk_kv_txn *w = begin(f, NULL, true);
+    put_s(w, 1, "k", "v1");
+    commit(w);
+    spk_kv_txn *r = begin(f, NULL, false);
+    assert_value(r, 1, "k", "v1");
+    spk_kv_reset(r);
+    const void *v;
+    size_t vl;
+    assert_int_equal(spk_kv_get(r, 1, "k", 1, &v, &vl, NULL), SPK_EINVAL); /* reset */
+    w = begin(f, NULL, true);
+    put_s(w, 1, "k", "v2");
+    commit(w);
+    assert_int_equal(spk_kv_renew(r, NULL), 0);
+    assert_value(r, 1, "k", "v2"); /* the latest snapshot */
+    assert_int_equal(spk_kv_renew(r, NULL), SPK_EINVAL); /* not reset */
+    spk_kv_reset(r);
+    spk_kv_reset(r); /* twice is fine */
+    assert_int_equal(spk_kv_commit(r, NULL), 0); /* ends a reset one */
+    w = begin(f, NULL, true);
+    spk_kv_reset(w); /* a no-op on a write transaction */
+    put_s(w, 1, "k", "v3");
+    assert_int_equal(spk_kv_renew(w, NULL), SPK_EINVAL);
+    commit(w);
 }
 
 /* ---- open ---------------------------------------------------------------------------- */
@@ -1065,6 +1171,8 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_group_commit, setup, teardown),
         cmocka_unit_test_setup_teardown(test_dedupe_mark_expire, setup, teardown),
         cmocka_unit_test_setup_teardown(test_map_full, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_map_resized, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_reset_renew, setup, teardown),
         cmocka_unit_test_setup_teardown(test_two_processes, setup, teardown),
         cmocka_unit_test_setup_teardown(test_kill9_mid_txn, setup, teardown),
         cmocka_unit_test_setup_teardown(test_kill9_group_commit, setup, teardown),
