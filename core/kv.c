@@ -467,6 +467,19 @@ void spk_kv_abort(spk_kv_txn *t)
     txn_free(t);
 }
 
+/* Commit the MDB_txn of t, a usable write transaction without a child, and free t.
+ * Returns LMDB's code. */
+static int commit_raw(spk_kv_txn *t)
+{
+    int rc = mdb_txn_commit(t->txn); /* ends the MDB_txn whatever it returns */
+    /* Merging a child into its parent failed half-way, perhaps: do not trust the parent
+     * any more. */
+    if (rc != 0 && t->parent != NULL && t->parent->failed == 0)
+        t->parent->failed = lmdb_err(t->kv, rc, "commit", NULL);
+    txn_free(t);
+    return rc;
+}
+
 int spk_kv_commit(spk_kv_txn *t, spk_errbuf *eb)
 {
     if (t == NULL)
@@ -489,17 +502,9 @@ int spk_kv_commit(spk_kv_txn *t, spk_errbuf *eb)
         txn_free(t);
         return 0;
     }
-    int rc = mdb_txn_commit(t->txn); /* ends the MDB_txn whatever it returns */
-    int err = 0;
-    if (rc != 0) {
-        err = lmdb_err(t->kv, rc, "commit", eb);
-        /* Merging a child into its parent failed half-way, perhaps: do not trust the
-         * parent any more. */
-        if (t->parent != NULL && t->parent->failed == 0)
-            t->parent->failed = err;
-    }
-    txn_free(t);
-    return err;
+    spk_kv *kv = t->kv;
+    int rc = commit_raw(t);
+    return rc == 0 ? 0 : lmdb_err(kv, rc, "commit", eb);
 }
 
 void spk_kv_reset(spk_kv_txn *t)
@@ -820,6 +825,7 @@ int spk_kv_dedupe_expire(spk_kv *kv, int64_t older_than_ms, uint64_t *removed,
         clear_dead_readers(kv);
     if (older_than_ms <= 0)
         return 0; /* marks have times >= 0: none is older */
+    uint32_t limit = kv->opts.expire_per_txn;
     for (;;) {
         spk_kv_txn *t;
         int err = spk_kv_begin(kv, NULL, true, &t, eb);
@@ -827,18 +833,24 @@ int spk_kv_dedupe_expire(spk_kv *kv, int64_t older_than_ms, uint64_t *removed,
             return err;
         uint32_t n;
         bool done;
-        int rc = expire_some(t, (uint64_t)older_than_ms, kv->opts.expire_per_txn, &n, &done);
-        if (rc != 0) {
-            err = lmdb_err(kv, rc, "dedupe expire", eb);
-            spk_kv_abort(t);
-            return err;
+        int rc = expire_some(t, (uint64_t)older_than_ms, limit, &n, &done);
+        if (rc == 0 && n > 0) {
+            rc = commit_raw(t);
+        } else {
+            spk_kv_abort(t); /* failed, or nothing changed: no commit, no flush */
+            if (rc == 0)
+                return 0;
         }
-        if (n == 0) {
-            spk_kv_abort(t); /* nothing changed: no commit, no flush */
-            return 0;
+        /* Deleting needs new pages too (copy-on-write of each touched path). In a map
+         * that is full to the last page, a big batch can fail where a small one fits and
+         * frees pages for the next: shrink the batch rather than never expire again. */
+        if (rc == MDB_MAP_FULL && limit > 1) {
+            limit /= 4;
+            limit += limit == 0;
+            continue;
         }
-        if ((err = spk_kv_commit(t, eb)) != 0)
-            return err;
+        if (rc != 0)
+            return lmdb_err(kv, rc, "dedupe expire", eb);
         if (removed != NULL)
             *removed += n;
         if (done)

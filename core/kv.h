@@ -76,7 +76,12 @@
  *                           is unusable (every later call in it returns the same code):
  *                           abort it. If it was a nested one, its parent is still usable.
  *                           Space comes back with deletions, expiry, or a bigger
- *                           map_size on the next open.
+ *                           map_size on the next open. Deleting needs a few free pages
+ *                           too (copy-on-write), and LMDB reuses a freed page only two
+ *                           commits later: expiry retries with smaller transactions, but
+ *                           a map filled to its last page (say by large values) can refuse
+ *                           even those; then only a bigger map_size helps. Size map_size
+ *                           with room to spare and watch spk_kv_stat()'s map_used.
  *   SPK_ECORRUPT            the file is not an LMDB store, or a stored entry is malformed
  *   SPK_ENOMEM, SPK_EIO     allocation or system call failure
  */
@@ -247,8 +252,8 @@ int spk_kv_dedupe_marked(spk_kv_txn *t, const char *edge_id, uint64_t seq,
                          int64_t *marked_ms, spk_errbuf *eb);
 
 /* Remove every mark made before older_than_ms (time < older_than_ms), oldest first, in
- * write transactions of at most opts.expire_per_txn marks each, so a large expiry holds
- * the write lock only briefly at a time; each one is committed (and flushed per
+ * write transactions of at most opts.expire_per_txn marks each (fewer when the map is
+ * full: see ERRORS), so a large expiry holds the write lock only briefly at a time; each one is committed (and flushed per
  * opts.sync) before the next begins. Marks at or after older_than_ms stay. hubd calls it
  * with now - dedupe_retention, on a timer; it also clears dead readers (spk_kv_sync). It begins its own transactions: do not call it while this
  * handle holds a write transaction (SPK_EBUSY). *removed (if not NULL) receives the number

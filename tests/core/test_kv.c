@@ -1021,6 +1021,51 @@ static void test_kill9_group_commit(void **state)
     assert_int_equal(counter(f, "edge-1"), 14);
 }
 
+/* hubd's case: dedupe marks fill the map; expiry still frees room, and marking works
+ * again after it. */
+static void test_map_full_by_marks(void **state)
+{
+    fixture *f = *state;
+    f->opts.map_size = 256 * 1024;
+    kv_open(f);
+    int rc = 0, marks = 0;
+    spk_errbuf eb = {{0}};
+    while (rc == 0) { /* group commits of 10 marks and a small KV write */
+        spk_kv_txn *t = begin(f, NULL, true);
+        char k[32];
+        snprintf(k, sizeof(k), "stat-%06d", marks);
+        rc = spk_kv_put(t, 1, k, strlen(k), "counted", 7, &eb);
+        for (int j = 0; j < 10 && rc == 0; j++) {
+            bool dup;
+            rc = spk_kv_dedupe_mark(t, "edge-full", (uint64_t)(marks + j), marks + j, &dup,
+                                    &eb);
+        }
+        if (rc == 0)
+            rc = spk_kv_commit(t, &eb);
+        else
+            spk_kv_abort(t);
+        if (rc == 0)
+            marks += 10;
+    }
+    assert_int_equal(rc, SPK_EQUEUE_UNAVAILABLE);
+    assert_non_null(strstr(eb.msg, "map is full"));
+    assert_true(marks > 500);
+    uint64_t removed = 0;
+    rc = spk_kv_dedupe_expire(f->kv, marks / 2, &removed, &eb);
+    if (rc != 0)
+        fail_msg("expire in a full map: %s", eb.msg);
+    assert_int_equal(removed, (uint64_t)marks / 2);
+    assert_true(marked(f, "edge-full", (uint64_t)marks - 1, NULL));
+    spk_kv_txn *t = begin(f, NULL, true);
+    for (int j = 0; j < 10; j++) {
+        bool dup;
+        assert_int_equal(spk_kv_dedupe_mark(t, "edge-full", (uint64_t)(marks + j), marks + j,
+                                            &dup, NULL), 0);
+        assert_false(dup);
+    }
+    commit(t);
+}
+
 /* In another process, open the store with a map of map_size and write `n` values of
  * 64 KiB, keys big-<first>... */
 static void grow_in_child(fixture *f, uint64_t map_size, int first, int n)
@@ -1171,6 +1216,7 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_group_commit, setup, teardown),
         cmocka_unit_test_setup_teardown(test_dedupe_mark_expire, setup, teardown),
         cmocka_unit_test_setup_teardown(test_map_full, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_map_full_by_marks, setup, teardown),
         cmocka_unit_test_setup_teardown(test_map_resized, setup, teardown),
         cmocka_unit_test_setup_teardown(test_reset_renew, setup, teardown),
         cmocka_unit_test_setup_teardown(test_two_processes, setup, teardown),
