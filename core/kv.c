@@ -53,8 +53,8 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
-#define KV_FORMAT 1u
-#define DD_KEY 12u      /* edge number + seq */
+#define KV_FORMAT   1u
+#define DD_KEY      12u /* edge number + seq */
 #define DD_TIME_KEY 20u /* time + edge number + seq */
 
 struct spk_kv {
@@ -62,9 +62,10 @@ struct spk_kv {
     MDB_dbi kv, dd, dd_time, dd_edges, meta;
     spk_kv_opts opts;
     char *path;
-    pid_t pid;       /* the process that opened it: the only one that may use it */
-    unsigned n_top;  /* top-level transactions open */
-    bool writing;    /* one of them is a write transaction */
+    pid_t pid;         /* the process that opened it: the only one that may use it */
+    unsigned n_active; /* top-level transactions open and not reset: while there are
+                          any, a map grown by another process cannot be adopted */
+    bool writing;      /* one of them is a write transaction */
     uint64_t dead_readers;
 };
 
@@ -142,8 +143,8 @@ static int lmdb_err(const spk_kv *kv, int rc, const char *what, spk_errbuf *eb)
     case EFBIG:
     case EIO:
         return spk_errf(eb, SPK_EQUEUE_UNAVAILABLE,
-                        "kv store %s: %s: cannot write (%s; disk full?); nothing was stored",
-                        path, what, mdb_strerror(rc));
+                        "kv store %s: %s: cannot write (%s; disk full?); nothing was stored", path,
+                        what, mdb_strerror(rc));
     case ENOMEM:
         return spk_errf(eb, SPK_ENOMEM, "kv store %s: %s: out of memory", path, what);
     case MDB_CORRUPTED:
@@ -198,12 +199,12 @@ static int txn_usable(const spk_kv_txn *t, bool write, const char *what, spk_err
 }
 
 /* Build the kv DB's key for (ns, key) into buf (SPK_KV_LMDB_MAX_KEY bytes). */
-static int kv_key(const spk_kv_txn *t, uint32_t ns, const void *key, size_t klen,
-                  uint8_t *buf, MDB_val *k, const char *what, spk_errbuf *eb)
+static int kv_key(const spk_kv_txn *t, uint32_t ns, const void *key, size_t klen, uint8_t *buf,
+                  MDB_val *k, const char *what, spk_errbuf *eb)
 {
     if (key == NULL && klen != 0)
-        return spk_errf(eb, SPK_EINVAL, "kv store %s: %s: NULL key of %zu bytes", t->kv->path,
-                        what, klen);
+        return spk_errf(eb, SPK_EINVAL, "kv store %s: %s: NULL key of %zu bytes", t->kv->path, what,
+                        klen);
     if (klen > SPK_KV_MAX_KEY)
         return spk_errf(eb, SPK_EINVAL,
                         "kv store %s: %s: plugin %u: key of %zu bytes is over the limit of "
@@ -344,8 +345,8 @@ int spk_kv_open(const char *dir, const spk_kv_opts *o, spk_kv **out, spk_errbuf 
         err = lmdb_err(kv, rc, "open its databases", eb);
         if (rc == MDB_INCOMPATIBLE)
             err = spk_errf(eb, SPK_ECORRUPT,
-                           "kv store %s: not a spoke kv store, or of another format (want %u)",
-                           dir, KV_FORMAT);
+                           "kv store %s: not a spoke kv store, or of another format (want %u)", dir,
+                           KV_FORMAT);
         goto fail;
     }
     *out = kv;
@@ -389,30 +390,36 @@ const char *spk_kv_path(const spk_kv *kv)
 
 /* ---- transactions -------------------------------------------------------------------- */
 
-int spk_kv_begin(spk_kv *kv, spk_kv_txn *parent, bool write, spk_kv_txn **out,
-                 spk_errbuf *eb)
+int spk_kv_begin(spk_kv *kv, spk_kv_txn *parent, bool write, spk_kv_txn **out, spk_errbuf *eb)
 {
     if (kv == NULL || out == NULL)
         return spk_errf(eb, SPK_EINVAL, "kv begin: no handle");
     *out = NULL;
     if (parent != NULL) {
         if (parent->kv != kv)
-            return spk_errf(eb, SPK_EINVAL, "kv store %s: begin: the parent belongs to "
-                            "another store", kv->path);
+            return spk_errf(eb, SPK_EINVAL,
+                            "kv store %s: begin: the parent belongs to "
+                            "another store",
+                            kv->path);
         if (!write || !parent->write)
-            return spk_errf(eb, SPK_EINVAL, "kv store %s: begin: only write transactions "
-                            "nest", kv->path);
+            return spk_errf(eb, SPK_EINVAL,
+                            "kv store %s: begin: only write transactions "
+                            "nest",
+                            kv->path);
         int err = txn_usable(parent, true, "begin nested", eb);
         if (err != 0)
             return err;
     } else {
         if (kv->pid != getpid())
-            return spk_errf(eb, SPK_EINVAL, "kv store %s: begin: the handle was opened by "
+            return spk_errf(eb, SPK_EINVAL,
+                            "kv store %s: begin: the handle was opened by "
                             "process %ld; open the store again after fork",
                             kv->path, (long)kv->pid);
         if (write && kv->writing)
-            return spk_errf(eb, SPK_EBUSY, "kv store %s: begin: this process already holds "
-                            "the store's write transaction", kv->path);
+            return spk_errf(eb, SPK_EBUSY,
+                            "kv store %s: begin: this process already holds "
+                            "the store's write transaction",
+                            kv->path);
     }
     spk_kv_txn *t = calloc(1, sizeof(*t));
     if (t == NULL)
@@ -420,7 +427,7 @@ int spk_kv_begin(spk_kv *kv, spk_kv_txn *parent, bool write, spk_kv_txn **out,
     unsigned flags = write ? 0 : MDB_RDONLY;
     MDB_txn *ptxn = parent != NULL ? parent->txn : NULL;
     int rc = mdb_txn_begin(kv->env, ptxn, flags, &t->txn);
-    if (rc == MDB_MAP_RESIZED && parent == NULL && kv->n_top == 0) {
+    if (rc == MDB_MAP_RESIZED && parent == NULL && kv->n_active == 0) {
         /* Another process grew the map: adopt its size (allowed with no transaction of
          * ours open), then try again. */
         rc = mdb_env_set_mapsize(kv->env, 0);
@@ -437,7 +444,7 @@ int spk_kv_begin(spk_kv *kv, spk_kv_txn *parent, bool write, spk_kv_txn **out,
     if (parent != NULL) {
         parent->child = t;
     } else {
-        kv->n_top++;
+        kv->n_active++;
         kv->writing = kv->writing || write;
     }
     *out = t;
@@ -450,7 +457,8 @@ static void txn_free(spk_kv_txn *t)
     if (t->parent != NULL) {
         t->parent->child = NULL;
     } else {
-        t->kv->n_top--;
+        if (!t->reset)
+            t->kv->n_active--;
         if (t->write)
             t->kv->writing = false;
     }
@@ -485,13 +493,16 @@ int spk_kv_commit(spk_kv_txn *t, spk_errbuf *eb)
     if (t == NULL)
         return spk_errf(eb, SPK_EINVAL, "kv commit: no transaction");
     if (t->child != NULL) {
-        int err = spk_errf(eb, SPK_EINVAL, "kv store %s: commit: a nested transaction is "
-                           "still open; both were aborted", t->kv->path);
+        int err = spk_errf(eb, SPK_EINVAL,
+                           "kv store %s: commit: a nested transaction is "
+                           "still open; both were aborted",
+                           t->kv->path);
         spk_kv_abort(t);
         return err;
     }
     if (t->failed != 0) {
-        int err = spk_errf(eb, t->failed, "kv store %s: commit: an earlier call failed in "
+        int err = spk_errf(eb, t->failed,
+                           "kv store %s: commit: an earlier call failed in "
                            "this transaction (%s); it was aborted",
                            t->kv->path, spk_strerror(t->failed));
         spk_kv_abort(t);
@@ -513,6 +524,7 @@ void spk_kv_reset(spk_kv_txn *t)
         return;
     mdb_txn_reset(t->txn);
     t->reset = true;
+    t->kv->n_active--;
 }
 
 int spk_kv_renew(spk_kv_txn *t, spk_errbuf *eb)
@@ -520,14 +532,16 @@ int spk_kv_renew(spk_kv_txn *t, spk_errbuf *eb)
     if (t == NULL || !t->reset)
         return spk_errf(eb, SPK_EINVAL, "kv renew: not a reset read-only transaction");
     int rc = mdb_txn_renew(t->txn);
-    if (rc == MDB_MAP_RESIZED && t->kv->n_top == 1) {
-        /* only this (reset) transaction is open: the map may be adopted */
+    if (rc == MDB_MAP_RESIZED && t->kv->n_active == 0) {
+        /* no snapshot of ours is in use: the map may be adopted (reset transactions
+         * hold a reader slot but no pointer into the map) */
         if ((rc = mdb_env_set_mapsize(t->kv->env, 0)) == 0)
             rc = mdb_txn_renew(t->txn);
     }
     if (rc != 0)
         return lmdb_err(t->kv, rc, "renew", eb);
     t->reset = false;
+    t->kv->n_active++;
     return 0;
 }
 
@@ -569,8 +583,8 @@ int spk_kv_put(spk_kv_txn *t, uint32_t ns, const void *key, size_t klen, const v
     if (err != 0 || (err = kv_key(t, ns, key, klen, kb, &k, "put", eb)) != 0)
         return err;
     if (val == NULL && vlen != 0)
-        return spk_errf(eb, SPK_EINVAL, "kv store %s: put: NULL value of %zu bytes",
-                        t->kv->path, vlen);
+        return spk_errf(eb, SPK_EINVAL, "kv store %s: put: NULL value of %zu bytes", t->kv->path,
+                        vlen);
     if (vlen > SPK_KV_MAX_VALUE)
         return spk_errf(eb, SPK_EPAYLOAD_TOO_LARGE,
                         "kv store %s: put: plugin %u: value of %zu bytes is over the limit "
@@ -610,8 +624,8 @@ static bool has_prefix(const MDB_val *k, const uint8_t *pfx, size_t plen)
 }
 
 int spk_kv_scan(spk_kv_txn *t, uint32_t ns, const void *prefix, size_t plen, const void *after,
-                size_t alen, size_t max, spk_kv_scan_cb cb, void *arg, size_t *visited,
-                bool *more, spk_errbuf *eb)
+                size_t alen, size_t max, spk_kv_scan_cb cb, void *arg, size_t *visited, bool *more,
+                spk_errbuf *eb)
 {
     if (visited != NULL)
         *visited = 0;
@@ -641,8 +655,7 @@ int spk_kv_scan(spk_kv_txn *t, uint32_t ns, const void *prefix, size_t plen, con
         return lmdb_err(t->kv, rc, "scan", eb);
     MDB_val k = start, v;
     rc = mdb_cursor_get(c, &k, &v, MDB_SET_RANGE);
-    if (rc == 0 && skip_equal && bytes_cmp(k.mv_data, k.mv_size, start.mv_data,
-                                           start.mv_size) == 0)
+    if (rc == 0 && skip_equal && bytes_cmp(k.mv_data, k.mv_size, start.mv_data, start.mv_size) == 0)
         rc = mdb_cursor_get(c, &k, &v, MDB_NEXT);
     size_t n = 0;
     while (rc == 0 && has_prefix(&k, pb, pk.mv_size)) {
@@ -652,8 +665,8 @@ int spk_kv_scan(spk_kv_txn *t, uint32_t ns, const void *prefix, size_t plen, con
             break;
         }
         t->scanning = true;
-        int r = cb(arg, (const uint8_t *)k.mv_data + SPK_KV_NS_PREFIX,
-                   k.mv_size - SPK_KV_NS_PREFIX, v.mv_data, v.mv_size);
+        int r = cb(arg, (const uint8_t *)k.mv_data + SPK_KV_NS_PREFIX, k.mv_size - SPK_KV_NS_PREFIX,
+                   v.mv_data, v.mv_size);
         t->scanning = false;
         n++;
         if (r < 0) {
@@ -692,8 +705,7 @@ static int check_edge(const spk_kv_txn *t, const char *edge_id, size_t *len, spk
 
 /* The number of edge `edge_id`; with `create`, assign one if it has none (t must be a
  * write transaction). MDB_NOTFOUND when it has none and !create. */
-static int edge_number(spk_kv_txn *t, const char *edge_id, size_t len, bool create,
-                       uint32_t *no)
+static int edge_number(spk_kv_txn *t, const char *edge_id, size_t len, bool create, uint32_t *no)
 {
     MDB_val k = {len, (void *)edge_id}, v;
     int rc = mdb_get(t->txn, t->kv->dd_edges, &k, &v);
@@ -750,8 +762,8 @@ int spk_kv_dedupe_mark(spk_kv_txn *t, const char *edge_id, uint64_t seq, int64_t
     return rc == 0 ? 0 : write_failed(t, rc, "dedupe mark (time index)", eb);
 }
 
-int spk_kv_dedupe_marked(spk_kv_txn *t, const char *edge_id, uint64_t seq,
-                         int64_t *marked_ms, spk_errbuf *eb)
+int spk_kv_dedupe_marked(spk_kv_txn *t, const char *edge_id, uint64_t seq, int64_t *marked_ms,
+                         spk_errbuf *eb)
 {
     size_t len;
     int err = txn_usable(t, false, "dedupe lookup", eb);
@@ -767,8 +779,8 @@ int spk_kv_dedupe_marked(spk_kv_txn *t, const char *edge_id, uint64_t seq,
         rc = mdb_get(t->txn, t->kv->dd, &k, &v);
     }
     if (rc == MDB_NOTFOUND)
-        return spk_errf(eb, SPK_ENOENT, "kv store %s: edge %s seq %llu: not marked",
-                        t->kv->path, edge_id, (unsigned long long)seq);
+        return spk_errf(eb, SPK_ENOENT, "kv store %s: edge %s seq %llu: not marked", t->kv->path,
+                        edge_id, (unsigned long long)seq);
     if (rc == 0 && v.mv_size != 8)
         rc = MDB_CORRUPTED;
     if (rc != 0)
@@ -780,8 +792,7 @@ int spk_kv_dedupe_marked(spk_kv_txn *t, const char *edge_id, uint64_t seq,
 
 /* One expiry transaction's work on an open write transaction: remove up to `limit` of the
  * oldest marks made before `cutoff`. *n receives how many; *done whether no more are. */
-static int expire_some(spk_kv_txn *t, uint64_t cutoff, uint32_t limit, uint32_t *n,
-                       bool *done)
+static int expire_some(spk_kv_txn *t, uint64_t cutoff, uint32_t limit, uint32_t *n, bool *done)
 {
     MDB_cursor *c;
     int rc = mdb_cursor_open(t->txn, t->kv->dd_time, &c);
@@ -792,8 +803,8 @@ static int expire_some(spk_kv_txn *t, uint64_t cutoff, uint32_t limit, uint32_t 
     MDB_val k, v;
     while (*n < limit) {
         rc = mdb_cursor_get(c, &k, &v, MDB_FIRST);
-        if (rc == MDB_NOTFOUND || (rc == 0 && k.mv_size == DD_TIME_KEY &&
-                                   be64_get(k.mv_data) >= cutoff)) {
+        if (rc == MDB_NOTFOUND ||
+            (rc == 0 && k.mv_size == DD_TIME_KEY && be64_get(k.mv_data) >= cutoff)) {
             *done = true;
             rc = 0;
             break;
@@ -814,8 +825,7 @@ static int expire_some(spk_kv_txn *t, uint64_t cutoff, uint32_t limit, uint32_t 
     return rc;
 }
 
-int spk_kv_dedupe_expire(spk_kv *kv, int64_t older_than_ms, uint64_t *removed,
-                         spk_errbuf *eb)
+int spk_kv_dedupe_expire(spk_kv *kv, int64_t older_than_ms, uint64_t *removed, spk_errbuf *eb)
 {
     if (removed != NULL)
         *removed = 0;

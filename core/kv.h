@@ -115,12 +115,12 @@ typedef struct spk_kv_txn spk_kv_txn;
 
 /* Options of spk_kv_open(). Fill with spk_kv_opts_init(), then override. */
 typedef struct spk_kv_opts {
-    uint64_t map_size;     /* LMDB map size in bytes: the most the store can hold
-                              (default 1 GiB); a bigger size stored in the file wins */
-    bool sync;             /* flush at every top-level commit (default true; see
-                              DURABILITY) */
-    unsigned max_readers;  /* read transactions open at once, all processes together
-                              (default 126, LMDB's) */
+    uint64_t map_size;       /* LMDB map size in bytes: the most the store can hold
+                                (default 1 GiB); a bigger size stored in the file wins */
+    bool sync;               /* flush at every top-level commit (default true; see
+                                DURABILITY) */
+    unsigned max_readers;    /* read transactions open at once, all processes together
+                                (default 126, LMDB's) */
     uint32_t expire_per_txn; /* marks per expiry transaction (default
                                 SPK_KV_EXPIRE_PER_TXN; tests lower it) */
 } spk_kv_opts;
@@ -161,9 +161,9 @@ const char *spk_kv_path(const spk_kv *kv);
  * owned by the caller until spk_kv_commit() or spk_kv_abort() ends it. Returns 0,
  * SPK_EINVAL, SPK_EBUSY (a top-level write transaction while this handle holds one),
  * SPK_EQUEUE_UNAVAILABLE (the parent failed earlier, or LMDB refused: too many readers,
- * map resized while transactions of this handle are open), SPK_ENOMEM. */
-int spk_kv_begin(spk_kv *kv, spk_kv_txn *parent, bool write, spk_kv_txn **out,
-                 spk_errbuf *eb);
+ * or another process grew the map while transactions of this handle that are not reset
+ * are open; retry once they ended), SPK_ENOMEM. */
+int spk_kv_begin(spk_kv *kv, spk_kv_txn *parent, bool write, spk_kv_txn **out, spk_errbuf *eb);
 
 /* Commit t and end it, whatever the result (t is freed). A nested transaction's changes
  * become its parent's; a top-level one's become visible to every process, durable as
@@ -197,8 +197,8 @@ bool spk_kv_txn_writable(const spk_kv_txn *t);
 /* Look up `key` (klen bytes, at most SPK_KV_MAX_KEY; may be NULL when klen is 0) of
  * namespace `ns`. On success *val and *vlen describe the value, BORROWED from the store:
  * valid until t (or an ancestor) ends or is reset, or the next write (put, del,
- * dedupe_mark) in t or a child of t; copy it to keep it. Returns 0, SPK_ENOENT (absent; *val = NULL, *vlen = 0), SPK_EINVAL,
- * SPK_EQUEUE_UNAVAILABLE (t failed earlier), SPK_ECORRUPT. */
+ * dedupe_mark) in t or a child of t; copy it to keep it. Returns 0, SPK_ENOENT (absent; *val =
+ * NULL, *vlen = 0), SPK_EINVAL, SPK_EQUEUE_UNAVAILABLE (t failed earlier), SPK_ECORRUPT. */
 int spk_kv_get(spk_kv_txn *t, uint32_t ns, const void *key, size_t klen, const void **val,
                size_t *vlen, spk_errbuf *eb);
 
@@ -231,8 +231,8 @@ typedef int (*spk_kv_scan_cb)(void *arg, const void *key, size_t klen, const voi
  * Returns 0, the callback's negative code, SPK_EINVAL, SPK_EQUEUE_UNAVAILABLE (t failed
  * earlier), SPK_ENOMEM. */
 int spk_kv_scan(spk_kv_txn *t, uint32_t ns, const void *prefix, size_t plen, const void *after,
-                size_t alen, size_t max, spk_kv_scan_cb cb, void *arg, size_t *visited,
-                bool *more, spk_errbuf *eb);
+                size_t alen, size_t max, spk_kv_scan_cb cb, void *arg, size_t *visited, bool *more,
+                spk_errbuf *eb);
 
 /* ---- dedupe marks (hubd) ------------------------------------------------------------- */
 
@@ -248,33 +248,33 @@ int spk_kv_dedupe_mark(spk_kv_txn *t, const char *edge_id, uint64_t seq, int64_t
 /* Whether (edge_id, seq) is marked, in any transaction t; *marked_ms (if not NULL)
  * receives the time of its mark. Returns 0 (marked), SPK_ENOENT (not marked), SPK_EINVAL,
  * SPK_EQUEUE_UNAVAILABLE (t failed earlier), SPK_ECORRUPT. */
-int spk_kv_dedupe_marked(spk_kv_txn *t, const char *edge_id, uint64_t seq,
-                         int64_t *marked_ms, spk_errbuf *eb);
+int spk_kv_dedupe_marked(spk_kv_txn *t, const char *edge_id, uint64_t seq, int64_t *marked_ms,
+                         spk_errbuf *eb);
 
 /* Remove every mark made before older_than_ms (time < older_than_ms), oldest first, in
  * write transactions of at most opts.expire_per_txn marks each (fewer when the map is
- * full: see ERRORS), so a large expiry holds the write lock only briefly at a time; each one is committed (and flushed per
- * opts.sync) before the next begins. Marks at or after older_than_ms stay. hubd calls it
- * with now - dedupe_retention, on a timer; it also clears dead readers (spk_kv_sync). It begins its own transactions: do not call it while this
- * handle holds a write transaction (SPK_EBUSY). *removed (if not NULL) receives the number
- * removed, also on failure (what earlier transactions committed). Returns 0, SPK_EINVAL,
- * SPK_EBUSY, SPK_EQUEUE_UNAVAILABLE, SPK_ECORRUPT, SPK_ENOMEM. */
-int spk_kv_dedupe_expire(spk_kv *kv, int64_t older_than_ms, uint64_t *removed,
-                         spk_errbuf *eb);
+ * full: see ERRORS), so a large expiry holds the write lock only briefly at a time; each one is
+ * committed (and flushed per opts.sync) before the next begins. Marks at or after older_than_ms
+ * stay. hubd calls it with now - dedupe_retention, on a timer; it also clears dead readers
+ * (spk_kv_sync). It begins its own transactions: do not call it while this handle holds a write
+ * transaction (SPK_EBUSY). *removed (if not NULL) receives the number removed, also on failure
+ * (what earlier transactions committed). Returns 0, SPK_EINVAL, SPK_EBUSY, SPK_EQUEUE_UNAVAILABLE,
+ * SPK_ECORRUPT, SPK_ENOMEM. */
+int spk_kv_dedupe_expire(spk_kv *kv, int64_t older_than_ms, uint64_t *removed, spk_errbuf *eb);
 
 /* ---- statistics ----------------------------------------------------------------------- */
 
 typedef struct spk_kv_stats {
-    uint64_t kv_entries;     /* keys of every namespace */
-    uint64_t dedupe_marks;   /* marks */
-    uint64_t dedupe_edges;   /* edges ever marked (never forgotten; see kv.c) */
-    uint64_t map_size;       /* bytes */
-    uint64_t map_used;       /* bytes of the map in use (pages up to the last used one) */
-    uint64_t last_txn_id;    /* LMDB's ID of the last committed write transaction: grows
-                                by one per top-level commit, of any process */
-    unsigned readers;        /* reader slots used so far (LMDB's high-water mark) */
-    uint64_t dead_readers;   /* slots of dead processes this handle cleared (open, sync,
-                                expire) */
+    uint64_t kv_entries;   /* keys of every namespace */
+    uint64_t dedupe_marks; /* marks */
+    uint64_t dedupe_edges; /* edges ever marked (never forgotten; see kv.c) */
+    uint64_t map_size;     /* bytes */
+    uint64_t map_used;     /* bytes of the map in use (pages up to the last used one) */
+    uint64_t last_txn_id;  /* LMDB's ID of the last committed write transaction: grows
+                              by one per top-level commit, of any process */
+    unsigned readers;      /* reader slots used so far (LMDB's high-water mark) */
+    uint64_t dead_readers; /* slots of dead processes this handle cleared (open, sync,
+                              expire) */
 } spk_kv_stats;
 
 /* Fill *st from a fresh read-only transaction. Returns 0, SPK_EINVAL,

@@ -118,8 +118,8 @@ static void assert_value(spk_kv_txn *t, uint32_t ns, const char *k, const char *
     if (want == NULL && got != NULL)
         fail_msg("key %s: want absent, got \"%s\"", k, got);
     if (want != NULL && (got == NULL || strcmp(got, want) != 0))
-        fail_msg("key %s: want \"%s\", got %s%s%s", k, want, got ? "\"" : "",
-                 got ? got : "absent", got ? "\"" : "");
+        fail_msg("key %s: want \"%s\", got %s%s%s", k, want, got ? "\"" : "", got ? got : "absent",
+                 got ? "\"" : "");
 }
 
 static spk_kv_stats stats(fixture *f)
@@ -202,8 +202,8 @@ static void test_namespaces(void **state)
 typedef struct scan_log {
     char keys[64][64];
     size_t n;
-    int stop_at; /* return 1 at this callback (1-based); 0: never */
-    int fail_at; /* return -12345 at this one */
+    int stop_at;   /* return 1 at this callback (1-based); 0: never */
+    int fail_at;   /* return -12345 at this one */
     spk_kv_txn *t; /* try a put from the callback when set */
     int put_rc;
 } scan_log;
@@ -223,8 +223,8 @@ static int record(void *arg, const void *k, size_t kl, const void *v, size_t vl)
     return l->stop_at != 0 && (int)l->n == l->stop_at ? 1 : 0;
 }
 
-static size_t scan(spk_kv_txn *t, uint32_t ns, const char *prefix, const char *after,
-                   size_t max, scan_log *l, bool *more)
+static size_t scan(spk_kv_txn *t, uint32_t ns, const char *prefix, const char *after, size_t max,
+                   scan_log *l, bool *more)
 {
     size_t visited = 99;
     l->n = 0;
@@ -351,10 +351,12 @@ static void test_limits(void **state)
     assert_int_equal(spk_kv_get(t, 1, buf, SPK_KV_MAX_KEY + 1, &v, &vl, NULL), SPK_EINVAL);
     assert_int_equal(spk_kv_del(t, 1, buf, SPK_KV_MAX_KEY + 1, NULL), SPK_EINVAL);
     bool more;
-    assert_int_equal(spk_kv_scan(t, 1, buf, SPK_KV_MAX_KEY + 1, NULL, 0, 0, record, NULL,
-                                 NULL, &more, NULL), SPK_EINVAL);
-    assert_int_equal(spk_kv_scan(t, 1, "a", 1, buf, SPK_KV_MAX_KEY + 1, 0, record, NULL, NULL,
-                                 &more, NULL), SPK_EINVAL);
+    assert_int_equal(
+        spk_kv_scan(t, 1, buf, SPK_KV_MAX_KEY + 1, NULL, 0, 0, record, NULL, NULL, &more, NULL),
+        SPK_EINVAL);
+    assert_int_equal(
+        spk_kv_scan(t, 1, "a", 1, buf, SPK_KV_MAX_KEY + 1, 0, record, NULL, NULL, &more, NULL),
+        SPK_EINVAL);
 
     /* value: SPK_KV_MAX_VALUE accepted, one more refused with its own code */
     assert_int_equal(spk_kv_put(t, 2, "big", 3, buf, SPK_KV_MAX_VALUE, &eb), 0);
@@ -511,8 +513,8 @@ static int deliver(spk_kv_txn *parent, spk_kv *kv, const char *edge, uint64_t se
  * the payload (b, fail_seq) failing; returns how many were duplicates. Never asserts (a
  * forked child runs it); < 0 on an error. With kill_before_commit the process SIGKILLs
  * itself where it would commit. */
-static int group_commit(spk_kv *kv, int nb, uint64_t first, int per, int fail_b,
-                        uint64_t fail_seq, int64_t now, bool kill_before_commit)
+static int group_commit(spk_kv *kv, int nb, uint64_t first, int per, int fail_b, uint64_t fail_seq,
+                        int64_t now, bool kill_before_commit)
 {
     spk_kv_txn *t;
     int rc = spk_kv_begin(kv, NULL, true, &t, NULL);
@@ -808,8 +810,9 @@ static int proc_writer(const char *dir, const spk_kv_opts *o, int id)
             spk_kv_put(t, 3, k, strlen(k), &n, sizeof(n), NULL) != 0)
             return 14;
         bool dup;
-        if (spk_kv_dedupe_mark(t, id ? "edge-b" : "edge-a", (uint64_t)i, 1000 + i, &dup,
-                               NULL) != 0 || dup)
+        if (spk_kv_dedupe_mark(t, id ? "edge-b" : "edge-a", (uint64_t)i, 1000 + i, &dup, NULL) !=
+                0 ||
+            dup)
             return 15;
         if (spk_kv_commit(t, NULL) != 0)
             return 16;
@@ -863,8 +866,8 @@ static void test_two_processes(void **state)
     memcpy(&n, v, sizeof(n));
     assert_int_equal(n, 2 * PROC_TXNS);
     size_t seen = 0, visited;
-    assert_int_equal(spk_kv_scan(t, 3, "w", 1, NULL, 0, 0, count_cb, &seen, &visited, NULL,
-                                 NULL), 0);
+    assert_int_equal(spk_kv_scan(t, 3, "w", 1, NULL, 0, 0, count_cb, &seen, &visited, NULL, NULL),
+                     0);
     assert_int_equal(seen, 2 * PROC_TXNS);
     spk_kv_abort(t);
     assert_int_equal(stats(f).dedupe_marks, 2 * PROC_TXNS);
@@ -1037,8 +1040,7 @@ static void test_map_full_by_marks(void **state)
         rc = spk_kv_put(t, 1, k, strlen(k), "counted", 7, &eb);
         for (int j = 0; j < 10 && rc == 0; j++) {
             bool dup;
-            rc = spk_kv_dedupe_mark(t, "edge-full", (uint64_t)(marks + j), marks + j, &dup,
-                                    &eb);
+            rc = spk_kv_dedupe_mark(t, "edge-full", (uint64_t)(marks + j), marks + j, &dup, &eb);
         }
         if (rc == 0)
             rc = spk_kv_commit(t, &eb);
@@ -1059,8 +1061,8 @@ static void test_map_full_by_marks(void **state)
     spk_kv_txn *t = begin(f, NULL, true);
     for (int j = 0; j < 10; j++) {
         bool dup;
-        assert_int_equal(spk_kv_dedupe_mark(t, "edge-full", (uint64_t)(marks + j), marks + j,
-                                            &dup, NULL), 0);
+        assert_int_equal(
+            spk_kv_dedupe_mark(t, "edge-full", (uint64_t)(marks + j), marks + j, &dup, NULL), 0);
         assert_false(dup);
     }
     commit(t);
@@ -1117,13 +1119,18 @@ static void test_map_resized(void **state)
     assert_int_equal(stats(f).map_size, 16 * 1024 * 1024);
     assert_int_equal(stats(f).kv_entries, 65);
 
-    /* again, with no transaction open here: a top-level begin adopts it */
+    /* again, with only a reset transaction here: a top-level begin adopts it */
+    r = begin(f, NULL, false);
+    spk_kv_reset(r);
     grow_in_child(f, 32 * 1024 * 1024, 64, 192); /* 12 MiB more */
     t = begin(f, NULL, true);
     assert_int_equal(spk_kv_get(t, 1, "big-255", 7, &v, &vl, NULL), 0);
     put_s(t, 1, "small2", "fits");
     commit(t);
     assert_int_equal(stats(f).map_size, 32 * 1024 * 1024);
+    assert_int_equal(spk_kv_renew(r, NULL), 0);
+    assert_int_equal(spk_kv_get(r, 1, "small2", 6, &v, &vl, NULL), 0);
+    spk_kv_abort(r);
     /* while a transaction of this handle is open it cannot: a clean error */
     r = begin(f, NULL, false);
     grow_in_child(f, 64 * 1024 * 1024, 256, 256); /* 16 MiB more */
@@ -1157,10 +1164,10 @@ static void test_reset_renew(void **state)
     put_s(w, 1, "k", "v2");
     commit(w);
     assert_int_equal(spk_kv_renew(r, NULL), 0);
-    assert_value(r, 1, "k", "v2"); /* the latest snapshot */
+    assert_value(r, 1, "k", "v2");                       /* the latest snapshot */
     assert_int_equal(spk_kv_renew(r, NULL), SPK_EINVAL); /* not reset */
     spk_kv_reset(r);
-    spk_kv_reset(r); /* twice is fine */
+    spk_kv_reset(r);                             /* twice is fine */
     assert_int_equal(spk_kv_commit(r, NULL), 0); /* ends a reset one */
     w = begin(f, NULL, true);
     spk_kv_reset(w); /* a no-op on a write transaction */
