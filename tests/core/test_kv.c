@@ -992,6 +992,97 @@ static void test_kill9_mid_txn(void **state)
     assert_int_equal(stats(f).kv_entries, entries + 6);
 }
 
+/* A writer for test_kill9_random: forever, group commits of 5 payloads of its edge, each
+ * marked and (if new) delivered in a nested transaction that adds one to "total" and
+ * stores item:<edge>:<seq>; every third commit also resends its last 3 payloads. So at
+ * every commit total == items == marks, whoever dies when. */
+static void random_writer(const char *dir, const spk_kv_opts *o, int id)
+{
+    spk_kv *kv;
+    if (spk_kv_open(dir, o, &kv, NULL) != 0)
+        _exit(10);
+    char edge[16], nk[16];
+    snprintf(edge, sizeof(edge), "edge-%d", id);
+    snprintf(nk, sizeof(nk), "next:%d", id);
+    for (unsigned round = 0;; round++) {
+        spk_kv_txn *t, *c;
+        const void *v;
+        size_t vl;
+        uint64_t next = 0;
+        if (spk_kv_begin(kv, NULL, true, &t, NULL) != 0)
+            _exit(11);
+        if (spk_kv_get(t, 9, nk, strlen(nk), &v, &vl, NULL) == 0)
+            memcpy(&next, v, sizeof(next));
+        uint64_t first = round % 3 == 2 && next >= 3 ? next - 3 : next;
+        for (uint64_t s = first; s < first + 5; s++) {
+            bool dup;
+            if (spk_kv_dedupe_mark(t, edge, s, 1000 + (int64_t)round, &dup, NULL) != 0)
+                _exit(12);
+            if (dup)
+                continue;
+            if (spk_kv_begin(kv, t, true, &c, NULL) != 0)
+                _exit(13);
+            uint64_t total = 0;
+            if (spk_kv_get(c, 9, "total", 5, &v, &vl, NULL) == 0)
+                memcpy(&total, v, sizeof(total));
+            total++;
+            char ik[48];
+            snprintf(ik, sizeof(ik), "item:%s:%08llu", edge, (unsigned long long)s);
+            if (spk_kv_put(c, 9, "total", 5, &total, sizeof(total), NULL) != 0 ||
+                spk_kv_put(c, 9, ik, strlen(ik), "x", 1, NULL) != 0 || spk_kv_commit(c, NULL))
+                _exit(14);
+        }
+        next = first + 5;
+        if (spk_kv_put(t, 9, nk, strlen(nk), &next, sizeof(next), NULL) != 0 ||
+            spk_kv_commit(t, NULL) != 0)
+            _exit(15);
+    }
+}
+
+/* Writers killed at random moments (in a transaction, in a nested one, in a commit and
+ * its flush): after each round the store is consistent and its invariant holds. */
+static void test_kill9_random(void **state)
+{
+    fixture *f = *state;
+    kv_open(f);
+    srand(12345);
+    uint64_t last_total = 0;
+    for (int round = 0; round < 16; round++) {
+        f->opts.sync = round % 2 == 1; /* with and without the flush at commit */
+        pid_t pids[2];
+        for (int id = 0; id < 2; id++) {
+            pids[id] = fork();
+            assert_true(pids[id] >= 0);
+            if (pids[id] == 0)
+                random_writer(f->dir, &f->opts, id);
+        }
+        usleep(5000 + (useconds_t)(rand() % 45000));
+        for (int id = 0; id < 2; id++)
+            assert_int_equal(kill(pids[id], SIGKILL), 0);
+        for (int id = 0; id < 2; id++) {
+            int st = wait_child(pids[id]);
+            if (!WIFSIGNALED(st))
+                fail_msg("round %d: writer %d exited with %d", round, id, WEXITSTATUS(st));
+        }
+        /* a write transaction first: the dead writer's lock must be recovered */
+        spk_kv_txn *t = begin(f, NULL, true);
+        const void *v;
+        size_t vl;
+        uint64_t total = 0;
+        if (spk_kv_get(t, 9, "total", 5, &v, &vl, NULL) == 0)
+            memcpy(&total, v, sizeof(total));
+        size_t items = 0;
+        assert_int_equal(
+            spk_kv_scan(t, 9, "item:", 5, NULL, 0, 0, count_cb, &items, NULL, NULL, NULL), 0);
+        commit(t);
+        assert_int_equal(items, total);
+        assert_int_equal(stats(f).dedupe_marks, total);
+        assert_true(total >= last_total);
+        last_total = total;
+    }
+    assert_true(last_total > 0); /* they got somewhere */
+}
+
 /* Exactly once across a hub crash: a group commit killed before its commit leaves neither
  * marks nor KV writes; the resend is delivered once. */
 static void test_kill9_group_commit(void **state)
@@ -1229,6 +1320,7 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_two_processes, setup, teardown),
         cmocka_unit_test_setup_teardown(test_kill9_mid_txn, setup, teardown),
         cmocka_unit_test_setup_teardown(test_kill9_group_commit, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_kill9_random, setup, teardown),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
