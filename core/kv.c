@@ -13,7 +13,8 @@
  *   dedupe_edges  key: an edge ID's bytes; value: its edge number (u32, host order),
  *                 assigned on the edge's first mark as the DB's entry count + 1 (entries
  *                 are never deleted, so numbers are never reused).
- *   meta          "format" -> u32 (1).
+ *   kv_meta       "format" -> u32 (1). Its presence is what makes an environment a kv
+ *                 store: spk_kv_open() adds its DBs only to an empty one.
  *
  * WHY A TIME INDEX. A mark must be found by its exact (edge, seq): a batch resent after a
  * hub crash repeats sequence numbers, and a payload that found no receiver is delivered
@@ -248,7 +249,7 @@ static void clear_dead_readers(spk_kv *kv)
         kv->dead_readers += (uint64_t)dead;
 }
 
-static const char *const db_names[] = {"kv", "dedupe", "dedupe_time", "dedupe_edges", "meta"};
+static const char *const db_names[] = {"kv", "dedupe", "dedupe_time", "dedupe_edges", "kv_meta"};
 
 /* Open the named DBs (creating them, and the format mark, when `create`). MDB_NOTFOUND
  * without `create` means the store is new: the caller retries with it. */
@@ -259,6 +260,18 @@ static int open_dbs(spk_kv *kv, bool create)
     int rc = mdb_txn_begin(kv->env, NULL, create ? 0 : MDB_RDONLY, &txn);
     if (rc != 0)
         return rc;
+    if (create) {
+        /* Not into another LMDB environment (a queue's, say): one that holds anything and
+         * no kv_meta is not ours. (With kv_meta, another process created it meanwhile.) */
+        MDB_dbi main, m;
+        MDB_stat st;
+        if ((rc = mdb_dbi_open(txn, NULL, 0, &main)) != 0 || (rc = mdb_stat(txn, main, &st)) != 0)
+            goto fail;
+        if (st.ms_entries > 0 && mdb_dbi_open(txn, "kv_meta", 0, &m) == MDB_NOTFOUND) {
+            rc = MDB_INCOMPATIBLE;
+            goto fail;
+        }
+    }
     for (size_t i = 0; i < sizeof(dbis) / sizeof(dbis[0]) && rc == 0; i++)
         rc = mdb_dbi_open(txn, db_names[i], create ? MDB_CREATE : 0, dbis[i]);
     if (rc != 0)

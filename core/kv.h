@@ -132,8 +132,9 @@ void spk_kv_opts_init(spk_kv_opts *o);
  * Clears reader slots left by dead processes. `o` may be NULL for defaults. On success
  * *out is a handle the caller closes with spk_kv_close(). Returns 0, SPK_EINVAL,
  * SPK_EQUEUE_UNAVAILABLE (cannot create or open, disk full), SPK_ECORRUPT (not an LMDB
- * store, or one of another format), SPK_EUNSUPPORTED (an LMDB built with a key limit
- * under 511 bytes), SPK_ENOMEM, SPK_EIO. */
+ * file; an LMDB environment that is not a kv store, such as a queue's, which is left
+ * untouched; a kv store of another format), SPK_EUNSUPPORTED (an LMDB built with a key
+ * limit under 511 bytes), SPK_ENOMEM, SPK_EIO. */
 int spk_kv_open(const char *dir, const spk_kv_opts *o, spk_kv **out, spk_errbuf *eb);
 
 /* Close the handle; NULL is allowed. Every transaction of it must have ended. With
@@ -217,8 +218,8 @@ int spk_kv_del(spk_kv_txn *t, uint32_t ns, const void *key, size_t klen, spk_err
 /* Called by spk_kv_scan() for each entry, in key order: the plugin key (without the
  * namespace prefix) and the value, both borrowed for the duration of the call. Return 0
  * to go on, > 0 to stop the scan there (not an error), < 0 to stop it and make
- * spk_kv_scan() return that code. It must not put or del in the scanned transaction
- * (refused with SPK_EINVAL). */
+ * spk_kv_scan() return that code. It must not write in the scanned transaction nor begin
+ * a nested one in it (both refused with SPK_EINVAL), nor end it. */
 typedef int (*spk_kv_scan_cb)(void *arg, const void *key, size_t klen, const void *val,
                               size_t vlen);
 

@@ -23,6 +23,8 @@
 #include <unistd.h>
 #include <cmocka.h>
 
+#include <lmdb.h>
+
 #include "kv.h"
 
 typedef struct fixture {
@@ -1298,6 +1300,31 @@ static void test_open(void **state)
     fclose(fp);
     assert_int_equal(spk_kv_open(bad, NULL, &kv, &eb), SPK_ECORRUPT);
     assert_non_null(strstr(eb.msg, "not an LMDB store"));
+    /* another LMDB environment (a queue's, say) is refused and left as it was */
+    char other[400];
+    snprintf(other, sizeof(other), "%s/other", f->dir);
+    assert_int_equal(mkdir(other, 0700), 0);
+    MDB_env *env;
+    MDB_txn *txn;
+    MDB_dbi dbi;
+    MDB_val k = {4, "key1"}, v = {3, "val"};
+    assert_int_equal(mdb_env_create(&env), 0);
+    assert_int_equal(mdb_env_set_maxdbs(env, 4), 0);
+    assert_int_equal(mdb_env_open(env, other, 0, 0600), 0);
+    assert_int_equal(mdb_txn_begin(env, NULL, 0, &txn), 0);
+    assert_int_equal(mdb_dbi_open(txn, "pending", MDB_CREATE, &dbi), 0);
+    assert_int_equal(mdb_put(txn, dbi, &k, &v, 0), 0);
+    assert_int_equal(mdb_txn_commit(txn), 0);
+    mdb_env_close(env);
+    assert_int_equal(spk_kv_open(other, NULL, &kv, &eb), SPK_ECORRUPT);
+    assert_non_null(strstr(eb.msg, "not a spoke kv store"));
+    assert_int_equal(mdb_env_create(&env), 0);
+    assert_int_equal(mdb_env_set_maxdbs(env, 4), 0);
+    assert_int_equal(mdb_env_open(env, other, MDB_RDONLY, 0600), 0);
+    assert_int_equal(mdb_txn_begin(env, NULL, MDB_RDONLY, &txn), 0);
+    assert_int_equal(mdb_dbi_open(txn, "kv", 0, &dbi), MDB_NOTFOUND);
+    mdb_txn_abort(txn);
+    mdb_env_close(env);
     spk_kv_close(NULL);
     spk_kv_abort(NULL);
 }
