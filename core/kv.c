@@ -701,6 +701,56 @@ int spk_kv_scan(spk_kv_txn *t, uint32_t ns, const void *prefix, size_t plen, con
     return err;
 }
 
+/* ---- one-shot calls ------------------------------------------------------------------ */
+
+int spk_kv_put1(spk_kv *kv, uint32_t ns, const void *key, size_t klen, const void *val, size_t vlen,
+                spk_errbuf *eb)
+{
+    spk_kv_txn *t;
+    int err = spk_kv_begin(kv, NULL, true, &t, eb);
+    if (err != 0)
+        return err;
+    if ((err = spk_kv_put(t, ns, key, klen, val, vlen, eb)) != 0) {
+        spk_kv_abort(t);
+        return err;
+    }
+    return spk_kv_commit(t, eb);
+}
+
+int spk_kv_del1(spk_kv *kv, uint32_t ns, const void *key, size_t klen, spk_errbuf *eb)
+{
+    spk_kv_txn *t;
+    int err = spk_kv_begin(kv, NULL, true, &t, eb);
+    if (err != 0)
+        return err;
+    if ((err = spk_kv_del(t, ns, key, klen, eb)) != 0) {
+        spk_kv_abort(t);
+        return err;
+    }
+    return spk_kv_commit(t, eb);
+}
+
+int spk_kv_get1(spk_kv *kv, uint32_t ns, const void *key, size_t klen, void *buf, size_t cap,
+                size_t *vlen, spk_errbuf *eb)
+{
+    if (vlen == NULL || (buf == NULL && cap != 0))
+        return spk_errf(eb, SPK_EINVAL, "kv get: no place for the value");
+    *vlen = 0;
+    spk_kv_txn *t;
+    int err = spk_kv_begin(kv, NULL, false, &t, eb);
+    if (err != 0)
+        return err;
+    const void *v;
+    size_t n;
+    if ((err = spk_kv_get(t, ns, key, klen, &v, &n, eb)) == 0) {
+        if (cap > 0)
+            memcpy(buf, v, n < cap ? n : cap);
+        *vlen = n;
+    }
+    spk_kv_abort(t);
+    return err;
+}
+
 /* ---- dedupe marks -------------------------------------------------------------------- */
 
 static int check_edge(const spk_kv_txn *t, const char *edge_id, size_t *len, spk_errbuf *eb)

@@ -235,6 +235,23 @@ int spk_kv_scan(spk_kv_txn *t, uint32_t ns, const void *prefix, size_t plen, con
                 size_t alen, size_t max, spk_kv_scan_cb cb, void *arg, size_t *visited, bool *more,
                 spk_errbuf *eb);
 
+/* ---- one-shot calls (the edge role's KV service) ---------------------------------------- */
+
+/* As spk_kv_put() / spk_kv_del(), each in a write transaction of its own, committed (and
+ * flushed per opts.sync) before it returns; nothing is changed unless it returns 0. Not
+ * while this handle holds a write transaction (SPK_EBUSY). Returns as spk_kv_begin() and
+ * spk_kv_put() / spk_kv_del() / spk_kv_commit(). */
+int spk_kv_put1(spk_kv *kv, uint32_t ns, const void *key, size_t klen, const void *val, size_t vlen,
+                spk_errbuf *eb);
+int spk_kv_del1(spk_kv *kv, uint32_t ns, const void *key, size_t klen, spk_errbuf *eb);
+
+/* As spk_kv_get() in a read-only transaction of its own, COPYING the value into buf (cap
+ * bytes; may be NULL when cap is 0). *vlen receives the value's full length; when it is
+ * over cap only the first cap bytes are copied (call again with a bigger buffer). Returns
+ * 0, SPK_ENOENT (*vlen = 0), SPK_EINVAL, SPK_EQUEUE_UNAVAILABLE, SPK_ECORRUPT. */
+int spk_kv_get1(spk_kv *kv, uint32_t ns, const void *key, size_t klen, void *buf, size_t cap,
+                size_t *vlen, spk_errbuf *eb);
+
 /* ---- dedupe marks (hubd) ------------------------------------------------------------- */
 
 /* Mark (edge_id, seq) as delivered at now_ms (Unix ms, >= 0) in the write transaction t.

@@ -1269,6 +1269,32 @@ static void test_reset_renew(void **state)
     commit(w);
 }
 
+static void test_one_shot(void **state)
+{
+    fixture *f = *state;
+    kv_open(f);
+    spk_errbuf eb = {{0}};
+    char buf[8];
+    size_t vl = 99;
+    assert_int_equal(spk_kv_get1(f->kv, 4, "k", 1, buf, sizeof(buf), &vl, NULL), SPK_ENOENT);
+    assert_int_equal(vl, 0);
+    assert_int_equal(spk_kv_put1(f->kv, 4, "k", 1, "0123456789", 10, &eb), 0);
+    assert_int_equal(spk_kv_get1(f->kv, 4, "k", 1, buf, sizeof(buf), &vl, NULL), 0);
+    assert_int_equal(vl, 10); /* the full length; only cap bytes copied */
+    assert_memory_equal(buf, "01234567", 8);
+    assert_int_equal(spk_kv_get1(f->kv, 4, "k", 1, NULL, 0, &vl, NULL), 0); /* length only */
+    assert_int_equal(vl, 10);
+    assert_int_equal(spk_kv_put1(f->kv, 4, "k", 1, "x", SPK_KV_MAX_VALUE + 1, &eb),
+                     SPK_EPAYLOAD_TOO_LARGE);
+    assert_int_equal(spk_kv_del1(f->kv, 4, "k", 1, NULL), 0);
+    assert_int_equal(spk_kv_del1(f->kv, 4, "k", 1, NULL), SPK_ENOENT);
+    /* not inside this handle's write transaction */
+    spk_kv_txn *t = begin(f, NULL, true);
+    assert_int_equal(spk_kv_put1(f->kv, 4, "k", 1, "v", 1, &eb), SPK_EBUSY);
+    assert_int_equal(spk_kv_get1(f->kv, 4, "k", 1, buf, sizeof(buf), &vl, NULL), SPK_ENOENT);
+    spk_kv_abort(t);
+}
+
 /* ---- open ---------------------------------------------------------------------------- */
 
 static void test_open(void **state)
@@ -1344,6 +1370,7 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_map_full_by_marks, setup, teardown),
         cmocka_unit_test_setup_teardown(test_map_resized, setup, teardown),
         cmocka_unit_test_setup_teardown(test_reset_renew, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_one_shot, setup, teardown),
         cmocka_unit_test_setup_teardown(test_two_processes, setup, teardown),
         cmocka_unit_test_setup_teardown(test_kill9_mid_txn, setup, teardown),
         cmocka_unit_test_setup_teardown(test_kill9_group_commit, setup, teardown),
