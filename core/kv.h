@@ -28,8 +28,12 @@
  * KV writes; the edge resends and the KV changes exactly once. LMDB allows ONE write
  * transaction at a time per store, across all its processes: keep write transactions
  * short, and never begin a second top-level write transaction in a process that already
- * holds one (it would wait for itself forever; refused with SPK_EBUSY). Read-only
- * transactions never block and are never blocked; any number may be open.
+ * holds one (it would wait for itself forever; refused with SPK_EBUSY). A hub worker's
+ * group commit holds that lock while its control plugins run, so the other workers'
+ * commits (and expiry) wait for it: plugins.hook_timeout bounds the wait. Read-only
+ * transactions never block and are never blocked; any number may be open. Costs measured
+ * on the 2-core machine, no flush: a mark ~0.3 us, a nested transaction with one put
+ * ~0.4 us more.
  *
  * PROCESSES. Any number of processes may open the same directory and use it concurrently.
  * A process killed at any point (kill -9 included) leaves the store consistent: its
