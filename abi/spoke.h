@@ -10,6 +10,19 @@
  * the host offers (logging, timers, config lookup, edge identity, buffer and connection
  * accessors, send_to_control ...). Keep the pointer: it stays valid until fini returns.
  *
+ * LIFECYCLE
+ *
+ *  spoke_plugin_v1 is called once per load, then init once. fini is called once for a
+ *  plugin whose init returned 0 (or that has no init), and never for a plugin whose init
+ *  failed: init must release what it allocated before it returns an error (timers from
+ *  every() are stopped by the host either way). When a later plugin's init fails, the
+ *  plugins initialised before it get their fini, in reverse order, and the set is not
+ *  used: on_config_loaded runs only after every init succeeded. A crash or a hang in
+ *  init ends the worker process, so nothing runs after it (the supervisor blames the
+ *  plugin). Otherwise fini runs when the worker unloads the plugin as it stops (SIGTERM,
+ *  SIGQUIT, an old generation ending after a reload); a worker that crashes or that the
+ *  watchdog kills runs no fini at all.
+ *
  * ABI RULES
  *
  *  1. Both tables (spoke_plugin, spoke_host) begin with abi_major, abi_minor and
@@ -22,14 +35,21 @@
  *  4. The host reads struct_size before touching any field: it copies at most struct_size
  *     bytes of the plugin's table into a zeroed table of its own, so a field the plugin
  *     did not know about reads as NULL/0. A plugin does the same with the host table:
- *     use SPOKE_HOST_HAS(host, field) before calling a service newer than 1.0, and treat a
- *     NULL service as "not offered by this host or this role".
+ *     use SPOKE_HOST_HAS(host, field) before calling a service newer than 1.0. A service
+ *     a role does not offer is NULL in the table that role's host passes (its field says
+ *     "edge role only"), never a function that fails: SPOKE_HOST_HAS tells a plugin both
+ *     "not offered by this host" and "not offered in this role".
  *  5. Enumerations only gain values. A plugin must treat an unknown value it receives as
  *     the neutral case; the host treats an unknown verdict as SPOKE_CLOSE.
  *  6. Strings crossing the ABI are NUL-terminated UTF-8. Pointers the host passes to a hook
- *     are borrowed for the duration of that call unless their field says otherwise.
- *  7. Names: `spoke_` for everything public; `on_` fields are hooks the host calls in the
- *     plugin; every other function pointer in spoke_host is a service the plugin calls.
+ *     are borrowed for the duration of that call unless their field says otherwise. Every
+ *     service that returns a string says at its declaration how long the string lives;
+ *     the plugin never frees one.
+ *  7. Names: `spoke_` for everything public. Every function pointer in spoke_plugin is a
+ *     hook (the host calls the plugin) and every function pointer in spoke_host is a
+ *     service (the plugin calls the host). Hooks that answer an event are named
+ *     `on_<event>`; the lifecycle hooks (init, fini, health) and the control hook
+ *     (accept_edge_payload) keep their 1.0 names. No service starts with `on_`.
  *
  * THREADING AND PROCESSES
  *
@@ -40,12 +60,37 @@
  *  a static variable. A hook must not block: the host's watchdog counts a hook that runs
  *  past plugins.hook_timeout and kills the worker past ten times that.
  *
- * CHANGELOG
+ * CHANGELOG (one line per symbol, as Varnish's vrt.h keeps it)
  *
- *  1.0  first version: plugin table with init, fini, health, on_config_loaded, on_open,
- *       on_close, the four traffic hooks, on_tick, accept_edge_payload; host table with
- *       log, config lookup, edge identity, timers, buffer and connection accessors,
- *       respond, close, signals, send_to_control, send_to_control_json, strerror.
+ *  1.0  first version:
+ *       SPOKE_ABI_MAJOR, SPOKE_ABI_MINOR, SPOKE_ENTRY_SYMBOL, SPOKE_EXPORT, SPOKE_PRINTF
+ *       spoke_status: SPOKE_OK, SPOKE_ERR_INVALID, _NOMEM, _UNSUPPORTED,
+ *         _PAYLOAD_TOO_LARGE, _TOO_MANY_METADATA, _METADATA_KEY_TOO_LONG,
+ *         _METADATA_VALUE_TOO_LONG, _CORRELATION_ID_TOO_LONG, _QUEUE_FULL,
+ *         _QUEUE_UNAVAILABLE, _NOT_JSON
+ *       SPOKE_MAX_PAYLOAD, SPOKE_MAX_METADATA, SPOKE_MAX_METADATA_KEY,
+ *         SPOKE_MAX_METADATA_VALUE, SPOKE_MAX_CORRELATION_ID
+ *       spoke_verdict: SPOKE_CONTINUE, SPOKE_MODIFIED, SPOKE_RESPOND, SPOKE_CLOSE
+ *       spoke_log_level: SPOKE_LOG_DEBUG, _INFO, _WARN, _ERROR
+ *       spoke_role: SPOKE_ROLE_EDGE, SPOKE_ROLE_CONTROL
+ *       spoke_kv, spoke_ctx, spoke_conn, spoke_buf, spoke_init_args, spoke_edge_payload,
+ *         spoke_traffic_hook, spoke_timer_cb
+ *       spoke_plugin: abi_major, abi_minor, struct_size, name, version, description,
+ *         requires, init, fini, health, on_config_loaded, on_open, on_close,
+ *         on_traffic_from_client, on_traffic_to_server, on_traffic_from_server,
+ *         on_traffic_to_client, on_tick, accept_edge_payload
+ *       spoke_host: abi_major, abi_minor, struct_size, log, config_get, edge_id,
+ *         edge_namespace, every, timer_cancel, buf_set, buf_resize, conn_id, conn_peer,
+ *         conn_data, respond, signal, send_to_control, send_to_control_json, strerror
+ *       SPOKE_PLUGIN_HEADER, SPOKE_HOST_HAS, SPOKE_PLUGIN_ENTRY
+ *  1.1  spoke_plugin.requires renamed spoke_plugin.dependencies (same place and type, so
+ *         1.0 binaries are unaffected; `requires` is a C++20 keyword)
+ *       spoke_host.config_get_duration added
+ *       spoke_host.config_get_size added
+ *       spoke_host: in the control role, the edge-only services are NULL (rule 4);
+ *         1.0 hosts answered SPOKE_ERR_UNSUPPORTED from send_to_control instead
+ *       the lifetime of every string a service returns, and fini after a failed init
+ *         (never), are stated; no behaviour changed
  */
 #ifndef SPOKE_H
 #define SPOKE_H
@@ -58,7 +103,7 @@ extern "C" {
 #endif
 
 #define SPOKE_ABI_MAJOR 1
-#define SPOKE_ABI_MINOR 0
+#define SPOKE_ABI_MINOR 1
 
 /* The symbol the host looks up in the plugin. */
 #define SPOKE_ENTRY_SYMBOL "spoke_plugin_v1"
@@ -79,7 +124,9 @@ typedef enum spoke_status {
     SPOKE_OK = 0,
     SPOKE_ERR_INVALID = -1,            /* an argument is NULL, empty or out of range */
     SPOKE_ERR_NOMEM = -2,              /* an allocation failed */
-    SPOKE_ERR_UNSUPPORTED = -3,        /* this service is not offered in this role/state */
+    SPOKE_ERR_UNSUPPORTED = -3,        /* not possible in this state (e.g. every() where the
+                                          host runs no loop); a service a role does not
+                                          offer is NULL instead (rule 4) */
     SPOKE_ERR_PAYLOAD_TOO_LARGE = -10, /* payload over 1 MiB */
     SPOKE_ERR_TOO_MANY_METADATA = -11, /* more than 50 metadata entries */
     SPOKE_ERR_METADATA_KEY_TOO_LONG = -12,   /* a metadata key over 256 bytes */
@@ -211,15 +258,17 @@ typedef struct spoke_plugin {
     /* Optional NULL-terminated list of requirements on other plugins loaded in the same
      * host: "name", "name>=1.2", "name=1.2.3"; operators = == != > >= < <=. What a missing
      * plugin or a wrong version does is decided by plugins.compatibility (strict: refuse
-     * this plugin; loose: log a warning and load it). */
-    const char *const *requires;
+     * this plugin; loose: log a warning and load it). Called `requires` in 1.0. */
+    const char *const *dependencies;
 
     /* Called once after loading, before any other hook. Return 0, or a negative code
      * (the host refuses the plugin and logs the code's name). Store per-plugin state in
      * *self; it is passed to every hook. `ctx` is this plugin's handle for host services;
-     * keep it. Runs with plugins.start_timeout as its limit. */
+     * keep it. Runs with plugins.start_timeout as its limit. After an error return fini
+     * is NOT called (see LIFECYCLE): free what you allocated before returning it. */
     int (*init)(spoke_ctx *ctx, const spoke_init_args *args, void **self);
-    /* Called once before unloading. Free what init allocated. */
+    /* Called once before unloading, only when init returned 0 (or there is no init).
+     * Free what init allocated. Host services may still be called from fini. */
     void (*fini)(void *self);
     /* Called every plugins.health_check_period. Return 0 when healthy; a non-zero value
      * plugins.health_fail_limit times in a row counts as a crash of the plugin. */
@@ -262,7 +311,8 @@ typedef struct spoke_plugin {
 /* ---------------------------------------------------------------------------------------
  * The host table: services a plugin may call. Functions taking spoke_ctx act on behalf of
  * the plugin; those taking spoke_conn act on a connection and may only be called from a
- * hook running for that connection. All are called on the worker's loop thread.
+ * hook running for that connection. All are called on the worker's loop thread. A
+ * service marked "edge role only" is NULL in the table a control-role host (hubd) passes.
  * ------------------------------------------------------------------------------------- */
 struct spoke_host {
     uint16_t abi_major;
@@ -273,10 +323,11 @@ struct spoke_host {
      * log.level are dropped cheaply. A line is cut at about 4 KiB (ending in "..."). */
     void (*log)(spoke_ctx *ctx, spoke_log_level level, const char *fmt, ...) SPOKE_PRINTF(3, 4);
 
-    /* This plugin's `config:` value for `key` (flattened as in spoke_init_args), or NULL.
-     * The string lives until fini. */
+    /* This plugin's `config:` value for `key` (flattened as in spoke_init_args), or NULL
+     * when the key is not set. The string is the host's and lives until fini returns. */
     const char *(*config_get)(spoke_ctx *ctx, const char *key);
-    /* The edge's identity (edge.id, edge.namespace); never NULL, may be "". */
+    /* The edge's identity (edge.id, edge.namespace); never NULL, may be "". The string
+     * is the host's, does not change, and lives until fini returns. */
     const char *(*edge_id)(spoke_ctx *ctx);
     const char *(*edge_namespace)(spoke_ctx *ctx);
 
@@ -288,25 +339,31 @@ struct spoke_host {
     /* Cancel a timer from every(). Returns 0, or SPOKE_ERR_INVALID if it is not one. */
     int (*timer_cancel)(spoke_ctx *ctx, int64_t timer_id);
 
-    /* Replace the chunk's bytes with a copy of data[0..len). Any size; 0 empties it.
-     * `data` may point into the chunk itself (e.g. to drop a prefix). */
+    /* Edge role only. Replace the chunk's bytes with a copy of data[0..len). Any size; 0
+     * empties it. `data` may point into the chunk itself (e.g. to drop a prefix). */
     int (*buf_set)(spoke_buf *buf, const void *data, size_t len);
-    /* Resize the chunk to `len` bytes, keeping the first min(old, len) bytes, and return
-     * a writable pointer to all of them (valid until the hook returns or the next buf_*
-     * call), or NULL if memory ran out. buf->data/len reflect the change. */
+    /* Edge role only. Resize the chunk to `len` bytes, keeping the first min(old, len)
+     * bytes, and return a writable pointer to all of them (valid until the hook returns
+     * or the next buf_* call), or NULL if memory ran out. buf->data/len reflect the
+     * change. */
     uint8_t *(*buf_resize)(spoke_buf *buf, size_t len);
 
-    /* Connection accessors. */
-    uint64_t (*conn_id)(const spoke_conn *conn);           /* unique within the worker */
-    const char *(*conn_peer)(const spoke_conn *conn);      /* "1.2.3.4:5678", "[::1]:80", "unix" */
+    /* Connection accessors; edge role only. */
+    /* The connection's ID, unique within the worker; 0 for a NULL conn. */
+    uint64_t (*conn_id)(const spoke_conn *conn);
+    /* The client's address: "1.2.3.4:5678", "[::1]:80" or "unix"; "" for a NULL conn.
+     * The string is the connection's: it lives until on_close returns (copy it to keep
+     * it longer). */
+    const char *(*conn_peer)(const spoke_conn *conn);
     /* A per-connection, per-plugin pointer the plugin may use freely; NULL initially.
      * Free what it points to in on_close. Returns NULL only for a NULL conn or ctx. */
     void **(*conn_data)(spoke_conn *conn, spoke_ctx *ctx);
-    /* Queue bytes to send back to the peer the current chunk came from (the client in
-     * on_open and the client-side hooks, the server in the server-side hooks). The host
-     * sends them when the chain run ends, whatever the verdict: return SPOKE_RESPOND to
-     * answer instead of forwarding the chunk, SPOKE_CLOSE to answer then close, or
-     * SPOKE_CONTINUE to answer and still forward it. Returns 0 or a negative spoke_status. */
+    /* Edge role only. Queue bytes to send back to the peer the current chunk came from
+     * (the client in on_open and the client-side hooks, the server in the server-side
+     * hooks). The host sends them when the chain run ends, whatever the verdict: return
+     * SPOKE_RESPOND to answer instead of forwarding the chunk, SPOKE_CLOSE to answer then
+     * close, or SPOKE_CONTINUE to answer and still forward it. Returns 0 or a negative
+     * spoke_status. */
     int (*respond)(spoke_conn *conn, const void *data, size_t len);
 
     /* Emit a signal, as GatewayD's plugins do; the host acts on it:
@@ -318,22 +375,39 @@ struct spoke_host {
     int (*signal)(spoke_ctx *ctx, spoke_conn *conn, const char *name, const spoke_kv *fields,
                   size_t n_fields);
 
-    /* Queue a payload for the control plugin with this plugin's ID. It is committed to
-     * the durable queue before the call returns; *pending (if not NULL) receives the
-     * number of payloads waiting to be sent. correlation_id may be NULL. Returns 0 or
-     * one of the SPOKE_ERR_* payload/queue codes; SPOKE_ERR_UNSUPPORTED in the control
-     * role. */
+    /* Edge role only. Queue a payload for the control plugin with this plugin's ID. It
+     * is committed to the durable queue before the call returns; *pending (if not NULL)
+     * receives the number of payloads waiting to be sent. correlation_id may be NULL.
+     * Returns 0 or one of the SPOKE_ERR_* payload/queue codes. */
     int (*send_to_control)(spoke_ctx *ctx, const void *payload, size_t len,
                            const char *correlation_id, const spoke_kv *metadata,
                            size_t n_metadata, uint64_t *pending);
-    /* As send_to_control, for JSON text: refused with SPOKE_ERR_NOT_JSON unless `json`
-     * is one well-formed JSON value; marked with content type "application/json". */
+    /* Edge role only. As send_to_control, for JSON text: refused with
+     * SPOKE_ERR_NOT_JSON unless `json` is one well-formed JSON value; marked with content
+     * type "application/json". */
     int (*send_to_control_json)(spoke_ctx *ctx, const char *json, size_t len,
                                 const char *correlation_id, const spoke_kv *metadata,
                                 size_t n_metadata, uint64_t *pending);
 
-    /* The name of a spoke_status code ("payload too large"); never NULL. */
+    /* The name of a spoke_status code ("payload too large"); never NULL. The string is
+     * static: it lives as long as the host process. */
     const char *(*strerror)(int status);
+
+    /* ---- 1.1 ---- check with SPOKE_HOST_HAS before calling. */
+
+    /* This plugin's `config:` value for `key`, read as a duration exactly as the config
+     * file reads one ("500ms", "10s", "2m", "1h", a bare 0; no fractions, no other units)
+     * into *out_ms. Returns
+     *   0                  the key is set and well-formed: *out_ms holds its value;
+     *   0                  the key is not set: *out_ms is left alone, so set it to your
+     *                      default before the call (use config_get to tell the cases apart);
+     *   SPOKE_ERR_INVALID  the value is malformed, or ctx, key or out_ms is NULL: *out_ms
+     *                      is left alone. The host logs nothing: say what is wrong yourself.
+     * Ranges are the plugin's to check. */
+    int (*config_get_duration)(spoke_ctx *ctx, const char *key, uint64_t *out_ms);
+    /* As config_get_duration, for a size ("65536", "64KiB", "1MiB", "1GiB", "1GB") into
+     * *out_bytes, with the same return values. */
+    int (*config_get_size)(spoke_ctx *ctx, const char *key, uint64_t *out_bytes);
 };
 
 /* True when the host table offers `field` (it is inside struct_size and not NULL). */

@@ -8,7 +8,10 @@
  * plugins.list entry. A table row names the key, a parser that checks the node's type,
  * syntax and range and stores the value at an offset in spk_config (or spk_plugin_conf),
  * and a printer for spk_config_dump(), so the parser and the dump cannot drift apart.
- * Defaults are set before the schema pass; a key not written keeps its default. Checks
+ * The row also holds the key's default and range, the one place each is written (a
+ * test holds docs/config.md to them). Before the schema pass every row's default is
+ * loaded through the row's own parser, as if the file said it; a key not written keeps
+ * it. Only edge.id and run_dir are computed at load. Checks
  * that span keys (listen.upstream required, plugin paths resolved against plugins.dir,
  * duplicate plugin names and IDs, queue.max_bytes within queue.map_size) run last, when
  * every key is known.
@@ -34,19 +37,20 @@
 #include <yaml.h>
 
 #include "log.h"
+#include "queue.h"
 
 #define MAX_DEPTH         64    /* YAML nesting we accept; protects the recursion */
 #define MAX_PLUGIN_CONFIG 10000 /* flattened `config:` entries per plugin */
 #define MAX_NAME          64    /* plugins.list[].name */
 
-#define KiB    1024ull
-#define MiB    (1024ull * KiB)
-#define GiB    (1024ull * MiB)
-#define TiB    (1024ull * GiB)
-#define SEC    1000ull
-#define MINUTE (60ull * SEC)
-#define HOUR   (60ull * MINUTE)
-#define DAY    (24ull * HOUR)
+/* Short names for the tables' ranges and defaults. */
+#define KiB  SPK_KiB
+#define MiB  SPK_MiB
+#define GiB  SPK_GiB
+#define TiB  SPK_TiB
+#define SEC  SPK_SEC_MS
+#define HOUR SPK_HOUR_MS
+#define DAY  SPK_DAY_MS
 
 /* ---- the node tree ----------------------------------------------------------------- */
 
@@ -340,105 +344,6 @@ done:
     return rc;
 }
 
-/* ---- value parsers shared with the tools ------------------------------------------- */
-
-/* Leading decimal digits of s into *v; *end past them. Fails on no digit or overflow. */
-static int parse_digits(const char *s, uint64_t *v, const char **end)
-{
-    uint64_t n = 0;
-    const char *p = s;
-    if (*p < '0' || *p > '9')
-        return -1;
-    for (; *p >= '0' && *p <= '9'; p++) {
-        unsigned d = (unsigned)(*p - '0');
-        if (n > (UINT64_MAX - d) / 10)
-            return -1;
-        n = n * 10 + d;
-    }
-    *v = n;
-    *end = p;
-    return 0;
-}
-
-typedef struct unit {
-    const char *name;
-    uint64_t mul;
-} unit;
-
-static const unit duration_units[] = {
-    {"ms", 1},
-    {"s", SEC},
-    {"m", MINUTE},
-    {"h", HOUR},
-};
-
-static const unit size_units[] = {
-    {"B", 1},           {"KiB", KiB},          {"MiB", MiB},
-    {"GiB", GiB},       {"TiB", TiB},          {"KB", 1000ull},
-    {"MB", 1000000ull}, {"GB", 1000000000ull}, {"TB", 1000000000000ull},
-};
-
-/* "<digits><unit>" with a unit from the table; a bare number when bare_mul != 0. */
-static int parse_with_unit(const char *text, const unit *units, size_t n_units, uint64_t bare_mul,
-                           bool bare_zero_only, uint64_t *out)
-{
-    uint64_t v, mul = 0;
-    const char *p;
-    if (text == NULL || parse_digits(text, &v, &p) != 0)
-        return SPK_EINVAL;
-    if (*p == '\0') {
-        if (bare_zero_only && v != 0)
-            return SPK_EINVAL;
-        mul = bare_mul;
-    }
-    for (size_t i = 0; i < n_units && *p != '\0'; i++)
-        if (strcmp(p, units[i].name) == 0)
-            mul = units[i].mul;
-    if (mul == 0 || v > UINT64_MAX / mul)
-        return SPK_EINVAL;
-    *out = v * mul;
-    return 0;
-}
-
-int spk_parse_duration_ms(const char *text, uint64_t *out_ms)
-{
-    return parse_with_unit(text, duration_units, sizeof(duration_units) / sizeof(duration_units[0]),
-                           1, true, out_ms);
-}
-
-int spk_parse_size(const char *text, uint64_t *out_bytes)
-{
-    return parse_with_unit(text, size_units, sizeof(size_units) / sizeof(size_units[0]), 1, false,
-                           out_bytes);
-}
-
-/* The largest unit that divides v exactly: 90000 -> "90s", 3600000 -> "1h". */
-static const char *fmt_unit(uint64_t v, const unit *units, size_t n, char *buf, size_t cap)
-{
-    const unit *best = NULL;
-    for (size_t i = 0; i < n; i++)
-        if (v != 0 && v % units[i].mul == 0 && (best == NULL || units[i].mul > best->mul))
-            best = &units[i];
-    if (best == NULL || best->mul == 1)
-        snprintf(buf, cap, "%llu%s", (unsigned long long)v,
-                 v == 0 || best == NULL ? "" : best->name);
-    else
-        snprintf(buf, cap, "%llu%s", (unsigned long long)(v / best->mul), best->name);
-    return buf;
-}
-
-static const char *fmt_duration(uint64_t ms, char *buf, size_t cap)
-{
-    return fmt_unit(ms, duration_units, sizeof(duration_units) / sizeof(duration_units[0]), buf,
-                    cap);
-}
-
-/* Sizes print in binary units only (KB & co. would not be chosen for a power of two). */
-static const char *fmt_size(uint64_t b, char *buf, size_t cap)
-{
-    return fmt_unit(b, size_units, 5, buf, cap);
-}
-
 /* ---- pass 2: the schema ------------------------------------------------------------ */
 
 typedef struct cfg_ctx {
@@ -472,8 +377,11 @@ typedef int (*field_parse_fn)(cfg_ctx *c, const node *v, const char *key, void *
                               const field *f);
 typedef void (*field_dump_fn)(FILE *out, const void *base, const field *f, int indent);
 
-/* One known key. `off`/`width` locate the value in the section's struct; min..max is the
- * accepted range of numbers, durations and sizes; words name an enum's values by index. */
+/* One known key, and the one place its default and range are written. `off`/`width`
+ * locate the value in the section's struct; min..max is the accepted range of numbers,
+ * durations and sizes; words name an enum's values by index. The default is `def` for a
+ * number, duration, size, bool or enum (an index into words), `def_text` for a string or
+ * an address list (NULL: none, or computed at load -- the row says which). */
 struct field {
     const char *name;
     field_parse_fn parse;
@@ -481,6 +389,8 @@ struct field {
     size_t off, width;
     uint64_t min, max;
     const char *const *words;
+    uint64_t def;
+    const char *def_text;
 };
 
 static void *at(void *base, const field *f)
@@ -637,7 +547,7 @@ static int p_uint(cfg_ctx *c, const node *v, const char *key, void *base, const 
         return rc;
     uint64_t n;
     const char *end;
-    if (parse_digits(v->text, &n, &end) != 0 || *end != '\0' || n < f->min || n > f->max)
+    if (spk_parse_digits(v->text, &n, &end) != 0 || *end != '\0' || n < f->min || n > f->max)
         return cfg_fail(c, v->line, key, "expected %s, got '%.100s'", what, v->text);
     store_uint(at(base, f), f->width, n);
     return 0;
@@ -652,7 +562,7 @@ static int p_workers(cfg_ctx *c, const node *v, const char *key, void *base, con
     }
     uint64_t n;
     const char *end;
-    if (v->kind != NODE_SCALAR || parse_digits(v->text, &n, &end) != 0 || *end != '\0' ||
+    if (v->kind != NODE_SCALAR || spk_parse_digits(v->text, &n, &end) != 0 || *end != '\0' ||
         n < f->min || n > f->max)
         return cfg_fail(
             c, v->line, key, "expected 'auto' or an integer in %llu..%llu, got %s%.100s%s",
@@ -674,7 +584,8 @@ static int check_duration(cfg_ctx *c, const node *v, const char *key, const fiel
     if (*ms < f->min || *ms > f->max) {
         char lo[32], hi[32];
         return cfg_fail(c, v->line, key, "%s is out of range %s..%s", v->text,
-                        fmt_duration(f->min, lo, sizeof(lo)), fmt_duration(f->max, hi, sizeof(hi)));
+                        spk_fmt_duration(f->min, lo, sizeof(lo)),
+                        spk_fmt_duration(f->max, hi, sizeof(hi)));
     }
     return 0;
 }
@@ -700,7 +611,7 @@ static int p_size(cfg_ctx *c, const node *v, const char *key, void *base, const 
     if (b < f->min || b > f->max) {
         char lo[32], hi[32];
         return cfg_fail(c, v->line, key, "%s is out of range %s..%s", v->text,
-                        fmt_size(f->min, lo, sizeof(lo)), fmt_size(f->max, hi, sizeof(hi)));
+                        spk_fmt_size(f->min, lo, sizeof(lo)), spk_fmt_size(f->max, hi, sizeof(hi)));
     }
     store_uint(at(base, f), f->width, b);
     return 0;
@@ -811,7 +722,7 @@ static const char *address_problem(const char *s, char *why, size_t cap)
     }
     uint64_t pn;
     const char *end;
-    if (parse_digits(port, &pn, &end) != 0 || *end != '\0' || pn < 1 || pn > 65535)
+    if (spk_parse_digits(port, &pn, &end) != 0 || *end != '\0' || pn < 1 || pn > 65535)
         return "the port must be a number in 1..65535";
     return NULL;
 }
@@ -1183,91 +1094,117 @@ static void d_config(FILE *out, const void *base, const field *f, int indent);
 static void d_plugins(FILE *out, const void *base, const field *f, int indent);
 static int p_plugins(cfg_ctx *c, const node *v, const char *key, void *base, const field *f);
 
-#define FIELD(type, key, pfn, dfn, member, lo, hi, w)                                              \
+#define FIELD(type, key, pfn, dfn, member, lo, hi, w, d, dt)                                       \
     {                                                                                              \
-        key, pfn, dfn, offsetof(type, member), sizeof(((type *)0)->member), lo, hi, w              \
+        key, pfn, dfn, offsetof(type, member), sizeof(((type *)0)->member), lo, hi, w, d, dt       \
     }
-#define CF(key, pfn, dfn, member, lo, hi) FIELD(spk_config, key, pfn, dfn, member, lo, hi, NULL)
-#define CW(key, member, words)            FIELD(spk_config, key, p_enum, d_enum, member, 0, 0, words)
-#define PF(key, pfn, dfn, member, lo, hi)                                                          \
-    FIELD(spk_plugin_conf, key, pfn, dfn, member, lo, hi, NULL)
+/* CF: a number, duration, size or bool with its range and default; CS: a string (or
+ * address list) with its default text or NULL; CW: an enum with its words and default
+ * index. PF/PS: the same for a plugins.list entry. */
+#define CF(key, pfn, dfn, member, lo, hi, def)                                                     \
+    FIELD(spk_config, key, pfn, dfn, member, lo, hi, NULL, def, NULL)
+#define CS(key, pfn, dfn, member, def_text)                                                        \
+    FIELD(spk_config, key, pfn, dfn, member, 0, 0, NULL, 0, def_text)
+#define CW(key, member, words, def)                                                                \
+    FIELD(spk_config, key, p_enum, d_enum, member, 0, 0, words, def, NULL)
+#define PF(key, pfn, dfn, member, lo, hi, def)                                                     \
+    FIELD(spk_plugin_conf, key, pfn, dfn, member, lo, hi, NULL, def, NULL)
+#define PS(key, pfn, dfn, member) FIELD(spk_plugin_conf, key, pfn, dfn, member, 0, 0, NULL, 0, NULL)
+
+/* queue defaults: from queue.h once the queue split lands. (SPK_QUEUE_JOURNAL_MIN is
+ * there already; the others are the values spk_queue_opts_init documents.) The queue's
+ * own limits are the queue's, never a literal in a row below. */
+#define QUEUE_DEFAULT_MAX_PENDING  100000u
+#define QUEUE_DEFAULT_MAX_BYTES    GiB
+#define QUEUE_DEFAULT_RETENTION_MS (24 * HOUR)
+#define QUEUE_DEFAULT_SYNC_MS      100u
+#define QUEUE_DEFAULT_MAP_SIZE     (2 * GiB)
+#define QUEUE_DEFAULT_JOURNAL_SIZE (64 * MiB)
+#define QUEUE_JOURNAL_MIN          SPK_QUEUE_JOURNAL_MIN
+#define QUEUE_JOURNAL_ALIGN        4096u
 
 static const char *const connect_words[] = {"eager", "lazy", NULL};
 static const char *const compat_words[] = {"strict", "loose", NULL};
 static const char *const level_words[] = {"debug", "info", "warn", "error", NULL};
 
 static const field edge_fields[] = {
-    CF("id", p_str, d_str, edge_id, 0, 0),
-    CF("namespace", p_str, d_str, edge_namespace, 0, 0),
+    CS("id", p_str, d_str, edge_id, NULL), /* computed: the host name (computed_defaults) */
+    CS("namespace", p_str, d_str, edge_namespace, "default"),
 };
 
 static const field listen_fields[] = {
-    CF("address", p_listen, d_listen, listen, 0, 0),
-    CF("upstream", p_address, d_str, upstream, 0, 0),
-    CF("workers", p_workers, d_workers, workers, 1, 1024),
-    CW("upstream_connect", upstream_connect, connect_words),
-    CF("connect_timeout", p_duration, d_duration, connect_timeout_ms, 1, HOUR),
-    CF("read_chunk", p_size, d_size, read_chunk, KiB, 16 * MiB),
-    CF("high_watermark", p_size, d_size, high_watermark, 0, GiB),
-    CF("backlog", p_uint, d_uint, backlog, 1, 65535),
-    CF("max_connections", p_uint, d_uint, max_connections, 1, 10000000),
+    CS("address", p_listen, d_listen, listen, "127.0.0.1:6432"),
+    CS("upstream", p_address, d_str, upstream, NULL), /* required */
+    CF("workers", p_workers, d_workers, workers, 1, 1024, 0), /* 0: auto */
+    CW("upstream_connect", upstream_connect, connect_words, SPK_CONNECT_EAGER),
+    CF("connect_timeout", p_duration, d_duration, connect_timeout_ms, 1, HOUR, 5 * SEC),
+    CF("read_chunk", p_size, d_size, read_chunk, KiB, 16 * MiB, 64 * KiB),
+    CF("high_watermark", p_size, d_size, high_watermark, 0, GiB, MiB),
+    CF("backlog", p_uint, d_uint, backlog, 1, 65535, 1024),
+    CF("max_connections", p_uint, d_uint, max_connections, 1, 10000000, 100000),
 };
 
 static const field plugins_fields[] = {
-    CF("dir", p_dir, d_str, plugins_dir, 0, 0),
-    CF("autoload", p_bool, d_bool, autoload, 0, 0),
-    CW("compatibility", compatibility, compat_words),
-    CF("health_check_period", p_duration, d_duration, health_check_period_ms, 1, DAY),
-    CF("hook_timeout", p_duration, d_duration, hook_timeout_ms, 1, HOUR),
-    CF("start_timeout", p_duration, d_duration, start_timeout_ms, 1, HOUR),
-    CF("reload_on_crash", p_bool, d_bool, reload_on_crash, 0, 0),
-    CF("health_fail_limit", p_uint, d_uint, health_fail_limit, 1, 1000),
-    CF("crash_limit", p_uint, d_uint, crash_limit, 1, 10000),
-    CF("crash_window", p_duration, d_duration, crash_window_ms, 1, 7 * DAY),
-    CF("drain_timeout", p_duration, d_duration, drain_timeout_ms, 0, DAY),
-    CF("tick", p_duration, d_duration, tick_ms, 1, HOUR),
-    CF("list", p_plugins, d_plugins, plugins, 0, 0),
+    CS("dir", p_dir, d_str, plugins_dir, "/usr/lib/spoke/plugins"),
+    CF("autoload", p_bool, d_bool, autoload, 0, 0, false),
+    CW("compatibility", compatibility, compat_words, SPK_COMPAT_STRICT),
+    CF("health_check_period", p_duration, d_duration, health_check_period_ms, 1, DAY, 5 * SEC),
+    CF("hook_timeout", p_duration, d_duration, hook_timeout_ms, 1, HOUR, 50),
+    CF("start_timeout", p_duration, d_duration, start_timeout_ms, 1, HOUR, 5 * SEC),
+    CF("reload_on_crash", p_bool, d_bool, reload_on_crash, 0, 0, true),
+    CF("health_fail_limit", p_uint, d_uint, health_fail_limit, 1, 1000, 3),
+    CF("crash_limit", p_uint, d_uint, crash_limit, 1, 10000, 3),
+    CF("crash_window", p_duration, d_duration, crash_window_ms, 1, 7 * DAY, 60 * SEC),
+    CF("drain_timeout", p_duration, d_duration, drain_timeout_ms, 0, DAY, 30 * SEC),
+    CF("tick", p_duration, d_duration, tick_ms, 1, HOUR, SEC),
+    CS("list", p_plugins, d_plugins, plugins, NULL), /* empty */
 };
 
 static const field queue_fields[] = {
-    CF("path", p_str, d_str, queue_path, 0, 0),
-    CF("max_pending", p_uint, d_uint, queue_max_pending, 1, 1000000000),
-    CF("max_bytes", p_size, d_size, queue_max_bytes, KiB, 16 * TiB),
-    CF("retention", p_duration, d_duration, queue_retention_ms, SEC, 365 * DAY),
-    CF("sync", p_sync, d_sync, queue_sync_interval_ms, 1, HOUR),
-    CF("map_size", p_size, d_size, queue_map_size, MiB, 16 * TiB),
-    CF("writemap", p_bool, d_bool, queue_writemap, 0, 0),
-    CF("journal_size", p_size, d_size, queue_journal_size, 4 * MiB, 64 * GiB),
-    CF("segment_size", p_size, d_size, queue_segment_size, 2 * MiB, GiB),
+    CS("path", p_str, d_str, queue_path, "/var/lib/spoke/queue"),
+    CF("max_pending", p_uint, d_uint, queue_max_pending, 1, 1000000000, QUEUE_DEFAULT_MAX_PENDING),
+    CF("max_bytes", p_size, d_size, queue_max_bytes, KiB, 16 * TiB, QUEUE_DEFAULT_MAX_BYTES),
+    CF("retention", p_duration, d_duration, queue_retention_ms, SEC, 365 * DAY,
+       QUEUE_DEFAULT_RETENTION_MS),
+    CF("sync", p_sync, d_sync, queue_sync_interval_ms, 1, HOUR, QUEUE_DEFAULT_SYNC_MS),
+    CF("map_size", p_size, d_size, queue_map_size, MiB, 16 * TiB, QUEUE_DEFAULT_MAP_SIZE),
+    CF("writemap", p_bool, d_bool, queue_writemap, 0, 0, false),
+    CF("journal_size", p_size, d_size, queue_journal_size, QUEUE_JOURNAL_MIN, 64 * GiB,
+       QUEUE_DEFAULT_JOURNAL_SIZE),
+    CF("segment_size", p_size, d_size, queue_segment_size, 2 * MiB, GiB, 32 * MiB),
 };
 
 static const field uplink_fields[] = {
-    CF("url", p_url, d_str, uplink_url, 0, 0),
-    CF("heartbeat", p_duration, d_duration, uplink_heartbeat_ms, 1, DAY),
-    CF("batch_size", p_uint, d_uint, uplink_batch_size, 1, 10000),
-    CF("token_file", p_str_opt, d_str, uplink_token_file, 0, 0),
-    CF("ca", p_str_opt, d_str, uplink_ca, 0, 0),
+    CS("url", p_url, d_str, uplink_url, NULL), /* none: no uplink */
+    CF("heartbeat", p_duration, d_duration, uplink_heartbeat_ms, 1, DAY, 30 * SEC),
+    CF("batch_size", p_uint, d_uint, uplink_batch_size, 1, 10000, 100),
+    CS("token_file", p_str_opt, d_str, uplink_token_file, NULL),
+    CS("ca", p_str_opt, d_str, uplink_ca, NULL),
 };
 
 static const field metrics_fields[] = {
-    CF("listen", p_address_opt, d_str, metrics_listen, 0, 0),
+    CS("listen", p_address_opt, d_str, metrics_listen, NULL), /* none: no endpoint */
 };
 
 static const field log_fields[] = {
-    CW("level", log_level, level_words),
+    CW("level", log_level, level_words, SPOKE_LOG_INFO),
 };
 
 /* Top-level keys that are not sections. */
 static int p_run_dir(cfg_ctx *c, const node *v, const char *key, void *base, const field *f);
 static const field root_fields[] = {
-    CF("run_dir", p_run_dir, d_str, run_dir, 0, 0),
+    CS("run_dir", p_run_dir, d_str, run_dir, NULL), /* computed (computed_defaults) */
 };
 
 static const field plugin_entry_fields[] = {
-    PF("id", p_uint, d_uint, id, 0, UINT32_MAX),  PF("name", p_name, d_str, name, 0, 0),
-    PF("file", p_str, d_str, file, 0, 0),         PF("sha256", p_sha256, d_sha256, sha256, 0, 0),
-    PF("enabled", p_bool, d_bool, enabled, 0, 0), PF("args", p_args, d_args, args, 0, 0),
-    PF("env", p_env, d_env, env, 0, 0),           PF("config", p_config, d_config, config, 0, 0),
+    PF("id", p_uint, d_uint, id, 0, UINT32_MAX, 0),
+    PS("name", p_name, d_str, name),
+    PS("file", p_str, d_str, file),
+    PS("sha256", p_sha256, d_sha256, sha256),
+    PF("enabled", p_bool, d_bool, enabled, 0, 0, true),
+    PS("args", p_args, d_args, args),
+    PS("env", p_env, d_env, env),
+    PS("config", p_config, d_config, config),
 };
 
 #define N(a) (sizeof(a) / sizeof((a)[0]))
@@ -1287,6 +1224,55 @@ static const section sections[] = {
     {"metrics", metrics_fields, N(metrics_fields)},
     {"log", log_fields, N(log_fields)},
 };
+
+/* ---- defaults ---------------------------------------------------------------------- */
+
+/* The text a config file would hold for row f's default, or NULL when it has none. */
+static const char *default_text(const field *f, char *buf, size_t cap)
+{
+    if (f->parse == p_duration || f->parse == p_sync)
+        return spk_fmt_duration(f->def, buf, cap);
+    if (f->parse == p_size)
+        return spk_fmt_size(f->def, buf, cap);
+    if (f->parse == p_bool)
+        return f->def ? "true" : "false";
+    if (f->parse == p_enum)
+        return f->words[f->def];
+    if (f->parse == p_workers && f->def == 0)
+        return "auto";
+    if (f->parse == p_uint || f->parse == p_workers) {
+        snprintf(buf, cap, "%llu", (unsigned long long)f->def);
+        return buf;
+    }
+    return f->def_text;
+}
+
+/* Give every row of a table its default, by loading the default's text through the
+ * row's own parser: a default is range-checked like a value from the file, and the dump
+ * prints it as the file would write it. A default that does not load is a bug in a
+ * table; the message says so. */
+static int apply_defaults(cfg_ctx *c, const char *prefix, const field *fields, size_t n,
+                          void *base)
+{
+    for (size_t i = 0; i < n; i++) {
+        const field *f = &fields[i];
+        char buf[32], key[128];
+        const char *text = default_text(f, buf, sizeof(buf));
+        if (text == NULL)
+            continue;
+        snprintf(key, sizeof(key), "%s%s%s", prefix, prefix[0] ? "." : "", f->name);
+        node v = {.kind = NODE_SCALAR, .plain = true, .text = (char *)text};
+        int rc = f->parse(c, &v, key, base, f);
+        if (rc != 0 && rc != SPK_ENOMEM && c->eb != NULL) {
+            spk_errbuf why = *c->eb;
+            return spk_errf(c->eb, rc, "built-in default of %s does not load (a bug): %s", key,
+                            why.msg);
+        }
+        if (rc != 0)
+            return rc;
+    }
+    return 0;
+}
 
 /* Apply every pair of map `m` (at dotted key `key`) through the table to `base`. */
 static int apply_map(cfg_ctx *c, const node *m, const char *key, const field *fields, size_t n,
@@ -1317,12 +1303,14 @@ static int apply_map(cfg_ctx *c, const node *m, const char *key, const field *fi
 
 static int parse_plugin_entry(cfg_ctx *c, const node *v, const char *key, spk_plugin_conf *pc)
 {
-    pc->enabled = true;
     pc->line = v->line;
+    int rc = apply_defaults(c, key, plugin_entry_fields, N(plugin_entry_fields), pc);
+    if (rc != 0)
+        return rc;
     if (v->kind != NODE_MAP)
         return cfg_fail(c, v->line, key, "expected a mapping with at least `file:`, got %s",
                         node_kind_name(v));
-    int rc = apply_map(c, v, key, plugin_entry_fields, N(plugin_entry_fields), pc);
+    rc = apply_map(c, v, key, plugin_entry_fields, N(plugin_entry_fields), pc);
     if (rc == 0 && pc->file == NULL)
         rc = cfg_fail(c, v->line, key, "`file:` is required");
     else if (rc == 0 && pc->file[0] == '\0')
@@ -1391,59 +1379,31 @@ static int default_run_dir(spk_config *cfg, const char *path)
     return abs ? 0 : SPK_ENOMEM;
 }
 
-static int set_defaults(spk_config *cfg, const char *path)
+/* The defaults no row can hold: edge.id is the host name, run_dir depends on the user
+ * and the config file's place. */
+static int computed_defaults(spk_config *cfg, const char *path)
 {
     char host[256] = "";
     if (gethostname(host, sizeof(host) - 1) != 0 || host[0] == '\0')
         snprintf(host, sizeof(host), "localhost");
     host[sizeof(host) - 1] = '\0';
-    cfg->file = strdup(path);
-    cfg->edge_id = strdup(host);
-    cfg->edge_namespace = strdup("default");
-    cfg->listen = calloc(1, sizeof(*cfg->listen));
-    if (cfg->listen != NULL && (cfg->listen[0] = strdup("127.0.0.1:6432")) != NULL)
-        cfg->n_listen = 1;
-    cfg->plugins_dir = strdup("/usr/lib/spoke/plugins");
-    cfg->queue_path = strdup("/var/lib/spoke/queue");
-    if (!cfg->file || !cfg->edge_id || !cfg->edge_namespace || cfg->n_listen != 1 ||
-        !cfg->plugins_dir || !cfg->queue_path)
+    if ((cfg->edge_id = strdup(host)) == NULL)
         return SPK_ENOMEM;
-
-    cfg->workers = 0; /* auto */
-    cfg->upstream_connect = SPK_CONNECT_EAGER;
-    cfg->connect_timeout_ms = 5 * SEC;
-    cfg->read_chunk = 64 * KiB;
-    cfg->high_watermark = MiB;
-    cfg->backlog = 1024;
-    cfg->max_connections = 100000;
-
-    cfg->autoload = false;
-    cfg->compatibility = SPK_COMPAT_STRICT;
-    cfg->health_check_period_ms = 5 * SEC;
-    cfg->hook_timeout_ms = 50;
-    cfg->start_timeout_ms = 5 * SEC;
-    cfg->reload_on_crash = true;
-    cfg->health_fail_limit = 3;
-    cfg->crash_limit = 3;
-    cfg->crash_window_ms = 60 * SEC;
-    cfg->drain_timeout_ms = 30 * SEC;
-    cfg->tick_ms = SEC;
-
-    cfg->queue_max_pending = 100000;
-    cfg->queue_max_bytes = GiB;
-    cfg->queue_retention_ms = 24 * HOUR;
-    cfg->queue_sync_always = false;
-    cfg->queue_sync_interval_ms = 100;
-    cfg->queue_map_size = 2 * GiB;
-    cfg->queue_writemap = false;
-    cfg->queue_journal_size = 64 * MiB;
-    cfg->queue_segment_size = 32 * MiB;
-
-    cfg->uplink_heartbeat_ms = 30 * SEC;
-    cfg->uplink_batch_size = 100;
-
-    cfg->log_level = SPOKE_LOG_INFO;
     return default_run_dir(cfg, path);
+}
+
+/* Every key's default: the rows' (the one place each is written), then the computed. */
+static int set_defaults(cfg_ctx *c, const char *path)
+{
+    spk_config *cfg = c->cfg;
+    if ((cfg->file = strdup(path)) == NULL)
+        return cfg_nomem(c);
+    int rc = apply_defaults(c, "", root_fields, N(root_fields), cfg);
+    for (size_t i = 0; i < N(sections) && rc == 0; i++)
+        rc = apply_defaults(c, sections[i].name, sections[i].fields, sections[i].n, cfg);
+    if (rc == 0 && computed_defaults(cfg, path) != 0)
+        rc = cfg_nomem(c);
+    return rc;
 }
 
 static int apply_root(cfg_ctx *c, const node *root)
@@ -1550,12 +1510,12 @@ static int finish(cfg_ctx *c, const node *root)
     if (cfg->queue_max_bytes > cfg->queue_map_size)
         return cfg_fail(c, key_line(root, "queue", "max_bytes"), "queue.max_bytes",
                         "%s exceeds queue.map_size (%s); raise queue.map_size",
-                        fmt_size(cfg->queue_max_bytes, a, sizeof(a)),
-                        fmt_size(cfg->queue_map_size, b, sizeof(b)));
-    if (cfg->queue_journal_size % 4096 != 0)
+                        spk_fmt_size(cfg->queue_max_bytes, a, sizeof(a)),
+                        spk_fmt_size(cfg->queue_map_size, b, sizeof(b)));
+    if (cfg->queue_journal_size % QUEUE_JOURNAL_ALIGN != 0)
         return cfg_fail(c, key_line(root, "queue", "journal_size"), "queue.journal_size",
                         "%s is not a multiple of 4 KiB",
-                        fmt_size(cfg->queue_journal_size, a, sizeof(a)));
+                        spk_fmt_size(cfg->queue_journal_size, a, sizeof(a)));
     if ((rc = check_plugin_duplicates(c)) != 0)
         return rc;
     return resolve_paths(c);
@@ -1602,10 +1562,8 @@ int spk_config_load(const char *path, spk_config **out, spk_errbuf *eb)
         goto fail;
     }
     c.cfg = cfg;
-    if ((rc = set_defaults(cfg, path)) != 0) {
-        rc = cfg_nomem(&c);
+    if ((rc = set_defaults(&c, path)) != 0)
         goto fail;
-    }
     if ((rc = apply_root(&c, root)) != 0 || (rc = finish(&c, root)) != 0)
         goto fail;
     node_free(root);
@@ -1641,7 +1599,10 @@ void spk_config_free(spk_config *cfg)
 
 int spk_config_add_autoload(spk_config *cfg, const char *file, const char *path)
 {
-    spk_plugin_conf pc = {.enabled = true, .autoloaded = true};
+    spk_plugin_conf pc = {.autoloaded = true};
+    cfg_ctx c = {.file = cfg->file, .cfg = cfg};
+    if (apply_defaults(&c, "", plugin_entry_fields, N(plugin_entry_fields), &pc) != 0)
+        return SPK_ENOMEM; /* the entry rows' defaults allocate nothing else can fail on */
     pc.file = strdup(file);
     pc.path = strdup(path);
     spk_plugin_conf *nv = NULL;
@@ -1742,14 +1703,14 @@ static void d_duration(FILE *out, const void *base, const field *f, int indent)
 {
     char buf[32];
     put_key(out, indent, f->name);
-    fprintf(out, " %s\n", fmt_duration(load_uint(cat(base, f), f->width), buf, sizeof(buf)));
+    fprintf(out, " %s\n", spk_fmt_duration(load_uint(cat(base, f), f->width), buf, sizeof(buf)));
 }
 
 static void d_size(FILE *out, const void *base, const field *f, int indent)
 {
     char buf[32];
     put_key(out, indent, f->name);
-    fprintf(out, " %s\n", fmt_size(load_uint(cat(base, f), f->width), buf, sizeof(buf)));
+    fprintf(out, " %s\n", spk_fmt_size(load_uint(cat(base, f), f->width), buf, sizeof(buf)));
 }
 
 static void d_sync(FILE *out, const void *base, const field *f, int indent)

@@ -22,6 +22,7 @@
 #include "log.h"
 #include "queue.h"
 #include "queue_conf.h"
+#include "units.h"
 
 #define REFUSAL_LOGS_PER_SEC 10
 #define QUEUE_RETRY_S 5
@@ -56,6 +57,29 @@ static const char *host_config_get(spoke_ctx *ctx, const char *key)
         if (strcmp(pc->config[i].key, key) == 0)
             return pc->config[i].value;
     return NULL;
+}
+
+/* config_get_duration / config_get_size: the config file's own parsers (units.h), so a
+ * plugin's "10s" means what the host's does. A key that is not set leaves *out alone. */
+static int config_get_parsed(spoke_ctx *ctx, const char *key, uint64_t *out,
+                             int (*parse)(const char *text, uint64_t *out))
+{
+    if (ctx == NULL || key == NULL || out == NULL)
+        return SPOKE_ERR_INVALID;
+    const char *v = host_config_get(ctx, key);
+    if (v == NULL)
+        return 0;
+    return parse(v, out) == 0 ? 0 : SPOKE_ERR_INVALID;
+}
+
+static int host_config_get_duration(spoke_ctx *ctx, const char *key, uint64_t *out_ms)
+{
+    return config_get_parsed(ctx, key, out_ms, spk_parse_duration_ms);
+}
+
+static int host_config_get_size(spoke_ctx *ctx, const char *key, uint64_t *out_bytes)
+{
+    return config_get_parsed(ctx, key, out_bytes, spk_parse_size);
 }
 
 static const char *host_edge_id(spoke_ctx *ctx)
@@ -380,6 +404,8 @@ static int send_common(spoke_ctx *ctx, const void *payload, size_t len, const ch
         return SPOKE_ERR_INVALID;
     spk_plugin *p = ctx->plugin;
     spk_host_env *env = p->env;
+    /* The control table has no send_to_control (NULL, as the ABI's rule 4 says); this
+     * only guards a control env handed the edge table by mistake. */
     if (env->role == SPOKE_ROLE_CONTROL)
         return SPOKE_ERR_UNSUPPORTED;
     spk_errbuf eb;
@@ -419,29 +445,37 @@ static int host_send_to_control_json(spoke_ctx *ctx, const char *json, size_t le
 
 static const char *host_strerror(int status) { return spk_strerror(status); }
 
-static const spoke_host host_table = {
-    .abi_major = SPOKE_ABI_MAJOR,
-    .abi_minor = SPOKE_ABI_MINOR,
-    .struct_size = sizeof(spoke_host),
-    .log = host_log,
-    .config_get = host_config_get,
-    .edge_id = host_edge_id,
-    .edge_namespace = host_edge_namespace,
-    .every = host_every,
-    .timer_cancel = host_timer_cancel,
+/* One table per role. A service a role does not offer is NULL in its table (the ABI's
+ * rule 4): the control role has no connections, buffers or queue to the control plane. */
+#define HOST_SERVICES_ALL_ROLES                                                            \
+    .abi_major = SPOKE_ABI_MAJOR, .abi_minor = SPOKE_ABI_MINOR,                            \
+    .struct_size = sizeof(spoke_host), .log = host_log, .config_get = host_config_get,     \
+    .edge_id = host_edge_id, .edge_namespace = host_edge_namespace, .every = host_every,   \
+    .timer_cancel = host_timer_cancel, .signal = host_signal, .strerror = host_strerror,   \
+    .config_get_duration = host_config_get_duration, .config_get_size = host_config_get_size
+
+static const spoke_host edge_table = {
+    HOST_SERVICES_ALL_ROLES,
     .buf_set = host_buf_set,
     .buf_resize = host_buf_resize,
     .conn_id = host_conn_id,
     .conn_peer = host_conn_peer,
     .conn_data = host_conn_data,
     .respond = host_respond,
-    .signal = host_signal,
     .send_to_control = host_send_to_control,
     .send_to_control_json = host_send_to_control_json,
-    .strerror = host_strerror,
 };
 
-const spoke_host *spk_host_table(void) { return &host_table; }
+static const spoke_host control_table = {
+    HOST_SERVICES_ALL_ROLES,
+};
+
+const spoke_host *spk_host_table(void) { return &edge_table; }
+
+const spoke_host *spk_host_table_for(spoke_role role)
+{
+    return role == SPOKE_ROLE_CONTROL ? &control_table : &edge_table;
+}
 
 void spk_host_env_init(spk_host_env *env, struct ev_loop *loop, const spk_config *cfg,
                        spoke_role role)

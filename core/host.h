@@ -3,8 +3,8 @@
  * environment those services act in.
  *
  * There is one spk_host_env per process that runs plugins (a worker, or hubd). Plugins
- * reach it through their spoke_ctx (ctx->plugin->env). The table itself is static and
- * constant: spk_host_table() returns it.
+ * reach it through their spoke_ctx (ctx->plugin->env). The tables themselves are static
+ * and constant, one per role: spk_host_table_for() returns them.
  */
 #ifndef SPK_HOST_H
 #define SPK_HOST_H
@@ -35,7 +35,12 @@ struct spk_host_env {
     const char *edge_namespace;
 };
 
-/* The host services table; static, valid for the life of the process. */
+/* The host services table of `role`; static, valid for the life of the process. In the
+ * control role's table the edge-only services (buffers, connections, send_to_control)
+ * are NULL, as abi/spoke.h's rule 4 says. Pass the table of the env's role to the loader. */
+const spoke_host *spk_host_table_for(spoke_role role);
+
+/* The edge role's table: spk_host_table_for(SPOKE_ROLE_EDGE). */
 const spoke_host *spk_host_table(void);
 
 /* Initialise env for `loop` and `cfg` (both borrowed). */

@@ -28,8 +28,8 @@
 #include "log.h"
 
 /* The smallest table a 1.0 plugin may declare: everything up to and including the
- * requires field (name and version are mandatory; hooks may be cut off). */
-#define SPK_PLUGIN_MIN_SIZE (offsetof(spoke_plugin, requires) + sizeof(const char *const *))
+ * dependencies field (name and version are mandatory; hooks may be cut off). */
+#define SPK_PLUGIN_MIN_SIZE (offsetof(spoke_plugin, dependencies) + sizeof(const char *const *))
 
 void spk_sha256_hex(const uint8_t sum[32], char out[65])
 {
@@ -469,9 +469,9 @@ static int check_requirements(const spk_config *cfg, const spk_plugin_set *set,
 {
     for (size_t i = 0; i < set->n; i++) {
         const spk_plugin *p = set->v[i];
-        if (p->table.requires == NULL)
+        if (p->table.dependencies == NULL)
             continue;
-        for (const char *const *r = p->table.requires; *r != NULL; r++) {
+        for (const char *const *r = p->table.dependencies; *r != NULL; r++) {
             spk_errbuf why;
             int rc = spk_requirement_check(*r, set->v, set->n, &why);
             if (rc == 0)

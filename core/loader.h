@@ -10,7 +10,7 @@
  *           struct_size bytes, into a zeroed spoke_plugin), check name and version.
  *   check   spk_plugin_set_load(): every enabled plugin of the config (plus unlisted files
  *           of plugins.dir under plugins.autoload) is opened; duplicate names and IDs are
- *           refused; `requires` are checked under plugins.compatibility.
+ *           refused; `dependencies` are checked under plugins.compatibility.
  *   init    spk_plugin_set_init(): each plugin's init, in config order, then
  *           on_config_loaded of each.
  *

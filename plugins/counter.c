@@ -13,8 +13,9 @@
  * traffic.
  *
  * Config:
- *   interval   how often to log: a duration with a unit, "500ms", "10s", "1m", "1h"
- *              (default 10s; 1ms..24h).
+ *   interval   how often to log: a duration as the config file writes one, "500ms",
+ *              "10s", "1m", "1h" (default 10s; 1ms..24h), read with the host's
+ *              config_get_duration.
  *
  * Counts are per worker process: each worker loads its own copy of the plugin. A
  * connection counts as open from on_open to on_close; on_close runs for every connection
@@ -22,10 +23,8 @@
  * so the plugin marks the connections it counted (through conn_data) and only those
  * leave the "open" count.
  */
-#include <errno.h>
 #include <inttypes.h>
 #include <stdlib.h>
-#include <string.h>
 
 #include "spoke.h"
 
@@ -47,31 +46,6 @@ typedef struct counter {
 /* The conn_data value of a connection counted in on_open. Only its address matters. */
 static char counted_mark;
 
-/* Parse "<digits><unit>" with unit ms, s, m or h into milliseconds. Returns 0 or -1. */
-static int parse_duration_ms(const char *s, uint64_t *out)
-{
-    static const struct {
-        const char *unit;
-        uint64_t ms;
-    } units[] = {{"ms", 1}, {"s", 1000}, {"m", 60000}, {"h", 3600000}};
-    if (s[0] < '0' || s[0] > '9')
-        return -1;
-    errno = 0;
-    char *end;
-    unsigned long long v = strtoull(s, &end, 10);
-    if (errno != 0)
-        return -1;
-    for (size_t i = 0; i < sizeof(units) / sizeof(units[0]); i++) {
-        if (strcmp(end, units[i].unit) != 0)
-            continue;
-        if (v > COUNTER_MAX_INTERVAL_MS / units[i].ms)
-            return -1;
-        *out = (uint64_t)v * units[i].ms;
-        return 0;
-    }
-    return -1;
-}
-
 static void log_totals(const counter *c, const char *prefix)
 {
     host->log(c->ctx, SPOKE_LOG_INFO,
@@ -90,11 +64,18 @@ static void on_timer(void *self, void *arg)
 static int init(spoke_ctx *ctx, const spoke_init_args *args, void **self)
 {
     (void)args;
+    if (!SPOKE_HOST_HAS(host, config_get_duration)) {
+        host->log(ctx, SPOKE_LOG_ERROR, "this host lacks config_get_duration (spoke ABI 1.1)");
+        return SPOKE_ERR_UNSUPPORTED;
+    }
+    /* The host reads the duration as it reads the config file's own (units.h). */
     uint64_t ms = COUNTER_DEFAULT_INTERVAL_MS;
-    const char *iv = host->config_get(ctx, "interval");
-    if (iv != NULL && (parse_duration_ms(iv, &ms) != 0 || ms == 0)) {
+    if (host->config_get_duration(ctx, "interval", &ms) != 0 || ms == 0 ||
+        ms > COUNTER_MAX_INTERVAL_MS) {
+        const char *iv = host->config_get(ctx, "interval");
         host->log(ctx, SPOKE_LOG_ERROR,
-                  "interval: '%s' is not a duration between 1ms and 24h (e.g. 500ms, 10s)", iv);
+                  "interval: '%s' is not a duration between 1ms and 24h (e.g. 500ms, 10s)",
+                  iv ? iv : "");
         return SPOKE_ERR_INVALID;
     }
     counter *c = calloc(1, sizeof(*c));

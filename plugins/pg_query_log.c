@@ -27,13 +27,13 @@
  * SSLRequest) is logged once and then left alone.
  *
  * Config:
- *   max_message   the largest Query/Parse message logged, a size: "65536", "64KiB",
- *                 "1MiB" (units B, KiB, MiB, GiB; default 1MiB; at most 1GiB).
+ *   max_message   the largest Query/Parse message logged, a size as the config file
+ *                 writes one: "65536", "64KiB", "1MiB" (default 1MiB; at most 1GiB),
+ *                 read with the host's config_get_size.
  *
  * Per-connection state (host->conn_data): NULL before the first client byte, then a
  * pgconn, or the address of `off_mark` once the connection is not decoded any more.
  */
-#include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -82,46 +82,28 @@ static char off_mark;
 
 /* ---- config ------------------------------------------------------------------------- */
 
-/* Parse "<digits>[B|KiB|MiB|GiB]". Returns 0 or -1. */
-static int parse_size(const char *s, size_t *out)
-{
-    static const struct {
-        const char *unit;
-        uint64_t mult;
-    } units[] = {{"", 1}, {"B", 1}, {"KiB", 1u << 10}, {"MiB", 1u << 20}, {"GiB", 1u << 30}};
-    if (s[0] < '0' || s[0] > '9')
-        return -1;
-    errno = 0;
-    char *end;
-    unsigned long long v = strtoull(s, &end, 10);
-    if (errno != 0)
-        return -1;
-    for (size_t i = 0; i < sizeof(units) / sizeof(units[0]); i++) {
-        if (strcmp(end, units[i].unit) != 0)
-            continue;
-        if (v > PG_MAX_MAX_MESSAGE / units[i].mult)
-            return -1;
-        *out = (size_t)(v * units[i].mult);
-        return 0;
-    }
-    return -1;
-}
-
 static int init(spoke_ctx *ctx, const spoke_init_args *args, void **self)
 {
     (void)args;
-    size_t max = PG_DEFAULT_MAX_MESSAGE;
-    const char *mm = host->config_get(ctx, "max_message");
-    if (mm != NULL && (parse_size(mm, &max) != 0 || max == 0)) {
+    if (!SPOKE_HOST_HAS(host, config_get_size)) {
+        host->log(ctx, SPOKE_LOG_ERROR, "this host lacks config_get_size (spoke ABI 1.1)");
+        return SPOKE_ERR_UNSUPPORTED;
+    }
+    /* The host reads the size as it reads the config file's own (units.h). */
+    uint64_t max = PG_DEFAULT_MAX_MESSAGE;
+    if (host->config_get_size(ctx, "max_message", &max) != 0 || max == 0 ||
+        max > PG_MAX_MAX_MESSAGE) {
+        const char *mm = host->config_get(ctx, "max_message");
         host->log(ctx, SPOKE_LOG_ERROR,
-                  "max_message: '%s' is not a size between 1 and 1GiB (e.g. 65536, 1MiB)", mm);
+                  "max_message: '%s' is not a size between 1 and 1GiB (e.g. 65536, 1MiB)",
+                  mm ? mm : "");
         return SPOKE_ERR_INVALID;
     }
     pglog *pl = calloc(1, sizeof(*pl));
     if (pl == NULL)
         return SPOKE_ERR_NOMEM;
     pl->ctx = ctx;
-    pl->max_message = max;
+    pl->max_message = (size_t)max;
     *self = pl;
     return 0;
 }

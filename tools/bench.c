@@ -13,14 +13,13 @@
  */
 #include "bench.h"
 
-#include <errno.h>
 #include <limits.h>
-#include <math.h>
 #include <stdlib.h>
 #include <string.h>
-#include <strings.h>
 #include <time.h>
 #include <unistd.h>
+
+#include "units.h"
 
 static void usage(FILE *f)
 {
@@ -41,8 +40,9 @@ static void usage(FILE *f)
     fprintf(f, "  help\n"
                "      this text\n"
                "\n"
-               "Addresses are host:port, [v6]:port or unix:/path. Durations take ms, s, m\n"
-               "(a bare number is seconds); sizes take K/KiB, M/MiB. Exit status: 0 ok,\n"
+               "Addresses are host:port, [v6]:port or unix:/path. Durations and sizes are\n"
+               "written as in the config file: 500ms, 10s, 2m, 1h (a bare 0 is zero);\n"
+               "128, 16KiB, 1MiB, 1GiB (a bare number is bytes). Exit status: 0 ok,\n"
                "1 usage or setup error, 2 the run finished but saw errors.\n");
 }
 
@@ -86,55 +86,19 @@ int main(int argc, char **argv)
 
 /* ---- helpers shared by the subcommands (bench.h) ---------------------------------- */
 
+/* The tool reads durations and sizes as the config file does (core/base/units.h). */
 int spk_bench_parse_duration(const char *text, int allow_zero, double *out_s)
 {
-    char *end;
-    errno = 0;
-    double v = strtod(text, &end);
-    if (end == text || errno != 0 || !isfinite(v) || v < 0)
+    uint64_t ms;
+    if (spk_parse_duration_ms(text, &ms) != 0 || (ms == 0 && !allow_zero))
         return -1;
-    double scale;
-    if (*end == '\0' || strcmp(end, "s") == 0)
-        scale = 1;
-    else if (strcmp(end, "ms") == 0)
-        scale = 1e-3;
-    else if (strcmp(end, "us") == 0)
-        scale = 1e-6;
-    else if (strcmp(end, "m") == 0)
-        scale = 60;
-    else if (strcmp(end, "h") == 0)
-        scale = 3600;
-    else
-        return -1;
-    v *= scale;
-    if (v == 0 && !allow_zero)
-        return -1;
-    *out_s = v;
+    *out_s = (double)ms / 1000.0;
     return 0;
 }
 
 int spk_bench_parse_size(const char *text, uint64_t *out)
 {
-    char *end;
-    errno = 0;
-    unsigned long long v = strtoull(text, &end, 10);
-    if (end == text || errno != 0 || text[0] == '-')
-        return -1;
-    uint64_t scale;
-    if (*end == '\0' || strcasecmp(end, "B") == 0)
-        scale = 1;
-    else if (strcasecmp(end, "K") == 0 || strcmp(end, "KiB") == 0)
-        scale = 1024;
-    else if (strcasecmp(end, "M") == 0 || strcmp(end, "MiB") == 0)
-        scale = 1024 * 1024;
-    else if (strcasecmp(end, "G") == 0 || strcmp(end, "GiB") == 0)
-        scale = 1024ull * 1024 * 1024;
-    else
-        return -1;
-    if (v > UINT64_MAX / scale)
-        return -1;
-    *out = v * scale;
-    return 0;
+    return spk_parse_size(text, out) == 0 ? 0 : -1;
 }
 
 int spk_bench_parse_uint(const char *text, uint64_t min, uint64_t max, uint64_t *out)

@@ -36,11 +36,12 @@ int spk_bench_queue(int argc, char **argv) __attribute__((weak));
 int spk_bench_supervisor(int argc, char **argv) __attribute__((weak));
 void spk_bench_supervisor_usage(FILE *f) __attribute__((weak));
 
-/* "10s", "500ms", "2m", "1.5s" or a bare number of seconds, into seconds (> 0 unless
- * allow_zero). Returns 0 or -1. */
+/* A duration as the config file writes it ("10s", "500ms", "2m", a bare 0; see
+ * core/base/units.h), into seconds (> 0 unless allow_zero). Returns 0 or -1. */
 int spk_bench_parse_duration(const char *text, int allow_zero, double *out_s);
 
-/* "128", "16KiB", "16K", "1MiB", "1M" into bytes. Returns 0 or -1. */
+/* A size as the config file writes it ("128", "16KiB", "1MiB"; core/base/units.h) into
+ * bytes. Returns 0 or -1. */
 int spk_bench_parse_size(const char *text, uint64_t *out);
 
 /* A positive integer in [min, max]. Returns 0 or -1. */

@@ -1,7 +1,7 @@
 /*
  * spoke-plugin -- look at a plugin .so the way the host will.
  *
- *   spoke-plugin inspect X.so            ABI version, name, version, hooks, requires, SHA-256
+ *   spoke-plugin inspect X.so            ABI version, name, version, hooks, dependencies, SHA-256
  *   spoke-plugin verify X.so [--sha256 HEX] [--init]
  *                                        exit 0 if a host would load it; otherwise print the
  *                                        reason it would be refused and exit 1. --init also
@@ -69,9 +69,9 @@ static int inspect(const char *path)
     printf("version:     %s\n", p->table.version);
     printf("description: %s\n", p->table.description ? p->table.description : "");
     print_hooks(&p->table);
-    printf("requires:");
+    printf("dependencies:");
     int n = 0;
-    for (const char *const *r = p->table.requires; r != NULL && *r != NULL; r++, n++)
+    for (const char *const *r = p->table.dependencies; r != NULL && *r != NULL; r++, n++)
         printf(" %s", *r);
     printf("%s\n", n ? "" : " (nothing)");
     printf("sha256:      %s\n", hex);

@@ -1,7 +1,8 @@
 /*
- * test_config.c -- the configuration loader: defaults, every key, durations and sizes,
- * each class of error with its exact file:line and dotted key, plugin entries (args, env,
- * config flattening, sha256, duplicates), flow style, and the dump reading back the same.
+ * test_config.c -- the configuration loader: defaults, every key, durations and sizes as
+ * keys (their syntax is tested in base/test_units.c), each class of error with its exact
+ * file:line and dotted key, plugin entries (args, env, config flattening, sha256,
+ * duplicates), flow style, and the dump reading back the same.
  *
  * Each YAML input is written to a temp file (mkstemps under /tmp), loaded, and removed.
  */
@@ -429,115 +430,6 @@ static void test_dump_round_trip(void **state)
     free(d2);
     spk_config_free(again);
     spk_config_free(cfg);
-}
-
-/* ---- durations and sizes ------------------------------------------------------------ */
-
-static void test_durations(void **state)
-{
-    (void)state;
-    static const struct {
-        const char *text;
-        uint64_t ms;
-    } good[] = {
-        {"0", 0},
-        {"0ms", 0},
-        {"0s", 0},
-        {"1ms", 1},
-        {"100ms", 100},
-        {"1500ms", 1500},
-        {"30s", 30000},
-        {"2m", 120000},
-        {"1h", 3600000},
-        {"007s", 7000},
-        {"18446744073709551615ms", UINT64_MAX},
-        {"5124095576030h", 5124095576030ull * 3600000ull},
-    };
-    for (size_t i = 0; i < sizeof(good) / sizeof(good[0]); i++) {
-        uint64_t v = 12345;
-        if (spk_parse_duration_ms(good[i].text, &v) != 0 || v != good[i].ms)
-            fail_msg("'%s' -> %llu", good[i].text, (unsigned long long)v);
-    }
-    static const char *const bad[] = {
-        "",
-        "1",
-        "10",
-        "-1s",
-        "+1s",
-        "s",
-        "ms",
-        "1 s",
-        " 1s",
-        "1s ",
-        "1.5s",
-        "1d",
-        "1S",
-        "1sec",
-        "0x10s",
-        "1msx",
-        "18446744073709551616ms",
-        "18446744073709551615s",
-        "5124095576031h",
-        "99999999999999999999999h",
-    };
-    for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
-        uint64_t v = 777;
-        if (spk_parse_duration_ms(bad[i], &v) != SPK_EINVAL || v != 777)
-            fail_msg("'%s' accepted as %llu", bad[i], (unsigned long long)v);
-    }
-    uint64_t v;
-    assert_int_equal(spk_parse_duration_ms(NULL, &v), SPK_EINVAL);
-}
-
-static void test_sizes(void **state)
-{
-    (void)state;
-    static const struct {
-        const char *text;
-        uint64_t bytes;
-    } good[] = {
-        {"0", 0},
-        {"1024", 1024},
-        {"1B", 1},
-        {"1KiB", 1024},
-        {"64KiB", 65536},
-        {"1MiB", 1048576},
-        {"1GiB", 1073741824},
-        {"1TiB", 1099511627776ull},
-        {"1KB", 1000},
-        {"1MB", 1000000},
-        {"1GB", 1000000000},
-        {"2TB", 2000000000000ull},
-        {"18446744073709551615", UINT64_MAX},
-        {"18446744073709551615B", UINT64_MAX},
-        {"16777215TiB", 16777215ull << 40},
-    };
-    for (size_t i = 0; i < sizeof(good) / sizeof(good[0]); i++) {
-        uint64_t v = 12345;
-        if (spk_parse_size(good[i].text, &v) != 0 || v != good[i].bytes)
-            fail_msg("'%s' -> %llu", good[i].text, (unsigned long long)v);
-    }
-    static const char *const bad[] = {
-        "",
-        "-1",
-        "KiB",
-        "1kib",
-        "1kb",
-        "1K",
-        "1 KiB",
-        "1.5GiB",
-        "1PiB",
-        "1iB",
-        "18446744073709551616",
-        "16777216TiB",
-        "18446744073709551616B",
-        "0x10",
-    };
-    for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
-        uint64_t v = 777;
-        if (spk_parse_size(bad[i], &v) != SPK_EINVAL || v != 777)
-            fail_msg("'%s' accepted as %llu", bad[i], (unsigned long long)v);
-    }
 }
 
 /* Keys check their own ranges, and say so with the range in the key's unit. */
@@ -1156,8 +1048,6 @@ int main(void)
         cmocka_unit_test(test_defaults),
         cmocka_unit_test(test_full),
         cmocka_unit_test(test_dump_round_trip),
-        cmocka_unit_test(test_durations),
-        cmocka_unit_test(test_sizes),
         cmocka_unit_test(test_ranges),
         cmocka_unit_test(test_bad_duration_message),
         cmocka_unit_test(test_unknown_keys),

@@ -222,7 +222,7 @@ class SupervisorTest(SpokeCase):
             keep = socket.create_connection(("127.0.0.1", sp.port))
             # 1. an ABI mismatch
             self.install(pdir, tp("t_abi_major"))
-            self.check_failed_reload(sp, r".*t-version\.so: refused: plugin ABI 2\.0, host ABI 1\.0")
+            self.check_failed_reload(sp, r".*t-version\.so: refused: plugin ABI 2\.0, host ABI 1\.1")
             self.install(pdir, tp("t_version_v1"))
             # 2. an init failure
             cfg = copy.deepcopy(sp.config)

@@ -1,7 +1,7 @@
 /*
  * t_abi_major -- test plugin: a table from a future ABI major (SPOKE_ABI_MAJOR + 1).
  * The host must refuse it with a message naming both versions ("plugin ABI 2.0, host
- * ABI 1.0"), before reading anything past the three version fields.
+ * ABI 1.1"), before reading anything past the three version fields.
  */
 #include "spoke.h"
 

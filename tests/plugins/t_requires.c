@@ -13,7 +13,7 @@ static const spoke_plugin plugin = {
     SPOKE_PLUGIN_HEADER,
     .name = "t-requires",
     .version = "1.0.0",
-    .requires = requirements,
+    .dependencies = requirements,
 };
 
 SPOKE_PLUGIN_ENTRY(plugin, host)

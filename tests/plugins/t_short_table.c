@@ -16,7 +16,7 @@ typedef struct short_table {
     const char *name;
     const char *version;
     const char *description;
-    const char *const *requires;
+    const char *const *dependencies;
     int (*init)(spoke_ctx *ctx, const spoke_init_args *args, void **self);
     void (*fini)(void *self);
     int (*health)(void *self);
