@@ -1180,6 +1180,10 @@ static const field uplink_fields[] = {
     CF("batch_size", p_uint, d_uint, uplink_batch_size, 1, 10000, 100),
     CS("token_file", p_str_opt, d_str, uplink_token_file, NULL),
     CS("ca", p_str_opt, d_str, uplink_ca, NULL),
+    CS("cert", p_str_opt, d_str, uplink_cert, NULL),
+    CS("key", p_str_opt, d_str, uplink_key, NULL),
+    CF("max_batch_bytes", p_size, d_size, uplink_max_batch_bytes, 64 * KiB, 256 * MiB, 4 * MiB),
+    CF("timeout", p_duration, d_duration, uplink_timeout_ms, 1, HOUR, 10 * SEC),
 };
 
 static const field metrics_fields[] = {
@@ -1516,6 +1520,10 @@ static int finish(cfg_ctx *c, const node *root)
         return cfg_fail(c, key_line(root, "queue", "journal_size"), "queue.journal_size",
                         "%s is not a multiple of 4 KiB",
                         spk_fmt_size(cfg->queue_journal_size, a, sizeof(a)));
+    if ((cfg->uplink_cert == NULL) != (cfg->uplink_key == NULL))
+        return cfg_fail(c, key_line(root, "uplink", cfg->uplink_cert ? "cert" : "key"),
+                        cfg->uplink_cert ? "uplink.cert" : "uplink.key",
+                        "mutual TLS needs both uplink.cert and uplink.key");
     if ((rc = check_plugin_duplicates(c)) != 0)
         return rc;
     return resolve_paths(c);
@@ -1592,6 +1600,8 @@ void spk_config_free(spk_config *cfg)
     free(cfg->uplink_url);
     free(cfg->uplink_token_file);
     free(cfg->uplink_ca);
+    free(cfg->uplink_cert);
+    free(cfg->uplink_key);
     free(cfg->metrics_listen);
     free(cfg->run_dir);
     free(cfg);

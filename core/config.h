@@ -104,8 +104,12 @@ typedef struct spk_config {
     char *uplink_url;          /* NULL: no uplink */
     uint64_t uplink_heartbeat_ms; /* uplink.heartbeat */
     unsigned uplink_batch_size;   /* uplink.batch_size */
-    char *uplink_token_file;
-    char *uplink_ca;
+    char *uplink_token_file;   /* uplink.token_file: the bearer token, first line */
+    char *uplink_ca;           /* uplink.ca: CAs (PEM) to verify the hub; NULL: the system's */
+    char *uplink_cert;         /* uplink.cert, uplink.key: client certificate and key (PEM) */
+    char *uplink_key;          /*   for mutual TLS; both or neither */
+    uint64_t uplink_max_batch_bytes; /* uplink.max_batch_bytes: wire bytes per batch */
+    uint64_t uplink_timeout_ms;      /* uplink.timeout: one call's deadline */
 
     /* metrics: */
     char *metrics_listen;      /* NULL: no metrics endpoint */

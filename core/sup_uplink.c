@@ -35,14 +35,14 @@ static spk_wslot *uslot(const sup *s)
 /* What the uplink process reads of the config: a change to any of it restarts it. */
 static void settings_of(const spk_config *cfg, char *buf, size_t cap)
 {
-    snprintf(buf, cap, "%s|%llu|%u|%s|%s|%s|%s|%s|%s|%d",
-             cfg->uplink_url ? cfg->uplink_url : "",
+#define S(x) ((x) != NULL ? (x) : "")
+    snprintf(buf, cap, "%s|%llu|%u|%s|%s|%s|%s|%llu|%llu|%s|%s|%s|%s|%d", S(cfg->uplink_url),
              (unsigned long long)cfg->uplink_heartbeat_ms, cfg->uplink_batch_size,
-             cfg->uplink_token_file ? cfg->uplink_token_file : "",
-             cfg->uplink_ca ? cfg->uplink_ca : "", cfg->edge_id ? cfg->edge_id : "",
-             cfg->edge_namespace ? cfg->edge_namespace : "",
-             cfg->queue_path ? cfg->queue_path : "", cfg->run_dir ? cfg->run_dir : "",
-             (int)cfg->log_level);
+             S(cfg->uplink_token_file), S(cfg->uplink_ca), S(cfg->uplink_cert),
+             S(cfg->uplink_key), (unsigned long long)cfg->uplink_max_batch_bytes,
+             (unsigned long long)cfg->uplink_timeout_ms, S(cfg->edge_id),
+             S(cfg->edge_namespace), S(cfg->queue_path), S(cfg->run_dir), (int)cfg->log_level);
+#undef S
 }
 
 static void add_counters(spk_uplink_counters *to, const spk_uplink_counters *from)

@@ -183,8 +183,7 @@ static void maybe_stop(uplink *u)
 
 static uint64_t call_timeout_ms(const uplink *u)
 {
-    return u->heartbeat_ms < SPK_UPLINK_CALL_TIMEOUT_MS ? u->heartbeat_ms
-                                                        : SPK_UPLINK_CALL_TIMEOUT_MS;
+    return u->cfg->uplink_timeout_ms;
 }
 
 /* ---- batches --------------------------------------------------------------------------- */
@@ -603,7 +602,7 @@ int spk_uplink_run(const spk_config *cfg, spk_wslot *slot, spk_errbuf *eb)
         return spk_errf(eb, SPK_EIO, "cannot create the event loop");
     u.heartbeat_ms = cfg->uplink_heartbeat_ms;
     u.batch_size = cfg->uplink_batch_size;
-    u.max_batch_bytes = 4u << 20;
+    u.max_batch_bytes = (size_t)cfg->uplink_max_batch_bytes;
     srand48((long)getpid() ^ (long)spk_mono_ms());
 
     char *token = NULL;
@@ -612,6 +611,7 @@ int spk_uplink_run(const spk_config *cfg, spk_wslot *slot, spk_errbuf *eb)
         rc = spk_queue_conf_open(cfg, &u.q, eb);
     if (rc == 0) {
         spk_grpc_client_opts co = {.url = cfg->uplink_url, .ca_file = cfg->uplink_ca,
+                                   .cert_file = cfg->uplink_cert, .key_file = cfg->uplink_key,
                                    .token = token};
         rc = spk_grpc_client_new(u.loop, &co, &u.cl, eb);
     }

@@ -36,7 +36,6 @@
 #define SPK_UPLINK_BACKOFF_MIN_MS 100u
 #define SPK_UPLINK_BACKOFF_MAX_MS 60000u
 #define SPK_UPLINK_PARK_BEATS 10u   /* NO_RECEIVER: retried every 10 heartbeats */
-#define SPK_UPLINK_CALL_TIMEOUT_MS 10000u /* a call's deadline, at most the heartbeat */
 
 /* Run the uplink until SIGTERM/SIGINT (finish the call in flight, at most its deadline,
  * then return 0) or SIGQUIT (return at once). `slot` is the supervisor's status slot for

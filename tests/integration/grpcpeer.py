@@ -188,3 +188,38 @@ def _free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _openssl(*args, cwd):
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
+
+
+def make_pki(d, client_names=("edge-1",)):
+    """In directory d: a CA (ca.pem, ca.key), a server certificate for 127.0.0.1 and
+    localhost (server.pem, server.key) and a client certificate (client.pem, client.key)
+    with CN "client" and DNS names `client_names`, made with the openssl CLI."""
+    _openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+             "-keyout", "ca.key", "-out", "ca.pem", "-days", "2", "-subj", "/CN=spoke test CA",
+             cwd=d)
+    sans = ",".join(f"DNS:{n}" for n in client_names)
+    for name, ext in (("server", "subjectAltName=IP:127.0.0.1,DNS:localhost"),
+                      ("client", f"subjectAltName={sans}")):
+        _openssl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+                 "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", f"/CN={name}", cwd=d)
+        with open(os.path.join(d, f"{name}.ext"), "w") as f:
+            f.write(ext + "\n")
+        _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+                 "-CAcreateserial", "-out", f"{name}.pem", "-days", "2", "-extfile",
+                 f"{name}.ext", cwd=d)
+    for k in ("ca.key", "server.key", "client.key"):
+        os.chmod(os.path.join(d, k), 0o600)
+
+
+def tls_server_credentials(d, require_client_auth=True):
+    """grpc server credentials from make_pki's files in d."""
+    def read(name):
+        with open(os.path.join(d, name), "rb") as f:
+            return f.read()
+    return grpc.ssl_server_credentials([(read("server.key"), read("server.pem"))],
+                                       root_certificates=read("ca.pem"),
+                                       require_client_auth=require_client_auth)

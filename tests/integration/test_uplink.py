@@ -19,7 +19,7 @@ import unittest
 import grpc
 
 sys.path.insert(0, os.path.dirname(__file__))
-from grpcpeer import FakeHub, load_protos  # noqa: E402
+from grpcpeer import FakeHub, load_protos, make_pki, tls_server_credentials  # noqa: E402
 from spoketest import EchoServer, Spoked, TempDir  # noqa: E402
 from test_send_to_control import PLUGIN_ID, Client, queue_tool, t_send  # noqa: E402
 
@@ -146,8 +146,8 @@ class UplinkTest(unittest.TestCase):
         self.assertRegex(self.sp.status(), r"failed \(retried\) 3\b")
 
     def test_slow_hub_times_out_and_nothing_is_lost_or_doubled(self):
-        self.hub.delay = 1.0  # longer than the call's deadline (the 200 ms heartbeat)
-        self.start()
+        self.hub.delay = 1.0  # longer than the call's deadline
+        self.start(uplink={"timeout": "300ms"})
         for i in range(3):
             self.send(f"s{i}", "slow")
         self.hub.wait_for(lambda h: len(h.batches) >= 2, what="a retry")
@@ -196,6 +196,18 @@ class UplinkTest(unittest.TestCase):
         self.hub.wait_for(lambda h: len(h.delivered) >= 2, what="delivery after the restart")
         self.assertNotEqual(self.uplink_pid(), pid)
         self.assertRegex(self.sp.status(), r"payloads accepted 2\b")  # counters survive
+
+    def test_mutual_tls(self):
+        d = self.tmp.path
+        make_pki(d)
+        self.hub.stop()
+        self.hub = FakeHub(PB, creds=tls_server_credentials(d))
+        self.start(uplink={"ca": f"{d}/ca.pem", "cert": f"{d}/client.pem",
+                           "key": f"{d}/client.key"})
+        for i in range(3):
+            self.send(f"m{i}", "over mTLS")
+        self.hub.wait_for(lambda h: len(h.delivered) >= 3, what="delivery over mTLS")
+        self.wait_empty()
 
     def test_token_file_readable_by_others_is_refused(self):
         tok = os.path.join(self.tmp.path, "token")

@@ -21,6 +21,9 @@ from concurrent import futures
 
 import grpc
 
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "../integration"))
+from grpcpeer import make_pki  # noqa: E402
+
 T_GRPC_CALL = sys.argv.pop(1) if len(sys.argv) > 1 else "build/tests/transport/t_grpc_call"
 
 CODES = {c.value[0]: c for c in grpc.StatusCode}
@@ -180,26 +183,6 @@ class H2cTest(unittest.TestCase):
     def test_parallel_calls(self):
         calls, _ = call(self.url, "/t.T/Echo", "--msg", "02", "--parallel", 20)
         self.assertEqual([c["status"] for c in calls], [0] * 20, calls)
-
-
-def openssl(*args, cwd):
-    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
-
-
-def make_pki(d):
-    """A CA, a server certificate for 127.0.0.1/localhost and a client certificate."""
-    openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
-            "-keyout", "ca.key", "-out", "ca.pem", "-days", "2", "-subj", "/CN=spoke test CA",
-            cwd=d)
-    for name, ext in (("server", "subjectAltName=IP:127.0.0.1,DNS:localhost"),
-                      ("client", "subjectAltName=DNS:edge-1")):
-        openssl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
-                "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", f"/CN={name}", cwd=d)
-        with open(os.path.join(d, f"{name}.ext"), "w") as f:
-            f.write(ext + "\n")
-        openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
-                "-CAcreateserial", "-out", f"{name}.pem", "-days", "2", "-extfile",
-                f"{name}.ext", cwd=d)
 
 
 class TlsTest(unittest.TestCase):
