@@ -487,3 +487,29 @@ void spk_host_env_init(spk_host_env *env, struct ev_loop *loop, const spk_config
     env->edge_id = cfg && cfg->edge_id ? cfg->edge_id : "";
     env->edge_namespace = cfg && cfg->edge_namespace ? cfg->edge_namespace : "";
 }
+
+size_t spk_host_health_round(spk_plugin_set *set, spk_slot *slot, unsigned *fails,
+                             unsigned limit)
+{
+    for (size_t i = 0; i < set->n; i++) {
+        spk_plugin *p = set->v[i];
+        if (p->table.health == NULL)
+            continue;
+        spk_slot_enter(slot, (uint32_t)i, SPK_HOOK_HEALTH);
+        int rc = p->table.health(p->self);
+        spk_slot_leave(slot);
+        if (rc == 0) {
+            fails[i] = 0;
+            continue;
+        }
+        fails[i]++;
+        spk_warn("plugin %s: health check failed (%d), %u of %u in a row", p->name, rc, fails[i],
+                 limit);
+        if (fails[i] >= limit) {
+            spk_error("plugin %s: failed %u health checks in a row; treating it as crashed",
+                      p->name, fails[i]);
+            return i + 1;
+        }
+    }
+    return 0;
+}

@@ -18,6 +18,8 @@
 #include "status.h"
 
 struct spk_queue; /* queue/queue.h */
+struct spk_kv;     /* kv.h */
+struct spk_kv_txn;
 
 struct spk_host_env {
     struct ev_loop *loop;      /* the process's loop (timers run on it) */
@@ -33,6 +35,10 @@ struct spk_host_env {
     uint64_t qlog_dropped;     /* refusals not logged since the last one that was */
     const char *edge_id;       /* borrowed from cfg, never NULL */
     const char *edge_namespace;
+    struct spk_kv *kv;         /* the KV store of this process; NULL: none */
+    struct spk_kv_txn *kv_txn; /* control role: the delivery's transaction hubd set around
+                                  accept_edge_payload, which the plugin's KV calls use; NULL
+                                  otherwise (each call its own transaction) */
 };
 
 /* The host services table of `role`; static, valid for the life of the process. In the
@@ -66,5 +72,12 @@ void spk_host_plugin_unload(spk_plugin *p);
  * spk_plugin_set_init()): spk_host_plugin_unload() of each plugin in reverse chain order,
  * then the set's array is freed and the set left empty. */
 void spk_host_unload(spk_plugin_set *set);
+
+/* One round of health checks: each plugin's health hook (stamped in `slot`), counting
+ * failures in a row in fails[i] (one per plugin, zeroed by the caller at start). Returns
+ * the chain index + 1 of the first plugin that reached `limit` failures in a row (it is
+ * to be treated as crashed), or 0. */
+size_t spk_host_health_round(spk_plugin_set *set, spk_slot *slot, unsigned *fails,
+                             unsigned limit);
 
 #endif

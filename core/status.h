@@ -102,6 +102,17 @@ typedef struct spk_uplink_counters {
     _Atomic uint32_t parked;          /* plugins whose payloads wait for a receiver */
 } spk_uplink_counters;
 
+/* A hubd worker's counters (core/hub.h), since it started. */
+typedef struct spk_hub_counters {
+    _Atomic uint64_t batches;        /* SendPluginControlBatch calls committed */
+    _Atomic uint64_t accepted;       /* payloads delivered to a control plugin */
+    _Atomic uint64_t duplicates;     /* payloads seen before (edge ID, sequence) */
+    _Atomic uint64_t no_receiver;    /* payloads whose plugin ID has no control plugin */
+    _Atomic uint64_t refused;        /* payloads over a limit or malformed */
+    _Atomic uint64_t plugin_errors;  /* accept_edge_payload returned an error */
+    _Atomic uint64_t auth_failures;  /* calls refused UNAUTHENTICATED / PERMISSION_DENIED */
+} spk_hub_counters;
+
 typedef struct spk_wslot {
     spk_slot act;
     _Atomic uint32_t state;
@@ -117,6 +128,7 @@ typedef struct spk_wslot {
      * that plugins_seq did not change). */
     _Atomic uint32_t plugins_seq;
     spk_uplink_counters uplink;
+    spk_hub_counters hub;           /* a hubd worker's slot */
 } spk_wslot;
 
 typedef struct spk_status {

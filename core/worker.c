@@ -64,29 +64,13 @@ static void on_health(struct ev_loop *loop, ev_timer *w, int revents)
     (void)loop;
     (void)revents;
     worker *wk = w->data;
-    for (size_t i = 0; i < wk->set.n; i++) {
-        spk_plugin *p = wk->set.v[i];
-        if (p->table.health == NULL)
-            continue;
-        spk_slot_enter(wk->slot, (uint32_t)i, SPK_HOOK_HEALTH);
-        int rc = p->table.health(p->self);
-        spk_slot_leave(wk->slot);
-        if (rc == 0) {
-            wk->health_fails[i] = 0;
-            continue;
-        }
-        wk->health_fails[i]++;
-        spk_warn("plugin %s: health check failed (%d), %u of %u in a row", p->name, rc,
-                 wk->health_fails[i], wk->cfg->health_fail_limit);
-        if (wk->health_fails[i] >= wk->cfg->health_fail_limit) {
-            spk_error("plugin %s: failed %u health checks in a row; treating it as crashed",
-                      p->name, wk->health_fails[i]);
-            if (wk->opts->wslot != NULL)
-                atomic_store(&wk->opts->wslot->health_failed, (uint32_t)i + 1);
-            wk->result = SPK_EBUSY;
-            stop_now(wk);
-            return;
-        }
+    size_t failed = spk_host_health_round(&wk->set, wk->slot, wk->health_fails,
+                                          wk->cfg->health_fail_limit);
+    if (failed != 0) {
+        if (wk->opts->wslot != NULL)
+            atomic_store(&wk->opts->wslot->health_failed, (uint32_t)failed);
+        wk->result = SPK_EBUSY;
+        stop_now(wk);
     }
 }
 
@@ -170,25 +154,6 @@ static void start_timer(worker *wk, ev_timer *t, void (*cb)(struct ev_loop *, ev
     ev_timer_start(wk->loop, t);
 }
 
-/* Tell the supervisor which plugins run, before any of their code does. */
-static void publish_plugins(worker *wk)
-{
-    spk_wslot *sl = wk->opts->wslot;
-    size_t n = wk->set.n < SPK_STATUS_PLUGINS ? wk->set.n : SPK_STATUS_PLUGINS;
-    for (size_t i = 0; i < n; i++) {
-        const spk_plugin *p = wk->set.v[i];
-        spk_plugin_info *info = &sl->plugins[i];
-        snprintf(info->name, sizeof(info->name), "%s", p->name);
-        snprintf(info->version, sizeof(info->version), "%s", p->table.version);
-        info->id = p->id;
-        if (p->conf != NULL)
-            spk_plugin_key(p->conf, info->key, sizeof(info->key));
-        else
-            snprintf(info->key, sizeof(info->key), "@%s", p->path);
-    }
-    atomic_store_explicit(&sl->n_plugins, (uint32_t)n, memory_order_release);
-}
-
 static int start(worker *wk, spk_errbuf *eb)
 {
     const spk_worker_opts *opts = wk->opts;
@@ -200,7 +165,7 @@ static int start(worker *wk, spk_errbuf *eb)
     if (rc != 0)
         return rc;
     if (opts->wslot != NULL)
-        publish_plugins(wk);
+        spk_plugin_set_publish(&wk->set, opts->wslot);
     /* The queue opens before init, so plugins may send from init. A worker that cannot
      * open it still serves: send_to_control answers QUEUE_UNAVAILABLE and retries. */
     wk->env.qc = opts->wslot ? &opts->wslot->queue : &wk->private_qc;
