@@ -63,6 +63,7 @@
 
 #define OUT_HIGH (64u * 1024)      /* stop reading and stop asking nghttp2 past this */
 #define READ_CHUNK (16u * 1024)
+#define READ_ROUNDS 16             /* reads per event and connection, for fairness */
 #define STREAM_WINDOW (1u << 20)   /* per-stream receive window we announce */
 #define CONN_WINDOW (4u << 20)     /* connection receive window */
 #define MAX_TLS_NAMES 32u
@@ -160,6 +161,7 @@ struct conn {
     spk_grpc_call *calls, *calls_tail; /* every call of this connection, also orphans */
     size_t ncalls;
     size_t nstreams;                   /* calls whose stream is open */
+    size_t nanswers;                   /* calls REFUSED or ANSWERED: output to come */
 };
 
 struct spk_grpc_server {
@@ -237,10 +239,22 @@ static void call_unlink(spk_grpc_call *call)
     call->conn = NULL;
 }
 
+/* A call now has an answer to send; the connection's output deadline runs from the
+ * first one. */
+static void call_set_answering(spk_grpc_call *call, enum call_state st)
+{
+    struct conn *c = call->conn;
+    call->state = st;
+    if (c->nanswers++ == 0)
+        c->write_progress = ev_now(c->s->loop);
+}
+
 static void call_free(spk_grpc_call *call)
 {
     spk_grpc_server *s = call->s;
     s->st.bytes_held -= call->body.len + call->arena_len;
+    if (call->conn != NULL && (call->state == CALL_ANSWERED || call->state == CALL_REFUSED))
+        call->conn->nanswers--;
     call_unlink(call);
     spk_grpc_body_free(&call->body);
     free(call->arena);
@@ -381,12 +395,16 @@ static void conn_update_io(struct conn *c)
         ev |= EV_READ;
     if (c->out_len > 0 || (c->ssl != NULL && SSL_want_write(c->ssl)))
         ev |= EV_WRITE;
-    if (ev == c->io.events && ev_is_active(&c->io))
-        return;
-    ev_io_stop(c->s->loop, &c->io);
-    ev_io_set(&c->io, c->fd, ev);
-    if (ev != 0)
-        ev_io_start(c->s->loop, &c->io);
+    if (ev != c->io.events || !ev_is_active(&c->io)) {
+        ev_io_stop(c->s->loop, &c->io);
+        ev_io_set(&c->io, c->fd, ev);
+        if (ev != 0)
+            ev_io_start(c->s->loop, &c->io);
+    }
+    /* What OpenSSL already decrypted fires no event of the socket: feed one (after the
+     * restart above, which would clear it). */
+    if (can_read && c->handshaken && c->ssl != NULL && SSL_pending(c->ssl) > 0)
+        ev_feed_event(c->s->loop, &c->io, EV_READ);
 }
 
 /* ---- answers ------------------------------------------------------------------------------ */
@@ -418,7 +436,7 @@ static void submit_status(spk_grpc_call *call, const char *http_status, int code
 static void call_refuse(spk_grpc_call *call, const char *http_status, int code,
                         const char *msg)
 {
-    call->state = CALL_REFUSED;
+    call_set_answering(call, CALL_REFUSED);
     call->s->st.rejected++;
     submit_status(call, http_status, code, msg);
     /* The request bytes are no use any more. */
@@ -447,12 +465,19 @@ static ssize_t on_data_read(nghttp2_session *h2, int32_t stream_id, uint8_t *buf
     return (ssize_t)n;
 }
 
-/* After an answer given outside nghttp2's callbacks, send it now. */
+static void conn_settle(struct conn *c);
+
+/* After an answer given outside nghttp2's callbacks, send it now. Only sends: reading
+ * here could run the handler again from inside its own answer. */
 static void conn_kick(struct conn *c)
 {
     if (c == NULL || c->in_recv)
         return;
-    conn_drive(c);
+    if (conn_flush(c) != 0) {
+        conn_close(c);
+        return;
+    }
+    conn_settle(c);
 }
 
 static bool call_take_answer(spk_grpc_call *call)
@@ -467,7 +492,7 @@ static bool call_take_answer(spk_grpc_call *call)
             conn_arm(c); /* it may be idle now */
         return false;
     }
-    call->state = CALL_ANSWERED;
+    call_set_answering(call, CALL_ANSWERED);
     return true;
 }
 
@@ -833,7 +858,8 @@ static ev_tstamp conn_deadline(const struct conn *c)
     ev_tstamp d = 0;
     if (!c->handshaken || !c->preface_done)
         return c->accepted + req;
-    if (c->out_len > 0)
+    /* Answers that do not move: a full socket, or a peer that grants no window. */
+    if (c->out_len > 0 || c->nanswers > 0)
         d = c->write_progress + req;
     for (const spk_grpc_call *call = c->calls; call != NULL; call = call->next) {
         if (call->state == CALL_READING) {
@@ -964,7 +990,12 @@ static int conn_handshake(struct conn *c)
 static int conn_read(struct conn *c)
 {
     uint8_t buf[READ_CHUNK];
-    while (c->out_len < OUT_HIGH && !c->eof) {
+    for (int round = 0; c->out_len < OUT_HIGH && !c->eof; round++) {
+        if (round == READ_ROUNDS) {
+            /* Enough for one event: let the other connections have the loop. What is
+             * left in the kernel fires again; what OpenSSL holds, conn_update_io feeds. */
+            return 0;
+        }
         ssize_t n;
         if (c->ssl != NULL) {
             ERR_clear_error();
@@ -1033,6 +1064,12 @@ static void conn_drive(struct conn *c)
         conn_close(c);
         return;
     }
+    conn_settle(c);
+}
+
+/* After I/O: close a connection that is done, else set what to wait for. May free c. */
+static void conn_settle(struct conn *c)
+{
     if (c->eof) {
         /* The peer will not read answers either (a half-close is not gRPC's way). */
         conn_close(c);

@@ -15,7 +15,9 @@
  *   /test.Echo/Stats  the server's stats as text
  *   anything else     UNIMPLEMENTED
  * On SIGTERM it answers its pending Slow calls UNAVAILABLE, prints "STATS ..." on
- * stdout, frees everything and exits 0, so that ASan can check for leaks.
+ * stdout, frees everything and exits 0, so that ASan can check for leaks. On SIGUSR1 it
+ * drains (spk_grpc_server_shutdown): pending calls are answered as usual, and once no
+ * connection is left it prints "DRAINED" and the stats and exits 0.
  */
 #include <arpa/inet.h>
 #include <ev.h>
@@ -37,6 +39,7 @@ struct slow {
 };
 
 static struct slow *slows;
+static ev_timer drain_check;
 static spk_grpc_server *server;
 
 static void slow_unlink(struct slow *sl)
@@ -146,6 +149,26 @@ static void on_term(struct ev_loop *loop, ev_signal *w, int revents)
     ev_break(loop, EVBREAK_ALL);
 }
 
+static void on_drain_check(struct ev_loop *loop, ev_timer *w, int revents)
+{
+    spk_grpc_server_stats st;
+    spk_grpc_server_stats_get(server, &st);
+    if (st.connections != 0 || slows != NULL)
+        return;
+    char out[512];
+    stats_text(out, sizeof(out));
+    printf("DRAINED\nSTATS %s\n", out);
+    fflush(stdout);
+    ev_break(loop, EVBREAK_ALL);
+}
+
+static void on_usr1(struct ev_loop *loop, ev_signal *w, int revents)
+{
+    spk_grpc_server_shutdown(server);
+    ev_timer_init(&drain_check, on_drain_check, 0, 0.02);
+    ev_timer_again(loop, &drain_check);
+}
+
 static void usage(void)
 {
     fprintf(stderr, "usage: t_grpc_server [--port N] [--tls CERT KEY] [--client-ca CA] "
@@ -224,10 +247,14 @@ int main(int argc, char **argv)
     ev_signal term;
     ev_signal_init(&term, on_term, SIGTERM);
     ev_signal_start(loop, &term);
+    ev_signal usr1;
+    ev_signal_init(&usr1, on_usr1, SIGUSR1);
+    ev_signal_start(loop, &usr1);
     printf("PORT %u\n", ntohs(sin.sin_port));
     fflush(stdout);
 
     ev_run(loop, 0);
+    ev_timer_stop(loop, &drain_check);
 
     spk_grpc_server_free(server);
     close(fd);

@@ -46,7 +46,7 @@ def check(cond, what):
 # ---- the server process ------------------------------------------------------------------
 
 class Server:
-    def __init__(self, *args):
+    def __init__(self, *args, preexec=None):
         env = dict(os.environ)
         if ASAN:
             # ASan's quarantine keeps freed memory on purpose (256 MiB by default); keep
@@ -56,7 +56,7 @@ class Server:
         self.p = subprocess.Popen(
             [SERVER, "--request-timeout", str(REQUEST_TIMEOUT_MS),
              "--idle-timeout", str(IDLE_TIMEOUT_MS), "--max-message", str(MAX_MESSAGE)]
-            + list(args), stdout=subprocess.PIPE, stderr=self.err, env=env)
+            + list(args), stdout=subprocess.PIPE, stderr=self.err, env=env, preexec_fn=preexec)
         line = self.p.stdout.readline().decode()
         if not line.startswith("PORT "):
             raise RuntimeError("server did not start: %r" % line)
@@ -415,13 +415,36 @@ def test_slow_loris(port):
           % (len(req), "%.1f" % closed_at if closed_at else "never"))
 
 
-def test_idle_connections(srv):
+def eof_now(s, wait=0.0):
+    s.settimeout(wait)
+    try:
+        while True:
+            d = s.recv(65536)
+            if d == b"":
+                return True
+            if not wait:
+                continue
+    except (BlockingIOError, socket.timeout):
+        return False
+    except OSError:
+        return True
+
+
+def test_idle_connections(srv, max_conns):
     port = srv.port
     socks = [connect(port) for _ in range(200)]
     time.sleep(0.3)
     healthy(port, "200 idle connections open")
     rss = srv.rss_kb()
     print("     RSS with 200 idle connections: %d KiB" % rss)
+    # Past max_connections, connections are closed at accept.
+    time.sleep(0.2)
+    extra = [connect(port) for _ in range(40)]
+    time.sleep(0.5)
+    refused = sum(1 for s in extra if eof_now(s, 0.01))
+    check(refused >= 240 - max_conns, "over max_connections (%d): %d of 40 more closed at once"
+          % (max_conns, refused))
+    socks += extra
     # They go at the idle timeout.
     time.sleep(IDLE_TIMEOUT_MS / 1000 + 1.0)
     closed = 0
@@ -438,7 +461,118 @@ def test_idle_connections(srv):
         except OSError:
             closed += 1
         s.close()
-    check(closed == 200, "idle connections closed after the idle timeout: %d of 200" % closed)
+    check(closed == 240, "idle connections closed after the idle timeout: %d of 240" % closed)
+
+
+def test_peer_not_reading(srv):
+    """A client that asks for answers and reads none: the server stops reading it, holds
+    at most its open streams' answers, and closes it once output stalls."""
+    port = srv.port
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    s.connect(("127.0.0.1", port))
+    s.sendall(PREFACE + frame(SETTINGS, 0, 0))
+    body = msg(os.urandom(256 * 1024))
+    t0 = time.monotonic()
+    s.settimeout(2)
+    sent = 0
+    try:
+        for i in range(100):
+            sid = 1 + 2 * i
+            req = frame(HEADERS, END_HEADERS, sid, grpc_headers())
+            for off in range(0, len(body), 16384):
+                last = off + 16384 >= len(body)
+                req += frame(DATA, END_STREAM if last else 0, sid, body[off:off + 16384])
+            s.sendall(req)
+            sent += 1
+    except (socket.timeout, OSError):
+        pass
+    rss = srv.rss_kb()
+    print("     peer not reading: %d requests of 256 KiB sent in %.1f s, server RSS %d KiB"
+          % (sent, time.monotonic() - t0, rss))
+    check(rss < RSS_LIMIT_KB, "peer not reading: RSS bounded (%d KiB)" % rss)
+    # never read: the server must give up on it
+    deadline = time.monotonic() + REQUEST_TIMEOUT_MS / 1000 + 4
+    closed = False
+    while time.monotonic() < deadline and not closed:
+        time.sleep(0.2)
+        with open("/proc/net/tcp") as f:
+            lport = "%04X" % s.getsockname()[1]
+            closed = not any(l.split()[1].endswith(":" + lport) and l.split()[3] == "01"
+                             for l in f.readlines()[1:])
+        if not closed:
+            try:
+                st = server_stats(port)
+                closed = st["connections"] <= 1  # only the stats call's own
+            except grpc.RpcError:
+                pass
+    check(closed, "peer not reading: closed after its output stalled (%.1f s)" % (time.monotonic() - t0))
+    s.close()
+
+
+def test_zero_window(port):
+    """A client that grants no flow-control window: the answer cannot move; closed."""
+    s = socket.create_connection(("127.0.0.1", port), timeout=5)
+    s.sendall(PREFACE + frame(SETTINGS, 0, 0, struct.pack(">HI", 4, 0)) +
+              frame(HEADERS, END_HEADERS, 1, grpc_headers()) +
+              frame(DATA, END_STREAM, 1, msg(b"z" * 1000)))
+    t0 = time.monotonic()
+    fr = read_frames(s, timeout=REQUEST_TIMEOUT_MS / 1000 + 3)
+    dt = time.monotonic() - t0
+    got_data = any(f != "EOF" and f[0] == DATA for f in fr)
+    check("EOF" in fr and not got_data and dt > REQUEST_TIMEOUT_MS / 1000 * 0.8,
+          "zero window: answer held, connection closed after %.1f s (GOAWAY %s)" % (dt, goaway_code(fr)))
+    s.close()
+
+
+def test_drain():
+    srv = Server()
+    with grpc.insecure_channel("127.0.0.1:%d" % srv.port) as ch:
+        fut = method(ch, "Slow").future(b"600", timeout=5)
+        time.sleep(0.2)
+        srv.p.send_signal(signal.SIGUSR1)
+        try:
+            ok = fut.result() == b"600"
+        except grpc.RpcError as e:
+            ok = False
+            print("     drain: %s" % e)
+        check(ok, "drain: a call in flight is answered")
+    try:
+        out, _ = srv.p.communicate(timeout=5)
+    except subprocess.TimeoutExpired:
+        srv.p.kill()
+        out, _ = srv.p.communicate()
+    srv.err.seek(0)
+    err = srv.err.read().decode(errors="replace")
+    check(srv.p.returncode == 0 and b"DRAINED" in out and "ERROR: AddressSanitizer" not in err,
+          "drain: exits by itself once the connections are gone (rc %s)%s"
+          % (srv.p.returncode, ("\n" + err[-2000:]) if srv.p.returncode else ""))
+
+
+def test_out_of_fds():
+    """At the open-files limit the server pauses accepting instead of spinning."""
+    import resource
+    srv = Server(preexec=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (48, 48)))
+    try:
+        def cpu():
+            with open("/proc/%d/stat" % srv.p.pid) as f:
+                v = f.read().rsplit(")", 1)[1].split()
+            return (int(v[11]) + int(v[12])) / os.sysconf("SC_CLK_TCK")
+        socks = [socket.create_connection(("127.0.0.1", srv.port), timeout=5) for _ in range(80)]
+        for s in socks:
+            s.sendall(PREFACE + frame(SETTINGS, 0, 0))
+        c0 = cpu()
+        time.sleep(1.0)
+        used = cpu() - c0
+        check(used < 0.5, "out of descriptors with 80 clients: %.2f s of CPU in 1 s" % used)
+        for s in socks:
+            s.close()
+        time.sleep(0.3)
+        healthy(srv.port, "after running out of descriptors")
+    finally:
+        rc, stats, err = srv.stop()
+    check(rc == 0 and "ERROR: AddressSanitizer" not in err, "out of descriptors: clean exit (rc %s)%s"
+          % (rc, ("\n" + err[-2000:]) if rc else ""))
 
 
 def test_rapid_reset(srv, rounds=6, per_round=2000):
@@ -578,7 +712,8 @@ def main():
         print("usage: test_grpc_server.py PATH/TO/t_grpc_server")
         return 2
     t_start = time.monotonic()
-    srv = Server("--max-connections", "400")
+    max_conns = 230
+    srv = Server("--max-connections", str(max_conns))
     try:
         rss0 = srv.rss_kb()
         print("     RSS at start: %d KiB" % rss0)
@@ -589,7 +724,10 @@ def main():
         test_raw_abuse(srv.port)
         healthy(srv.port, "after raw abuse")
         test_slow_loris(srv.port)
-        test_idle_connections(srv)
+        test_idle_connections(srv, max_conns)
+        test_peer_not_reading(srv)
+        test_zero_window(srv.port)
+        healthy(srv.port, "after peers that do not read")
         test_rapid_reset(srv)
         rss_reset = srv.rss_kb()
         print("     RSS after rapid reset: %d KiB" % rss_reset)
@@ -616,6 +754,8 @@ def main():
 
     with tempfile.TemporaryDirectory() as d:
         test_tls(d)
+    test_drain()
+    test_out_of_fds()
 
     print("total %.1f s" % (time.monotonic() - t_start))
     if failures:
