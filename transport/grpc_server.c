@@ -395,7 +395,8 @@ static void conn_update_io(struct conn *c)
         ev |= EV_READ;
     if (c->out_len > 0 || (c->ssl != NULL && SSL_want_write(c->ssl)))
         ev |= EV_WRITE;
-    if (ev != c->io.events || !ev_is_active(&c->io)) {
+    /* (libev keeps a flag of its own in io.events) */
+    if (ev != (c->io.events & (EV_READ | EV_WRITE)) || !ev_is_active(&c->io)) {
         ev_io_stop(c->s->loop, &c->io);
         ev_io_set(&c->io, c->fd, ev);
         if (ev != 0)
@@ -1265,7 +1266,9 @@ void spk_grpc_server_shutdown(spk_grpc_server *s)
             nghttp2_submit_goaway(c->h2, NGHTTP2_FLAG_NONE,
                                   nghttp2_session_get_last_proc_stream_id(c->h2),
                                   NGHTTP2_NO_ERROR, NULL, 0);
-            conn_drive(c); /* may close c */
+            /* Send only: reading could run the handler, which could close another
+             * connection of this list. */
+            conn_kick(c); /* may close c */
         } else {
             conn_close(c);
         }

@@ -373,6 +373,29 @@ def test_raw_abuse(port):
     check(stream_answer(fr, 3) == "full", "same connection, a good call: a full answer")
     s.close()
 
+    # a CONTINUATION flood: one header block in endless small frames
+    s = connect(port)
+    flood = frame(HEADERS, 0, 1, grpc_headers())
+    for i in range(2000):
+        flood += frame(CONT, 0, 1, hpack([("x-c%d" % i, "v")]))
+    try:
+        s.sendall(flood)
+    except OSError:
+        pass
+    fr = read_frames(s, timeout=3)
+    check("EOF" in fr, "CONTINUATION flood (2000 frames): connection closed (GOAWAY %s)" % goaway_code(fr))
+    s.close()
+
+    # an HPACK bomb: one 4000-byte header in the dynamic table, referenced 3000 times
+    # (12 MB of header list from 7 KB on the wire)
+    s = connect(port)
+    block = grpc_headers() + b"\x40" + hpack_int(3, 7) + b"x-b" + hpack_int(4000, 7) + b"v" * 4000
+    block += b"\xbe" * 3000
+    s.sendall(frame(HEADERS, END_HEADERS, 1, block) + frame(DATA, END_STREAM, 1, msg(b"x")))
+    fr = read_frames(s, until=lambda fr: stream_answer(fr, 1) is not None)
+    check(stream_answer(fr, 1) == "headers-only", "HPACK bomb: refused with a Trailers-Only answer")
+    s.close()
+
     # a client that never sends its preface
     t0 = time.monotonic()
     s = connect(port, preface=False)
@@ -696,6 +719,14 @@ def test_tls(d):
             except (ssl.SSLError, OSError):
                 refused = True
             check(refused, "TLS client offering ALPN %s is refused" % alpn)
+        # a TLS client that never finishes its handshake
+        t0 = time.monotonic()
+        with socket.create_connection(("127.0.0.1", srv.port), timeout=5) as raw:
+            raw.sendall(b"\x16\x03\x01\x00")  # the start of a ClientHello record
+            fr = read_frames(raw, timeout=REQUEST_TIMEOUT_MS / 1000 + 3)
+        dt = time.monotonic() - t0
+        check("EOF" in fr and dt > REQUEST_TIMEOUT_MS / 1000 * 0.8 and dt < REQUEST_TIMEOUT_MS / 1000 + 2,
+              "TLS handshake never finished: closed after %.1f s" % dt)
         rss = srv.rss_kb()
         print("     TLS server RSS: %d KiB" % rss)
     finally:
