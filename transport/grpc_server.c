@@ -152,7 +152,8 @@ struct conn {
     struct peer *peer;
     ev_tstamp accepted;
     ev_tstamp idle_since;              /* when the last stream closed (or accepted) */
-    ev_tstamp write_progress;          /* last time output moved */
+    ev_tstamp write_progress;          /* last time output moved to the socket */
+    ev_tstamp answer_progress;         /* last time nghttp2 framed part of an answer */
     size_t ssl_retry_len;              /* SSL_write must be repeated with this length */
 
     uint8_t *out;                      /* output: out[out_off .. out_off + out_len) */
@@ -246,7 +247,7 @@ static void call_set_answering(spk_grpc_call *call, enum call_state st)
     struct conn *c = call->conn;
     call->state = st;
     if (c->nanswers++ == 0)
-        c->write_progress = ev_now(c->s->loop);
+        c->answer_progress = ev_now(c->s->loop);
 }
 
 static void call_free(spk_grpc_call *call)
@@ -772,6 +773,9 @@ static int on_stream_close(nghttp2_session *h2, int32_t stream_id, uint32_t erro
 static int on_frame_send(nghttp2_session *h2, const nghttp2_frame *frame, void *user)
 {
     struct conn *c = user;
+    if (frame->hd.stream_id != 0 &&
+        (frame->hd.type == NGHTTP2_DATA || frame->hd.type == NGHTTP2_HEADERS))
+        c->answer_progress = ev_now(c->s->loop);
     if (frame->hd.type == NGHTTP2_GOAWAY && frame->goaway.error_code != NGHTTP2_NO_ERROR &&
         !c->goaway_by_us)
         c->s->st.protocol_errors++;
@@ -859,9 +863,12 @@ static ev_tstamp conn_deadline(const struct conn *c)
     ev_tstamp d = 0;
     if (!c->handshaken || !c->preface_done)
         return c->accepted + req;
-    /* Answers that do not move: a full socket, or a peer that grants no window. */
-    if (c->out_len > 0 || c->nanswers > 0)
+    /* Answers that do not move: a full socket, or a peer that grants no window (its
+     * PINGs and other small talk do not count as progress). */
+    if (c->out_len > 0)
         d = c->write_progress + req;
+    if (c->nanswers > 0 && (d == 0 || c->answer_progress + req < d))
+        d = c->answer_progress + req;
     for (const spk_grpc_call *call = c->calls; call != NULL; call = call->next) {
         if (call->state == CALL_READING) {
             ev_tstamp t = call->opened + req;
@@ -1130,7 +1137,7 @@ int spk_grpc_server_adopt(spk_grpc_server *s, int fd, const struct sockaddr *pee
     c->s = s;
     c->fd = fd;
     c->peer = p;
-    c->accepted = c->idle_since = c->write_progress = ev_now(s->loop);
+    c->accepted = c->idle_since = c->write_progress = c->answer_progress = ev_now(s->loop);
     c->handshaken = s->o.tls == NULL;
     ev_io_init(&c->io, on_conn_io, fd, EV_READ);
     c->io.data = c;

@@ -534,13 +534,21 @@ def test_peer_not_reading(srv):
 
 
 def test_zero_window(port):
-    """A client that grants no flow-control window: the answer cannot move; closed."""
+    """A client that grants no flow-control window, and PINGs to look alive: the answer
+    cannot move; closed."""
     s = socket.create_connection(("127.0.0.1", port), timeout=5)
     s.sendall(PREFACE + frame(SETTINGS, 0, 0, struct.pack(">HI", 4, 0)) +
               frame(HEADERS, END_HEADERS, 1, grpc_headers()) +
               frame(DATA, END_STREAM, 1, msg(b"z" * 1000)))
     t0 = time.monotonic()
-    fr = read_frames(s, timeout=REQUEST_TIMEOUT_MS / 1000 + 3)
+    fr = []
+    while time.monotonic() - t0 < REQUEST_TIMEOUT_MS / 1000 + 3 and "EOF" not in fr:
+        try:
+            s.sendall(frame(PING, 0, 0, b"12345678"))
+        except OSError:
+            fr.append("EOF")
+            break
+        fr += read_frames(s, timeout=0.25)
     dt = time.monotonic() - t0
     got_data = any(f != "EOF" and f[0] == DATA for f in fr)
     check("EOF" in fr and not got_data and dt > REQUEST_TIMEOUT_MS / 1000 * 0.8,
