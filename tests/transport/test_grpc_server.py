@@ -487,14 +487,18 @@ def test_idle_connections(srv, max_conns):
     check(closed == 240, "idle connections closed after the idle timeout: %d of 240" % closed)
 
 
-def test_peer_not_reading(srv):
-    """A client that asks for answers and reads none: the server stops reading it, holds
-    at most its open streams' answers, and closes it once output stalls."""
+def test_peer_not_reading(srv, wrap=None, what="peer not reading"):
+    """A client that grants all the window there is, asks for answers and reads none:
+    the server's output buffer fills, it stops reading the client, holds at most its
+    open streams' answers, and closes it once output stalls."""
     port = srv.port
-    s = socket.socket()
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    s.connect(("127.0.0.1", port))
-    s.sendall(PREFACE + frame(SETTINGS, 0, 0))
+    raw = socket.socket()
+    raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    raw.connect(("127.0.0.1", port))
+    lport = "%04X" % raw.getsockname()[1]
+    s = wrap(raw) if wrap else raw
+    s.sendall(PREFACE + frame(SETTINGS, 0, 0, struct.pack(">HI", 4, 0x7FFFFFFF)) +
+              frame(WINUP, 0, 0, struct.pack(">I", 0x7FFFFFFF - 65535)))
     body = msg(os.urandom(256 * 1024))
     t0 = time.monotonic()
     s.settimeout(2)
@@ -511,25 +515,18 @@ def test_peer_not_reading(srv):
     except (socket.timeout, OSError):
         pass
     rss = srv.rss_kb()
-    print("     peer not reading: %d requests of 256 KiB sent in %.1f s, server RSS %d KiB"
-          % (sent, time.monotonic() - t0, rss))
-    check(rss < RSS_LIMIT_KB, "peer not reading: RSS bounded (%d KiB)" % rss)
+    print("     %s: %d requests of 256 KiB sent in %.1f s, server RSS %d KiB"
+          % (what, sent, time.monotonic() - t0, rss))
+    check(rss < RSS_LIMIT_KB, "%s: RSS bounded (%d KiB)" % (what, rss))
     # never read: the server must give up on it
     deadline = time.monotonic() + REQUEST_TIMEOUT_MS / 1000 + 4
     closed = False
     while time.monotonic() < deadline and not closed:
         time.sleep(0.2)
         with open("/proc/net/tcp") as f:
-            lport = "%04X" % s.getsockname()[1]
             closed = not any(l.split()[1].endswith(":" + lport) and l.split()[3] == "01"
                              for l in f.readlines()[1:])
-        if not closed:
-            try:
-                st = server_stats(port)
-                closed = st["connections"] <= 1  # only the stats call's own
-            except grpc.RpcError:
-                pass
-    check(closed, "peer not reading: closed after its output stalled (%.1f s)" % (time.monotonic() - t0))
+    check(closed, "%s: closed after its output stalled (%.1f s)" % (what, time.monotonic() - t0))
     s.close()
 
 
@@ -634,10 +631,19 @@ def test_rapid_reset(srv, rounds=6, per_round=2000):
         except OSError:
             pass  # the server hung up on us: that is the point
         fr = read_frames(s, until=lambda fr: goaway_code(fr) is not None, timeout=3)
-        goaways.append(goaway_code(fr))
+        refused = sum(1 for f in fr if f != "EOF" and f[0] == RST and f[3] == struct.pack(">I", 7))
+        goaways.append((goaway_code(fr), refused))
         s.close()
-    print("     GOAWAY codes after %d x %d opened-and-reset streams: %s" % (rounds, per_round, goaways))
-    check(all(g is not None for g in goaways), "rapid reset: every connection is told to go away")
+    print("     (GOAWAY code, streams refused) after %d x %d opened-and-reset streams: %s"
+          % (rounds, per_round, goaways))
+    # Opened and reset: nghttp2's reset rate limit sends GOAWAY. Whole requests reset
+    # with their call at the handler: the orphan limit refuses streams (REFUSED_STREAM),
+    # and whether nghttp2 also counts enough resets depends on timing (a reset for a
+    # stream that is already closed is not counted).
+    check(all(g[0] is not None for g in goaways[0::2]),
+          "rapid reset, streams opened and reset: GOAWAY on every connection")
+    check(all(g[0] is not None or g[1] > 0 for g in goaways[1::2]),
+          "rapid reset, whole requests reset: GOAWAY or streams refused on every connection")
     healthy(port, "after rapid reset")
 
 
@@ -707,12 +713,22 @@ def test_tls(d):
             check(all(f.result() == b"%d" % i for i, f in enumerate(futs)), "mTLS: 100 concurrent calls")
             c, _ = call_code(method(ch, "Fail"), b"7:nope", timeout=5)
             check(c == grpc.StatusCode.PERMISSION_DENIED, "mTLS: an error status: %s" % c)
+            bodies = [os.urandom(1 << 20) for _ in range(8)]
+            futs = [method(ch, "Echo").future(b, timeout=20) for b in bodies]
+            check(all(f.result() == b for f, b in zip(futs, bodies)), "mTLS: 8 concurrent echoes of 1 MiB")
+        import ssl
+
+        def tls_wrap(raw):
+            ctx = ssl.create_default_context(cafile=os.path.join(d, "ca.pem"))
+            ctx.load_cert_chain(os.path.join(d, "client.pem"), os.path.join(d, "client.key"))
+            ctx.set_alpn_protocols(["h2"])
+            return ctx.wrap_socket(raw, server_hostname="localhost")
+        test_peer_not_reading(srv, wrap=tls_wrap, what="TLS peer not reading")
         nocert = grpc.ssl_channel_credentials(root_certificates=read(d, "ca.pem"))
         with grpc.secure_channel(target, nocert, options=opts) as ch:
             c, det = call_code(method(ch, "Echo"), b"x", timeout=3)
             check(c == grpc.StatusCode.UNAVAILABLE, "TLS without a client certificate: %s" % c)
         # Without ALPN h2: refused in the handshake, or closed right after it.
-        import ssl
         for alpn in (["http/1.1"], None):
             ctx = ssl.create_default_context(cafile=os.path.join(d, "ca.pem"))
             ctx.load_cert_chain(os.path.join(d, "client.pem"), os.path.join(d, "client.key"))
@@ -744,6 +760,29 @@ def test_tls(d):
           "TLS server exits cleanly (rc %s)%s" % (rc, ("\n" + err[-3000:]) if rc else ""))
     st = stats_dict(stats) if stats else {}
     check(st.get("refused", 0) >= 2, "TLS refusals counted: %s" % st.get("refused"))
+
+    # Client certificates optional: without one, a call works and carries no names.
+    srv = Server("--tls", os.path.join(d, "server.pem"), os.path.join(d, "server.key"),
+                 "--client-ca", os.path.join(d, "ca.pem"))
+    try:
+        with grpc.secure_channel("127.0.0.1:%d" % srv.port,
+                                 grpc.ssl_channel_credentials(root_certificates=read(d, "ca.pem")),
+                                 options=opts) as ch:
+            got = method(ch, "Auth")(b"", timeout=5)
+            check(got.startswith(b"names=;"), "optional client certificate, none sent: no names (%r)" % got)
+        # a certificate from another CA is refused even when optional
+        other = os.path.join(d, "other")
+        os.mkdir(other)
+        make_certs(other)
+        creds = grpc.ssl_channel_credentials(root_certificates=read(d, "ca.pem"),
+                                             private_key=read(other, "client.key"),
+                                             certificate_chain=read(other, "client.pem"))
+        with grpc.secure_channel("127.0.0.1:%d" % srv.port, creds, options=opts) as ch:
+            c, _ = call_code(method(ch, "Auth"), b"", timeout=3)
+            check(c == grpc.StatusCode.UNAVAILABLE, "a client certificate of another CA: %s" % c)
+    finally:
+        rc, stats, err = srv.stop()
+    check(rc == 0 and "ERROR: AddressSanitizer" not in err, "optional-cert TLS server exits cleanly")
 
 
 def main():
