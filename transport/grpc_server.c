@@ -35,6 +35,22 @@
  * request whole within request_timeout_ms of its first HEADERS; no stream for
  * idle_timeout_ms; and output that makes no progress for request_timeout_ms. Any of
  * them closes the connection with GOAWAY.
+ *
+ * What nghttp2 1.52 (Debian 12) taught, relied on below:
+ *  - Queuing a RST_STREAM marks the stream closing at once, and an answer queued before
+ *    it is then dropped unsent: the RST_STREAM(NO_ERROR) after an early answer is
+ *    submitted from on_frame_send, once the answer's HEADERS went out. (grpc 1.51's
+ *    client reports a RST_STREAM(NO_ERROR) that comes without trailers as INTERNAL.)
+ *  - mem_send must not be called from a callback; submit_* may (submit_trailer also from
+ *    the data source's read callback). nghttp2_session_del calls no stream-close
+ *    callback, so conn_close frees the calls itself.
+ *  - SETTINGS_MAX_HEADER_LIST_SIZE is only announced, not enforced: on_header counts.
+ *    on_header still runs for every field of a refused list (an HPACK bomb of 7 KB on
+ *    the wire decodes to 12 MB of fields: CPU, no memory).
+ *  - The rapid-reset limit (burst 1000 resets, then 33/s) answers GOAWAY(INTERNAL_ERROR);
+ *    a reset of a stream that is already closed does not count. The CONTINUATION limit
+ *    makes mem_recv fail (no GOAWAY is sent). Both live in the default options, which
+ *    is why the session is made without an nghttp2_option.
  */
 #include "grpc_server.h"
 

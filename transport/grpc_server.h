@@ -39,7 +39,14 @@
  * Memory per connection is therefore bounded by about max_streams x (max_message + the
  * answer's size); the server counts the request bytes it holds (spk_grpc_server_stats).
  *
- * Threads: one. Never use a server across fork().
+ * The handler runs inside the server's processing of a connection's input: it may answer
+ * at once or later, and may answer calls of other connections, but must not free the
+ * server. The server does not enforce the client's grpc-timeout (the handler reads it
+ * with spk_grpc_call_timeout_ms) nor require `te: trailers` (nghttp2 already refuses any
+ * other te value).
+ *
+ * Threads: one. Never use a server across fork(). TLS writes go through OpenSSL's
+ * socket BIO (write(2)), so the process must ignore SIGPIPE, as spoked and hubd do.
  */
 #ifndef SPK_GRPC_SERVER_H
 #define SPK_GRPC_SERVER_H
