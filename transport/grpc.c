@@ -117,40 +117,32 @@ spk_grpc_code spk_grpc_body_append(spk_grpc_body *b, const void *data, size_t n,
                                    spk_errbuf *eb)
 {
     const uint8_t *p = data;
-    /* First complete the prefix, which says how much is to come. */
-    if (b->len < SPK_GRPC_PREFIX) {
-        uint8_t hdr[SPK_GRPC_PREFIX];
-        size_t have = b->len;
-        memcpy(hdr, b->buf != NULL ? b->buf : hdr, have);
-        size_t take = SPK_GRPC_PREFIX - have < n ? SPK_GRPC_PREFIX - have : n;
-        memcpy(hdr + have, p, take);
-        if (have + take == SPK_GRPC_PREFIX) {
-            if (hdr[0] != 0) {
-                spk_errf(eb, SPK_EINVAL, "compressed message (flag %u) but no grpc-encoding "
-                         "is offered", hdr[0]);
-                return SPK_GRPC_UNIMPLEMENTED;
-            }
-            uint32_t mlen = prefix_len(hdr);
-            if (mlen > b->max_msg) {
-                spk_errf(eb, SPK_EINVAL, "message of %u bytes is over the limit of %zu",
-                         mlen, b->max_msg);
-                return SPK_GRPC_RESOURCE_EXHAUSTED;
-            }
+    if (n == 0)
+        return SPK_GRPC_OK;
+    /* Work out the whole message's size (from the prefix we have, or complete it from
+     * `data`) and check everything before changing b, so an error leaves it unchanged. */
+    uint8_t hdr[SPK_GRPC_PREFIX];
+    size_t have = b->len < SPK_GRPC_PREFIX ? b->len : SPK_GRPC_PREFIX;
+    if (have > 0)
+        memcpy(hdr, b->buf, have);
+    size_t take = SPK_GRPC_PREFIX - have < n ? SPK_GRPC_PREFIX - have : n;
+    memcpy(hdr + have, p, take);
+    if (have + take == SPK_GRPC_PREFIX) {
+        if (hdr[0] != 0) {
+            spk_errf(eb, SPK_EINVAL, "compressed message (flag %u) but no grpc-encoding "
+                     "is offered", hdr[0]);
+            return SPK_GRPC_UNIMPLEMENTED;
         }
-        spk_grpc_code rc = body_reserve(b, have + take, eb);
-        if (rc != SPK_GRPC_OK)
-            return rc;
-        memcpy(b->buf + have, p, take);
-        b->len = have + take;
-        p += take;
-        n -= take;
-        if (n == 0)
-            return SPK_GRPC_OK;
-    }
-    size_t whole = SPK_GRPC_PREFIX + prefix_len(b->buf);
-    if (n > whole - b->len) {
-        spk_errf(eb, SPK_EINVAL, "more than one message in a unary call");
-        return SPK_GRPC_INVALID_ARGUMENT;
+        uint32_t mlen = prefix_len(hdr);
+        if (mlen > b->max_msg) {
+            spk_errf(eb, SPK_EINVAL, "message of %u bytes is over the limit of %zu", mlen,
+                     b->max_msg);
+            return SPK_GRPC_RESOURCE_EXHAUSTED;
+        }
+        if (n > SPK_GRPC_PREFIX + (size_t)mlen - b->len) {
+            spk_errf(eb, SPK_EINVAL, "more than one message in a unary call");
+            return SPK_GRPC_INVALID_ARGUMENT;
+        }
     }
     spk_grpc_code rc = body_reserve(b, b->len + n, eb);
     if (rc != SPK_GRPC_OK)
@@ -212,10 +204,11 @@ char *spk_grpc_timeout_format(uint64_t ms, char *buf, size_t cap)
 {
     if (ms == 0)
         ms = 1;
+    uint64_t s = ms / 1000 + (ms % 1000 != 0); /* rounded up, without overflow */
     if (ms <= 99999999)
         snprintf(buf, cap, "%llum", (unsigned long long)ms);
-    else if ((ms + 999) / 1000 <= 99999999)
-        snprintf(buf, cap, "%lluS", (unsigned long long)((ms + 999) / 1000));
+    else if (s <= 99999999)
+        snprintf(buf, cap, "%lluS", (unsigned long long)s);
     else
         snprintf(buf, cap, "99999999S");
     return buf;

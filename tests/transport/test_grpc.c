@@ -231,6 +231,32 @@ static void test_message_round_trip(void **state)
     assert_int_equal(n, 1);
 }
 
+/* Review findings: an empty append, a refused append leaves the body as it was, and the
+ * largest timeout does not wrap. */
+static void test_body_edges(void **state)
+{
+    (void)state;
+    spk_grpc_body b;
+    spk_errbuf eb;
+    spk_grpc_body_init(&b, 16);
+    assert_int_equal(spk_grpc_body_append(&b, NULL, 0, &eb), SPK_GRPC_OK);
+    assert_int_equal(b.len, 0);
+    /* A prefix for 2 bytes, then 3: more than one message, refused in one append. */
+    const uint8_t two[] = {0, 0, 0, 0, 2, 'a', 'b', 'c'};
+    assert_int_equal(spk_grpc_body_append(&b, two, sizeof(two), &eb), SPK_GRPC_INVALID_ARGUMENT);
+    assert_int_equal(b.len, 0);
+    assert_int_equal(spk_grpc_body_append(&b, two, 7, &eb), SPK_GRPC_OK);
+    const uint8_t *msg;
+    size_t len;
+    assert_int_equal(spk_grpc_body_finish(&b, &msg, &len, &eb), SPK_GRPC_OK);
+    assert_int_equal(len, 2);
+    assert_memory_equal(msg, "ab", 2);
+    spk_grpc_body_free(&b);
+    char buf[32];
+    assert_string_equal(spk_grpc_timeout_format(UINT64_MAX, buf, sizeof(buf)), "99999999S");
+    assert_string_equal(spk_grpc_timeout_format(100000001, buf, sizeof(buf)), "100001S");
+}
+
 static void test_code_names(void **state)
 {
     assert_string_equal(spk_grpc_code_name(0), "OK");
@@ -251,6 +277,7 @@ int main(void)
         cmocka_unit_test(test_timeout),
         cmocka_unit_test(test_message_round_trip),
         cmocka_unit_test(test_code_names),
+        cmocka_unit_test(test_body_edges),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
