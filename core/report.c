@@ -21,6 +21,9 @@
 
 #include "queue.h"
 #include "grpc.h"
+#include "hub.h"
+#include "kv.h"
+#include "spoke/control/v1/control.pb-c.h"
 #include "supervisor_int.h"
 
 typedef struct outbuf {
@@ -247,10 +250,108 @@ static void metrics_uplink(sup *s, outbuf *o)
         atomic_load(&t.parked));
 }
 
+/* hubd: the workers' counters and the edges the store remembers (read-only). */
+static void hub_counters(sup *s, spk_hub_counters *t)
+{
+    memset(t, 0, sizeof(*t));
+    for (int i = 0; i < SPK_STATUS_SLOTS; i++) {
+        if (!s->slot_used[i])
+            continue;
+        const spk_hub_counters *c = &s->st->slots[i].hub;
+#define ADD(f) atomic_store(&t->f, atomic_load(&t->f) + atomic_load(&c->f))
+        ADD(batches);
+        ADD(accepted);
+        ADD(duplicates);
+        ADD(no_receiver);
+        ADD(refused);
+        ADD(plugin_errors);
+        ADD(auth_failures);
+#undef ADD
+    }
+}
+
+typedef struct edge_walk {
+    outbuf *o;
+    int64_t now_ms;
+    size_t n;
+} edge_walk;
+
+static int report_edge(void *arg, const void *key, size_t klen, const void *val, size_t vlen)
+{
+    edge_walk *w = arg;
+    spk_hub_edge_rec r;
+    if (vlen < sizeof(r))
+        return 0;
+    memcpy(&r, val, sizeof(r));
+    w->n++;
+    const char *id = (const char *)key + 5; /* "edge/" */
+    int idlen = (int)klen - 5;
+    Spoke__Control__V1__HeartbeatRequest *hb =
+        vlen > sizeof(r) ? spoke__control__v1__heartbeat_request__unpack(
+                               NULL, vlen - sizeof(r), (const uint8_t *)val + sizeof(r))
+                         : NULL;
+    out(w->o, "  %.*s  namespace %s  spoke %s  last heartbeat %s", idlen, id,
+        hb ? hb->edge_namespace : "?", hb ? hb->spoke_version : "?",
+        r.last_heartbeat_ms ? "" : "never");
+    if (r.last_heartbeat_ms)
+        out(w->o, "%.1f s ago", (double)(w->now_ms - r.last_heartbeat_ms) / 1000.0);
+    if (hb)
+        out(w->o, "  queue %llu (oldest %.1f s)", (unsigned long long)hb->queue_depth,
+            (double)hb->queue_oldest_age_ms / 1000.0);
+    out(w->o, "\n    batches %llu  delivered %llu  duplicates %llu  no receiver %llu  "
+              "refused %llu\n",
+        (unsigned long long)r.batches, (unsigned long long)r.payloads,
+        (unsigned long long)r.duplicates, (unsigned long long)r.no_receiver,
+        (unsigned long long)r.refused);
+    for (size_t i = 0; hb && i < hb->n_plugins; i++)
+        out(w->o, "    plugin %-20s id %-6u %-10s %s\n", hb->plugins[i]->name, hb->plugins[i]->id,
+            hb->plugins[i]->version,
+            hb->plugins[i]->state == SPOKE__CONTROL__V1__PLUGIN_STATUS__STATE__QUARANTINED
+                ? "quarantined"
+                : "active");
+    if (hb)
+        spoke__control__v1__heartbeat_request__free_unpacked(hb, NULL);
+    return 0;
+}
+
+static void report_hub(sup *s, outbuf *o)
+{
+    spk_hub_counters t;
+    hub_counters(s, &t);
+    out(o, "hub: batches %llu  delivered %llu  duplicates %llu  no receiver %llu  refused %llu  "
+           "plugin errors %llu  auth failures %llu (since the workers started)\n",
+        (unsigned long long)atomic_load(&t.batches), (unsigned long long)atomic_load(&t.accepted),
+        (unsigned long long)atomic_load(&t.duplicates),
+        (unsigned long long)atomic_load(&t.no_receiver),
+        (unsigned long long)atomic_load(&t.refused),
+        (unsigned long long)atomic_load(&t.plugin_errors),
+        (unsigned long long)atomic_load(&t.auth_failures));
+    const spk_config *cfg = spk_sup_cfg(s);
+    spk_kv *kv = NULL;
+    spk_kv_txn *txn = NULL;
+    spk_errbuf eb;
+    spk_kv_opts ko;
+    spk_kv_opts_init(&ko);
+    ko.map_size = cfg->hub_map_size;
+    if (spk_kv_open(cfg->hub_store, &ko, &kv, &eb) != 0 ||
+        spk_kv_begin(kv, NULL, false, &txn, &eb) != 0) {
+        out(o, "edges: store %s unavailable: %s\n", cfg->hub_store, eb.msg);
+        spk_kv_close(kv);
+        return;
+    }
+    edge_walk w = {.o = o, .now_ms = (int64_t)(ev_now(s->loop) * 1000.0)};
+    out(o, "edges:\n");
+    spk_kv_scan(txn, 0, "edge/", 5, NULL, 0, 0, report_edge, &w, NULL, NULL, &eb);
+    if (w.n == 0)
+        out(o, "  (none yet)\n");
+    spk_kv_abort(txn);
+    spk_kv_close(kv);
+}
+
 static void build_report(sup *s, outbuf *o)
 {
     ev_tstamp now = ev_now(s->loop);
-    out(o, "spoked %s  pid %d  up %.0f s  config %s\n", SPOKE_VERSION, (int)s->pid,
+    out(o, "%s %s  pid %d  up %.0f s  config %s\n", s->prog, SPOKE_VERSION, (int)s->pid,
         now - s->started, s->path);
     out(o, "last reload: %s\n", s->last_reload[0] ? s->last_reload : "none");
     if (s->cur)
@@ -275,6 +376,10 @@ static void build_report(sup *s, outbuf *o)
     }
     if (s->refused[0])
         out(o, "  refused at the last reload: %s\n", s->refused);
+    if (s->role == SPOKE_ROLE_CONTROL) {
+        report_hub(s, o);
+        return;
+    }
     report_queue(s, o);
     report_uplink(s, o);
 }
@@ -307,8 +412,10 @@ static void build_metrics(sup *s, outbuf *o)
         out(o, "spoke_plugin_quarantined{plugin=\"%s\"} %d\n", s->crashes[i].name,
             s->crashes[i].quarantined ? 1 : 0);
     (void)total;
-    metrics_queue(s, o);
-    metrics_uplink(s, o);
+    if (s->role == SPOKE_ROLE_EDGE) {
+        metrics_queue(s, o);
+        metrics_uplink(s, o);
+    }
 }
 
 static void write_all(int fd, const char *p, size_t n)

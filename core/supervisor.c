@@ -55,7 +55,7 @@ static void gen_free(sup *s, generation *g);
 
 /* Read `path` into a memfd and parse it from there. On success the generation's cfg and
  * cfg_fd are set; messages name `path`, not the memfd. */
-static int load_snapshot(const char *path, generation *g, spk_errbuf *eb)
+static int load_snapshot(const sup *s, const char *path, generation *g, spk_errbuf *eb)
 {
     int in = open(path, O_RDONLY | O_CLOEXEC);
     if (in < 0)
@@ -78,7 +78,7 @@ static int load_snapshot(const char *path, generation *g, spk_errbuf *eb)
     close(in);
     char fdpath[64];
     snprintf(fdpath, sizeof(fdpath), "/proc/self/fd/%d", mfd);
-    int rc = spk_config_load(fdpath, &g->cfg, eb);
+    int rc = spk_config_load_role(fdpath, s->role, &g->cfg, eb);
     if (rc != 0) {
         /* Name the operator's file in the message. */
         size_t plen = strlen(fdpath);
@@ -150,7 +150,7 @@ void spk_sup_exec(sup *s, generation *g, const char *mode, int index, int slot,
     if (argv == NULL)
         _exit(1);
     size_t a = 0;
-    argv[a++] = "spoked";
+    argv[a++] = (char *)s->prog;
     argv[a++] = (char *)mode;
     argv[a++] = fmt_int(nbuf[0], sizeof(nbuf[0]), index);
     argv[a++] = "--gen";
@@ -179,7 +179,7 @@ void spk_sup_exec(sup *s, generation *g, const char *mode, int index, int slot,
     }
     argv[a] = NULL;
     execv(s->self_exe, argv);
-    fprintf(stderr, "spoked: cannot exec %s %s: %s\n", s->self_exe, mode, strerror(errno));
+    fprintf(stderr, "%s: cannot exec %s %s: %s\n", s->prog, s->self_exe, mode, strerror(errno));
     _exit(127);
 }
 
@@ -235,7 +235,7 @@ static generation *gen_new(sup *s, spk_errbuf *eb)
         return NULL;
     }
     g->cfg_fd = -1;
-    int rc = load_snapshot(s->path, g, eb);
+    int rc = load_snapshot(s, s->path, g, eb);
     if (rc != 0) {
         free(g);
         return NULL;
@@ -375,7 +375,7 @@ void spk_sup_start_replacement(sup *s, const char *why)
             return;
         }
         if (!same_listen(s, g->cfg)) {
-            reload_failed(s, "listen.address changed; restart spoked to change it");
+            reload_failed(s, s->role == SPOKE_ROLE_CONTROL ? "hub.listen changed; restart hubd to change it" : "listen.address changed; restart spoked to change it");
             gen_free(s, g);
             return;
         }
@@ -386,7 +386,7 @@ void spk_sup_start_replacement(sup *s, const char *why)
         g->cfg_fd = -1;
         char fdpath[64];
         snprintf(fdpath, sizeof(fdpath), "/proc/self/fd/%d", s->cur->cfg_fd);
-        if (spk_config_load(fdpath, &g->cfg, &eb) != 0 ||
+        if (spk_config_load_role(fdpath, s->role, &g->cfg, &eb) != 0 ||
             (g->cfg_fd = fcntl(s->cur->cfg_fd, F_DUPFD_CLOEXEC, 0)) < 0 ||
             gen_copy_quarantine(g, s->cur) != 0) {
             spk_error("%s: cannot prepare the replacement generation: %s", why, eb.msg);
@@ -797,16 +797,16 @@ static int setup_run_dir(sup *s, const spk_config *cfg, spk_errbuf *eb)
 {
     if (mkdir_p(cfg->run_dir) != 0)
         return spk_errf(eb, SPK_EIO, "run_dir %s: %s", cfg->run_dir, strerror(errno));
-    snprintf(s->pid_path, sizeof(s->pid_path), "%s/spoked.pid", cfg->run_dir);
-    snprintf(s->admin_path, sizeof(s->admin_path), "%s/spoked.sock", cfg->run_dir);
+    snprintf(s->pid_path, sizeof(s->pid_path), "%s/%s.pid", cfg->run_dir, s->prog);
+    snprintf(s->admin_path, sizeof(s->admin_path), "%s/%s.sock", cfg->run_dir, s->prog);
     /* Refuse to start twice on one run_dir: the pid file names a live process. */
     FILE *f = fopen(s->pid_path, "r");
     if (f != NULL) {
         int pid = 0;
         if (fscanf(f, "%d", &pid) == 1 && pid > 0 && pid != s->pid && kill(pid, 0) == 0) {
             fclose(f);
-            return spk_errf(eb, SPK_EBUSY, "%s: spoked is already running as pid %d",
-                            s->pid_path, pid);
+            return spk_errf(eb, SPK_EBUSY, "%s: %s is already running as pid %d",
+                            s->pid_path, s->prog, pid);
         }
         fclose(f);
     }
@@ -888,17 +888,19 @@ static void watch_signal(sup *s, ev_signal *w, int sig)
     ev_signal_start(s->loop, w);
 }
 
-int spk_supervisor_main(const char *path, const char *self_exe)
+int spk_supervisor_main(const char *path, const char *self_exe, spoke_role role)
 {
     sup s;
     memset(&s, 0, sizeof(s));
+    s.role = role;
+    s.prog = role == SPOKE_ROLE_CONTROL ? "hubd" : "spoked";
     s.path = path;
     s.self_exe = self_exe;
     s.pid = getpid();
     s.st_fd = -1;
     spk_sup_uplink_init(&s);
     spk_errbuf eb;
-    spk_log_set_tag("spoked");
+    spk_log_set_tag(s.prog);
     /* Hold the control signals until their watchers exist: a SIGHUP sent right after start
      * (a service manager's reload) must not kill the process with the default action. */
     sigset_t ctl, old_mask;
@@ -911,7 +913,7 @@ int spk_supervisor_main(const char *path, const char *self_exe)
 
     generation *g = gen_new(&s, &eb);
     if (g == NULL) {
-        fprintf(stderr, "spoked: %s\n", eb.msg);
+        fprintf(stderr, "%s: %s\n", s.prog, eb.msg);
         return 1;
     }
     spk_log_set_level(g->cfg->log_level);
@@ -962,8 +964,9 @@ int spk_supervisor_main(const char *path, const char *self_exe)
         return 1;
     }
     s.next = g; /* the first generation is promoted like any other once ready */
-    spk_info("supervisor pid %d: %s -> %s, %d workers, generation %u", (int)s.pid,
-             g->cfg->listen[0], g->cfg->upstream, g->n, g->id);
+    spk_info("supervisor pid %d: %s%s%s, %d workers, generation %u", (int)s.pid,
+             g->cfg->listen[0], g->cfg->upstream ? " -> " : " (gRPC)",
+             g->cfg->upstream ? g->cfg->upstream : "", g->n, g->id);
 
     ev_run(s.loop, 0);
 

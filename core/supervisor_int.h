@@ -90,6 +90,8 @@ typedef struct uproc {
 /* The supervisor: one per spoked; every field is touched only on its loop. */
 struct sup {
     struct ev_loop *loop;
+    spoke_role role;
+    const char *prog;  /* "spoked" or "hubd": log tag, run_dir file names, argv[0] */
     const char *path;
     const char *self_exe;
     pid_t pid;
