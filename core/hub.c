@@ -728,6 +728,10 @@ int spk_hub_worker_run(spk_config *cfg, const spk_hub_opts *opts, spk_errbuf *eb
     } else {
         raise(SIGUSR1);
     }
+    if (h.tokens == NULL && cfg->tls_client_ca == NULL && opts->index == 0)
+        spk_warn("no edge is authenticated (neither auth.token_file nor tls.client_ca): any "
+                 "process that reaches %s may send as any edge; allowed on loopback only",
+                 cfg->n_listen ? cfg->listen[0] : "the listener");
     spk_info("serving gRPC on %s (%s) with %zu control plugins",
              cfg->n_listen ? cfg->listen[0] : "?", h.tls ? "TLS" : "h2c", h.set.n);
 
