@@ -17,7 +17,7 @@ import grpc
 
 sys.path.insert(0, os.path.dirname(__file__))
 from grpcpeer import BATCH, HEALTH, HEARTBEAT, load_protos, make_pki, stub  # noqa: E402
-from spoketest import Hubd, TempDir, test_plugin  # noqa: E402
+from spoketest import CRASH_ENV, Hubd, TempDir, test_plugin  # noqa: E402
 
 PB = load_protos()
 C = PB.control
@@ -48,12 +48,14 @@ class HubCase(unittest.TestCase):
     plugins = (t_control(),)
     extra = None
     workers = 1
+    env = None
 
     def setUp(self):
         self.tmpdir = TempDir()
         self.tmp = self.tmpdir.__enter__()
         self.prepare()
-        self.hub = Hubd(self.tmp, plugins=self.plugins, extra=self.extra, workers=self.workers)
+        self.hub = Hubd(self.tmp, plugins=self.plugins, extra=self.extra, workers=self.workers,
+                        env=self.env)
         self.channel = self.open_channel()
 
     def prepare(self):
@@ -223,6 +225,7 @@ class CertAuthTest(HubCase):
 
 class CrashTest(HubCase):
     extra = {"plugins": {"crash_limit": 2, "crash_window": "1m"}}
+    env = CRASH_ENV
 
     def test_crash_in_accept_is_blamed_and_quarantined(self):
         for i in (1, 2):
