@@ -513,10 +513,23 @@ static void send_heartbeat(uplink *u)
 
 /* ---- timers and signals ---------------------------------------------------------------- */
 
+/* Payloads older than queue.retention are dropped (counted in the queue's `expired`). */
+static void expire(uplink *u)
+{
+    uint64_t n = 0;
+    spk_errbuf eb;
+    if (spk_queue_expire(u->q, &n, &eb) != 0)
+        spk_warn("queue expiry: %s", eb.msg);
+    else if (n > 0)
+        spk_warn("%llu payloads were older than queue.retention and were dropped undelivered",
+                 (unsigned long long)n);
+}
+
 static void on_beat(struct ev_loop *loop, ev_timer *w, int revents)
 {
     uplink *u = w->data;
     (void)loop, (void)revents;
+    expire(u);
     send_heartbeat(u);
     unpark_due(u);
     u->draining = true;
