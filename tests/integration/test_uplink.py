@@ -49,11 +49,14 @@ class UplinkTest(unittest.TestCase):
         self.echo.stop()
         self.tmpdir.__exit__(None, None, None)
 
-    def start(self, heartbeat="200ms", batch_size=10, uplink=None):
+    def start(self, heartbeat="200ms", batch_size=10, uplink=None, queue=None):
         up = {"url": self.hub.url, "heartbeat": heartbeat, "batch_size": batch_size}
         up.update(uplink or {})
+        extra = {"uplink": up}
+        if queue:
+            extra["queue"] = dict(queue, path=os.path.join(self.tmp.path, "queue"))
         self.sp = Spoked(self.tmp.path, upstream=f"127.0.0.1:{self.echo.port}",
-                         plugins=[t_send()], extra={"uplink": up})
+                         plugins=[t_send()], extra=extra)
         self.sp.wait_log(r"uplink started: pid (\d+)")
         self.qdir = os.path.join(self.tmp.path, "queue")
         self.client = Client(self.sp.port)
@@ -170,6 +173,19 @@ class UplinkTest(unittest.TestCase):
         self.hub.wait_for(lambda h: len(h.delivered) >= 5, timeout=20, what="delivery")
         self.assertEqual([p.correlation_id for p in self.hub.delivered],
                          [f"d{i}" for i in range(5)])
+
+    def test_payloads_past_retention_expire(self):
+        port = self.hub.port
+        self.hub.stop()
+        self.start(queue={"retention": "1s"})
+        self.send("old", "too late")
+        self.sp.wait_log(r"1 payloads were older than queue.retention", timeout=10)
+        self.assertEqual(pending(self.qdir), 0)
+        self.assertRegex(queue_tool("stat", self.qdir), r"expired:\s+1\b")
+        self.hub = FakeHub(PB, port=port)
+        self.send("new", "in time")
+        self.hub.wait_for(lambda h: len(h.delivered) >= 1, what="the young payload")
+        self.assertEqual([p.correlation_id for p in self.hub.delivered], ["new"])
 
     def test_token_heartbeat_and_kill_9(self):
         tok = os.path.join(self.tmp.path, "token")
