@@ -25,6 +25,8 @@
 #include "cli.h"
 #include "config.h"
 #include "hub.h"
+#include "json.h"
+#include "kv.h"
 #include "log.h"
 #include "net.h"
 #include "status.h"
@@ -41,8 +43,14 @@ static void usage(FILE *f)
                "       %s --check-config FILE          validate FILE, print the effective config\n"
                "       %s status -c FILE               status of the running instance\n"
                "       %s reload -c FILE               reload the running instance (SIGHUP)\n"
+               "%s"
                "       %s --version\n",
-            prog, role == SPOKE_ROLE_EDGE ? " [--single-process]" : "", prog, prog, prog, prog);
+            prog, role == SPOKE_ROLE_EDGE ? " [--single-process]" : "", prog, prog, prog,
+            role == SPOKE_ROLE_CONTROL
+                ? "       hubd kv get PLUGIN_ID KEY -c FILE    a control plugin's KV entry\n"
+                  "       hubd kv scan PLUGIN_ID [PREFIX] -c FILE\n"
+                : "",
+            prog);
 }
 
 static int load(const char *path, spk_config **cfg, spk_errbuf *eb)
@@ -240,12 +248,79 @@ static int reload_main(const char *path)
     return 0;
 }
 
+/* hubd kv get ID KEY | hubd kv scan ID [PREFIX]: read a control plugin's KV namespace in
+ * the hub's store (a read transaction; the running hubd is not disturbed). */
+static int print_entry(void *arg, const void *key, size_t klen, const void *val, size_t vlen)
+{
+    (void)arg;
+    printf("%.*s\t", (int)klen, (const char *)key);
+    const uint8_t *v = val;
+    bool text = spk_utf8_valid(val, vlen);
+    for (size_t i = 0; text && i < vlen; i++)
+        text = v[i] >= 0x20 || v[i] == '\t' || v[i] == '\n';
+    if (text)
+        printf("%.*s\n", (int)vlen, (const char *)val);
+    else {
+        for (size_t i = 0; i < vlen; i++)
+            printf("%02x", v[i]);
+        printf("  (%zu bytes)\n", vlen);
+    }
+    return 0;
+}
+
+static int kv_main(const char *path, char **args, int n)
+{
+    bool get = n == 3 && strcmp(args[0], "get") == 0;
+    bool scan = (n == 2 || n == 3) && strcmp(args[0], "scan") == 0;
+    char *end;
+    unsigned long id = n >= 2 ? strtoul(args[1], &end, 10) : 0;
+    if ((!get && !scan) || n < 2 || *end != '\0' || id == 0 || id > UINT32_MAX) {
+        fprintf(stderr, "usage: hubd kv get PLUGIN_ID KEY -c FILE\n"
+                        "       hubd kv scan PLUGIN_ID [PREFIX] -c FILE\n");
+        return 2;
+    }
+    spk_config *cfg;
+    spk_errbuf eb;
+    if (load(path, &cfg, &eb) != 0) {
+        fprintf(stderr, "%s: %s\n", prog, eb.msg);
+        return 1;
+    }
+    spk_kv_opts o;
+    spk_kv_opts_init(&o);
+    o.map_size = cfg->hub_map_size;
+    spk_kv *kv = NULL;
+    spk_kv_txn *t = NULL;
+    int rc = spk_kv_open(cfg->hub_store, &o, &kv, &eb);
+    if (rc == 0)
+        rc = spk_kv_begin(kv, NULL, false, &t, &eb);
+    if (rc == 0 && get) {
+        const void *v;
+        size_t vlen;
+        rc = spk_kv_get(t, (uint32_t)id, args[2], strlen(args[2]), &v, &vlen, &eb);
+        if (rc == 0)
+            print_entry(NULL, args[2], strlen(args[2]), v, vlen);
+    } else if (rc == 0) {
+        const char *pre = n == 3 ? args[2] : "";
+        rc = spk_kv_scan(t, (uint32_t)id, pre, strlen(pre), NULL, 0, 0, print_entry, NULL, NULL,
+                         NULL, &eb);
+    }
+    if (rc != 0)
+        fprintf(stderr, "%s: %s\n", prog, rc == SPK_ENOENT ? "no such key" : eb.msg);
+    if (t != NULL)
+        spk_kv_abort(t);
+    spk_kv_close(kv);
+    spk_config_free(cfg);
+    return rc == 0 ? 0 : 1;
+}
+
 int spk_cli_main(int argc, char **argv, spoke_role r)
 {
     role = r;
     prog = r == SPOKE_ROLE_CONTROL ? "hubd" : "spoked";
     const char *config_path = NULL;
     const char *cmd = NULL;
+    char **kv_args = NULL;
+    int n_kv_args = 0;
     int single = 0;
     if (argc > 1 && (strcmp(argv[1], "--worker") == 0 ||
                      (role == SPOKE_ROLE_EDGE && strcmp(argv[1], "--uplink") == 0)))
@@ -266,6 +341,16 @@ int spk_cli_main(int argc, char **argv, spoke_role r)
             return 0;
         } else if (cmd == NULL && (strcmp(argv[i], "status") == 0 || strcmp(argv[i], "reload") == 0)) {
             cmd = argv[i];
+        } else if (cmd == NULL && role == SPOKE_ROLE_CONTROL && strcmp(argv[i], "kv") == 0 &&
+                   i + 1 < argc) {
+            cmd = argv[i];
+            kv_args = &argv[i + 1];
+            n_kv_args = 0;
+            while (i + 1 < argc && strcmp(argv[i + 1], "-c") != 0 &&
+                   strcmp(argv[i + 1], "--config") != 0) {
+                i++;
+                n_kv_args++;
+            }
         } else {
             fprintf(stderr, "%s: unknown argument '%s'\n", prog, argv[i]);
             usage(stderr);
@@ -276,6 +361,8 @@ int spk_cli_main(int argc, char **argv, spoke_role r)
         usage(stderr);
         return 2;
     }
+    if (cmd != NULL && strcmp(cmd, "kv") == 0)
+        return kv_main(config_path, kv_args, n_kv_args);
     if (cmd != NULL)
         return strcmp(cmd, "status") == 0 ? status_main(config_path) : reload_main(config_path);
     signal(SIGPIPE, SIG_IGN);
