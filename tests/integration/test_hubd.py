@@ -9,6 +9,8 @@ accept_edge_payload (blamed, the worker restarted, the plugin quarantined)."""
 import hashlib
 import os
 import re
+import signal
+import subprocess
 import sys
 import time
 import unittest
@@ -17,7 +19,7 @@ import grpc
 
 sys.path.insert(0, os.path.dirname(__file__))
 from grpcpeer import BATCH, HEALTH, HEARTBEAT, load_protos, make_pki, stub  # noqa: E402
-from spoketest import CRASH_ENV, Hubd, TempDir, test_plugin  # noqa: E402
+from spoketest import CRASH_ENV, Hubd, TempDir, spoke_bin, test_plugin  # noqa: E402
 
 PB = load_protos()
 C = PB.control
@@ -171,6 +173,40 @@ class OutcomesTest(HubCase):
         self.assertRegex(st, r"batches 1  delivered 1  duplicates 0  no receiver 1")
         self.assertRegex(st, r"plugin cache-stats\s+id 5\s+1.0.0\s+active")
         self.assertRegex(st, r"plugin bad\s+id 6\s+0.1\s+quarantined")
+
+
+class ReloadAndConfigTest(HubCase):
+    def test_reload_adds_a_control_plugin(self):
+        r = self.send(batch(payloads=[pl(1, plugin=300)]))
+        self.assertEqual(self.outcomes(r), [(1, OUT.NO_RECEIVER)])
+        cfg = dict(self.hub.config)
+        cfg["plugins"] = dict(cfg["plugins"], list=[t_control(), t_control("t-new", 300)])
+        self.hub.write_config(cfg)
+        self.hub.send_signal(signal.SIGHUP)
+        self.hub.wait_log(r"generation 2 serving")
+        r = self.send(batch(payloads=[pl(1, plugin=300)]))
+        self.assertEqual(self.outcomes(r), [(1, OUT.ACCEPTED)])
+        self.hub.wait_log(r"t-new: got edge edge-1 seq 1")
+
+    def test_config_refusals(self):
+        def check(text):
+            path = os.path.join(self.tmp, "bad.yaml")
+            with open(path, "w") as f:
+                f.write(text)
+            p = subprocess.run([spoke_bin("hubd"), "--check-config", path],
+                                             capture_output=True, text=True, timeout=10)
+            return p.returncode, p.stderr
+        code, err = check("hub: { listen: 0.0.0.0:7443 }\n")
+        self.assertEqual(code, 1)
+        self.assertIn("bad.yaml:1: hub.listen: 0.0.0.0:7443 is reachable from other machines but "
+                      "no edge is authenticated", err)
+        code, err = check("tls: { cert: /x.pem }\n")
+        self.assertIn("tls.cert: TLS needs both tls.cert and tls.key", err)
+        code, err = check("listen: { upstream: 127.0.0.1:1 }\n")
+        self.assertIn("listen: unknown section (known: hub, tls, auth, limits, plugins, metrics, "
+                      "log; and the key run_dir)", err)
+        code, err = check("limits: { max_message: 1MiB }\n")
+        self.assertIn("limits.max_message", err)
 
 
 TOKEN = "s3cret-edge-1"
