@@ -246,8 +246,9 @@ void spk_sup_uplink_stop(sup *s, int sig)
 {
     uproc *u = &s->up;
     ev_timer_stop(s->loop, &u->restart);
-    if (u->pid != 0)
+    if (u->pid != 0 && (!u->stop_sent || sig == SIGKILL || sig == SIGQUIT))
         kill(u->pid, sig);
+    u->stop_sent = true;
 }
 
 bool spk_sup_uplink_live(const sup *s)

@@ -480,7 +480,10 @@ static void maybe_finish_stop(sup *s)
     int live = (s->cur ? gen_live(s->cur) : 0) + (s->next ? gen_live(s->next) : 0);
     for (generation *g = s->old; g; g = g->next_old)
         live += gen_live(g);
-    live += spk_sup_uplink_live(s);
+    if (live == 0 && spk_sup_uplink_live(s)) {
+        spk_sup_uplink_stop(s, SIGTERM); /* the workers are gone: the uplink drains last */
+        return;
+    }
     if (live == 0)
         ev_break(s->loop, EVBREAK_ALL);
 }
@@ -644,7 +647,8 @@ static void stop_all(sup *s, int sig)
     }
     for (generation *g = s->old; g; g = g->next_old)
         gen_signal(g, sig == SIGQUIT ? SIGQUIT : SIGTERM);
-    spk_sup_uplink_stop(s, sig == SIGQUIT ? SIGQUIT : SIGTERM);
+    if (sig == SIGQUIT)
+        spk_sup_uplink_stop(s, SIGQUIT);
     maybe_finish_stop(s);
 }
 

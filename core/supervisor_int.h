@@ -82,6 +82,7 @@ typedef struct uproc {
     unsigned fails, restarts;
     ev_timer restart;
     bool replacing;      /* stopped for a config change: start again at once */
+    bool stop_sent;      /* stopping: the uplink was told to stop */
     char settings[1200]; /* the config it runs (spk_sup_uplink_sync compares) */
     char last_exit[200];
     spk_uplink_counters gone; /* counters of uplinks that exited */
@@ -175,7 +176,9 @@ void spk_sup_uplink_sync(sup *s);
  * unless it was replaced) and return true. */
 bool spk_sup_uplink_exited(sup *s, pid_t pid, int status);
 
-/* Stopping: signal the uplink (no restart). Whether it still runs. */
+/* Stopping: signal the uplink (no restart; once). spoked stops it after its workers
+ * exited, so their last payloads (queued by fini) go out first; SIGQUIT stops it at once.
+ * Whether it still runs. */
 void spk_sup_uplink_stop(sup *s, int sig);
 bool spk_sup_uplink_live(const sup *s);
 

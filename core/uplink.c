@@ -52,7 +52,7 @@ typedef struct uplink {
     uint64_t heartbeat_ms;       /* in force: the config's, or what the hub asked for */
     uint32_t batch_size;
     size_t max_batch_bytes;
-    ev_timer beat, poll, retry;
+    ev_timer beat, poll, retry, last_drain;
     ev_signal sig_term, sig_int, sig_quit;
     bool draining;               /* a heartbeat's drain: go on until nothing is left */
     bool in_flight;              /* a batch call */
@@ -175,9 +175,10 @@ static void stamp_slot(uplink *u)
         atomic_store_explicit(&u->slot->act.heartbeat_ms, spk_mono_ms(), memory_order_relaxed);
 }
 
+/* Stopping ends once the last drain found nothing more (or failed) and no call is out. */
 static void maybe_stop(uplink *u)
 {
-    if (u->stopping && !u->in_flight && u->hb_req == NULL)
+    if (u->stopping && !u->in_flight && !u->draining && u->hb_req == NULL)
         ev_break(u->loop, EVBREAK_ALL);
 }
 
@@ -316,7 +317,10 @@ static void on_batch_done(void *arg, const spk_grpc_result *res)
     } else {
         u->fails++;
         COUNT(u, batches_failed, 1);
-        schedule_retry(u);
+        if (u->stopping)
+            u->draining = false; /* the last drain gives up: the rest waits for the next start */
+        else
+            schedule_retry(u);
     }
     maybe_stop(u);
 }
@@ -382,7 +386,7 @@ static int encode_batch(uplink *u, size_t *len)
 
 static void send_next(uplink *u)
 {
-    if (u->in_flight || u->backing_off || u->stopping)
+    if (u->in_flight || u->backing_off)
         return;
     if (read_batch(u) == 0) {
         spk_queue_batch_free(&u->batch);
@@ -568,10 +572,27 @@ static void on_stop(struct ev_loop *loop, ev_signal *w, int revents)
         ev_break(loop, EVBREAK_ALL);
         return;
     }
+    if (u->stopping)
+        return;
+    /* spoked's supervisor stops the uplink after its workers exited, so what their fini
+     * queued is here: one last drain, bounded by the call deadline, then exit. */
     u->stopping = true;
     ev_timer_stop(loop, &u->retry);
     ev_timer_stop(loop, &u->beat);
+    ev_timer_stop(loop, &u->poll);
+    u->backing_off = false;
+    u->draining = true;
+    ev_timer_set(&u->last_drain, (double)(2 * call_timeout_ms(u)) / 1000.0, 0.0);
+    ev_timer_start(loop, &u->last_drain);
+    send_next(u);
     maybe_stop(u);
+}
+
+static void on_last_drain_deadline(struct ev_loop *loop, ev_timer *w, int revents)
+{
+    (void)revents, (void)w;
+    spk_warn("stopping with payloads still queued: the last drain ran out of time");
+    ev_break(loop, EVBREAK_ALL);
 }
 
 /* ---- setup ------------------------------------------------------------------------------- */
@@ -641,7 +662,8 @@ int spk_uplink_run(const spk_config *cfg, spk_wslot *slot, spk_errbuf *eb)
     ev_timer_init(&u.beat, on_beat, beat, beat);
     ev_timer_init(&u.poll, on_poll, POLL_MS / 1000.0, POLL_MS / 1000.0);
     ev_timer_init(&u.retry, on_retry, 0.0, 0.0);
-    u.beat.data = u.poll.data = u.retry.data = &u;
+    ev_timer_init(&u.last_drain, on_last_drain_deadline, 0.0, 0.0);
+    u.beat.data = u.poll.data = u.retry.data = u.last_drain.data = &u;
     ev_timer_start(u.loop, &u.beat);
     ev_timer_start(u.loop, &u.poll);
     ev_signal_init(&u.sig_term, on_stop, SIGTERM);
@@ -671,6 +693,7 @@ int spk_uplink_run(const spk_config *cfg, spk_wslot *slot, spk_errbuf *eb)
     ev_timer_stop(u.loop, &u.beat);
     ev_timer_stop(u.loop, &u.poll);
     ev_timer_stop(u.loop, &u.retry);
+    ev_timer_stop(u.loop, &u.last_drain);
     ev_signal_stop(u.loop, &u.sig_term);
     ev_signal_stop(u.loop, &u.sig_int);
     ev_signal_stop(u.loop, &u.sig_quit);

@@ -37,8 +37,8 @@
 #define SPK_UPLINK_BACKOFF_MAX_MS 60000u
 #define SPK_UPLINK_PARK_BEATS 10u   /* NO_RECEIVER: retried every 10 heartbeats */
 
-/* Run the uplink until SIGTERM/SIGINT (finish the call in flight, at most its deadline,
- * then return 0) or SIGQUIT (return at once). `slot` is the supervisor's status slot for
+/* Run the uplink until SIGTERM/SIGINT (one last drain of what is queued, at most twice the
+ * call deadline, then return 0) or SIGQUIT (return at once). `slot` is the supervisor's status slot for
  * this process (NULL: unsupervised, as in tests). Returns 0, or an error with a reason
  * in eb when it cannot start (no uplink.url, the queue, the token file). */
 int spk_uplink_run(const spk_config *cfg, spk_wslot *slot, spk_errbuf *eb);
