@@ -4,16 +4,16 @@
  *
  * For each payload size (256 B, 4 KiB), durability policy and process count (1, 2) it
  * runs, each in a fresh directory:
- *   lmdb       spk_queue_send() as spoked configures it (journal, LMDB read-only map)
- *   lmdb-wmap  the same with opts.writemap (LMDB's map writable, MDB_WRITEMAP)
+ *   lmdb       send_to_control below the plugin's context as spoked runs it
+ *              (spk_host_queue_send: the host's policy, then the queue's journal)
  *   sqlite     INSERT of (plugin, ts, correlation, metadata, payload) in autocommit mode,
  *              journal_mode=WAL, synchronous=NORMAL beside the interval policy and
  *              synchronous=FULL beside `always`
  * Writers are forked processes that each open their own handle after fork, as workers
  * do; they append to the queue's journal. A further process plays spoked's supervisor:
- * spk_queue_sync() (move the journal into LMDB, flush, free journal space) every 100 ms,
- * and sooner when the journal is a quarter full. With `always` each append is flushed
- * before it returns (group commit, queue.c). enq/s is all writers' calls over the wall
+ * it polls spk_queue_sync_due() every SPK_QUEUE_SYNC_POLL_MS and calls spk_queue_sync()
+ * (move the journal into LMDB, flush, free journal space) when it says so. With `always`
+ * each append is flushed before it returns (group commit, queue/journal.c). enq/s is all writers' calls over the wall
  * time of the run, and for the spoke rows that wall time ends only after a last
  * spk_queue_sync() has moved every record into LMDB and flushed it: the deferred work is
  * counted. ns/call is the mean latency of one call as a writer sees it. When --dir is on
@@ -23,9 +23,8 @@
  *
  * Then the hot path as a plugin sees it: host->send_to_control() from the host's own
  * services table (core/host.c), called on behalf of a plugin set up as the loader sets it
- * up, in one process, interval policy, for both maps: the mean and the median of batches.
+ * up, in one process, interval policy: the mean and the median of batches.
  */
-#include <dirent.h>
 #include <errno.h>
 #include <getopt.h>
 #include <signal.h>
@@ -41,11 +40,12 @@
 
 #include "bench.h"
 #include "host.h"
+#include "host.h"
 #include "loader.h"
 #include "queue.h"
 
-enum store { ST_LMDB, ST_LMDB_WMAP, ST_SQLITE };
-static const char *store_name[] = {"lmdb", "lmdb-wmap", "sqlite"};
+enum store { ST_LMDB, ST_SQLITE };
+static const char *store_name[] = {"lmdb", "sqlite"};
 
 typedef struct bq_case {
     enum store store;
@@ -131,7 +131,6 @@ static spk_queue_opts case_opts(const bq_case *c)
     spk_queue_opts o;
     spk_queue_opts_init(&o);
     o.sync_always = c->always;
-    o.writemap = c->store == ST_LMDB_WMAP;
     o.map_size = 8192ull * 1024 * 1024; /* sparse; blocks are allocated as it fills */
     o.max_pending = 0;
     o.max_bytes = 0;
@@ -184,8 +183,8 @@ static void writer(const bq_case *c, const char *path, int id, int fd)
         }
         uint64_t t0 = now_ns();
         for (uint64_t i = 0; i < c->ops; i++)
-            if (spk_queue_send(q, 42, "edge-bench", payload, c->size, "req-12345", md, 2,
-                               false, -1, NULL, NULL, &eb) != 0)
+            if (spk_host_queue_send(q, 42, "edge-bench", payload, c->size, "req-12345", md,
+                                    2, false, -1, NULL, NULL, &eb) != 0)
                 out[1]++;
         out[0] = now_ns() - t0;
         spk_queue_close(q);
@@ -196,8 +195,8 @@ static void writer(const bq_case *c, const char *path, int id, int fd)
     _exit(0);
 }
 
-/* The supervisor's timer (core/supervisor.c, on_qsync): sync every 100 ms (not with
- * `always`), and when the journal is a quarter full (checked every 5 ms), until killed. */
+/* The supervisor's timer (core/supervisor.c, on_qsync): the queue's sync policy, polled
+ * every SPK_QUEUE_SYNC_POLL_MS, until killed. */
 static void syncer(const bq_case *c, const char *path)
 {
     spk_queue_opts o = case_opts(c);
@@ -206,10 +205,9 @@ static void syncer(const bq_case *c, const char *path)
         _exit(1);
     uint64_t last = now_ns();
     for (;;) {
-        struct timespec ts = {0, 5 * 1000000L};
+        struct timespec ts = {0, SPK_QUEUE_SYNC_POLL_MS * 1000000L};
         nanosleep(&ts, NULL);
-        bool due = !c->always && now_ns() - last >= 100 * 1000000ull;
-        if (!due && spk_queue_journal_fill(q) < 0.25)
+        if (!spk_queue_sync_due(q, (now_ns() - last) / 1000000u))
             continue;
         last = now_ns();
         spk_queue_sync(q, NULL);
@@ -228,15 +226,6 @@ static void remove_store(const char *path)
         snprintf(f, sizeof(f), "%s%s", path, suffix[i]);
         unlink(f);
     }
-    DIR *d = opendir(path); /* segment files and spares */
-    struct dirent *de;
-    while (d != NULL && (de = readdir(d)) != NULL)
-        if (strncmp(de->d_name, "seg-", 4) == 0 || strncmp(de->d_name, "spare-", 6) == 0) {
-            snprintf(f, sizeof(f), "%s/%s", path, de->d_name);
-            unlink(f);
-        }
-    if (d != NULL)
-        closedir(d);
     if (rmdir(path) != 0 && unlink(path) != 0)
         fprintf(stderr, "spoke-bench queue: could not remove %s\n", path);
 }
@@ -554,7 +543,7 @@ int spk_bench_queue(int argc, char **argv)
             if (only_size != 0 && sizes[s] != only_size)
                 continue;
             for (int procs = 1; procs <= 2; procs++) {
-                bq_result res[3];
+                bq_result res[2];
                 for (int st = ST_SQLITE; st >= ST_LMDB; st--) { /* sqlite first: baseline */
                     bq_case c = {(enum store)st, always, sizes[s], procs,
                                  always ? always_ops : ops,
