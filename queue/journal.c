@@ -659,13 +659,14 @@ bool spk_journal_staged(const spk_queue *q)
  * SPK_EQUEUE_UNAVAILABLE; and recovery (journal_recover) rebuilds the journal from what
  * is known to be on disk: it overwrites [synced, tail) with zeros, flushes that, and only
  * when the flush succeeds sets tail back to `synced`, recounts from LMDB and the journal,
- * and clears the latch. An append tries it at most every RECOVER_RETRY_NS, the first
+ * and clears the latch. An append tries it at most every spk_journal_recover_retry_ns
+ * (100 ms), the first
  * process to open the queue always. The sequence numbers of the dropped records are not
  * used again by this run of the queue. */
 #define GROUP_WAIT_NS 50000ull
 #define GROUP_MIXED_NS 1000000ull
 #define FOLLOWER_WAIT_NS 10000000L
-#define RECOVER_RETRY_NS (100 * 1000000ull)
+uint64_t spk_journal_recover_retry_ns = 100 * 1000000ull;
 
 static void flush_wait(struct jctl *c, uint32_t gen)
 {
@@ -881,7 +882,7 @@ int spk_journal_append(spk_queue *q, struct rec_enc *e, uint64_t *seq_out,
     for (int tries = 0;; tries++) {
         if (atomic_load(&c->flush_failed)) {
             int rerr = EAGAIN;
-            if (spk_mono_ns() - atomic_load(&c->recover_ns) >= RECOVER_RETRY_NS)
+            if (spk_mono_ns() - atomic_load(&c->recover_ns) >= spk_journal_recover_retry_ns)
                 rerr = journal_recover(q);
             if (rerr != 0) {
                 spk_journal_unlock(q);

@@ -317,8 +317,8 @@ int spk_queue_sync(spk_queue *q, spk_errbuf *eb);
 bool spk_queue_sync_due(const spk_queue *q, uint64_t ms_since_last_sync);
 
 /* How full the journal is, 0.0 to 1.0: the bytes not yet free for reuse (records not
- * moved, or moved but not flushed) over its size. Lock-free and cheap: the supervisor
- * polls it to sync early under load. */
+ * moved, or moved but not flushed) over its size. Lock-free and cheap: what
+ * spk_queue_sync_due() looks at to sync early under load; also a metric. */
 double spk_queue_journal_fill(const spk_queue *q);
 
 /* Walk every pending record in one read snapshot and check that nothing was damaged:

@@ -238,5 +238,7 @@ void spk_mover_read_prepare(spk_queue *q);
  * versions. Never changed outside tests/queue. */
 extern ssize_t (*spk_journal_pwrite_fn)(int fd, const void *buf, size_t n, off_t off);
 extern int (*spk_journal_fdatasync_fn)(int fd);
+/* How long after a failed flush (or recovery) an append tries recovery again: 100 ms. */
+extern uint64_t spk_journal_recover_retry_ns;
 
 #endif

@@ -21,11 +21,17 @@
  * written per enqueue and the share of the time it was busy (its io_ticks counter, which
  * counts every process's I/O on it: run on an otherwise idle disk).
  *
+ * Beside them, per size and policy, the ceiling: what the disk under --dir does itself
+ * for the same bytes, one process writing records of that size (plus the queue's 56 bytes
+ * of headers) back to back in a preallocated file with pwrite(), and fdatasync() after
+ * each one (`always`) or every 100 ms (interval) -- no queue, no encoding, no index.
+ *
  * Then the hot path as a plugin sees it: host->send_to_control() from the host's own
  * services table (core/host.c), called on behalf of a plugin set up as the loader sets it
  * up, in one process, interval policy: the mean and the median of batches.
  */
 #include <errno.h>
+#include <fcntl.h>
 #include <getopt.h>
 #include <signal.h>
 #include <sqlite3.h>
@@ -212,6 +218,40 @@ static void syncer(const bq_case *c, const char *path)
         last = now_ns();
         spk_queue_sync(q, NULL);
     }
+}
+
+/* The disk's own rate for the same work (see the top): records per second. */
+static double disk_ceiling(const char *dir, size_t size, bool always, uint64_t ops)
+{
+    char path[4100];
+    snprintf(path, sizeof(path), "%s/spoke-bench-disk.%d", dir, (int)getpid());
+    size_t rec = size + 56;
+    uint8_t *buf = malloc(rec);
+    int fd = open(path, O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+    double rate = 0;
+    if (buf == NULL || fd < 0 || fallocate(fd, 0, 0, (off_t)(rec * ops)) != 0 ||
+        fdatasync(fd) != 0)
+        goto done;
+    memset(buf, 'd', rec);
+    uint64_t t0 = now_ns(), last = t0;
+    for (uint64_t i = 0; i < ops; i++) {
+        if (pwrite(fd, buf, rec, (off_t)(i * rec)) != (ssize_t)rec)
+            goto done;
+        if (always || now_ns() - last >= 100 * 1000000ull) {
+            if (fdatasync(fd) != 0)
+                goto done;
+            last = now_ns();
+        }
+    }
+    if (fdatasync(fd) != 0)
+        goto done;
+    rate = (double)ops * 1e9 / (double)(now_ns() - t0);
+done:
+    if (fd >= 0)
+        close(fd);
+    unlink(path);
+    free(buf);
+    return rate;
 }
 
 /* Remove a store: an LMDB directory or an SQLite file with its -wal and -shm. */
@@ -542,6 +582,11 @@ int spk_bench_queue(int argc, char **argv)
         for (size_t s = 0; s < 2; s++) {
             if (only_size != 0 && sizes[s] != only_size)
                 continue;
+            uint64_t n_ops = always ? always_ops : ops;
+            double ceiling = disk_ceiling(dir, sizes[s], always, n_ops);
+            printf("%-10s %-8s %6zu %5d %12.0f %10s (pwrite + fdatasync %s: the ceiling)\n",
+                   "disk", always ? "always" : "100ms", sizes[s], 1, ceiling, "-",
+                   always ? "each" : "every 100 ms");
             for (int procs = 1; procs <= 2; procs++) {
                 bq_result res[2];
                 for (int st = ST_SQLITE; st >= ST_LMDB; st--) { /* sqlite first: baseline */
