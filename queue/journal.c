@@ -188,11 +188,8 @@ size_t spk_journal_check(const spk_queue *q, uint64_t off, uint64_t *seq, const 
     if (h.magic != JREC_MAGIC || h.len < sizeof(struct rec_hdr) ||
         pos + JREC_HDR + h.len > size)
         return 0;
-    struct rec_hdr r;
     const uint8_t *v = q->jmap + pos + JREC_HDR;
-    memcpy(&r, v, sizeof(r));
-    if (r.magic != REC_MAGIC || r.wire_len != h.len - sizeof(r) ||
-        spk_rec_crc(&r, v + sizeof(r), r.wire_len) != r.crc)
+    if (!spk_rec_valid(v, h.len))
         return 0;
     *seq = h.seq;
     *val = v;

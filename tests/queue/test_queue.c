@@ -572,6 +572,30 @@ static void test_queue_stores_as_given(void **state)
     free(big);
 }
 
+/* The one sync policy: interval syncs are due after opts.sync_interval_ms, `always` ones
+ * never for time; either is due once the journal is SPK_QUEUE_SYNC_FILL full. */
+static void test_sync_due(void **state)
+{
+    fixture *f = *state;
+    f->opts.sync_interval_ms = 250;
+    qtest_open(f);
+    assert_false(spk_queue_sync_due(NULL, 1000));
+    assert_false(spk_queue_sync_due(f->q, 0));
+    assert_false(spk_queue_sync_due(f->q, 249));
+    assert_true(spk_queue_sync_due(f->q, 250));
+    f->opts.sync_always = true;
+    qtest_open(f);
+    assert_false(spk_queue_sync_due(f->q, UINT64_MAX));
+    /* fill a quarter of the (4 MiB) journal: due for space, whatever the time */
+    char *p = filled(64 * 1024, 'f');
+    while (spk_queue_journal_fill(f->q) < SPK_QUEUE_SYNC_FILL)
+        assert_int_equal(send_raw(f, 1, p, 64 * 1024, NULL, NULL, 0, NULL, NULL), 0);
+    assert_true(spk_queue_sync_due(f->q, 0));
+    assert_int_equal(spk_queue_sync(f->q, NULL), 0);
+    assert_false(spk_queue_sync_due(f->q, 0));
+    free(p);
+}
+
 /* A queue path longer than the queue's buffers is refused, never truncated. */
 static void test_path_too_long(void **state)
 {
@@ -689,6 +713,7 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_always_two_processes, setup, teardown),
         cmocka_unit_test_setup_teardown(test_queue_stores_as_given, setup, teardown),
         cmocka_unit_test_setup_teardown(test_path_too_long, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_sync_due, setup, teardown),
         cmocka_unit_test(test_json_validator),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
