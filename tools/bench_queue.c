@@ -458,6 +458,7 @@ static int hot_path(const char *base, size_t size, uint64_t ops, double mean[2],
     p.id = 42;
     p.env = &env;
     p.ctx.plugin = &p;
+    p.slot = &p.own_slot; /* as the loader does for a plugin loaded bare */
     snprintf(p.log_prefix, sizeof(p.log_prefix), "plugin bench: ");
     const spoke_host *host = spk_host_table();
     char *payload = malloc(size);
