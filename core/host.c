@@ -9,9 +9,9 @@
  *
  * send_to_control checks the host's policy (JSON, UTF-8: spk_host_queue_send), then calls
  * the queue's spk_queue_send() stamped with the calling plugin's ID, the edge ID and the
- * loop's cached time (ev_now: no clock read per call); the queue checks its own limits. Refusals are
- * counted by reason in the worker's status slot (the supervisor's metrics) and logged with
- * the plugin's name, at most REFUSAL_LOGS_PER_SEC a second per worker.
+ * loop's cached time (ev_now: no clock read per call); the queue checks its own limits.
+ * Refusals are counted by reason in the worker's status slot (the supervisor's metrics)
+ * and logged with the plugin's name, at most REFUSAL_LOGS_PER_SEC a second per worker.
  */
 #include "host.h"
 
