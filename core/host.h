@@ -67,4 +67,15 @@ void spk_host_plugin_unload(spk_plugin *p);
  * then the set's array is freed and the set left empty. */
 void spk_host_unload(spk_plugin_set *set);
 
+/* send_to_control below the plugin's context: the host's own policy (send_to_control_json:
+ * one well-formed JSON value, else SPK_ENOT_JSON; every string UTF-8, else SPK_EINVAL),
+ * then spk_queue_send() (the queue's limits; arguments and codes as there). A refusal by
+ * the policy is counted in q's stats too (spk_queue_refused). Codes are those the queue
+ * alone gave before the policy moved here, also when a call breaks several rules. */
+struct spk_queue;
+int spk_host_queue_send(struct spk_queue *q, uint32_t plugin_id, const char *edge_id,
+                        const void *payload, size_t len, const char *correlation_id,
+                        const spoke_kv *metadata, size_t n_metadata, bool json,
+                        int64_t now_ms, uint64_t *seq, uint64_t *pending, spk_errbuf *eb);
+
 #endif
