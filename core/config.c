@@ -1093,6 +1093,8 @@ static void d_env(FILE *out, const void *base, const field *f, int indent);
 static void d_config(FILE *out, const void *base, const field *f, int indent);
 static void d_plugins(FILE *out, const void *base, const field *f, int indent);
 static int p_plugins(cfg_ctx *c, const node *v, const char *key, void *base, const field *f);
+static int p_removed(cfg_ctx *c, const node *v, const char *key, void *base, const field *f);
+static void d_removed(FILE *out, const void *base, const field *f, int indent);
 
 #define FIELD(type, key, pfn, dfn, member, lo, hi, w, d, dt)                                       \
     {                                                                                              \
@@ -1111,17 +1113,12 @@ static int p_plugins(cfg_ctx *c, const node *v, const char *key, void *base, con
     FIELD(spk_plugin_conf, key, pfn, dfn, member, lo, hi, NULL, def, NULL)
 #define PS(key, pfn, dfn, member) FIELD(spk_plugin_conf, key, pfn, dfn, member, 0, 0, NULL, 0, NULL)
 
-/* queue defaults: from queue.h once the queue split lands. (SPK_QUEUE_JOURNAL_MIN is
- * there already; the others are the values spk_queue_opts_init documents.) The queue's
- * own limits are the queue's, never a literal in a row below. */
-#define QUEUE_DEFAULT_MAX_PENDING  100000u
-#define QUEUE_DEFAULT_MAX_BYTES    GiB
-#define QUEUE_DEFAULT_RETENTION_MS (24 * HOUR)
-#define QUEUE_DEFAULT_SYNC_MS      100u
-#define QUEUE_DEFAULT_MAP_SIZE     (2 * GiB)
-#define QUEUE_DEFAULT_JOURNAL_SIZE (64 * MiB)
-#define QUEUE_JOURNAL_MIN          SPK_QUEUE_JOURNAL_MIN
-#define QUEUE_JOURNAL_ALIGN        4096u
+/* A key that was removed: naming it is an error that says so (p_removed). */
+#define REMOVED(key) {key, p_removed, d_removed, 0, 0, 0, 0, NULL, 0, NULL}
+
+/* The queue's defaults and minimums are the queue's own (queue/queue.h: SPK_QUEUE_*),
+ * never a literal in a row below. */
+#define QUEUE_JOURNAL_ALIGN 4096u
 
 static const char *const connect_words[] = {"eager", "lazy", NULL};
 static const char *const compat_words[] = {"strict", "loose", NULL};
@@ -1162,16 +1159,20 @@ static const field plugins_fields[] = {
 
 static const field queue_fields[] = {
     CS("path", p_str, d_str, queue_path, "/var/lib/spoke/queue"),
-    CF("max_pending", p_uint, d_uint, queue_max_pending, 1, 1000000000, QUEUE_DEFAULT_MAX_PENDING),
-    CF("max_bytes", p_size, d_size, queue_max_bytes, KiB, 16 * TiB, QUEUE_DEFAULT_MAX_BYTES),
+    CF("max_pending", p_uint, d_uint, queue_max_pending, 1, 1000000000,
+       SPK_QUEUE_DEFAULT_MAX_PENDING),
+    CF("max_bytes", p_size, d_size, queue_max_bytes, SPK_QUEUE_MAX_BYTES_MIN, 16 * TiB,
+       SPK_QUEUE_DEFAULT_MAX_BYTES),
     CF("retention", p_duration, d_duration, queue_retention_ms, SEC, 365 * DAY,
-       QUEUE_DEFAULT_RETENTION_MS),
-    CF("sync", p_sync, d_sync, queue_sync_interval_ms, 1, HOUR, QUEUE_DEFAULT_SYNC_MS),
-    CF("map_size", p_size, d_size, queue_map_size, MiB, 16 * TiB, QUEUE_DEFAULT_MAP_SIZE),
-    CF("writemap", p_bool, d_bool, queue_writemap, 0, 0, false),
-    CF("journal_size", p_size, d_size, queue_journal_size, QUEUE_JOURNAL_MIN, 64 * GiB,
-       QUEUE_DEFAULT_JOURNAL_SIZE),
-    CF("segment_size", p_size, d_size, queue_segment_size, 2 * MiB, GiB, 32 * MiB),
+       SPK_QUEUE_DEFAULT_RETENTION_MS),
+    CF("sync", p_sync, d_sync, queue_sync_interval_ms, 1, HOUR,
+       SPK_QUEUE_DEFAULT_SYNC_INTERVAL_MS),
+    CF("map_size", p_size, d_size, queue_map_size, SPK_QUEUE_MAP_SIZE_MIN, 16 * TiB,
+       SPK_QUEUE_DEFAULT_MAP_SIZE),
+    CF("journal_size", p_size, d_size, queue_journal_size, SPK_QUEUE_JOURNAL_MIN, 64 * GiB,
+       SPK_QUEUE_DEFAULT_JOURNAL_SIZE),
+    REMOVED("writemap"),
+    REMOVED("segment_size"),
 };
 
 static const field uplink_fields[] = {
@@ -1342,8 +1343,9 @@ static int apply_map(cfg_ctx *c, const node *m, const char *key, const field *fi
         if (f == NULL) {
             char known[512] = "";
             for (size_t j = 0; j < n; j++)
-                snprintf(known + strlen(known), sizeof(known) - strlen(known), "%s%s",
-                         j ? ", " : "", fields[j].name);
+                if (fields[j].parse != p_removed)
+                    snprintf(known + strlen(known), sizeof(known) - strlen(known), "%s%s",
+                             known[0] ? ", " : "", fields[j].name);
             return cfg_fail(c, p->line, sub, "unknown key (known keys in %s: %s)", key, known);
         }
         rc = f->parse(c, p->val, sub, base, f);
@@ -1762,6 +1764,25 @@ static void put_str(FILE *out, const char *s)
 static void put_key(FILE *out, int indent, const char *name)
 {
     fprintf(out, "%*s%s:", indent, "", name);
+}
+
+/* queue.writemap and queue.segment_size went with the segment files and the writable
+ * map (docs/queue.md): the queue keeps its records in the journal and LMDB only. */
+static int p_removed(cfg_ctx *c, const node *v, const char *key, void *base, const field *f)
+{
+    (void)base;
+    (void)f;
+    return cfg_fail(c, v->line, key, "this key was removed (the queue keeps its records in "
+                    "the journal and LMDB only, large ones in LMDB's overflow pages); delete "
+                    "it from the file");
+}
+
+static void d_removed(FILE *out, const void *base, const field *f, int indent)
+{
+    (void)out;
+    (void)base;
+    (void)f;
+    (void)indent;
 }
 
 static void d_str(FILE *out, const void *base, const field *f, int indent)

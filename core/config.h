@@ -97,9 +97,7 @@ typedef struct spk_config {
     bool queue_sync_always;    /* queue.sync: "always" */
     uint64_t queue_sync_interval_ms; /* queue.sync: a duration */
     uint64_t queue_map_size;   /* queue.map_size: LMDB map size */
-    bool queue_writemap;       /* queue.writemap: map LMDB's file writable */
     uint64_t queue_journal_size; /* queue.journal_size: the append ring */
-    uint64_t queue_segment_size; /* queue.segment_size: files of large records */
 
     /* uplink: */
     char *uplink_url;          /* NULL: no uplink */

@@ -7,10 +7,11 @@
  * hook runs. Nothing here allocates on the traffic path except buf_set/buf_resize growing
  * a buffer beyond its previous capacity, and respond() queueing bytes.
  *
- * send_to_control is the queue's spk_queue_send() stamped with the calling plugin's ID,
- * the edge ID and the loop's cached time (ev_now: no clock read per call). Refusals are
- * counted by reason in the worker's status slot (the supervisor's metrics) and logged with
- * the plugin's name, at most REFUSAL_LOGS_PER_SEC a second per worker.
+ * send_to_control checks the host's policy (JSON, UTF-8: spk_host_queue_send), then calls
+ * the queue's spk_queue_send() stamped with the calling plugin's ID, the edge ID and the
+ * loop's cached time (ev_now: no clock read per call); the queue checks its own limits.
+ * Refusals are counted by reason in the worker's status slot (the supervisor's metrics)
+ * and logged with the plugin's name, at most REFUSAL_LOGS_PER_SEC a second per worker.
  */
 #include "host.h"
 
@@ -19,6 +20,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "json.h"
 #include "log.h"
 #include "queue.h"
 #include "queue_conf.h"
@@ -397,6 +399,65 @@ static int public_status(int err)
     return SPOKE_ERR_QUEUE_UNAVAILABLE;
 }
 
+/* The host's policy on what a plugin sends (spk_host_queue_send). The strings are walked
+ * in the order the queue checks its limits, and the walk stops at the first one over its
+ * limit (or a NULL), which the queue then reports: so a call that breaks several rules
+ * gets the code it got when the queue checked both. */
+static int check_policy(const void *payload, size_t len, const char *corr, const spoke_kv *md,
+                        size_t n_md, bool json, const char *edge_id, spk_errbuf *eb)
+{
+    if (json && len <= SPOKE_MAX_PAYLOAD && !spk_json_valid(payload, len))
+        return spk_errf(eb, SPK_ENOT_JSON, "send_to_control_json: the text is not one "
+                        "well-formed JSON value");
+    if ((payload == NULL && len > 0) || (md == NULL && n_md > 0) || len > SPOKE_MAX_PAYLOAD)
+        return 0;
+    if (corr != NULL) {
+        size_t n = strnlen(corr, SPOKE_MAX_CORRELATION_ID + 1);
+        if (n > SPOKE_MAX_CORRELATION_ID)
+            return 0;
+        if (!spk_utf8_valid(corr, n))
+            return spk_errf(eb, SPK_EINVAL, "send_to_control: correlation ID is not UTF-8");
+    }
+    if (n_md > SPOKE_MAX_METADATA)
+        return 0;
+    for (size_t i = 0; i < n_md; i++) {
+        if (md[i].key == NULL || md[i].value == NULL)
+            return 0;
+        size_t kn = strnlen(md[i].key, SPOKE_MAX_METADATA_KEY + 1);
+        if (kn > SPOKE_MAX_METADATA_KEY)
+            return 0;
+        if (!spk_utf8_valid(md[i].key, kn))
+            return spk_errf(eb, SPK_EINVAL, "send_to_control: metadata key %zu is not valid "
+                            "UTF-8", i);
+        size_t vn = strnlen(md[i].value, SPOKE_MAX_METADATA_VALUE + 1);
+        if (vn > SPOKE_MAX_METADATA_VALUE)
+            return 0;
+        if (!spk_utf8_valid(md[i].value, vn))
+            return spk_errf(eb, SPK_EINVAL, "send_to_control: metadata value %zu is not "
+                            "valid UTF-8", i);
+    }
+    if (edge_id != NULL && !spk_utf8_valid(edge_id, strlen(edge_id)))
+        return spk_errf(eb, SPK_EINVAL, "send_to_control: edge ID is not UTF-8");
+    return 0;
+}
+
+int spk_host_queue_send(struct spk_queue *q, uint32_t plugin_id, const char *edge_id,
+                        const void *payload, size_t len, const char *correlation_id,
+                        const spoke_kv *metadata, size_t n_metadata, bool json,
+                        int64_t now_ms, uint64_t *seq, uint64_t *pending, spk_errbuf *eb)
+{
+    if (q == NULL)
+        return spk_errf(eb, SPK_EINVAL, "queue: no handle");
+    int rc = check_policy(payload, len, correlation_id, metadata, n_metadata, json, edge_id,
+                          eb);
+    if (rc != 0) {
+        spk_queue_refused(q, rc);
+        return rc;
+    }
+    return spk_queue_send(q, plugin_id, edge_id, payload, len, correlation_id, metadata,
+                          n_metadata, json, now_ms, seq, pending, eb);
+}
+
 static int send_common(spoke_ctx *ctx, const void *payload, size_t len, const char *corr,
                        const spoke_kv *md, size_t n_md, uint64_t *pending, bool json)
 {
@@ -416,8 +477,8 @@ static int send_common(spoke_ctx *ctx, const void *payload, size_t len, const ch
     }
     int64_t now_ms = env->loop != NULL ? (int64_t)(ev_now(env->loop) * 1000.0) : -1;
     spk_slot_in_host(p->slot, 1);
-    int rc = spk_queue_send(env->queue, p->id, env->edge_id, payload, len, corr, md, n_md,
-                            json, now_ms, NULL, pending, &eb);
+    int rc = spk_host_queue_send(env->queue, p->id, env->edge_id, payload, len, corr, md,
+                                 n_md, json, now_ms, NULL, pending, &eb);
     spk_slot_in_host(p->slot, 0);
     if (rc != 0) {
         refused(env, p, rc, eb.msg);

@@ -80,4 +80,15 @@ void spk_host_unload(spk_plugin_set *set);
 size_t spk_host_health_round(spk_plugin_set *set, spk_slot *slot, unsigned *fails,
                              unsigned limit);
 
+/* send_to_control below the plugin's context: the host's own policy (send_to_control_json:
+ * one well-formed JSON value, else SPK_ENOT_JSON; every string UTF-8, else SPK_EINVAL),
+ * then spk_queue_send() (the queue's limits; arguments and codes as there). A refusal by
+ * the policy is counted in q's stats too (spk_queue_refused). Codes are those the queue
+ * alone gave before the policy moved here, also when a call breaks several rules. */
+struct spk_queue;
+int spk_host_queue_send(struct spk_queue *q, uint32_t plugin_id, const char *edge_id,
+                        const void *payload, size_t len, const char *correlation_id,
+                        const spoke_kv *metadata, size_t n_metadata, bool json,
+                        int64_t now_ms, uint64_t *seq, uint64_t *pending, spk_errbuf *eb);
+
 #endif

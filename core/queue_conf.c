@@ -19,11 +19,10 @@ int spk_queue_conf_open(const spk_config *cfg, spk_queue **out, spk_errbuf *eb)
     o.max_bytes = cfg->queue_max_bytes;
     o.retention_ms = cfg->queue_retention_ms;
     o.sync_always = cfg->queue_sync_always;
+    if (cfg->queue_sync_interval_ms != 0)
+        o.sync_interval_ms = cfg->queue_sync_interval_ms;
     o.map_size = cfg->queue_map_size;
-    o.writemap = cfg->queue_writemap;
     if (cfg->queue_journal_size != 0)
         o.journal_size = cfg->queue_journal_size;
-    if (cfg->queue_segment_size != 0)
-        o.segment_size = cfg->queue_segment_size;
     return spk_queue_open(cfg->queue_path, &o, out, eb);
 }

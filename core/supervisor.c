@@ -765,11 +765,8 @@ static void on_qsync(struct ev_loop *loop, ev_timer *t, int revents)
         queue_ensure(s, cfg);
     if (s->queue == NULL)
         return;
-    /* always: appends are durable in the journal already; moving them is for readers
-     * (who move what they need themselves) and for space, so only a quarter-full journal
-     * is moved: a move's flushes would compete with the appends' own. */
-    bool due = !cfg->queue_sync_always && now - s->qlast >= queue_period(cfg);
-    if (!due && spk_queue_journal_fill(s->queue) < 0.25)
+    /* The queue's one sync policy (queue.h, spk_queue_sync_due). */
+    if (!spk_queue_sync_due(s->queue, (uint64_t)((now - s->qlast) * 1000.0)))
         return;
     s->qlast = now;
     spk_errbuf eb;

@@ -28,6 +28,7 @@ typedef struct worker {
     ev_signal sig_term, sig_int, sig_quit, sig_go;
     ev_timer tick, heartbeat, health, drain_check, drain_deadline;
     ev_timer qsync;    /* --single-process: the supervisor's queue timer */
+    double qlast;      /* ... and when it last synced (ev_now) */
     unsigned *health_fails;
     bool draining;
     int result;
@@ -131,17 +132,18 @@ static void watch_signal(worker *wk, ev_signal *s, int signum)
     ev_signal_start(wk->loop, s);
 }
 
-/* --single-process has no supervisor: the worker moves and flushes the queue itself, on
- * the same period (core/supervisor.c, queue sync). */
+/* --single-process has no supervisor: the worker owns the queue's sync timer itself and
+ * follows the queue's one policy (spk_queue_sync_due), as the supervisor does. */
 static void on_qsync(struct ev_loop *loop, ev_timer *w, int revents)
 {
-    (void)loop;
     (void)revents;
     worker *wk = w->data;
     spk_errbuf eb;
+    double now = ev_now(loop);
     if (wk->env.queue == NULL ||
-        (wk->cfg->queue_sync_always && spk_queue_journal_fill(wk->env.queue) < 0.25))
+        !spk_queue_sync_due(wk->env.queue, (uint64_t)((now - wk->qlast) * 1000.0)))
         return;
+    wk->qlast = now;
     if (spk_queue_sync(wk->env.queue, &eb) != 0)
         spk_error("%s", eb.msg);
 }
@@ -215,8 +217,8 @@ int spk_worker_run(spk_config *cfg, const spk_worker_opts *opts, spk_errbuf *eb)
         on_heartbeat(wk.loop, &wk.heartbeat, 0);
         atomic_store_explicit(&opts->wslot->state, SPK_W_READY, memory_order_release);
     } else {
-        start_timer(&wk, &wk.qsync, on_qsync,
-                    cfg->queue_sync_always ? 20 : cfg->queue_sync_interval_ms);
+        wk.qlast = ev_now(wk.loop);
+        start_timer(&wk, &wk.qsync, on_qsync, SPK_QUEUE_SYNC_POLL_MS);
         spk_proxy_start_accepting(wk.proxy);
     }
     spk_info("serving %s -> %s with %zu plugins", cfg->n_listen ? cfg->listen[0] : "?",

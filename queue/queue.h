@@ -1,21 +1,24 @@
 /*
  * queue.h -- the durable edge-to-control queue (LMDB).
  *
- * Edge plugins call send_to_control(); the host validates the payload and commits it here
- * as one encoded spoke.control.v1.EdgePayload (transport/proto/.../control.proto). The
- * uplink process reads the oldest records, sends their stored bytes to hubd without
- * re-encoding them, and acknowledges (deletes) what hubd accepted. Records older than the
- * retention are expired. Design, key layout and the durability argument: queue.c's top
- * comment and docs/queue.md.
+ * Edge plugins call send_to_control(); the host checks its own policy (UTF-8, JSON: core/
+ * host.c) and commits the payload here as one encoded spoke.control.v1.EdgePayload
+ * (transport/proto/.../control.proto). The queue stores what it is given and checks only
+ * its own limits (sizes and counts). The uplink process reads the oldest records, sends
+ * their stored bytes to hubd without re-encoding them, and acknowledges (deletes) what
+ * hubd accepted. Records older than the retention are expired. Design: queue_int.h and
+ * the top comment of each file it names; the whole argument, with the recovery rules in
+ * one place: docs/queue.md.
  *
- * STORAGE. A queue is a directory: LMDB's data.mdb and lock.mdb, the journal (files
- * journal and journal.ctl), a ring that every enqueue appends to, and segment files
- * (seg-*, spare-*) holding the bytes of records too large for an LMDB leaf, to which LMDB
- * then keeps a reference (queue.c, SEGMENTS). Records are moved from
- * the journal into LMDB in batches by every reading call (read, ack, expire, purge,
+ * STORAGE. A queue is a directory with two stores and nothing else: the journal (files
+ * journal and journal.ctl), a ring that every enqueue appends to, and LMDB (data.mdb,
+ * lock.mdb: DBs pending, meta, plugins), where records stay until they are acknowledged;
+ * a record too large for an LMDB leaf is kept in LMDB's overflow pages. Records are moved
+ * from the journal into LMDB in batches by every reading call (read, ack, expire, purge,
  * stats, verify) and by spk_queue_sync(); an enqueue only moves them itself when it finds
  * the ring full. Where a pending record sits is invisible to callers: reads see every
- * record appended before them, in sequence order. Design: queue.c, JOURNAL.
+ * record appended before them, in sequence order. A queue of format 2 (segment files
+ * seg-*) is upgraded when it is opened: see spk_queue_open().
  *
  * PROCESSES. Any number of processes (workers, the uplink, spoke-queue) may open the same
  * queue directory at once and call any function concurrently: appends are serialised by
@@ -33,25 +36,31 @@
  *   always    the record is on stable storage before the call returns: it is written to
  *             the journal with pwrite() and the journal is flushed (fdatasync), one flush
  *             shared by every caller of every process that appended meanwhile (GROUP
- *             COMMIT in queue.c). Survives a crash of any process and power loss.
+ *             COMMIT in journal.c). Survives a crash of any process and power loss.
+ *             If the flush fails, the call fails with SPK_EQUEUE_UNAVAILABLE and the record
+ *             is NOT sent (it is dropped from the journal, never moved to LMDB): the
+ *             answer and the record's fate agree, so a plugin that retries makes no
+ *             duplicate. A failed flush also latches: appends are refused with
+ *             SPK_EQUEUE_UNAVAILABLE until the journal is rebuilt from what is known to
+ *             be on disk (tried by the next append, at most every 100 ms).
  *   interval  the record is copied into the journal's shared mapping, so it is in the
  *             kernel's page cache before the call returns and survives a crash of any
  *             spoke process at once. The next spk_queue_sync() moves it into LMDB and
  *             flushes LMDB; a power loss or kernel crash before that can lose it.
- *             spoked's SUPERVISOR owns the timer: it calls spk_queue_sync() every
- *             queue.sync period, early when the journal passes a quarter full, and once
- *             after its workers exited. Workers never call it on their hot path.
+ *   WHEN TO SYNC is decided in one place, spk_queue_sync_due(): the process that owns the
+ *   timer (spoked's supervisor; the worker in --single-process) polls it every
+ *   SPK_QUEUE_SYNC_POLL_MS and calls spk_queue_sync() when it says so, and once at
+ *   shutdown after the writers exited. Workers never sync on their hot path.
  *   Either way LMDB commits flush their data pages before their meta page
  *   (MDB_NOMETASYNC), so LMDB's file stays intact through a power loss, and journal
  *   space is reused only after the LMDB flush that made its records durable there.
  *
  * ERRORS. Every function returns 0 or a negative spk_err (core/err.h) and, when `eb` is
  * not NULL, fills it with a sentence for the operator. Codes:
- *   SPK_EINVAL              bad argument (NULL, not UTF-8, handle closed)
+ *   SPK_EINVAL              bad argument (NULL, handle closed, a path too long)
  *   SPK_EPAYLOAD_TOO_LARGE, SPK_ETOO_MANY_METADATA, SPK_EMETADATA_KEY,
  *   SPK_EMETADATA_VALUE, SPK_ECORRELATION_ID   a payload limit (abi/spoke.h SPOKE_MAX_*);
  *                           a value equal to a limit is accepted, one byte more refused
- *   SPK_ENOT_JSON           spk_queue_send(json = true) with text that is not JSON
  *   SPK_EQUEUE_FULL         opts.max_pending records or opts.max_bytes bytes are pending
  *   SPK_EQUEUE_UNAVAILABLE  the map (opts.map_size) or the disk is full, or the queue
  *                           cannot be opened/written; nothing was stored. The queue works
@@ -84,41 +93,41 @@ typedef struct spk_queue_opts {
                                records (default 1 GiB); 0 = no limit */
     uint64_t retention_ms;  /* queue.retention (default 24 h); 0 = never expire */
     bool sync_always;       /* queue.sync == "always"; false = interval (see DURABILITY) */
+    uint64_t sync_interval_ms; /* queue.sync = <duration>: spk_queue_sync_due() says a
+                               sync is due this long after the last one (default 100 ms) */
     uint64_t map_size;      /* queue.map_size: LMDB map size in bytes (default 2 GiB); a
                                bigger size stored in the file wins */
     bool create;            /* create the directory and database if missing (default
                                true); false: SPK_ENOENT when absent (tools) */
-    bool writemap;          /* map LMDB's file writable (MDB_WRITEMAP; queue.writemap,
-                               default false). Moves become stores into shared memory (no
-                               write(2)); the file's blocks are allocated ahead of use so a
-                               full disk is a clean SPK_EQUEUE_UNAVAILABLE, never a SIGBUS;
-                               PROT_NONE guard pages flank the map. Measured slower with
-                               batched moves (docs/benchmarks.md). */
     uint64_t journal_size;  /* queue.journal_size: bytes of the ring that records are
                                appended to before they are moved into LMDB (default 64 MiB,
                                at least SPK_QUEUE_JOURNAL_MIN = 4 MiB, a multiple of
                                4096). Takes effect when the journal is created, or reopened
                                empty by
                                the first process. */
-    uint64_t segment_size;  /* queue.segment_size: records too large for an LMDB leaf
-                               (values over about half a page) are kept in segment files
-                               of this size, deleted once nothing in them is pending
-                               (default 32 MiB, at least SPK_QUEUE_SEGMENT_MIN = 2 MiB, at
-                               most 1 GiB). Fixed when the queue is created: a later value
-                               is ignored. */
     spk_queue_clock clock;  /* NULL: CLOCK_REALTIME */
     void *clock_arg;
 } spk_queue_opts;
 
-/* The smallest segment: room for the largest record (~1.3 MB) whole. */
-#define SPK_QUEUE_SEGMENT_MIN (2u * 1024 * 1024)
-#define SPK_QUEUE_SEGMENT_MAX (1024u * 1024 * 1024)
+/* Defaults and minimums: the one place they are written (core/config.c uses these). */
+#define SPK_QUEUE_DEFAULT_MAX_PENDING 100000u
+#define SPK_QUEUE_DEFAULT_MAX_BYTES (1024ull * 1024 * 1024)
+#define SPK_QUEUE_DEFAULT_RETENTION_MS (24ull * 3600 * 1000)
+#define SPK_QUEUE_DEFAULT_SYNC_INTERVAL_MS 100u
+#define SPK_QUEUE_DEFAULT_MAP_SIZE (2048ull * 1024 * 1024)
+#define SPK_QUEUE_DEFAULT_JOURNAL_SIZE (64ull * 1024 * 1024)
+#define SPK_QUEUE_MAP_SIZE_MIN (1024u * 1024)
+#define SPK_QUEUE_MAX_BYTES_MIN 1024u
 
-/* The smallest journal: room for two of the largest record (a 1 MiB payload with full
- * metadata, ~1.3 MB). A record never wraps around the ring, so one that does not fit
- * before its end skips there; with room for two, the largest record fits wherever the
- * tail of an empty ring stands. */
-#define SPK_QUEUE_JOURNAL_MIN (4u * 1024 * 1024)
+/* The largest stored record (header + encoded EdgePayload): a 1 MiB payload with full
+ * metadata is ~1.3 MB; a longer edge ID or content type can pass it, and is refused with
+ * SPK_EPAYLOAD_TOO_LARGE. */
+#define SPK_QUEUE_RECORD_MAX (2u * 1024 * 1024)
+
+/* The smallest journal: room for two of the largest record. A record never wraps around
+ * the ring, so one that does not fit before its end skips there; with room for two, the
+ * largest record fits wherever the tail of an empty ring stands. */
+#define SPK_QUEUE_JOURNAL_MIN (2u * SPK_QUEUE_RECORD_MAX)
 
 /* Defaults as listed above. */
 void spk_queue_opts_init(spk_queue_opts *opts);
@@ -134,8 +143,11 @@ static inline uint64_t spk_queue_record_size(size_t wire_len)
 /* Open (and, with opts->create, create) the queue in directory `path` (files data.mdb,
  * lock.mdb, journal and journal.ctl). The first process to open it rebuilds the
  * journal's shared state from the files (and the journal takes opts->journal_size if it
- * is new or empty). Clears
- * reader slots left by dead processes. opts may be NULL for defaults.
+ * is new or empty). Clears reader slots left by dead processes. opts may be NULL for
+ * defaults. A queue of format 2 (written by spoke before the segment files were removed)
+ * is upgraded here: the records kept in its segment files are moved into LMDB, then the
+ * files are deleted (docs/queue.md, "Upgrading a format-2 queue"); no process running
+ * the older code may have it open.
  * On success *out is a handle the caller closes with spk_queue_close(). Returns 0,
  * SPK_ENOENT, SPK_EQUEUE_UNAVAILABLE (cannot open or create, disk full), SPK_ECORRUPT
  * (not a queue, or an unknown format version), SPK_EINVAL, SPK_ENOMEM. */
@@ -162,10 +174,11 @@ typedef struct spk_queue_msg {
     int64_t edge_timestamp_ms;    /* Unix ms; also the age used by expiry */
 } spk_queue_msg;
 
-/* Validate the limits of `m` without touching the queue. Strings must be NUL-terminated
- * UTF-8; metadata keys and values must not be NULL. Returns 0, one of the limit codes
- * (checked in the order payload, correlation ID, metadata count, then each entry's key
- * and value), or SPK_EINVAL. */
+/* Validate the queue's limits of `m` without touching the queue. Strings must be
+ * NUL-terminated; metadata keys and values must not be NULL. Their encoding is not
+ * checked (UTF-8 is the host's policy). Returns 0, one of the limit codes (checked in
+ * the order payload, correlation ID, metadata count, then each entry's key and value),
+ * or SPK_EINVAL. */
 int spk_queue_validate(const spk_queue_msg *m, spk_errbuf *eb);
 
 /* Validate `m` and append it to the journal as one record, encoded once as an
@@ -176,21 +189,26 @@ int spk_queue_validate(const spk_queue_msg *m, spk_errbuf *eb);
  * When the journal is full it waits (at most 1 s) for another process moving records
  * into LMDB to free room, or moves them itself. Returns 0, a limit
  * code, SPK_EQUEUE_FULL, SPK_EQUEUE_UNAVAILABLE (journal full and LMDB's map or disk full),
- * SPK_EINVAL, SPK_ENOMEM, SPK_EIO. Nothing is stored unless it returns 0, with one
- * exception: with sync_always, SPK_EIO "stored but its flush failed" means the record is
- * stored (it survives process crashes, and the uplink will send it) but its durability
- * against power loss is unknown. */
+ * SPK_EINVAL, SPK_ENOMEM, SPK_EIO. Nothing is stored, and nothing will be sent, unless it
+ * returns 0 -- with sync_always too: a record whose flush failed is answered
+ * SPK_EQUEUE_UNAVAILABLE and dropped (see DURABILITY). */
 int spk_queue_enqueue(spk_queue *q, const spk_queue_msg *m, uint64_t *seq,
                       uint64_t *pending, spk_errbuf *eb);
 
-/* The whole host service send_to_control / send_to_control_json: stamps the record with
- * plugin_id, edge_id and now_ms (pass the loop's cached time, or < 0 for the queue's
- * clock), refuses non-JSON text with SPK_ENOT_JSON when `json` is true and marks it
- * "application/json", then enqueues. Arguments and returns as spk_queue_enqueue(). */
+/* spk_queue_enqueue() of one payload stamped with plugin_id, edge_id and now_ms (pass the
+ * loop's cached time, or < 0 for the queue's clock), marked "application/json" when
+ * `json` is true (whether it is JSON is the caller's check). Arguments and returns as
+ * spk_queue_enqueue(). */
 int spk_queue_send(spk_queue *q, uint32_t plugin_id, const char *edge_id,
                    const void *payload, size_t len, const char *correlation_id,
                    const spoke_kv *metadata, size_t n_metadata, bool json, int64_t now_ms,
                    uint64_t *seq, uint64_t *pending, spk_errbuf *eb);
+
+/* Count a send that the caller refused by its own policy before calling the queue (the
+ * host's UTF-8 and JSON checks: `err` SPK_EINVAL or SPK_ENOT_JSON), so that
+ * spk_queue_stats' refused_* counters stay the count of every refused send. NULL q is
+ * allowed. */
+void spk_queue_refused(spk_queue *q, int err);
 
 /* One record read from the queue. */
 typedef struct spk_queue_item {
@@ -219,6 +237,11 @@ typedef struct spk_queue_batch {
  * SPK_EQUEUE_UNAVAILABLE. On failure *batch is empty. */
 int spk_queue_read(spk_queue *q, size_t max_n, size_t max_wire_bytes, spk_queue_batch *batch,
                    spk_errbuf *eb);
+
+/* spk_queue_read() from the first pending record whose sequence number is >= from_seq
+ * (0: the oldest): for tools that page through the queue with bounded memory. */
+int spk_queue_read_from(spk_queue *q, uint64_t from_seq, size_t max_n, size_t max_wire_bytes,
+                        spk_queue_batch *batch, spk_errbuf *eb);
 
 /* Free what spk_queue_read() stored in *batch and empty it; NULL is allowed. */
 void spk_queue_batch_free(spk_queue_batch *batch);
@@ -257,7 +280,8 @@ typedef struct spk_queue_stats {
     /* This handle's counters (this process, since open): refused enqueues by reason. */
     uint64_t refused_full;        /* SPK_EQUEUE_FULL */
     uint64_t refused_unavailable; /* SPK_EQUEUE_UNAVAILABLE */
-    uint64_t refused_invalid;     /* a limit, SPK_ENOT_JSON or SPK_EINVAL */
+    uint64_t refused_invalid;     /* a limit, SPK_EINVAL, or the caller's own refusals
+                                     (spk_queue_refused: not UTF-8, SPK_ENOT_JSON) */
     uint64_t dead_readers_cleared;/* stale reader slots cleared at open */
     uint64_t damaged;          /* persistent: journal records found damaged and skipped */
     uint64_t staged;           /* of `pending`: records in the journal, not yet in LMDB */
@@ -272,17 +296,29 @@ typedef struct spk_queue_stats {
 int spk_queue_stats_get(spk_queue *q, spk_queue_stats *st, spk_errbuf *eb);
 void spk_queue_stats_free(spk_queue_stats *st);
 
-/* Move every record appended so far from the journal into LMDB, flush LMDB (every commit
- * of every process), and free the journal space of what was moved. spoked's supervisor
- * calls it every queue.sync period (with `always`: only) when the journal passes a
- * quarter full, and at shutdown. Returns 0, SPK_EIO, SPK_EQUEUE_UNAVAILABLE (the map or
- * disk is full: what fitted was moved), or SPK_ECORRUPT when damaged journal records were
- * skipped (counted in spk_queue_stats.damaged; every other record was moved). */
+/* Move every record appended so far from the journal into LMDB (with sync_always: every
+ * record whose flush succeeded), flush LMDB (every commit of every process), and free the
+ * journal space of what was moved. Called when spk_queue_sync_due() says so, and at
+ * shutdown. Returns 0, SPK_EIO, SPK_EQUEUE_UNAVAILABLE (the map or disk is full: what
+ * fitted was moved), or SPK_ECORRUPT when damaged journal records were skipped (counted
+ * in spk_queue_stats.damaged; every other record was moved). */
 int spk_queue_sync(spk_queue *q, spk_errbuf *eb);
 
+/* THE SYNC POLICY, for the process that owns the sync timer: poll this every
+ * SPK_QUEUE_SYNC_POLL_MS with the time since its last spk_queue_sync() (or since it
+ * opened the queue), and call spk_queue_sync() when it returns true. Due when
+ *   interval: ms_since_last_sync >= opts.sync_interval_ms, or
+ *   either:   the journal is SPK_QUEUE_SYNC_FILL full or more (spk_queue_journal_fill),
+ *             so that appends under load do not find it full;
+ * with sync_always only the second: the appends are durable already, and a move's
+ * flushes would compete with theirs. Lock-free and cheap; false for a NULL q. */
+#define SPK_QUEUE_SYNC_POLL_MS 5u
+#define SPK_QUEUE_SYNC_FILL 0.25
+bool spk_queue_sync_due(const spk_queue *q, uint64_t ms_since_last_sync);
+
 /* How full the journal is, 0.0 to 1.0: the bytes not yet free for reuse (records not
- * moved, or moved but not flushed) over its size. Lock-free and cheap: the supervisor
- * polls it to sync early under load. */
+ * moved, or moved but not flushed) over its size. Lock-free and cheap: what
+ * spk_queue_sync_due() looks at to sync early under load; also a metric. */
 double spk_queue_journal_fill(const spk_queue *q);
 
 /* Walk every pending record in one read snapshot and check that nothing was damaged:

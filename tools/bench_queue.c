@@ -4,16 +4,16 @@
  *
  * For each payload size (256 B, 4 KiB), durability policy and process count (1, 2) it
  * runs, each in a fresh directory:
- *   lmdb       spk_queue_send() as spoked configures it (journal, LMDB read-only map)
- *   lmdb-wmap  the same with opts.writemap (LMDB's map writable, MDB_WRITEMAP)
+ *   lmdb       send_to_control below the plugin's context as spoked runs it
+ *              (spk_host_queue_send: the host's policy, then the queue's journal)
  *   sqlite     INSERT of (plugin, ts, correlation, metadata, payload) in autocommit mode,
  *              journal_mode=WAL, synchronous=NORMAL beside the interval policy and
  *              synchronous=FULL beside `always`
  * Writers are forked processes that each open their own handle after fork, as workers
  * do; they append to the queue's journal. A further process plays spoked's supervisor:
- * spk_queue_sync() (move the journal into LMDB, flush, free journal space) every 100 ms,
- * and sooner when the journal is a quarter full. With `always` each append is flushed
- * before it returns (group commit, queue.c). enq/s is all writers' calls over the wall
+ * it polls spk_queue_sync_due() every SPK_QUEUE_SYNC_POLL_MS and calls spk_queue_sync()
+ * (move the journal into LMDB, flush, free journal space) when it says so. With `always`
+ * each append is flushed before it returns (group commit, queue/journal.c). enq/s is all writers' calls over the wall
  * time of the run, and for the spoke rows that wall time ends only after a last
  * spk_queue_sync() has moved every record into LMDB and flushed it: the deferred work is
  * counted. ns/call is the mean latency of one call as a writer sees it. When --dir is on
@@ -21,12 +21,18 @@
  * written per enqueue and the share of the time it was busy (its io_ticks counter, which
  * counts every process's I/O on it: run on an otherwise idle disk).
  *
+ * Beside them, per size and policy, the ceiling: what the disk under --dir does itself
+ * for the same bytes, one process writing records of that size (plus the queue's 56 bytes
+ * of headers) back to back in a preallocated file -- `always`: one pwrite() and one
+ * fdatasync() per record; interval: the records gathered in 1 MiB writes, fdatasync()
+ * every 100 ms -- no queue, no encoding, no index.
+ *
  * Then the hot path as a plugin sees it: host->send_to_control() from the host's own
  * services table (core/host.c), called on behalf of a plugin set up as the loader sets it
- * up, in one process, interval policy, for both maps: the mean and the median of batches.
+ * up, in one process, interval policy: the mean and the median of batches.
  */
-#include <dirent.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <getopt.h>
 #include <signal.h>
 #include <sqlite3.h>
@@ -41,11 +47,12 @@
 
 #include "bench.h"
 #include "host.h"
+#include "host.h"
 #include "loader.h"
 #include "queue.h"
 
-enum store { ST_LMDB, ST_LMDB_WMAP, ST_SQLITE };
-static const char *store_name[] = {"lmdb", "lmdb-wmap", "sqlite"};
+enum store { ST_LMDB, ST_SQLITE };
+static const char *store_name[] = {"lmdb", "sqlite"};
 
 typedef struct bq_case {
     enum store store;
@@ -131,7 +138,6 @@ static spk_queue_opts case_opts(const bq_case *c)
     spk_queue_opts o;
     spk_queue_opts_init(&o);
     o.sync_always = c->always;
-    o.writemap = c->store == ST_LMDB_WMAP;
     o.map_size = 8192ull * 1024 * 1024; /* sparse; blocks are allocated as it fills */
     o.max_pending = 0;
     o.max_bytes = 0;
@@ -184,8 +190,8 @@ static void writer(const bq_case *c, const char *path, int id, int fd)
         }
         uint64_t t0 = now_ns();
         for (uint64_t i = 0; i < c->ops; i++)
-            if (spk_queue_send(q, 42, "edge-bench", payload, c->size, "req-12345", md, 2,
-                               false, -1, NULL, NULL, &eb) != 0)
+            if (spk_host_queue_send(q, 42, "edge-bench", payload, c->size, "req-12345", md,
+                                    2, false, -1, NULL, NULL, &eb) != 0)
                 out[1]++;
         out[0] = now_ns() - t0;
         spk_queue_close(q);
@@ -196,8 +202,8 @@ static void writer(const bq_case *c, const char *path, int id, int fd)
     _exit(0);
 }
 
-/* The supervisor's timer (core/supervisor.c, on_qsync): sync every 100 ms (not with
- * `always`), and when the journal is a quarter full (checked every 5 ms), until killed. */
+/* The supervisor's timer (core/supervisor.c, on_qsync): the queue's sync policy, polled
+ * every SPK_QUEUE_SYNC_POLL_MS, until killed. */
 static void syncer(const bq_case *c, const char *path)
 {
     spk_queue_opts o = case_opts(c);
@@ -206,14 +212,48 @@ static void syncer(const bq_case *c, const char *path)
         _exit(1);
     uint64_t last = now_ns();
     for (;;) {
-        struct timespec ts = {0, 5 * 1000000L};
+        struct timespec ts = {0, SPK_QUEUE_SYNC_POLL_MS * 1000000L};
         nanosleep(&ts, NULL);
-        bool due = !c->always && now_ns() - last >= 100 * 1000000ull;
-        if (!due && spk_queue_journal_fill(q) < 0.25)
+        if (!spk_queue_sync_due(q, (now_ns() - last) / 1000000u))
             continue;
         last = now_ns();
         spk_queue_sync(q, NULL);
     }
+}
+
+/* The disk's own rate for the same work (see the top): records per second. */
+static double disk_ceiling(const char *dir, size_t size, bool always, uint64_t ops)
+{
+    char path[4100];
+    snprintf(path, sizeof(path), "%s/spoke-bench-disk.%d", dir, (int)getpid());
+    size_t rec = size + 56, chunk = always ? rec : (1u << 20) / rec * rec;
+    uint8_t *buf = malloc(chunk);
+    int fd = open(path, O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+    double rate = 0;
+    if (buf == NULL || fd < 0 || fallocate(fd, 0, 0, (off_t)(rec * ops)) != 0 ||
+        fdatasync(fd) != 0)
+        goto done;
+    memset(buf, 'd', chunk);
+    uint64_t t0 = now_ns(), last = t0;
+    for (uint64_t i = 0; i < ops; i += chunk / rec) {
+        size_t n = ops - i < chunk / rec ? (size_t)(ops - i) * rec : chunk;
+        if (pwrite(fd, buf, n, (off_t)(i * rec)) != (ssize_t)n)
+            goto done;
+        if (always || now_ns() - last >= 100 * 1000000ull) {
+            if (fdatasync(fd) != 0)
+                goto done;
+            last = now_ns();
+        }
+    }
+    if (fdatasync(fd) != 0)
+        goto done;
+    rate = (double)ops * 1e9 / (double)(now_ns() - t0);
+done:
+    if (fd >= 0)
+        close(fd);
+    unlink(path);
+    free(buf);
+    return rate;
 }
 
 /* Remove a store: an LMDB directory or an SQLite file with its -wal and -shm. */
@@ -228,15 +268,6 @@ static void remove_store(const char *path)
         snprintf(f, sizeof(f), "%s%s", path, suffix[i]);
         unlink(f);
     }
-    DIR *d = opendir(path); /* segment files and spares */
-    struct dirent *de;
-    while (d != NULL && (de = readdir(d)) != NULL)
-        if (strncmp(de->d_name, "seg-", 4) == 0 || strncmp(de->d_name, "spare-", 6) == 0) {
-            snprintf(f, sizeof(f), "%s/%s", path, de->d_name);
-            unlink(f);
-        }
-    if (d != NULL)
-        closedir(d);
     if (rmdir(path) != 0 && unlink(path) != 0)
         fprintf(stderr, "spoke-bench queue: could not remove %s\n", path);
 }
@@ -429,6 +460,7 @@ static int hot_path(const char *base, size_t size, uint64_t ops, double mean[2],
     p.id = 42;
     p.env = &env;
     p.ctx.plugin = &p;
+    p.slot = &p.own_slot; /* as the loader does for a plugin loaded bare */
     snprintf(p.log_prefix, sizeof(p.log_prefix), "plugin bench: ");
     const spoke_host *host = spk_host_table();
     char *payload = malloc(size);
@@ -553,8 +585,13 @@ int spk_bench_queue(int argc, char **argv)
         for (size_t s = 0; s < 2; s++) {
             if (only_size != 0 && sizes[s] != only_size)
                 continue;
+            uint64_t n_ops = always ? always_ops : ops;
+            double ceiling = disk_ceiling(dir, sizes[s], always, n_ops);
+            printf("%-10s %-8s %6zu %5d %12.0f %10s (%s: the ceiling)\n", "disk",
+                   always ? "always" : "100ms", sizes[s], 1, ceiling, "-",
+                   always ? "pwrite + fdatasync each" : "1 MiB pwrites, fdatasync per 100 ms");
             for (int procs = 1; procs <= 2; procs++) {
-                bq_result res[3];
+                bq_result res[2];
                 for (int st = ST_SQLITE; st >= ST_LMDB; st--) { /* sqlite first: baseline */
                     bq_case c = {(enum store)st, always, sizes[s], procs,
                                  always ? always_ops : ops,

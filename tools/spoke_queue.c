@@ -3,7 +3,13 @@
  *
  *   spoke-queue stat PATH          pending count and bytes, oldest age, per-plugin counts,
  *                                  lifetime acked/expired/purged counters
- *   spoke-queue peek [N] PATH      the N oldest records (default 10), decoded, escaped
+ *   spoke-queue peek [N] [--from SEQ] [--limit N] [--full] PATH
+ *                                  N records (default 10; --limit N, 0 = all) from the
+ *                                  oldest or from sequence number SEQ on, decoded and
+ *                                  escaped: 64 bytes of each payload, all with --full.
+ *                                  Streamed a page of PAGE_RECORDS at a time, so memory
+ *                                  stays bounded however many records are listed
+ *   spoke-queue show SEQ PATH      the record with sequence number SEQ, whole
  *   spoke-queue purge [--yes] PATH delete every pending record, after typing "yes"
  *   spoke-queue verify PATH        check every record's CRC and the counters (exit 3 when
  *                                  something is damaged)
@@ -12,6 +18,8 @@
  * one: a missing PATH is an error.
  */
 #include <errno.h>
+#include <stdbool.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -21,11 +29,14 @@
 #include "spoke/control/v1/control.pb-c.h"
 
 #define PREVIEW 64
+#define PAGE_RECORDS 64
+#define PAGE_BYTES (4u << 20)
 
 static void usage(FILE *out)
 {
     fprintf(out, "usage: spoke-queue stat PATH\n"
-                 "       spoke-queue peek [N] PATH\n"
+                 "       spoke-queue peek [N] [--from SEQ] [--limit N] [--full] PATH\n"
+                 "       spoke-queue show SEQ PATH\n"
                  "       spoke-queue purge [--yes] PATH\n"
                  "       spoke-queue verify PATH\n");
 }
@@ -123,56 +134,95 @@ static int cmd_stat(spk_queue *q)
     return 0;
 }
 
-static int cmd_peek(spk_queue *q, size_t n)
+static void print_item(const spk_queue_item *it, size_t preview)
+{
+    printf("seq %llu", (unsigned long long)it->seq);
+    if (it->status != 0) {
+        printf("  CORRUPT (%s): fails its CRC; purge or ack it\n", spk_strerror(it->status));
+        return;
+    }
+    Spoke__Control__V1__EdgePayload *ep =
+        spoke__control__v1__edge_payload__unpack(NULL, it->wire_len, it->wire);
+    if (ep == NULL) {
+        printf("  CORRUPT: does not decode\n");
+        return;
+    }
+    printf("  plugin %u  time ", ep->plugin_id);
+    print_time(ep->edge_timestamp_ms);
+    printf("  %zu bytes", ep->payload.len);
+    if (ep->edge_id[0] != '\0')
+        printf("  edge %s", ep->edge_id);
+    if (ep->content_type[0] != '\0')
+        printf("  type %s", ep->content_type);
+    printf("\n  correlation id: ");
+    print_escaped((const uint8_t *)ep->correlation_id, strlen(ep->correlation_id), 256);
+    printf("\n");
+    for (size_t k = 0; k < ep->n_metadata; k++) {
+        printf("  meta ");
+        print_escaped((const uint8_t *)ep->metadata[k]->key, strlen(ep->metadata[k]->key),
+                      preview);
+        printf(" = ");
+        print_escaped((const uint8_t *)ep->metadata[k]->value, strlen(ep->metadata[k]->value),
+                      preview);
+        printf("\n");
+    }
+    printf("  payload: ");
+    print_escaped(ep->payload.data, ep->payload.len, preview);
+    printf("\n");
+    spoke__control__v1__edge_payload__free_unpacked(ep, NULL);
+}
+
+/* `limit` records (0: all) from sequence number `from` on, a page at a time. */
+static int cmd_peek(spk_queue *q, uint64_t from, uint64_t limit, bool full)
+{
+    spk_errbuf eb = {{0}};
+    uint64_t shown = 0, first = from;
+    for (;;) {
+        spk_queue_batch b;
+        size_t want = PAGE_RECORDS;
+        if (limit > 0 && limit - shown < want)
+            want = (size_t)(limit - shown);
+        if (want == 0)
+            break;
+        if (spk_queue_read_from(q, from, want, PAGE_BYTES, &b, &eb) != 0) {
+            fprintf(stderr, "spoke-queue: %s\n", eb.msg);
+            return 1;
+        }
+        for (size_t i = 0; i < b.n; i++)
+            print_item(&b.items[i], full ? SIZE_MAX : PREVIEW);
+        shown += b.n;
+        size_t n = b.n;
+        if (n > 0)
+            from = b.items[n - 1].seq + 1;
+        spk_queue_batch_free(&b);
+        if (n == 0)
+            break;
+    }
+    if (shown == 0 && first <= 1)
+        printf("(queue is empty)\n");
+    else if (shown == 0)
+        printf("(no pending record from seq %llu on)\n", (unsigned long long)first);
+    return 0;
+}
+
+static int cmd_show(spk_queue *q, uint64_t seq)
 {
     spk_queue_batch b;
     spk_errbuf eb = {{0}};
-    if (spk_queue_read(q, n, 0, &b, &eb) != 0) {
+    if (spk_queue_read_from(q, seq, 1, 0, &b, &eb) != 0) {
         fprintf(stderr, "spoke-queue: %s\n", eb.msg);
         return 1;
     }
-    if (b.n == 0)
-        printf("(queue is empty)\n");
-    for (size_t i = 0; i < b.n; i++) {
-        const spk_queue_item *it = &b.items[i];
-        printf("seq %llu", (unsigned long long)it->seq);
-        if (it->status != 0) {
-            printf("  CORRUPT (%s): fails its CRC; purge or ack it\n",
-                   spk_strerror(it->status));
-            continue;
-        }
-        Spoke__Control__V1__EdgePayload *ep =
-            spoke__control__v1__edge_payload__unpack(NULL, it->wire_len, it->wire);
-        if (ep == NULL) {
-            printf("  CORRUPT: does not decode\n");
-            continue;
-        }
-        printf("  plugin %u  time ", ep->plugin_id);
-        print_time(ep->edge_timestamp_ms);
-        printf("  %zu bytes", ep->payload.len);
-        if (ep->edge_id[0] != '\0')
-            printf("  edge %s", ep->edge_id);
-        if (ep->content_type[0] != '\0')
-            printf("  type %s", ep->content_type);
-        printf("\n  correlation id: ");
-        print_escaped((const uint8_t *)ep->correlation_id, strlen(ep->correlation_id), 256);
-        printf("\n");
-        for (size_t k = 0; k < ep->n_metadata; k++) {
-            printf("  meta ");
-            print_escaped((const uint8_t *)ep->metadata[k]->key, strlen(ep->metadata[k]->key),
-                          PREVIEW);
-            printf(" = ");
-            print_escaped((const uint8_t *)ep->metadata[k]->value,
-                          strlen(ep->metadata[k]->value), PREVIEW);
-            printf("\n");
-        }
-        printf("  payload: ");
-        print_escaped(ep->payload.data, ep->payload.len, PREVIEW);
-        printf("\n");
-        spoke__control__v1__edge_payload__free_unpacked(ep, NULL);
+    int rc = 0;
+    if (b.n == 1 && b.items[0].seq == seq) {
+        print_item(&b.items[0], SIZE_MAX);
+    } else {
+        fprintf(stderr, "spoke-queue: no pending record with sequence number %llu\n",
+                (unsigned long long)seq);
+        rc = 1;
     }
     spk_queue_batch_free(&b);
-    return 0;
+    return rc;
 }
 
 static int cmd_verify(spk_queue *q)
@@ -220,6 +270,21 @@ static int cmd_purge(spk_queue *q, const char *path, int yes)
     return 0;
 }
 
+/* A number for `what`, or -1 (with a message) when `arg` is not one. */
+static int parse_u64(const char *arg, const char *what, bool positive, uint64_t *out)
+{
+    char *end;
+    errno = 0;
+    unsigned long long v = strtoull(arg, &end, 10);
+    if (errno != 0 || *end != '\0' || arg[0] == '-' || arg[0] == '\0' || (positive && v == 0)) {
+        fprintf(stderr, "spoke-queue: %s must be a %s number, got '%s'\n", what,
+                positive ? "positive" : "non-negative", arg);
+        return -1;
+    }
+    *out = v;
+    return 0;
+}
+
 int main(int argc, char **argv)
 {
     if (argc < 3) {
@@ -228,7 +293,8 @@ int main(int argc, char **argv)
     }
     const char *cmd = argv[1];
     const char *path = argv[argc - 1];
-    size_t n = 10;
+    uint64_t from = 0, limit = 10, seq = 0;
+    bool full = false;
     int yes = 0;
     if (strcmp(cmd, "stat") == 0 || strcmp(cmd, "verify") == 0) {
         if (argc != 3) {
@@ -236,20 +302,30 @@ int main(int argc, char **argv)
             return 2;
         }
     } else if (strcmp(cmd, "peek") == 0) {
-        if (argc == 4) {
-            char *end;
-            errno = 0;
-            unsigned long long v = strtoull(argv[2], &end, 10);
-            if (errno != 0 || *end != '\0' || v == 0) {
-                fprintf(stderr, "spoke-queue: peek: N must be a positive number, got '%s'\n",
-                        argv[2]);
+        for (int i = 2; i < argc - 1; i++) {
+            if (strcmp(argv[i], "--full") == 0) {
+                full = true;
+            } else if (strcmp(argv[i], "--from") == 0 && i + 1 < argc - 1) {
+                if (parse_u64(argv[++i], "peek: --from SEQ", false, &from) != 0)
+                    return 2;
+            } else if (strcmp(argv[i], "--limit") == 0 && i + 1 < argc - 1) {
+                if (parse_u64(argv[++i], "peek: --limit N", false, &limit) != 0)
+                    return 2;
+            } else if (argv[i][0] != '-') {
+                if (parse_u64(argv[i], "peek: N", true, &limit) != 0)
+                    return 2;
+            } else {
+                usage(stderr);
                 return 2;
             }
-            n = (size_t)v;
-        } else if (argc != 3) {
+        }
+    } else if (strcmp(cmd, "show") == 0) {
+        if (argc != 4) {
             usage(stderr);
             return 2;
         }
+        if (parse_u64(argv[2], "show: SEQ", true, &seq) != 0)
+            return 2;
     } else if (strcmp(cmd, "purge") == 0) {
         if (argc == 4 && strcmp(argv[2], "--yes") == 0) {
             yes = 1;
@@ -269,7 +345,9 @@ int main(int argc, char **argv)
     if (strcmp(cmd, "stat") == 0)
         rc = cmd_stat(q);
     else if (strcmp(cmd, "peek") == 0)
-        rc = cmd_peek(q, n);
+        rc = cmd_peek(q, from, limit, full);
+    else if (strcmp(cmd, "show") == 0)
+        rc = cmd_show(q, seq);
     else if (strcmp(cmd, "verify") == 0)
         rc = cmd_verify(q);
     else

@@ -222,9 +222,7 @@ static void test_defaults(void **state)
     assert_false(cfg->queue_sync_always);
     assert_int_equal(cfg->queue_sync_interval_ms, 100);
     assert_int_equal(cfg->queue_map_size, 2ull << 30);
-    assert_false(cfg->queue_writemap);
     assert_int_equal(cfg->queue_journal_size, 64ull << 20);
-    assert_int_equal(cfg->queue_segment_size, 32ull << 20);
     assert_null(cfg->uplink_url);
     assert_int_equal(cfg->uplink_heartbeat_ms, 30000);
     assert_int_equal(cfg->uplink_batch_size, 100);
@@ -716,23 +714,18 @@ static void test_queue(void **state)
     expect_message(with_upstream("\nqueue:\n  max_bytes: 4GiB\n"),
                    "4: queue.max_bytes: 4GiB exceeds queue.map_size (2GiB); raise "
                    "queue.map_size");
-    cfg = load_ok(with_upstream("queue: { writemap: true, journal_size: 4MiB }\n"));
-    assert_true(cfg->queue_writemap);
+    cfg = load_ok(with_upstream("queue: { journal_size: 4MiB }\n"));
     assert_int_equal(cfg->queue_journal_size, 4ull << 20);
     spk_config_free(cfg);
     expect_error(with_upstream("queue: { journal_size: 2MiB }\n"), 2, "queue.journal_size",
                  "out of range");
     expect_message(with_upstream("\nqueue:\n  journal_size: 5000000\n"),
                    "4: queue.journal_size: 5000000B is not a multiple of 4 KiB");
-    cfg = load_ok(with_upstream("queue: { segment_size: 2MiB }\n"));
-    assert_int_equal(cfg->queue_segment_size, 2ull << 20);
-    spk_config_free(cfg);
-    expect_error(with_upstream("queue: { segment_size: 1MiB }\n"), 2, "queue.segment_size",
-                 "out of range");
-    expect_error(with_upstream("queue: { segment_size: 2GiB }\n"), 2, "queue.segment_size",
-                 "out of range");
-    expect_error(with_upstream("queue: { writemap: sometimes }\n"), 2, "queue.writemap",
-                 "expected true or false, got 'sometimes'");
+    /* queue.segment_size and queue.writemap were removed: naming them is an error */
+    expect_error(with_upstream("queue: { segment_size: 2MiB }\n"), 2, "queue.segment_size",
+                 "this key was removed");
+    expect_error(with_upstream("queue: { writemap: true }\n"), 2, "queue.writemap",
+                 "this key was removed");
     cfg = load_ok(with_upstream("queue: { max_bytes: 4GiB, map_size: 8GB }\n"));
     assert_int_equal(cfg->queue_max_bytes, 4ull << 30);
     assert_int_equal(cfg->queue_map_size, 8000000000ull);

@@ -1,5 +1,5 @@
 /*
- * test_journal.c -- the queue's journal (queue.c, JOURNAL): records that are still only in
+ * test_journal.c -- the queue's journal (queue/journal.c): records that are still only in
  * the ring survive their writer's kill -9; the ring wraps many laps with records of mixed
  * sizes; a full ring with no consumer moves itself; the largest record fits; damage in the
  * ring is detected, not delivered; sequence numbers continue across reopens; the journal

@@ -1,7 +1,10 @@
 /*
  * test_queue.c -- unit tests of queue/: limits at their boundaries, queue full, ordering,
  * partial acks, expiry with a test clock, reopen, map full and disk full with recovery,
- * CRC detection, and the JSON/UTF-8 validators of core/json.c.
+ * CRC detection, and the JSON/UTF-8 validators of core/json.c. Sends go through the
+ * host's send_to_control below the plugin's context (spk_host_queue_send: the host's
+ * UTF-8/JSON policy, then the queue), so the codes asserted are those a plugin gets; that
+ * the queue alone stores what it is given is test_queue_stores_as_given.
  */
 #include "qtest.h"
 
@@ -18,6 +21,7 @@
 #include <sys/stat.h>
 #include <cmocka.h>
 
+#include "host.h"
 #include "json.h"
 #include "queue.h"
 #include "spoke/control/v1/control.pb-c.h"
@@ -48,8 +52,8 @@ static int send_raw(fixture *f, uint32_t plugin, const void *p, size_t len, cons
                     const spoke_kv *md, size_t n, uint64_t *seq, uint64_t *pending)
 {
     spk_errbuf eb = {{0}};
-    return spk_queue_send(f->q, plugin, "edge-1", p, len, corr, md, n, false, -1, seq, pending,
-                          &eb);
+    return spk_host_queue_send(f->q, plugin, "edge-1", p, len, corr, md, n, false, -1, seq,
+                               pending, &eb);
 }
 
 static char *filled(size_t n, char c)
@@ -368,11 +372,11 @@ static void test_json_send(void **state)
     const char *ok = "{\"hits\": 3, \"rate\": 0.5}";
     const char *bad = "{\"hits\": 3,}";
     uint64_t seq = 0;
-    assert_int_equal(spk_queue_send(f->q, 9, NULL, ok, strlen(ok), NULL, NULL, 0, true, 5,
-                                    &seq, NULL, NULL),
+    assert_int_equal(spk_host_queue_send(f->q, 9, NULL, ok, strlen(ok), NULL, NULL, 0, true, 5,
+                                         &seq, NULL, NULL),
                      0);
-    assert_int_equal(spk_queue_send(f->q, 9, NULL, bad, strlen(bad), NULL, NULL, 0, true, 5,
-                                    NULL, NULL, NULL),
+    assert_int_equal(spk_host_queue_send(f->q, 9, NULL, bad, strlen(bad), NULL, NULL, 0, true,
+                                         5, NULL, NULL, NULL),
                      SPK_ENOT_JSON);
     spk_queue_batch b;
     assert_int_equal(spk_queue_read(f->q, 10, 0, &b, NULL), 0);
@@ -456,7 +460,7 @@ static void test_map_full(void **state)
 
 static void disk_full_tmpfs(fixture *f, size_t len);
 
-/* 3000-byte records: their values go to segment files, which fill the disk. */
+/* 3000-byte records: LMDB keeps them in overflow pages, which fill the disk. */
 static void test_disk_full_tmpfs(void **state)
 {
     disk_full_tmpfs(*state, 3000);
@@ -466,15 +470,6 @@ static void test_disk_full_tmpfs(void **state)
 static void test_disk_full_tmpfs_inline(void **state)
 {
     disk_full_tmpfs(*state, 1000);
-}
-
-/* The same with the writable map: a store into an unallocated block on a full disk would
- * be a SIGBUS, so this passing (not crashing) is the proof of the headroom logic. */
-static void test_disk_full_tmpfs_writemap(void **state)
-{
-    fixture *f = *state;
-    f->opts.writemap = true;
-    disk_full_tmpfs(f, 1000);
 }
 
 static void disk_full_tmpfs(fixture *f, size_t len)
@@ -493,7 +488,6 @@ static void disk_full_tmpfs(fixture *f, size_t len)
     f->dir = strdup(qdir);
     assert_non_null(f->dir);
     f->opts.map_size = 64 * 1024 * 1024; /* the map is bigger than the disk */
-    f->opts.segment_size = SPK_QUEUE_SEGMENT_MIN; /* acks free whole segments */
     qtest_open(f);
     char *p = filled(len, 'd');
     spk_errbuf eb = {{0}};
@@ -510,23 +504,6 @@ static void disk_full_tmpfs(fixture *f, size_t len)
     f->dir = saved;
     umount2(mnt, MNT_DETACH);
     free(p);
-}
-
-static void test_writemap_mode(void **state)
-{
-    fixture *f = *state;
-    f->opts.writemap = true;
-    f->opts.map_size = 4 * 1024 * 1024;
-    qtest_open(f);
-    uint64_t seq;
-    for (int i = 0; i < 100; i++)
-        assert_int_equal(send_raw(f, 2, "w", 1, NULL, NULL, 0, &seq, NULL), 0);
-    assert_int_equal(seq, 100);
-    spk_queue_batch b;
-    assert_int_equal(spk_queue_read(f->q, 100, 0, &b, NULL), 0);
-    assert_int_equal(b.n, 100);
-    assert_int_equal(b.items[99].status, 0);
-    spk_queue_batch_free(&b);
 }
 
 static void test_crc_detects_damage(void **state)
@@ -560,73 +537,83 @@ static void test_crc_detects_damage(void **state)
     assert_int_equal(acked, 1);
 }
 
-/* The map's address range from /proc/self/maps (the data.mdb mapping), and whether a
- * PROT_NONE mapping ends exactly where it starts / starts where it ends. */
-static uint8_t *find_map(size_t *len, bool *guard_lo, bool *guard_hi)
-{
-    FILE *fp = fopen("/proc/self/maps", "r");
-    char line[1024];
-    unsigned long lo = 0, hi = 0, prev_hi = 0;
-    bool prev_none = false;
-    uint8_t *base = NULL;
-    *guard_lo = *guard_hi = false;
-    assert_non_null(fp);
-    while (fgets(line, sizeof(line), fp) != NULL) {
-        char perms[8] = "";
-        if (sscanf(line, "%lx-%lx %7s", &lo, &hi, perms) != 3)
-            continue;
-        if (base != NULL) {
-            *guard_hi = lo == (unsigned long)(base + *len) && strcmp(perms, "---p") == 0;
-            break;
-        }
-        if (strstr(line, "/data.mdb") != NULL) {
-            base = (uint8_t *)lo;
-            *len = hi - lo;
-            *guard_lo = prev_none && prev_hi == lo;
-        }
-        prev_hi = hi;
-        prev_none = strcmp(perms, "---p") == 0;
-    }
-    fclose(fp);
-    return base;
-}
-
-/* A stray store by "plugin code" into the writable map: the damaged record is reported by
- * read and by verify, never delivered as if the plugin had sent it; the map is flanked by
- * guard pages. */
-static void test_writemap_stray_write_detected(void **state)
+/* The queue itself stores what it is given: text that is not UTF-8 or not JSON is the
+ * host's business (spk_host_queue_send refuses it), and comes back byte for byte. */
+static void test_queue_stores_as_given(void **state)
 {
     fixture *f = *state;
-    f->opts.writemap = true;
-    f->opts.map_size = 4 * 1024 * 1024;
     qtest_open(f);
-    const char *canary = "CANARY-in-the-map-0123456789";
-    assert_int_equal(send_raw(f, 1, "before", 6, NULL, NULL, 0, NULL, NULL), 0);
-    assert_int_equal(send_raw(f, 1, canary, strlen(canary), NULL, NULL, 0, NULL, NULL), 0);
-    uint64_t bad = 9;
-    assert_int_equal(spk_queue_verify(f->q, &bad, NULL), 0);
-    assert_int_equal(bad, 0);
-
-    size_t len = 0;
-    bool glo, ghi;
-    uint8_t *map = find_map(&len, &glo, &ghi);
-    assert_non_null(map);
-    assert_true(glo);
-    assert_true(ghi);
-    uint8_t *hit = memmem(map, len, canary, strlen(canary));
-    assert_non_null(hit);
-    hit[3] ^= 0x20; /* the stray write */
-
+    spoke_kv md = {"k\xff", "v\xfe"};
+    uint64_t seq = 0;
+    assert_int_equal(spk_queue_send(f->q, 3, "edge-\xc0", "{not json", 9, "c\xff", &md, 1,
+                                    true, 5, &seq, NULL, NULL),
+                     0);
+    assert_int_equal(seq, 1);
     spk_queue_batch b;
     assert_int_equal(spk_queue_read(f->q, 10, 0, &b, NULL), 0);
-    assert_int_equal(b.n, 2);
-    assert_int_equal(b.items[0].status, 0);
-    assert_int_equal(b.items[1].status, SPK_ECORRUPT);
+    assert_int_equal(b.n, 1);
+    Spoke__Control__V1__EdgePayload *ep =
+        spoke__control__v1__edge_payload__unpack(NULL, b.items[0].wire_len, b.items[0].wire);
+    assert_non_null(ep);
+    assert_int_equal(ep->payload.len, 9);
+    assert_memory_equal(ep->payload.data, "{not json", 9);
+    assert_string_equal(ep->correlation_id, "c\xff");
+    assert_string_equal(ep->edge_id, "edge-\xc0");
+    assert_string_equal(ep->content_type, "application/json");
+    assert_int_equal(ep->n_metadata, 1);
+    assert_string_equal(ep->metadata[0]->key, "k\xff");
+    spoke__control__v1__edge_payload__free_unpacked(ep, NULL);
     spk_queue_batch_free(&b);
-    spk_errbuf eb;
-    assert_int_equal(spk_queue_verify(f->q, &bad, &eb), SPK_ECORRUPT);
-    assert_int_equal(bad, 1);
-    assert_non_null(strstr(eb.msg, "1 of 2 records fail their CRC"));
+    /* the queue's own limits still hold */
+    char *big = filled(SPOKE_MAX_PAYLOAD + 1, 'x');
+    assert_int_equal(spk_queue_send(f->q, 3, NULL, big, SPOKE_MAX_PAYLOAD + 1, NULL, NULL, 0,
+                                    false, 5, NULL, NULL, NULL),
+                     SPK_EPAYLOAD_TOO_LARGE);
+    free(big);
+}
+
+/* The one sync policy: interval syncs are due after opts.sync_interval_ms, `always` ones
+ * never for time; either is due once the journal is SPK_QUEUE_SYNC_FILL full. */
+static void test_sync_due(void **state)
+{
+    fixture *f = *state;
+    f->opts.sync_interval_ms = 250;
+    qtest_open(f);
+    assert_false(spk_queue_sync_due(NULL, 1000));
+    assert_false(spk_queue_sync_due(f->q, 0));
+    assert_false(spk_queue_sync_due(f->q, 249));
+    assert_true(spk_queue_sync_due(f->q, 250));
+    f->opts.sync_always = true;
+    qtest_open(f);
+    assert_false(spk_queue_sync_due(f->q, UINT64_MAX));
+    /* fill a quarter of the (4 MiB) journal: due for space, whatever the time */
+    char *p = filled(64 * 1024, 'f');
+    while (spk_queue_journal_fill(f->q) < SPK_QUEUE_SYNC_FILL)
+        assert_int_equal(send_raw(f, 1, p, 64 * 1024, NULL, NULL, 0, NULL, NULL), 0);
+    assert_true(spk_queue_sync_due(f->q, 0));
+    assert_int_equal(spk_queue_sync(f->q, NULL), 0);
+    assert_false(spk_queue_sync_due(f->q, 0));
+    free(p);
+}
+
+/* A queue path longer than the queue's buffers is refused, never truncated. */
+static void test_path_too_long(void **state)
+{
+    fixture *f = *state;
+    size_t n = 5000;
+    char *path = malloc(n + 1);
+    assert_non_null(path);
+    int len = snprintf(path, n + 1, "%s/", f->root);
+    memset(path + len, 'd', n - (size_t)len);
+    path[n] = '\0';
+    for (size_t i = (size_t)len + 200; i < n; i += 200)
+        path[i] = '/'; /* components the file system takes */
+    spk_queue *q = NULL;
+    spk_errbuf eb = {{0}};
+    assert_int_equal(spk_queue_open(path, &f->opts, &q, &eb), SPK_EINVAL);
+    assert_null(q);
+    assert_non_null(strstr(eb.msg, "path is 5000 bytes long"));
+    free(path);
 }
 
 /* Two processes enqueue at once with sync always: every call that returned 0 is there,
@@ -722,11 +709,11 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_map_full, setup, teardown),
         cmocka_unit_test_setup_teardown(test_disk_full_tmpfs, setup, teardown),
         cmocka_unit_test_setup_teardown(test_disk_full_tmpfs_inline, setup, teardown),
-        cmocka_unit_test_setup_teardown(test_disk_full_tmpfs_writemap, setup, teardown),
-        cmocka_unit_test_setup_teardown(test_writemap_mode, setup, teardown),
         cmocka_unit_test_setup_teardown(test_crc_detects_damage, setup, teardown),
-        cmocka_unit_test_setup_teardown(test_writemap_stray_write_detected, setup, teardown),
         cmocka_unit_test_setup_teardown(test_always_two_processes, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_queue_stores_as_given, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_path_too_long, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_sync_due, setup, teardown),
         cmocka_unit_test(test_json_validator),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);

@@ -52,8 +52,8 @@ typedef struct report {
 
 static const char *qpath;
 
-/* QCRASH_MODE=writemap,always (either word) runs the same rounds with MDB_WRITEMAP and/or
- * the group-synced `always` policy (ctest registers those variants too). */
+/* QCRASH_MODE=always runs the same rounds with the group-synced `always` policy (ctest
+ * registers that variant too). */
 static spk_queue_opts crash_opts(void)
 {
     spk_queue_opts o;
@@ -61,10 +61,8 @@ static spk_queue_opts crash_opts(void)
     o.map_size = 512ull * 1024 * 1024;
     o.max_pending = 50000;
     const char *mode = getenv("QCRASH_MODE");
-    if (mode != NULL) {
-        o.writemap = strstr(mode, "writemap") != NULL;
+    if (mode != NULL)
         o.sync_always = strstr(mode, "always") != NULL;
-    }
     return o;
 }
 
