@@ -67,6 +67,7 @@ typedef struct uplink {
     uint8_t *hb_req;             /* the heartbeat call in flight (NULL: none) */
     parked *parked;
     size_t n_parked;
+    uint64_t scan_from;          /* reads start here: below it every record is parked */
     spk_uplink_counters *ct;     /* the slot's counters, or own_ct unsupervised */
     spk_uplink_counters own_ct;
 } uplink;
@@ -161,6 +162,7 @@ static bool unpark_due(uplink *u)
         if (u->parked[i].until <= now) {
             u->parked[i] = u->parked[--u->n_parked];
             SET(u, parked, (uint32_t)u->n_parked);
+            u->scan_from = 0; /* its payloads are below the scan position: read from the start */
             any = true;
         } else {
             i++;
@@ -325,38 +327,61 @@ static void on_batch_done(void *arg, const spk_grpc_result *res)
     maybe_stop(u);
 }
 
-/* Read the oldest sendable records into u->batch. Records of parked plugins are passed
- * over; corrupt ones are deleted (they cannot be sent). Returns the number to send. */
+/* Read the oldest sendable records into u->batch, from u->scan_from on. Records of parked
+ * plugins are passed over; corrupt ones are deleted (they cannot be sent). Everything below
+ * scan_from is parked (or gone), so a backlog of parked payloads is read past once, not at
+ * every batch; unparking a plugin resets it. Reads at most READ_ROUNDS batches' worth of
+ * records per call, so the loop stays responsive; the rest waits for the next poll.
+ * Returns the number to send. */
+#define READ_ROUNDS 16
+
 static size_t read_batch(uplink *u)
 {
     spk_errbuf eb;
-    if (spk_queue_read(u->q, u->batch_size, u->max_batch_bytes, &u->batch, &eb) != 0) {
-        spk_error("reading the queue: %s", eb.msg);
-        return 0;
-    }
-    uint64_t *seq = realloc(u->sent_seq, (u->batch.n + 1) * sizeof(*seq));
-    if (seq == NULL) {
+    for (int round = 0; round < READ_ROUNDS; round++) {
         spk_queue_batch_free(&u->batch);
-        return 0;
-    }
-    u->sent_seq = seq;
-    u->n_sent = 0;
-    size_t kept = 0;
-    for (size_t i = 0; i < u->batch.n; i++) {
-        spk_queue_item *it = &u->batch.items[i];
-        if (it->status != 0) {
-            COUNT(u, damaged, 1);
-            spk_error("queued payload %llu of plugin %u is damaged (CRC mismatch); deleting it",
-                      (unsigned long long)it->seq, it->plugin_id);
-            ack(u, &it->seq, 1);
-            continue;
+        if (spk_queue_read_from(u->q, u->scan_from, u->batch_size, u->max_batch_bytes,
+                                &u->batch, &eb) != 0) {
+            spk_error("reading the queue: %s", eb.msg);
+            return 0;
         }
-        if (is_parked(u, it->plugin_id))
-            continue;
-        u->batch.items[kept++] = *it;
+        if (u->batch.n == 0)
+            return 0;
+        uint64_t *seq = realloc(u->sent_seq, (u->batch.n + 1) * sizeof(*seq));
+        if (seq == NULL) {
+            spk_queue_batch_free(&u->batch);
+            return 0;
+        }
+        u->sent_seq = seq;
+        u->n_sent = 0;
+        size_t kept = 0;
+        bool all_parked_so_far = true;
+        uint64_t last = 0;
+        for (size_t i = 0; i < u->batch.n; i++) {
+            spk_queue_item *it = &u->batch.items[i];
+            last = it->seq;
+            if (it->status != 0) {
+                COUNT(u, damaged, 1);
+                spk_error("queued payload %llu of plugin %u is damaged (CRC mismatch); "
+                          "deleting it", (unsigned long long)it->seq, it->plugin_id);
+                ack(u, &it->seq, 1);
+                continue;
+            }
+            if (is_parked(u, it->plugin_id)) {
+                if (all_parked_so_far)
+                    u->scan_from = it->seq + 1;
+                continue;
+            }
+            all_parked_so_far = false;
+            u->batch.items[kept++] = *it;
+        }
+        u->batch.n = kept;
+        if (kept > 0)
+            return kept;
+        u->scan_from = last + 1; /* every record of this read was parked or damaged */
     }
-    u->batch.n = kept;
-    return kept;
+    spk_queue_batch_free(&u->batch);
+    return 0;
 }
 
 /* Encode u->batch as a request after the prefix room of u->req; *len gets its size. */

@@ -49,14 +49,14 @@ class UplinkTest(unittest.TestCase):
         self.echo.stop()
         self.tmpdir.__exit__(None, None, None)
 
-    def start(self, heartbeat="200ms", batch_size=10, uplink=None, queue=None):
+    def start(self, heartbeat="200ms", batch_size=10, uplink=None, queue=None, plugins=None):
         up = {"url": self.hub.url, "heartbeat": heartbeat, "batch_size": batch_size}
         up.update(uplink or {})
         extra = {"uplink": up}
         if queue:
             extra["queue"] = dict(queue, path=os.path.join(self.tmp.path, "queue"))
         self.sp = Spoked(self.tmp.path, upstream=f"127.0.0.1:{self.echo.port}",
-                         plugins=[t_send()], extra=extra)
+                         plugins=plugins or [t_send()], extra=extra)
         self.sp.wait_log(r"uplink started: pid (\d+)")
         self.qdir = os.path.join(self.tmp.path, "queue")
         self.client = Client(self.sp.port)
@@ -136,6 +136,24 @@ class UplinkTest(unittest.TestCase):
         # Parked plugins are retried every 10 heartbeats (2 s here).
         self.hub.wait_for(lambda h: len(h.delivered) >= 3, timeout=15, what="late delivery")
         self.assertEqual([p.correlation_id for p in self.hub.delivered], ["n0", "n1", "n2"])
+
+    def test_parked_payloads_do_not_block_the_others(self):
+        # A second plugin (4243) queues one payload at init, before any of t-send's; the hub
+        # has no receiver for it. With batches of one, it is the oldest record at every
+        # read: the others must still go, in order.
+        other = t_send({"init_send": "for a plugin not deployed yet"})
+        other.update(name="t-other", id=4243)
+        self.hub.receivers = {PLUGIN_ID}
+        self.start(batch_size=1, plugins=[t_send(), other])
+        for i in range(3):
+            self.send(f"h{i}", "behind a parked one")
+        self.hub.wait_for(lambda h: len(h.delivered) >= 3, what="the unparked payloads")
+        self.assertEqual([p.correlation_id for p in self.hub.delivered], ["h0", "h1", "h2"])
+        self.assertEqual(pending(self.qdir), 1)
+        self.hub.receivers = None
+        self.hub.wait_for(lambda h: len(h.delivered) >= 4, timeout=15, what="the parked one")
+        self.assertEqual(self.hub.delivered[3].plugin_id, 4243)
+        self.wait_empty()
 
     def test_errors_are_retried_with_backoff(self):
         self.hub.fail = [grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL,
