@@ -37,6 +37,7 @@
 #include <ev.h>
 
 #include "config.h"
+#include "fs.h"
 #include "log.h"
 #include "net.h"
 #include "queue.h"
@@ -779,25 +780,12 @@ static void on_qsync(struct ev_loop *loop, ev_timer *t, int revents)
 
 /* ---- setup -------------------------------------------------------------------------- */
 
-static int mkdir_p(const char *dir)
-{
-    char tmp[512];
-    snprintf(tmp, sizeof(tmp), "%s", dir);
-    for (char *p = tmp + 1; *p; p++) {
-        if (*p == '/') {
-            *p = '\0';
-            if (mkdir(tmp, 0755) != 0 && errno != EEXIST)
-                return -1;
-            *p = '/';
-        }
-    }
-    return mkdir(tmp, 0755) != 0 && errno != EEXIST ? -1 : 0;
-}
-
 static int setup_run_dir(sup *s, const spk_config *cfg, spk_errbuf *eb)
 {
-    if (mkdir_p(cfg->run_dir) != 0)
-        return spk_errf(eb, SPK_EIO, "run_dir %s: %s", cfg->run_dir, strerror(errno));
+    int err = spk_mkdir_p(cfg->run_dir, 0755);
+    if (err != 0)
+        return spk_errf(eb, err == ENAMETOOLONG ? SPK_EINVAL : SPK_EIO, "run_dir %s: %s",
+                        cfg->run_dir, strerror(err));
     snprintf(s->pid_path, sizeof(s->pid_path), "%s/%s.pid", cfg->run_dir, s->prog);
     snprintf(s->admin_path, sizeof(s->admin_path), "%s/%s.sock", cfg->run_dir, s->prog);
     /* Refuse to start twice on one run_dir: the pid file names a live process. */
