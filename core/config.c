@@ -1174,6 +1174,13 @@ static const field queue_fields[] = {
     CF("segment_size", p_size, d_size, queue_segment_size, 2 * MiB, GiB, 32 * MiB),
 };
 
+/* The KV store's defaults are spk_kv_opts_init()'s (core/kv.h) for the map size. */
+static const field kv_fields[] = {
+    CS("path", p_str, d_str, kv_path, "/var/lib/spoke/kv"),
+    CF("map_size", p_size, d_size, kv_map_size, MiB, 16 * TiB, GiB),
+    CF("sync", p_duration, d_duration, kv_sync_ms, 1, HOUR, SEC),
+};
+
 static const field uplink_fields[] = {
     CS("url", p_url, d_str, uplink_url, NULL), /* none: no uplink */
     CF("heartbeat", p_duration, d_duration, uplink_heartbeat_ms, 1, DAY, 30 * SEC),
@@ -1224,6 +1231,7 @@ static const section sections[] = {
     {"listen", listen_fields, N(listen_fields)},
     {"plugins", plugins_fields, N(plugins_fields)},
     {"queue", queue_fields, N(queue_fields)},
+    {"kv", kv_fields, N(kv_fields)},
     {"uplink", uplink_fields, N(uplink_fields)},
     {"metrics", metrics_fields, N(metrics_fields)},
     {"log", log_fields, N(log_fields)},
@@ -1435,8 +1443,8 @@ static int apply_root(cfg_ctx *c, const node *root)
         }
         if (s == NULL)
             return cfg_fail(c, p->line, p->key,
-                            "unknown section (known: edge, listen, plugins, queue, uplink, "
-                            "metrics, log; and the key run_dir)");
+                            "unknown section (known: edge, listen, plugins, queue, kv, "
+                            "uplink, metrics, log; and the key run_dir)");
         if (node_is_null(p->val))
             continue;
         if (p->val->kind != NODE_MAP)
@@ -1597,6 +1605,7 @@ void spk_config_free(spk_config *cfg)
         plugin_conf_clear(&cfg->plugins[i]);
     free(cfg->plugins);
     free(cfg->queue_path);
+    free(cfg->kv_path);
     free(cfg->uplink_url);
     free(cfg->uplink_token_file);
     free(cfg->uplink_ca);
