@@ -11,6 +11,10 @@
  * the edge ID and the loop's cached time (ev_now: no clock read per call). Refusals are
  * counted by reason in the worker's status slot (the supervisor's metrics) and logged with
  * the plugin's name, at most REFUSAL_LOGS_PER_SEC a second per worker.
+ *
+ * The KV services (ABI 1.2) put each plugin's keys under its plugin ID in the store the
+ * env holds (kv.h), in the delivery's transaction when hubd set one, else one transaction
+ * per call; see the KV section below.
  */
 #include "host.h"
 

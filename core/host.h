@@ -40,12 +40,16 @@ struct spk_host_env {
     struct spk_kv *kv;         /* the store this process opened for them; NULL: none, and
                                   they answer KV_UNAVAILABLE. Borrowed: its opener closes
                                   it (spk_host_kv_open/close for the edge; hubd sets its
-                                  own store, the one that holds its dedupe marks) */
+                                  own store, the one that holds its dedupe marks, before
+                                  the plugins' init) */
     struct spk_kv_txn *kv_txn; /* CONTROL ROLE: while hubd runs accept_edge_payload for a
                                   delivery it sets this to that delivery's (nested) write
                                   transaction, and clears it when the hook returns; while
                                   it is set, every KV call of this env's plugins reads and
-                                  writes in it (never commits or aborts it). NULL (timers,
+                                  writes in it (never commits or aborts it; after a
+                                  KV_UNAVAILABLE from a write, such as a full map, the
+                                  transaction is failed and must be aborted: kv.h,
+                                  ERRORS). NULL (timers,
                                   init, the edge role): each call is its own transaction
                                   on `kv`. hubd must not hold a top-level write
                                   transaction of `kv` while kv_txn is NULL and plugin code

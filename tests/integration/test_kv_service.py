@@ -3,8 +3,8 @@ plugin runs client commands through kv_put/kv_get/kv_del/kv_scan. What one worke
 the other reads (each answer names the worker's pid, and a worker held busy forces the
 next connection onto the other one); a value written before both workers are killed with
 SIGKILL (after a kv.sync period) is read back by their successors; a store that cannot be
-opened makes the services answer KV_UNAVAILABLE while traffic still flows; and the limits
-as a plugin sees them."""
+opened makes the services answer KV_UNAVAILABLE while traffic still flows, and is opened
+by every worker once the obstacle is gone; and the limits as a plugin sees them."""
 
 import os
 import re
@@ -197,7 +197,9 @@ class KvServiceTest(SpokeCase):
             st = sp.status()
             self.assertRegex(st, r"t-kv\s+1\.0\.0\s+active")
 
-    def test_store_path_is_a_file(self):
+    def test_store_path_is_a_file_then_fixed(self):
+        """kv.path names a regular file: unavailable. Once the operator removes it, the
+        services open the store by themselves (retried every few seconds)."""
         path = os.path.join(self.dir, "kv-file")
         with open(path, "w") as f:
             f.write("x")
@@ -206,7 +208,19 @@ class KvServiceTest(SpokeCase):
             a = Client(sp.port)
             self.assertEqual(a.get("k"), (ERR["kv_unavailable"], None))
             self.assertEqual(roundtrip(sp.port, b"flows"), b"flows")
+            os.unlink(path)
+            deadline = time.time() + 20
+            while a.rc("PUT k fixed") != 0:
+                self.assertLess(time.time(), deadline, "the store was never reopened")
+                time.sleep(0.2)
+            sp.wait_log(r"kv: store .*kv-file opened")
+            b = self.other_worker(sp, a)
+            deadline = time.time() + 20
+            while b.get("k") != (0, "fixed"):  # the other worker reopens it on its own
+                self.assertLess(time.time(), deadline, "not reopened by the other worker")
+                time.sleep(0.2)
             a.close()
+            b.close()
 
 
 if __name__ == "__main__":
