@@ -464,7 +464,8 @@ struct spoke_host {
      * the plugin keeps in memory or writes elsewhere is at least once: a redelivered
      * payload runs the hook again. Everywhere else (init, on_config_loaded, health, fini,
      * timers, and every hook of the edge role) each call is a transaction of its own,
-     * committed before kv_put/kv_del return; there is no multi-key transaction there.
+     * committed before kv_put/kv_del return; there is no multi-key transaction there,
+     * and a kv_get then a kv_put is not atomic (another worker may write in between).
      * Durability: hubd flushes every commit to disk; the edge flushes every kv.sync
      * (default 1s). A crash of a spoke process loses nothing committed; on the edge, a
      * power loss may lose the writes of the last kv.sync period.

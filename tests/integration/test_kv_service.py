@@ -1,7 +1,7 @@
 """The KV host services (ABI 1.2) through a real spoked with two workers: the t-kv test
 plugin runs client commands through kv_put/kv_get/kv_del/kv_scan. What one worker writes
 the other reads (each answer names the worker's pid, and a worker held busy forces the
-next connection onto the other one); a value written before both workers are killed with
+next connection onto the other one), from hooks and from timers; a value written before both workers are killed with
 SIGKILL (after a kv.sync period) is read back by their successors; a store that cannot be
 opened makes the services answer KV_UNAVAILABLE while traffic still flows, and is opened
 by every worker once the obstacle is gone; and the limits as a plugin sees them."""
@@ -143,6 +143,26 @@ class KvServiceTest(SpokeCase):
             b.close()
         self.assertNotIn("KV services unavailable", sp.log())
         self.assertNotRegex(sp.log(), r"ERROR .*kv")
+
+    def test_writes_from_timers(self):
+        """A timer's kv_put is a transaction of its own: each worker's timer writes the
+        key, and every worker reads the latest."""
+        with self.spoked(plugins=[t_kv(config={"tick_put": "ticks"})]) as sp:
+            a = Client(sp.port)
+            b = self.other_worker(sp, a)
+            seen = set()
+            deadline = time.time() + 15
+            while len(seen) < 2:  # both workers' timers wrote it
+                self.assertLess(time.time(), deadline, seen)
+                for c in (a, b):
+                    rc, v = c.get("ticks")
+                    if rc == 0:
+                        seen.add(int(v.split()[0]))
+                time.sleep(0.05)
+            self.assertEqual(seen, set(sp.worker_pids()))
+            a.close()
+            b.close()
+        self.assertNotIn("tick_put:", sp.log())
 
     def test_survives_kill_9_of_the_workers(self):
         with self.spoked() as sp:

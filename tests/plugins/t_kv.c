@@ -20,6 +20,8 @@
  * else is passed on (SPOKE_CONTINUE), so traffic still flows through the plugin.
  * Config `init_put: K=V`: init puts V under K, and fails if that does not return 0 or
  * SPOKE_ERR_KV_UNAVAILABLE (a store that cannot be opened must not stop the plugin).
+ * Config `tick_put: K`: a timer puts "<pid> <n>" under K every 100 ms (n counting that
+ * worker's timer runs), so a test sees KV writes from timers.
  */
 #include <stdio.h>
 #include <stdlib.h>
@@ -30,6 +32,25 @@
 #include "spoke.h"
 
 static const spoke_host *host;
+
+typedef struct ticker {
+    spoke_ctx *ctx;
+    char key[64];
+    unsigned long n;
+} ticker;
+
+static ticker tick_state; /* one timer per plugin instance is all the tests need */
+
+static void on_timer(void *self, void *arg)
+{
+    (void)self;
+    ticker *t = arg;
+    char v[64];
+    int n = snprintf(v, sizeof(v), "%ld %lu", (long)getpid(), ++t->n);
+    int rc = host->kv_put(t->ctx, t->key, strlen(t->key), v, (size_t)n);
+    if (rc != 0)
+        host->log(t->ctx, SPOKE_LOG_WARN, "tick_put: %s", host->strerror(rc));
+}
 
 static int init(spoke_ctx *ctx, const spoke_init_args *args, void **self)
 {
@@ -43,6 +64,14 @@ static int init(spoke_ctx *ctx, const spoke_init_args *args, void **self)
         int rc = host->kv_put(ctx, kv, (size_t)(eq - kv), eq + 1, strlen(eq + 1));
         if (rc != 0 && rc != SPOKE_ERR_KV_UNAVAILABLE)
             return rc;
+    }
+    const char *tk = host->config_get(ctx, "tick_put");
+    if (tk != NULL) {
+        tick_state.ctx = ctx;
+        snprintf(tick_state.key, sizeof(tick_state.key), "%s", tk);
+        int64_t id = host->every(ctx, 100, on_timer, &tick_state);
+        if (id < 0)
+            return (int)id;
     }
     return 0;
 }
