@@ -89,8 +89,10 @@ int spk_host_queue_open(spk_host_env *env, spk_errbuf *eb);
  * error. send_to_control calls it; the queue stays optional for serving traffic. */
 int spk_host_queue_retry(spk_host_env *env);
 
-/* Free what the services allocated in env (kv_get's buffer). Closes neither env->queue
- * nor env->kv: their openers do. env may be initialised again afterwards. */
+/* Free what the services allocated in env (kv_get's buffer, up to 1 MiB): every process
+ * that ran plugins with an env calls it once they are unloaded (the edge worker, hubd's
+ * workers). Closes neither env->queue nor env->kv: their openers do. env may be
+ * initialised again afterwards. */
 void spk_host_env_fini(spk_host_env *env);
 
 /* Open env->kv from env->cfg's kv.* keys (spk_kv_conf_open, with env->role's durability;
