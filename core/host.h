@@ -46,10 +46,9 @@ struct spk_host_env {
                                   delivery it sets this to that delivery's (nested) write
                                   transaction, and clears it when the hook returns; while
                                   it is set, every KV call of this env's plugins reads and
-                                  writes in it (never commits or aborts it; after a
-                                  KV_UNAVAILABLE from a write, such as a full map, the
-                                  transaction is failed and must be aborted: kv.h,
-                                  ERRORS). NULL (timers,
+                                  writes in it, never committing or aborting it (after a
+                                  KV_UNAVAILABLE from a write, such as a full map, it is
+                                  failed and must be aborted: kv.h, ERRORS). NULL (timers,
                                   init, the edge role): each call is its own transaction
                                   on `kv`. hubd must not hold a top-level write
                                   transaction of `kv` while kv_txn is NULL and plugin code
