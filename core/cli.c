@@ -27,6 +27,7 @@
 #include "hub.h"
 #include "json.h"
 #include "kv.h"
+#include "kv_conf.h"
 #include "log.h"
 #include "net.h"
 #include "status.h"
@@ -285,12 +286,9 @@ static int kv_main(const char *path, char **args, int n)
         fprintf(stderr, "%s: %s\n", prog, eb.msg);
         return 1;
     }
-    spk_kv_opts o;
-    spk_kv_opts_init(&o);
-    o.map_size = cfg->hub_map_size;
     spk_kv *kv = NULL;
     spk_kv_txn *t = NULL;
-    int rc = spk_kv_open(cfg->hub_store, &o, &kv, &eb);
+    int rc = spk_kv_conf_open(cfg, SPOKE_ROLE_CONTROL, &kv, &eb);
     if (rc == 0)
         rc = spk_kv_begin(kv, NULL, false, &t, &eb);
     if (rc == 0 && get) {

@@ -1175,6 +1175,13 @@ static const field queue_fields[] = {
     REMOVED("segment_size"),
 };
 
+/* The KV store's defaults are spk_kv_opts_init()'s (core/kv.h) for the map size. */
+static const field kv_fields[] = {
+    CS("path", p_str, d_str, kv_path, "/var/lib/spoke/kv"),
+    CF("map_size", p_size, d_size, kv_map_size, MiB, 16 * TiB, GiB),
+    CF("sync", p_duration, d_duration, kv_sync_ms, 1, HOUR, SEC),
+};
+
 static const field uplink_fields[] = {
     CS("url", p_url, d_str, uplink_url, NULL), /* none: no uplink */
     CF("heartbeat", p_duration, d_duration, uplink_heartbeat_ms, 1, DAY, 30 * SEC),
@@ -1266,6 +1273,7 @@ static const section sections[] = {
     {"limits", limits_fields, N(limits_fields), CONTROL},
     {"plugins", plugins_fields, N(plugins_fields), EDGE | CONTROL},
     {"queue", queue_fields, N(queue_fields), EDGE},
+    {"kv", kv_fields, N(kv_fields), EDGE},
     {"uplink", uplink_fields, N(uplink_fields), EDGE},
     {"metrics", metrics_fields, N(metrics_fields), EDGE | CONTROL},
     {"log", log_fields, N(log_fields), EDGE | CONTROL},
@@ -1695,6 +1703,7 @@ void spk_config_free(spk_config *cfg)
         plugin_conf_clear(&cfg->plugins[i]);
     free(cfg->plugins);
     free(cfg->queue_path);
+    free(cfg->kv_path);
     free(cfg->uplink_url);
     free(cfg->uplink_token_file);
     free(cfg->uplink_ca);

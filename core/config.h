@@ -141,6 +141,11 @@ typedef struct spk_config {
                                   root, else the directory of the config file (so
                                   unprivileged and test instances with different configs
                                   never collide). */
+
+    /* kv: the edge's KV store (the KV host services; core/kv_conf.h) */
+    char *kv_path;             /* kv.path: the store's directory */
+    uint64_t kv_map_size;      /* kv.map_size: LMDB map size, the most it can hold */
+    uint64_t kv_sync_ms;       /* kv.sync: the edge's period between flushes to disk */
 } spk_config;
 
 /* Load and validate `path` as spoked's config (the edge role). On success *out is a config

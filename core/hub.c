@@ -27,6 +27,7 @@
 #include "hub_auth.h"
 #include "json.h"
 #include "kv.h"
+#include "kv_conf.h"
 #include "loader.h"
 #include "log.h"
 #include "queue.h"
@@ -639,22 +640,14 @@ static void start_timer(hub *h, ev_timer *t, void (*cb)(struct ev_loop *, ev_tim
 
 /* ---- start and stop ---------------------------------------------------------------------- */
 
-static int open_store(hub *h, spk_errbuf *eb)
-{
-    spk_kv_opts o;
-    spk_kv_opts_init(&o);
-    o.map_size = h->cfg->hub_map_size;
-    o.sync = true; /* a batch is answered only after its commit is on disk */
-    return spk_kv_open(h->cfg->hub_store, &o, &h->kv, eb);
-}
-
 static int start(hub *h, spk_errbuf *eb)
 {
     const spk_hub_opts *opts = h->opts;
     spk_config *cfg = h->cfg;
     spk_host_env_init(&h->env, h->loop, cfg, SPOKE_ROLE_CONTROL);
     h->slot = opts->wslot ? &opts->wslot->act : &h->private_slot;
-    int rc = open_store(h, eb);
+    /* The store of the dedupe marks is the plugins' KV store: one transaction holds both. */
+    int rc = spk_kv_conf_open(cfg, SPOKE_ROLE_CONTROL, &h->kv, eb);
     if (rc != 0)
         return rc;
     h->env.kv = h->kv;
@@ -760,6 +753,7 @@ out:
     spk_grpc_server_free(h.srv);
     spk_chain_free(&h.chain);
     spk_host_unload(&h.set);
+    spk_host_env_fini(&h.env);
     spk_hub_tokens_free(h.tokens);
     if (h.tls != NULL)
         SSL_CTX_free(h.tls);

@@ -23,6 +23,7 @@
 #include "grpc.h"
 #include "hub.h"
 #include "kv.h"
+#include "kv_conf.h"
 #include "spoke/control/v1/control.pb-c.h"
 #include "supervisor_int.h"
 
@@ -330,10 +331,7 @@ static void report_hub(sup *s, outbuf *o)
     spk_kv *kv = NULL;
     spk_kv_txn *txn = NULL;
     spk_errbuf eb;
-    spk_kv_opts ko;
-    spk_kv_opts_init(&ko);
-    ko.map_size = cfg->hub_map_size;
-    if (spk_kv_open(cfg->hub_store, &ko, &kv, &eb) != 0 ||
+    if (spk_kv_conf_open(cfg, SPOKE_ROLE_CONTROL, &kv, &eb) != 0 ||
         spk_kv_begin(kv, NULL, false, &txn, &eb) != 0) {
         out(o, "edges: store %s unavailable: %s\n", cfg->hub_store, eb.msg);
         spk_kv_close(kv);

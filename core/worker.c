@@ -29,6 +29,7 @@ typedef struct worker {
     ev_timer tick, heartbeat, health, drain_check, drain_deadline;
     ev_timer qsync;    /* --single-process: the supervisor's queue timer */
     double qlast;      /* ... and when it last synced (ev_now) */
+    ev_timer kvsync;   /* kv.sync: flush the KV store (opened without a flush per commit) */
     unsigned *health_fails;
     bool draining;
     int result;
@@ -148,6 +149,18 @@ static void on_qsync(struct ev_loop *loop, ev_timer *w, int revents)
         spk_error("%s", eb.msg);
 }
 
+/* The edge's KV store commits without flushing (many small writes from traffic hooks);
+ * every worker flushes it on this period, so a power loss costs at most one period. */
+static void on_kvsync(struct ev_loop *loop, ev_timer *w, int revents)
+{
+    (void)loop;
+    (void)revents;
+    worker *wk = w->data;
+    spk_errbuf eb;
+    if (spk_host_kv_sync(&wk->env, &eb) != 0)
+        spk_error("kv: %s", eb.msg);
+}
+
 static void start_timer(worker *wk, ev_timer *t, void (*cb)(struct ev_loop *, ev_timer *, int),
                         uint64_t ms)
 {
@@ -175,6 +188,11 @@ static int start(worker *wk, spk_errbuf *eb)
     if (spk_host_queue_open(&wk->env, &qeb) != 0)
         spk_warn("send_to_control unavailable: %s; plugins get QUEUE_UNAVAILABLE until it "
                  "opens (retried every few seconds)", qeb.msg);
+    /* The KV store too, for the same reason; without it plugins get KV_UNAVAILABLE (the
+     * open is retried every few seconds) and traffic flows. */
+    if (spk_host_kv_open(&wk->env, &qeb) != 0)
+        spk_warn("KV services unavailable: %s; plugins get KV_UNAVAILABLE until it opens "
+                 "(retried every few seconds)", qeb.msg);
     wk->health_fails = calloc(wk->set.n ? wk->set.n : 1, sizeof(unsigned));
     if (wk->health_fails == NULL)
         return spk_errf(eb, SPK_ENOMEM, "out of memory");
@@ -208,6 +226,7 @@ int spk_worker_run(spk_config *cfg, const spk_worker_opts *opts, spk_errbuf *eb)
                  wk.set.v[i]->conf && wk.set.v[i]->conf->autoloaded ? " (autoload)" : "");
     start_timer(&wk, &wk.tick, on_tick, cfg->tick_ms);
     start_timer(&wk, &wk.health, on_health, cfg->health_check_period_ms);
+    start_timer(&wk, &wk.kvsync, on_kvsync, cfg->kv_sync_ms);
     watch_signal(&wk, &wk.sig_term, SIGTERM);
     watch_signal(&wk, &wk.sig_int, SIGINT);
     watch_signal(&wk, &wk.sig_quit, SIGQUIT);
@@ -229,6 +248,7 @@ int spk_worker_run(spk_config *cfg, const spk_worker_opts *opts, spk_errbuf *eb)
 
     ev_timer_stop(wk.loop, &wk.tick);
     ev_timer_stop(wk.loop, &wk.qsync);
+    ev_timer_stop(wk.loop, &wk.kvsync);
     ev_timer_stop(wk.loop, &wk.heartbeat);
     ev_timer_stop(wk.loop, &wk.health);
     ev_timer_stop(wk.loop, &wk.drain_check);
@@ -245,6 +265,8 @@ out:
         spk_queue_sync(wk.env.queue, NULL);
     spk_queue_close(wk.env.queue);
     wk.env.queue = NULL;
+    spk_host_kv_close(&wk.env); /* after fini, which may still write; flushes first */
+    spk_host_env_fini(&wk.env);
     free(wk.health_fails);
     return rc;
 }

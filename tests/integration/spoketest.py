@@ -30,6 +30,18 @@ TEST_PLUGIN_DIR = os.environ.get("SPOKE_TEST_PLUGIN_DIR", os.path.join(BIN_DIR, 
 SOURCE_DIR = os.environ.get("SPOKE_SOURCE_DIR", os.path.join(os.path.dirname(__file__), "../.."))
 
 
+def host_abi():
+    """The host's plugin ABI version, "MAJOR.MINOR", as abi/spoke.h defines it."""
+    with open(os.path.join(SOURCE_DIR, "abi", "spoke.h")) as f:
+        h = f.read()
+    major = re.search(r"#define SPOKE_ABI_MAJOR (\d+)", h).group(1)
+    minor = re.search(r"#define SPOKE_ABI_MINOR (\d+)", h).group(1)
+    return f"{major}.{minor}"
+
+
+HOST_ABI = host_abi()
+
+
 def spoke_bin(name):
     """Path of a built program (spoked, spoke-plugin, spoke-bench...)."""
     return os.path.join(BIN_DIR, name)
@@ -231,6 +243,7 @@ class Spoked:
             "log": {"level": log_level},
             "run_dir": os.path.join(tmpdir, "run"),
             "queue": {"path": os.path.join(tmpdir, "queue")},
+            "kv": {"path": os.path.join(tmpdir, "kv")},
         }
         if plugins:
             cfg["plugins"]["list"] = list(plugins)

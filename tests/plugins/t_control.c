@@ -6,12 +6,15 @@
  *   "fail..."   handled = 1 with an error (SPOKE_ERR_INVALID): logged, counted, not retried
  *   "crash..."  writes through NULL (SIGSEGV) inside accept_edge_payload
  *   "sleep..."  sleeps 2 s inside accept_edge_payload (a hook over its timeout)
- *   anything else: handled = 1, and a log line
+ *   anything else: handled = 1, a log line
  *       t-control NAME: got edge EDGE seq N corr CORR bytes B md K=V,...
+ *     and, in its KV namespace, key "seen/CORR" counts the deliveries of that correlation
+ *     ID (a decimal number), so a test can check each payload arrived exactly once.
  * Config `catch_all: true` makes it handle payloads of any plugin ID that are offered to
  * it (its own ID's rules above still apply to its own).
  */
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <time.h>
 
@@ -66,7 +69,20 @@ static int accept_payload(void *self, const spoke_edge_payload *p, int *handled)
                  p->metadata[i].key, p->metadata[i].value);
     host->log(t->ctx, SPOKE_LOG_INFO, "got edge %s seq %llu corr %s bytes %zu plugin %u md %s",
               p->edge_id, (unsigned long long)p->sequence, c, p->payload_len, p->plugin_id, md);
-    return 0;
+    if (!SPOKE_HOST_HAS(host, kv_put))
+        return 0;
+    char key[300], val[24];
+    int kl = snprintf(key, sizeof(key), "seen/%s", c);
+    const void *old;
+    size_t olen;
+    unsigned long n = 0;
+    if (host->kv_get(t->ctx, key, (size_t)kl, &old, &olen) == 0 && olen < sizeof(val)) {
+        memcpy(val, old, olen);
+        val[olen] = '\0';
+        n = strtoul(val, NULL, 10);
+    }
+    int vl = snprintf(val, sizeof(val), "%lu", n + 1);
+    return host->kv_put(t->ctx, key, (size_t)kl, val, (size_t)vl);
 }
 
 static const spoke_plugin t_control = {
