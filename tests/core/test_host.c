@@ -343,8 +343,10 @@ static void kvfix_init(kvfix *f, spoke_role role)
     const char *tmp = getenv("TMPDIR");
     snprintf(f->dir, sizeof(f->dir), "%s/spk-host-kv-XXXXXX", tmp != NULL ? tmp : "/tmp");
     assert_non_null(mkdtemp(f->dir));
-    f->cfg.kv_path = f->dir;
+    f->cfg.kv_path = f->dir;   /* the edge's store */
     f->cfg.kv_map_size = 64ull * MiB;
+    f->cfg.hub_store = f->dir; /* the control role's (hubd's) */
+    f->cfg.hub_map_size = 64ull * MiB;
     spk_errbuf eb = {""};
     int rc = spk_kv_conf_open(&f->cfg, role, &f->kv, &eb);
     if (rc != 0)
