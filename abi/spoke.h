@@ -91,6 +91,15 @@
  *         1.0 hosts answered SPOKE_ERR_UNSUPPORTED from send_to_control instead
  *       the lifetime of every string a service returns, and fini after a failed init
  *         (never), are stated; no behaviour changed
+ *  1.2  spoke_status: SPOKE_ERR_NOT_FOUND (-18) added
+ *       spoke_status: SPOKE_ERR_KV_UNAVAILABLE (-19) added
+ *       SPOKE_KV_MAX_KEY added
+ *       SPOKE_KV_MAX_VALUE added
+ *       spoke_kv_scan_cb added
+ *       spoke_host.kv_get added
+ *       spoke_host.kv_put added
+ *       spoke_host.kv_del added
+ *       spoke_host.kv_scan added
  */
 #ifndef SPOKE_H
 #define SPOKE_H
@@ -103,7 +112,7 @@ extern "C" {
 #endif
 
 #define SPOKE_ABI_MAJOR 1
-#define SPOKE_ABI_MINOR 1
+#define SPOKE_ABI_MINOR 2
 
 /* The symbol the host looks up in the plugin. */
 #define SPOKE_ENTRY_SYMBOL "spoke_plugin_v1"
@@ -135,6 +144,10 @@ typedef enum spoke_status {
     SPOKE_ERR_QUEUE_FULL = -15,        /* queue.max_pending or queue.max_bytes reached */
     SPOKE_ERR_QUEUE_UNAVAILABLE = -16, /* disk or map full, or the queue cannot be opened */
     SPOKE_ERR_NOT_JSON = -17,          /* send_to_control_json: text is not well-formed JSON */
+    /* 1.2 */
+    SPOKE_ERR_NOT_FOUND = -18,         /* kv_get/kv_del: no such key */
+    SPOKE_ERR_KV_UNAVAILABLE = -19,    /* the KV store is not configured, cannot be opened,
+                                          is full (map or disk) or failed */
 } spoke_status;
 
 /* Payload limits of send_to_control(), enforced by edge and control alike. A value equal
@@ -144,6 +157,12 @@ typedef enum spoke_status {
 #define SPOKE_MAX_METADATA_KEY 256u
 #define SPOKE_MAX_METADATA_VALUE 4096u
 #define SPOKE_MAX_CORRELATION_ID 256u
+
+/* Limits of the KV services (1.2): a key is 0 to SPOKE_KV_MAX_KEY bytes (LMDB's 511-byte
+ * key limit less the host's 4-byte namespace prefix), a value 0 to SPOKE_KV_MAX_VALUE.
+ * A length equal to a limit is accepted; one byte more is refused. */
+#define SPOKE_KV_MAX_KEY 507u
+#define SPOKE_KV_MAX_VALUE (1024u * 1024u)
 
 /* ---------------------------------------------------------------------------------------
  * Verdicts. Every traffic hook (and on_open) returns one. Plugins run in config order;
@@ -239,6 +258,14 @@ typedef struct spoke_host spoke_host;
 /* Hook types. `self` is whatever init stored in *self (NULL if it stored nothing). */
 typedef spoke_verdict (*spoke_traffic_hook)(void *self, spoke_conn *conn, spoke_buf *buf);
 typedef void (*spoke_timer_cb)(void *self, void *arg);
+
+/* 1.2: called by host->kv_scan() for each key in order, with the key (without any
+ * namespace) and its value; both are the host's and valid only until the callback
+ * returns. Return 0 to go on, > 0 to stop the scan (kv_scan then returns 0), < 0 to stop
+ * it and have kv_scan return that value. It must not call any KV service (they answer
+ * SPOKE_ERR_UNSUPPORTED while a scan runs). */
+typedef int (*spoke_kv_scan_cb)(void *arg, const void *key, size_t klen, const void *val,
+                                size_t vlen);
 
 /* ---------------------------------------------------------------------------------------
  * The plugin table. Return a pointer to a static, constant instance from spoke_plugin_v1.
@@ -408,6 +435,70 @@ struct spoke_host {
     /* As config_get_duration, for a size ("65536", "64KiB", "1MiB", "1GiB", "1GB") into
      * *out_bytes, with the same return values. */
     int (*config_get_size)(spoke_ctx *ctx, const char *key, uint64_t *out_bytes);
+
+    /* ---- 1.2 ---- check with SPOKE_HOST_HAS before calling.
+     *
+     * A key-value store, offered in both roles. On the edge (spoked) it is one LMDB store
+     * shared by every worker of the spoked (kv.path): state that several workers must see.
+     * In the control role (hubd) it is hubd's store, shared by its workers.
+     *
+     * NAMESPACES. Each plugin has its own keys: its namespace is its configured plugin ID
+     * (plugins.list[].id), so two plugins never see each other's keys. Namespace 0 is the
+     * host's: a plugin configured without an ID gets SPOKE_ERR_UNSUPPORTED from every KV
+     * service. The edge's store and the hub's are different stores: an edge plugin and
+     * the control plugin with its ID do not share keys (payloads carry state between
+     * them). Keys are byte strings (not NUL-terminated; 0 to SPOKE_KV_MAX_KEY bytes),
+     * ordered as memcmp orders them, the shorter first when one is a prefix of the other.
+     *
+     * VALUE LIFETIME. What kv_get returns is the host's, read-only, and valid until the
+     * plugin's next call of any KV service, or the end of the hook or timer callback that
+     * made the call, whichever comes first. Copy it to keep it longer. Scan callback
+     * arguments are valid only during the callback.
+     *
+     * TRANSACTIONS. In accept_edge_payload (control role), every KV call reads and writes
+     * in the transaction of that delivery: the writes commit together with the batch's
+     * duplicate marks, or vanish with them (a hub that dies before its commit), so the KV
+     * effects of each payload happen exactly once even when an edge resends it. The
+     * plugin sees its own writes within the call; the writes of a call that returns < 0
+     * are undone (a payload's KV effects are all or nothing; it is not redelivered). What
+     * the plugin keeps in memory or writes elsewhere is at least once: a redelivered
+     * payload runs the hook again. Everywhere else (init, on_config_loaded, health, fini,
+     * timers, and every hook of the edge role) each call is a transaction of its own,
+     * committed before kv_put/kv_del return; there is no multi-key transaction there,
+     * and a kv_get then a kv_put is not atomic (another worker may write in between).
+     * Durability: hubd flushes every commit to disk; the edge flushes every kv.sync
+     * (default 1s). A crash of a spoke process loses nothing committed; on the edge, a
+     * power loss may lose the writes of the last kv.sync period.
+     *
+     * ERRORS, in this order: SPOKE_ERR_INVALID (ctx NULL, a NULL pointer with a non-zero
+     * length, a NULL out-pointer or callback); SPOKE_ERR_UNSUPPORTED (no plugin ID, or
+     * called from a scan callback); SPOKE_ERR_INVALID for a key, prefix or `after` over
+     * SPOKE_KV_MAX_KEY; SPOKE_ERR_PAYLOAD_TOO_LARGE for a value over SPOKE_KV_MAX_VALUE;
+     * SPOKE_ERR_KV_UNAVAILABLE (no store is configured, it could not be opened, it is
+     * full, or it failed: the host logs why); SPOKE_ERR_NOT_FOUND; SPOKE_ERR_NOMEM.
+     * A call that fails changes nothing. */
+
+    /* Look up `key`. On success *val and *vlen describe the value (borrowed as VALUE
+     * LIFETIME says; *val is never NULL, even for an empty value). Returns 0,
+     * SPOKE_ERR_NOT_FOUND (no such key; *val = NULL, *vlen = 0), or an error above. */
+    int (*kv_get)(spoke_ctx *ctx, const void *key, size_t klen, const void **val,
+                  size_t *vlen);
+    /* Store a copy of val[0..vlen) under `key`, replacing any value. val may be NULL when
+     * vlen is 0. Returns 0 or an error above (SPOKE_ERR_KV_UNAVAILABLE when the store is
+     * full: delete something, or the operator raises kv.map_size). */
+    int (*kv_put)(spoke_ctx *ctx, const void *key, size_t klen, const void *val, size_t vlen);
+    /* Delete `key`. Returns 0, SPOKE_ERR_NOT_FOUND (there was no such key), or an error
+     * above. */
+    int (*kv_del)(spoke_ctx *ctx, const void *key, size_t klen);
+    /* Call cb(arg, key, klen, val, vlen) for the keys that begin with prefix[0..plen)
+     * (plen 0: every key of the plugin), in key order, strictly after after[0..alen)
+     * (after NULL: from the first), for at most `max` keys (0: no limit). To page through
+     * many keys, pass the last key a call visited as `after` of the next. The scan sees
+     * one consistent snapshot (in accept_edge_payload: the delivery's transaction,
+     * including its own writes). Returns 0 (also when cb stopped it with > 0), cb's
+     * negative value, or an error above. */
+    int (*kv_scan)(spoke_ctx *ctx, const void *prefix, size_t plen, const void *after,
+                   size_t alen, size_t max, spoke_kv_scan_cb cb, void *arg);
 };
 
 /* True when the host table offers `field` (it is inside struct_size and not NULL). */

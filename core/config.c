@@ -1175,12 +1175,55 @@ static const field queue_fields[] = {
     REMOVED("segment_size"),
 };
 
+/* The KV store's defaults are spk_kv_opts_init()'s (core/kv.h) for the map size. */
+static const field kv_fields[] = {
+    CS("path", p_str, d_str, kv_path, "/var/lib/spoke/kv"),
+    CF("map_size", p_size, d_size, kv_map_size, MiB, 16 * TiB, GiB),
+    CF("sync", p_duration, d_duration, kv_sync_ms, 1, HOUR, SEC),
+};
+
 static const field uplink_fields[] = {
     CS("url", p_url, d_str, uplink_url, NULL), /* none: no uplink */
     CF("heartbeat", p_duration, d_duration, uplink_heartbeat_ms, 1, DAY, 30 * SEC),
     CF("batch_size", p_uint, d_uint, uplink_batch_size, 1, 10000, 100),
     CS("token_file", p_str_opt, d_str, uplink_token_file, NULL),
     CS("ca", p_str_opt, d_str, uplink_ca, NULL),
+    CS("cert", p_str_opt, d_str, uplink_cert, NULL),
+    CS("key", p_str_opt, d_str, uplink_key, NULL),
+    CF("max_batch_bytes", p_size, d_size, uplink_max_batch_bytes, 64 * KiB, 256 * MiB, 4 * MiB),
+    CF("timeout", p_duration, d_duration, uplink_timeout_ms, 1, HOUR, 10 * SEC),
+};
+
+/* hubd (control role). The listener rows write the same fields as listen's. */
+static const field hub_fields[] = {
+    CS("listen", p_listen, d_listen, listen, "127.0.0.1:7443"),
+    CF("workers", p_workers, d_workers, workers, 1, 1024, 0), /* 0: auto */
+    CF("backlog", p_uint, d_uint, backlog, 1, 65535, 1024),
+    CS("store", p_str, d_str, hub_store, "/var/lib/spoke/hub"),
+    CF("map_size", p_size, d_size, hub_map_size, MiB, 16 * TiB, 4 * GiB),
+    CF("dedupe_retention", p_duration, d_duration, hub_dedupe_retention_ms, HOUR, 365 * DAY,
+       48 * HOUR),
+    CF("heartbeat", p_duration, d_duration, hub_heartbeat_ms, 0, DAY, 0), /* 0: the edge's */
+    CF("batch_size", p_uint, d_uint, hub_batch_size, 0, 10000, 0),
+};
+
+static const field tls_fields[] = {
+    CS("cert", p_str_opt, d_str, tls_cert, NULL),
+    CS("key", p_str_opt, d_str, tls_key, NULL),
+    CS("client_ca", p_str_opt, d_str, tls_client_ca, NULL),
+};
+
+static const field auth_fields[] = {
+    CS("token_file", p_str_opt, d_str, auth_token_file, NULL),
+};
+
+static const field limits_fields[] = {
+    CF("max_message", p_size, d_size, limit_max_message, 2 * MiB, 256 * MiB, 16 * MiB),
+    CF("max_streams", p_uint, d_uint, limit_max_streams, 1, 1000, 100),
+    CF("max_header_list", p_size, d_size, limit_max_header_list, KiB, MiB, 16 * KiB),
+    CF("max_connections", p_uint, d_uint, max_connections, 1, 100000, 1024),
+    CF("request_timeout", p_duration, d_duration, limit_request_timeout_ms, 1, HOUR, 10 * SEC),
+    CF("idle_timeout", p_duration, d_duration, limit_idle_timeout_ms, 1, DAY, 5 * 60 * SEC),
 };
 
 static const field metrics_fields[] = {
@@ -1214,17 +1257,32 @@ typedef struct section {
     const char *name;
     const field *fields;
     size_t n;
+    unsigned roles; /* ROLE_BIT(SPOKE_ROLE_EDGE) | ROLE_BIT(SPOKE_ROLE_CONTROL) */
 } section;
 
+#define ROLE_BIT(r) (1u << (r))
+#define EDGE ROLE_BIT(SPOKE_ROLE_EDGE)
+#define CONTROL ROLE_BIT(SPOKE_ROLE_CONTROL)
+
 static const section sections[] = {
-    {"edge", edge_fields, N(edge_fields)},
-    {"listen", listen_fields, N(listen_fields)},
-    {"plugins", plugins_fields, N(plugins_fields)},
-    {"queue", queue_fields, N(queue_fields)},
-    {"uplink", uplink_fields, N(uplink_fields)},
-    {"metrics", metrics_fields, N(metrics_fields)},
-    {"log", log_fields, N(log_fields)},
+    {"edge", edge_fields, N(edge_fields), EDGE},
+    {"listen", listen_fields, N(listen_fields), EDGE},
+    {"hub", hub_fields, N(hub_fields), CONTROL},
+    {"tls", tls_fields, N(tls_fields), CONTROL},
+    {"auth", auth_fields, N(auth_fields), CONTROL},
+    {"limits", limits_fields, N(limits_fields), CONTROL},
+    {"plugins", plugins_fields, N(plugins_fields), EDGE | CONTROL},
+    {"queue", queue_fields, N(queue_fields), EDGE},
+    {"kv", kv_fields, N(kv_fields), EDGE},
+    {"uplink", uplink_fields, N(uplink_fields), EDGE},
+    {"metrics", metrics_fields, N(metrics_fields), EDGE | CONTROL},
+    {"log", log_fields, N(log_fields), EDGE | CONTROL},
 };
+
+static bool section_in_role(const section *s, spoke_role role)
+{
+    return (s->roles & ROLE_BIT(role)) != 0;
+}
 
 /* ---- defaults ---------------------------------------------------------------------- */
 
@@ -1402,7 +1460,8 @@ static int set_defaults(cfg_ctx *c, const char *path)
         return cfg_nomem(c);
     int rc = apply_defaults(c, "", root_fields, N(root_fields), cfg);
     for (size_t i = 0; i < N(sections) && rc == 0; i++)
-        rc = apply_defaults(c, sections[i].name, sections[i].fields, sections[i].n, cfg);
+        if (section_in_role(&sections[i], cfg->role))
+            rc = apply_defaults(c, sections[i].name, sections[i].fields, sections[i].n, cfg);
     if (rc == 0 && computed_defaults(cfg, path) != 0)
         rc = cfg_nomem(c);
     return rc;
@@ -1421,7 +1480,8 @@ static int apply_root(cfg_ctx *c, const node *root)
         const node_pair *p = &root->pairs[i];
         const section *s = NULL;
         for (size_t j = 0; j < N(sections) && s == NULL; j++)
-            if (strcmp(sections[j].name, p->key) == 0)
+            if (strcmp(sections[j].name, p->key) == 0 &&
+                section_in_role(&sections[j], c->cfg->role))
                 s = &sections[j];
         const field *rf = NULL;
         for (size_t j = 0; j < N(root_fields) && s == NULL && rf == NULL; j++)
@@ -1431,10 +1491,15 @@ static int apply_root(cfg_ctx *c, const node *root)
             rc = rf->parse(c, p->val, p->key, c->cfg, rf);
             continue;
         }
-        if (s == NULL)
-            return cfg_fail(c, p->line, p->key,
-                            "unknown section (known: edge, listen, plugins, queue, uplink, "
-                            "metrics, log; and the key run_dir)");
+        if (s == NULL) {
+            char known[256] = "";
+            for (size_t j = 0; j < N(sections); j++)
+                if (section_in_role(&sections[j], c->cfg->role))
+                    snprintf(known + strlen(known), sizeof(known) - strlen(known), "%s%s",
+                             known[0] ? ", " : "", sections[j].name);
+            return cfg_fail(c, p->line, p->key, "unknown section (known: %s; and the key run_dir)",
+                            known);
+        }
         if (node_is_null(p->val))
             continue;
         if (p->val->kind != NODE_MAP)
@@ -1500,11 +1565,11 @@ static int check_plugin_duplicates(cfg_ctx *c)
     return 0;
 }
 
-static int finish(cfg_ctx *c, const node *root)
+/* Checks that span keys of spoked's sections. */
+static int finish_edge(cfg_ctx *c, const node *root)
 {
     spk_config *cfg = c->cfg;
     char a[32], b[32];
-    int rc;
     if (cfg->upstream == NULL)
         return cfg_fail(c, key_line(root, "listen", NULL), "listen.upstream",
                         "required key is missing (the server to proxy to, e.g. "
@@ -1518,9 +1583,50 @@ static int finish(cfg_ctx *c, const node *root)
         return cfg_fail(c, key_line(root, "queue", "journal_size"), "queue.journal_size",
                         "%s is not a multiple of 4 KiB",
                         spk_fmt_size(cfg->queue_journal_size, a, sizeof(a)));
-    if ((rc = check_plugin_duplicates(c)) != 0)
-        return rc;
-    return resolve_paths(c);
+    if ((cfg->uplink_cert == NULL) != (cfg->uplink_key == NULL))
+        return cfg_fail(c, key_line(root, "uplink", cfg->uplink_cert ? "cert" : "key"),
+                        cfg->uplink_cert ? "uplink.cert" : "uplink.key",
+                        "mutual TLS needs both uplink.cert and uplink.key");
+    return 0;
+}
+
+/* Whether a listen address is on this machine only: 127.0.0.0/8, [::1], localhost or a
+ * unix socket. */
+static bool loopback_address(const char *a)
+{
+    return strncmp(a, "unix:", 5) == 0 || strncmp(a, "127.", 4) == 0 ||
+           strncmp(a, "[::1]:", 6) == 0 || strncmp(a, "localhost:", 10) == 0;
+}
+
+/* Checks that span keys of hubd's sections. */
+static int finish_control(cfg_ctx *c, const node *root)
+{
+    spk_config *cfg = c->cfg;
+    if ((cfg->tls_cert == NULL) != (cfg->tls_key == NULL))
+        return cfg_fail(c, key_line(root, "tls", cfg->tls_cert ? "cert" : "key"),
+                        cfg->tls_cert ? "tls.cert" : "tls.key",
+                        "TLS needs both tls.cert and tls.key");
+    if (cfg->tls_client_ca != NULL && cfg->tls_cert == NULL)
+        return cfg_fail(c, key_line(root, "tls", "client_ca"), "tls.client_ca",
+                        "client certificates need TLS: set tls.cert and tls.key");
+    if (cfg->auth_token_file == NULL && cfg->tls_client_ca == NULL) {
+        for (size_t i = 0; i < cfg->n_listen; i++)
+            if (!loopback_address(cfg->listen[i]))
+                return cfg_fail(c, key_line(root, "hub", "listen"), "hub.listen",
+                                "%s is reachable from other machines but no edge is "
+                                "authenticated: set auth.token_file or tls.client_ca (a hub "
+                                "without authentication may only listen on loopback)",
+                                cfg->listen[i]);
+    }
+    return 0;
+}
+
+static int finish(cfg_ctx *c, const node *root)
+{
+    int rc = c->cfg->role == SPOKE_ROLE_CONTROL ? finish_control(c, root) : finish_edge(c, root);
+    if (rc == 0)
+        rc = check_plugin_duplicates(c);
+    return rc != 0 ? rc : resolve_paths(c);
 }
 
 /* ---- public ------------------------------------------------------------------------ */
@@ -1545,6 +1651,11 @@ static int open_config(const char *path, FILE **out, spk_errbuf *eb)
 
 int spk_config_load(const char *path, spk_config **out, spk_errbuf *eb)
 {
+    return spk_config_load_role(path, SPOKE_ROLE_EDGE, out, eb);
+}
+
+int spk_config_load_role(const char *path, spoke_role role, spk_config **out, spk_errbuf *eb)
+{
     node *root = NULL;
     spk_config *cfg = NULL;
     FILE *f = NULL;
@@ -1564,6 +1675,7 @@ int spk_config_load(const char *path, spk_config **out, spk_errbuf *eb)
         goto fail;
     }
     c.cfg = cfg;
+    cfg->role = role;
     if ((rc = set_defaults(&c, path)) != 0)
         goto fail;
     if ((rc = apply_root(&c, root)) != 0 || (rc = finish(&c, root)) != 0)
@@ -1591,9 +1703,17 @@ void spk_config_free(spk_config *cfg)
         plugin_conf_clear(&cfg->plugins[i]);
     free(cfg->plugins);
     free(cfg->queue_path);
+    free(cfg->kv_path);
     free(cfg->uplink_url);
     free(cfg->uplink_token_file);
     free(cfg->uplink_ca);
+    free(cfg->uplink_cert);
+    free(cfg->uplink_key);
+    free(cfg->hub_store);
+    free(cfg->tls_cert);
+    free(cfg->tls_key);
+    free(cfg->tls_client_ca);
+    free(cfg->auth_token_file);
     free(cfg->metrics_listen);
     free(cfg->run_dir);
     free(cfg);
@@ -1850,6 +1970,8 @@ void spk_config_dump(const spk_config *cfg, FILE *f)
         root_fields[i].dump(f, cfg, &root_fields[i], 0);
     for (size_t i = 0; i < N(sections); i++) {
         const section *s = &sections[i];
+        if (!section_in_role(s, cfg->role))
+            continue;
         fprintf(f, "%s:\n", s->name);
         for (size_t j = 0; j < s->n; j++)
             s->fields[j].dump(f, cfg, &s->fields[j], 2);

@@ -47,6 +47,7 @@ typedef struct spk_plugin_conf {
 
 typedef struct spk_config {
     char *file;                /* the path the config was loaded from */
+    spoke_role role;           /* edge (spoked) or control (hubd): which sections it has */
 
     /* Each key's default and range are written once, in its row of config.c's tables
      * (docs/config.md lists them, and a test holds it to them): the comments below say
@@ -102,8 +103,30 @@ typedef struct spk_config {
     char *uplink_url;          /* NULL: no uplink */
     uint64_t uplink_heartbeat_ms; /* uplink.heartbeat */
     unsigned uplink_batch_size;   /* uplink.batch_size */
-    char *uplink_token_file;
-    char *uplink_ca;
+    char *uplink_token_file;   /* uplink.token_file: the bearer token, first line */
+    char *uplink_ca;           /* uplink.ca: CAs (PEM) to verify the hub; NULL: the system's */
+    char *uplink_cert;         /* uplink.cert, uplink.key: client certificate and key (PEM) */
+    char *uplink_key;          /*   for mutual TLS; both or neither */
+    uint64_t uplink_max_batch_bytes; /* uplink.max_batch_bytes: wire bytes per batch */
+    uint64_t uplink_timeout_ms;      /* uplink.timeout: one call's deadline */
+
+    /* hub: (control role; the listener, workers and backlog are the listen fields above) */
+    char *hub_store;           /* hub.store: the LMDB directory of dedupe marks, edges, KV */
+    uint64_t hub_map_size;     /* hub.map_size */
+    uint64_t hub_dedupe_retention_ms; /* hub.dedupe_retention: marks are kept this long */
+    uint64_t hub_heartbeat_ms; /* hub.heartbeat: what edges are asked to use; 0 = theirs */
+    unsigned hub_batch_size;   /* hub.batch_size: likewise; 0 = theirs */
+    /* tls: (control role) */
+    char *tls_cert, *tls_key;  /* tls.cert, tls.key: the server's chain and key (PEM) */
+    char *tls_client_ca;       /* tls.client_ca: client certificates required, verified */
+    /* auth: (control role) */
+    char *auth_token_file;     /* auth.token_file: "EDGE_ID SHA256" lines (hub_auth.h) */
+    /* limits: (control role; limits.max_connections is the max_connections field) */
+    uint64_t limit_max_message;     /* limits.max_message: bytes of one request */
+    unsigned limit_max_streams;     /* limits.max_streams: per connection */
+    uint64_t limit_max_header_list; /* limits.max_header_list: bytes */
+    uint64_t limit_request_timeout_ms; /* limits.request_timeout */
+    uint64_t limit_idle_timeout_ms;    /* limits.idle_timeout */
 
     /* metrics: */
     char *metrics_listen;      /* NULL: no metrics endpoint */
@@ -118,12 +141,22 @@ typedef struct spk_config {
                                   root, else the directory of the config file (so
                                   unprivileged and test instances with different configs
                                   never collide). */
+
+    /* kv: the edge's KV store (the KV host services; core/kv_conf.h) */
+    char *kv_path;             /* kv.path: the store's directory */
+    uint64_t kv_map_size;      /* kv.map_size: LMDB map size, the most it can hold */
+    uint64_t kv_sync_ms;       /* kv.sync: the edge's period between flushes to disk */
 } spk_config;
 
-/* Load and validate `path`. On success *out is a config the caller frees with
- * spk_config_free(). On failure returns SPK_ECONFIG (or SPK_ENOENT/SPK_EIO/SPK_ENOMEM) and
- * fills eb with "file:line: key: what is wrong". */
+/* Load and validate `path` as spoked's config (the edge role). On success *out is a config
+ * the caller frees with spk_config_free(). On failure returns SPK_ECONFIG (or
+ * SPK_ENOENT/SPK_EIO/SPK_ENOMEM) and fills eb with "file:line: key: what is wrong". */
 int spk_config_load(const char *path, spk_config **out, spk_errbuf *eb);
+
+/* The same for a role: SPOKE_ROLE_EDGE (spoked: edge, listen, plugins, queue, uplink, ...)
+ * or SPOKE_ROLE_CONTROL (hubd: hub, tls, auth, limits, plugins, ...). A section of the
+ * other role is refused as unknown, naming the role's sections. */
+int spk_config_load_role(const char *path, spoke_role role, spk_config **out, spk_errbuf *eb);
 
 /* Free a config from spk_config_load(); NULL is allowed. */
 void spk_config_free(spk_config *cfg);

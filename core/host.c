@@ -12,6 +12,10 @@
  * loop's cached time (ev_now: no clock read per call); the queue checks its own limits.
  * Refusals are counted by reason in the worker's status slot (the supervisor's metrics)
  * and logged with the plugin's name, at most REFUSAL_LOGS_PER_SEC a second per worker.
+ *
+ * The KV services (ABI 1.2) put each plugin's keys under its plugin ID in the store the
+ * env holds (kv.h), in the delivery's transaction when hubd set one, else one transaction
+ * per call; see the KV section below.
  */
 #include "host.h"
 
@@ -21,6 +25,8 @@
 #include <string.h>
 
 #include "json.h"
+#include "kv.h"
+#include "kv_conf.h"
 #include "log.h"
 #include "queue.h"
 #include "queue_conf.h"
@@ -506,14 +512,303 @@ static int host_send_to_control_json(spoke_ctx *ctx, const char *json, size_t le
 
 static const char *host_strerror(int status) { return spk_strerror(status); }
 
+/* ---- KV ---------------------------------------------------------------------------------
+ *
+ * The plugin's ID is its namespace in the store (kv.h). With env->kv_txn set (hubd, during
+ * accept_edge_payload) every call works in that transaction, so the plugin's writes share
+ * the fate of the batch's dedupe marks; a get then returns LMDB's own pointer, valid until
+ * the next write in the transaction or its end, which the ABI's rule (next KV call or end
+ * of the hook) covers. Otherwise a write is a one-shot transaction (put1/del1), a scan
+ * runs in a read transaction of its own, and a get copies the value out of its read
+ * transaction into env->kv_buf, which the next get reuses: the snapshot is released at
+ * once, and what the plugin holds stays valid whatever other workers write meanwhile.
+ * Arguments are checked here, before the store is looked at, so a plugin's mistake gets
+ * the same code whether or not a store is open. */
+
+static const uint8_t kv_empty[1];
+
+int spk_host_kv_open(spk_host_env *env, spk_errbuf *eb)
+{
+    env->kv_owned = true;
+    env->kv_tried_s = env->loop != NULL ? (uint64_t)ev_now(env->loop) : 0;
+    return spk_kv_conf_open(env->cfg, env->role, &env->kv, eb);
+}
+
+int spk_host_kv_sync(spk_host_env *env, spk_errbuf *eb)
+{
+    return env->kv != NULL ? spk_kv_sync(env->kv, eb) : 0;
+}
+
+void spk_host_kv_close(spk_host_env *env)
+{
+    if (!env->kv_owned)
+        return;
+    if (env->kv != NULL) {
+        spk_errbuf eb;
+        if (spk_kv_sync(env->kv, &eb) != 0)
+            spk_error("kv: %s", eb.msg);
+        spk_kv_close(env->kv);
+    }
+    env->kv = NULL;
+    env->kv_owned = false;
+}
+
+void spk_host_env_fini(spk_host_env *env)
+{
+    free(env->kv_buf);
+    env->kv_buf = NULL;
+    env->kv_cap = 0;
+}
+
+/* The store, reopened at most every QUEUE_RETRY_S seconds when the env's own open
+ * failed; NULL when there is none. */
+static spk_kv *kv_store(spk_host_env *env)
+{
+    if (env->kv != NULL || !env->kv_owned || env->cfg == NULL)
+        return env->kv;
+    uint64_t now = env->loop != NULL ? (uint64_t)ev_now(env->loop) : 0;
+    if (now < env->kv_tried_s + QUEUE_RETRY_S)
+        return NULL;
+    spk_errbuf eb;
+    if (spk_host_kv_open(env, &eb) != 0)
+        spk_warn("kv: store still unavailable: %s", eb.msg);
+    else
+        spk_info("kv: store %s opened", env->cfg->kv_path);
+    return env->kv;
+}
+
+/* Map a store result onto the ABI's codes. The arguments were checked already, so an
+ * SPK_EINVAL from the store is the host's (a transaction in the wrong state): like every
+ * code that is not the plugin's doing, it means the store is unavailable. */
+static int kv_public(int err)
+{
+    switch (err) {
+    case 0: return 0;
+    case SPK_ENOENT: return SPOKE_ERR_NOT_FOUND;
+    case SPK_EPAYLOAD_TOO_LARGE: return SPOKE_ERR_PAYLOAD_TOO_LARGE;
+    case SPK_ENOMEM: return SPOKE_ERR_NOMEM;
+    default: return SPOKE_ERR_KV_UNAVAILABLE;
+    }
+}
+
+/* The public code of a failed store call; the host's failures are logged with the
+ * plugin's name, the first of each second (then how many were not). */
+static int kv_failed(spk_host_env *env, const spk_plugin *p, const char *op, int err,
+                     const char *why)
+{
+    int pub = kv_public(err);
+    if (pub != SPOKE_ERR_KV_UNAVAILABLE && pub != SPOKE_ERR_NOMEM)
+        return pub;
+    uint64_t sec = env->loop != NULL ? (uint64_t)ev_now(env->loop) : 0;
+    if (sec == env->kvlog_sec && env->kvlog_sec != 0) {
+        env->kvlog_dropped++;
+        return pub;
+    }
+    env->kvlog_sec = sec;
+    if (env->kvlog_dropped > 0)
+        spk_warn("%llu more KV failures not logged in the last second(s)",
+                 (unsigned long long)env->kvlog_dropped);
+    spk_warn("%skv_%s: %s: %s", p->log_prefix, op, spk_strerror(pub), why);
+    env->kvlog_dropped = 0;
+    return pub;
+}
+
+/* The checks every KV service makes first, in the ABI's order: the caller, the plugin's
+ * namespace, the key's length. On success *pp and *envp are set. */
+static int kv_enter(spoke_ctx *ctx, const void *key, size_t klen, spk_plugin **pp,
+                    spk_host_env **envp)
+{
+    if (ctx == NULL || ctx->plugin == NULL || ctx->plugin->env == NULL ||
+        (key == NULL && klen > 0))
+        return SPOKE_ERR_INVALID;
+    spk_plugin *p = ctx->plugin;
+    if (p->id == 0 || p->env->kv_scanning)
+        return SPOKE_ERR_UNSUPPORTED;
+    if (klen > SPK_KV_MAX_KEY)
+        return SPOKE_ERR_INVALID;
+    *pp = p;
+    *envp = p->env;
+    return 0;
+}
+
+static int kv_buf_reserve(spk_host_env *env, size_t n)
+{
+    if (n <= env->kv_cap)
+        return 0;
+    size_t cap = env->kv_cap ? env->kv_cap : 256;
+    while (cap < n)
+        cap *= 2;
+    void *b = malloc(cap);
+    if (b == NULL)
+        return SPK_ENOMEM;
+    free(env->kv_buf);
+    env->kv_buf = b;
+    env->kv_cap = cap;
+    return 0;
+}
+
+/* A get of its own: copy the value out of a short read transaction. */
+static int kv_get_copy(spk_host_env *env, spk_kv *kv, uint32_t ns, const void *key,
+                       size_t klen, const void **val, size_t *vlen, spk_errbuf *eb)
+{
+    spk_kv_txn *t;
+    int rc = spk_kv_begin(kv, NULL, false, &t, eb);
+    if (rc != 0)
+        return rc;
+    const void *v;
+    size_t n;
+    rc = spk_kv_get(t, ns, key, klen, &v, &n, eb);
+    if (rc == 0 && (rc = kv_buf_reserve(env, n)) != 0)
+        spk_errf(eb, rc, "out of memory copying a value of %zu bytes", n);
+    if (rc == 0) {
+        if (n > 0)
+            memcpy(env->kv_buf, v, n);
+        *val = n > 0 ? env->kv_buf : kv_empty;
+        *vlen = n;
+    }
+    spk_kv_abort(t);
+    return rc;
+}
+
+static int host_kv_get(spoke_ctx *ctx, const void *key, size_t klen, const void **val,
+                       size_t *vlen)
+{
+    if (val == NULL || vlen == NULL)
+        return SPOKE_ERR_INVALID;
+    *val = NULL;
+    *vlen = 0;
+    spk_plugin *p;
+    spk_host_env *env;
+    int rc = kv_enter(ctx, key, klen, &p, &env);
+    if (rc != 0)
+        return rc;
+    spk_errbuf eb;
+    if (env->kv_txn != NULL) {
+        const void *v;
+        size_t n;
+        rc = spk_kv_get(env->kv_txn, p->id, key, klen, &v, &n, &eb);
+        if (rc == 0) {
+            *val = n > 0 ? v : kv_empty;
+            *vlen = n;
+        }
+    } else {
+        spk_kv *kv = kv_store(env);
+        if (kv == NULL)
+            return SPOKE_ERR_KV_UNAVAILABLE;
+        rc = kv_get_copy(env, kv, p->id, key, klen, val, vlen, &eb);
+    }
+    return rc == 0 ? 0 : kv_failed(env, p, "get", rc, eb.msg);
+}
+
+static int host_kv_put(spoke_ctx *ctx, const void *key, size_t klen, const void *val,
+                       size_t vlen)
+{
+    if (val == NULL && vlen > 0)
+        return SPOKE_ERR_INVALID;
+    spk_plugin *p;
+    spk_host_env *env;
+    int rc = kv_enter(ctx, key, klen, &p, &env);
+    if (rc != 0)
+        return rc;
+    if (vlen > SPK_KV_MAX_VALUE)
+        return SPOKE_ERR_PAYLOAD_TOO_LARGE;
+    spk_errbuf eb;
+    if (env->kv_txn != NULL) {
+        rc = spk_kv_put(env->kv_txn, p->id, key, klen, val, vlen, &eb);
+    } else {
+        spk_kv *kv = kv_store(env);
+        if (kv == NULL)
+            return SPOKE_ERR_KV_UNAVAILABLE;
+        /* A commit may wait for another process's write transaction (and, in hubd, for
+         * the disk): not the plugin's time. */
+        spk_slot_in_host(p->slot, 1);
+        rc = spk_kv_put1(kv, p->id, key, klen, val, vlen, &eb);
+        spk_slot_in_host(p->slot, 0);
+    }
+    return rc == 0 ? 0 : kv_failed(env, p, "put", rc, eb.msg);
+}
+
+static int host_kv_del(spoke_ctx *ctx, const void *key, size_t klen)
+{
+    spk_plugin *p;
+    spk_host_env *env;
+    int rc = kv_enter(ctx, key, klen, &p, &env);
+    if (rc != 0)
+        return rc;
+    spk_errbuf eb;
+    if (env->kv_txn != NULL) {
+        rc = spk_kv_del(env->kv_txn, p->id, key, klen, &eb);
+    } else {
+        spk_kv *kv = kv_store(env);
+        if (kv == NULL)
+            return SPOKE_ERR_KV_UNAVAILABLE;
+        spk_slot_in_host(p->slot, 1);
+        rc = spk_kv_del1(kv, p->id, key, klen, &eb);
+        spk_slot_in_host(p->slot, 0);
+    }
+    return rc == 0 ? 0 : kv_failed(env, p, "del", rc, eb.msg);
+}
+
+/* Between the store's scan and the plugin's callback: remember a negative answer, so
+ * that kv_scan returns the plugin's own code unchanged, whatever its value. */
+typedef struct kv_scan_arg {
+    spoke_kv_scan_cb cb;
+    void *arg;
+    int cb_rc;
+} kv_scan_arg;
+
+static int kv_scan_each(void *arg, const void *key, size_t klen, const void *val, size_t vlen)
+{
+    kv_scan_arg *sa = arg;
+    int r = sa->cb(sa->arg, key, klen, val, vlen);
+    if (r < 0)
+        sa->cb_rc = r;
+    return r;
+}
+
+static int host_kv_scan(spoke_ctx *ctx, const void *prefix, size_t plen, const void *after,
+                        size_t alen, size_t max, spoke_kv_scan_cb cb, void *arg)
+{
+    if (cb == NULL || (after == NULL && alen > 0))
+        return SPOKE_ERR_INVALID;
+    spk_plugin *p;
+    spk_host_env *env;
+    int rc = kv_enter(ctx, prefix, plen, &p, &env);
+    if (rc != 0)
+        return rc;
+    if (alen > SPK_KV_MAX_KEY)
+        return SPOKE_ERR_INVALID;
+    spk_errbuf eb;
+    kv_scan_arg sa = {cb, arg, 0};
+    spk_kv_txn *t = env->kv_txn;
+    if (t == NULL) {
+        spk_kv *kv = kv_store(env);
+        if (kv == NULL)
+            return SPOKE_ERR_KV_UNAVAILABLE;
+        if ((rc = spk_kv_begin(kv, NULL, false, &t, &eb)) != 0)
+            return kv_failed(env, p, "scan", rc, eb.msg);
+    }
+    env->kv_scanning = true;
+    rc = spk_kv_scan(t, p->id, prefix, plen, after, alen, max, kv_scan_each, &sa, NULL, NULL,
+                     &eb);
+    env->kv_scanning = false;
+    if (t != env->kv_txn)
+        spk_kv_abort(t);
+    if (rc == 0 || (sa.cb_rc != 0 && rc == sa.cb_rc))
+        return rc;
+    return kv_failed(env, p, "scan", rc, eb.msg);
+}
+
 /* One table per role. A service a role does not offer is NULL in its table (the ABI's
- * rule 4): the control role has no connections, buffers or queue to the control plane. */
+ * rule 4): the control role has no connections, buffers or queue to the control plane.
+ * Both roles have the KV services. */
 #define HOST_SERVICES_ALL_ROLES                                                            \
     .abi_major = SPOKE_ABI_MAJOR, .abi_minor = SPOKE_ABI_MINOR,                            \
     .struct_size = sizeof(spoke_host), .log = host_log, .config_get = host_config_get,     \
     .edge_id = host_edge_id, .edge_namespace = host_edge_namespace, .every = host_every,   \
     .timer_cancel = host_timer_cancel, .signal = host_signal, .strerror = host_strerror,   \
-    .config_get_duration = host_config_get_duration, .config_get_size = host_config_get_size
+    .config_get_duration = host_config_get_duration, .config_get_size = host_config_get_size,\
+    .kv_get = host_kv_get, .kv_put = host_kv_put, .kv_del = host_kv_del, .kv_scan = host_kv_scan
 
 static const spoke_host edge_table = {
     HOST_SERVICES_ALL_ROLES,
@@ -547,4 +842,30 @@ void spk_host_env_init(spk_host_env *env, struct ev_loop *loop, const spk_config
     env->role = role;
     env->edge_id = cfg && cfg->edge_id ? cfg->edge_id : "";
     env->edge_namespace = cfg && cfg->edge_namespace ? cfg->edge_namespace : "";
+}
+
+size_t spk_host_health_round(spk_plugin_set *set, spk_slot *slot, unsigned *fails,
+                             unsigned limit)
+{
+    for (size_t i = 0; i < set->n; i++) {
+        spk_plugin *p = set->v[i];
+        if (p->table.health == NULL)
+            continue;
+        spk_slot_enter(slot, (uint32_t)i, SPK_HOOK_HEALTH);
+        int rc = p->table.health(p->self);
+        spk_slot_leave(slot);
+        if (rc == 0) {
+            fails[i] = 0;
+            continue;
+        }
+        fails[i]++;
+        spk_warn("plugin %s: health check failed (%d), %u of %u in a row", p->name, rc, fails[i],
+                 limit);
+        if (fails[i] >= limit) {
+            spk_error("plugin %s: failed %u health checks in a row; treating it as crashed",
+                      p->name, fails[i]);
+            return i + 1;
+        }
+    }
+    return 0;
 }

@@ -17,7 +17,9 @@
 #include "spoke.h"
 #include "status.h"
 
-struct spk_queue; /* queue/queue.h */
+struct spk_queue;  /* queue/queue.h */
+struct spk_kv;     /* kv.h */
+struct spk_kv_txn; /* kv.h */
 
 struct spk_host_env {
     struct ev_loop *loop;      /* the process's loop (timers run on it) */
@@ -33,6 +35,35 @@ struct spk_host_env {
     uint64_t qlog_dropped;     /* refusals not logged since the last one that was */
     const char *edge_id;       /* borrowed from cfg, never NULL */
     const char *edge_namespace;
+
+    /* The KV services (ABI 1.2; see kv_get in abi/spoke.h). */
+    struct spk_kv *kv;         /* the store this process opened for them; NULL: none, and
+                                  they answer KV_UNAVAILABLE. Borrowed: its opener closes
+                                  it (spk_host_kv_open/close for the edge; hubd sets its
+                                  own store, the one that holds its dedupe marks, before
+                                  the plugins' init) */
+    struct spk_kv_txn *kv_txn; /* CONTROL ROLE: while hubd runs accept_edge_payload for a
+                                  delivery it sets this to that delivery's (nested) write
+                                  transaction, and clears it when the hook returns; while
+                                  it is set, every KV call of this env's plugins reads and
+                                  writes in it, never committing or aborting it (after a
+                                  KV_UNAVAILABLE from a write, such as a full map, it is
+                                  failed and must be aborted: kv.h, ERRORS). NULL (timers,
+                                  init, the edge role): each call is its own transaction
+                                  on `kv`. hubd must not hold a top-level write
+                                  transaction of `kv` while kv_txn is NULL and plugin code
+                                  may run (timers): their writes would find it taken and
+                                  answer KV_UNAVAILABLE (SPK_EBUSY) */
+    bool kv_owned;             /* kv was opened by spk_host_kv_open(): a failed open is
+                                  retried every few seconds by the services */
+    bool kv_scanning;          /* a kv_scan callback runs: KV calls answer UNSUPPORTED */
+    uint64_t kv_tried_s;       /* loop time (s) of the last attempt to open kv */
+    void *kv_buf;              /* kv_get's copy of a value when kv_txn is NULL, reused by
+                                  the next get (so the ABI's lifetime rule holds); freed
+                                  by spk_host_env_fini() */
+    size_t kv_cap;
+    uint64_t kvlog_sec;        /* rate limit of KV failure logs: the current second ... */
+    uint64_t kvlog_dropped;    /* ... and failures not logged since the last one that was */
 };
 
 /* The host services table of `role`; static, valid for the life of the process. In the
@@ -57,6 +88,27 @@ int spk_host_queue_open(spk_host_env *env, spk_errbuf *eb);
  * error. send_to_control calls it; the queue stays optional for serving traffic. */
 int spk_host_queue_retry(spk_host_env *env);
 
+/* Free what the services allocated in env (kv_get's buffer, up to 1 MiB): every process
+ * that ran plugins with an env calls it once they are unloaded (the edge worker, hubd's
+ * workers). Closes neither env->queue nor env->kv: their openers do. env may be
+ * initialised again afterwards. */
+void spk_host_env_fini(spk_host_env *env);
+
+/* Open env->kv from env->cfg's kv.* keys (spk_kv_conf_open, with env->role's durability;
+ * see kv.h for the codes) and mark it the env's own (kv_owned): when the open fails, the
+ * KV services retry it every few seconds and answer KV_UNAVAILABLE meanwhile. Call it in
+ * the process that will use the store, after fork, before the plugins' init. The edge
+ * worker uses it; hubd may too, or set env->kv to a store it opened itself. */
+int spk_host_kv_open(spk_host_env *env, spk_errbuf *eb);
+
+/* Flush env->kv (spk_kv_sync; the edge store is opened without a flush per commit), for
+ * the worker's kv.sync timer. Returns 0 (also with no store) or spk_kv_sync()'s code. */
+int spk_host_kv_sync(spk_host_env *env, spk_errbuf *eb);
+
+/* After the plugins' fini: flush and close a store spk_host_kv_open() opened, and forget
+ * it (env->kv = NULL). A store the env does not own is left alone. */
+void spk_host_kv_close(spk_host_env *env);
+
 /* Unload one plugin: fini if it is initialised (stamped in its slot, so a crash or hang
  * in fini is blamed on it), its timers stopped and freed, then spk_plugin_close()
  * (dlclose, free). NULL is allowed. */
@@ -66,6 +118,13 @@ void spk_host_plugin_unload(spk_plugin *p);
  * spk_plugin_set_init()): spk_host_plugin_unload() of each plugin in reverse chain order,
  * then the set's array is freed and the set left empty. */
 void spk_host_unload(spk_plugin_set *set);
+
+/* One round of health checks: each plugin's health hook (stamped in `slot`), counting
+ * failures in a row in fails[i] (one per plugin, zeroed by the caller at start). Returns
+ * the chain index + 1 of the first plugin that reached `limit` failures in a row (it is
+ * to be treated as crashed), or 0. */
+size_t spk_host_health_round(spk_plugin_set *set, spk_slot *slot, unsigned *fails,
+                             unsigned limit);
 
 /* send_to_control below the plugin's context: the host's own policy (send_to_control_json:
  * one well-formed JSON value, else SPK_ENOT_JSON; every string UTF-8, else SPK_EINVAL),

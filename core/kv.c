@@ -44,6 +44,7 @@
  * slots of dead processes are cleared by mdb_reader_check() at open (and by LMDB when
  * the table fills).
  */
+#include "fs.h"
 #include "kv.h"
 
 #include <errno.h>
@@ -219,24 +220,6 @@ static int kv_key(const spk_kv_txn *t, uint32_t ns, const void *key, size_t klen
     return 0;
 }
 
-static int mkdir_p(const char *path)
-{
-    char buf[4096];
-    size_t n = strlen(path);
-    if (n == 0 || n >= sizeof(buf))
-        return ENAMETOOLONG;
-    memcpy(buf, path, n + 1);
-    for (size_t i = 1; i <= n; i++) {
-        if (buf[i] != '/' && buf[i] != '\0')
-            continue;
-        char c = buf[i];
-        buf[i] = '\0';
-        if (mkdir(buf, 0700) != 0 && errno != EEXIST)
-            return errno;
-        buf[i] = c;
-    }
-    return 0;
-}
 
 /* ---- open and close ------------------------------------------------------------------ */
 
@@ -318,7 +301,7 @@ int spk_kv_open(const char *dir, const spk_kv_opts *o, spk_kv **out, spk_errbuf 
         kv->opts.max_readers = 126;
     kv->pid = getpid();
 
-    int err, rc = mkdir_p(dir);
+    int err, rc = spk_mkdir_p(dir, 0700);
     if (rc != 0) {
         err = spk_errf(eb, rc == ENOSPC || rc == EDQUOT ? SPK_EQUEUE_UNAVAILABLE : SPK_EIO,
                        "kv store %s: cannot create the directory: %s", dir, strerror(rc));

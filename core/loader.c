@@ -10,6 +10,7 @@
  * is read in two steps: the three version fields first, then at most struct_size bytes.
  */
 #include "loader.h"
+#include "status.h"
 
 #include <ctype.h>
 #include <dirent.h>
@@ -616,4 +617,21 @@ int spk_plugin_set_init(spk_plugin_set *set, spoke_role role, spk_errbuf *eb)
         spk_slot_leave(p->slot);
     }
     return 0;
+}
+
+void spk_plugin_set_publish(const spk_plugin_set *set, struct spk_wslot *sl)
+{
+    size_t n = set->n < SPK_STATUS_PLUGINS ? set->n : SPK_STATUS_PLUGINS;
+    for (size_t i = 0; i < n; i++) {
+        const spk_plugin *p = set->v[i];
+        spk_plugin_info *info = &sl->plugins[i];
+        snprintf(info->name, sizeof(info->name), "%s", p->name);
+        snprintf(info->version, sizeof(info->version), "%s", p->table.version);
+        info->id = p->id;
+        if (p->conf != NULL)
+            spk_plugin_key(p->conf, info->key, sizeof(info->key));
+        else
+            snprintf(info->key, sizeof(info->key), "@%s", p->path);
+    }
+    atomic_store_explicit(&sl->n_plugins, (uint32_t)n, memory_order_release);
 }

@@ -115,4 +115,9 @@ int spk_plugin_set_load(spk_config *cfg, const spoke_host *host, spk_host_env *e
  * (its fini never runs), and spk_host_unload() finalises the set as after a success. */
 int spk_plugin_set_init(spk_plugin_set *set, spoke_role role, spk_errbuf *eb);
 
+/* Tell the supervisor which plugins run (name, version, quarantine key, ID) in status
+ * slot `sl`, before any of their code does, so a crash in init is attributed. */
+struct spk_wslot; /* status.h */
+void spk_plugin_set_publish(const spk_plugin_set *set, struct spk_wslot *sl);
+
 #endif

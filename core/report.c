@@ -20,6 +20,11 @@
 #include <unistd.h>
 
 #include "queue.h"
+#include "grpc.h"
+#include "hub.h"
+#include "kv.h"
+#include "kv_conf.h"
+#include "spoke/control/v1/control.pb-c.h"
 #include "supervisor_int.h"
 
 typedef struct outbuf {
@@ -185,10 +190,166 @@ static void metrics_queue(sup *s, outbuf *o)
         (unsigned long long)s->qsyncs, (unsigned long long)s->qsync_errors);
 }
 
+#define UPLINK_COUNTERS(X)                                                                 \
+    X(batches_ok, "batches delivered", "spoke_uplink_batches_total{result=\"ok\"}")            \
+    X(batches_failed, "failed (retried)", "spoke_uplink_batches_total{result=\"failed\"}")      \
+    X(acked, "payloads accepted", "spoke_uplink_payloads_total{outcome=\"accepted\"}")          \
+    X(duplicates, "duplicates", "spoke_uplink_payloads_total{outcome=\"duplicate\"}")          \
+    X(refused, "refused", "spoke_uplink_payloads_total{outcome=\"refused\"}")                  \
+    X(no_receiver, "no receiver", "spoke_uplink_payloads_total{outcome=\"no_receiver\"}")      \
+    X(damaged, "damaged", "spoke_uplink_payloads_total{outcome=\"damaged\"}")
+
+static void report_uplink(sup *s, outbuf *o)
+{
+    const spk_config *cfg = spk_sup_cfg(s);
+    if (cfg == NULL || cfg->uplink_url == NULL)
+        return;
+    const uproc *u = &s->up;
+    if (u->pid != 0)
+        out(o, "uplink: pid %d  %s  up %.1f s  restarts %u  to %s\n", (int)u->pid,
+            state_name(atomic_load(&s->st->slots[u->slot].state)), ev_now(s->loop) - u->started,
+            u->restarts, cfg->uplink_url);
+    else
+        out(o, "uplink: down  restarts %u%s%s  to %s\n", u->restarts,
+            u->last_exit[0] ? "  last: " : "", u->last_exit, cfg->uplink_url);
+    spk_uplink_counters t;
+    spk_sup_uplink_totals(s, &t);
+    out(o, " ");
+#define X(f, label, metric) out(o, " %s %llu", label, (unsigned long long)atomic_load(&t.f));
+    UPLINK_COUNTERS(X)
+#undef X
+    uint64_t last = atomic_load(&t.last_ok_ms);
+    out(o, "\n  last delivery: %s", last ? "" : "never");
+    if (last)
+        out(o, "%.1f s ago (round trip %.1f ms)", ev_now(s->loop) - (double)last / 1000.0,
+            (double)atomic_load(&t.last_rtt_us) / 1000.0);
+    out(o, "  last status %s  plugins waiting for a receiver %u\n",
+        spk_grpc_code_name((int)atomic_load(&t.last_status)), atomic_load(&t.parked));
+}
+
+static void metrics_uplink(sup *s, outbuf *o)
+{
+    const spk_config *cfg = spk_sup_cfg(s);
+    if (cfg == NULL || cfg->uplink_url == NULL)
+        return;
+    spk_uplink_counters t;
+    spk_sup_uplink_totals(s, &t);
+    out(o, "# TYPE spoke_uplink_up gauge\nspoke_uplink_up %d\n", s->up.pid != 0);
+    out(o, "# TYPE spoke_uplink_restarts_total counter\nspoke_uplink_restarts_total %u\n",
+        s->up.restarts);
+    out(o, "# TYPE spoke_uplink_batches_total counter\n");
+    out(o, "# TYPE spoke_uplink_payloads_total counter\n");
+#define X(f, label, metric) out(o, "%s %llu\n", metric, (unsigned long long)atomic_load(&t.f));
+    UPLINK_COUNTERS(X)
+#undef X
+    out(o, "# TYPE spoke_uplink_last_success_timestamp_seconds gauge\n"
+           "spoke_uplink_last_success_timestamp_seconds %.3f\n",
+        (double)atomic_load(&t.last_ok_ms) / 1000.0);
+    out(o, "# TYPE spoke_uplink_rtt_seconds gauge\nspoke_uplink_rtt_seconds %.6f\n",
+        (double)atomic_load(&t.last_rtt_us) / 1e6);
+    out(o, "# TYPE spoke_uplink_parked_plugins gauge\nspoke_uplink_parked_plugins %u\n",
+        atomic_load(&t.parked));
+}
+
+/* hubd: the workers' counters and the edges the store remembers (read-only). */
+static void hub_counters(sup *s, spk_hub_counters *t)
+{
+    memset(t, 0, sizeof(*t));
+    for (int i = 0; i < SPK_STATUS_SLOTS; i++) {
+        if (!s->slot_used[i])
+            continue;
+        const spk_hub_counters *c = &s->st->slots[i].hub;
+#define ADD(f) atomic_store(&t->f, atomic_load(&t->f) + atomic_load(&c->f))
+        ADD(batches);
+        ADD(accepted);
+        ADD(duplicates);
+        ADD(no_receiver);
+        ADD(refused);
+        ADD(plugin_errors);
+        ADD(auth_failures);
+#undef ADD
+    }
+}
+
+typedef struct edge_walk {
+    outbuf *o;
+    int64_t now_ms;
+    size_t n;
+} edge_walk;
+
+static int report_edge(void *arg, const void *key, size_t klen, const void *val, size_t vlen)
+{
+    edge_walk *w = arg;
+    spk_hub_edge_rec r;
+    if (vlen < sizeof(r))
+        return 0;
+    memcpy(&r, val, sizeof(r));
+    w->n++;
+    const char *id = (const char *)key + 5; /* "edge/" */
+    int idlen = (int)klen - 5;
+    Spoke__Control__V1__HeartbeatRequest *hb =
+        vlen > sizeof(r) ? spoke__control__v1__heartbeat_request__unpack(
+                               NULL, vlen - sizeof(r), (const uint8_t *)val + sizeof(r))
+                         : NULL;
+    out(w->o, "  %.*s  namespace %s  spoke %s  last heartbeat %s", idlen, id,
+        hb ? hb->edge_namespace : "?", hb ? hb->spoke_version : "?",
+        r.last_heartbeat_ms ? "" : "never");
+    if (r.last_heartbeat_ms)
+        out(w->o, "%.1f s ago", (double)(w->now_ms - r.last_heartbeat_ms) / 1000.0);
+    if (hb)
+        out(w->o, "  queue %llu (oldest %.1f s)", (unsigned long long)hb->queue_depth,
+            (double)hb->queue_oldest_age_ms / 1000.0);
+    out(w->o, "\n    batches %llu  delivered %llu  duplicates %llu  no receiver %llu  "
+              "refused %llu\n",
+        (unsigned long long)r.batches, (unsigned long long)r.payloads,
+        (unsigned long long)r.duplicates, (unsigned long long)r.no_receiver,
+        (unsigned long long)r.refused);
+    for (size_t i = 0; hb && i < hb->n_plugins; i++)
+        out(w->o, "    plugin %-20s id %-6u %-10s %s\n", hb->plugins[i]->name, hb->plugins[i]->id,
+            hb->plugins[i]->version,
+            hb->plugins[i]->state == SPOKE__CONTROL__V1__PLUGIN_STATUS__STATE__QUARANTINED
+                ? "quarantined"
+                : "active");
+    if (hb)
+        spoke__control__v1__heartbeat_request__free_unpacked(hb, NULL);
+    return 0;
+}
+
+static void report_hub(sup *s, outbuf *o)
+{
+    spk_hub_counters t;
+    hub_counters(s, &t);
+    out(o, "hub: batches %llu  delivered %llu  duplicates %llu  no receiver %llu  refused %llu  "
+           "plugin errors %llu  auth failures %llu (since the workers started)\n",
+        (unsigned long long)atomic_load(&t.batches), (unsigned long long)atomic_load(&t.accepted),
+        (unsigned long long)atomic_load(&t.duplicates),
+        (unsigned long long)atomic_load(&t.no_receiver),
+        (unsigned long long)atomic_load(&t.refused),
+        (unsigned long long)atomic_load(&t.plugin_errors),
+        (unsigned long long)atomic_load(&t.auth_failures));
+    const spk_config *cfg = spk_sup_cfg(s);
+    spk_kv *kv = NULL;
+    spk_kv_txn *txn = NULL;
+    spk_errbuf eb;
+    if (spk_kv_conf_open(cfg, SPOKE_ROLE_CONTROL, &kv, &eb) != 0 ||
+        spk_kv_begin(kv, NULL, false, &txn, &eb) != 0) {
+        out(o, "edges: store %s unavailable: %s\n", cfg->hub_store, eb.msg);
+        spk_kv_close(kv);
+        return;
+    }
+    edge_walk w = {.o = o, .now_ms = (int64_t)(ev_now(s->loop) * 1000.0)};
+    out(o, "edges:\n");
+    spk_kv_scan(txn, 0, "edge/", 5, NULL, 0, 0, report_edge, &w, NULL, NULL, &eb);
+    if (w.n == 0)
+        out(o, "  (none yet)\n");
+    spk_kv_abort(txn);
+    spk_kv_close(kv);
+}
+
 static void build_report(sup *s, outbuf *o)
 {
     ev_tstamp now = ev_now(s->loop);
-    out(o, "spoked %s  pid %d  up %.0f s  config %s\n", SPOKE_VERSION, (int)s->pid,
+    out(o, "%s %s  pid %d  up %.0f s  config %s\n", s->prog, SPOKE_VERSION, (int)s->pid,
         now - s->started, s->path);
     out(o, "last reload: %s\n", s->last_reload[0] ? s->last_reload : "none");
     if (s->cur)
@@ -213,7 +374,12 @@ static void build_report(sup *s, outbuf *o)
     }
     if (s->refused[0])
         out(o, "  refused at the last reload: %s\n", s->refused);
+    if (s->role == SPOKE_ROLE_CONTROL) {
+        report_hub(s, o);
+        return;
+    }
     report_queue(s, o);
+    report_uplink(s, o);
 }
 
 static void build_metrics(sup *s, outbuf *o)
@@ -244,7 +410,10 @@ static void build_metrics(sup *s, outbuf *o)
         out(o, "spoke_plugin_quarantined{plugin=\"%s\"} %d\n", s->crashes[i].name,
             s->crashes[i].quarantined ? 1 : 0);
     (void)total;
-    metrics_queue(s, o);
+    if (s->role == SPOKE_ROLE_EDGE) {
+        metrics_queue(s, o);
+        metrics_uplink(s, o);
+    }
 }
 
 static void write_all(int fd, const char *p, size_t n)

@@ -46,6 +46,8 @@ typedef struct spk_plugin_info {
     char name[64];
     char version[32];
     char key[256]; /* quarantine key: "name@path" as configured (see loader.h) */
+    uint32_t id;   /* the configured plugin ID (0: none) */
+    uint32_t quarantined; /* the uplink's slot only: 1 for a quarantined plugin */
 } spk_plugin_info;
 
 /* Why send_to_control refused a payload; counted per worker in spk_wslot.queue. */
@@ -83,6 +85,34 @@ typedef struct spk_queue_counters {
     _Atomic uint32_t unavailable;        /* 1: the worker could not open the queue */
 } spk_queue_counters;
 
+/* The uplink's counters (its slot only; core/uplink.h), since it started: the supervisor
+ * adds an exited uplink's counts to its own totals, as for send_to_control's. */
+typedef struct spk_uplink_counters {
+    _Atomic uint64_t batches_ok;      /* batch calls answered OK */
+    _Atomic uint64_t batches_failed;  /* batch calls that failed (each is retried) */
+    _Atomic uint64_t acked;           /* payloads answered ACCEPTED (deleted) */
+    _Atomic uint64_t duplicates;      /* payloads answered DUPLICATE (deleted) */
+    _Atomic uint64_t refused;         /* payloads answered REFUSED (deleted, logged) */
+    _Atomic uint64_t no_receiver;     /* NO_RECEIVER answers (the payload stays queued) */
+    _Atomic uint64_t damaged;         /* records that failed their CRC (deleted, logged) */
+    _Atomic uint64_t heartbeats_ok;
+    _Atomic uint64_t last_ok_ms;      /* Unix ms of the last batch answered OK; 0: none */
+    _Atomic uint64_t last_rtt_us;     /* round trip of the last batch call */
+    _Atomic uint32_t last_status;     /* gRPC status of the last batch call */
+    _Atomic uint32_t parked;          /* plugins whose payloads wait for a receiver */
+} spk_uplink_counters;
+
+/* A hubd worker's counters (core/hub.h), since it started. */
+typedef struct spk_hub_counters {
+    _Atomic uint64_t batches;        /* SendPluginControlBatch calls committed */
+    _Atomic uint64_t accepted;       /* payloads delivered to a control plugin */
+    _Atomic uint64_t duplicates;     /* payloads seen before (edge ID, sequence) */
+    _Atomic uint64_t no_receiver;    /* payloads whose plugin ID has no control plugin */
+    _Atomic uint64_t refused;        /* payloads over a limit or malformed */
+    _Atomic uint64_t plugin_errors;  /* accept_edge_payload returned an error */
+    _Atomic uint64_t auth_failures;  /* calls refused UNAUTHENTICATED / PERMISSION_DENIED */
+} spk_hub_counters;
+
 typedef struct spk_wslot {
     spk_slot act;
     _Atomic uint32_t state;
@@ -93,6 +123,12 @@ typedef struct spk_wslot {
     spk_plugin_info plugins[SPK_STATUS_PLUGINS];
     char reason[1024];
     spk_queue_counters queue;       /* send_to_control of this worker's plugins */
+    /* The uplink's slot: the supervisor publishes the serving plugins in plugins[] for the
+     * heartbeat; plugins_seq is odd while it writes them (a reader copies, then checks
+     * that plugins_seq did not change). */
+    _Atomic uint32_t plugins_seq;
+    spk_uplink_counters uplink;
+    spk_hub_counters hub;           /* a hubd worker's slot */
 } spk_wslot;
 
 typedef struct spk_status {

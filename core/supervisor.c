@@ -37,6 +37,7 @@
 #include <ev.h>
 
 #include "config.h"
+#include "fs.h"
 #include "log.h"
 #include "net.h"
 #include "queue.h"
@@ -55,7 +56,7 @@ static void gen_free(sup *s, generation *g);
 
 /* Read `path` into a memfd and parse it from there. On success the generation's cfg and
  * cfg_fd are set; messages name `path`, not the memfd. */
-static int load_snapshot(const char *path, generation *g, spk_errbuf *eb)
+static int load_snapshot(const sup *s, const char *path, generation *g, spk_errbuf *eb)
 {
     int in = open(path, O_RDONLY | O_CLOEXEC);
     if (in < 0)
@@ -78,7 +79,7 @@ static int load_snapshot(const char *path, generation *g, spk_errbuf *eb)
     close(in);
     char fdpath[64];
     snprintf(fdpath, sizeof(fdpath), "/proc/self/fd/%d", mfd);
-    int rc = spk_config_load(fdpath, &g->cfg, eb);
+    int rc = spk_config_load_role(fdpath, s->role, &g->cfg, eb);
     if (rc != 0) {
         /* Name the operator's file in the message. */
         size_t plen = strlen(fdpath);
@@ -104,7 +105,7 @@ static int load_snapshot(const char *path, generation *g, spk_errbuf *eb)
 
 /* ---- slots and processes ------------------------------------------------------------ */
 
-static int slot_alloc(sup *s)
+int spk_sup_slot_alloc(sup *s)
 {
     for (int i = 0; i < SPK_STATUS_SLOTS; i++) {
         if (!s->slot_used[i]) {
@@ -118,7 +119,7 @@ static int slot_alloc(sup *s)
 
 /* Free slot i of a worker that exited (or never started): its send_to_control counters,
  * final now, are added to the supervisor's totals of exited workers. */
-static void slot_free(sup *s, int i)
+void spk_sup_slot_free(sup *s, int i)
 {
     if (i < 0 || !s->slot_used[i])
         return;
@@ -135,10 +136,9 @@ static char *fmt_int(char *buf, size_t cap, long v)
     return buf;
 }
 
-static void exec_worker(wproc *w)
+void spk_sup_exec(sup *s, generation *g, const char *mode, int index, int slot,
+                  bool with_listeners)
 {
-    sup *s = w->s;
-    generation *g = w->g;
     prctl(PR_SET_PDEATHSIG, SIGKILL);
     if (getppid() != s->pid)
         _exit(1); /* the supervisor died before prctl took effect */
@@ -151,9 +151,9 @@ static void exec_worker(wproc *w)
     if (argv == NULL)
         _exit(1);
     size_t a = 0;
-    argv[a++] = "spoked";
-    argv[a++] = "--worker";
-    argv[a++] = fmt_int(nbuf[0], sizeof(nbuf[0]), w->index);
+    argv[a++] = (char *)s->prog;
+    argv[a++] = (char *)mode;
+    argv[a++] = fmt_int(nbuf[0], sizeof(nbuf[0]), index);
     argv[a++] = "--gen";
     argv[a++] = fmt_int(nbuf[1], sizeof(nbuf[1]), (long)g->id);
     argv[a++] = "--config-fd";
@@ -163,10 +163,10 @@ static void exec_worker(wproc *w)
     argv[a++] = "--status-fd";
     argv[a++] = fmt_int(nbuf[3], sizeof(nbuf[3]), s->st_fd);
     argv[a++] = "--slot";
-    argv[a++] = fmt_int(nbuf[4], sizeof(nbuf[4]), w->slot);
+    argv[a++] = fmt_int(nbuf[4], sizeof(nbuf[4]), slot);
     fcntl(g->cfg_fd, F_SETFD, 0);
     fcntl(s->st_fd, F_SETFD, 0);
-    for (size_t i = 0; i < s->n_fds; i++) {
+    for (size_t i = 0; with_listeners && i < s->n_fds; i++) {
         char *b = malloc(24);
         if (b == NULL)
             _exit(1);
@@ -174,20 +174,20 @@ static void exec_worker(wproc *w)
         argv[a++] = fmt_int(b, 24, s->fds[i]);
         fcntl(s->fds[i], F_SETFD, 0);
     }
-    for (size_t i = 0; i < g->n_quarantine; i++) {
+    for (size_t i = 0; with_listeners && i < g->n_quarantine; i++) {
         argv[a++] = "--quarantine";
         argv[a++] = g->quarantine[i];
     }
     argv[a] = NULL;
     execv(s->self_exe, argv);
-    fprintf(stderr, "spoked: cannot exec worker %s: %s\n", s->self_exe, strerror(errno));
+    fprintf(stderr, "%s: cannot exec %s %s: %s\n", s->prog, s->self_exe, mode, strerror(errno));
     _exit(127);
 }
 
 static void spawn(wproc *w)
 {
     sup *s = w->s;
-    w->slot = slot_alloc(s);
+    w->slot = spk_sup_slot_alloc(s);
     if (w->slot < 0) {
         spk_error("no free status slot for worker %d; retrying in 1 s", w->index);
         ev_timer_set(&w->restart, 1.0, 0);
@@ -206,14 +206,14 @@ static void spawn(wproc *w)
     pid_t pid = fork();
     if (pid < 0) {
         spk_error("fork worker %d: %s; retrying in 1 s", w->index, strerror(errno));
-        slot_free(s, w->slot);
+        spk_sup_slot_free(s, w->slot);
         w->slot = -1;
         ev_timer_set(&w->restart, 1.0, 0);
         ev_timer_start(s->loop, &w->restart);
         return;
     }
     if (pid == 0)
-        exec_worker(w);
+        spk_sup_exec(s, w->g, "--worker", w->index, w->slot, true);
     w->pid = pid;
     w->started = ev_now(s->loop);
     spk_debug("generation %u worker %d started: pid %d", w->g->id, w->index, (int)pid);
@@ -236,7 +236,7 @@ static generation *gen_new(sup *s, spk_errbuf *eb)
         return NULL;
     }
     g->cfg_fd = -1;
-    int rc = load_snapshot(s->path, g, eb);
+    int rc = load_snapshot(s, s->path, g, eb);
     if (rc != 0) {
         free(g);
         return NULL;
@@ -303,7 +303,7 @@ static void gen_free(sup *s, generation *g)
         return;
     for (int i = 0; i < g->n; i++) {
         ev_timer_stop(s->loop, &g->w[i].restart);
-        slot_free(s, g->w[i].slot);
+        spk_sup_slot_free(s, g->w[i].slot);
     }
     free(g->w);
     for (size_t i = 0; i < g->n_quarantine; i++)
@@ -376,7 +376,7 @@ void spk_sup_start_replacement(sup *s, const char *why)
             return;
         }
         if (!same_listen(s, g->cfg)) {
-            reload_failed(s, "listen.address changed; restart spoked to change it");
+            reload_failed(s, s->role == SPOKE_ROLE_CONTROL ? "hub.listen changed; restart hubd to change it" : "listen.address changed; restart spoked to change it");
             gen_free(s, g);
             return;
         }
@@ -387,7 +387,7 @@ void spk_sup_start_replacement(sup *s, const char *why)
         g->cfg_fd = -1;
         char fdpath[64];
         snprintf(fdpath, sizeof(fdpath), "/proc/self/fd/%d", s->cur->cfg_fd);
-        if (spk_config_load(fdpath, &g->cfg, &eb) != 0 ||
+        if (spk_config_load_role(fdpath, s->role, &g->cfg, &eb) != 0 ||
             (g->cfg_fd = fcntl(s->cur->cfg_fd, F_DUPFD_CLOEXEC, 0)) < 0 ||
             gen_copy_quarantine(g, s->cur) != 0) {
             spk_error("%s: cannot prepare the replacement generation: %s", why, eb.msg);
@@ -430,6 +430,7 @@ static void promote(sup *s)
         tell_accept(&g->w[i]);
     g->ready = true;
     s->cur = g;
+    spk_sup_uplink_sync(s);
     if (old != NULL) {
         s->reloads_ok++;
         snprintf(s->last_reload, sizeof(s->last_reload), "ok: generation %u replaced %u", g->id,
@@ -480,6 +481,10 @@ static void maybe_finish_stop(sup *s)
     int live = (s->cur ? gen_live(s->cur) : 0) + (s->next ? gen_live(s->next) : 0);
     for (generation *g = s->old; g; g = g->next_old)
         live += gen_live(g);
+    if (live == 0 && spk_sup_uplink_live(s)) {
+        spk_sup_uplink_stop(s, SIGTERM); /* the workers are gone: the uplink drains last */
+        return;
+    }
     if (live == 0)
         ev_break(s->loop, EVBREAK_ALL);
 }
@@ -489,6 +494,10 @@ static void on_child(struct ev_loop *loop, ev_child *c, int revents)
     (void)loop;
     (void)revents;
     sup *s = c->data;
+    if (spk_sup_uplink_exited(s, c->rpid, c->rstatus)) {
+        maybe_finish_stop(s);
+        return;
+    }
     wproc *w = find_worker(s, c->rpid);
     if (w == NULL)
         return;
@@ -509,7 +518,7 @@ static void on_child(struct ev_loop *loop, ev_child *c, int revents)
             spk_sup_blame(s, s->cur != NULL ? s->cur : g, w->blame_key, w->blame_name,
                           w->kill_reason);
         }
-        slot_free(s, w->slot);
+        spk_sup_slot_free(s, w->slot);
         w->slot = -1;
         reap_old(s);
         maybe_finish_stop(s);
@@ -527,7 +536,7 @@ static void on_child(struct ev_loop *loop, ev_child *c, int revents)
                  w->blame_name, what);
     else
         snprintf(reason, sizeof(reason), "worker %d ended: %s", w->index, what);
-    slot_free(s, w->slot);
+    spk_sup_slot_free(s, w->slot);
     w->slot = -1;
 
     if (g == s->next) {
@@ -607,6 +616,7 @@ static void on_watchdog(struct ev_loop *loop, ev_timer *t, int revents)
     (void)revents;
     sup *s = t->data;
     spk_sup_watchdog_sample(s);
+    spk_sup_uplink_sample(s);
     admit_restarted(s);
     if (s->next != NULL && !s->stopping) {
         generation *g = s->next;
@@ -638,6 +648,8 @@ static void stop_all(sup *s, int sig)
     }
     for (generation *g = s->old; g; g = g->next_old)
         gen_signal(g, sig == SIGQUIT ? SIGQUIT : SIGTERM);
+    if (sig == SIGQUIT)
+        spk_sup_uplink_stop(s, SIGQUIT);
     maybe_finish_stop(s);
 }
 
@@ -653,6 +665,7 @@ static void on_stop_deadline(struct ev_loop *loop, ev_timer *t, int revents)
             gen_signal(gens[k], SIGKILL);
     for (generation *g = s->old; g; g = g->next_old)
         gen_signal(g, SIGKILL);
+    spk_sup_uplink_stop(s, SIGKILL);
 }
 
 static void on_signal(struct ev_loop *loop, ev_signal *w, int revents)
@@ -767,35 +780,22 @@ static void on_qsync(struct ev_loop *loop, ev_timer *t, int revents)
 
 /* ---- setup -------------------------------------------------------------------------- */
 
-static int mkdir_p(const char *dir)
-{
-    char tmp[512];
-    snprintf(tmp, sizeof(tmp), "%s", dir);
-    for (char *p = tmp + 1; *p; p++) {
-        if (*p == '/') {
-            *p = '\0';
-            if (mkdir(tmp, 0755) != 0 && errno != EEXIST)
-                return -1;
-            *p = '/';
-        }
-    }
-    return mkdir(tmp, 0755) != 0 && errno != EEXIST ? -1 : 0;
-}
-
 static int setup_run_dir(sup *s, const spk_config *cfg, spk_errbuf *eb)
 {
-    if (mkdir_p(cfg->run_dir) != 0)
-        return spk_errf(eb, SPK_EIO, "run_dir %s: %s", cfg->run_dir, strerror(errno));
-    snprintf(s->pid_path, sizeof(s->pid_path), "%s/spoked.pid", cfg->run_dir);
-    snprintf(s->admin_path, sizeof(s->admin_path), "%s/spoked.sock", cfg->run_dir);
+    int err = spk_mkdir_p(cfg->run_dir, 0755);
+    if (err != 0)
+        return spk_errf(eb, err == ENAMETOOLONG ? SPK_EINVAL : SPK_EIO, "run_dir %s: %s",
+                        cfg->run_dir, strerror(err));
+    snprintf(s->pid_path, sizeof(s->pid_path), "%s/%s.pid", cfg->run_dir, s->prog);
+    snprintf(s->admin_path, sizeof(s->admin_path), "%s/%s.sock", cfg->run_dir, s->prog);
     /* Refuse to start twice on one run_dir: the pid file names a live process. */
     FILE *f = fopen(s->pid_path, "r");
     if (f != NULL) {
         int pid = 0;
         if (fscanf(f, "%d", &pid) == 1 && pid > 0 && pid != s->pid && kill(pid, 0) == 0) {
             fclose(f);
-            return spk_errf(eb, SPK_EBUSY, "%s: spoked is already running as pid %d",
-                            s->pid_path, pid);
+            return spk_errf(eb, SPK_EBUSY, "%s: %s is already running as pid %d",
+                            s->pid_path, s->prog, pid);
         }
         fclose(f);
     }
@@ -877,16 +877,19 @@ static void watch_signal(sup *s, ev_signal *w, int sig)
     ev_signal_start(s->loop, w);
 }
 
-int spk_supervisor_main(const char *path, const char *self_exe)
+int spk_supervisor_main(const char *path, const char *self_exe, spoke_role role)
 {
     sup s;
     memset(&s, 0, sizeof(s));
+    s.role = role;
+    s.prog = role == SPOKE_ROLE_CONTROL ? "hubd" : "spoked";
     s.path = path;
     s.self_exe = self_exe;
     s.pid = getpid();
     s.st_fd = -1;
+    spk_sup_uplink_init(&s);
     spk_errbuf eb;
-    spk_log_set_tag("spoked");
+    spk_log_set_tag(s.prog);
     /* Hold the control signals until their watchers exist: a SIGHUP sent right after start
      * (a service manager's reload) must not kill the process with the default action. */
     sigset_t ctl, old_mask;
@@ -899,7 +902,7 @@ int spk_supervisor_main(const char *path, const char *self_exe)
 
     generation *g = gen_new(&s, &eb);
     if (g == NULL) {
-        fprintf(stderr, "spoked: %s\n", eb.msg);
+        fprintf(stderr, "%s: %s\n", s.prog, eb.msg);
         return 1;
     }
     spk_log_set_level(g->cfg->log_level);
@@ -950,8 +953,9 @@ int spk_supervisor_main(const char *path, const char *self_exe)
         return 1;
     }
     s.next = g; /* the first generation is promoted like any other once ready */
-    spk_info("supervisor pid %d: %s -> %s, %d workers, generation %u", (int)s.pid,
-             g->cfg->listen[0], g->cfg->upstream, g->n, g->id);
+    spk_info("supervisor pid %d: %s%s%s, %d workers, generation %u", (int)s.pid,
+             g->cfg->listen[0], g->cfg->upstream ? " -> " : " (gRPC)",
+             g->cfg->upstream ? g->cfg->upstream : "", g->n, g->id);
 
     ev_run(s.loop, 0);
 
@@ -959,6 +963,7 @@ int spk_supervisor_main(const char *path, const char *self_exe)
     ev_timer_stop(s.loop, &s.watchdog);
     ev_timer_stop(s.loop, &s.stop_deadline);
     ev_timer_stop(s.loop, &s.qsync);
+    ev_timer_stop(s.loop, &s.up.restart);
     if (s.queue != NULL && spk_queue_sync(s.queue, &eb) != 0) /* the workers have exited */
         spk_error("%s", eb.msg);
     queue_close(&s);

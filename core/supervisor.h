@@ -1,5 +1,5 @@
 /*
- * supervisor.h -- spoked's master process: it never loads plugin code.
+ * supervisor.h -- the master process of spoked and of hubd: it never loads plugin code.
  *
  * It parses the config, binds the listening sockets, creates the shared status region and
  * starts `listen.workers` worker processes (fork + exec of spoked itself in worker mode,
@@ -20,7 +20,11 @@
  *   - SIGTERM/SIGINT: workers drain and exit, then the supervisor exits 0. SIGQUIT: now.
  *
  * Operators reach it through `run_dir`: spoked.pid, and spoked.sock, a Unix socket that
- * answers "status" with a human-readable report.
+ * answers "status" with a human-readable report (hubd.pid and hubd.sock for hubd).
+ *
+ * The role decides the config's sections and what the workers run (cli.c): spoked's
+ * workers proxy (worker.h) and it also runs the uplink and syncs the queue; hubd's
+ * workers serve gRPC to the edges (hub.h), and its report lists the edges it has seen.
  */
 #ifndef SPK_SUPERVISOR_H
 #define SPK_SUPERVISOR_H
@@ -28,8 +32,9 @@
 #include "config.h"
 #include "err.h"
 
-/* Run the supervisor for the config file at `path` until it stops. `self_exe` is the
- * program to exec for workers (normally "/proc/self/exe"). Returns the process exit code. */
-int spk_supervisor_main(const char *path, const char *self_exe);
+/* Run the supervisor for the config file at `path` in `role` until it stops. `self_exe`
+ * is the program to exec for workers (normally "/proc/self/exe"). Returns the process
+ * exit code. */
+int spk_supervisor_main(const char *path, const char *self_exe, spoke_role role);
 
 #endif

@@ -74,9 +74,25 @@ typedef struct crash_rec {
     char last[200];
 } crash_rec;
 
+/* The uplink process (sup_uplink.c): at most one, outside the generations. */
+typedef struct uproc {
+    pid_t pid;           /* 0: not running */
+    int slot;            /* -1: none */
+    ev_tstamp started;
+    unsigned fails, restarts;
+    ev_timer restart;
+    bool replacing;      /* stopped for a config change: start again at once */
+    bool stop_sent;      /* stopping: the uplink was told to stop */
+    char settings[1200]; /* the config it runs (spk_sup_uplink_sync compares) */
+    char last_exit[200];
+    spk_uplink_counters gone; /* counters of uplinks that exited */
+} uproc;
+
 /* The supervisor: one per spoked; every field is touched only on its loop. */
 struct sup {
     struct ev_loop *loop;
+    spoke_role role;
+    const char *prog;  /* "spoked" or "hubd": log tag, run_dir file names, argv[0] */
     const char *path;
     const char *self_exe;
     pid_t pid;
@@ -114,6 +130,7 @@ struct sup {
     uint64_t q_gone_sent, q_gone_refused[SPK_QR_N];
     double qlast;               /* ev_now of the last sync */
     char queue_err[1024]; /* why it could not be opened; "" when open */
+    uproc up;
 };
 
 /* The status slot of worker w, or NULL while it has none. */
@@ -135,6 +152,41 @@ static inline const spk_config *spk_sup_cfg(const sup *s)
  * "quarantine" restarts cur's snapshot without the quarantined plugins. One at a time: a
  * request while another generation starts runs after it. */
 void spk_sup_start_replacement(sup *s, const char *why);
+
+/* Allocate a status slot (zeroed), or -1 when none is free; free it again. */
+int spk_sup_slot_alloc(sup *s);
+void spk_sup_slot_free(sup *s, int i);
+
+/* In a forked child: exec this program as `mode` ("--worker", "--uplink") with index,
+ * generation g's config snapshot and the status region (and the listening sockets and
+ * quarantine list when with_listeners). Never returns. */
+void spk_sup_exec(sup *s, generation *g, const char *mode, int index, int slot,
+                  bool with_listeners) __attribute__((noreturn));
+
+/* ---- sup_uplink.c ---- */
+
+/* Set up s->up (no uplink runs yet). */
+void spk_sup_uplink_init(sup *s);
+
+/* Make the uplink match the serving generation's config: start it (uplink: section and
+ * no uplink running), restart it (its settings changed) or stop it (section gone). */
+void spk_sup_uplink_sync(sup *s);
+
+/* Child `pid` exited with `status`: when it is the uplink, restart it (with backoff,
+ * unless it was replaced) and return true. */
+bool spk_sup_uplink_exited(sup *s, pid_t pid, int status);
+
+/* Stopping: signal the uplink (no restart; once). spoked stops it after its workers
+ * exited, so their last payloads (queued by fini) go out first; SIGQUIT stops it at once.
+ * Whether it still runs. */
+void spk_sup_uplink_stop(sup *s, int sig);
+bool spk_sup_uplink_live(const sup *s);
+
+/* Watchdog tick: kill an uplink whose heartbeat stopped; publish the serving plugins. */
+void spk_sup_uplink_sample(sup *s);
+
+/* Totals of the uplink counters, the running one's and those of uplinks that exited. */
+void spk_sup_uplink_totals(const sup *s, spk_uplink_counters *out);
 
 /* ---- watchdog.c ---- */
 

@@ -29,6 +29,7 @@ typedef struct worker {
     ev_timer tick, heartbeat, health, drain_check, drain_deadline;
     ev_timer qsync;    /* --single-process: the supervisor's queue timer */
     double qlast;      /* ... and when it last synced (ev_now) */
+    ev_timer kvsync;   /* kv.sync: flush the KV store (opened without a flush per commit) */
     unsigned *health_fails;
     bool draining;
     int result;
@@ -65,29 +66,13 @@ static void on_health(struct ev_loop *loop, ev_timer *w, int revents)
     (void)loop;
     (void)revents;
     worker *wk = w->data;
-    for (size_t i = 0; i < wk->set.n; i++) {
-        spk_plugin *p = wk->set.v[i];
-        if (p->table.health == NULL)
-            continue;
-        spk_slot_enter(wk->slot, (uint32_t)i, SPK_HOOK_HEALTH);
-        int rc = p->table.health(p->self);
-        spk_slot_leave(wk->slot);
-        if (rc == 0) {
-            wk->health_fails[i] = 0;
-            continue;
-        }
-        wk->health_fails[i]++;
-        spk_warn("plugin %s: health check failed (%d), %u of %u in a row", p->name, rc,
-                 wk->health_fails[i], wk->cfg->health_fail_limit);
-        if (wk->health_fails[i] >= wk->cfg->health_fail_limit) {
-            spk_error("plugin %s: failed %u health checks in a row; treating it as crashed",
-                      p->name, wk->health_fails[i]);
-            if (wk->opts->wslot != NULL)
-                atomic_store(&wk->opts->wslot->health_failed, (uint32_t)i + 1);
-            wk->result = SPK_EBUSY;
-            stop_now(wk);
-            return;
-        }
+    size_t failed = spk_host_health_round(&wk->set, wk->slot, wk->health_fails,
+                                          wk->cfg->health_fail_limit);
+    if (failed != 0) {
+        if (wk->opts->wslot != NULL)
+            atomic_store(&wk->opts->wslot->health_failed, (uint32_t)failed);
+        wk->result = SPK_EBUSY;
+        stop_now(wk);
     }
 }
 
@@ -164,30 +149,24 @@ static void on_qsync(struct ev_loop *loop, ev_timer *w, int revents)
         spk_error("%s", eb.msg);
 }
 
+/* The edge's KV store commits without flushing (many small writes from traffic hooks);
+ * every worker flushes it on this period, so a power loss costs at most one period. */
+static void on_kvsync(struct ev_loop *loop, ev_timer *w, int revents)
+{
+    (void)loop;
+    (void)revents;
+    worker *wk = w->data;
+    spk_errbuf eb;
+    if (spk_host_kv_sync(&wk->env, &eb) != 0)
+        spk_error("kv: %s", eb.msg);
+}
+
 static void start_timer(worker *wk, ev_timer *t, void (*cb)(struct ev_loop *, ev_timer *, int),
                         uint64_t ms)
 {
     ev_timer_init(t, cb, (double)ms / 1000.0, (double)ms / 1000.0);
     t->data = wk;
     ev_timer_start(wk->loop, t);
-}
-
-/* Tell the supervisor which plugins run, before any of their code does. */
-static void publish_plugins(worker *wk)
-{
-    spk_wslot *sl = wk->opts->wslot;
-    size_t n = wk->set.n < SPK_STATUS_PLUGINS ? wk->set.n : SPK_STATUS_PLUGINS;
-    for (size_t i = 0; i < n; i++) {
-        const spk_plugin *p = wk->set.v[i];
-        spk_plugin_info *info = &sl->plugins[i];
-        snprintf(info->name, sizeof(info->name), "%s", p->name);
-        snprintf(info->version, sizeof(info->version), "%s", p->table.version);
-        if (p->conf != NULL)
-            spk_plugin_key(p->conf, info->key, sizeof(info->key));
-        else
-            snprintf(info->key, sizeof(info->key), "@%s", p->path);
-    }
-    atomic_store_explicit(&sl->n_plugins, (uint32_t)n, memory_order_release);
 }
 
 static int start(worker *wk, spk_errbuf *eb)
@@ -201,7 +180,7 @@ static int start(worker *wk, spk_errbuf *eb)
     if (rc != 0)
         return rc;
     if (opts->wslot != NULL)
-        publish_plugins(wk);
+        spk_plugin_set_publish(&wk->set, opts->wslot);
     /* The queue opens before init, so plugins may send from init. A worker that cannot
      * open it still serves: send_to_control answers QUEUE_UNAVAILABLE and retries. */
     wk->env.qc = opts->wslot ? &opts->wslot->queue : &wk->private_qc;
@@ -209,6 +188,11 @@ static int start(worker *wk, spk_errbuf *eb)
     if (spk_host_queue_open(&wk->env, &qeb) != 0)
         spk_warn("send_to_control unavailable: %s; plugins get QUEUE_UNAVAILABLE until it "
                  "opens (retried every few seconds)", qeb.msg);
+    /* The KV store too, for the same reason; without it plugins get KV_UNAVAILABLE (the
+     * open is retried every few seconds) and traffic flows. */
+    if (spk_host_kv_open(&wk->env, &qeb) != 0)
+        spk_warn("KV services unavailable: %s; plugins get KV_UNAVAILABLE until it opens "
+                 "(retried every few seconds)", qeb.msg);
     wk->health_fails = calloc(wk->set.n ? wk->set.n : 1, sizeof(unsigned));
     if (wk->health_fails == NULL)
         return spk_errf(eb, SPK_ENOMEM, "out of memory");
@@ -242,6 +226,7 @@ int spk_worker_run(spk_config *cfg, const spk_worker_opts *opts, spk_errbuf *eb)
                  wk.set.v[i]->conf && wk.set.v[i]->conf->autoloaded ? " (autoload)" : "");
     start_timer(&wk, &wk.tick, on_tick, cfg->tick_ms);
     start_timer(&wk, &wk.health, on_health, cfg->health_check_period_ms);
+    start_timer(&wk, &wk.kvsync, on_kvsync, cfg->kv_sync_ms);
     watch_signal(&wk, &wk.sig_term, SIGTERM);
     watch_signal(&wk, &wk.sig_int, SIGINT);
     watch_signal(&wk, &wk.sig_quit, SIGQUIT);
@@ -263,6 +248,7 @@ int spk_worker_run(spk_config *cfg, const spk_worker_opts *opts, spk_errbuf *eb)
 
     ev_timer_stop(wk.loop, &wk.tick);
     ev_timer_stop(wk.loop, &wk.qsync);
+    ev_timer_stop(wk.loop, &wk.kvsync);
     ev_timer_stop(wk.loop, &wk.heartbeat);
     ev_timer_stop(wk.loop, &wk.health);
     ev_timer_stop(wk.loop, &wk.drain_check);
@@ -279,6 +265,8 @@ out:
         spk_queue_sync(wk.env.queue, NULL);
     spk_queue_close(wk.env.queue);
     wk.env.queue = NULL;
+    spk_host_kv_close(&wk.env); /* after fini, which may still write; flushes first */
+    spk_host_env_fini(&wk.env);
     free(wk.health_fails);
     return rc;
 }

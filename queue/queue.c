@@ -12,6 +12,7 @@
  * next. spk_queue_sync_due() is the one sync policy: the owner of the sync timer (the
  * supervisor, or a --single-process worker) polls it every SPK_QUEUE_SYNC_POLL_MS.
  */
+#include "fs.h"
 #include "queue_int.h"
 
 #include <errno.h>
@@ -68,27 +69,6 @@ void spk_queue_refused(spk_queue *q, int err)
         spk_queue_count_refusal(q, err);
 }
 
-/* Create `path` and its parents. Returns 0 or an errno value (ENAMETOOLONG for a path
- * longer than QUEUE_PATH_MAX: never a truncated one). */
-static int mkdir_p(const char *path)
-{
-    char buf[QUEUE_PATH_MAX + 1];
-    size_t n = strlen(path);
-    if (n == 0 || n > QUEUE_PATH_MAX)
-        return ENAMETOOLONG;
-    memcpy(buf, path, n + 1);
-    for (size_t i = 1; i <= n; i++) {
-        if (buf[i] != '/' && buf[i] != '\0')
-            continue;
-        char c = buf[i];
-        buf[i] = '\0';
-        if (mkdir(buf, 0700) != 0 && errno != EEXIST)
-            return errno;
-        buf[i] = c;
-    }
-    return 0;
-}
-
 /* ---- open / close ---------------------------------------------------------------------- */
 
 int spk_queue_open(const char *path, const spk_queue_opts *opts, spk_queue **out,
@@ -133,7 +113,7 @@ int spk_queue_open(const char *path, const spk_queue_opts *opts, spk_queue **out
                        strerror(errno));
         goto fail;
     }
-    if (q->opts.create && (rc = mkdir_p(path)) != 0) {
+    if (q->opts.create && (rc = spk_mkdir_p(path, 0700)) != 0) {
         err = spk_errf(eb, rc == ENOSPC ? SPK_EQUEUE_UNAVAILABLE : SPK_EIO,
                        "queue %s: cannot create the directory: %s", path, strerror(rc));
         goto fail;

@@ -21,6 +21,8 @@ const char *spk_strerror(int err)
     case SPK_EQUEUE_FULL: return "queue full";
     case SPK_EQUEUE_UNAVAILABLE: return "queue unavailable";
     case SPK_ENOT_JSON: return "not well-formed JSON";
+    case SPK_ENOT_FOUND: return "no such key";
+    case SPK_EKV_UNAVAILABLE: return "KV store unavailable";
     case SPK_EIO: return "I/O error";
     case SPK_ECONFIG: return "invalid configuration";
     case SPK_ENOENT: return "not found";

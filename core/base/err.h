@@ -27,6 +27,9 @@ enum spk_err {
     SPK_EQUEUE_FULL = SPOKE_ERR_QUEUE_FULL,
     SPK_EQUEUE_UNAVAILABLE = SPOKE_ERR_QUEUE_UNAVAILABLE,
     SPK_ENOT_JSON = SPOKE_ERR_NOT_JSON,
+    SPK_ENOT_FOUND = SPOKE_ERR_NOT_FOUND,           /* the KV services' "no such key" */
+    SPK_EKV_UNAVAILABLE = SPOKE_ERR_KV_UNAVAILABLE, /* the KV services' store is missing,
+                                                       full or failing */
 
     SPK_EIO = -100,        /* a system call failed; errno is in the message */
     SPK_ECONFIG = -101,    /* the configuration is invalid */

@@ -30,6 +30,18 @@ TEST_PLUGIN_DIR = os.environ.get("SPOKE_TEST_PLUGIN_DIR", os.path.join(BIN_DIR, 
 SOURCE_DIR = os.environ.get("SPOKE_SOURCE_DIR", os.path.join(os.path.dirname(__file__), "../.."))
 
 
+def host_abi():
+    """The host's plugin ABI version, "MAJOR.MINOR", as abi/spoke.h defines it."""
+    with open(os.path.join(SOURCE_DIR, "abi", "spoke.h")) as f:
+        h = f.read()
+    major = re.search(r"#define SPOKE_ABI_MAJOR (\d+)", h).group(1)
+    minor = re.search(r"#define SPOKE_ABI_MINOR (\d+)", h).group(1)
+    return f"{major}.{minor}"
+
+
+HOST_ABI = host_abi()
+
+
 def spoke_bin(name):
     """Path of a built program (spoked, spoke-plugin, spoke-bench...)."""
     return os.path.join(BIN_DIR, name)
@@ -215,6 +227,8 @@ class Spoked:
     sections) -- e.g. {"listen": {"upstream_connect": "lazy"}} merges into listen.
     """
 
+    PROG = "spoked"
+
     def __init__(self, tmpdir, upstream, plugins=(), extra=None, plugin_dir=None,
                  listen=None, expect_fail=False, config_text=None, log_level="info",
                  start_timeout=15.0, env=None, wait=True, args=()):
@@ -229,6 +243,7 @@ class Spoked:
             "log": {"level": log_level},
             "run_dir": os.path.join(tmpdir, "run"),
             "queue": {"path": os.path.join(tmpdir, "queue")},
+            "kv": {"path": os.path.join(tmpdir, "kv")},
         }
         if plugins:
             cfg["plugins"]["list"] = list(plugins)
@@ -238,14 +253,19 @@ class Spoked:
             else:
                 cfg[k] = v
         self.config = cfg
-        self.config_path = os.path.join(tmpdir, "spoke.yaml")
+        self._launch(tmpdir, "spoke.yaml", config_text, env, wait, expect_fail, start_timeout,
+                     args)
+
+    def _launch(self, tmpdir, config_name, config_text, env, wait, expect_fail, start_timeout,
+                args=()):
+        self.config_path = os.path.join(tmpdir, config_name)
         with open(self.config_path, "w") as f:
-            f.write(config_text if config_text is not None else to_yaml(cfg) + "\n")
-        self.log_path = os.path.join(tmpdir, "spoked.log")
+            f.write(config_text if config_text is not None else to_yaml(self.config) + "\n")
+        self.log_path = os.path.join(tmpdir, f"{self.PROG}.log")
         self._log = open(self.log_path, "wb")
         penv = dict(os.environ)
         penv.update(env or {})
-        self.proc = subprocess.Popen([spoke_bin("spoked"), "-c", self.config_path, *args],
+        self.proc = subprocess.Popen([spoke_bin(self.PROG), "-c", self.config_path, *args],
                                      stdout=self._log, stderr=subprocess.STDOUT, env=penv)
         if not wait:
             return
@@ -254,7 +274,7 @@ class Spoked:
                 self.proc.wait(start_timeout)
             except subprocess.TimeoutExpired:
                 self.stop()
-                raise AssertionError("spoked did not fail:\n" + self.log())
+                raise AssertionError(f"{self.PROG} did not fail:\n" + self.log())
             self._log.close()
             return
         self._wait_listening(start_timeout)
@@ -268,19 +288,19 @@ class Spoked:
         deadline = time.time() + timeout
         while time.time() < deadline:
             if self.proc.poll() is not None:
-                raise AssertionError(f"spoked exited with {self.proc.returncode}:\n{self.log()}")
+                raise AssertionError(f"{self.PROG} exited with {self.proc.returncode}:\n{self.log()}")
             # the supervisor's line, or a --single-process worker's
             if re.search(r"generation \d+ serving|spoked\[\d+\]: serving \S+ -> ", self.log()):
                 return
             time.sleep(0.02)
-        raise AssertionError("spoked did not start listening:\n" + self.log())
+        raise AssertionError(f"{self.PROG} did not start listening:\n" + self.log())
 
     def status(self):
-        """Output of `spoked status` for this instance."""
-        p = subprocess.run([spoke_bin("spoked"), "status", "-c", self.config_path],
+        """Output of `spoked status` (`hubd status`) for this instance."""
+        p = subprocess.run([spoke_bin(self.PROG), "status", "-c", self.config_path],
                            capture_output=True, text=True, timeout=10)
         if p.returncode != 0:
-            raise AssertionError("spoked status failed: " + p.stderr)
+            raise AssertionError(f"{self.PROG} status failed: " + p.stderr)
         return p.stdout
 
     def write_config(self, cfg_dict=None, text=None):
@@ -325,7 +345,7 @@ class Spoked:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-                raise AssertionError("spoked did not stop on " + str(sig) + ":\n" + self.log())
+                raise AssertionError(f"{self.PROG} did not stop on {sig}:\n" + self.log())
         if not self._log.closed:
             self._log.close()
         return self.proc.returncode
@@ -336,9 +356,43 @@ class Spoked:
     def __exit__(self, *exc):
         code = self.stop()
         if exc[0] is None and code != 0:
-            raise AssertionError(f"spoked exited with {code}:\n{self.log()}")
+            raise AssertionError(f"{self.PROG} exited with {code}:\n{self.log()}")
         if exc[0] is None and ("AddressSanitizer" in self.log() or "runtime error:" in self.log()):
             raise AssertionError("sanitizer report:\n" + self.log())
+
+
+class Hubd(Spoked):
+    """Start the real hubd with a generated config (hub.yaml); stop it on exit.
+
+    plugins: control plugins, as in `plugins.list`. extra: dict merged into the top-level
+    config (sections hub, tls, auth, limits, plugins, log). The store is in tmpdir/hubstore.
+    """
+
+    PROG = "hubd"
+
+    def __init__(self, tmpdir, plugins=(), extra=None, plugin_dir=None, workers=1,
+                 log_level="info", start_timeout=15.0, env=None, wait=True, expect_fail=False,
+                 port=None, config_text=None):
+        self.tmpdir = tmpdir
+        self.port = port or free_port()
+        cfg = {
+            "hub": {"listen": f"127.0.0.1:{self.port}", "workers": workers,
+                    "store": os.path.join(tmpdir, "hubstore"), "map_size": "256MiB"},
+            "plugins": {"dir": plugin_dir or PLUGIN_DIR, "tick": "200ms"},
+            "log": {"level": log_level},
+            "run_dir": os.path.join(tmpdir, "hubrun"),
+        }
+        os.makedirs(cfg["run_dir"], exist_ok=True)
+        if plugins:
+            cfg["plugins"]["list"] = list(plugins)
+        for k, v in (extra or {}).items():
+            if isinstance(v, dict) and isinstance(cfg.get(k), dict):
+                cfg[k].update(v)
+            else:
+                cfg[k] = v
+        self.config = cfg
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._launch(tmpdir, "hub.yaml", config_text, env, wait, expect_fail, start_timeout)
 
 
 # For tests whose plugins crash on purpose: under AddressSanitizer, let a SIGSEGV kill the

@@ -30,22 +30,29 @@ def value(text, kind):
     return int(m.group(1)) * units[m.group(2)] if m.group(2) in units else text
 
 
-def check_config(text):
+# What each program's page documents, and the least config it loads.
+PROGRAMS = {
+    "spoked": ("config.md", "listen: { upstream: 127.0.0.1:5432 }\n"),
+    "hubd": ("control-plane.md", ""),
+}
+
+
+def check_config(text, prog="spoked"):
     with tempfile.TemporaryDirectory() as d:
         path = os.path.join(d, "spoke.yaml")
         with open(path, "w") as f:
             f.write(text)
-        p = subprocess.run([spoke_bin("spoked"), "--check-config", path], capture_output=True,
+        p = subprocess.run([spoke_bin(prog), "--check-config", path], capture_output=True,
                            text=True, timeout=30)
         return p.returncode, p.stdout + p.stderr
 
 
-def dumped_defaults():
+def dumped_defaults(prog="spoked"):
     """{'section.key': 'value'} from the effective config of a file that sets only the
-    one required key."""
-    code, out = check_config("listen: { upstream: 127.0.0.1:5432 }\n")
+    required keys."""
+    code, out = check_config(PROGRAMS[prog][1], prog)
     assert code == 0, out
-    keys, section = {}, None
+    keys, section, last = {}, None, None
     for line in out.splitlines():
         if line.startswith("#") or line.strip().startswith("#"):
             continue
@@ -55,17 +62,18 @@ def dumped_defaults():
             continue
         m = re.fullmatch(r"  ([a-z_]+):(?: (.*))?", line)
         if m and section:
-            keys[section + "." + m.group(1)] = (m.group(2) or "").strip()
+            last = section + "." + m.group(1)
+            keys[last] = (m.group(2) or "").strip()
         m = re.fullmatch(r"    - (.*)", line)
-        if m and section and keys.get(section + ".address") == "":
-            keys[section + ".address"] = m.group(1)
+        if m and section and last in ("listen.address", "hub.listen") and keys.get(last) == "":
+            keys[last] = m.group(1)
     return keys
 
 
-def documented():
-    """{'section.key': (type, default cell, range cell)} from docs/config.md's tables."""
+def documented(page="config.md"):
+    """{'section.key': (type, default cell, range cell)} from a docs page's tables."""
     rows = {}
-    with open(os.path.join(SOURCE_DIR, "docs", "config.md")) as f:
+    with open(os.path.join(SOURCE_DIR, "docs", page)) as f:
         for line in f:
             line = line.replace("\\|", "\x00")
             m = re.match(r"^\| `([a-z_]+\.[a-z_]+)` \|([^|]*)\|([^|]*)\|([^|]*)\|", line)
@@ -82,9 +90,13 @@ def kind_of(doc_type):
 
 
 class ConfigDocsTest(unittest.TestCase):
+    """docs/config.md against spoked."""
+    prog = "spoked"
+    min_defaults, min_ranges = 30, 20
+
     def setUp(self):
-        self.dump = dumped_defaults()
-        self.docs = documented()
+        self.dump = dumped_defaults(self.prog)
+        self.docs = documented(PROGRAMS[self.prog][0])
 
     def test_every_key_documented(self):
         self.assertEqual(sorted(k for k in self.dump if k not in self.docs), [])
@@ -100,7 +112,7 @@ class ConfigDocsTest(unittest.TestCase):
             self.assertEqual(value(m.group(1), kind), value(self.dump[key], kind),
                              f"{key}: docs say {m.group(1)}, the code {self.dump[key]}")
             checked += 1
-        self.assertGreater(checked, 30)
+        self.assertGreater(checked, self.min_defaults)
 
     def test_ranges_agree(self):
         huge = {"duration": "99999999h", "size": "9999999TiB", "integer": "99999999999"}
@@ -112,10 +124,10 @@ class ConfigDocsTest(unittest.TestCase):
                 continue
             lo, hi = m.group(1), m.group(3) or m.group(2)
             section, name = key.split(".")
-            text = f"listen: {{ upstream: 127.0.0.1:5432 }}\n{section}:\n  {name}: {huge[kind]}\n"
+            text = f"{PROGRAMS[self.prog][1]}{section}:\n  {name}: {huge[kind]}\n"
             if section == "listen":
                 text = f"listen:\n  upstream: 127.0.0.1:5432\n  {name}: {huge[kind]}\n"
-            code, out = check_config(text)
+            code, out = check_config(text, self.prog)
             self.assertEqual(code, 1, f"{key}: {huge[kind]} was accepted")
             r = re.search(r"(?:out of range|an integer in) (\w+)\.\.(\w+)", out)
             self.assertIsNotNone(r, f"{key}: no range in: {out}")
@@ -123,7 +135,21 @@ class ConfigDocsTest(unittest.TestCase):
                              (value(r.group(1), kind), value(r.group(2), kind)),
                              f"{key}: docs say {lo}..{hi}, the code {r.group(1)}..{r.group(2)}")
             checked += 1
-        self.assertGreaterEqual(checked, 20)
+        self.assertGreaterEqual(checked, self.min_ranges)
+
+
+class HubConfigDocsTest(ConfigDocsTest):
+    """docs/control-plane.md's hub.yaml table against hubd (its `plugins`, `metrics` and
+    `log` sections are spoked's, documented in docs/config.md)."""
+    prog = "hubd"
+    min_defaults, min_ranges = 10, 8
+
+    def setUp(self):
+        super().setUp()
+        shared = documented("config.md")
+        for key in list(self.dump):
+            if key.split(".")[0] in ("plugins", "metrics", "log") and key in shared:
+                self.docs.setdefault(key, shared[key])
 
 
 if __name__ == "__main__":

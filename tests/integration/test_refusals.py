@@ -10,7 +10,8 @@ import sys
 import unittest
 
 sys.path.insert(0, os.path.dirname(__file__))
-from spoketest import (PLUGIN_DIR, SpokeCase, Spoked, roundtrip, spoke_bin, test_plugin)  # noqa: E402
+from spoketest import (HOST_ABI, PLUGIN_DIR, SpokeCase, Spoked, roundtrip, spoke_bin,  # noqa: E402
+                       test_plugin)
 
 
 tp = test_plugin
@@ -32,7 +33,7 @@ class RefusalTest(SpokeCase):
                     expect_fail=True)
         self.assertEqual(sp.proc.returncode, 1)
         log = sp.log()
-        self.assertIn("t_abi_major.so: refused: plugin ABI 2.0, host ABI 1.1", log)
+        self.assertIn(f"t_abi_major.so: refused: plugin ABI 2.0, host ABI {HOST_ABI}", log)
         self.assertRegex(log, r"spoke\.yaml:\d+: ")
 
     def test_checksum_mismatch_refused_with_both_sums(self):
@@ -100,13 +101,13 @@ class RefusalTest(SpokeCase):
         self.assertIn("name:        passthrough", out)
         self.assertIn("version:     1.0.0", out)
         self.assertIn("on_traffic_from_client", out)
-        self.assertIn("abi:         1.1", out)
+        self.assertIn(f"abi:         {HOST_ABI}", out)
         self.assertIn(sha256(path), out)
 
     def test_spoke_plugin_verify(self):
         code, out = run(spoke_bin("spoke-plugin"), "verify", tp("t_abi_major"))
         self.assertEqual(code, 1)
-        self.assertIn("plugin ABI 2.0, host ABI 1.1", out)
+        self.assertIn(f"plugin ABI 2.0, host ABI {HOST_ABI}", out)
         code, out = run(spoke_bin("spoke-plugin"), "verify", tp("t_init_fail"), "--init")
         self.assertEqual(code, 1)
         self.assertIn("init failed", out)
