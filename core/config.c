@@ -21,6 +21,7 @@
  * and the half-built config are freed (spk_config_free copes with any partial state,
  * because every container's count is only raised once its element is fully owned).
  */
+#include "hex.h"
 #include "config.h"
 
 #include <arpa/inet.h>
@@ -849,17 +850,6 @@ static int p_name(cfg_ctx *c, const node *v, const char *key, void *base, const 
     return set_string(c, at(base, f), v->text);
 }
 
-static int hex_val(char ch)
-{
-    if (is_digit(ch))
-        return ch - '0';
-    if (ch >= 'a' && ch <= 'f')
-        return ch - 'a' + 10;
-    if (ch >= 'A' && ch <= 'F')
-        return ch - 'A' + 10;
-    return -1;
-}
-
 static int p_sha256(cfg_ctx *c, const node *v, const char *key, void *base, const field *f)
 {
     static const char what[] = "64 hex digits (a SHA-256 sum)";
@@ -872,14 +862,8 @@ static int p_sha256(cfg_ctx *c, const node *v, const char *key, void *base, cons
     if (rc != 0)
         return rc;
     const char *t = v->text;
-    size_t len = strlen(t);
-    for (size_t i = 0; i < len && len == 64; i++)
-        if (hex_val(t[i]) < 0)
-            len = 0;
-    if (len != 64)
+    if (spk_hex_decode(t, pc->sha256, sizeof(pc->sha256)) != 0)
         return cfg_fail(c, v->line, key, "expected %s, got '%.100s'", what, t);
-    for (size_t i = 0; i < 32; i++)
-        pc->sha256[i] = (uint8_t)(hex_val(t[2 * i]) << 4 | hex_val(t[2 * i + 1]));
     pc->has_sha256 = true;
     return 0;
 }

@@ -167,6 +167,8 @@ static void refuse(Spoke__Control__V1__PayloadResult *r, const char *code, const
     r->outcome = SPOKE__CONTROL__V1__PAYLOAD_RESULT__OUTCOME__REFUSED;
     r->code = (char *)code;
     r->reason = strdup(reason); /* freed with the pending entry */
+    if (r->reason == NULL)
+        r->reason = (char *)protobuf_c_empty_string;
 }
 
 /* The limits of the edge (queue.h's spk_queue_validate, one rule for both ends) and the

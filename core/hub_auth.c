@@ -17,6 +17,7 @@
 #include <sys/stat.h>
 
 #include "grpc.h"
+#include "hex.h"
 
 #define MAX_EDGE_ID 256
 
@@ -45,17 +46,6 @@ size_t spk_hub_tokens_count(const spk_hub_tokens *t)
     return t != NULL ? t->n : 0;
 }
 
-static int hexdigit(char c)
-{
-    if (c >= '0' && c <= '9')
-        return c - '0';
-    if (c >= 'a' && c <= 'f')
-        return c - 'a' + 10;
-    if (c >= 'A' && c <= 'F')
-        return c - 'A' + 10;
-    return -1;
-}
-
 static int parse_line(spk_hub_tokens *t, char *line, const char *path, int lineno,
                       spk_errbuf *eb)
 {
@@ -76,13 +66,9 @@ static int parse_line(spk_hub_tokens *t, char *line, const char *path, int linen
         return spk_errf(eb, SPK_ECONFIG, "%s:%d: edge %s: the SHA-256 must be 64 hex digits, "
                         "got %zu characters", path, lineno, id, strlen(hex));
     entry en = {0};
-    for (size_t i = 0; i < SHA256_DIGEST_LENGTH; i++) {
-        int hi = hexdigit(hex[2 * i]), lo = hexdigit(hex[2 * i + 1]);
-        if (hi < 0 || lo < 0)
-            return spk_errf(eb, SPK_ECONFIG, "%s:%d: edge %s: '%s' is not hexadecimal", path,
-                            lineno, id, hex);
-        en.digest[i] = (uint8_t)(hi << 4 | lo);
-    }
+    if (spk_hex_decode(hex, en.digest, sizeof(en.digest)) != 0)
+        return spk_errf(eb, SPK_ECONFIG, "%s:%d: edge %s: '%s' is not hexadecimal", path,
+                        lineno, id, hex);
     for (size_t i = 0; i < t->n; i++)
         if (strcmp(t->e[i].edge_id, id) == 0)
             return spk_errf(eb, SPK_ECONFIG, "%s:%d: edge %s is listed twice", path, lineno, id);

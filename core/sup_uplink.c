@@ -6,8 +6,7 @@
  * settings alone, replaced (SIGTERM, then started again at once from the new snapshot)
  * when they change them, and stopped when the `uplink:` section goes away. It runs no
  * plugin code, so nothing is blamed or quarantined when it dies: it is restarted with the
- * workers' backoff (the first restart after a stable run is quick, a crash loop slows
- * down to BACKOFF_MAX_S). Its slot carries its heartbeat, which the watchdog checks
+ * workers' backoff (spk_sup_restart_delay). Its slot carries its heartbeat, which the watchdog checks
  * (a loop stuck for UPLINK_STUCK_S is killed), its counters, and the list of serving
  * plugins the supervisor publishes for its Heartbeat call.
  */
@@ -22,9 +21,6 @@
 #include "log.h"
 #include "supervisor_int.h"
 
-#define UPLINK_BACKOFF_MIN_S 0.1
-#define UPLINK_BACKOFF_MAX_S 10.0
-#define UPLINK_STABLE_S 60.0
 #define UPLINK_STUCK_S 30.0
 
 static spk_wslot *uslot(const sup *s)
@@ -226,14 +222,7 @@ bool spk_sup_uplink_exited(sup *s, pid_t pid, int status)
         spawn_uplink(s);
         return true;
     }
-    if (ev_now(s->loop) - u->started >= UPLINK_STABLE_S)
-        u->fails = 0;
-    double delay = UPLINK_BACKOFF_MIN_S;
-    for (unsigned i = 0; i < u->fails && delay < UPLINK_BACKOFF_MAX_S; i++)
-        delay *= 2;
-    if (delay > UPLINK_BACKOFF_MAX_S)
-        delay = UPLINK_BACKOFF_MAX_S;
-    u->fails++;
+    double delay = spk_sup_restart_delay(s, u->started, &u->fails);
     u->restarts++;
     spk_log(clean ? SPOKE_LOG_WARN : SPOKE_LOG_ERROR, "uplink (pid %d) %s; restarting it in %.1f s",
             (int)pid, what, delay);

@@ -52,6 +52,19 @@
 static void spawn(wproc *w);
 static void gen_free(sup *s, generation *g);
 
+double spk_sup_restart_delay(const sup *s, ev_tstamp started, unsigned *fails)
+{
+    if (ev_now(s->loop) - started >= STABLE_S)
+        *fails = 0;
+    double delay = BACKOFF_MIN_S;
+    for (unsigned i = 0; i < *fails && delay < BACKOFF_MAX_S; i++)
+        delay *= 2;
+    if (delay > BACKOFF_MAX_S)
+        delay = BACKOFF_MAX_S;
+    (*fails)++;
+    return delay;
+}
+
 /* ---- config snapshots --------------------------------------------------------------- */
 
 /* Read `path` into a memfd and parse it from there. On success the generation's cfg and
@@ -577,14 +590,7 @@ static void on_child(struct ev_loop *loop, ev_child *c, int revents)
         spk_warn("worker %d not restarted (plugins.reload_on_crash is false)", w->index);
         return;
     }
-    if (ev_now(s->loop) - w->started >= STABLE_S)
-        w->fails = 0;
-    double delay = BACKOFF_MIN_S;
-    for (unsigned i = 0; i < w->fails && delay < BACKOFF_MAX_S; i++)
-        delay *= 2;
-    if (delay > BACKOFF_MAX_S)
-        delay = BACKOFF_MAX_S;
-    w->fails++;
+    double delay = spk_sup_restart_delay(s, w->started, &w->fails);
     w->restarts++;
     s->restarts_total++;
     spk_info("restarting worker %d in %.1f s", w->index, delay);

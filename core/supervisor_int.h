@@ -153,6 +153,11 @@ static inline const spk_config *spk_sup_cfg(const sup *s)
  * request while another generation starts runs after it. */
 void spk_sup_start_replacement(sup *s, const char *why);
 
+/* The restart backoff of a child that died (a worker, the uplink), the one policy: 100 ms
+ * doubling per failure to 10 s; a child that ran a minute (started at `started`) starts
+ * again from 100 ms. Updates *fails; returns the delay in seconds. */
+double spk_sup_restart_delay(const sup *s, ev_tstamp started, unsigned *fails);
+
 /* Allocate a status slot (zeroed), or -1 when none is free; free it again. */
 int spk_sup_slot_alloc(sup *s);
 void spk_sup_slot_free(sup *s, int i);

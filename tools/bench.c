@@ -8,18 +8,14 @@
  *   queue   the durable queue's throughput (built with the queue library)
  *   reload, crash   the supervisor: reloads and worker crashes under load
  *
- * This file holds main, the usage text and the small parsers every subcommand uses; each
- * subcommand lives in tools/bench_<name>.c (see bench.h for the calling convention).
+ * This file holds main and the usage text; each subcommand lives in tools/bench_<name>.c
+ * (see bench.h for the calling convention), and the small parsers and helpers they share
+ * in tools/bench_util.c.
  */
 #include "bench.h"
 
-#include <limits.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
-#include <unistd.h>
-
-#include "units.h"
 
 static void usage(FILE *f)
 {
@@ -82,67 +78,4 @@ int main(int argc, char **argv)
     fprintf(stderr, "spoke-bench: unknown command '%s'\n\n", cmd);
     usage(stderr);
     return 1;
-}
-
-/* ---- helpers shared by the subcommands (bench.h) ---------------------------------- */
-
-/* The tool reads durations and sizes as the config file does (core/base/units.h). */
-int spk_bench_parse_duration(const char *text, int allow_zero, double *out_s)
-{
-    uint64_t ms;
-    if (spk_parse_duration_ms(text, &ms) != 0 || (ms == 0 && !allow_zero))
-        return -1;
-    *out_s = (double)ms / 1000.0;
-    return 0;
-}
-
-int spk_bench_parse_size(const char *text, uint64_t *out)
-{
-    return spk_parse_size(text, out) == 0 ? 0 : -1;
-}
-
-int spk_bench_parse_uint(const char *text, uint64_t min, uint64_t max, uint64_t *out)
-{
-    uint64_t v;
-    if (spk_bench_parse_size(text, &v) != 0 || v < min || v > max)
-        return -1;
-    *out = v;
-    return 0;
-}
-
-int spk_bench_self_dir(char *out, size_t cap)
-{
-    char path[PATH_MAX];
-    ssize_t n = readlink("/proc/self/exe", path, sizeof(path) - 1);
-    if (n <= 0)
-        return -1;
-    path[n] = '\0';
-    char *slash = strrchr(path, '/');
-    if (slash == NULL)
-        return -1;
-    *slash = '\0';
-    if ((size_t)snprintf(out, cap, "%s", path[0] ? path : "/") >= cap)
-        return -1;
-    return 0;
-}
-
-uint64_t spk_bench_now_ns(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
-}
-
-void spk_bench_json_string(FILE *f, const char *s)
-{
-    fputc('"', f);
-    for (; *s; s++) {
-        if (*s == '"' || *s == '\\')
-            fprintf(f, "\\%c", *s);
-        else if ((unsigned char)*s < 0x20)
-            fprintf(f, "\\u%04x", (unsigned char)*s);
-        else
-            fputc(*s, f);
-    }
-    fputc('"', f);
 }

@@ -8,6 +8,8 @@
  */
 #include "grpc.h"
 
+#include "hex.h"
+
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -240,16 +242,6 @@ size_t spk_grpc_message_encode(const char *msg, size_t n, char *out, size_t cap)
     return o;
 }
 
-static int hexval(char c)
-{
-    if (c >= '0' && c <= '9')
-        return c - '0';
-    if (c >= 'a' && c <= 'f')
-        return c - 'a' + 10;
-    if (c >= 'A' && c <= 'F')
-        return c - 'A' + 10;
-    return -1;
-}
 
 size_t spk_grpc_message_decode(const char *value, size_t n, char *out, size_t cap)
 {
@@ -257,7 +249,7 @@ size_t spk_grpc_message_decode(const char *value, size_t n, char *out, size_t ca
     for (size_t i = 0; i < n && o + 1 < cap; i++) {
         int hi, lo;
         if (value[i] == '%' && i + 2 < n &&
-            (hi = hexval(value[i + 1])) >= 0 && (lo = hexval(value[i + 2])) >= 0) {
+            (hi = spk_hex_digit(value[i + 1])) >= 0 && (lo = spk_hex_digit(value[i + 2])) >= 0) {
             out[o++] = (char)(hi << 4 | lo);
             i += 2;
         } else {
