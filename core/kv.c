@@ -777,7 +777,7 @@ static int edge_number(spk_kv_txn *t, const char *edge_id, size_t len, bool crea
 int spk_kv_dedupe_mark(spk_kv_txn *t, const char *edge_id, uint64_t seq, int64_t now_ms,
                        bool *duplicate, spk_errbuf *eb)
 {
-    size_t len;
+    size_t len = 0;
     int err = txn_usable(t, true, "dedupe mark", eb);
     if (err != 0 || (err = check_edge(t, edge_id, &len, eb)) != 0)
         return err;
@@ -811,7 +811,7 @@ int spk_kv_dedupe_mark(spk_kv_txn *t, const char *edge_id, uint64_t seq, int64_t
 int spk_kv_dedupe_marked(spk_kv_txn *t, const char *edge_id, uint64_t seq, int64_t *marked_ms,
                          spk_errbuf *eb)
 {
-    size_t len;
+    size_t len = 0;
     int err = txn_usable(t, false, "dedupe lookup", eb);
     if (err != 0 || (err = check_edge(t, edge_id, &len, eb)) != 0)
         return err;
