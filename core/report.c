@@ -346,6 +346,50 @@ static void report_hub(sup *s, outbuf *o)
     spk_kv_close(kv);
 }
 
+static int count_edge(void *arg, const void *key, size_t klen, const void *val, size_t vlen)
+{
+    (void)key, (void)klen, (void)val, (void)vlen;
+    (*(uint64_t *)arg)++;
+    return 0;
+}
+
+static void metrics_hub(sup *s, outbuf *o)
+{
+    spk_hub_counters t;
+    hub_counters(s, &t);
+    out(o, "# HELP spoke_hub_batches_total SendPluginControlBatch calls committed.\n"
+           "# TYPE spoke_hub_batches_total counter\nspoke_hub_batches_total %llu\n",
+        (unsigned long long)atomic_load(&t.batches));
+    out(o, "# HELP spoke_hub_payloads_total Payloads by what hubd answered.\n"
+           "# TYPE spoke_hub_payloads_total counter\n"
+           "spoke_hub_payloads_total{outcome=\"accepted\"} %llu\n"
+           "spoke_hub_payloads_total{outcome=\"duplicate\"} %llu\n"
+           "spoke_hub_payloads_total{outcome=\"no_receiver\"} %llu\n"
+           "spoke_hub_payloads_total{outcome=\"refused\"} %llu\n",
+        (unsigned long long)atomic_load(&t.accepted),
+        (unsigned long long)atomic_load(&t.duplicates),
+        (unsigned long long)atomic_load(&t.no_receiver),
+        (unsigned long long)atomic_load(&t.refused));
+    out(o, "# TYPE spoke_hub_plugin_errors_total counter\nspoke_hub_plugin_errors_total %llu\n",
+        (unsigned long long)atomic_load(&t.plugin_errors));
+    out(o, "# TYPE spoke_hub_auth_failures_total counter\nspoke_hub_auth_failures_total %llu\n",
+        (unsigned long long)atomic_load(&t.auth_failures));
+    const spk_config *cfg = spk_sup_cfg(s);
+    spk_kv *kv = NULL;
+    spk_kv_txn *txn = NULL;
+    uint64_t edges = 0;
+    if (spk_kv_conf_open(cfg, SPOKE_ROLE_CONTROL, &kv, NULL) == 0 &&
+        spk_kv_begin(kv, NULL, false, &txn, NULL) == 0) {
+        spk_kv_scan(txn, 0, "edge/", 5, NULL, 0, 0, count_edge, &edges, NULL, NULL, NULL);
+        out(o, "# HELP spoke_hub_edges Edges the hub has heard from (its registry).\n"
+               "# TYPE spoke_hub_edges gauge\nspoke_hub_edges %llu\n",
+            (unsigned long long)edges);
+    }
+    if (txn != NULL)
+        spk_kv_abort(txn);
+    spk_kv_close(kv);
+}
+
 static void build_report(sup *s, outbuf *o)
 {
     ev_tstamp now = ev_now(s->loop);
@@ -413,6 +457,8 @@ static void build_metrics(sup *s, outbuf *o)
     if (s->role == SPOKE_ROLE_EDGE) {
         metrics_queue(s, o);
         metrics_uplink(s, o);
+    } else {
+        metrics_hub(s, o);
     }
 }
 

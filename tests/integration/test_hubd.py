@@ -209,6 +209,25 @@ class ReloadAndConfigTest(HubCase):
         self.assertIn("limits.max_message", err)
 
 
+class MetricsTest(HubCase):
+    def prepare(self):
+        from spoketest import free_port
+        self.mport = free_port()
+        self.extra = {"metrics": {"listen": f"127.0.0.1:{self.mport}"}}
+
+    def test_metrics(self):
+        import urllib.request
+        self.send(batch(payloads=[pl(1), pl(2), pl(3, plugin=999)]))
+        self.send(batch(payloads=[pl(2)]))
+        text = urllib.request.urlopen(f"http://127.0.0.1:{self.mport}/metrics", timeout=5).read()
+        text = text.decode()
+        for line in ('spoke_hub_batches_total 2', 'spoke_hub_payloads_total{outcome="accepted"} 2',
+                     'spoke_hub_payloads_total{outcome="duplicate"} 1',
+                     'spoke_hub_payloads_total{outcome="no_receiver"} 1', 'spoke_hub_edges 1'):
+            self.assertIn(line + "\n", text)
+        self.assertNotIn("spoke_queue_", text)  # the edge's metrics are not hubd's
+
+
 TOKEN = "s3cret-edge-1"
 
 
