@@ -255,20 +255,10 @@ static void metrics_uplink(sup *s, outbuf *o)
 static void hub_counters(sup *s, spk_hub_counters *t)
 {
     memset(t, 0, sizeof(*t));
-    for (int i = 0; i < SPK_STATUS_SLOTS; i++) {
-        if (!s->slot_used[i])
-            continue;
-        const spk_hub_counters *c = &s->st->slots[i].hub;
-#define ADD(f) atomic_store(&t->f, atomic_load(&t->f) + atomic_load(&c->f))
-        ADD(batches);
-        ADD(accepted);
-        ADD(duplicates);
-        ADD(no_receiver);
-        ADD(refused);
-        ADD(plugin_errors);
-        ADD(auth_failures);
-#undef ADD
-    }
+    spk_hub_counters_add(t, &s->hub_gone);
+    for (int i = 0; i < SPK_STATUS_SLOTS; i++)
+        if (s->slot_used[i])
+            spk_hub_counters_add(t, &s->st->slots[i].hub);
 }
 
 typedef struct edge_walk {
@@ -320,7 +310,7 @@ static void report_hub(sup *s, outbuf *o)
     spk_hub_counters t;
     hub_counters(s, &t);
     out(o, "hub: batches %llu  delivered %llu  duplicates %llu  no receiver %llu  refused %llu  "
-           "plugin errors %llu  auth failures %llu (since the workers started)\n",
+           "plugin errors %llu  auth failures %llu\n",
         (unsigned long long)atomic_load(&t.batches), (unsigned long long)atomic_load(&t.accepted),
         (unsigned long long)atomic_load(&t.duplicates),
         (unsigned long long)atomic_load(&t.no_receiver),

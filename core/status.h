@@ -113,6 +113,24 @@ typedef struct spk_hub_counters {
     _Atomic uint64_t auth_failures;  /* calls refused UNAUTHENTICATED / PERMISSION_DENIED */
 } spk_hub_counters;
 
+/* *to += *from, field by field (the supervisor's totals of exited workers). */
+static inline void spk_hub_counters_add(spk_hub_counters *to, const spk_hub_counters *from)
+{
+#define SPK_HUB_ADD(f)                                                                     \
+    atomic_store_explicit(&to->f,                                                          \
+                          atomic_load_explicit(&to->f, memory_order_relaxed) +             \
+                              atomic_load_explicit(&from->f, memory_order_relaxed),        \
+                          memory_order_relaxed)
+    SPK_HUB_ADD(batches);
+    SPK_HUB_ADD(accepted);
+    SPK_HUB_ADD(duplicates);
+    SPK_HUB_ADD(no_receiver);
+    SPK_HUB_ADD(refused);
+    SPK_HUB_ADD(plugin_errors);
+    SPK_HUB_ADD(auth_failures);
+#undef SPK_HUB_ADD
+}
+
 typedef struct spk_wslot {
     spk_slot act;
     _Atomic uint32_t state;

@@ -140,6 +140,7 @@ void spk_sup_slot_free(sup *s, int i)
     s->q_gone_sent += atomic_load_explicit(&qc->sent, memory_order_relaxed);
     for (int r = 0; r < SPK_QR_N; r++)
         s->q_gone_refused[r] += atomic_load_explicit(&qc->refused[r], memory_order_relaxed);
+    spk_hub_counters_add(&s->hub_gone, &s->st->slots[i].hub);
     s->slot_used[i] = false;
 }
 

@@ -131,6 +131,7 @@ struct sup {
     double qlast;               /* ev_now of the last sync */
     char queue_err[1024]; /* why it could not be opened; "" when open */
     uproc up;
+    spk_hub_counters hub_gone; /* hubd: counters of workers that exited (as q_gone_*) */
 };
 
 /* The status slot of worker w, or NULL while it has none. */

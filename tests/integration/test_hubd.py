@@ -226,6 +226,11 @@ class MetricsTest(HubCase):
                      'spoke_hub_payloads_total{outcome="no_receiver"} 1', 'spoke_hub_edges 1'):
             self.assertIn(line + "\n", text)
         self.assertNotIn("spoke_queue_", text)  # the edge's metrics are not hubd's
+        # A worker killed: its counts stay in the totals.
+        os.kill(self.hub.worker_pids()[0], signal.SIGKILL)
+        self.hub.wait_log(r"restarting worker 0")
+        text = urllib.request.urlopen(f"http://127.0.0.1:{self.mport}/metrics", timeout=5).read()
+        self.assertIn('spoke_hub_payloads_total{outcome="accepted"} 2\n', text.decode())
 
 
 TOKEN = "s3cret-edge-1"
