@@ -70,12 +70,30 @@ int spk_bh_path(char *out, size_t cap, const char *dir, const char *name)
     return 0;
 }
 
+void spk_bh_print_file(FILE *out, const char *title, const char *path)
+{
+    FILE *f = fopen(path, "r");
+    if (f == NULL)
+        return;
+    fprintf(out, "%s (%s):\n", title, path);
+    char line[1024];
+    while (fgets(line, sizeof(line), f) != NULL)
+        fprintf(out, "    %s", line);
+    fclose(f);
+}
+
+static char g_bin_dir[PATH_MAX];
+
+void spk_bh_set_bin_dir(const char *dir)
+{
+    snprintf(g_bin_dir, sizeof(g_bin_dir), "%s", dir);
+}
+
 const char *spk_bh_bin_dir(void)
 {
-    static char dir[PATH_MAX];
-    if (dir[0] == '\0' && spk_bench_self_dir(dir, sizeof(dir)) != 0)
-        snprintf(dir, sizeof(dir), ".");
-    return dir;
+    if (g_bin_dir[0] == '\0' && spk_bench_self_dir(g_bin_dir, sizeof(g_bin_dir)) != 0)
+        snprintf(g_bin_dir, sizeof(g_bin_dir), ".");
+    return g_bin_dir;
 }
 
 void spk_bh_machine_get(spk_bh_machine *m, const char *dir)
@@ -905,6 +923,8 @@ static void hc_event(hc_conn *c, uint32_t events, uint8_t *rbuf, size_t rcap)
     }
     if (c->closing) {
         hc_close(c, now, 0);
+        if (c->h->submitting)
+            hc_connect(c, now); /* --conn-per-call: the next call at once */
         return;
     }
     hc_fill(c, now);
@@ -1130,13 +1150,15 @@ void spk_bench_hub_usage(FILE *f)
 {
     fprintf(f, "  hub [--workers 2] [--conns 16] [--streams 8] [--batch 100] [--size 256]\n"
                "      [--duration 10s] [--warmup 1s] [--plugin-id 7] [--conn-per-call]\n"
-               "      [--no-h2load] [--group-commit on] [--json FILE]\n"
+               "      [--no-h2load] [--group-commit on] [--bin-dir DIR] [--json FILE]\n"
                "      starts hubd (a scratch hub.yaml, the bench-sink control plugin) and\n"
                "      drives it with an h2c gRPC client (nghttp2): CONNS connections x STREAMS\n"
                "      calls in flight, each SendPluginControlBatch of BATCH new payloads of SIZE\n"
                "      bytes, every answer checked; then h2load with one recorded request (its\n"
                "      requests after the first are duplicates). Prints batches/s, payloads/s,\n"
-               "      call latency, errors and hubd's CPU per 1,000 payloads.\n");
+               "      call latency, errors and hubd's CPU per 1,000 payloads. --conn-per-call:\n"
+               "      one call per connection (as the uplink on h2c). --bin-dir: hubd and\n"
+               "      bench-plugins/ from another build.\n");
 }
 
 static int hub_bad(const char *opt, const char *want, const char *got)
@@ -1154,12 +1176,13 @@ static int parse_hub_opts(int argc, char **argv, hc_opts *o)
         {"warmup", required_argument, NULL, 'w'},  {"plugin-id", required_argument, NULL, 'P'},
         {"conn-per-call", no_argument, NULL, 'n'}, {"no-h2load", no_argument, NULL, 'H'},
         {"group-commit", required_argument, NULL, 'g'}, {"json", required_argument, NULL, 'j'},
-        {"help", no_argument, NULL, 'h'},          {NULL, 0, NULL, 0},
+        {"bin-dir", required_argument, NULL, 'B'},  {"help", no_argument, NULL, 'h'},
+        {NULL, 0, NULL, 0},
     };
     uint64_t v;
     int ch;
     optind = 0;
-    while ((ch = getopt_long(argc, argv, "W:c:s:b:l:d:w:P:nHg:j:h", opts, NULL)) != -1) {
+    while ((ch = getopt_long(argc, argv, "W:c:s:b:l:d:w:P:nHg:j:B:h", opts, NULL)) != -1) {
         switch (ch) {
         case 'W':
             if (spk_bench_parse_uint(optarg, 1, 64, &v) != 0)
@@ -1212,6 +1235,7 @@ static int parse_hub_opts(int argc, char **argv, hc_opts *o)
             }
             return hub_bad("--group-commit", "on or off", optarg);
         case 'j': o->json_path = optarg; break;
+        case 'B': spk_bh_set_bin_dir(optarg); break;
         case 'h': spk_bench_hub_usage(stdout); return -1;
         default: spk_bench_hub_usage(stderr); return 1;
         }
@@ -1253,7 +1277,7 @@ static void print_report(const hub_report *r)
     double cpu = w->cpu1 - w->cpu0;
     double us[3];
     pct(&h->h, us);
-    printf("spoke-bench hub\n");
+    printf("\nspoke-bench hub\n");
     spk_bh_machine_print(stdout, r->m);
     printf("hubd: %s  (hub.workers %u, store on the scratch dir, sync on, group commit on: "
            "hubd has no switch for it; one control plugin bench-sink, ID %u)\n",
@@ -1402,6 +1426,8 @@ int spk_bench_hub(int argc, char **argv)
         spk_bh_hub_config(dir, port, o.workers, o.plugin_id, plugin_dir, stats_path, cfg,
                           sizeof(cfg)) != 0)
         goto out;
+    spk_bh_print_file(stdout, "hubd config", cfg);
+    fflush(stdout);
     if ((hubd = spk_bh_start("hubd", cfg, log, 20)) < 0)
         goto out;
     h->o = &o;

@@ -78,10 +78,16 @@ typedef struct spk_bh_hub_status {
 
 int spk_bh_hub_status_get(const char *config, spk_bh_hub_status *out);
 
+/* Print the file at path, indented, under a title line (the exact configuration). */
+void spk_bh_print_file(FILE *out, const char *title, const char *path);
+
 /* dir + "/" + name into out[cap]; 0, or -1 (printed) when it does not fit. */
 int spk_bh_path(char *out, size_t cap, const char *dir, const char *name);
 
-/* The directory of spoke-bench, hubd and spoked (spk_bench_self_dir), cached. */
+/* The directory of hubd, spoked and bench-plugins/: spoke-bench's own
+ * (spk_bench_self_dir), or what --bin-dir set with spk_bh_set_bin_dir (another build, to
+ * compare a changed hubd with the same client). */
 const char *spk_bh_bin_dir(void);
+void spk_bh_set_bin_dir(const char *dir);
 
 #endif

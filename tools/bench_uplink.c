@@ -77,18 +77,6 @@ static void sleep_s(double s)
     }
 }
 
-static void print_file(FILE *out, const char *title, const char *path)
-{
-    FILE *f = fopen(path, "r");
-    if (f == NULL)
-        return;
-    fprintf(out, "%s (%s):\n", title, path);
-    char line[1024];
-    while (fgets(line, sizeof(line), f) != NULL)
-        fprintf(out, "    %s", line);
-    fclose(f);
-}
-
 static int edge_config(const ub_opts *o, const char *dir, unsigned i, int hub_port,
                        const char *plugin_dir, const char *stats, char *cfg, size_t cap)
 {
@@ -175,8 +163,8 @@ static void ub_run(const ub_opts *o, unsigned E, ub_result *r, bool print_config
             spk_bh_path(log, sizeof(log), dir, name) != 0)
             goto out;
         if (i == 0 && print_configs) {
-            print_file(stdout, "hubd config", hub_cfg);
-            print_file(stdout, "spoked config of edge 0 (the others differ in id, ports, paths)",
+            spk_bh_print_file(stdout, "hubd config", hub_cfg);
+            spk_bh_print_file(stdout, "spoked config of edge 0 (the others differ in id, ports, paths)",
                        cfg);
         }
         if ((edges[i] = spk_bh_start("spoked", cfg, log, 20)) < 0)
@@ -356,12 +344,14 @@ static void write_json(const ub_opts *o, const spk_bh_machine *m, const ub_resul
 void spk_bench_uplink_usage(FILE *f)
 {
     fprintf(f, "  uplink [--edges 1,16] [--rate 0] [--size 256] [--heartbeat 100ms] [--batch 100]\n"
-               "      [--hub-workers 2] [--duration 10s] [--warmup 2s] [--plugin-id 7] [--json FILE]\n"
+               "      [--hub-workers 2] [--duration 10s] [--warmup 2s] [--plugin-id 7]\n"
+               "      [--bin-dir DIR] [--json FILE]\n"
                "      for each edge count E: one hubd (bench-sink) and E spoked (bench-source\n"
                "      sending RATE payloads/s each, 0 = as fast as the queue takes them, and an\n"
                "      h2c uplink to hubd). Prints enqueued and delivered payloads/s, batch calls\n"
                "      and connections per call, delivery latency p50/p99 (edge to hub, ms) and\n"
-               "      CPU, against the issue's targets.\n");
+               "      CPU, against the issue's targets. --bin-dir: hubd, spoked and bench-plugins/\n"
+               "      from another build.\n");
 }
 
 static int ub_bad(const char *opt, const char *want, const char *got)
@@ -393,13 +383,14 @@ static int parse_uplink_opts(int argc, char **argv, ub_opts *o)
         {"batch", required_argument, NULL, 'b'},     {"hub-workers", required_argument, NULL, 'W'},
         {"duration", required_argument, NULL, 'd'},  {"warmup", required_argument, NULL, 'w'},
         {"plugin-id", required_argument, NULL, 'P'}, {"json", required_argument, NULL, 'j'},
-        {"help", no_argument, NULL, 'h'},            {NULL, 0, NULL, 0},
+        {"bin-dir", required_argument, NULL, 'B'},   {"help", no_argument, NULL, 'h'},
+        {NULL, 0, NULL, 0},
     };
     uint64_t v;
     double d;
     int ch;
     optind = 0;
-    while ((ch = getopt_long(argc, argv, "E:r:l:H:b:W:d:w:P:j:h", opts, NULL)) != -1) {
+    while ((ch = getopt_long(argc, argv, "E:r:l:H:b:W:d:w:P:j:B:h", opts, NULL)) != -1) {
         switch (ch) {
         case 'E':
             if (parse_edges(optarg, o) != 0)
@@ -445,6 +436,7 @@ static int parse_uplink_opts(int argc, char **argv, ub_opts *o)
             o->plugin_id = (uint32_t)v;
             break;
         case 'j': o->json_path = optarg; break;
+        case 'B': spk_bh_set_bin_dir(optarg); break;
         case 'h': spk_bench_uplink_usage(stdout); return -1;
         default: spk_bench_uplink_usage(stderr); return 1;
         }
