@@ -250,9 +250,32 @@ double spk_bh_snap_quantile(const spk_bh_snap *after, const spk_bh_snap *before,
     return (double)(SPK_BSTATS_LAT_BINS - 1);
 }
 
+int spk_bh_make_cert(const char *dir)
+{
+    char cmd[PATH_MAX * 2 + 512];
+    int n = snprintf(cmd, sizeof(cmd),
+                     "openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes "
+                     "-keyout '%s/key.pem' -out '%s/cert.pem' -days 2 -subj /CN=127.0.0.1 "
+                     "-addext subjectAltName=IP:127.0.0.1 >/dev/null 2>&1",
+                     dir, dir);
+    if (n < 0 || (size_t)n >= sizeof(cmd) || system(cmd) != 0) {
+        fprintf(stderr, "spoke-bench: could not make a certificate with openssl in %s\n", dir);
+        return -1;
+    }
+    return 0;
+}
+
 int spk_bh_hub_config(const char *dir, int port, unsigned workers, uint32_t plugin_id,
                       const char *plugin_dir, const char *stats_path, char *cfg_out,
                       size_t cap)
+{
+    return spk_bh_hub_config_tls(dir, port, workers, plugin_id, plugin_dir, stats_path, false,
+                                 cfg_out, cap);
+}
+
+int spk_bh_hub_config_tls(const char *dir, int port, unsigned workers, uint32_t plugin_id,
+                          const char *plugin_dir, const char *stats_path, bool tls,
+                          char *cfg_out, size_t cap)
 {
     char run_dir[PATH_MAX];
     if (spk_bh_path(run_dir, sizeof(run_dir), dir, "hubrun") != 0 ||
@@ -285,6 +308,8 @@ int spk_bh_hub_config(const char *dir, int port, unsigned workers, uint32_t plug
             "  level: info\n"
             "run_dir: \"%s\"\n",
             port, workers, dir, plugin_dir, plugin_id, stats_path, run_dir);
+    if (tls)
+        fprintf(f, "tls:\n  cert: \"%s/cert.pem\"\n  key: \"%s/key.pem\"\n", dir, dir);
     return fclose(f) == 0 ? 0 : -1;
 }
 
@@ -423,6 +448,50 @@ static uint64_t tree_ticks(pid_t pid, int depth)
     }
     closedir(d);
     return t;
+}
+
+/* Whether /proc/pid/cmdline's second argument is arg1. */
+static bool arg1_is(pid_t pid, const char *arg1)
+{
+    char path[64], buf[512];
+    snprintf(path, sizeof(path), "/proc/%d/cmdline", (int)pid);
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return false;
+    ssize_t n = read(fd, buf, sizeof(buf) - 1);
+    close(fd);
+    if (n <= 0)
+        return false;
+    buf[n] = '\0';
+    size_t first = strlen(buf);
+    return (ssize_t)first + 1 < n && strcmp(buf + first + 1, arg1) == 0;
+}
+
+double spk_bh_cpu_children_s(pid_t sup, const char *arg1)
+{
+    uint64_t t = 0;
+    char path[64];
+    snprintf(path, sizeof(path), "/proc/%d/task", (int)sup);
+    DIR *d = opendir(path);
+    if (d == NULL)
+        return 0;
+    struct dirent *e;
+    while ((e = readdir(d)) != NULL) {
+        if (e->d_name[0] == '.')
+            continue;
+        char cpath[PATH_MAX];
+        snprintf(cpath, sizeof(cpath), "/proc/%d/task/%s/children", (int)sup, e->d_name);
+        FILE *f = fopen(cpath, "r");
+        if (f == NULL)
+            continue;
+        int child;
+        while (fscanf(f, "%d", &child) == 1)
+            if (arg1_is((pid_t)child, arg1))
+                t += tree_ticks((pid_t)child, 1);
+        fclose(f);
+    }
+    closedir(d);
+    return (double)t / (double)sysconf(_SC_CLK_TCK);
 }
 
 double spk_bh_cpu_s(pid_t pid)

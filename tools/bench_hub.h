@@ -58,6 +58,15 @@ double spk_bh_snap_quantile(const spk_bh_snap *after, const spk_bh_snap *before,
 int spk_bh_hub_config(const char *dir, int port, unsigned workers, uint32_t plugin_id,
                       const char *plugin_dir, const char *stats_path, char *cfg_out,
                       size_t cap);
+/* The same with `tls: { cert: dir/cert.pem, key: dir/key.pem }` when tls is true (made by
+ * spk_bh_make_cert first). */
+int spk_bh_hub_config_tls(const char *dir, int port, unsigned workers, uint32_t plugin_id,
+                          const char *plugin_dir, const char *stats_path, bool tls,
+                          char *cfg_out, size_t cap);
+
+/* A self-signed certificate for 127.0.0.1 (EC P-256) into dir/cert.pem and dir/key.pem,
+ * with the openssl command. Returns 0 or -1. */
+int spk_bh_make_cert(const char *dir);
 
 /* Start `prog` (a program next to spoke-bench: "hubd", "spoked") with `-c config`, its
  * stdout and stderr into `log`, and wait until its log says a generation serves (at most
@@ -69,6 +78,10 @@ int spk_bh_stop(pid_t pid);
 /* User + system CPU seconds of pid and all its descendants (from /proc/PID/stat and
  * /proc/PID/task/N/children), live ones only. */
 double spk_bh_cpu_s(pid_t pid);
+
+/* The same, only for the children of `sup` whose argv[1] is `arg1` ("--uplink":
+ * spoked's uplink process; "--worker": the workers), and their descendants. */
+double spk_bh_cpu_children_s(pid_t sup, const char *arg1);
 
 /* `hubd status -c config`'s counters: the hub line and the workers' accepted
  * connections. Returns 0 or -1. */
