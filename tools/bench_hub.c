@@ -655,6 +655,7 @@ typedef struct hc_conn {
     char edge[32];
     uint64_t next_seq;
     uint64_t connect_t0, retry_at;
+    bool got_settings;       /* the server's first SETTINGS arrived on this connection */
     nghttp2_session *s;
     const uint8_t *pend;     /* bytes from nghttp2 not yet written */
     size_t pend_len;
@@ -672,6 +673,7 @@ typedef struct hc {
     uint64_t t_measure, t_end;
     bool submitting;
     spk_bench_hist h;        /* call latency, calls completed in the window */
+    spk_bench_hist setup;    /* connect() to the server's SETTINGS, connections of the window */
     uint64_t batches, payloads;         /* in the window */
     uint64_t batches_all, connects;     /* whole run */
     uint64_t errors[HE_N];
@@ -842,6 +844,19 @@ static int on_data(nghttp2_session *s, uint8_t flags, int32_t id, const uint8_t 
     return 0;
 }
 
+static int on_frame(nghttp2_session *s, const nghttp2_frame *f, void *ud)
+{
+    (void)s;
+    hc_conn *c = ud;
+    if (f->hd.type == NGHTTP2_SETTINGS && !(f->hd.flags & NGHTTP2_FLAG_ACK) && !c->got_settings) {
+        c->got_settings = true;
+        uint64_t now = spk_bench_now_ns();
+        if (now >= c->h->t_measure && now < c->h->t_end)
+            spk_bench_hist_record(&c->h->setup, now - c->connect_t0);
+    }
+    return 0;
+}
+
 static int on_close(nghttp2_session *s, int32_t id, uint32_t error_code, void *ud)
 {
     hc_conn *c = ud;
@@ -874,7 +889,7 @@ static void hc_close(hc_conn *c, uint64_t now, uint64_t retry_ns)
     c->inflight = 0;
     c->pend = NULL;
     c->pend_len = 0;
-    c->connecting = c->want_out = c->closing = false;
+    c->connecting = c->want_out = c->closing = c->got_settings = false;
     c->retry_at = now + retry_ns;
 }
 
@@ -1373,9 +1388,14 @@ static void print_report(const hub_report *r)
     }
     printf("\n  %-28s %14.2f", "hubd CPU (cores busy)", cpu / w->seconds);
     if (r->hl->ran && r->hl->seconds > 0)
-        printf(" %14s", "see below");
+        printf(" %14.2f", r->hl->cpu_s / r->hl->seconds);
     printf("\n  call latency ms p50 %.2f  p99 %.2f  p99.9 %.2f  (%llu calls)\n", us[0] / 1e3,
            us[1] / 1e3, us[2] / 1e3, (unsigned long long)h->h.total);
+    if (h->setup.total > 0)
+        printf("  connection set-up ms (connect() to hubd's SETTINGS) p50 %.3f  p99 %.3f  "
+               "(%llu connections)\n", (double)spk_bench_hist_quantile(&h->setup, 0.5) / 1e6,
+               (double)spk_bench_hist_quantile(&h->setup, 0.99) / 1e6,
+               (unsigned long long)h->setup.total);
     printf("  errors %llu (", (unsigned long long)r->errors);
     for (int k = 0; k < HE_N; k++)
         printf("%s%s %llu", k ? ", " : "", hc_err_names[k], (unsigned long long)h->errors[k]);
@@ -1387,7 +1407,7 @@ static void print_report(const hub_report *r)
         return;
     const h2l_result *hl = r->hl;
     printf("\nh2load: %s\n", hl->cmd);
-    printf("  %.0f req/s over %.2f s; requests %llu total, %llu done, %llu succeeded, %llu "
+    printf("  %.0f req/s (after its warm-up; %.2f s in all); requests %llu total, %llu done, %llu succeeded, %llu "
            "failed, %llu errored, %llu timeout; %llu 2xx\n",
            hl->rps, hl->seconds, (unsigned long long)hl->total, (unsigned long long)hl->done,
            (unsigned long long)hl->succeeded, (unsigned long long)hl->failed,
@@ -1430,6 +1450,9 @@ static void write_json(const hub_report *r, FILE *f)
             us[1] / 1e3, us[2] / 1e3, (unsigned long long)r->errors);
     for (int k = 0; k < HE_N; k++)
         fprintf(f, ",\"errors_%s\":%llu", hc_err_names[k], (unsigned long long)h->errors[k]);
+    fprintf(f, ",\"setup_p50_ms\":%.3f,\"setup_p99_ms\":%.3f",
+            (double)spk_bench_hist_quantile(&h->setup, 0.5) / 1e6,
+            (double)spk_bench_hist_quantile(&h->setup, 0.99) / 1e6);
     fprintf(f, ",\"connections\":%llu,\"sink_delivered\":%llu,\"hubd_cpu_s\":%.3f,"
                "\"hubd_cpu_ms_per_1000_payloads\":%.3f,\"client_cpu_cores\":%.3f}",
             (unsigned long long)h->connects, (unsigned long long)r->sink_delivered, cpu,
@@ -1473,6 +1496,7 @@ int spk_bench_hub(int argc, char **argv)
     nghttp2_session_callbacks_set_on_header_callback(cbs, on_header);
     nghttp2_session_callbacks_set_on_data_chunk_recv_callback(cbs, on_data);
     nghttp2_session_callbacks_set_on_stream_close_callback(cbs, on_close);
+    nghttp2_session_callbacks_set_on_frame_recv_callback(cbs, on_frame);
     g_cbs = cbs;
 
     char dir[PATH_MAX], cfg[PATH_MAX], stats_path[PATH_MAX], log[PATH_MAX], plugin_dir[PATH_MAX];
