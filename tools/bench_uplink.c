@@ -292,7 +292,7 @@ static void print_results(const ub_opts *o, const ub_result *rs, size_t n)
     ROW("hubd CPU (cores busy)", "%12.2f", r->hub_cpu_s / r->seconds);
     ROW("spoked CPU, all edges (cores)", "%12.2f", r->edges_cpu_s / r->seconds);
     ROW("  of which the uplinks (cores)", "%12.2f", r->uplinks_cpu_s / r->seconds);
-    ROW("uplink CPU us per batch call", "%12.0f",
+    ROW("uplink CPU us/batch call (+beats)", "%12.0f",
         r->batches ? r->uplinks_cpu_s * 1e6 / (double)r->batches : 0.0);
     ROW("s to clear the backlog at the end", "%12.2f", r->drain_s); /* -1: not in 5 s */
     ROW("  payloads still queued after 5 s", "%12llu", (unsigned long long)r->backlog_end);
