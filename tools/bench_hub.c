@@ -41,6 +41,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/epoll.h>
+#include <sys/prctl.h>
 #include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
@@ -359,6 +360,7 @@ pid_t spk_bh_start(const char *prog, const char *config, const char *log, double
             dup2(fd, 2);
         }
         setpgid(0, 0); /* a ^C to spoke-bench reaches it through us, not twice */
+        prctl(PR_SET_PDEATHSIG, SIGTERM); /* and it does not outlive us */
         execl(path, path, "-c", config, (char *)NULL);
         fprintf(stderr, "spoke-bench: exec %s: %s\n", path, strerror(errno));
         _exit(127);
