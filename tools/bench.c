@@ -7,6 +7,8 @@
  *   hooks   in-process cost of the plugin chain, ns per hook call
  *   queue   the durable queue's throughput (built with the queue library)
  *   reload, crash   the supervisor: reloads and worker crashes under load
+ *   hub     hubd's batches and payloads per second from many gRPC clients (and h2load)
+ *   uplink  payloads per second and delivery latency from edges' queues into hubd
  *
  * This file holds main and the usage text; each subcommand lives in tools/bench_<name>.c
  * (see bench.h for the calling convention), and the small parsers and helpers they share
@@ -25,6 +27,8 @@ static void usage(FILE *f)
     spk_bench_echo_usage(f);
     spk_bench_proxy_usage(f);
     spk_bench_hooks_usage(f);
+    spk_bench_hub_usage(f);
+    spk_bench_uplink_usage(f);
     if (spk_bench_supervisor_usage != NULL) {
         fprintf(f, "  reload, crash: the supervisor under change:\n");
         spk_bench_supervisor_usage(f);
@@ -59,6 +63,10 @@ int main(int argc, char **argv)
         return spk_bench_echo(argc - 1, argv + 1);
     if (strcmp(cmd, "hooks") == 0)
         return spk_bench_hooks(argc - 1, argv + 1);
+    if (strcmp(cmd, "hub") == 0)
+        return spk_bench_hub(argc - 1, argv + 1);
+    if (strcmp(cmd, "uplink") == 0)
+        return spk_bench_uplink(argc - 1, argv + 1);
     if (strcmp(cmd, "reload") == 0 || strcmp(cmd, "crash") == 0) {
         if (spk_bench_supervisor != NULL)
             return spk_bench_supervisor(argc - 1, argv + 1);

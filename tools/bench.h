@@ -24,6 +24,13 @@ void spk_bench_echo_usage(FILE *f);
 int spk_bench_hooks(int argc, char **argv);
 void spk_bench_hooks_usage(FILE *f);
 
+/* tools/bench_hub.c: hubd under many gRPC clients, side by side with h2load.
+ * tools/bench_uplink.c: edges' uplinks into one hubd (1 and 16 edges). */
+int spk_bench_hub(int argc, char **argv);
+void spk_bench_hub_usage(FILE *f);
+int spk_bench_uplink(int argc, char **argv);
+void spk_bench_uplink_usage(FILE *f);
+
 /* tools/bench_queue.c (its own owner): built when the queue library is. Declared weak so
  * a tree where the queue library landed before bench_queue.c still links; main checks
  * the address before calling it. */
