@@ -2,10 +2,11 @@
  * hub.c -- a hubd worker (the contract is in hub.h).
  *
  * Calls arrive from the gRPC server's handler (on_call). Health checks are answered at
- * once; EdgeControl calls are authenticated, decoded and put on `pending`. An ev_check
- * watcher, which libev runs after the I/O callbacks of each loop turn, commits what the
- * turn brought (flush_group): one write transaction for every pending call, its
- * commit (one flush), then the answers. A batch's per-payload work is deliver_payload():
+ * once; EdgeControl calls are authenticated, decoded and put on `pending`. An ev_prepare
+ * watcher, which libev runs once the loop turn's callbacks are done and before it blocks
+ * again, commits what the turn brought (on_group): one write transaction for every
+ * pending call, its commit (one flush), then the answers. (An ev_check watcher would run
+ * only after the loop's next wake-up: a lone batch waited for the 100 ms timer.) A batch's per-payload work is deliver_payload():
  * validate, mark, route, each plugin call stamped in the worker's slot so that a crash or
  * hang in accept_edge_payload is blamed on its plugin like any other hook.
  */
@@ -71,7 +72,7 @@ typedef struct hub {
     spk_grpc_server *srv;
     pending *pending, **pending_tail;
     size_t n_pending;
-    ev_check group;
+    ev_prepare group;
     ev_signal sig_term, sig_int, sig_quit, sig_go;
     ev_timer tick, heartbeat, health, expire, drain_check, drain_deadline;
     bool accepting, draining;
@@ -375,11 +376,11 @@ static void answer(hub *h, pending *pe)
     spk_grpc_call_respond(pe->call, buf, len);
 }
 
-static void on_group(struct ev_loop *loop, ev_check *w, int revents)
+static void on_group(struct ev_loop *loop, ev_prepare *w, int revents)
 {
     (void)revents;
     hub *h = w->data;
-    ev_check_stop(loop, w);
+    ev_prepare_stop(loop, w);
     pending *list = h->pending;
     h->pending = NULL;
     h->pending_tail = &h->pending;
@@ -463,7 +464,7 @@ static void enqueue(hub *h, pending *pe)
     h->pending_tail = &pe->next;
     h->n_pending++;
     if (!ev_is_active(&h->group))
-        ev_check_start(h->loop, &h->group);
+        ev_prepare_start(h->loop, &h->group);
 }
 
 static void on_call(void *arg, spk_grpc_call *call)
@@ -698,7 +699,7 @@ int spk_hub_worker_run(spk_config *cfg, const spk_hub_opts *opts, spk_errbuf *eb
     h.loop = ev_default_loop(EVFLAG_AUTO);
     if (h.loop == NULL)
         return spk_errf(eb, SPK_EIO, "cannot create the event loop");
-    ev_check_init(&h.group, on_group);
+    ev_prepare_init(&h.group, on_group);
     h.group.data = &h;
     int rc = start(&h, eb);
     if (rc != 0)
@@ -751,7 +752,7 @@ out:
         spk_grpc_call_fail(pe->call, SPK_GRPC_UNAVAILABLE, "hubd worker stopping");
         pending_free(pe);
     }
-    ev_check_stop(h.loop, &h.group);
+    ev_prepare_stop(h.loop, &h.group);
     spk_grpc_server_free(h.srv);
     spk_chain_free(&h.chain);
     spk_host_unload(&h.set);
