@@ -29,6 +29,7 @@
 
 #include "grpc_client.h"
 #include "log.h"
+#include "pbwire.h"
 #include "queue.h"
 #include "queue_conf.h"
 #include "spoke/control/v1/control.pb-c.h"
@@ -81,39 +82,6 @@ typedef struct uplink {
 #define GET(u, field) atomic_load_explicit(&(u)->ct->field, memory_order_relaxed)
 
 /* ---- helpers ---------------------------------------------------------------------------- */
-
-static size_t varint_len(uint64_t v)
-{
-    size_t n = 1;
-    while (v >= 0x80) {
-        v >>= 7;
-        n++;
-    }
-    return n;
-}
-
-static uint8_t *put_varint(uint8_t *p, uint64_t v)
-{
-    while (v >= 0x80) {
-        *p++ = (uint8_t)(v | 0x80);
-        v >>= 7;
-    }
-    *p++ = (uint8_t)v;
-    return p;
-}
-
-static uint8_t *put_field(uint8_t *p, unsigned field, const void *data, size_t len)
-{
-    p = put_varint(p, (uint64_t)field << 3 | 2); /* wire type 2: length-delimited */
-    p = put_varint(p, len);
-    memcpy(p, data, len);
-    return p + len;
-}
-
-static size_t field_len(unsigned field, size_t len)
-{
-    return varint_len((uint64_t)field << 3 | 2) + varint_len(len) + len;
-}
 
 static const char *edge_id(const uplink *u)
 {
@@ -387,9 +355,9 @@ static size_t read_batch(uplink *u)
 /* Encode u->batch as a request after the prefix room of u->req; *len gets its size. */
 static int encode_batch(uplink *u, size_t *len)
 {
-    size_t n = field_len(1, strlen(edge_id(u))) + field_len(2, strlen(edge_ns(u)));
+    size_t n = spk_pb_bytes_len(1, strlen(edge_id(u))) + spk_pb_bytes_len(2, strlen(edge_ns(u)));
     for (size_t i = 0; i < u->batch.n; i++)
-        n += field_len(3, u->batch.items[i].wire_len);
+        n += spk_pb_bytes_len(3, u->batch.items[i].wire_len);
     if (SPK_GRPC_PREFIX + n > u->req_cap) {
         uint8_t *nb = realloc(u->req, SPK_GRPC_PREFIX + n);
         if (nb == NULL)
@@ -398,10 +366,10 @@ static int encode_batch(uplink *u, size_t *len)
         u->req_cap = SPK_GRPC_PREFIX + n;
     }
     uint8_t *p = u->req + SPK_GRPC_PREFIX;
-    p = put_field(p, 1, edge_id(u), strlen(edge_id(u)));
-    p = put_field(p, 2, edge_ns(u), strlen(edge_ns(u)));
+    p = spk_pb_put_bytes(p, 1, edge_id(u), strlen(edge_id(u)));
+    p = spk_pb_put_bytes(p, 2, edge_ns(u), strlen(edge_ns(u)));
     for (size_t i = 0; i < u->batch.n; i++) {
-        p = put_field(p, 3, u->batch.items[i].wire, u->batch.items[i].wire_len);
+        p = spk_pb_put_bytes(p, 3, u->batch.items[i].wire, u->batch.items[i].wire_len);
         u->sent_seq[i] = u->batch.items[i].seq;
     }
     u->n_sent = u->batch.n;

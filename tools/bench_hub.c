@@ -25,6 +25,7 @@
  *
  * The shared helpers of bench_hub.h (scratch dir, processes, /proc, status) live here too.
  */
+#include "pbwire.h"
 #include "bench_hub.h"
 
 #include <dirent.h>
@@ -542,40 +543,6 @@ int spk_bh_hub_status_get(const char *config, spk_bh_hub_status *out)
 
 /* ==== the request ======================================================================= */
 
-static size_t varint_len(uint64_t v)
-{
-    size_t n = 1;
-    while (v >= 0x80) {
-        v >>= 7;
-        n++;
-    }
-    return n;
-}
-
-static uint8_t *put_varint(uint8_t *p, uint64_t v)
-{
-    while (v >= 0x80) {
-        *p++ = (uint8_t)(v | 0x80);
-        v >>= 7;
-    }
-    *p++ = (uint8_t)v;
-    return p;
-}
-
-static uint8_t *put_bytes(uint8_t *p, unsigned field, const void *data, size_t len)
-{
-    p = put_varint(p, (uint64_t)field << 3 | 2);
-    p = put_varint(p, len);
-    memcpy(p, data, len);
-    return p + len;
-}
-
-static uint8_t *put_uint(uint8_t *p, unsigned field, uint64_t v)
-{
-    p = put_varint(p, (uint64_t)field << 3);
-    return put_varint(p, v);
-}
-
 static int64_t unix_ms(void)
 {
     struct timespec ts;
@@ -597,19 +564,19 @@ static size_t encode_request(uint8_t *out, const char *edge, uint32_t plugin_id,
                              const uint8_t *payload, size_t size, unsigned batch, uint64_t seq0)
 {
     uint8_t *p = out + SPK_GRPC_PREFIX;
-    p = put_bytes(p, 1, edge, strlen(edge));
-    p = put_bytes(p, 2, "bench", 5);
+    p = spk_pb_put_bytes(p, 1, edge, strlen(edge));
+    p = spk_pb_put_bytes(p, 2, "bench", 5);
     int64_t now = unix_ms();
     for (unsigned i = 0; i < batch; i++) {
         uint64_t seq = seq0 + i;
-        size_t inner = 1 + varint_len(plugin_id) + 1 + varint_len(size) + size + 1 +
-                       varint_len((uint64_t)now) + 1 + varint_len(seq);
-        p = put_varint(p, 3u << 3 | 2);
-        p = put_varint(p, inner);
-        p = put_uint(p, 1, plugin_id);
-        p = put_bytes(p, 2, payload, size);
-        p = put_uint(p, 5, (uint64_t)now);
-        p = put_uint(p, 6, seq);
+        size_t inner = 1 + spk_pb_varint_len(plugin_id) + 1 + spk_pb_varint_len(size) + size + 1 +
+                       spk_pb_varint_len((uint64_t)now) + 1 + spk_pb_varint_len(seq);
+        p = spk_pb_put_varint(p, 3u << 3 | 2);
+        p = spk_pb_put_varint(p, inner);
+        p = spk_pb_put_uint(p, 1, plugin_id);
+        p = spk_pb_put_bytes(p, 2, payload, size);
+        p = spk_pb_put_uint(p, 5, (uint64_t)now);
+        p = spk_pb_put_uint(p, 6, seq);
     }
     size_t len = (size_t)(p - out);
     spk_grpc_prefix(out, (uint32_t)(len - SPK_GRPC_PREFIX));
