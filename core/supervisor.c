@@ -795,28 +795,45 @@ static int setup_run_dir(sup *s, const spk_config *cfg, spk_errbuf *eb)
                         cfg->run_dir, strerror(err));
     snprintf(s->pid_path, sizeof(s->pid_path), "%s/%s.pid", cfg->run_dir, s->prog);
     snprintf(s->admin_path, sizeof(s->admin_path), "%s/%s.sock", cfg->run_dir, s->prog);
-    /* Refuse to start twice on one run_dir: the pid file names a live process. */
-    FILE *f = fopen(s->pid_path, "r");
-    if (f != NULL) {
-        int pid = 0;
-        if (fscanf(f, "%d", &pid) == 1 && pid > 0 && pid != s->pid && kill(pid, 0) == 0) {
-            fclose(f);
+    /* Refuse to start twice on one run_dir: the pid file names a live process. Never
+     * through a symbolic link: one planted in run_dir must not make the supervisor read
+     * or write another file. */
+    int pfd = open(s->pid_path, O_RDONLY | O_NOFOLLOW | O_CLOEXEC);
+    if (pfd >= 0) {
+        char buf[32] = "";
+        ssize_t n = read(pfd, buf, sizeof(buf) - 1);
+        close(pfd);
+        int pid = n > 0 ? atoi(buf) : 0;
+        if (pid > 0 && pid != s->pid && kill(pid, 0) == 0)
             return spk_errf(eb, SPK_EBUSY, "%s: %s is already running as pid %d",
                             s->pid_path, s->prog, pid);
-        }
-        fclose(f);
     }
-    f = fopen(s->pid_path, "w");
-    if (f == NULL)
+    /* A new file, created here (not a link, not someone else's file), 0644 whatever the
+     * umask. */
+    if (unlink(s->pid_path) != 0 && errno != ENOENT)
         return spk_errf(eb, SPK_EIO, "%s: %s", s->pid_path, strerror(errno));
-    fprintf(f, "%d\n", (int)s->pid);
-    fclose(f);
+    pfd = open(s->pid_path, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0644);
+    if (pfd < 0)
+        return spk_errf(eb, SPK_EIO, "%s: %s", s->pid_path, strerror(errno));
+    char line[32];
+    int len = snprintf(line, sizeof(line), "%d\n", (int)s->pid);
+    if (fchmod(pfd, 0644) != 0 || write(pfd, line, (size_t)len) != len) {
+        int e = errno;
+        close(pfd);
+        return spk_errf(eb, SPK_EIO, "%s: %s", s->pid_path, strerror(e));
+    }
+    close(pfd);
     spk_addr a;
     char text[300];
     snprintf(text, sizeof(text), "unix:%s", s->admin_path);
     int rc = spk_addr_parse(text, &a, eb);
-    if (rc == 0)
+    if (rc == 0) {
+        /* The socket file is created by bind with the umask's mode: a tight one, so it is
+         * never connectable by others, not even before the chmod. */
+        mode_t old = umask(077);
         rc = s->admin_fd = spk_listen(&a, 16, eb);
+        umask(old);
+    }
     if (rc < 0)
         return rc;
     chmod(s->admin_path, 0600);
