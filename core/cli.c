@@ -13,6 +13,8 @@
  * worker the gRPC server and the control plugins (hub.h).
  */
 #include <errno.h>
+#include <limits.h>
+#include <fcntl.h>
 #include <stdbool.h>
 #include <signal.h>
 #include <stdio.h>
@@ -224,6 +226,53 @@ static int status_main(const char *path)
     return 0;
 }
 
+/* Whether `pid` is a supervisor of this program for the config at `path`: its executable
+ * is ours (also after an upgrade replaced the file: " (deleted)"), it is not one of its
+ * children (argv[1] is not --worker or --uplink), and its -c argument names the same file,
+ * resolved against its own working directory. So a pid file that names another process
+ * (a stale file after pid reuse, or one a user could write) never gets it a SIGHUP. */
+static bool is_our_supervisor(int pid, const char *path)
+{
+    char link[64], exe[PATH_MAX], self[PATH_MAX];
+    snprintf(link, sizeof(link), "/proc/%d/exe", pid);
+    ssize_t n = readlink(link, exe, sizeof(exe) - 1);
+    ssize_t m = readlink("/proc/self/exe", self, sizeof(self) - 1);
+    if (n <= 0 || m <= 0)
+        return false;
+    exe[n] = self[m] = '\0';
+    static const char deleted[] = " (deleted)";
+    size_t dl = sizeof(deleted) - 1;
+    if ((size_t)n > dl && strcmp(exe + n - dl, deleted) == 0)
+        exe[n - dl] = '\0';
+    if (strcmp(exe, self) != 0)
+        return false;
+    char argv[8192];
+    snprintf(link, sizeof(link), "/proc/%d/cmdline", pid);
+    int fd = open(link, O_RDONLY | O_CLOEXEC);
+    n = fd >= 0 ? read(fd, argv, sizeof(argv) - 1) : -1;
+    if (fd >= 0)
+        close(fd);
+    if (n <= 0)
+        return false;
+    argv[n] = '\0';
+    const char *cfg = NULL;
+    int i = 0;
+    for (const char *a = argv; a < argv + n; a += strlen(a) + 1, i++) {
+        if (i == 1 && (strcmp(a, "--worker") == 0 || strcmp(a, "--uplink") == 0))
+            return false;
+        if ((strcmp(a, "-c") == 0 || strcmp(a, "--config") == 0) && a + strlen(a) + 1 < argv + n)
+            cfg = a + strlen(a) + 1;
+    }
+    if (cfg == NULL)
+        return false;
+    char theirs[PATH_MAX + 64], a[PATH_MAX], b[PATH_MAX];
+    if (cfg[0] == '/')
+        snprintf(theirs, sizeof(theirs), "%s", cfg);
+    else
+        snprintf(theirs, sizeof(theirs), "/proc/%d/cwd/%s", pid, cfg);
+    return realpath(theirs, a) != NULL && realpath(path, b) != NULL && strcmp(a, b) == 0;
+}
+
 static int reload_main(const char *path)
 {
     char dir[256], pidfile[300];
@@ -240,6 +289,11 @@ static int reload_main(const char *path)
         return 1;
     }
     fclose(f);
+    if (!is_our_supervisor(pid, path)) {
+        fprintf(stderr, "%s: %s names pid %d, which is not a %s supervisor for %s; not "
+                "signalling it (a stale pid file?)\n", prog, pidfile, pid, prog, path);
+        return 1;
+    }
     if (kill(pid, SIGHUP) != 0) {
         fprintf(stderr, "%s: cannot signal pid %d: %s\n", prog, pid, strerror(errno));
         return 1;

@@ -1,18 +1,20 @@
 """Files an unprivileged user could use against spoked (issue 12, item 4, in part): a
 symbolic link planted at the pid file's path is not followed (the file it points to is
-left alone), the pid file is a regular file of mode 0644 whatever the umask, and the admin
-socket is 0600 whatever the umask."""
+left alone), the pid file is a regular file of mode 0644 whatever the umask, the admin
+socket is 0600 whatever the umask, and `spoked reload` signals only a spoked supervisor
+for the same config, whatever pid the pid file names."""
 
 import os
 import stat
+import subprocess
 import sys
 import unittest
 
 sys.path.insert(0, os.path.dirname(__file__))
-from spoketest import EchoServer, Spoked, TempDir  # noqa: E402
+from spoketest import EchoServer, Spoked, TempDir, spoke_bin  # noqa: E402
 
 
-class FilesTest(unittest.TestCase):
+class Case(unittest.TestCase):
     def start(self, tmp, umask):
         old = os.umask(umask)
         try:
@@ -26,6 +28,8 @@ class FilesTest(unittest.TestCase):
     def tearDown(self):
         self.echo.stop()
 
+
+class FilesTest(Case):
     def test_planted_pid_link_is_not_followed(self):
         with TempDir() as tmp:
             run = os.path.join(tmp, "run")
@@ -52,6 +56,34 @@ class FilesTest(unittest.TestCase):
                     sock_mode = stat.S_IMODE(os.lstat(os.path.join(run, "spoked.sock")).st_mode)
                     self.assertEqual(oct(pid_mode), oct(0o644), f"umask {umask:o}")
                     self.assertEqual(oct(sock_mode), oct(0o600), f"umask {umask:o}")
+
+
+class ReloadTest(Case):
+    def reload(self, sp):
+        return subprocess.run([spoke_bin("spoked"), "reload", "-c", sp.config_path],
+                              capture_output=True, text=True, timeout=10)
+
+    def test_reload_signals_only_our_supervisor(self):
+        with TempDir() as tmp:
+            with self.start(tmp, 0o022) as sp:
+                pid_path = os.path.join(tmp, "run", "spoked.pid")
+                other = subprocess.Popen(["sleep", "60"])
+                try:
+                    with open(pid_path, "w") as f:
+                        f.write(f"{other.pid}\n")
+                    p = self.reload(sp)
+                    self.assertEqual(p.returncode, 1, p.stdout)
+                    self.assertIn(f"names pid {other.pid}, which is not a spoked supervisor",
+                                  p.stderr)
+                    self.assertIsNone(other.poll())  # not signalled: SIGHUP would kill it
+                finally:
+                    other.kill()
+                    other.wait()
+                with open(pid_path, "w") as f:
+                    f.write(f"{sp.proc.pid}\n")
+                p = self.reload(sp)
+                self.assertEqual(p.returncode, 0, p.stderr)
+                sp.wait_log(r"generation 2 serving")
 
 
 if __name__ == "__main__":
