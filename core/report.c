@@ -305,6 +305,23 @@ static int report_edge(void *arg, const void *key, size_t klen, const void *val,
     return 0;
 }
 
+/* Walk the registry of edges in the hub's store (a read transaction of its own; the
+ * supervisor opens the store only for this). Returns 0, or the store's error in eb. */
+static int scan_edges(sup *s, spk_kv_scan_cb cb, void *arg, spk_errbuf *eb)
+{
+    spk_kv *kv = NULL;
+    spk_kv_txn *txn = NULL;
+    int rc = spk_kv_conf_open(spk_sup_cfg(s), SPOKE_ROLE_CONTROL, &kv, eb);
+    if (rc == 0)
+        rc = spk_kv_begin(kv, NULL, false, &txn, eb);
+    if (rc == 0)
+        rc = spk_kv_scan(txn, 0, "edge/", 5, NULL, 0, 0, cb, arg, NULL, NULL, eb);
+    if (txn != NULL)
+        spk_kv_abort(txn);
+    spk_kv_close(kv);
+    return rc;
+}
+
 static void report_hub(sup *s, outbuf *o)
 {
     spk_hub_counters t;
@@ -317,23 +334,13 @@ static void report_hub(sup *s, outbuf *o)
         (unsigned long long)atomic_load(&t.refused),
         (unsigned long long)atomic_load(&t.plugin_errors),
         (unsigned long long)atomic_load(&t.auth_failures));
-    const spk_config *cfg = spk_sup_cfg(s);
-    spk_kv *kv = NULL;
-    spk_kv_txn *txn = NULL;
-    spk_errbuf eb;
-    if (spk_kv_conf_open(cfg, SPOKE_ROLE_CONTROL, &kv, &eb) != 0 ||
-        spk_kv_begin(kv, NULL, false, &txn, &eb) != 0) {
-        out(o, "edges: store %s unavailable: %s\n", cfg->hub_store, eb.msg);
-        spk_kv_close(kv);
-        return;
-    }
     edge_walk w = {.o = o, .now_ms = (int64_t)(ev_now(s->loop) * 1000.0)};
+    spk_errbuf eb;
     out(o, "edges:\n");
-    spk_kv_scan(txn, 0, "edge/", 5, NULL, 0, 0, report_edge, &w, NULL, NULL, &eb);
-    if (w.n == 0)
+    if (scan_edges(s, report_edge, &w, &eb) != 0)
+        out(o, "  store %s unavailable: %s\n", spk_sup_cfg(s)->hub_store, eb.msg);
+    else if (w.n == 0)
         out(o, "  (none yet)\n");
-    spk_kv_abort(txn);
-    spk_kv_close(kv);
 }
 
 static int count_edge(void *arg, const void *key, size_t klen, const void *val, size_t vlen)
@@ -364,20 +371,11 @@ static void metrics_hub(sup *s, outbuf *o)
         (unsigned long long)atomic_load(&t.plugin_errors));
     out(o, "# TYPE spoke_hub_auth_failures_total counter\nspoke_hub_auth_failures_total %llu\n",
         (unsigned long long)atomic_load(&t.auth_failures));
-    const spk_config *cfg = spk_sup_cfg(s);
-    spk_kv *kv = NULL;
-    spk_kv_txn *txn = NULL;
     uint64_t edges = 0;
-    if (spk_kv_conf_open(cfg, SPOKE_ROLE_CONTROL, &kv, NULL) == 0 &&
-        spk_kv_begin(kv, NULL, false, &txn, NULL) == 0) {
-        spk_kv_scan(txn, 0, "edge/", 5, NULL, 0, 0, count_edge, &edges, NULL, NULL, NULL);
+    if (scan_edges(s, count_edge, &edges, NULL) == 0)
         out(o, "# HELP spoke_hub_edges Edges the hub has heard from (its registry).\n"
                "# TYPE spoke_hub_edges gauge\nspoke_hub_edges %llu\n",
             (unsigned long long)edges);
-    }
-    if (txn != NULL)
-        spk_kv_abort(txn);
-    spk_kv_close(kv);
 }
 
 static void build_report(sup *s, outbuf *o)
