@@ -1107,6 +1107,7 @@ static void d_removed(FILE *out, const void *base, const field *f, int indent);
 static const char *const connect_words[] = {"eager", "lazy", NULL};
 static const char *const compat_words[] = {"strict", "loose", NULL};
 static const char *const level_words[] = {"debug", "info", "warn", "error", NULL};
+static const char *const log_format_words[] = {"text", "json", NULL}; /* spk_log_format */
 
 static const field edge_fields[] = {
     CS("id", p_str, d_str, edge_id, NULL), /* computed: the host name (computed_defaults) */
@@ -1216,6 +1217,7 @@ static const field metrics_fields[] = {
 
 static const field log_fields[] = {
     CW("level", log_level, level_words, SPOKE_LOG_INFO),
+    CW("format", log_format, log_format_words, SPK_LOG_TEXT),
 };
 
 /* Top-level keys that are not sections. */

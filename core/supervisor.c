@@ -930,6 +930,7 @@ int spk_supervisor_main(const char *path, const char *self_exe, spoke_role role)
         return 1;
     }
     spk_log_set_level(g->cfg->log_level);
+    spk_log_set_format((spk_log_format)g->cfg->log_format);
     s.loop = ev_default_loop(EVFLAG_AUTO);
     if (s.loop == NULL || bind_listeners(&s, g->cfg, &eb) != 0 ||
         setup_run_dir(&s, g->cfg, &eb) != 0 || spk_status_create(&s.st, &s.st_fd, &eb) != 0) {
