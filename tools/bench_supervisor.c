@@ -157,7 +157,8 @@ static pid_t spawn(char *const argv[], const char *log)
     if (pid == 0) {
         if (log != NULL) {
             FILE *f = freopen(log, "w", stderr);
-            (void)f;
+            if (f != NULL)
+                dup2(fileno(f), STDOUT_FILENO); /* our stdout is the report */
         }
         execv(argv[0], argv);
         fprintf(stderr, "spoke-bench: exec %s: %s\n", argv[0], strerror(errno));
