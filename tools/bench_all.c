@@ -42,8 +42,10 @@
 #define SPOKE_BUILD_TYPE "unknown"
 #endif
 
-#define BEGIN_MARK "<!-- spoke-bench all: generated section, begin (rerun `spoke-bench all`; " \
-                   "do not edit by hand) -->"
+/* The section starts at a line beginning with BEGIN_PREFIX (the rest of the marker's
+ * text may differ) and ends after the END_MARK line. */
+#define BEGIN_PREFIX "<!-- spoke-bench all: generated section, begin"
+#define BEGIN_MARK BEGIN_PREFIX " (rerun `spoke-bench all`; do not edit by hand) -->"
 #define END_MARK "<!-- spoke-bench all: generated section, end -->"
 #define MAX_ARGS 24
 #define BUDGET_S 600
@@ -263,7 +265,7 @@ static int update_docs(const char *docs, const char *section, size_t len)
         free(old);
         return -1;
     }
-    char *b = strstr(old, BEGIN_MARK), *e = b ? strstr(b, END_MARK) : NULL;
+    char *b = strstr(old, BEGIN_PREFIX), *e = b ? strstr(b, END_MARK) : NULL;
     if (b != NULL && e != NULL) {
         e += strlen(END_MARK);
         if (*e == '\n')
