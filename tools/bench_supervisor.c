@@ -60,6 +60,7 @@ typedef struct sbench {
     int crash_plugin, crash_limit;
     const char *crash_window;
     size_t log_seen;  /* bytes of spoked.log already scanned by log_count() */
+    const char *spoked_bin; /* --spoked: the spoked to measure (default: beside spoke-bench) */
     /* shared with the client threads */
     atomic_bool stop;
     atomic_uint_fast64_t rounds, broken;
@@ -244,7 +245,10 @@ static int setup(sbench *b)
         return -1;
     char self[600], spoked[600], listen[64], cfg[300], log[300];
     snprintf(self, sizeof(self), "%s/spoke-bench", b->self_dir);
-    snprintf(spoked, sizeof(spoked), "%s/spoked", b->self_dir);
+    if (b->spoked_bin != NULL)
+        snprintf(spoked, sizeof(spoked), "%s", b->spoked_bin);
+    else
+        snprintf(spoked, sizeof(spoked), "%s/spoked", b->self_dir);
     snprintf(listen, sizeof(listen), "127.0.0.1:%d", b->echo_port);
     snprintf(cfg, sizeof(cfg), "%s/spoke.yaml", b->dir);
     snprintf(log, sizeof(log), "%s/spoked.log", b->dir);
@@ -281,15 +285,16 @@ static void teardown(sbench *b)
 static void usage(FILE *f)
 {
     fprintf(f, "  reload [--conns 50] [--size 1024] [--reloads 5] [--plugins 1] [--workers 2]\n"
-               "         [--json FILE]\n"
+               "         [--json FILE] [--spoked PATH]\n"
                "      N connections stream round trips while spoked is reloaded R times: per\n"
                "      reload the time until the new generation serves and the connections broken\n"
                "  crash [--crashes 1000] [--reloads 100] [--conns 4] [--plugins 1] [--max-time 10m]\n"
-               "        [--json FILE]\n"
+               "        [--json FILE] [--spoked PATH]\n"
                "      the soak: one worker, bench-crash segfaulting on demand under traffic, the\n"
                "      reloads among the crashes (every 4th failing), then a quarantine; the time\n"
                "      from a crash to the next connection served (p50/p99/max), and descriptors,\n"
-               "      children and workers left at the end\n");
+               "      children and workers left at the end. --spoked: measure another build's\n"
+               "      spoked (plugins still from this one)\n");
 }
 
 static int reload_run(sbench *b, int reloads, const char *json)
@@ -767,6 +772,7 @@ int spk_bench_supervisor(int argc, char **argv)
         {"reloads", required_argument, NULL, 'r'}, {"crashes", required_argument, NULL, 'k'},
         {"plugins", required_argument, NULL, 'p'}, {"workers", required_argument, NULL, 'w'},
         {"max-time", required_argument, NULL, 'm'}, {"json", required_argument, NULL, 'j'},
+        {"spoked", required_argument, NULL, 'S'},
         {"help", no_argument, NULL, 'h'},          {NULL, 0, NULL, 0},
     };
     int o;
@@ -805,6 +811,7 @@ int spk_bench_supervisor(int argc, char **argv)
             }
             break;
         case 'j': json = optarg; break;
+        case 'S': b->spoked_bin = optarg; break;
         case 'h':
             usage(stdout);
             free(b);
