@@ -76,6 +76,7 @@ typedef struct lg_conn {
     uint64_t retry_at;       /* LG_IDLE: when to connect again */
     uint64_t connect_at;     /* LG_CONNECTING: when connect() was called */
     uint64_t first_due;      /* open loop: when request 0 of this connection is due */
+    uint64_t last_write;     /* when bytes were last written (the open loop's stall check) */
     uint64_t *starts;        /* start time of request k at starts[k % pipeline] */
 } lg_conn;
 
@@ -206,6 +207,7 @@ static void lg_send(lg_thread *t, lg_conn *c, uint64_t now)
         for (uint64_t k = (c->sent + size - 1) / size; k * size < c->sent + (uint64_t)n; k++)
             c->starts[k % depth] = t->interval_ns ? c->first_due + k * t->interval_ns : now;
         c->sent += (uint64_t)n;
+        c->last_write = now;
         if (in_window(t, now))
             t->bytes_out += (uint64_t)n;
     }
@@ -315,7 +317,10 @@ static void lg_finish(lg_thread *t, uint64_t now)
             lg_note_error(t, E_STALLED, "connect %s: %s", t->o->target.text,
                           "still not connected at the end of the run");
         if (c->state == LG_RUNNING && c->sent > c->recvd) {
-            uint64_t started = c->starts[(c->recvd / t->o->size) % t->o->pipeline];
+            /* Open loop: a request is due before it is written; a proxy that falls behind
+             * is slow, not stalled, so the stall counts from the last write. */
+            uint64_t started = t->interval_ns ? c->last_write
+                                              : c->starts[(c->recvd / t->o->size) % t->o->pipeline];
             if (now - started > STALL_NS)
                 lg_note_error(t, E_STALLED, "%s: %s", t->o->target.text,
                               "a request got no complete answer within 1 s");

@@ -725,7 +725,17 @@ static int crash_run(sbench *b, const soak_opts *o)
     printf("| supervisor descriptors before / after | %d / %d |\n", fds0, fds1);
     printf("| supervisor children before / after | %d / %d |\n", kids0, kids1);
     printf("| workers seen / alive after spoked exited | %zu / %d |\n", n_seen, left);
-    printf("\nresult: %s\n", ok ? "ok" : "NOT OK (see the rows above)");
+    if (ok) {
+        printf("\nresult: ok\n");
+    } else {
+        printf("\nresult: NOT OK:%s%s%s%s%s%s%s\n",
+               timed_out ? " stopped at --max-time before the last crash (the restart backoff "
+                           "decides how many fit);" : "",
+               lost ? " crashes not followed by service;" : "",
+               reload_wrong ? " reloads with another outcome than asked;" : "",
+               q_ok ? "" : " no quarantine;", fds0 != fds1 ? " descriptors leaked;" : "",
+               kids0 != kids1 ? " children left;" : "", left ? " workers left alive;" : "");
+    }
 
     if (o->json != NULL) {
         FILE *f = fopen(o->json, "w");
