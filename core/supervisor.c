@@ -51,6 +51,7 @@
 
 static void spawn(wproc *w);
 static void gen_free(sup *s, generation *g);
+static void reap_old(sup *s);
 
 double spk_sup_restart_delay(const sup *s, ev_tstamp started, unsigned *fails)
 {
@@ -342,6 +343,9 @@ static void gen_retire(sup *s, generation *g)
     }
     g->next_old = s->old;
     s->old = g;
+    /* A generation with no live worker (its workers crashed or failed to start) has no exit
+     * left to reap it: free it now, not at some later draining worker's exit. */
+    reap_old(s);
 }
 
 /* ---- generations: reload, replacement, promotion ------------------------------------ */

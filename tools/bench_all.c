@@ -159,7 +159,7 @@ static void disk_of(const char *dir, char *out, size_t cap)
         return;
     }
     const char *base = strrchr(dev, '/') ? strrchr(dev, '/') + 1 : dev;
-    char path[400], rot[16] = "?", model[128] = "";
+    char path[800], rot[16] = "?", model[128] = "";
     snprintf(path, sizeof(path), "cat /sys/class/block/%s/queue/rotational 2>/dev/null", base);
     cmd_line(path, rot, sizeof(rot));
     snprintf(path, sizeof(path),
