@@ -477,14 +477,14 @@ static int write_plot(const suite *s)
                " open loop)\"\n"
                "set xlabel \"offered load (requests/s)\"\n"
                "set ylabel \"latency (us, log scale): solid p99, dashed p50\"\n"
-               "set logscale y\nset key top left\nset grid\n",
+               "set logscale y\nset key below\nset grid\n",
             (unsigned long long)s->sizes[0], s->conns);
     const char *png = strrchr(s->plot, '/') ? strrchr(s->plot, '/') + 1 : s->plot;
     for (int t = 0; t < 2; t++) {
         if (t == 0)
-            fprintf(f, "set terminal pngcairo size 1000,600\nset output \"%s.png\"\n", png);
+            fprintf(f, "set terminal pngcairo size 1000,680\nset output \"%s.png\"\n", png);
         else
-            fprintf(f, "set terminal svg size 1000,600 dynamic\nset output \"%s.svg\"\n", png);
+            fprintf(f, "set terminal svg size 1000,680 dynamic\nset output \"%s.svg\"\n", png);
         fprintf(f, "plot ");
         for (int p = 0; p < N_PATHS; p++)
             fprintf(f, "\"%s\" index %d using 1:3 with linespoints lw 2 lc %d title \"%s p99\", "
