@@ -51,7 +51,6 @@
 
 static void spawn(wproc *w);
 static void gen_free(sup *s, generation *g);
-static void reap_old(sup *s);
 
 double spk_sup_restart_delay(const sup *s, ev_tstamp started, unsigned *fails)
 {
@@ -341,11 +340,14 @@ static void gen_retire(sup *s, generation *g)
         if (w->pid != 0)
             kill(w->pid, w->accepting ? SIGTERM : SIGKILL);
     }
-    g->next_old = s->old;
-    s->old = g;
     /* A generation with no live worker (its workers crashed or failed to start) has no exit
      * left to reap it: free it now, not at some later draining worker's exit. */
-    reap_old(s);
+    if (gen_live(g) == 0) {
+        gen_free(s, g);
+        return;
+    }
+    g->next_old = s->old;
+    s->old = g;
 }
 
 /* ---- generations: reload, replacement, promotion ------------------------------------ */
