@@ -535,6 +535,17 @@ static void set_close(spk_plugin_set *set)
     set->n = 0;
 }
 
+/* A worker's pins are read once: each plugin runs from its private copy, so the
+ * descriptors are closed (the worker holds only what it uses). */
+static void release_pins(spk_config *cfg)
+{
+    for (size_t i = 0; i < cfg->n_plugins; i++) {
+        if (cfg->plugins[i].pin_fd > 0)
+            close(cfg->plugins[i].pin_fd);
+        cfg->plugins[i].pin_fd = -1;
+    }
+}
+
 int spk_plugin_set_load(spk_config *cfg, const spoke_host *host, spk_host_env *env,
                         spk_slot *slot, const char *const *skip, size_t n_skip,
                         spk_plugin_set *out, spk_errbuf *eb)
@@ -601,8 +612,10 @@ int spk_plugin_set_load(spk_config *cfg, const spoke_host *host, spk_host_env *e
     }
     if ((rc = check_duplicates(out, eb)) != 0 || (rc = check_requirements(cfg, out, eb)) != 0)
         goto fail;
+    release_pins(cfg);
     return 0;
 fail:
+    release_pins(cfg);
     set_close(out);
     return rc;
 }

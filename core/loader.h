@@ -111,7 +111,8 @@ int spk_plugin_autoload(spk_config *cfg, spk_errbuf *eb);
  * and `slot` (both borrowed, may be NULL: no environment; its own slot). Autoloaded files
  * are appended to cfg->plugins (hence non-const). Files are read from the supervisor's
  * pins when cfg->plugins_pinned (a supervised worker; pin.h), else from their paths under
- * plugins.strict_modes (trust.h). On failure nothing stays loaded. */
+ * plugins.strict_modes (trust.h); the pins are closed once read (pin_fd = -1). On failure
+ * nothing stays loaded. */
 int spk_plugin_set_load(spk_config *cfg, const spoke_host *host, spk_host_env *env,
                         spk_slot *slot, const char *const *skip, size_t n_skip,
                         spk_plugin_set *out, spk_errbuf *eb);

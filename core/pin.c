@@ -5,6 +5,7 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
@@ -19,7 +20,9 @@
 static int sealed_copy(int in, const char *path, spk_errbuf *eb)
 {
     const char *base = strrchr(path, '/');
-    int mfd = memfd_create(base ? base + 1 : path, MFD_CLOEXEC | MFD_ALLOW_SEALING);
+    char name[256];
+    snprintf(name, sizeof(name), "spoke-pin:%s", base ? base + 1 : path);
+    int mfd = memfd_create(name, MFD_CLOEXEC | MFD_ALLOW_SEALING);
     if (mfd < 0)
         return spk_errf(eb, SPK_EIO, "%s: memfd_create: %s", path, strerror(errno));
     char buf[65536];

@@ -4,7 +4,9 @@
  *
  * State: a *generation* is one config snapshot (the file's text, kept in a memfd that
  * every worker of the generation parses, so a restarted worker runs exactly the config
- * its siblings run) plus its workers and its quarantine set. `cur` serves; `next` exists
+ * its siblings run), its plugin files (sealed copies read when it starts, pin.h, so a
+ * restarted worker runs the same bytes too), the account its workers drop to (privs.h),
+ * plus its workers and its quarantine set. `cur` serves; `next` exists
  * while a reload (or a quarantine) is starting a replacement; `old` generations drain.
  *
  * New workers load and initialise their plugins but do not accept until the supervisor

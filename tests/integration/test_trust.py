@@ -55,6 +55,19 @@ def proc_ids(pid):
     return out
 
 
+def memfds(pid):
+    """Names of the memfds process pid holds ("spoke-pin:t-version.so", ...)."""
+    out = []
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            t = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if t.startswith("/memfd:"):
+            out.append(t[len("/memfd:"):].split(" (deleted)")[0])
+    return sorted(out)
+
+
 def ask_version(port):
     s = connect(f"127.0.0.1:{port}")
     s.sendall(b"VERSION?")
@@ -185,6 +198,11 @@ class PinnedSetTest(Base):
         with self.start(pdir, plugins=(), extra={"plugins": {"autoload": True}},
                         env=CRASH_ENV) as sp:
             self.assertEqual(ask_version(sp.port), b"t-version 1.0.0\n")
+            # the supervisor holds the generation's copy; a worker only its private one
+            self.assertIn("spoke-pin:t-version.so", memfds(sp.proc.pid))
+            (pid,) = sp.worker_pids()
+            self.assertNotIn("spoke-pin:t-version.so", memfds(pid))
+            self.assertIn("t-version.so", memfds(pid))
             with open(tp("t_version_v2"), "rb") as src, \
                     open(os.path.join(pdir, "t-version.so"), "r+b") as dst:
                 dst.truncate(0)
@@ -274,7 +292,9 @@ class PrivilegesTest(Base):
             self.assertEqual(proc_ids(sp.proc.pid)["Uid"], [UID] * 4)
 
     def test_hubd_workers_run_as_user(self):
-        with Hubd(self.dir, extra={"user": USER}) as hub:
+        plugins = [{"name": "t-control", "id": 7, "file": tp("t_control")}]
+        with Hubd(self.dir, plugins=plugins, extra={"user": USER}) as hub:
+            self.assertIn("plugin t-control", hub.log())
             (pid,) = hub.worker_pids()
             self.assertEqual(proc_ids(pid)["Uid"], [UID] * 4)
             self.assertEqual(os.stat(os.path.join(self.dir, "hubstore")).st_uid, UID)
