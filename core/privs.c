@@ -7,6 +7,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <grp.h>
+#include <limits.h>
 #include <pwd.h>
 #include <signal.h>
 #include <stdio.h>
@@ -99,7 +100,18 @@ int spk_privs_hand_over(const spk_privs *p, const char *dir, spk_errbuf *eb)
 {
     if (!p->change || p->uid == 0 || dir == NULL)
         return 0;
-    int err = spk_mkdir_p(dir, 0700);
+    /* Missing parents are made searchable (0755), or the workers could not reach `dir`;
+     * `dir` itself is private (0700). Existing directories are left as they are. */
+    char parent[PATH_MAX];
+    snprintf(parent, sizeof(parent), "%s", dir);
+    char *slash = strrchr(parent, '/');
+    int err = 0;
+    if (slash != NULL && slash != parent) {
+        *slash = '\0';
+        err = spk_mkdir_p(parent, 0755);
+    }
+    if (err == 0 && mkdir(dir, 0700) != 0 && errno != EEXIST)
+        err = errno;
     if (err != 0)
         return spk_errf(eb, SPK_EIO, "%s: %s", dir, strerror(err));
     int dfd = open(dir, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);

@@ -43,9 +43,10 @@ int spk_privs_drop(const spk_privs *p, spk_errbuf *eb);
 int spk_privs_apply(const spk_config *cfg, spk_errbuf *eb);
 
 /* Give directory `dir` and the files directly in it (not following links) to p's account,
- * creating `dir` (0700) when missing, so that workers that dropped privileges can use a
- * store the supervisor created (the queue, the KV store, the hub store). Nothing when
- * !p->change or p->uid is root. Returns 0 or SPK_EIO naming the path. */
+ * creating `dir` (0700) and its missing parents (0755) first, so that workers that
+ * dropped privileges can use a store the supervisor created (the queue, the KV store, the
+ * hub store). Nothing when !p->change or p->uid is root. Returns 0 or SPK_EIO naming the
+ * path. */
 int spk_privs_hand_over(const spk_privs *p, const char *dir, spk_errbuf *eb);
 
 #endif

@@ -254,6 +254,20 @@ static void on_restart_timer(struct ev_loop *loop, ev_timer *t, int revents)
         spawn(w);
 }
 
+/* The stores the workers open must be theirs once they dropped privileges. */
+static void hand_over_stores(const sup *s, const generation *g)
+{
+    const spk_config *cfg = g->cfg;
+    const char *dirs[2] = {s->role == SPOKE_ROLE_CONTROL ? cfg->hub_store : cfg->queue_path,
+                           s->role == SPOKE_ROLE_CONTROL ? NULL : cfg->kv_path};
+    for (int i = 0; i < 2; i++) {
+        spk_errbuf eb;
+        if (spk_privs_hand_over(&g->privs, dirs[i], &eb) != 0)
+            spk_error("%s (workers running as %s may not be able to use it)", eb.msg,
+                      g->privs.user);
+    }
+}
+
 static generation *gen_new(sup *s, spk_errbuf *eb)
 {
     generation *g = calloc(1, sizeof(*g));
@@ -274,6 +288,9 @@ static generation *gen_new(sup *s, spk_errbuf *eb)
         gen_free(s, g);
         return NULL;
     }
+    /* Before the supervisor opens the queue (at start: it would create missing parents
+     * 0700, out of the workers' reach); gen_start gives them what was created since. */
+    hand_over_stores(s, g);
     return g;
 }
 
@@ -289,20 +306,6 @@ static int gen_copy_quarantine(generation *dst, const generation *src)
         dst->n_quarantine++;
     }
     return 0;
-}
-
-/* The stores the workers open must be theirs once they dropped privileges. */
-static void hand_over_stores(const sup *s, const generation *g)
-{
-    const spk_config *cfg = g->cfg;
-    const char *dirs[2] = {s->role == SPOKE_ROLE_CONTROL ? cfg->hub_store : cfg->queue_path,
-                           s->role == SPOKE_ROLE_CONTROL ? NULL : cfg->kv_path};
-    for (int i = 0; i < 2; i++) {
-        spk_errbuf eb;
-        if (spk_privs_hand_over(&g->privs, dirs[i], &eb) != 0)
-            spk_error("%s (workers running as %s may not be able to use it)", eb.msg,
-                      g->privs.user);
-    }
 }
 
 static int gen_start(sup *s, generation *g)

@@ -247,7 +247,9 @@ class PrivilegesTest(Base):
 
     def test_workers_run_as_user_and_use_the_stores(self):
         plugins = [{"file": tp("t_send")}, {"file": tp("t_kv")}]
-        with Spoked(self.dir, self.echo.address, plugins=plugins, extra={"user": USER}) as sp:
+        # the queue's parents do not exist yet: they are made reachable by the workers
+        extra = {"user": USER, "queue": {"path": os.path.join(self.dir, "var/lib/queue")}}
+        with Spoked(self.dir, self.echo.address, plugins=plugins, extra=extra) as sp:
             self.assertEqual(roundtrip(sp.port, b"SEND - hello"), b"RC 0 1\n")
             (pid,) = sp.worker_pids()
             ids = proc_ids(pid)
@@ -255,8 +257,10 @@ class PrivilegesTest(Base):
             self.assertEqual(ids["Gid"], [GID] * 4)
             self.assertEqual(ids["Groups"], [GID])
             self.assertEqual(proc_ids(sp.proc.pid)["Uid"], [0] * 4)  # the supervisor
-            for store in ("queue", "kv"):
+            for store in ("var/lib/queue", "kv"):
                 self.assertEqual(os.stat(os.path.join(self.dir, store)).st_uid, UID)
+                for f in os.listdir(os.path.join(self.dir, store)):
+                    self.assertEqual(os.stat(os.path.join(self.dir, store, f)).st_uid, UID, f)
             self.assertNotIn("unavailable", sp.log())
             # restarts keep the account
             os.kill(pid, signal.SIGKILL)
