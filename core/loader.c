@@ -533,6 +533,13 @@ int spk_plugin_set_load(spk_config *cfg, const spoke_host *host, spk_host_env *e
                      pc->path);
             continue;
         }
+        if (out->n == SPK_PLUGINS_MAX) { /* autoload can pass plugins.list's cap */
+            rc = spk_errf(eb, SPK_ECONFIG,
+                          "%s: refused: more than %d plugins to load (plugins.list and "
+                          "plugins.autoload); a generation runs at most %d",
+                          pc->path, SPK_PLUGINS_MAX, SPK_PLUGINS_MAX);
+            goto fail;
+        }
         spk_plugin *p;
         rc = spk_plugin_open(pc->path, pc->has_sha256 ? pc->sha256 : NULL, host, &p, eb);
         if (rc != 0) {

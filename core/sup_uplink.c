@@ -222,7 +222,7 @@ bool spk_sup_uplink_exited(sup *s, pid_t pid, int status)
         spawn_uplink(s);
         return true;
     }
-    double delay = spk_sup_restart_delay(s, u->started, &u->fails);
+    double delay = spk_sup_restart_delay(s, &u->backoff);
     u->restarts++;
     spk_log(clean ? SPOKE_LOG_WARN : SPOKE_LOG_ERROR, "uplink (pid %d) %s; restarting it in %.1f s",
             (int)pid, what, delay);

@@ -60,8 +60,9 @@ void spk_sup_blame(sup *s, generation *g, const char *key, const char *name, con
         if (now - c->times[i] <= window)
             c->times[keep++] = c->times[i];
     c->n_times = keep;
-    if (c->n_times < sizeof(c->times) / sizeof(c->times[0]))
-        c->times[c->n_times++] = now;
+    if (c->n_times == SPK_CRASH_LIMIT_MAX) /* full: past any crash_limit; keep the newest */
+        memmove(c->times, c->times + 1, --c->n_times * sizeof(c->times[0]));
+    c->times[c->n_times++] = now;
     c->total++;
     snprintf(c->last, sizeof(c->last), "%s", what);
     if (c->quarantined || c->n_times < g->cfg->crash_limit)
@@ -104,6 +105,23 @@ bool spk_sup_classify_exit(wproc *w, int status, char *what, size_t cap)
         snprintf(what, cap, "%s", w->kill_reason);
         if (w->blame_key[0] != '\0')
             return true;
+    } else if (WIFSIGNALED(status) && WTERMSIG(status) == SIGKILL && sl != NULL) {
+        /* The supervisor sends a serving worker SIGKILL only from the watchdog (with a
+         * kill_reason): this one came from outside, the OOM killer or an operator. Named
+         * with what ran, never counted as that plugin's crash. */
+        pi = atomic_load(&sl->act.plugin);
+        hook = atomic_load(&sl->act.hook);
+        const char *name = pi && pi <= atomic_load(&sl->n_plugins) && pi <= SPK_STATUS_PLUGINS
+                               ? sl->plugins[pi - 1].name
+                               : NULL;
+        if (name != NULL)
+            snprintf(what, cap, "SIGKILL not sent by the supervisor (the OOM killer or an "
+                                "operator?) while in plugin %s %s; not counted as its crash",
+                     name, spk_hook_name((enum spk_hook_id)hook));
+        else
+            snprintf(what, cap, "SIGKILL not sent by the supervisor (the OOM killer or an "
+                                "operator?) in host code");
+        return true;
     } else if (WIFSIGNALED(status) && sl != NULL) {
         pi = atomic_load(&sl->act.plugin);
         hook = atomic_load(&sl->act.hook);
