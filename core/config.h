@@ -43,6 +43,8 @@ typedef struct spk_plugin_conf {
     spoke_kv *config;    /* `config:` map flattened ("a.b", "list.0"); values as text */
     size_t n_config;
     int line;            /* line of this entry in the config file, for messages */
+    char *metrics_socket; /* `metrics_socket:` a Unix socket where the plugin serves its
+                             own Prometheus text (the merger scrapes it); NULL: none */
 } spk_plugin_conf;
 
 typedef struct spk_config {
@@ -146,6 +148,11 @@ typedef struct spk_config {
     char *kv_path;             /* kv.path: the store's directory */
     uint64_t kv_map_size;      /* kv.map_size: LMDB map size, the most it can hold */
     uint64_t kv_sync_ms;       /* kv.sync: the edge's period between flushes to disk */
+
+    /* metrics: (more) */
+    bool metrics_merger;       /* metrics.merger: scrape the plugins' metrics_socket */
+    uint64_t metrics_merge_period_ms; /* metrics.merge_period */
+    unsigned metrics_hook_sample; /* metrics.hook_sample: time 1 in N hook calls; 0 = none */
 } spk_config;
 
 /* Load and validate `path` as spoked's config (the edge role). On success *out is a config

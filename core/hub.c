@@ -149,9 +149,11 @@ static spk_plugin *plugin_by_id(hub *h, uint32_t id)
 static int call_accept(hub *h, spk_plugin *p, const spoke_edge_payload *ep, int *handled)
 {
     *handled = 0;
-    spk_slot_enter(h->slot, p->index, SPK_HOOK_ACCEPT);
+    uint64_t t = SPK_PLUGIN_HOOK_BEGIN(p, h->slot, SPK_HOOK_ACCEPT);
     int rc = p->table.accept_edge_payload(p->self, ep, handled);
-    spk_slot_leave(h->slot);
+    SPK_PLUGIN_HOOK_END(p, h->slot, SPK_HOOK_ACCEPT, t);
+    if (rc < 0)
+        spk_plugin_hook_error(p, SPK_HOOK_ACCEPT);
     return rc;
 }
 
@@ -667,6 +669,9 @@ static int start(hub *h, spk_errbuf *eb)
         return rc;
     if (opts->wslot != NULL)
         spk_plugin_set_publish(&h->set, opts->wslot);
+    spk_plugin_set_stats(&h->set, opts->wslot ? &opts->wslot->hooks : NULL,
+                         cfg->metrics_hook_sample);
+    h->env.pm = opts->wslot ? &opts->wslot->pm : NULL;
     h->health_fails = calloc(h->set.n ? h->set.n : 1, sizeof(unsigned));
     if (h->health_fails == NULL)
         return spk_errf(eb, SPK_ENOMEM, "out of memory");

@@ -58,6 +58,7 @@ struct spk_proxy {
     pconn *conns;
     size_t n_conns;
     uint64_t next_id;
+    uint64_t bytes[2]; /* read from the server [0] and from the client [1] */
     uint8_t *rbuf;
     size_t rcap;
     spk_buf buf;
@@ -344,6 +345,7 @@ static void on_read(pconn *c, bool from_client)
         conn_maybe_done(c);
         return;
     }
+    px->bytes[from_client] += (uint64_t)n;
     if (process_chunk(c, from_client, px->rbuf, (size_t)n) == 0)
         update_readers(c);
 }
@@ -602,6 +604,11 @@ void spk_proxy_stop_accepting(spk_proxy *px)
 size_t spk_proxy_active(const spk_proxy *px) { return px->n_conns; }
 
 uint64_t spk_proxy_accepted(const spk_proxy *px) { return px->next_id; }
+
+uint64_t spk_proxy_bytes(const spk_proxy *px, bool from_client)
+{
+    return px->bytes[from_client];
+}
 
 void spk_proxy_close_all(spk_proxy *px)
 {

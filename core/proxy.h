@@ -40,6 +40,8 @@ void spk_proxy_stop_accepting(spk_proxy *px);
 /* Number of open client connections, and of all accepted since creation. */
 size_t spk_proxy_active(const spk_proxy *px);
 uint64_t spk_proxy_accepted(const spk_proxy *px);
+/* Bytes read from the clients (from_client) or from the upstream, since creation. */
+uint64_t spk_proxy_bytes(const spk_proxy *px, bool from_client);
 
 /* Close every connection at once (on_close hooks run) and stop accepting. */
 void spk_proxy_close_all(spk_proxy *px);

@@ -13,6 +13,7 @@
  *              the first init, so a crash in init is attributed like any other.
  *   reason     why a worker that could not start gave up (exit code SPK_EXIT_START).
  *   queue      send_to_control counters: accepted, refused by reason (metrics).
+ *   hooks, pm  hook stats and the plugins' own metrics (metrics.h).
  *
  * Plain data only: no pointers (the region is mapped at different addresses), no locks
  * (a worker killed mid-write must not block the supervisor). Fields are read with relaxed
@@ -26,6 +27,7 @@
 #include <stdint.h>
 
 #include "err.h"
+#include "metrics.h"
 #include "slot.h"
 
 #define SPK_STATUS_SLOTS 128 /* workers of two generations, and the uplink */
@@ -147,6 +149,11 @@ typedef struct spk_wslot {
     _Atomic uint32_t plugins_seq;
     spk_uplink_counters uplink;
     spk_hub_counters hub;           /* a hubd worker's slot */
+    /* metrics.h: hook stats and plugin metrics; bytes proxied (published with the
+     * heartbeat, as the connection counts) */
+    _Atomic uint64_t bytes_from_client, bytes_from_server;
+    spk_hookstats hooks;
+    spk_pmetrics pm;
 } spk_wslot;
 
 typedef struct spk_status {

@@ -53,6 +53,10 @@ static void on_heartbeat(struct ev_loop *loop, ev_timer *w, int revents)
     atomic_store_explicit(&sl->act.heartbeat_ms, spk_mono_ms(), memory_order_relaxed);
     atomic_store_explicit(&sl->conns_active, spk_proxy_active(wk->proxy), memory_order_relaxed);
     atomic_store_explicit(&sl->conns_total, spk_proxy_accepted(wk->proxy), memory_order_relaxed);
+    atomic_store_explicit(&sl->bytes_from_client, spk_proxy_bytes(wk->proxy, true),
+                          memory_order_relaxed);
+    atomic_store_explicit(&sl->bytes_from_server, spk_proxy_bytes(wk->proxy, false),
+                          memory_order_relaxed);
 }
 
 static void stop_now(worker *wk)
@@ -181,6 +185,9 @@ static int start(worker *wk, spk_errbuf *eb)
         return rc;
     if (opts->wslot != NULL)
         spk_plugin_set_publish(&wk->set, opts->wslot);
+    spk_plugin_set_stats(&wk->set, opts->wslot ? &opts->wslot->hooks : NULL,
+                         cfg->metrics_hook_sample);
+    wk->env.pm = opts->wslot ? &opts->wslot->pm : NULL;
     /* The queue opens before init, so plugins may send from init. A worker that cannot
      * open it still serves: send_to_control answers QUEUE_UNAVAILABLE and retries. */
     wk->env.qc = opts->wslot ? &opts->wslot->queue : &wk->private_qc;
