@@ -44,7 +44,7 @@ typedef struct source {
     spk_mbuf in;
     parsed last;
     bool have;      /* `last` is from the latest scrape, which succeeded */
-    int last_result;
+    unsigned fails_in_row;
     uint64_t results[MR_N];
 } source;
 
@@ -380,21 +380,25 @@ static void scrape_close(source *s)
     memset(&s->in, 0, sizeof(s->in));
 }
 
+/* A scrape ended. Logged once per change of state: the first failure after a success
+ * (or the third in a row of a socket that never answered: a plugin starting up may not
+ * have bound it yet), and the first success after failures. */
 static void scrape_done(source *s, int result, const char *why)
 {
     scrape_close(s);
     s->results[result]++;
     if (result != MR_OK) {
-        if (s->last_result == MR_OK)
+        s->fails_in_row++;
+        if (s->fails_in_row == (s->results[MR_OK] > 0 ? 1u : 3u))
             spk_warn("metrics merger: plugin %s: %s %s: %s; its metrics are left out until a "
                      "scrape succeeds", s->name, result_names[result], s->path, why);
         parsed_free(&s->last);
         s->have = false;
-    } else if (s->last_result != MR_OK && s->results[MR_OK] + s->results[MR_SLOW] +
-                                                 s->results[MR_GONE] + s->results[MR_GARBAGE] > 1) {
-        spk_info("metrics merger: plugin %s: %s answers again", s->name, s->path);
+        return;
     }
-    s->last_result = result;
+    if (s->fails_in_row >= (s->results[MR_OK] > 1 ? 1u : 3u))
+        spk_info("metrics merger: plugin %s: %s answers again", s->name, s->path);
+    s->fails_in_row = 0;
 }
 
 static void scrape_parse(source *s)

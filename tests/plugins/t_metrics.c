@@ -6,6 +6,7 @@
  * "bad-name" (which the host must refuse, logging why). Each client chunk adds 1 to
  * t_chunks_total{dir="in"} and observes its length; on_open/on_close move the gauge.
  *
+ * With config `register: false` it registers nothing (several instances may then load).
  * With config `socket: PATH` it also serves its own Prometheus text on a Unix socket at
  * PATH, from a 10 ms timer (non-blocking accept, read the request, answer, close):
  * t_own_requests_total{kind="scrape"} counts the scrapes it answered. Config `mode`:
@@ -112,6 +113,9 @@ static int init(spoke_ctx *ctx, const spoke_init_args *args, void **self)
         return SPOKE_ERR_NOMEM;
     st->ctx = ctx;
     st->lfd = -1;
+    const char *reg = host->config_get(ctx, "register");
+    if (reg != NULL && strcmp(reg, "false") == 0)
+        goto socket;
     static const char *const dir[] = {"dir"};
     static const double bounds[] = {16, 256, 4096};
     int c = host->metric_register(ctx, SPOKE_METRIC_COUNTER, "t_chunks_total",
@@ -134,6 +138,7 @@ static int init(spoke_ctx *ctx, const spoke_init_args *args, void **self)
         free(st);
         return SPOKE_ERR_INVALID;
     }
+socket:;
     const char *mode = host->config_get(ctx, "mode");
     snprintf(st->mode, sizeof(st->mode), "%s", mode ? mode : "ok");
     const char *path = host->config_get(ctx, "socket");
@@ -162,6 +167,7 @@ static void fini(void *self)
     free(st);
 }
 
+/* The metric services ignore a NULL series: an instance that registered nothing. */
 static spoke_verdict on_open(void *self, spoke_conn *conn)
 {
     (void)conn;
