@@ -128,6 +128,15 @@ static bool belongs(const block *b, const char *s, size_t n)
     return false;
 }
 
+/* Does an earlier family own sample name s[0..n)? (Its samples are then not together.) */
+static bool block_owning(const parsed *p, const char *s, size_t n)
+{
+    for (size_t i = 0; i < p->n; i++)
+        if (belongs(&p->b[i], s, n))
+            return true;
+    return false;
+}
+
 static bool value_ok(const char *s, size_t n)
 {
     char tmp[64];
@@ -304,7 +313,7 @@ static int parse_text(const char *plugin, const char *text, size_t len, parsed *
                 bad = "a sample is named spoke_* (the host's)";
             } else {
                 if (cur == NULL || !belongs(cur, l, sn)) {
-                    if (block_find(p, l, sn) != NULL)
+                    if (block_owning(p, l, sn))
                         bad = "the samples of a family are not together";
                     else if ((cur = block_new(p, l, sn)) == NULL)
                         bad = "out of memory (or a name too long)";
