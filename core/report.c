@@ -1,12 +1,13 @@
 /*
  * report.c -- what the supervisor tells operators: the status report on the admin socket
- * (run_dir/spoked.sock, read by `spoked status`) and the Prometheus metrics on
- * metrics.listen.
+ * (run_dir/spoked.sock, read by `spoked status`) and the host's own figures for
+ * /metrics (spk_sup_host_metrics; sup_metrics.c serves them, with the hook stats, the
+ * plugins' metrics and the merger's).
  *
  * Both are built from the supervisor's own state (generations, restarts, reloads, crash
  * records) and from the workers' status slots (state, connections, plugins, the
- * send_to_control counters), which are read without locks. Each request is answered at
- * once on the supervisor's loop, into a growing buffer, then written with a 100 ms
+ * send_to_control counters), which are read without locks. A status request is answered
+ * at once on the supervisor's loop, into a growing buffer, then written with a 100 ms
  * timeout: the loop also runs the watchdog, and a slow client may not hold it longer.
  * The queue figures come from the supervisor's own queue handle (supervisor.c, queue
  * sync); counters of exited workers are kept in the supervisor so totals never go back.

@@ -1,12 +1,15 @@
 /*
- * supervisor_int.h -- the supervisor's state, shared by its three files (private to them).
+ * supervisor_int.h -- the supervisor's state, shared by its files (private to them).
  *
  *   supervisor.c   generations and child processes: config snapshots, fork/exec of the
  *                  workers, restarts with backoff, reload, replacement and promotion,
  *                  signals, the queue sync timer, setup and teardown, the main loop
  *   watchdog.c     the watchdog (sampling the workers' slots) and crash attribution:
  *                  whom a dead or killed worker is blamed on, crash counts, quarantine
- *   report.c       the status report (admin socket) and the metrics endpoint
+ *   report.c       the status report (admin socket) and the host's figures for /metrics
+ *   sup_metrics.c  /metrics: the endpoint (metrics_http.c), the base of exited workers'
+ *                  metrics (metrics.c), the merger of plugin sockets (metrics_merge.c)
+ *   sup_uplink.c   the uplink process
  *
  * Everything runs on the supervisor's one loop: no locks. The supervisor knows of its
  * workers only what the config and the status region (status.h) say, so hubd can run it
