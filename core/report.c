@@ -376,6 +376,20 @@ static void metrics_hub(sup *s, outbuf *o)
         (unsigned long long)atomic_load(&t.duplicates),
         (unsigned long long)atomic_load(&t.no_receiver),
         (unsigned long long)atomic_load(&t.refused));
+    out(o, "# HELP spoke_hub_plugin_payloads_total Payloads by plugin ID and outcome "
+           "(error: accept_edge_payload failed).\n"
+           "# TYPE spoke_hub_plugin_payloads_total counter\n");
+    uint32_t np = atomic_load(&t.by_plugin.n);
+    for (uint32_t i = 0; i < np && i < SPK_HUB_PLUGIN_IDS; i++) {
+        char id[16];
+        if (t.by_plugin.e[i].id == SPK_HUB_OTHER_ID)
+            snprintf(id, sizeof(id), "other");
+        else
+            snprintf(id, sizeof(id), "%u", t.by_plugin.e[i].id);
+        for (int k = 0; k < SPK_HO_N; k++)
+            out(o, "spoke_hub_plugin_payloads_total{plugin_id=\"%s\",outcome=\"%s\"} %llu\n", id,
+                spk_hub_outcome_name(k), (unsigned long long)atomic_load(&t.by_plugin.e[i].v[k]));
+    }
     out(o, "# TYPE spoke_hub_plugin_errors_total counter\nspoke_hub_plugin_errors_total %llu\n",
         (unsigned long long)atomic_load(&t.plugin_errors));
     out(o, "# TYPE spoke_hub_auth_failures_total counter\nspoke_hub_auth_failures_total %llu\n",

@@ -104,6 +104,43 @@ typedef struct spk_uplink_counters {
     _Atomic uint32_t parked;          /* plugins whose payloads wait for a receiver */
 } spk_uplink_counters;
 
+/* hubd: payloads by plugin ID and outcome (the outcomes of spk_hub_counters, and
+ * accept_edge_payload errors). At most SPK_HUB_PLUGIN_IDS IDs; later ones count under
+ * the last entry, whose id is then SPK_HUB_OTHER_ID. */
+#define SPK_HUB_PLUGIN_IDS 64
+#define SPK_HUB_OTHER_ID UINT32_MAX
+enum spk_hub_outcome {
+    SPK_HO_ACCEPTED, SPK_HO_DUPLICATE, SPK_HO_NO_RECEIVER, SPK_HO_REFUSED, SPK_HO_ERROR, SPK_HO_N
+};
+static inline const char *spk_hub_outcome_name(int o)
+{
+    static const char *const names[SPK_HO_N] = {"accepted", "duplicate", "no_receiver",
+                                                "refused", "error"};
+    return o >= 0 && o < SPK_HO_N ? names[o] : "unknown";
+}
+typedef struct spk_hub_by_plugin {
+    _Atomic uint32_t n; /* entries published (release) */
+    struct {
+        uint32_t id;
+        _Atomic uint64_t v[SPK_HO_N];
+    } e[SPK_HUB_PLUGIN_IDS];
+} spk_hub_by_plugin;
+
+/* The entry of plugin `id` in t, created (one writer; the id written before the count
+ * that publishes it). Never NULL. */
+static inline _Atomic uint64_t *spk_hub_by_plugin_of(spk_hub_by_plugin *t, uint32_t id)
+{
+    uint32_t n = atomic_load_explicit(&t->n, memory_order_relaxed);
+    for (uint32_t i = 0; i < n; i++)
+        if (t->e[i].id == id || (i == SPK_HUB_PLUGIN_IDS - 1 && t->e[i].id == SPK_HUB_OTHER_ID))
+            return t->e[i].v;
+    if (n == SPK_HUB_PLUGIN_IDS)
+        return t->e[n - 1].v; /* unreachable: the last entry is "other" once full */
+    t->e[n].id = n == SPK_HUB_PLUGIN_IDS - 1 ? SPK_HUB_OTHER_ID : id;
+    atomic_store_explicit(&t->n, n + 1, memory_order_release);
+    return t->e[n].v;
+}
+
 /* A hubd worker's counters (core/hub.h), since it started. */
 typedef struct spk_hub_counters {
     _Atomic uint64_t batches;        /* SendPluginControlBatch calls committed */
@@ -113,6 +150,7 @@ typedef struct spk_hub_counters {
     _Atomic uint64_t refused;        /* payloads over a limit or malformed */
     _Atomic uint64_t plugin_errors;  /* accept_edge_payload returned an error */
     _Atomic uint64_t auth_failures;  /* calls refused UNAUTHENTICATED / PERMISSION_DENIED */
+    spk_hub_by_plugin by_plugin;
 } spk_hub_counters;
 
 /* *to += *from, field by field (the supervisor's totals of exited workers). */
@@ -131,6 +169,16 @@ static inline void spk_hub_counters_add(spk_hub_counters *to, const spk_hub_coun
     SPK_HUB_ADD(plugin_errors);
     SPK_HUB_ADD(auth_failures);
 #undef SPK_HUB_ADD
+    uint32_t n = atomic_load_explicit(&from->by_plugin.n, memory_order_acquire);
+    for (uint32_t i = 0; i < n && i < SPK_HUB_PLUGIN_IDS; i++) {
+        _Atomic uint64_t *v = spk_hub_by_plugin_of(&to->by_plugin, from->by_plugin.e[i].id);
+        for (int o = 0; o < SPK_HO_N; o++)
+            atomic_store_explicit(&v[o],
+                                  atomic_load_explicit(&v[o], memory_order_relaxed) +
+                                      atomic_load_explicit(&from->by_plugin.e[i].v[o],
+                                                           memory_order_relaxed),
+                                  memory_order_relaxed);
+    }
 }
 
 typedef struct spk_wslot {
