@@ -197,8 +197,8 @@ typedef struct spk_wslot {
     _Atomic uint32_t plugins_seq;
     spk_uplink_counters uplink;
     spk_hub_counters hub;           /* a hubd worker's slot */
-    /* metrics.h: hook stats and plugin metrics; bytes proxied (published with the
-     * heartbeat, as the connection counts) */
+    /* bytes proxied (stored by the proxy as they change, as is conns_total), then
+     * metrics.h's hook stats and plugin metrics */
     _Atomic uint64_t bytes_from_client, bytes_from_server;
     spk_hookstats hooks;
     spk_pmetrics pm;

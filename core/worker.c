@@ -25,6 +25,7 @@ typedef struct worker {
     spk_slot *slot;    /* the status slot's act, or private_slot unsupervised */
     spk_slot private_slot;
     spk_queue_counters private_qc;
+    spk_proxy_counters pub; /* the proxy's totals, into the status slot */
     ev_signal sig_term, sig_int, sig_quit, sig_go;
     ev_timer tick, heartbeat, health, drain_check, drain_deadline;
     ev_timer qsync;    /* --single-process: the supervisor's queue timer */
@@ -53,10 +54,6 @@ static void on_heartbeat(struct ev_loop *loop, ev_timer *w, int revents)
     atomic_store_explicit(&sl->act.heartbeat_ms, spk_mono_ms(), memory_order_relaxed);
     atomic_store_explicit(&sl->conns_active, spk_proxy_active(wk->proxy), memory_order_relaxed);
     atomic_store_explicit(&sl->conns_total, spk_proxy_accepted(wk->proxy), memory_order_relaxed);
-    atomic_store_explicit(&sl->bytes_from_client, spk_proxy_bytes(wk->proxy, true),
-                          memory_order_relaxed);
-    atomic_store_explicit(&sl->bytes_from_server, spk_proxy_bytes(wk->proxy, false),
-                          memory_order_relaxed);
 }
 
 static void stop_now(worker *wk)
@@ -238,6 +235,9 @@ int spk_worker_run(spk_config *cfg, const spk_worker_opts *opts, spk_errbuf *eb)
     watch_signal(&wk, &wk.sig_int, SIGINT);
     watch_signal(&wk, &wk.sig_quit, SIGQUIT);
     if (opts->wslot != NULL) {
+        wk.pub = (spk_proxy_counters){&opts->wslot->conns_total, &opts->wslot->bytes_from_client,
+                                      &opts->wslot->bytes_from_server};
+        spk_proxy_publish(wk.proxy, &wk.pub);
         watch_signal(&wk, &wk.sig_go, SIGUSR1);
         start_timer(&wk, &wk.heartbeat, on_heartbeat, 100);
         on_heartbeat(wk.loop, &wk.heartbeat, 0);
