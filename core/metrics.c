@@ -740,10 +740,23 @@ void spk_metrics_to_openmetrics(const char *text, size_t len, spk_mbuf *out)
             spk_mbuf_add(out, name, base);
             const char *rest = name + nn;
             size_t rn = (size_t)(l + n - rest);
-            if (type_line && rn == 8 && strncmp(rest, " untyped", 8) == 0)
+            if (type_line && rn == 8 && strncmp(rest, " untyped", 8) == 0) {
                 spk_mbuf_add(out, " unknown", 8);
-            else
+            } else if (type_line) {
                 spk_mbuf_add(out, rest, rn);
+            } else {
+                /* OpenMetrics escapes a double quote in HELP too. */
+                for (size_t k = 0; k < rn; k++) {
+                    if (rest[k] == '\\' && k + 1 < rn) {
+                        spk_mbuf_add(out, rest + k, 2);
+                        k++;
+                    } else if (rest[k] == '"') {
+                        spk_mbuf_add(out, "\\\"", 2);
+                    } else {
+                        spk_mbuf_add(out, rest + k, 1);
+                    }
+                }
+            }
             spk_mbuf_add(out, "\n", 1);
         } else if (n > 0 && l[0] == '#') {
             /* other comments are not allowed in OpenMetrics: dropped */

@@ -137,11 +137,12 @@ static void test_merge_and_base(void **state)
 static void test_openmetrics_counter_without_total(void **state)
 {
     (void)state;
-    const char *in = "# TYPE reqs counter\nreqs{a=\"b\"} 1\n# TYPE x untyped\nx 2\n# other\n";
+    const char *in = "# TYPE reqs counter\nreqs{a=\"b\"} 1\n# HELP x say \"hi\" \\n\n"
+                     "# TYPE x untyped\nx 2\n# other\n";
     spk_mbuf om = {0};
     spk_metrics_to_openmetrics(in, strlen(in), &om);
-    assert_string_equal(om.p, "# TYPE reqs counter\nreqs_total{a=\"b\"} 1\n# TYPE x unknown\n"
-                              "x 2\n# EOF\n");
+    assert_string_equal(om.p, "# TYPE reqs counter\nreqs_total{a=\"b\"} 1\n"
+                              "# HELP x say \\\"hi\\\" \\n\n# TYPE x unknown\nx 2\n# EOF\n");
     free(om.p);
 }
 
