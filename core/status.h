@@ -32,6 +32,9 @@
 
 #define SPK_STATUS_SLOTS 128 /* workers of two generations, and the uplink */
 #define SPK_STATUS_PLUGINS 64
+/* metrics.h sizes the hook stats by plugin without seeing this header. */
+_Static_assert(SPK_METRICS_PLUGINS == SPK_STATUS_PLUGINS,
+               "metrics.h: SPK_METRICS_PLUGINS must equal SPK_STATUS_PLUGINS");
 
 /* Worker exit codes the supervisor understands. */
 #define SPK_EXIT_START 3  /* could not start: reason in the slot */
