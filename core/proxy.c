@@ -616,10 +616,6 @@ void spk_proxy_publish(spk_proxy *px, spk_proxy_counters *pub)
     px->pub = pub;
 }
 
-uint64_t spk_proxy_bytes(const spk_proxy *px, bool from_client)
-{
-    return px->bytes[from_client];
-}
 
 void spk_proxy_close_all(spk_proxy *px)
 {

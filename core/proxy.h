@@ -41,10 +41,8 @@ void spk_proxy_stop_accepting(spk_proxy *px);
 /* Number of open client connections, and of all accepted since creation. */
 size_t spk_proxy_active(const spk_proxy *px);
 uint64_t spk_proxy_accepted(const spk_proxy *px);
-/* Bytes read from the clients (from_client) or from the upstream, since creation. */
-uint64_t spk_proxy_bytes(const spk_proxy *px, bool from_client);
-
-/* Where the proxy stores its totals as they change (relaxed stores; a worker's status
+/* Where the proxy stores its totals (connections accepted; bytes read from the clients
+ * and from the upstream) as they change (relaxed stores; a worker's status
  * slot, so a worker killed with kill -9 has published every connection and byte). The
  * struct and what it points to must outlive px. */
 typedef struct spk_proxy_counters {
