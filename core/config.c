@@ -38,6 +38,7 @@
 #include <yaml.h>
 
 #include "log.h"
+#include "metrics.h"
 #include "queue.h"
 
 #define MAX_DEPTH         64    /* YAML nesting we accept; protects the recursion */
@@ -1216,6 +1217,9 @@ static const field limits_fields[] = {
 
 static const field metrics_fields[] = {
     CS("listen", p_address_opt, d_str, metrics_listen, NULL), /* none: no endpoint */
+    CF("merger", p_bool, d_bool, metrics_merger, 0, 0, true),
+    CF("merge_period", p_duration, d_duration, metrics_merge_period_ms, 100, HOUR, 10 * SEC),
+    CF("hook_sample", p_uint, d_uint, metrics_hook_sample, 0, 65536, SPK_HOOK_SAMPLE_DEFAULT),
 };
 
 static const field log_fields[] = {
@@ -1239,6 +1243,7 @@ static const field plugin_entry_fields[] = {
     PS("args", p_args, d_args, args),
     PS("env", p_env, d_env, env),
     PS("config", p_config, d_config, config),
+    PS("metrics_socket", p_str_opt, d_str, metrics_socket),
 };
 
 #define N(a) (sizeof(a) / sizeof((a)[0]))
@@ -1373,6 +1378,7 @@ static void plugin_conf_clear(spk_plugin_conf *pc)
     free(pc->name);
     free(pc->file);
     free(pc->path);
+    free(pc->metrics_socket);
     free_strv(pc->args, pc->n_args);
     free_strv(pc->env, pc->n_env);
     kv_free(pc->config, pc->n_config);

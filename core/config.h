@@ -53,6 +53,8 @@ typedef struct spk_plugin_conf {
     int line;            /* line of this entry in the config file, for messages */
     int pin_fd;          /* > 0: the supervisor's sealed copy of the file, which a supervised
                             worker loads instead of `path` (core/pin.h); 0: none */
+    char *metrics_socket; /* `metrics_socket:` a Unix socket where the plugin serves its
+                             own Prometheus text (the merger scrapes it); NULL: none */
 } spk_plugin_conf;
 
 typedef struct spk_config {
@@ -163,6 +165,10 @@ typedef struct spk_config {
     char *group;               /* top-level `group:`; NULL: the user's primary group */
     bool plugins_pinned;       /* not a key: the plugin set is the supervisor's pins (every
                                   enabled entry has pin_fd; no plugins.dir scan), core/pin.h */
+    /* metrics: (more) */
+    bool metrics_merger;       /* metrics.merger: scrape the plugins' metrics_socket */
+    uint64_t metrics_merge_period_ms; /* metrics.merge_period */
+    unsigned metrics_hook_sample; /* metrics.hook_sample: time 1 in N hook calls; 0 = none */
 } spk_config;
 
 /* Load and validate `path` as spoked's config (the edge role). On success *out is a config

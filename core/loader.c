@@ -652,9 +652,11 @@ int spk_plugin_set_init(spk_plugin_set *set, spoke_role role, spk_errbuf *eb)
         if (p->table.init != NULL) {
             spoke_init_args args;
             fill_init_args(p, role, &args);
-            spk_slot_enter(p->slot, p->index, SPK_HOOK_INIT);
+            uint64_t t = SPK_PLUGIN_HOOK_BEGIN(p, p->slot, SPK_HOOK_INIT);
             int rc = p->table.init(&p->ctx, &args, &p->self);
-            spk_slot_leave(p->slot);
+            SPK_PLUGIN_HOOK_END(p, p->slot, SPK_HOOK_INIT, t);
+            if (rc != 0)
+                spk_plugin_hook_error(p, SPK_HOOK_INIT);
             if (rc != 0)
                 return spk_errf(eb, SPK_EPLUGIN_INIT,
                                 "%s: refused: plugin '%s' init failed: %s (%d)", p->path,
@@ -666,11 +668,22 @@ int spk_plugin_set_init(spk_plugin_set *set, spoke_role role, spk_errbuf *eb)
         spk_plugin *p = set->v[i];
         if (p->table.on_config_loaded == NULL)
             continue;
-        spk_slot_enter(p->slot, p->index, SPK_HOOK_CONFIG_LOADED);
+        uint64_t t = SPK_PLUGIN_HOOK_BEGIN(p, p->slot, SPK_HOOK_CONFIG_LOADED);
         p->table.on_config_loaded(p->self);
-        spk_slot_leave(p->slot);
+        SPK_PLUGIN_HOOK_END(p, p->slot, SPK_HOOK_CONFIG_LOADED, t);
     }
     return 0;
+}
+
+void spk_plugin_set_stats(spk_plugin_set *set, spk_hookstats *hs, unsigned sample)
+{
+    uint64_t mask = spk_hook_sample_mask(sample);
+    if (hs != NULL)
+        atomic_store_explicit(&hs->mask, mask, memory_order_relaxed);
+    for (size_t i = 0; i < set->n; i++) {
+        set->v[i]->hstat = hs != NULL ? spk_hookstats_row(hs, set->v[i]->index) : NULL;
+        set->v[i]->hmask = mask;
+    }
 }
 
 void spk_plugin_set_publish(const spk_plugin_set *set, struct spk_wslot *sl)

@@ -148,6 +148,7 @@ void spk_sup_slot_free(sup *s, int i)
     for (int r = 0; r < SPK_QR_N; r++)
         s->q_gone_refused[r] += atomic_load_explicit(&qc->refused[r], memory_order_relaxed);
     spk_hub_counters_add(&s->hub_gone, &s->st->slots[i].hub);
+    spk_sup_metrics_fold(s, i);
     s->slot_used[i] = false;
 }
 
@@ -1059,10 +1060,12 @@ int spk_supervisor_main(const char *path, const char *self_exe, spoke_role role)
     ev_io_init(&s.admin_w, spk_sup_on_admin, s.admin_fd, EV_READ);
     s.admin_w.data = &s;
     ev_io_start(s.loop, &s.admin_w);
-    if (s.metrics_fd > 0) {
-        ev_io_init(&s.metrics_w, spk_sup_on_metrics, s.metrics_fd, EV_READ);
-        s.metrics_w.data = &s;
-        ev_io_start(s.loop, &s.metrics_w);
+    if (spk_sup_metrics_start(&s, &eb) != 0) {
+        spk_error("%s", eb.msg);
+        spk_sup_metrics_stop(&s);
+        gen_free(&s, g);
+        teardown(&s);
+        return 1;
     }
 
     if (gen_start(&s, g, &eb) != 0) {
@@ -1093,7 +1096,7 @@ int spk_supervisor_main(const char *path, const char *self_exe, spoke_role role)
     ev_signal_stop(s.loop, &s.sig_int);
     ev_signal_stop(s.loop, &s.sig_quit);
     ev_io_stop(s.loop, &s.admin_w);
-    ev_io_stop(s.loop, &s.metrics_w);
+    spk_sup_metrics_stop(&s);
     spk_info("supervisor stopped");
     teardown(&s);
     return code;

@@ -1,12 +1,15 @@
 /*
- * supervisor_int.h -- the supervisor's state, shared by its three files (private to them).
+ * supervisor_int.h -- the supervisor's state, shared by its files (private to them).
  *
  *   supervisor.c   generations and child processes: config snapshots, fork/exec of the
  *                  workers, restarts with backoff, reload, replacement and promotion,
  *                  signals, the queue sync timer, setup and teardown, the main loop
  *   watchdog.c     the watchdog (sampling the workers' slots) and crash attribution:
  *                  whom a dead or killed worker is blamed on, crash counts, quarantine
- *   report.c       the status report (admin socket) and the metrics endpoint
+ *   report.c       the status report (admin socket) and the host's figures for /metrics
+ *   sup_metrics.c  /metrics: the endpoint (metrics_http.c), the base of exited workers'
+ *                  metrics (metrics.c), the merger of plugin sockets (metrics_merge.c)
+ *   sup_uplink.c   the uplink process
  *
  * Everything runs on the supervisor's one loop: no locks. The supervisor knows of its
  * workers only what the config and the status region (status.h) say, so hubd can run it
@@ -81,6 +84,7 @@ typedef struct crash_rec {
     ev_tstamp times[SPK_CRASH_LIMIT_MAX]; /* within crash_window, oldest first */
     unsigned n_times;
     unsigned total, slow_hooks;
+    unsigned slow_by_hook[SPK_HOOK_COUNT];
     bool quarantined;
     char last[200];
 } crash_rec;
@@ -122,7 +126,7 @@ struct sup {
     ev_signal sig_hup, sig_term, sig_int, sig_quit;
     ev_child child;
     ev_timer watchdog, admit, stop_deadline;
-    ev_io admin_w, metrics_w;
+    ev_io admin_w;
     int admin_fd, metrics_fd;
     char admin_path[256], pid_path[256];
     bool stopping, fatal;
@@ -144,6 +148,13 @@ struct sup {
     char queue_err[1024]; /* why it could not be opened; "" when open */
     uproc up;
     spk_hub_counters hub_gone; /* hubd: counters of workers that exited (as q_gone_*) */
+    /* /metrics (sup_metrics.c) */
+    struct spk_metrics_http *mhttp;   /* the endpoint; NULL without metrics.listen */
+    struct spk_metrics_base *mbase;   /* exited workers' hook stats and plugin metrics */
+    struct spk_merger *merger;        /* the plugins' own metrics sockets */
+    ev_timer merge_sources;           /* keeps the merger's sockets as the config says */
+    uint64_t conns_gone, bytes_gone[2]; /* exited workers' connections and bytes [server,
+                                           client] */
 };
 
 /* The status slot of worker w, or NULL while it has none. */
@@ -232,9 +243,22 @@ const char *spk_sup_sig_name(int sig, char *buf, size_t cap);
 
 /* ---- report.c ---- */
 
-/* ev_io callbacks of the admin socket (answers every connection with the status report)
- * and of the metrics listener (GET /metrics). w->data is the sup. */
+/* ev_io callback of the admin socket (answers every connection with the status report).
+ * w->data is the sup. */
 void spk_sup_on_admin(struct ev_loop *loop, ev_io *w, int revents);
-void spk_sup_on_metrics(struct ev_loop *loop, ev_io *w, int revents);
+
+/* The host's own figures for /metrics, as Prometheus text, into out. */
+struct spk_mbuf;
+void spk_sup_host_metrics(sup *s, struct spk_mbuf *out);
+
+/* ---- sup_metrics.c ---- */
+
+/* Set up the metrics base and merger, and serve metrics.listen (s->metrics_fd) when it is
+ * set. Returns 0 or an error with eb. */
+int spk_sup_metrics_start(sup *s, spk_errbuf *eb);
+void spk_sup_metrics_stop(sup *s);
+
+/* Slot `slot` is being freed: keep what its worker counted (metrics never go back). */
+void spk_sup_metrics_fold(sup *s, int slot);
 
 #endif

@@ -210,8 +210,11 @@ static void watch_worker(sup *s, wproc *w, uint64_t now)
             w->warned = true;
             s->hook_timeouts++;
             crash_rec *c = spk_sup_crash_find(s, info->key, info->name, true);
-            if (c != NULL)
+            if (c != NULL) {
                 c->slow_hooks++;
+                if (hook < SPK_HOOK_COUNT)
+                    c->slow_by_hook[hook]++;
+            }
             spk_warn("generation %u worker %d: plugin %s %s still running after %llu ms "
                      "(plugins.hook_timeout %llu ms)",
                      w->g->id, w->index, info->name, spk_hook_name(hook),
