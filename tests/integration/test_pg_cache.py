@@ -434,6 +434,7 @@ class EndToEndTest(PgCacheCase):
         time.sleep(0.5)  # workers of the killed hub let go of the port
         self.hub = self.start_hub(port=port)
         traffic(2)
+        self.assertRegex(sp.status(), r"failed \(retried\) [1-9]")  # the hub was away
         sp.stop()  # fini: the last reports; the uplink delivers them before it exits
         self.sp = None
         misses = self.calls("SELECT val FROM t_e2e WHERE id = $1")
