@@ -352,7 +352,7 @@ static void read_statement(pgsql_info *in, const tok *v, size_t n)
             in->why = "a volatile value (CURRENT_TIMESTAMP, TABLESAMPLE ...)";
             return;
         }
-        if (k->kind == TK_IDENT && call) {
+        if ((k->kind == TK_IDENT || k->kind == TK_QIDENT) && call) { /* "now"() is now() */
             if (in_list(k->name, volatile_funcs) || strncmp(k->name, "pg_", 3) == 0) {
                 in->why = "a volatile or session-dependent function";
                 return;
