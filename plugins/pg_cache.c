@@ -832,7 +832,7 @@ static spoke_verdict from_client(void *self, spoke_conn *conn, spoke_buf *buf)
     c->answered = 0;
     int rc = pgw_feed(&c->cs, buf->data, buf->len, client_want, client_msg, c);
     if (rc < 0)
-        stop_decoding(c, rc == -2 ? "out of memory" : "lost track of the client's protocol");
+        stop_decoding(c, "lost track of the client's protocol");
     /* Answered from the cache: the chunk was that one Query, the server never sees it. */
     return c->answered ? SPOKE_RESPOND : SPOKE_CONTINUE;
 }
@@ -845,7 +845,7 @@ static spoke_verdict from_server(void *self, spoke_conn *conn, spoke_buf *buf)
         return SPOKE_CONTINUE;
     int rc = pgw_feed(&c->ss, buf->data, buf->len, server_want, server_msg, c);
     if (rc < 0)
-        stop_decoding(c, rc == -2 ? "out of memory" : "lost track of the server's protocol");
+        stop_decoding(c, "lost track of the server's protocol");
     return SPOKE_CONTINUE;
 }
 

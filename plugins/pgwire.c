@@ -66,9 +66,10 @@ static int begin_body(pgw_stream *s, pgw_want_fn want, void *arg)
     s->body_have = 0;
     s->in_body = 1;
     uint8_t type = untyped ? 0 : s->hdr[0];
-    s->keep = s->body_len <= s->max_body && want(arg, type, s->body_len);
-    if (s->keep && reserve(s) != 0)
-        return -2;
+    s->keep = (untyped || s->body_len <= s->max_body) && want(arg, type, s->body_len);
+    s->nomem = s->keep && reserve(s) != 0;
+    if (s->nomem)
+        s->keep = 0;
     return 0;
 }
 
@@ -79,6 +80,7 @@ static int finish(pgw_stream *s, size_t end, pgw_msg_fn on_msg, void *arg)
         .type = s->untyped ? 0 : s->hdr[0],
         .body = s->keep ? s->body : NULL,
         .len = s->body_len,
+        .nomem = s->nomem,
         .whole = s->began_here,
         .start = s->began_at,
         .end = end,
@@ -91,7 +93,7 @@ static int finish(pgw_stream *s, size_t end, pgw_msg_fn on_msg, void *arg)
         s->body = NULL;
         s->cap = 0;
     }
-    s->keep = 0;
+    s->keep = s->nomem = 0;
     return rc;
 }
 

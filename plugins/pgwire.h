@@ -15,8 +15,8 @@
  * `want_byte` on the server's stream right after the client sent an encryption request.
  *
  * For each message the framer asks want(arg, type, len) whether the body is needed; a body
- * it is not asked for is skipped without being copied. Bodies longer than max_body are
- * never gathered. Then on_msg(arg, msg) is called with the message (body NULL when it was
+ * it is not asked for is skipped without being copied. Typed bodies longer than max_body
+ * are never gathered (untyped ones are at most PGW_STARTUP_MAX). Then on_msg(arg, msg) is called with the message (body NULL when it was
  * not gathered).
  */
 #ifndef PGWIRE_H
@@ -38,6 +38,7 @@ typedef struct pgw_msg {
     uint8_t type;        /* typed: the type byte; a one-byte answer: that byte; else 0 */
     const uint8_t *body; /* the body after the length word, or NULL when not gathered */
     size_t len;          /* the body's length */
+    int nomem;           /* the body was wanted but memory ran out (body is NULL) */
     int whole;           /* the whole message (header included) was in the current chunk */
     size_t start;        /* when whole: offset of its first byte in the current chunk */
     size_t end;          /* offset in the current chunk just past the message */
@@ -58,6 +59,7 @@ typedef struct pgw_stream {
     size_t hdr_have;
     int in_body;
     int keep;
+    int nomem;
     int began_here; /* the current message's first byte is in the current chunk */
     size_t body_len, body_have, began_at;
     uint8_t *body;
@@ -66,7 +68,8 @@ typedef struct pgw_stream {
 
 /* Feed chunk data[0..n). Returns 0 when every byte was consumed, 1 when on_msg stopped
  * it, -1 when the stream does not parse (a length out of range: lost track of the
- * protocol; the stream should not be fed again), -2 when memory ran out for a body. */
+ * protocol, or TLS where a startup message was expected; the stream should not be fed
+ * again). A body that memory could not be found for is not gathered (msg.nomem). */
 int pgw_feed(pgw_stream *s, const uint8_t *data, size_t n, pgw_want_fn want, pgw_msg_fn on_msg,
              void *arg);
 
