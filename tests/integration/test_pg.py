@@ -169,6 +169,9 @@ class PgQueryLogTest(unittest.TestCase):
 def main():
     why = missing_pg()
     if why is not None:
+        if os.environ.get("SPOKE_REQUIRE_PG") == "1":
+            print("FAIL: " + why)
+            return 1
         print("SKIP: " + why)
         return SKIP
     bindir = find_pg_bindir()
