@@ -279,6 +279,19 @@ class CacheTest(PgCacheCase):
         b.query("SELECT 1; DELETE FROM t_upd WHERE id = 1; SELECT 2")
         self.assertEqual(a.rows(q), [])
         self.assertEqual(self.calls("SELECT val FROM t_upd WHERE id = $1"), 3)
+        # a write in the extended protocol (prepared, executed several times) invalidates too
+        q2 = "SELECT val FROM t_upd WHERE id = 2"
+        self.assertEqual(a.rows(q2), [("other",)])
+        self.assertEqual(a.rows(q2), [("other",)])
+        script = os.path.join(self.dir, "upd.sql")
+        with open(script, "w") as f:
+            f.write("UPDATE t_upd SET val = val || '+' WHERE id = 2;\n")
+        p = subprocess.run([client(BINDIR, "pgbench"), "-n", "-M", "prepared", "-t", "3", "-f",
+                            script, "-h", "127.0.0.1", "-p", str(sp.port), "-U", PG_USER,
+                            "postgres"], capture_output=True, text=True, timeout=60,
+                           env=client_env())
+        self.assertEqual(p.returncode, 0, p.stdout + p.stderr)
+        self.assertEqual(a.rows(q2), [("other+++",)])
 
     def test_transaction_bypasses_the_cache(self):
         self.psql_ok("CREATE TABLE t_tx (id int PRIMARY KEY, val text); "
