@@ -413,7 +413,8 @@ static void sweep(pgcache *pc, uint64_t target)
     sum_counts(pc, &sum);
     int64_t total = sum.bytes;
     uint64_t now = now_ms();
-    qsort(l.v, l.n, sizeof(*l.v), by_use);
+    if (l.n > 1)
+        qsort(l.v, l.n, sizeof(*l.v), by_use);
     size_t evicted = 0, expired = 0;
     for (size_t i = 0; i < l.n; i++) {
         int old = now - l.v[i].stored_ms >= pc->ttl_ms;

@@ -448,8 +448,11 @@ class EndToEndTest(PgCacheCase):
         self.hub = self.start_hub(port=port)
         traffic(2)
         self.assertRegex(sp.status(), r"failed \(retried\) [1-9]")  # the hub was away
-        sp.stop()  # fini: the last reports; the uplink delivers them before it exits
+        self.assertEqual(sp.stop(), 0)  # fini: the last reports, delivered before the uplink exits
         self.sp = None
+        for log in (sp.log(), self.hub.log()):
+            self.assertNotIn("runtime error:", log)
+            self.assertNotIn("AddressSanitizer", log)
         misses = self.calls("SELECT val FROM t_e2e WHERE id = $1")
         edge = [tuple(map(int, m)) for m in
                 re.findall(r"edge totals: hits=(\d+) misses=(\d+)", sp.log())]
