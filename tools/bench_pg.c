@@ -15,8 +15,10 @@
  * the account is drawn from 1..--keys (default 1000) so that a warm cache can hold every
  * key: `\set aid random(1, KEYS)` then `SELECT abalance FROM pgbench_accounts WHERE aid =
  * :aid;`, with -M simple (pg-cache caches the simple protocol only). Per path it prints
- * pgbench's tps (without connection time) and average latency; for pg-cache also the
- * hits and misses of the measured run (from the plugin's `edge totals` log lines).
+ * pgbench's tps (without connection time) and average latency, the CPU time the process
+ * in the middle (pgbouncer; spoked's supervisor, workers and uplink) used per transaction
+ * (from /proc/PID/stat: steadier than throughput on a shared machine), and for pg-cache
+ * the hits and misses of the measured run (from the plugin's `edge totals` log lines).
  */
 #include <errno.h>
 #include <getopt.h>
@@ -50,6 +52,7 @@ typedef struct pgb {
 
 typedef struct result {
     double tps, latency_ms;
+    double cpu_us; /* the middle process's CPU time per transaction; 0 when none */
     long long hits, misses;
     int ok;
 } result;
@@ -253,9 +256,48 @@ static int last_totals(const pgb *b, long long *hits, long long *misses)
     return found;
 }
 
-/* One pgbench run; its tps and latency from its output. */
-static int pgbench(const pgb *b, int port, const char *label, unsigned transactions, result *r)
+/* User + system CPU time of pid, in microseconds (/proc/PID/stat); 0 when it is gone. */
+static double cpu_us_of(pid_t pid)
 {
+    char p[64], buf[1024];
+    snprintf(p, sizeof(p), "/proc/%d/stat", (int)pid);
+    FILE *f = fopen(p, "r");
+    if (f == NULL)
+        return 0;
+    size_t n = fread(buf, 1, sizeof(buf) - 1, f);
+    fclose(f);
+    buf[n] = '\0';
+    const char *c = strrchr(buf, ')'); /* the name may hold spaces */
+    unsigned long long ut = 0, st = 0;
+    if (c == NULL || sscanf(c + 2, "%*c %*d %*d %*d %*d %*d %*u %*u %*u %*u %*u %llu %llu",
+                            &ut, &st) != 2)
+        return 0;
+    return (double)(ut + st) * 1e6 / (double)sysconf(_SC_CLK_TCK);
+}
+
+/* CPU time of pid and its children (spoked: the supervisor, its workers, the uplink). */
+static double cpu_us_tree(pid_t pid)
+{
+    if (pid <= 0)
+        return 0;
+    double us = cpu_us_of(pid);
+    char p[64];
+    snprintf(p, sizeof(p), "/proc/%d/task/%d/children", (int)pid, (int)pid);
+    FILE *f = fopen(p, "r");
+    int child;
+    while (f != NULL && fscanf(f, "%d", &child) == 1)
+        us += cpu_us_of(child);
+    if (f != NULL)
+        fclose(f);
+    return us;
+}
+
+/* One pgbench run; its tps and latency from its output; the CPU time `middle` (and its
+ * children) used per transaction meanwhile. */
+static int pgbench(const pgb *b, int port, const char *label, unsigned transactions,
+                   pid_t middle, result *r)
+{
+    double cpu0 = cpu_us_tree(middle);
     char p[16], c[16], j[16], t[32], script[300], out[300];
     snprintf(p, sizeof(p), "%d", port);
     snprintf(c, sizeof(c), "%u", b->clients);
@@ -278,6 +320,7 @@ static int pgbench(const pgb *b, int port, const char *label, unsigned transacti
     full[18] = "postgres";
     full[19] = NULL;
     int rc = run(b, full, out, 0);
+    double cpu = cpu_us_tree(middle) - cpu0;
     memset(r, 0, sizeof(*r));
     FILE *f = fopen(out, "r");
     char line[512];
@@ -289,6 +332,15 @@ static int pgbench(const pgb *b, int port, const char *label, unsigned transacti
     if (f != NULL)
         fclose(f);
     r->ok = rc == 0 && r->tps > 0;
+    long long done = 0;
+    f = fopen(out, "r");
+    while (f != NULL && fgets(line, sizeof(line), f) != NULL)
+        if (sscanf(line, "number of transactions actually processed: %lld", &done) == 1)
+            break;
+    if (f != NULL)
+        fclose(f);
+    if (middle > 0 && done > 0)
+        r->cpu_us = cpu / (double)done;
     if (!r->ok)
         fprintf(stderr, "spoke-bench: pgbench %s failed (exit %d; see %s)\n", label, rc, out);
     return r->ok ? 0 : -1;
@@ -307,6 +359,10 @@ void spk_bench_pg_usage(FILE *f) { usage(f); }
 static void print_row(const char *name, const result *r)
 {
     printf("%-28s %10.0f %12.3f", name, r->tps, r->latency_ms);
+    if (r->cpu_us > 0)
+        printf(" %14.1f", r->cpu_us);
+    else
+        printf(" %14s", "-");
     if (r->hits + r->misses > 0)
         printf("   hits %lld misses %lld", r->hits, r->misses);
     printf("\n");
@@ -394,32 +450,32 @@ int spk_bench_pg(int argc, char **argv)
            "(scale %u); spoked with %u workers\n",
            b.clients, b.jobs, b.duration_s, b.keys, b.scale, b.workers);
     fflush(stdout);
-    if (pgbench(&b, b.pg_port, "direct", 0, &rd) != 0)
+    if (pgbench(&b, b.pg_port, "direct", 0, 0, &rd) != 0)
         goto out;
-    if (start_pgbouncer(&b) != 0 || pgbench(&b, b.bouncer_port, "pgbouncer", 0, &rb) != 0)
+    if (start_pgbouncer(&b) != 0 || pgbench(&b, b.bouncer_port, "pgbouncer", 0, b.bouncer_pid, &rb) != 0)
         goto out;
     stop(&b.bouncer_pid, SIGINT);
     if (start_spoked(&b, "{ name: pg-query-log, file: pg-query-log.so }") != 0 ||
-        pgbench(&b, b.edge_port, "query-log", 0, &rl) != 0)
+        pgbench(&b, b.edge_port, "query-log", 0, b.spoked_pid, &rl) != 0)
         goto out;
     stop(&b.spoked_pid, SIGTERM);
     const char *cache = "{ name: pg-cache, id: 42, file: pg-cache.so, "
                         "config: { ttl: 1h, max_bytes: 256MiB, report_interval: 1s } }";
     /* warm-up: every key many times over; spoked stops (the cache stays in its KV) */
     if (start_spoked(&b, cache) != 0 ||
-        pgbench(&b, b.edge_port, "warm-up", b.keys * 8 / b.clients + 1, &warm) != 0)
+        pgbench(&b, b.edge_port, "warm-up", b.keys * 8 / b.clients + 1, 0, &warm) != 0)
         goto out;
     stop(&b.spoked_pid, SIGTERM);
     long long h0 = 0, m0 = 0, h1 = 0, m1 = 0;
     last_totals(&b, &h0, &m0);
-    if (start_spoked(&b, cache) != 0 || pgbench(&b, b.edge_port, "cache", 0, &rc) != 0)
+    if (start_spoked(&b, cache) != 0 || pgbench(&b, b.edge_port, "cache", 0, b.spoked_pid, &rc) != 0)
         goto out;
     stop(&b.spoked_pid, SIGTERM);
     if (last_totals(&b, &h1, &m1) == 0) {
         rc.hits = h1 - h0;
         rc.misses = m1 - m0;
     }
-    printf("%-28s %10s %12s\n", "path", "tps", "latency ms");
+    printf("%-28s %10s %12s %14s\n", "path", "tps", "latency ms", "proxy CPU us/tx");
     print_row("direct", &rd);
     print_row("pgbouncer (session)", &rb);
     print_row("spoked + pg-query-log", &rl);
