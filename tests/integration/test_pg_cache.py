@@ -342,6 +342,31 @@ class CacheTest(PgCacheCase):
         seqs = [c.rows("SELECT nextval('s_vol')")[0][0] for _ in range(3)]
         self.assertEqual(len(set(seqs)), 3)
 
+    def test_max_bytes_evicts_the_least_recently_used(self):
+        sp = self.start_spoked(plugins=[cache_plugin(max_bytes="64KiB")])
+        c = self.client()
+        q = "SELECT repeat('x', 2000) AS big, {} AS n"
+        norm = "SELECT repeat($1, $2) AS big, $3 AS n"
+        self.psql_ok("SELECT pg_stat_statements_reset()")
+        for i in range(100):  # ~2.2 KB an entry: 100 of them are over three times max_bytes
+            c.query(q.format(i))
+        self.assertEqual(self.calls(norm), 100)
+        c.query(q.format(99))  # the newest is there
+        self.assertEqual(self.calls(norm), 100)
+        c.query(q.format(50))  # an old one was evicted
+        self.assertEqual(self.calls(norm), 101)
+        c.close()
+        self.clients.remove(c)
+        self.assertEqual(self.sp.stop(), 0)
+        self.sp = None
+        m = re.findall(r"edge totals: hits=(\d+) misses=(\d+) invalidations=\d+ "
+                       r"entries=(\d+) bytes=(\d+)", sp.log())
+        hits, misses, entries, size = map(int, m[-1])
+        self.assertEqual((hits, misses), (1, 101))
+        self.assertLessEqual(size, 64 * 1024)
+        self.assertGreater(entries, 5)
+        self.assertLess(entries, 30)
+
     def test_psql_and_pgbench_see_the_same_answers(self):
         self.psql_ok("CREATE TABLE t_cli (id int PRIMARY KEY, n int, val text); "
                      "INSERT INTO t_cli SELECT g, g * 3, repeat('x', g % 17) || ' é ' "
