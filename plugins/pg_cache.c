@@ -113,7 +113,7 @@ typedef struct pgconn {
     pgcache *pc;
     pgw_stream cs, ss; /* client's and server's streams */
     int off;           /* not decoded any more (TLS, cancel, lost track) */
-    uint8_t *ident;    /* the startup message's body */
+    uint8_t *ident;    /* the startup message's body, without the application's name */
     size_t ident_len;
     uint8_t tx;           /* the last ReadyForQuery status; 0 before the first */
     unsigned outstanding; /* ReadyForQuery messages the server still owes */
@@ -699,8 +699,24 @@ static void on_startup(pgconn *c, const uint8_t *body, size_t len)
         stop_decoding(c, "out of memory");
         return;
     }
-    memcpy(c->ident, body, len);
-    c->ident_len = len;
+    /* The session's identity: every startup setting as sent, except the application's
+     * name, which no cacheable query can read (current_setting and pg_* are not cached). */
+    memcpy(c->ident, body, 4); /* the protocol version */
+    size_t off = 4, o = 4;
+    for (;;) {
+        const uint8_t *k, *v;
+        size_t at = off;
+        long kl = pgw_cstring(body, len, &off, &k);
+        long vl = kl > 0 ? pgw_cstring(body, len, &off, &v) : -1;
+        if (vl < 0)
+            break;
+        if ((kl == 16 && memcmp(k, "application_name", 16) == 0) ||
+            (kl == 25 && memcmp(k, "fallback_application_name", 25) == 0))
+            continue;
+        memcpy(c->ident + o, body + at, off - at);
+        o += off - at;
+    }
+    c->ident_len = o;
     c->cs.untyped = 0;
 }
 

@@ -43,10 +43,10 @@ class PgClient:
     """One session over the v3 protocol: startup (trust auth), simple queries. query()
     returns the raw bytes of the answer, through ReadyForQuery."""
 
-    def __init__(self, port, db="postgres"):
+    def __init__(self, port, db="postgres", app="spoke-pg-cache-test"):
         self.s = socket.create_connection(("127.0.0.1", port), timeout=20)
         params = (b"user\0" + PG_USER.encode() + b"\0database\0" + db.encode() +
-                  b"\0application_name\0spoke-pg-cache-test\0\0")
+                  b"\0application_name\0" + app.encode() + b"\0\0")
         body = struct.pack("!I", 196608) + params
         self.s.sendall(struct.pack("!I", len(body) + 4) + body)
         self.buf = b""
@@ -251,7 +251,23 @@ class CacheTest(PgCacheCase):
         self.assertEqual(len(rows(want)), 20)
         for a in answers:
             self.assertEqual(a, want)  # the server's bytes, every time
-        self.assertEqual(self.calls("SELECT id, val FROM t_repeat WHERE id <= $1 ORDER BY id"), 1)
+        norm = "SELECT id, val FROM t_repeat WHERE id <= $1 ORDER BY id"
+        self.assertEqual(self.calls(norm), 1)
+        # another application, the same user, database and settings: the same entry
+        other = PgClient(sp.port, app="another-app")
+        self.clients.append(other)
+        self.assertEqual(other.query(q), want)
+        self.assertEqual(self.calls(norm), 1)
+        # another database, the same query text: its own answer
+        self.psql_ok("CREATE DATABASE other_db")
+        setup = PgClient(self.pg.port, db="other_db")
+        rows(setup.query("CREATE TABLE t_repeat (id int PRIMARY KEY, val text); "
+                         "INSERT INTO t_repeat VALUES (1, 'elsewhere')"))
+        setup.close()
+        elsewhere = PgClient(sp.port, db="other_db")
+        self.clients.append(elsewhere)
+        self.assertEqual(elsewhere.rows(q), [("1", "elsewhere")])
+        self.assertEqual(elsewhere.rows(q), [("1", "elsewhere")])
 
     def test_update_through_the_other_worker_invalidates(self):
         self.psql_ok("CREATE TABLE t_upd (id int PRIMARY KEY, val text); "
