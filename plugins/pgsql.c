@@ -84,6 +84,21 @@ static size_t dollar_tag(const char *s, size_t n, size_t i)
     return j < n && s[j] == '$' ? j - i + 1 : 0;
 }
 
+/* A string's text, trimmed and lowercased, into k->name when it is short: what the
+ * special date/time inputs ('now', 'today', ...) need. */
+static void string_word(tok *k, const char *s, size_t n)
+{
+    while (n > 0 && (*s == ' ' || *s == '\t'))
+        s++, n--;
+    while (n > 0 && (s[n - 1] == ' ' || s[n - 1] == '\t'))
+        n--;
+    if (n > 16)
+        return;
+    for (size_t j = 0; j < n; j++)
+        k->name[j] = s[j] >= 'A' && s[j] <= 'Z' ? (char)(s[j] - 'A' + 'a') : s[j];
+    k->name[n] = '\0';
+}
+
 static int lex(const char *s, size_t n, toks *t)
 {
     size_t i = 0;
@@ -103,9 +118,12 @@ static int lex(const char *s, size_t n, toks *t)
                     depth--, i++;
             }
         } else if (c == '\'') {
-            if (push(t, TK_STRING) == NULL)
+            tok *k = push(t, TK_STRING);
+            if (k == NULL)
                 return -1;
+            size_t b = i + 1;
             i = skip_string(s, n, i, 0);
+            string_word(k, s + b, i > b ? i - b - 1 : 0);
         } else if (c == '"') {
             tok *k = push(t, TK_QIDENT);
             if (k == NULL)
@@ -145,9 +163,12 @@ static int lex(const char *s, size_t n, toks *t)
                 i++;
             /* E'..', B'..', X'..', U&'..' are strings; U&".." a quoted identifier */
             if (i < n && s[i] == '\'' && i - b == 1) {
-                if (push(t, TK_STRING) == NULL)
+                tok *k = push(t, TK_STRING);
+                if (k == NULL)
                     return -1;
+                size_t q = i + 1;
                 i = skip_string(s, n, i, s[b] == 'e' || s[b] == 'E');
+                string_word(k, s + q, i > q ? i - q - 1 : 0);
                 continue;
             }
             tok *k = push(t, TK_IDENT);
@@ -222,10 +243,15 @@ static const char *const volatile_words[] = {
     "current_date", "current_time", "current_timestamp", "localtime", "localtimestamp",
     "tablesample", NULL};
 
+/* Date/time inputs read as the current time when the query runs ('now'::timestamp). */
+static const char *const volatile_strings[] = {"now", "today", "tomorrow", "yesterday",
+                                               NULL};
+
 /* Built-in functions whose result changes between calls, or that have side effects, or
- * depend on the session (any pg_* function is treated so too). */
+ * depend on the session (any pg_* function is treated so too). age(x) alone is relative
+ * to today. */
 static const char *const volatile_funcs[] = {
-    "now", "random", "random_normal", "setseed", "nextval", "currval", "lastval", "setval",
+    "now", "age", "random", "random_normal", "setseed", "nextval", "currval", "lastval", "setval",
     "clock_timestamp", "statement_timestamp", "transaction_timestamp", "timeofday",
     "gen_random_uuid", "uuid_generate_v1", "uuid_generate_v1mc", "uuid_generate_v4",
     "txid_current", "txid_current_if_assigned", "txid_current_snapshot", "current_setting",
@@ -348,6 +374,10 @@ static void read_statement(pgsql_info *in, const tok *v, size_t n)
     for (size_t i = 0; i < n; i++) {
         const tok *k = &v[i];
         int call = i + 1 < n && punct(&v[i + 1], '(');
+        if (k->kind == TK_STRING && in_list(k->name, volatile_strings)) {
+            in->why = "a date/time input read as the current time ('now', 'today' ...)";
+            return;
+        }
         if (k->kind == TK_IDENT && in_list(k->name, volatile_words)) {
             in->why = "a volatile value (CURRENT_TIMESTAMP, TABLESAMPLE ...)";
             return;

@@ -64,7 +64,8 @@ static void not_cacheable(void **state)
         "SELECT 1; SELECT 2", "UPDATE t SET a = 1", "", "  -- only a comment\n",
         "WITH d AS (DELETE FROM t RETURNING *) SELECT * FROM d",
         "SELECT * FROM t TABLESAMPLE SYSTEM (10)", "SELECT clock_timestamp()",
-        "SELECT $1", "BEGIN",
+        "SELECT $1", "BEGIN", "SELECT 'now'::timestamp", "SELECT date ' Today '",
+        "SELECT E'tomorrow'::date", "SELECT age(timestamp '2000-01-01')",
     };
     for (size_t i = 0; i < sizeof(no) / sizeof(no[0]); i++) {
         pgsql_info in = an(no[i]);
@@ -85,6 +86,8 @@ static void quoting_hides_words(void **state)
     assert_true(in.cacheable);
     assert_int_equal(in.statements, 1);
     assert_int_equal(in.writes.n, 0);
+    in = an("SELECT 'now is the time', 'Today''s' FROM t"); /* only the exact inputs */
+    assert_true(in.cacheable);
     in = an("SELECT \"now\"() FROM t"); /* a quoted function name is the function */
     assert_false(in.cacheable);
 }
