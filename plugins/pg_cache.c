@@ -88,6 +88,7 @@ typedef struct pgcache {
     spoke_ctx *ctx;
     uint64_t ttl_ms, max_bytes, report_ms;
     int all;          /* invalidate: all */
+    int disabled;     /* an invalidation could not be stored: serve nothing */
     uint8_t pid[4];
     uint32_t gen_seq;
     counts mine;      /* this worker's s-record, as stored */
@@ -576,11 +577,30 @@ static void flush_writes(pgcache *pc, pgconn *c)
     if (c->dirty.n == 0 && !c->dirty_all)
         return;
     int64_t n = 0;
+    int rc = 0;
     if (c->dirty_all || pc->all) {
-        n += gen_bump(pc, "") == 0;
+        rc = gen_bump(pc, "");
+        n += rc == 0;
     } else {
-        for (size_t i = 0; i < c->dirty.n; i++)
-            n += gen_bump(pc, c->dirty.v[i]) == 0;
+        for (size_t i = 0; i < c->dirty.n; i++) {
+            int r = gen_bump(pc, c->dirty.v[i]);
+            n += r == 0;
+            rc = r != 0 ? r : rc;
+        }
+    }
+    /* An invalidation that could not be recorded: the everything-generation is the last
+     * resort; if that fails too, this worker answers nothing from the cache any more. */
+    if (rc != 0 && !(c->dirty_all || pc->all) && gen_bump(pc, "") == 0) {
+        n++;
+        rc = 0;
+    }
+    if (rc != 0 && !pc->disabled) {
+        pc->disabled = 1;
+        host->log(pc->ctx, SPOKE_LOG_ERROR, "conn %llu: a write's invalidation could not be "
+                  "stored (%s): this worker answers nothing from the cache from now on, and "
+                  "other workers may serve answers it made stale until their ttl; make room "
+                  "in the KV store (kv.map_size) and restart", (unsigned long long)c->id,
+                  host->strerror(rc));
     }
     if (n > 0) {
         pc->mine.invalidations += n;
@@ -618,7 +638,7 @@ static void on_query(pgcache *pc, pgconn *c, const uint8_t *body, size_t len)
     if (in.session_change)
         c->nocache = 1;
     if (!in.cacheable || c->nocache || c->tx != 'I' || before != 0 || c->ident == NULL ||
-        c->cand.active)
+        c->cand.active || pc->disabled)
         return;
     uint8_t hash[HASH_LEN];
     hash_identity(c->ident, c->ident_len, body, qlen, hash);
