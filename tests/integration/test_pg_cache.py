@@ -361,16 +361,26 @@ class CacheTest(PgCacheCase):
     def test_max_bytes_evicts_the_least_recently_used(self):
         sp = self.start_spoked(plugins=[cache_plugin(max_bytes="64KiB")])
         c = self.client()
-        q = "SELECT repeat('x', 2000) AS big, {} AS n"
+        q = "SELECT repeat('x', 2000) AS big, {} AS n"  # ~2.3 KB an entry: 27 fit
         norm = "SELECT repeat($1, $2) AS big, $3 AS n"
         self.psql_ok("SELECT pg_stat_statements_reset()")
-        for i in range(100):  # ~2.2 KB an entry: 100 of them are over three times max_bytes
+        for i in range(10):
             c.query(q.format(i))
-        self.assertEqual(self.calls(norm), 100)
-        c.query(q.format(99))  # the newest is there
-        self.assertEqual(self.calls(norm), 100)
-        c.query(q.format(50))  # an old one was evicted
+        time.sleep(1.1)  # a use refreshes an entry's LRU record at most once a second
+        c.query(q.format(0))  # a hit: 0 is now used more recently than 1..9
+        for i in range(10, 100):
+            c.query(q.format(i))
+            if i == 30:
+                self.assertEqual(self.calls(norm), 31)
+                c.query(q.format(0))  # still there: 1.. went first
+                self.assertEqual(self.calls(norm), 31)
+                c.query(q.format(1))  # evicted
+                self.assertEqual(self.calls(norm), 32)
         self.assertEqual(self.calls(norm), 101)
+        c.query(q.format(99))  # the newest is there
+        self.assertEqual(self.calls(norm), 101)
+        c.query(q.format(50))  # an old one was evicted
+        self.assertEqual(self.calls(norm), 102)
         c.close()
         self.clients.remove(c)
         self.assertEqual(self.sp.stop(), 0)
@@ -378,7 +388,7 @@ class CacheTest(PgCacheCase):
         m = re.findall(r"edge totals: hits=(\d+) misses=(\d+) invalidations=\d+ "
                        r"entries=(\d+) bytes=(\d+)", sp.log())
         hits, misses, entries, size = map(int, m[-1])
-        self.assertEqual((hits, misses), (1, 101))
+        self.assertEqual((hits, misses), (3, 102))
         self.assertLessEqual(size, 64 * 1024)
         self.assertGreater(entries, 5)
         self.assertLess(entries, 30)
