@@ -117,7 +117,8 @@ static int init(spoke_ctx *ctx, const spoke_init_args *args, void **self)
     if (!SPOKE_HOST_HAS(host, kv_put) || !SPOKE_HOST_HAS(host, kv_get))
         return SPOKE_ERR_UNSUPPORTED;
     if (args->plugin_id == 0) {
-        host->log(ctx, SPOKE_LOG_ERROR, "needs an `id:` (the ID of the edge plugin, cache-stats or pg-cache)");
+        host->log(ctx, SPOKE_LOG_ERROR,
+                  "needs an `id:` (the ID of the edge plugin, cache-stats or pg-cache)");
         return SPOKE_ERR_INVALID;
     }
     state.ctx = ctx;
@@ -126,9 +127,10 @@ static int init(spoke_ctx *ctx, const spoke_init_args *args, void **self)
     return 0;
 }
 
-#define EDGE_FIELDS(X)                                                                     \
-    X(hits) X(misses) X(invalidations) X(entries) X(bytes) X(reports) X(last_report_ms)    \
-    X(epoch) X(epoch_hits) X(epoch_misses) X(epoch_invalidations) X(last_seq)
+#define EDGE_FIELDS(X)                                                                             \
+    X(hits)                                                                                        \
+    X(misses) X(invalidations) X(entries) X(bytes) X(reports) X(last_report_ms) X(epoch)           \
+        X(epoch_hits) X(epoch_misses) X(epoch_invalidations) X(last_seq)
 
 static void edge_read(const void *v, size_t n, edge_rec *e)
 {
@@ -141,8 +143,8 @@ static int edge_write(const char *key, size_t klen, const edge_rec *e)
 {
     char json[800];
     size_t o = 0;
-#define WRITE(f)                                                                           \
-    o += (size_t)snprintf(json + o, sizeof(json) - o, "%s\"" #f "\": %" PRIu64,             \
+#define WRITE(f)                                                                                   \
+    o += (size_t)snprintf(json + o, sizeof(json) - o, "%s\"" #f "\": %" PRIu64,                    \
                           o == 0 ? "{" : ", ", e->f);
     EDGE_FIELDS(WRITE)
 #undef WRITE
@@ -221,7 +223,8 @@ static const spoke_plugin cache_stats_aggregator_plugin = {
     SPOKE_PLUGIN_HEADER,
     .name = "cache-stats-aggregator",
     .version = "1.1.0",
-    .description = "keeps every edge's cache-stats/pg-cache reports and their totals in KV (control)",
+    .description =
+        "keeps every edge's cache-stats/pg-cache reports and their totals in KV (control)",
     .init = init,
     .accept_edge_payload = accept_payload,
 };

@@ -65,18 +65,18 @@
 #include "pgwire.h"
 #include "spoke.h"
 
-#define DEFAULT_TTL_MS      60000u
-#define DEFAULT_MAX_BYTES   (64ull << 20)
-#define DEFAULT_REPORT_MS   10000u
-#define MAX_DURATION_MS     (24ull * 3600u * 1000u)
-#define MIN_MAX_BYTES       (64ull << 10)
-#define MAX_MAX_BYTES       (1ull << 40)
-#define MAX_QUERY           (256u * 1024u) /* a longer Query is not analysed: it may write */
-#define GEN_LEN             16u
-#define HASH_LEN            16u
-#define EKEY_LEN            (1u + HASH_LEN + 4u)
-#define ENTRY_MAGIC         0x70674331u /* "pgC1" */
-#define LRU_REFRESH_MS      1000u
+#define DEFAULT_TTL_MS    60000u
+#define DEFAULT_MAX_BYTES (64ull << 20)
+#define DEFAULT_REPORT_MS 10000u
+#define MAX_DURATION_MS   (24ull * 3600u * 1000u)
+#define MIN_MAX_BYTES     (64ull << 10)
+#define MAX_MAX_BYTES     (1ull << 40)
+#define MAX_QUERY         (256u * 1024u) /* a longer Query is not analysed: it may write */
+#define GEN_LEN           16u
+#define HASH_LEN          16u
+#define EKEY_LEN          (1u + HASH_LEN + 4u)
+#define ENTRY_MAGIC       0x70674331u /* "pgC1" */
+#define LRU_REFRESH_MS    1000u
 
 static const spoke_host *host;
 
@@ -87,8 +87,8 @@ typedef struct counts {
 typedef struct pgcache {
     spoke_ctx *ctx;
     uint64_t ttl_ms, max_bytes, report_ms;
-    int all;          /* invalidate: all */
-    int disabled;     /* an invalidation could not be stored: serve nothing */
+    int all;      /* invalidate: all */
+    int disabled; /* an invalidation could not be stored: serve nothing */
     uint8_t pid[4];
     uint32_t gen_seq;
     counts mine;      /* this worker's s-record, as stored */
@@ -121,12 +121,12 @@ typedef struct pgconn {
     int nocache;          /* the session changed a setting */
     int executed;         /* an Execute since the last ReadyForQuery */
     int dirty_all;
-    pgsql_names dirty;    /* tables written, to invalidate at the next idle ReadyForQuery */
+    pgsql_names dirty; /* tables written, to invalidate at the next idle ReadyForQuery */
     int ext_all;
-    pgsql_names ext;      /* tables written by statements this session parsed */
-    int chunk_one;        /* the current client chunk is exactly one message */
+    pgsql_names ext; /* tables written by statements this session parsed */
+    int chunk_one;   /* the current client chunk is exactly one message */
     size_t chunk_len;
-    int answered;         /* a hit answered the current client chunk */
+    int answered; /* a hit answered the current client chunk */
     candidate cand;
 } pgconn;
 
@@ -430,8 +430,10 @@ static void sweep(pgcache *pc, uint64_t target)
     }
     free(l.v);
     if (evicted + expired > 0)
-        host->log(pc->ctx, SPOKE_LOG_DEBUG, "removed %zu expired and %zu least recently used "
-                  "entries", expired, evicted);
+        host->log(pc->ctx, SPOKE_LOG_DEBUG,
+                  "removed %zu expired and %zu least recently used "
+                  "entries",
+                  expired, evicted);
 }
 
 /* ---- storing -------------------------------------------------------------------------- */
@@ -484,8 +486,7 @@ static void store(pgcache *pc, pgconn *c)
     uint64_t old = 0;
     const void *ov;
     size_t ovlen;
-    int had = host->kv_get(pc->ctx, ukey, EKEY_LEN, &ov, &ovlen) == 0 &&
-              ovlen == sizeof(lru_rec);
+    int had = host->kv_get(pc->ctx, ukey, EKEY_LEN, &ov, &ovlen) == 0 && ovlen == sizeof(lru_rec);
     if (had) {
         lru_rec r;
         memcpy(&r, ov, sizeof(r));
@@ -596,11 +597,12 @@ static void flush_writes(pgcache *pc, pgconn *c)
     }
     if (rc != 0 && !pc->disabled) {
         pc->disabled = 1;
-        host->log(pc->ctx, SPOKE_LOG_ERROR, "conn %llu: a write's invalidation could not be "
+        host->log(pc->ctx, SPOKE_LOG_ERROR,
+                  "conn %llu: a write's invalidation could not be "
                   "stored (%s): this worker answers nothing from the cache from now on, and "
                   "other workers may serve answers it made stale until their ttl; make room "
-                  "in the KV store (kv.map_size) and restart", (unsigned long long)c->id,
-                  host->strerror(rc));
+                  "in the KV store (kv.map_size) and restart",
+                  (unsigned long long)c->id, host->strerror(rc));
     }
     if (n > 0) {
         pc->mine.invalidations += n;
@@ -788,8 +790,8 @@ static int server_want(void *arg, uint8_t type, size_t len)
 {
     (void)len;
     pgconn *c = arg;
-    return type == 'Z' || (c->cand.active && c->cand.ok &&
-                           (type == 'T' || type == 'D' || type == 'C'));
+    return type == 'Z' ||
+           (c->cand.active && c->cand.ok && (type == 'T' || type == 'D' || type == 'C'));
 }
 
 static int server_msg(void *arg, const pgw_msg *m)
@@ -932,17 +934,19 @@ static void report(pgcache *pc, int final)
                      "{\"source\": \"pg-cache\", \"epoch\": %" PRIu64 ", \"hits\": %" PRId64
                      ", \"misses\": %" PRId64 ", \"invalidations\": %" PRId64
                      ", \"entries\": %" PRId64 ", \"bytes\": %" PRId64 "}",
-                     epoch(pc), t.hits, t.misses, t.invalidations,
-                     t.entries > 0 ? t.entries : 0, t.bytes > 0 ? t.bytes : 0);
+                     epoch(pc), t.hits, t.misses, t.invalidations, t.entries > 0 ? t.entries : 0,
+                     t.bytes > 0 ? t.bytes : 0);
     static const spoke_kv md[] = {{"metric_type", "cache_stats"}};
     int rc = host->send_to_control_json(pc->ctx, json, (size_t)n, NULL, md, 1, NULL);
     if (rc != 0)
-        host->log(pc->ctx, SPOKE_LOG_WARN, "report not queued (%s); the next one carries the "
-                  "same totals", host->strerror(rc));
+        host->log(pc->ctx, SPOKE_LOG_WARN,
+                  "report not queued (%s); the next one carries the "
+                  "same totals",
+                  host->strerror(rc));
     host->log(pc->ctx, final ? SPOKE_LOG_INFO : SPOKE_LOG_DEBUG,
               "edge totals: hits=%" PRId64 " misses=%" PRId64 " invalidations=%" PRId64
-              " entries=%" PRId64 " bytes=%" PRId64, t.hits, t.misses, t.invalidations,
-              t.entries, t.bytes);
+              " entries=%" PRId64 " bytes=%" PRId64,
+              t.hits, t.misses, t.invalidations, t.entries, t.bytes);
 }
 
 static void on_timer(void *self, void *arg)
@@ -970,12 +974,14 @@ static int duration(spoke_ctx *ctx, const char *key, uint64_t *ms)
 static int init(spoke_ctx *ctx, const spoke_init_args *args, void **self)
 {
     if (!SPOKE_HOST_HAS(host, kv_scan) || !SPOKE_HOST_HAS(host, send_to_control_json)) {
-        host->log(ctx, SPOKE_LOG_ERROR, "needs the edge role of a spoke ABI 1.2 host (KV "
+        host->log(ctx, SPOKE_LOG_ERROR,
+                  "needs the edge role of a spoke ABI 1.2 host (KV "
                   "services and send_to_control_json)");
         return SPOKE_ERR_UNSUPPORTED;
     }
     if (args->plugin_id == 0) {
-        host->log(ctx, SPOKE_LOG_ERROR, "needs an `id:` (its KV namespace, and the ID of "
+        host->log(ctx, SPOKE_LOG_ERROR,
+                  "needs an `id:` (its KV namespace, and the ID of "
                   "cache-stats-aggregator at the hub)");
         return SPOKE_ERR_INVALID;
     }
@@ -986,8 +992,10 @@ static int init(spoke_ctx *ctx, const spoke_init_args *args, void **self)
         return rc;
     if (host->config_get_size(ctx, "max_bytes", &max) != 0 || max < MIN_MAX_BYTES ||
         max > MAX_MAX_BYTES) {
-        host->log(ctx, SPOKE_LOG_ERROR, "max_bytes: '%s' is not a size between 64KiB and "
-                  "1TiB", host->config_get(ctx, "max_bytes"));
+        host->log(ctx, SPOKE_LOG_ERROR,
+                  "max_bytes: '%s' is not a size between 64KiB and "
+                  "1TiB",
+                  host->config_get(ctx, "max_bytes"));
         return SPOKE_ERR_INVALID;
     }
     const char *inv = host->config_get(ctx, "invalidate");

@@ -22,9 +22,9 @@
  * and the plugin logs that once and stops decoding the connection. After the startup
  * message come typed messages (byte type, int32 length). 'Q' and 'P' are gathered whole,
  * whatever the chunking (one message over many chunks, many messages in one chunk);
- * every other message is skipped by its length without being copied. A message longer than `max_message` is skipped too, and a line says so. A
- * stream that does not parse (a bad length, an unknown protocol version, TLS without
- * SSLRequest) is logged once and then left alone.
+ * every other message is skipped by its length without being copied. A message longer than
+ * `max_message` is skipped too, and a line says so. A stream that does not parse (a bad length, an
+ * unknown protocol version, TLS without SSLRequest) is logged once and then left alone.
  *
  * Config:
  *   max_message   the largest Query/Parse message logged, a size as the config file
@@ -304,11 +304,15 @@ static int on_msg(void *arg, const pgw_msg *m)
         return 0;
     const char *what = m->type == 'Q' ? "query" : "parse";
     if (m->body == NULL && m->nomem)
-        host->log(pl->ctx, SPOKE_LOG_WARN, "conn %llu: message of %zu bytes not logged: out of "
-                  "memory", (unsigned long long)c->id, m->len);
+        host->log(pl->ctx, SPOKE_LOG_WARN,
+                  "conn %llu: message of %zu bytes not logged: out of "
+                  "memory",
+                  (unsigned long long)c->id, m->len);
     else if (m->body == NULL)
-        host->log(pl->ctx, SPOKE_LOG_INFO, "conn %llu: %s of %zu bytes not logged (over "
-                  "max_message %zu)", (unsigned long long)c->id, what, m->len, pl->max_message);
+        host->log(pl->ctx, SPOKE_LOG_INFO,
+                  "conn %llu: %s of %zu bytes not logged (over "
+                  "max_message %zu)",
+                  (unsigned long long)c->id, what, m->len, pl->max_message);
     else if (m->type == 'Q')
         on_query(pl, c, m->body, m->len);
     else
@@ -321,9 +325,10 @@ static void feed(const pglog *pl, pgconn *c, const uint8_t *data, size_t n)
 {
     int startup = c->cs.untyped;
     if (pgw_feed(&c->cs, data, n, want, on_msg, c) < 0)
-        stop(pl, c, startup ? "the first bytes are not a PostgreSQL startup message (TLS without "
-                              "SSLRequest?)"
-                            : "bad message length: lost track of the protocol");
+        stop(pl, c,
+             startup ? "the first bytes are not a PostgreSQL startup message (TLS without "
+                       "SSLRequest?)"
+                     : "bad message length: lost track of the protocol");
 }
 
 /* ---- hooks -------------------------------------------------------------------------- */

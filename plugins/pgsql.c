@@ -221,6 +221,8 @@ static int in_list(const char *w, const char *const *list)
     return 0;
 }
 
+/* The word lists are packed by hand. */
+/* clang-format off */
 /* PostgreSQL's reserved key words (and those reserved except as function or type names):
  * never a table's name unless quoted. */
 static const char *const reserved[] = {
@@ -267,6 +269,7 @@ static const char *const harmless[] = {
 
 /* First words of statements that change the session's settings or private objects. */
 static const char *const session_words[] = {"set", "reset", "discard", NULL};
+/* clang-format on */
 
 /* ---- names ------------------------------------------------------------------------- */
 
@@ -350,8 +353,7 @@ static int modifying_parts(pgsql_info *in, const tok *v, size_t n)
             write_target(in, v, n, i + 2), found = 1;
         } else if (is(&v[i], "delete") && i + 1 < n && is(&v[i + 1], "from")) {
             write_target(in, v, n, i + 2), found = 1;
-        } else if (is(&v[i], "update") && !is(prev, "for") && !is(prev, "key") &&
-                   !is(prev, "no")) {
+        } else if (is(&v[i], "update") && !is(prev, "for") && !is(prev, "key") && !is(prev, "no")) {
             write_target(in, v, n, i + 1), found = 1;
         } else if (is(&v[i], "for") && i + 1 < n &&
                    (is(&v[i + 1], "update") || is(&v[i + 1], "share") || is(&v[i + 1], "no") ||

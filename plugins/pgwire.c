@@ -104,8 +104,8 @@ int pgw_feed(pgw_stream *s, const uint8_t *data, size_t n, pgw_want_fn want, pgw
     while (off < n) {
         if (s->want_byte && pgw_at_boundary(s)) {
             s->want_byte = 0;
-            pgw_msg m = {.kind = PGW_BYTE, .type = data[off], .whole = 1, .start = off,
-                         .end = off + 1};
+            pgw_msg m = {
+                .kind = PGW_BYTE, .type = data[off], .whole = 1, .start = off, .end = off + 1};
             off++;
             if (on_msg(arg, &m) < 0)
                 return 1;

@@ -16,8 +16,8 @@
  *
  * For each message the framer asks want(arg, type, len) whether the body is needed; a body
  * it is not asked for is skipped without being copied. Typed bodies longer than max_body
- * are never gathered (untyped ones are at most PGW_STARTUP_MAX). Then on_msg(arg, msg) is called with the message (body NULL when it was
- * not gathered).
+ * are never gathered (untyped ones are at most PGW_STARTUP_MAX). Then on_msg(arg, msg) is called
+ * with the message (body NULL when it was not gathered).
  */
 #ifndef PGWIRE_H
 #define PGWIRE_H

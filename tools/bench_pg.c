@@ -134,8 +134,8 @@ static int psql(const pgb *b, int port, const char *sql)
     char p[16], log[300];
     snprintf(p, sizeof(p), "%d", port);
     path(b, log, sizeof(log), "psql.log");
-    char *argv[] = {"psql", "-X", "-q", "-h", "127.0.0.1", "-p", p, "-U", PG_USER, "-d",
-                    "postgres", "-c", (char *)sql, NULL};
+    char *argv[] = {"psql", "-X",    "-q", "-h",       "127.0.0.1", "-p",        p,
+                    "-U",   PG_USER, "-d", "postgres", "-c",        (char *)sql, NULL};
     return run(b, argv, log, 0);
 }
 
@@ -146,8 +146,8 @@ static int wait_ready(const pgb *b, int port, const char *what)
             return 0;
         sleep_ms(50);
     }
-    fprintf(stderr, "spoke-bench: %s on port %d did not answer within 15 s (logs in %s)\n",
-            what, port, b->dir);
+    fprintf(stderr, "spoke-bench: %s on port %d did not answer within 15 s (logs in %s)\n", what,
+            port, b->dir);
     return -1;
 }
 
@@ -179,16 +179,18 @@ static int start_postgres(pgb *b)
     char initdb[300], postgres[300];
     snprintf(initdb, sizeof(initdb), "%s/initdb", b->bindir);
     snprintf(postgres, sizeof(postgres), "%s/postgres", b->bindir);
-    char *iargv[] = {initdb, "-D", data, "-U", PG_USER, "--auth=trust", "-E", "UTF8",
-                     "--locale=C", "--no-sync", NULL};
+    char *iargv[] = {initdb, "-D",   data,         "-U",        PG_USER, "--auth=trust",
+                     "-E",   "UTF8", "--locale=C", "--no-sync", NULL};
     if (run(b, iargv, initlog, 1) != 0) {
         fprintf(stderr, "spoke-bench: initdb failed (see %s)\n", initlog);
         return -1;
     }
     snprintf(port, sizeof(port), "%d", b->pg_port);
+    /* clang-format off */
     char *pargv[] = {postgres, "-D", data, "-k", sock, "-h", "127.0.0.1", "-p", port,
                      "-c", "fsync=off", "-c", "synchronous_commit=off",
                      "-c", "max_connections=200", NULL};
+    /* clang-format on */
     if ((b->pg_pid = spawn(b, pargv, log, 1)) < 0)
         return -1;
     return wait_ready(b, b->pg_port, "postgres");
@@ -224,8 +226,7 @@ static int start_spoked(pgb *b, const char *plugin)
              "listen: { address: 127.0.0.1:%d, upstream: 127.0.0.1:%d, workers: %u }\n"
              "run_dir: %s/run\nqueue: { path: %s/queue }\nkv: { path: %s/kv }\n"
              "plugins:\n  dir: %s/plugins\n  list:\n    - %s\n",
-             b->edge_port, b->pg_port, b->workers, b->dir, b->dir, b->dir, b->self_dir,
-             plugin);
+             b->edge_port, b->pg_port, b->workers, b->dir, b->dir, b->dir, b->self_dir, plugin);
     if (write_file(b, "spoke.yaml", cfg) != 0)
         return -1;
     char spoked[600], conf[300], log[300];
@@ -269,8 +270,8 @@ static double cpu_us_of(pid_t pid)
     buf[n] = '\0';
     const char *c = strrchr(buf, ')'); /* the name may hold spaces */
     unsigned long long ut = 0, st = 0;
-    if (c == NULL || sscanf(c + 2, "%*c %*d %*d %*d %*d %*d %*u %*u %*u %*u %*u %llu %llu",
-                            &ut, &st) != 2)
+    if (c == NULL ||
+        sscanf(c + 2, "%*c %*d %*d %*d %*d %*d %*u %*u %*u %*u %*u %llu %llu", &ut, &st) != 2)
         return 0;
     return (double)(ut + st) * 1e6 / (double)sysconf(_SC_CLK_TCK);
 }
@@ -294,8 +295,8 @@ static double cpu_us_tree(pid_t pid)
 
 /* One pgbench run; its tps and latency from its output; the CPU time `middle` (and its
  * children) used per transaction meanwhile. */
-static int pgbench(const pgb *b, int port, const char *label, unsigned transactions,
-                   pid_t middle, result *r)
+static int pgbench(const pgb *b, int port, const char *label, unsigned transactions, pid_t middle,
+                   result *r)
 {
     double cpu0 = cpu_us_tree(middle);
     char p[16], c[16], j[16], t[32], script[300], out[300];
@@ -305,8 +306,8 @@ static int pgbench(const pgb *b, int port, const char *label, unsigned transacti
     path(b, script, sizeof(script), "select.sql");
     snprintf(out, sizeof(out), "%s/pgbench-%s.txt", b->dir, label);
     unlink(out);
-    char *argv[16] = {"pgbench", "-n", "-M", "simple", "-f", script, "-c", c, "-j", j,
-                      "-h", "127.0.0.1", "-p", p, "-U", PG_USER};
+    char *argv[16] = {"pgbench", "-n", "-M", "simple",    "-f", script, "-c", c,
+                      "-j",      j,    "-h", "127.0.0.1", "-p", p,      "-U", PG_USER};
     char *full[20];
     memcpy(full, argv, sizeof(argv));
     if (transactions > 0) {
@@ -354,7 +355,10 @@ static void usage(FILE *f)
                "      spoked + pg-cache (warm); starts its own PostgreSQL and pgbouncer\n");
 }
 
-void spk_bench_pg_usage(FILE *f) { usage(f); }
+void spk_bench_pg_usage(FILE *f)
+{
+    usage(f);
+}
 
 static void print_row(const char *name, const result *r)
 {
@@ -370,31 +374,55 @@ static void print_row(const char *name, const result *r)
 
 int spk_bench_pg(int argc, char **argv)
 {
-    pgb b = {.clients = 8, .jobs = 2, .workers = 2, .keys = 1000, .scale = 1,
-             .duration_s = 10};
+    pgb b = {.clients = 8, .jobs = 2, .workers = 2, .keys = 1000, .scale = 1, .duration_s = 10};
     snprintf(b.bindir, sizeof(b.bindir), "/usr/lib/postgresql/15/bin");
     int keep = 0;
-    static const struct option opts[] = {
-        {"duration", 1, NULL, 'd'}, {"clients", 1, NULL, 'c'}, {"jobs", 1, NULL, 'j'},
-        {"workers", 1, NULL, 'w'},  {"keys", 1, NULL, 'k'},    {"scale", 1, NULL, 's'},
-        {"bindir", 1, NULL, 'b'},   {"keep", 0, NULL, 'K'},    {"help", 0, NULL, 'h'},
-        {NULL, 0, NULL, 0}};
+    static const struct option opts[] = {{"duration", 1, NULL, 'd'}, {"clients", 1, NULL, 'c'},
+                                         {"jobs", 1, NULL, 'j'},     {"workers", 1, NULL, 'w'},
+                                         {"keys", 1, NULL, 'k'},     {"scale", 1, NULL, 's'},
+                                         {"bindir", 1, NULL, 'b'},   {"keep", 0, NULL, 'K'},
+                                         {"help", 0, NULL, 'h'},     {NULL, 0, NULL, 0}};
     int o;
     uint64_t v;
     optind = 1;
     while ((o = getopt_long(argc, argv, "", opts, NULL)) != -1) {
         int bad = 0;
         switch (o) {
-        case 'd': bad = spk_bench_parse_duration(optarg, 0, &b.duration_s); break;
-        case 'c': bad = spk_bench_parse_uint(optarg, 1, 150, &v); b.clients = (unsigned)v; break;
-        case 'j': bad = spk_bench_parse_uint(optarg, 1, 64, &v); b.jobs = (unsigned)v; break;
-        case 'w': bad = spk_bench_parse_uint(optarg, 1, 64, &v); b.workers = (unsigned)v; break;
-        case 'k': bad = spk_bench_parse_uint(optarg, 1, 100000, &v); b.keys = (unsigned)v; break;
-        case 's': bad = spk_bench_parse_uint(optarg, 1, 100, &v); b.scale = (unsigned)v; break;
-        case 'b': snprintf(b.bindir, sizeof(b.bindir), "%s", optarg); break;
-        case 'K': keep = 1; break;
-        case 'h': usage(stdout); return 0;
-        default: usage(stderr); return 1;
+        case 'd':
+            bad = spk_bench_parse_duration(optarg, 0, &b.duration_s);
+            break;
+        case 'c':
+            bad = spk_bench_parse_uint(optarg, 1, 150, &v);
+            b.clients = (unsigned)v;
+            break;
+        case 'j':
+            bad = spk_bench_parse_uint(optarg, 1, 64, &v);
+            b.jobs = (unsigned)v;
+            break;
+        case 'w':
+            bad = spk_bench_parse_uint(optarg, 1, 64, &v);
+            b.workers = (unsigned)v;
+            break;
+        case 'k':
+            bad = spk_bench_parse_uint(optarg, 1, 100000, &v);
+            b.keys = (unsigned)v;
+            break;
+        case 's':
+            bad = spk_bench_parse_uint(optarg, 1, 100, &v);
+            b.scale = (unsigned)v;
+            break;
+        case 'b':
+            snprintf(b.bindir, sizeof(b.bindir), "%s", optarg);
+            break;
+        case 'K':
+            keep = 1;
+            break;
+        case 'h':
+            usage(stdout);
+            return 0;
+        default:
+            usage(stderr);
+            return 1;
         }
         if (bad) {
             fprintf(stderr, "spoke-bench pg: bad value '%s'\n", optarg);
@@ -407,8 +435,7 @@ int spk_bench_pg(int argc, char **argv)
         return 1;
     snprintf(b.dir, sizeof(b.dir), "/tmp/spoke-bench-pg.XXXXXX");
     if (mkdtemp(b.dir) == NULL || chmod(b.dir, 0755) != 0) {
-        fprintf(stderr, "spoke-bench pg: cannot make a temporary directory: %s\n",
-                strerror(errno));
+        fprintf(stderr, "spoke-bench pg: cannot make a temporary directory: %s\n", strerror(errno));
         return 1;
     }
     if (geteuid() == 0) {
@@ -440,8 +467,8 @@ int spk_bench_pg(int argc, char **argv)
         goto out;
     snprintf(port, sizeof(port), "%d", b.pg_port);
     path(&b, initlog, sizeof(initlog), "pgbench-init.log");
-    char *iargv[] = {"pgbench", "-i", "-q", "-s", init_scale, "-h", "127.0.0.1", "-p", port,
-                     "-U", PG_USER, "postgres", NULL};
+    char *iargv[] = {"pgbench", "-i", "-q", "-s",    init_scale, "-h", "127.0.0.1",
+                     "-p",      port, "-U", PG_USER, "postgres", NULL};
     if (run(&b, iargv, initlog, 0) != 0) {
         fprintf(stderr, "spoke-bench pg: pgbench -i failed (see %s)\n", initlog);
         goto out;
@@ -452,7 +479,8 @@ int spk_bench_pg(int argc, char **argv)
     fflush(stdout);
     if (pgbench(&b, b.pg_port, "direct", 0, 0, &rd) != 0)
         goto out;
-    if (start_pgbouncer(&b) != 0 || pgbench(&b, b.bouncer_port, "pgbouncer", 0, b.bouncer_pid, &rb) != 0)
+    if (start_pgbouncer(&b) != 0 ||
+        pgbench(&b, b.bouncer_port, "pgbouncer", 0, b.bouncer_pid, &rb) != 0)
         goto out;
     stop(&b.bouncer_pid, SIGINT);
     if (start_spoked(&b, "{ name: pg-query-log, file: pg-query-log.so }") != 0 ||
@@ -468,7 +496,8 @@ int spk_bench_pg(int argc, char **argv)
     stop(&b.spoked_pid, SIGTERM);
     long long h0 = 0, m0 = 0, h1 = 0, m1 = 0;
     last_totals(&b, &h0, &m0);
-    if (start_spoked(&b, cache) != 0 || pgbench(&b, b.edge_port, "cache", 0, b.spoked_pid, &rc) != 0)
+    if (start_spoked(&b, cache) != 0 ||
+        pgbench(&b, b.edge_port, "cache", 0, b.spoked_pid, &rc) != 0)
         goto out;
     stop(&b.spoked_pid, SIGTERM);
     if (last_totals(&b, &h1, &m1) == 0) {

@@ -57,15 +57,29 @@ static void not_cacheable(void **state)
 {
     (void)state;
     const char *no[] = {
-        "SELECT now()", "select RANDOM() from t", "SELECT nextval('s')",
-        "SELECT CURRENT_TIMESTAMP", "SELECT pg_backend_pid()", "SELECT * FROM pg_stat_activity",
-        "SELECT * FROM information_schema.tables", "SELECT * FROM t FOR UPDATE",
-        "SELECT * FROM t FOR NO KEY UPDATE", "SELECT * INTO copy FROM t",
-        "SELECT 1; SELECT 2", "UPDATE t SET a = 1", "", "  -- only a comment\n",
+        "SELECT now()",
+        "select RANDOM() from t",
+        "SELECT nextval('s')",
+        "SELECT CURRENT_TIMESTAMP",
+        "SELECT pg_backend_pid()",
+        "SELECT * FROM pg_stat_activity",
+        "SELECT * FROM information_schema.tables",
+        "SELECT * FROM t FOR UPDATE",
+        "SELECT * FROM t FOR NO KEY UPDATE",
+        "SELECT * INTO copy FROM t",
+        "SELECT 1; SELECT 2",
+        "UPDATE t SET a = 1",
+        "",
+        "  -- only a comment\n",
         "WITH d AS (DELETE FROM t RETURNING *) SELECT * FROM d",
-        "SELECT * FROM t TABLESAMPLE SYSTEM (10)", "SELECT clock_timestamp()",
-        "SELECT $1", "BEGIN", "SELECT 'now'::timestamp", "SELECT date ' Today '",
-        "SELECT E'tomorrow'::date", "SELECT age(timestamp '2000-01-01')",
+        "SELECT * FROM t TABLESAMPLE SYSTEM (10)",
+        "SELECT clock_timestamp()",
+        "SELECT $1",
+        "BEGIN",
+        "SELECT 'now'::timestamp",
+        "SELECT date ' Today '",
+        "SELECT E'tomorrow'::date",
+        "SELECT age(timestamp '2000-01-01')",
     };
     for (size_t i = 0; i < sizeof(no) / sizeof(no[0]); i++) {
         pgsql_info in = an(no[i]);
@@ -125,9 +139,15 @@ static void writes(void **state)
     assert_true(has(&in.writes, "u1"));
     assert_false(in.cacheable);
     /* unbounded */
-    const char *all[] = {"CREATE VIEW v AS SELECT 1", "CALL p()", "DO $$BEGIN END$$",
-                         "GRANT SELECT ON t TO u", "EXECUTE s", "REFRESH MATERIALIZED VIEW m",
-                         "DROP VIEW v", "EXPLAIN ANALYZE DELETE FROM t", "frobnicate"};
+    const char *all[] = {"CREATE VIEW v AS SELECT 1",
+                         "CALL p()",
+                         "DO $$BEGIN END$$",
+                         "GRANT SELECT ON t TO u",
+                         "EXECUTE s",
+                         "REFRESH MATERIALIZED VIEW m",
+                         "DROP VIEW v",
+                         "EXPLAIN ANALYZE DELETE FROM t",
+                         "frobnicate"};
     for (size_t i = 0; i < sizeof(all) / sizeof(all[0]); i++)
         if (!an(all[i]).writes_all)
             fail_msg("not writes_all: %s", all[i]);
@@ -153,10 +173,8 @@ static void session_changes(void **state)
 int main(void)
 {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(cacheable_reads),
-        cmocka_unit_test(not_cacheable),
-        cmocka_unit_test(quoting_hides_words),
-        cmocka_unit_test(writes),
+        cmocka_unit_test(cacheable_reads),     cmocka_unit_test(not_cacheable),
+        cmocka_unit_test(quoting_hides_words), cmocka_unit_test(writes),
         cmocka_unit_test(session_changes),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
