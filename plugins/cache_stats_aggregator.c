@@ -127,10 +127,11 @@ static int init(spoke_ctx *ctx, const spoke_init_args *args, void **self)
     return 0;
 }
 
-#define EDGE_FIELDS(X)                                                                             \
-    X(hits)                                                                                        \
-    X(misses) X(invalidations) X(entries) X(bytes) X(reports) X(last_report_ms) X(epoch)           \
-        X(epoch_hits) X(epoch_misses) X(epoch_invalidations) X(last_seq)
+/* clang-format off */
+#define EDGE_FIELDS(X)                                                                     \
+    X(hits) X(misses) X(invalidations) X(entries) X(bytes) X(reports) X(last_report_ms)    \
+    X(epoch) X(epoch_hits) X(epoch_misses) X(epoch_invalidations) X(last_seq)
+/* clang-format on */
 
 static void edge_read(const void *v, size_t n, edge_rec *e)
 {
