@@ -31,6 +31,11 @@ void spk_bench_hub_usage(FILE *f);
 int spk_bench_uplink(int argc, char **argv);
 void spk_bench_uplink_usage(FILE *f);
 
+/* tools/bench_pg.c: pgbench select-only direct, via pgbouncer, via spoked (pg-query-log,
+ * pg-cache warm). */
+int spk_bench_pg(int argc, char **argv);
+void spk_bench_pg_usage(FILE *f);
+
 /* tools/bench_queue.c (its own owner): built when the queue library is. Declared weak so
  * a tree where the queue library landed before bench_queue.c still links; main checks
  * the address before calling it. */
