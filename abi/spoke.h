@@ -100,6 +100,13 @@
  *       spoke_host.kv_put added
  *       spoke_host.kv_del added
  *       spoke_host.kv_scan added
+ *  1.4  spoke_metric_type: SPOKE_METRIC_COUNTER, _GAUGE, _HISTOGRAM added
+ *       spoke_metric added
+ *       spoke_host.metric_register added
+ *       spoke_host.metric_series added
+ *       spoke_host.metric_add added
+ *       spoke_host.metric_set added
+ *       spoke_host.metric_observe added
  */
 #ifndef SPOKE_H
 #define SPOKE_H
@@ -112,7 +119,7 @@ extern "C" {
 #endif
 
 #define SPOKE_ABI_MAJOR 1
-#define SPOKE_ABI_MINOR 2
+#define SPOKE_ABI_MINOR 4
 
 /* The symbol the host looks up in the plugin. */
 #define SPOKE_ENTRY_SYMBOL "spoke_plugin_v1"
@@ -254,6 +261,17 @@ typedef struct spoke_edge_payload {
 } spoke_edge_payload;
 
 typedef struct spoke_host spoke_host;
+
+/* 1.4: the kinds of metric a plugin registers (host->metric_register). */
+typedef enum spoke_metric_type {
+    SPOKE_METRIC_COUNTER = 0,   /* only goes up; the name must end in _total */
+    SPOKE_METRIC_GAUGE = 1,     /* goes up and down */
+    SPOKE_METRIC_HISTOGRAM = 2, /* observations counted in buckets, with their sum */
+} spoke_metric_type;
+
+/* 1.4: one series of a metric (a metric with one set of label values). Opaque; from
+ * host->metric_series, valid until fini returns. */
+typedef struct spoke_metric spoke_metric;
 
 /* Hook types. `self` is whatever init stored in *self (NULL if it stored nothing). */
 typedef spoke_verdict (*spoke_traffic_hook)(void *self, spoke_conn *conn, spoke_buf *buf);
@@ -499,6 +517,49 @@ struct spoke_host {
      * negative value, or an error above. */
     int (*kv_scan)(spoke_ctx *ctx, const void *prefix, size_t plen, const void *after,
                    size_t alen, size_t max, spoke_kv_scan_cb cb, void *arg);
+
+    /* ---- 1.4 ---- check with SPOKE_HOST_HAS before calling.
+     *
+     * Metrics, offered in both roles. A plugin registers a metric (usually in init), looks
+     * up each series it updates once (metric_series), keeps the pointer, and updates it
+     * from any hook or timer: an update is a few nanoseconds, a plain store into memory
+     * the host shares with its supervisor, never a system call. The supervisor serves
+     * every worker's values, summed, at metrics.listen's /metrics, each series labelled
+     * plugin="<the plugin's configured name>". Counters and histograms keep counting
+     * across worker restarts (the supervisor keeps what a dead worker had counted);
+     * a gauge is the sum of the live workers' values.
+     *
+     * NAMES follow Prometheus's rules, checked at registration: a metric name matches
+     * [a-zA-Z_:][a-zA-Z0-9_:]* (at most 95 bytes) and does not start with "spoke_" (the
+     * host's); a counter's name ends in "_total", a gauge's or histogram's does not end
+     * in _total, _count, _sum, _bucket or _created. A label name matches
+     * [a-zA-Z_][a-zA-Z0-9_]* (at most 31 bytes), does not start with "__", is not
+     * "plugin" (the host's) nor, for a histogram, "le". At most 4 label names, label
+     * values up to 63 bytes, help text up to 159 bytes, 15 bucket bounds (finite,
+     * increasing; +Inf is added). A worker holds 64 metrics and 256 series at most,
+     * across its plugins; one name is registered once per worker. */
+
+    /* Register a metric: `type`, `name`, `help` (may be NULL), label_names[0..n_labels)
+     * and, for a histogram, the upper bounds buckets[0..n_buckets) (NULL, 0 otherwise).
+     * Returns the metric's ID (>= 0) for metric_series, or SPOKE_ERR_INVALID (a rule
+     * above is broken, or the name is registered already: the host logs which, naming
+     * the metric) or SPOKE_ERR_NOMEM (the worker's table is full). */
+    int (*metric_register)(spoke_ctx *ctx, spoke_metric_type type, const char *name,
+                           const char *help, const char *const *label_names, size_t n_labels,
+                           const double *buckets, size_t n_buckets);
+    /* The series of metric `id` with label_values[0..n_values) (one per label name, in
+     * their order), created at the first call. Returns it, or NULL (an unknown ID, a
+     * wrong number of values, a value too long, the table full: the host logs why).
+     * Look it up once and keep it: the lookup compares strings, the updates do not. */
+    spoke_metric *(*metric_series)(spoke_ctx *ctx, int id, const char *const *label_values,
+                                   size_t n_values);
+    /* Add v to a counter (v >= 0; a negative v is ignored) or a gauge. NULL m is
+     * ignored, so the result of a failed metric_series may be used as is. */
+    void (*metric_add)(spoke_metric *m, double v);
+    /* Set a gauge to v (ignored for other kinds and a NULL m). */
+    void (*metric_set)(spoke_metric *m, double v);
+    /* Count one observation v in a histogram (ignored for other kinds and a NULL m). */
+    void (*metric_observe)(spoke_metric *m, double v);
 };
 
 /* True when the host table offers `field` (it is inside struct_size and not NULL). */

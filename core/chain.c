@@ -75,6 +75,8 @@ int spk_chain_build(spk_chain *ch, const spk_plugin_set *set)
             e->fn = fn;
             e->self = set->v[i]->self;
             e->index = (uint32_t)i;
+            e->st = spk_plugin_hookstat(set->v[i], (enum spk_hook_id)h);
+            e->mask = spk_plugin_hmask(set->v[i]);
         }
     }
     return 0;
@@ -131,10 +133,13 @@ spoke_verdict spk_chain_run(const spk_chain *ch, enum spk_hook_id hook, spoke_co
     spk_slot *s = ch->slot;
     conn->reply_to_server = hook >= SPK_HOOK_FROM_SERVER;
     for (size_t i = 0; i < n; i++) {
-        spk_slot_enter(s, e[i].index, hook);
+        uint64_t t = spk_hook_begin(s, e[i].st, e[i].mask, e[i].index, hook);
         spoke_verdict v = e[i].fn(e[i].self, conn, &buf->pub);
+        spk_hook_end(e[i].st, t);
         if (__builtin_expect(v > SPOKE_MODIFIED || (conn->flags & SPK_CONN_TERMINATE), 0)) {
             spk_slot_leave(s);
+            if (v > SPOKE_CLOSE)
+                spk_stat_inc(&e[i].st->errors, 1); /* an unknown verdict */
             return (conn->flags & SPK_CONN_TERMINATE) ? SPOKE_CLOSE : merge_stop(conn, v);
         }
     }
@@ -151,9 +156,9 @@ spoke_verdict spk_chain_open(const spk_chain *ch, spoke_conn *conn)
         const spk_plugin *p = ch->plugins[i];
         if (p->table.on_open == NULL)
             continue;
-        spk_slot_enter(s, (uint32_t)i, SPK_HOOK_OPEN);
+        uint64_t t = SPK_PLUGIN_HOOK_BEGIN(p, s, SPK_HOOK_OPEN);
         spoke_verdict v = p->table.on_open(p->self, conn);
-        spk_slot_leave(s);
+        SPK_PLUGIN_HOOK_END(p, s, SPK_HOOK_OPEN, t);
         if (v > SPOKE_MODIFIED || (conn->flags & SPK_CONN_TERMINATE))
             return (conn->flags & SPK_CONN_TERMINATE) ? SPOKE_CLOSE : merge_stop(conn, v);
     }
@@ -167,9 +172,9 @@ void spk_chain_close(const spk_chain *ch, spoke_conn *conn)
         const spk_plugin *p = ch->plugins[i];
         if (p->table.on_close == NULL)
             continue;
-        spk_slot_enter(s, (uint32_t)i, SPK_HOOK_CLOSE);
+        uint64_t t = SPK_PLUGIN_HOOK_BEGIN(p, s, SPK_HOOK_CLOSE);
         p->table.on_close(p->self, conn);
-        spk_slot_leave(s);
+        SPK_PLUGIN_HOOK_END(p, s, SPK_HOOK_CLOSE, t);
     }
 }
 
@@ -180,8 +185,8 @@ void spk_chain_tick(const spk_chain *ch)
         const spk_plugin *p = ch->plugins[i];
         if (p->table.on_tick == NULL)
             continue;
-        spk_slot_enter(s, (uint32_t)i, SPK_HOOK_TICK);
+        uint64_t t = SPK_PLUGIN_HOOK_BEGIN(p, s, SPK_HOOK_TICK);
         p->table.on_tick(p->self);
-        spk_slot_leave(s);
+        SPK_PLUGIN_HOOK_END(p, s, SPK_HOOK_TICK, t);
     }
 }

@@ -56,7 +56,9 @@ struct spoke_conn {
 typedef struct spk_chain_entry {
     spoke_traffic_hook fn;
     void *self;
-    uint32_t index; /* chain index of the plugin */
+    uint32_t index;   /* chain index of the plugin */
+    spk_hookstat *st; /* where this plugin's calls of this hook count (metrics.h) */
+    uint64_t mask;    /* its time-sampling mask */
 } spk_chain_entry;
 
 typedef struct spk_chain {
@@ -69,7 +71,8 @@ typedef struct spk_chain {
 } spk_chain;
 
 /* Build the chain over `set` (borrowed; it must outlive the chain), after
- * spk_plugin_set_init() (the chain caches each plugin's self). Returns 0 or SPK_ENOMEM. */
+ * spk_plugin_set_init() (the chain caches each plugin's self and where its hooks count,
+ * spk_plugin_set_stats). Returns 0 or SPK_ENOMEM. */
 int spk_chain_build(spk_chain *ch, const spk_plugin_set *set);
 void spk_chain_free(spk_chain *ch);
 

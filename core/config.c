@@ -38,6 +38,7 @@
 #include <yaml.h>
 
 #include "log.h"
+#include "metrics.h"
 #include "queue.h"
 
 #define MAX_DEPTH         64    /* YAML nesting we accept; protects the recursion */
@@ -783,6 +784,9 @@ static int p_listen(cfg_ctx *c, const node *v, const char *key, void *base, cons
     if (v->kind == NODE_SEQ) {
         if (v->n == 0)
             return cfg_fail(c, v->line, key, "expected at least one address, got an empty list");
+        if (v->n > SPK_LISTEN_MAX)
+            return cfg_fail(c, v->line, key, "%zu addresses, more than the %d a worker listens on",
+                            v->n, SPK_LISTEN_MAX);
         n = v->n;
     }
     char **list = calloc(n, sizeof(*list));
@@ -1117,7 +1121,7 @@ static const field edge_fields[] = {
 static const field listen_fields[] = {
     CS("address", p_listen, d_listen, listen, "127.0.0.1:6432"),
     CS("upstream", p_address, d_str, upstream, NULL), /* required */
-    CF("workers", p_workers, d_workers, workers, 1, 1024, 0), /* 0: auto */
+    CF("workers", p_workers, d_workers, workers, 1, SPK_WORKERS_MAX, 0), /* 0: auto */
     CW("upstream_connect", upstream_connect, connect_words, SPK_CONNECT_EAGER),
     CF("connect_timeout", p_duration, d_duration, connect_timeout_ms, 1, HOUR, 5 * SEC),
     CF("read_chunk", p_size, d_size, read_chunk, KiB, 16 * MiB, 64 * KiB),
@@ -1135,11 +1139,12 @@ static const field plugins_fields[] = {
     CF("start_timeout", p_duration, d_duration, start_timeout_ms, 1, HOUR, 5 * SEC),
     CF("reload_on_crash", p_bool, d_bool, reload_on_crash, 0, 0, true),
     CF("health_fail_limit", p_uint, d_uint, health_fail_limit, 1, 1000, 3),
-    CF("crash_limit", p_uint, d_uint, crash_limit, 1, 10000, 3),
+    CF("crash_limit", p_uint, d_uint, crash_limit, 1, SPK_CRASH_LIMIT_MAX, 3),
     CF("crash_window", p_duration, d_duration, crash_window_ms, 1, 7 * DAY, 60 * SEC),
     CF("drain_timeout", p_duration, d_duration, drain_timeout_ms, 0, DAY, 30 * SEC),
     CF("tick", p_duration, d_duration, tick_ms, 1, HOUR, SEC),
     CS("list", p_plugins, d_plugins, plugins, NULL), /* empty */
+    CF("strict_modes", p_bool, d_bool, strict_modes, 0, 0, true),
 };
 
 static const field queue_fields[] = {
@@ -1182,7 +1187,7 @@ static const field uplink_fields[] = {
 /* hubd (control role). The listener rows write the same fields as listen's. */
 static const field hub_fields[] = {
     CS("listen", p_listen, d_listen, listen, "127.0.0.1:7443"),
-    CF("workers", p_workers, d_workers, workers, 1, 1024, 0), /* 0: auto */
+    CF("workers", p_workers, d_workers, workers, 1, SPK_WORKERS_MAX, 0), /* 0: auto */
     CF("backlog", p_uint, d_uint, backlog, 1, 65535, 1024),
     CS("store", p_str, d_str, hub_store, "/var/lib/spoke/hub"),
     CF("map_size", p_size, d_size, hub_map_size, MiB, 16 * TiB, 4 * GiB),
@@ -1213,6 +1218,9 @@ static const field limits_fields[] = {
 
 static const field metrics_fields[] = {
     CS("listen", p_address_opt, d_str, metrics_listen, NULL), /* none: no endpoint */
+    CF("merger", p_bool, d_bool, metrics_merger, 0, 0, true),
+    CF("merge_period", p_duration, d_duration, metrics_merge_period_ms, 100, HOUR, 10 * SEC),
+    CF("hook_sample", p_uint, d_uint, metrics_hook_sample, 0, 65536, SPK_HOOK_SAMPLE_DEFAULT),
 };
 
 static const field log_fields[] = {
@@ -1224,6 +1232,8 @@ static const field log_fields[] = {
 static int p_run_dir(cfg_ctx *c, const node *v, const char *key, void *base, const field *f);
 static const field root_fields[] = {
     CS("run_dir", p_run_dir, d_str, run_dir, NULL), /* computed (computed_defaults) */
+    CS("user", p_str_opt, d_str, user, NULL),   /* none: see core/privs.h */
+    CS("group", p_str_opt, d_str, group, NULL), /* none: the user's primary group */
 };
 
 static const field plugin_entry_fields[] = {
@@ -1235,6 +1245,7 @@ static const field plugin_entry_fields[] = {
     PS("args", p_args, d_args, args),
     PS("env", p_env, d_env, env),
     PS("config", p_config, d_config, config),
+    PS("metrics_socket", p_str_opt, d_str, metrics_socket),
 };
 
 #define N(a) (sizeof(a) / sizeof((a)[0]))
@@ -1369,6 +1380,7 @@ static void plugin_conf_clear(spk_plugin_conf *pc)
     free(pc->name);
     free(pc->file);
     free(pc->path);
+    free(pc->metrics_socket);
     free_strv(pc->args, pc->n_args);
     free_strv(pc->env, pc->n_env);
     kv_free(pc->config, pc->n_config);
@@ -1396,6 +1408,12 @@ static int p_plugins(cfg_ctx *c, const node *v, const char *key, void *base, con
         if (rc != 0)
             return rc;
     }
+    size_t enabled = 0;
+    for (size_t i = 0; i < cfg->n_plugins; i++)
+        enabled += cfg->plugins[i].enabled;
+    if (enabled > SPK_PLUGINS_MAX)
+        return cfg_fail(c, v->line, key, "%zu plugins enabled, more than the %d a generation runs",
+                        enabled, SPK_PLUGINS_MAX);
     return 0;
 }
 
@@ -1483,7 +1501,7 @@ static int apply_root(cfg_ctx *c, const node *root)
                 if (section_in_role(&sections[j], c->cfg->role))
                     snprintf(known + strlen(known), sizeof(known) - strlen(known), "%s%s",
                              known[0] ? ", " : "", sections[j].name);
-            return cfg_fail(c, p->line, p->key, "unknown section (known: %s; and the key run_dir)",
+            return cfg_fail(c, p->line, p->key, "unknown section (known: %s; and the keys run_dir, user, group)",
                             known);
         }
         if (node_is_null(p->val))
@@ -1620,7 +1638,7 @@ static int finish(cfg_ctx *c, const node *root)
 static int open_config(const char *path, FILE **out, spk_errbuf *eb)
 {
     struct stat st;
-    FILE *f = fopen(path, "rb");
+    FILE *f = fopen(path, "rbe");
     if (f == NULL)
         return spk_errf(eb,
                         errno == ENOENT   ? SPK_ENOENT
@@ -1702,6 +1720,8 @@ void spk_config_free(spk_config *cfg)
     free(cfg->auth_token_file);
     free(cfg->metrics_listen);
     free(cfg->run_dir);
+    free(cfg->user);
+    free(cfg->group);
     free(cfg);
 }
 

@@ -24,6 +24,14 @@
 #include "spoke.h"
 #include "units.h"
 
+/* Caps of configured counts, each the size of what holds them at run time; a config over
+ * one is refused at load with a message naming the key and the cap. */
+#define SPK_WORKERS_MAX 256     /* listen.workers, hub.workers (and `auto`): status slots */
+#define SPK_LISTEN_MAX 64       /* listen.address, hub.listen entries: a worker's sockets */
+#define SPK_PLUGINS_MAX 64      /* plugins enabled in a generation (list + autoload): the
+                                   plugin table of a status slot */
+#define SPK_CRASH_LIMIT_MAX 100 /* plugins.crash_limit: the supervisor's crash-time ring */
+
 enum spk_compat { SPK_COMPAT_STRICT = 0, SPK_COMPAT_LOOSE = 1 };
 enum spk_connect_mode { SPK_CONNECT_EAGER = 0, SPK_CONNECT_LAZY = 1 };
 
@@ -43,6 +51,10 @@ typedef struct spk_plugin_conf {
     spoke_kv *config;    /* `config:` map flattened ("a.b", "list.0"); values as text */
     size_t n_config;
     int line;            /* line of this entry in the config file, for messages */
+    int pin_fd;          /* > 0: the supervisor's sealed copy of the file, which a supervised
+                            worker loads instead of `path` (core/pin.h); 0: none */
+    char *metrics_socket; /* `metrics_socket:` a Unix socket where the plugin serves its
+                             own Prometheus text (the merger scrapes it); NULL: none */
 } spk_plugin_conf;
 
 typedef struct spk_config {
@@ -147,6 +159,17 @@ typedef struct spk_config {
     char *kv_path;             /* kv.path: the store's directory */
     uint64_t kv_map_size;      /* kv.map_size: LMDB map size, the most it can hold */
     uint64_t kv_sync_ms;       /* kv.sync: the edge's period between flushes to disk */
+
+    bool strict_modes;         /* plugins.strict_modes: owner and mode checks (core/trust.h) */
+    char *user;                /* top-level `user:`: the account workers run as (core/privs.h);
+                                  NULL: not set */
+    char *group;               /* top-level `group:`; NULL: the user's primary group */
+    bool plugins_pinned;       /* not a key: the plugin set is the supervisor's pins (every
+                                  enabled entry has pin_fd; no plugins.dir scan), core/pin.h */
+    /* metrics: (more) */
+    bool metrics_merger;       /* metrics.merger: scrape the plugins' metrics_socket */
+    uint64_t metrics_merge_period_ms; /* metrics.merge_period */
+    unsigned metrics_hook_sample; /* metrics.hook_sample: time 1 in N hook calls; 0 = none */
 } spk_config;
 
 /* Load and validate `path` as spoked's config (the edge role). On success *out is a config

@@ -113,9 +113,9 @@ static void timer_fire(struct ev_loop *loop, ev_timer *w, int revents)
     (void)revents;
     spk_timer *t = (spk_timer *)w;
     spk_plugin *p = t->plugin;
-    spk_slot_enter(p->slot, p->index, SPK_HOOK_TIMER);
+    uint64_t t0 = SPK_PLUGIN_HOOK_BEGIN(p, p->slot, SPK_HOOK_TIMER);
     t->cb(p->self, t->arg);
-    spk_slot_leave(p->slot);
+    SPK_PLUGIN_HOOK_END(p, p->slot, SPK_HOOK_TIMER, t0);
 }
 
 static int64_t host_every(spoke_ctx *ctx, uint64_t ms, spoke_timer_cb cb, void *arg)
@@ -179,9 +179,9 @@ void spk_host_plugin_unload(spk_plugin *p)
     if (p == NULL)
         return;
     if (p->initialised && p->table.fini != NULL) {
-        spk_slot_enter(p->slot, p->index, SPK_HOOK_FINI);
+        uint64_t t = SPK_PLUGIN_HOOK_BEGIN(p, p->slot, SPK_HOOK_FINI);
         p->table.fini(p->self);
-        spk_slot_leave(p->slot);
+        SPK_PLUGIN_HOOK_END(p, p->slot, SPK_HOOK_FINI, t);
     }
     p->initialised = false;
     timers_free(p);
@@ -568,6 +568,8 @@ void spk_host_kv_close(spk_host_env *env)
 
 void spk_host_env_fini(spk_host_env *env)
 {
+    free(env->pm_own);
+    env->pm_own = NULL;
     free(env->kv_buf);
     env->kv_buf = NULL;
     env->kv_cap = 0;
@@ -812,6 +814,100 @@ static int host_kv_scan(spoke_ctx *ctx, const void *prefix, size_t plen, const v
     return kv_failed(env, p, "scan", rc, eb.msg);
 }
 
+/* ---- metrics (ABI 1.4) ------------------------------------------------------------------
+ *
+ * Registration and series lookup are metrics.c's (they append to the worker's status slot,
+ * where the supervisor reads them); a spoke_metric is a series in that slot, so an update
+ * is a relaxed load and store of its value: one writer, the worker's loop. */
+
+static spk_pmetrics *env_pm(spk_host_env *env)
+{
+    if (env->pm != NULL)
+        return env->pm;
+    if (env->pm_own == NULL)
+        env->pm_own = calloc(1, sizeof(*env->pm_own));
+    return env->pm_own;
+}
+
+static int host_metric_register(spoke_ctx *ctx, spoke_metric_type type, const char *name,
+                                const char *help, const char *const *label_names,
+                                size_t n_labels, const double *buckets, size_t n_buckets)
+{
+    if (ctx == NULL || ctx->plugin == NULL || ctx->plugin->env == NULL)
+        return SPOKE_ERR_INVALID;
+    spk_plugin *p = ctx->plugin;
+    spk_pmetrics *pm = env_pm(p->env);
+    if (pm == NULL)
+        return SPOKE_ERR_NOMEM;
+    spk_errbuf eb;
+    int rc = spk_pm_register(pm, p->index, (int)type, name, help, label_names, n_labels,
+                             buckets, n_buckets, &eb);
+    if (rc < 0) {
+        spk_warn("%s%s", p->log_prefix, eb.msg);
+        return rc == SPK_ENOMEM ? SPOKE_ERR_NOMEM : SPOKE_ERR_INVALID;
+    }
+    return rc;
+}
+
+static spoke_metric *host_metric_series(spoke_ctx *ctx, int id, const char *const *values,
+                                        size_t n_values)
+{
+    if (ctx == NULL || ctx->plugin == NULL || ctx->plugin->env == NULL)
+        return NULL;
+    spk_plugin *p = ctx->plugin;
+    spk_pmetrics *pm = env_pm(p->env);
+    if (pm == NULL)
+        return NULL;
+    spk_errbuf eb;
+    spk_pm_series *s = spk_pm_series_get(pm, p->index, id, values, n_values, &eb);
+    if (s == NULL)
+        spk_warn("%s%s", p->log_prefix, eb.msg);
+    return (spoke_metric *)s;
+}
+
+static inline double pm_load(_Atomic uint64_t *v)
+{
+    uint64_t u = atomic_load_explicit(v, memory_order_relaxed);
+    double d;
+    memcpy(&d, &u, sizeof(d));
+    return d;
+}
+
+static inline void pm_store(_Atomic uint64_t *v, double d)
+{
+    uint64_t u;
+    memcpy(&u, &d, sizeof(u));
+    atomic_store_explicit(v, u, memory_order_relaxed);
+}
+
+static void host_metric_add(spoke_metric *m, double v)
+{
+    spk_pm_series *s = (spk_pm_series *)m;
+    if (s == NULL || s->type == SPK_PM_HISTOGRAM || (s->type == SPK_PM_COUNTER && !(v >= 0)))
+        return;
+    pm_store(&s->v[0], pm_load(&s->v[0]) + v);
+}
+
+static void host_metric_set(spoke_metric *m, double v)
+{
+    spk_pm_series *s = (spk_pm_series *)m;
+    if (s != NULL && s->type == SPK_PM_GAUGE)
+        pm_store(&s->v[0], v);
+}
+
+static void host_metric_observe(spoke_metric *m, double v)
+{
+    spk_pm_series *s = (spk_pm_series *)m;
+    if (s == NULL || s->type != SPK_PM_HISTOGRAM)
+        return;
+    unsigned b = 0;
+    while (b + 1 < s->n_buckets && !(v <= s->bounds[b]))
+        b++;
+    spk_stat_inc(&s->v[b], 1);
+    spk_stat_inc(&s->v[SPK_PM_BUCKETS], 1);
+    pm_store(&s->v[SPK_PM_BUCKETS + 1], pm_load(&s->v[SPK_PM_BUCKETS + 1]) + v);
+}
+
 /* One table per role. A service a role does not offer is NULL in its table (the ABI's
  * rule 4): the control role has no connections, buffers or queue to the control plane.
  * Both roles have the KV services. */
@@ -821,7 +917,10 @@ static int host_kv_scan(spoke_ctx *ctx, const void *prefix, size_t plen, const v
     .edge_id = host_edge_id, .edge_namespace = host_edge_namespace, .every = host_every,   \
     .timer_cancel = host_timer_cancel, .signal = host_signal, .strerror = host_strerror,   \
     .config_get_duration = host_config_get_duration, .config_get_size = host_config_get_size,\
-    .kv_get = host_kv_get, .kv_put = host_kv_put, .kv_del = host_kv_del, .kv_scan = host_kv_scan
+    .kv_get = host_kv_get, .kv_put = host_kv_put, .kv_del = host_kv_del,                   \
+    .kv_scan = host_kv_scan, .metric_register = host_metric_register,                       \
+    .metric_series = host_metric_series, .metric_add = host_metric_add,                     \
+    .metric_set = host_metric_set, .metric_observe = host_metric_observe
 
 static const spoke_host edge_table = {
     HOST_SERVICES_ALL_ROLES,
@@ -864,9 +963,11 @@ size_t spk_host_health_round(spk_plugin_set *set, spk_slot *slot, unsigned *fail
         spk_plugin *p = set->v[i];
         if (p->table.health == NULL)
             continue;
-        spk_slot_enter(slot, (uint32_t)i, SPK_HOOK_HEALTH);
+        uint64_t t = SPK_PLUGIN_HOOK_BEGIN(p, slot, SPK_HOOK_HEALTH);
         int rc = p->table.health(p->self);
-        spk_slot_leave(slot);
+        SPK_PLUGIN_HOOK_END(p, slot, SPK_HOOK_HEALTH, t);
+        if (rc != 0)
+            spk_plugin_hook_error(p, SPK_HOOK_HEALTH);
         if (rc == 0) {
             fails[i] = 0;
             continue;

@@ -64,6 +64,12 @@ struct spk_host_env {
     size_t kv_cap;
     uint64_t kvlog_sec;        /* rate limit of KV failure logs: the current second ... */
     uint64_t kvlog_dropped;    /* ... and failures not logged since the last one that was */
+
+    /* The metric services (ABI 1.4; metrics.h). */
+    spk_pmetrics *pm;          /* where the plugins' metrics live: the worker's status slot
+                                  (borrowed); NULL: a table of the env's own, allocated at
+                                  the first registration (pm_own), that nobody serves */
+    spk_pmetrics *pm_own;      /* freed by spk_host_env_fini() */
 };
 
 /* The host services table of `role`; static, valid for the life of the process. In the

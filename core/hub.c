@@ -149,9 +149,11 @@ static spk_plugin *plugin_by_id(hub *h, uint32_t id)
 static int call_accept(hub *h, spk_plugin *p, const spoke_edge_payload *ep, int *handled)
 {
     *handled = 0;
-    spk_slot_enter(h->slot, p->index, SPK_HOOK_ACCEPT);
+    uint64_t t = SPK_PLUGIN_HOOK_BEGIN(p, h->slot, SPK_HOOK_ACCEPT);
     int rc = p->table.accept_edge_payload(p->self, ep, handled);
-    spk_slot_leave(h->slot);
+    SPK_PLUGIN_HOOK_END(p, h->slot, SPK_HOOK_ACCEPT, t);
+    if (rc < 0)
+        spk_plugin_hook_error(p, SPK_HOOK_ACCEPT);
     return rc;
 }
 
@@ -224,6 +226,16 @@ static int validate(const Spoke__Control__V1__EdgePayload *p, spoke_kv *md,
     return 0;
 }
 
+/* Count payload outcome `o` for plugin ID `id` in the worker's slot. */
+static void count_outcome(hub *h, uint32_t id, enum spk_hub_outcome o)
+{
+    if (h->opts->wslot == NULL)
+        return;
+    _Atomic uint64_t *v = spk_hub_by_plugin_of(&h->opts->wslot->hub.by_plugin, id);
+    atomic_store_explicit(&v[o], atomic_load_explicit(&v[o], memory_order_relaxed) + 1,
+                          memory_order_relaxed);
+}
+
 /* One payload of a batch from `edge` (authenticated), inside the group's transaction. */
 static int deliver_payload(hub *h, spk_kv_txn *t, const batch_req *b,
                            const Spoke__Control__V1__EdgePayload *p, int64_t now_ms,
@@ -238,17 +250,20 @@ static int deliver_payload(hub *h, spk_kv_txn *t, const batch_req *b,
             refuse(r, "edge_mismatch", "payload of edge '%.100s' in a batch of '%.100s'", edge,
                    b->edge_id);
             tally->refused++;
+            count_outcome(h, p->plugin_id, SPK_HO_REFUSED);
             return 0;
         }
     }
     if (validate(p, md, r) != 0) {
         tally->refused++;
+        count_outcome(h, p->plugin_id, SPK_HO_REFUSED);
         return 0;
     }
     spk_plugin *target = plugin_by_id(h, p->plugin_id);
     if (target == NULL) {
         r->outcome = SPOKE__CONTROL__V1__PAYLOAD_RESULT__OUTCOME__NO_RECEIVER;
         tally->no_receiver++;
+        count_outcome(h, p->plugin_id, SPK_HO_NO_RECEIVER);
         return 0;
     }
     bool dup = false;
@@ -258,6 +273,7 @@ static int deliver_payload(hub *h, spk_kv_txn *t, const batch_req *b,
     if (dup) {
         r->outcome = SPOKE__CONTROL__V1__PAYLOAD_RESULT__OUTCOME__DUPLICATE;
         tally->duplicates++;
+        count_outcome(h, p->plugin_id, SPK_HO_DUPLICATE);
         return 0;
     }
     spoke_edge_payload ep = {
@@ -291,6 +307,7 @@ static int deliver_payload(hub *h, spk_kv_txn *t, const batch_req *b,
             if (h->opts->wslot != NULL)
                 atomic_fetch_add_explicit(&h->opts->wslot->hub.plugin_errors, 1,
                                           memory_order_relaxed);
+            count_outcome(h, p->plugin_id, SPK_HO_ERROR);
             handled = 1;
         } else if ((rc = spk_kv_commit(child, eb)) != 0) {
             return rc; /* into the parent: only fails when the map is full */
@@ -298,6 +315,7 @@ static int deliver_payload(hub *h, spk_kv_txn *t, const batch_req *b,
     }
     r->outcome = SPOKE__CONTROL__V1__PAYLOAD_RESULT__OUTCOME__ACCEPTED;
     tally->payloads++;
+    count_outcome(h, p->plugin_id, SPK_HO_ACCEPTED);
     return 0;
 }
 
@@ -667,6 +685,9 @@ static int start(hub *h, spk_errbuf *eb)
         return rc;
     if (opts->wslot != NULL)
         spk_plugin_set_publish(&h->set, opts->wslot);
+    spk_plugin_set_stats(&h->set, opts->wslot ? &opts->wslot->hooks : NULL,
+                         cfg->metrics_hook_sample);
+    h->env.pm = opts->wslot ? &opts->wslot->pm : NULL;
     h->health_fails = calloc(h->set.n ? h->set.n : 1, sizeof(unsigned));
     if (h->health_fails == NULL)
         return spk_errf(eb, SPK_ENOMEM, "out of memory");

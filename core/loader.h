@@ -32,6 +32,7 @@
 
 #include "config.h"
 #include "err.h"
+#include "metrics.h"
 #include "slot.h"
 #include "spoke.h"
 
@@ -62,6 +63,9 @@ typedef struct spk_plugin {
                                 (borrowed), else own_slot; never NULL */
     spk_slot own_slot;       /* for a plugin loaded bare (a tool, a test) */
     spk_timer *timers;       /* timers from host->every(), freed at unload */
+    spk_hookstat *hstat;     /* its row of hook stats (metrics.h), SPK_HOOK_COUNT entries
+                                in the worker's status slot; NULL: not counted */
+    uint64_t hmask;          /* the time-sampling mask of hstat */
     char log_prefix[96];     /* "plugin NAME: " */
 } spk_plugin;
 
@@ -100,10 +104,19 @@ int spk_version_cmp(const char *a, const char *b);
  * loading can be left out too. */
 void spk_plugin_key(const spk_plugin_conf *pc, char *out, size_t cap);
 
+/* plugins.autoload: append an entry for every *.so of plugins.dir that the list does not
+ * name, in name order (so the chain order is reproducible). Reads the directory only (no
+ * dlopen): the supervisor's pins (pin.h) use it. Returns 0, SPK_ENOENT, SPK_EIO or
+ * SPK_ENOMEM. */
+int spk_plugin_autoload(spk_config *cfg, spk_errbuf *eb);
+
 /* Load every enabled plugin of `cfg` (the "open" and "check" steps), except the entries
  * whose key (spk_plugin_key) is in skip[0..n_skip) (quarantined). Each plugin gets `env`
  * and `slot` (both borrowed, may be NULL: no environment; its own slot). Autoloaded files
- * are appended to cfg->plugins (hence non-const). On failure nothing stays loaded. */
+ * are appended to cfg->plugins (hence non-const). Files are read from the supervisor's
+ * pins when cfg->plugins_pinned (a supervised worker; pin.h), else from their paths under
+ * plugins.strict_modes (trust.h); the pins are closed once read (pin_fd = -1). On failure
+ * nothing stays loaded. */
 int spk_plugin_set_load(spk_config *cfg, const spoke_host *host, spk_host_env *env,
                         spk_slot *slot, const char *const *skip, size_t n_skip,
                         spk_plugin_set *out, spk_errbuf *eb);
@@ -114,6 +127,37 @@ int spk_plugin_set_load(spk_config *cfg, const spoke_host *host, spk_host_env *e
  * returned: the plugins before the failed one stay initialised, the failed one is not
  * (its fini never runs), and spk_host_unload() finalises the set as after a success. */
 int spk_plugin_set_init(spk_plugin_set *set, spoke_role role, spk_errbuf *eb);
+
+/* Count the hooks of every plugin of `set` in `hs` (the worker's status slot; NULL: not
+ * counted), timing 1 in `sample` calls (0: none). Call it before spk_plugin_set_init. */
+void spk_plugin_set_stats(spk_plugin_set *set, spk_hookstats *hs, unsigned sample);
+
+/* Where plugin p counts `hook`, and its sampling mask (the sink, never timed, when it is
+ * not counted). */
+static inline spk_hookstat *spk_plugin_hookstat(const spk_plugin *p, enum spk_hook_id hook)
+{
+    return p->hstat != NULL ? &p->hstat[hook] : &spk_hookstat_sink[hook];
+}
+static inline uint64_t spk_plugin_hmask(const spk_plugin *p)
+{
+    return p->hstat != NULL ? p->hmask : UINT64_MAX;
+}
+
+/* The one way a plugin's non-traffic hook is entered and left: the slot stamp (slot.h),
+ * the call count and the sampled timing (metrics.h). `t` carries the start between. */
+#define SPK_PLUGIN_HOOK_BEGIN(p, slot, hook)                                               \
+    spk_hook_begin((slot), spk_plugin_hookstat((p), (hook)), spk_plugin_hmask(p),          \
+                   (uint32_t)(p)->index, (hook))
+#define SPK_PLUGIN_HOOK_END(p, slot, hook, t)                                              \
+    do {                                                                                   \
+        spk_slot_leave(slot);                                                              \
+        spk_hook_end(spk_plugin_hookstat((p), (hook)), (t));                               \
+    } while (0)
+/* Count a failed call of p's `hook`. */
+static inline void spk_plugin_hook_error(const spk_plugin *p, enum spk_hook_id hook)
+{
+    spk_stat_inc(&spk_plugin_hookstat(p, hook)->errors, 1);
+}
 
 /* Tell the supervisor which plugins run (name, version, quarantine key, ID) in status
  * slot `sl`, before any of their code does, so a crash in init is attributed. */

@@ -58,6 +58,8 @@ struct spk_proxy {
     pconn *conns;
     size_t n_conns;
     uint64_t next_id;
+    uint64_t bytes[2]; /* read from the server [0] and from the client [1] */
+    spk_proxy_counters *pub; /* where they are published as they change; NULL: nowhere */
     uint8_t *rbuf;
     size_t rcap;
     spk_buf buf;
@@ -344,6 +346,10 @@ static void on_read(pconn *c, bool from_client)
         conn_maybe_done(c);
         return;
     }
+    px->bytes[from_client] += (uint64_t)n;
+    if (px->pub != NULL)
+        atomic_store_explicit(from_client ? px->pub->bytes_from_client : px->pub->bytes_from_server,
+                              px->bytes[from_client], memory_order_relaxed);
     if (process_chunk(c, from_client, px->rbuf, (size_t)n) == 0)
         update_readers(c);
 }
@@ -459,6 +465,8 @@ static void conn_new(spk_proxy *px, int fd, const struct sockaddr *sa, socklen_t
         int one = 1;
         setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
     }
+    if (px->pub != NULL)
+        atomic_store_explicit(px->pub->accepted, px->next_id, memory_order_relaxed);
     c->px = px;
     c->cfd = fd;
     c->sfd = -1;
@@ -602,6 +610,12 @@ void spk_proxy_stop_accepting(spk_proxy *px)
 size_t spk_proxy_active(const spk_proxy *px) { return px->n_conns; }
 
 uint64_t spk_proxy_accepted(const spk_proxy *px) { return px->next_id; }
+
+void spk_proxy_publish(spk_proxy *px, spk_proxy_counters *pub)
+{
+    px->pub = pub;
+}
+
 
 void spk_proxy_close_all(spk_proxy *px)
 {

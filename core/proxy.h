@@ -16,6 +16,7 @@
 #define SPK_PROXY_H
 
 #include <ev.h>
+#include <stdatomic.h>
 #include <stddef.h>
 
 #include "chain.h"
@@ -40,6 +41,14 @@ void spk_proxy_stop_accepting(spk_proxy *px);
 /* Number of open client connections, and of all accepted since creation. */
 size_t spk_proxy_active(const spk_proxy *px);
 uint64_t spk_proxy_accepted(const spk_proxy *px);
+/* Where the proxy stores its totals (connections accepted; bytes read from the clients
+ * and from the upstream) as they change (relaxed stores; a worker's status
+ * slot, so a worker killed with kill -9 has published every connection and byte). The
+ * struct and what it points to must outlive px. */
+typedef struct spk_proxy_counters {
+    _Atomic uint64_t *accepted, *bytes_from_client, *bytes_from_server;
+} spk_proxy_counters;
+void spk_proxy_publish(spk_proxy *px, spk_proxy_counters *pub);
 
 /* Close every connection at once (on_close hooks run) and stop accepting. */
 void spk_proxy_close_all(spk_proxy *px);

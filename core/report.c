@@ -1,12 +1,13 @@
 /*
  * report.c -- what the supervisor tells operators: the status report on the admin socket
- * (run_dir/spoked.sock, read by `spoked status`) and the Prometheus metrics on
- * metrics.listen.
+ * (run_dir/spoked.sock, read by `spoked status`) and the host's own figures for
+ * /metrics (spk_sup_host_metrics; sup_metrics.c serves them, with the hook stats, the
+ * plugins' metrics and the merger's).
  *
  * Both are built from the supervisor's own state (generations, restarts, reloads, crash
  * records) and from the workers' status slots (state, connections, plugins, the
- * send_to_control counters), which are read without locks. Each request is answered at
- * once on the supervisor's loop, into a growing buffer, then written with a 100 ms
+ * send_to_control counters), which are read without locks. A status request is answered
+ * at once on the supervisor's loop, into a growing buffer, then written with a 100 ms
  * timeout: the loop also runs the watchdog, and a slow client may not hold it longer.
  * The queue figures come from the supervisor's own queue handle (supervisor.c, queue
  * sync); counters of exited workers are kept in the supervisor so totals never go back.
@@ -24,6 +25,7 @@
 #include "hub.h"
 #include "kv.h"
 #include "kv_conf.h"
+#include "metrics.h"
 #include "spoke/control/v1/control.pb-c.h"
 #include "supervisor_int.h"
 
@@ -237,11 +239,18 @@ static void metrics_uplink(sup *s, outbuf *o)
     out(o, "# TYPE spoke_uplink_up gauge\nspoke_uplink_up %d\n", s->up.pid != 0);
     out(o, "# TYPE spoke_uplink_restarts_total counter\nspoke_uplink_restarts_total %u\n",
         s->up.restarts);
-    out(o, "# TYPE spoke_uplink_batches_total counter\n");
-    out(o, "# TYPE spoke_uplink_payloads_total counter\n");
-#define X(f, label, metric) out(o, "%s %llu\n", metric, (unsigned long long)atomic_load(&t.f));
-    UPLINK_COUNTERS(X)
+    /* One family at a time: its TYPE line, then its samples (both formats require it). */
+    static const char *const families[] = {"spoke_uplink_batches_total",
+                                           "spoke_uplink_payloads_total"};
+    for (size_t k = 0; k < sizeof(families) / sizeof(families[0]); k++) {
+        out(o, "# TYPE %s counter\n", families[k]);
+        size_t fl = strlen(families[k]);
+#define X(f, label, metric)                                                                \
+    if (strncmp(metric, families[k], fl) == 0 && metric[fl] == '{')                        \
+        out(o, "%s %llu\n", metric, (unsigned long long)atomic_load(&t.f));
+        UPLINK_COUNTERS(X)
 #undef X
+    }
     out(o, "# TYPE spoke_uplink_last_success_timestamp_seconds gauge\n"
            "spoke_uplink_last_success_timestamp_seconds %.3f\n",
         (double)atomic_load(&t.last_ok_ms) / 1000.0);
@@ -367,6 +376,20 @@ static void metrics_hub(sup *s, outbuf *o)
         (unsigned long long)atomic_load(&t.duplicates),
         (unsigned long long)atomic_load(&t.no_receiver),
         (unsigned long long)atomic_load(&t.refused));
+    out(o, "# HELP spoke_hub_plugin_payloads_total Payloads by plugin ID and outcome "
+           "(error: accept_edge_payload failed).\n"
+           "# TYPE spoke_hub_plugin_payloads_total counter\n");
+    uint32_t np = atomic_load(&t.by_plugin.n);
+    for (uint32_t i = 0; i < np && i < SPK_HUB_PLUGIN_IDS; i++) {
+        char id[16];
+        if (t.by_plugin.e[i].id == SPK_HUB_OTHER_ID)
+            snprintf(id, sizeof(id), "other");
+        else
+            snprintf(id, sizeof(id), "%u", t.by_plugin.e[i].id);
+        for (int k = 0; k < SPK_HO_N; k++)
+            out(o, "spoke_hub_plugin_payloads_total{plugin_id=\"%s\",outcome=\"%s\"} %llu\n", id,
+                spk_hub_outcome_name(k), (unsigned long long)atomic_load(&t.by_plugin.e[i].v[k]));
+    }
     out(o, "# TYPE spoke_hub_plugin_errors_total counter\nspoke_hub_plugin_errors_total %llu\n",
         (unsigned long long)atomic_load(&t.plugin_errors));
     out(o, "# TYPE spoke_hub_auth_failures_total counter\nspoke_hub_auth_failures_total %llu\n",
@@ -414,6 +437,44 @@ static void build_report(sup *s, outbuf *o)
     report_uplink(s, o);
 }
 
+/* HELP text of the host's families that build_metrics writes without one (the list
+ * docs/operations.md repeats). */
+static const struct {
+    const char *name, *help;
+} metric_help[] = {
+    {"spoke_generation", "The serving generation (config snapshot) number."},
+    {"spoke_worker_restarts_total", "Worker processes restarted after they ended."},
+    {"spoke_reloads_total", "Reloads (SIGHUP), by result."},
+    {"spoke_hook_timeouts_total", "Hook calls that ran past plugins.hook_timeout, all plugins."},
+    {"spoke_quarantines_total", "Plugins quarantined (crash_limit crashes within crash_window)."},
+    {"spoke_connections_active", "Client connections open now (hubd: gRPC connections)."},
+    {"spoke_plugin_crashes_total", "Worker crashes blamed on each plugin."},
+    {"spoke_plugin_quarantined", "1 while the plugin is quarantined."},
+    {"spoke_queue_available", "1 when the queue is open in the supervisor and every worker."},
+    {"spoke_queue_pending", "Payloads waiting to be sent."},
+    {"spoke_queue_pending_bytes", "Bytes of the payloads waiting to be sent."},
+    {"spoke_queue_oldest_age_seconds", "Age of the oldest waiting payload."},
+    {"spoke_queue_expired_total", "Payloads removed unsent after queue.retention."},
+    {"spoke_queue_acked_total", "Payloads the hub acknowledged (deleted)."},
+    {"spoke_queue_damaged_total", "Stored records that failed their checksum."},
+    {"spoke_queue_journal_used_bytes", "Bytes of the journal in use."},
+    {"spoke_queue_journal_size_bytes", "Size of the journal (queue.journal_size)."},
+    {"spoke_queue_plugin_pending", "Payloads waiting, by plugin ID."},
+    {"spoke_queue_sent_total", "Payloads send_to_control accepted."},
+    {"spoke_queue_refused_total", "Payloads send_to_control refused, by reason."},
+    {"spoke_queue_syncs_total", "Queue syncs (journal to LMDB) the supervisor ran."},
+    {"spoke_queue_sync_errors_total", "Queue syncs that failed."},
+    {"spoke_uplink_up", "1 while the uplink process runs."},
+    {"spoke_uplink_restarts_total", "Uplink processes restarted."},
+    {"spoke_uplink_batches_total", "Batch calls to the hub, by result (failed ones are retried)."},
+    {"spoke_uplink_payloads_total", "Payloads sent, by what the hub answered."},
+    {"spoke_uplink_last_success_timestamp_seconds", "Unix time of the last batch answered OK (0: none)."},
+    {"spoke_uplink_rtt_seconds", "Round trip of the last batch call."},
+    {"spoke_uplink_parked_plugins", "Plugins whose payloads wait for a receiver on the hub."},
+    {"spoke_hub_plugin_errors_total", "accept_edge_payload calls that returned an error."},
+    {"spoke_hub_auth_failures_total", "Calls refused as unauthenticated or not permitted."},
+};
+
 static void build_metrics(sup *s, outbuf *o)
 {
     out(o, "# TYPE spoke_generation gauge\nspoke_generation %u\n", s->cur ? s->cur->id : 0);
@@ -424,24 +485,45 @@ static void build_metrics(sup *s, outbuf *o)
         (unsigned long long)s->reloads_ok, (unsigned long long)s->reloads_failed);
     out(o, "# TYPE spoke_hook_timeouts_total counter\nspoke_hook_timeouts_total %llu\n",
         (unsigned long long)s->hook_timeouts);
-    uint64_t active = 0, total = 0;
+    out(o, "# TYPE spoke_quarantines_total counter\nspoke_quarantines_total %llu\n",
+        (unsigned long long)s->quarantines_total);
+    uint64_t active = 0, total = s->conns_gone;
+    uint64_t bytes[2] = {s->bytes_gone[0], s->bytes_gone[1]};
     for (int i = 0; i < SPK_STATUS_SLOTS; i++) {
         if (!s->slot_used[i])
             continue;
         active += atomic_load(&s->st->slots[i].conns_active);
         total += atomic_load(&s->st->slots[i].conns_total);
+        bytes[0] += atomic_load(&s->st->slots[i].bytes_from_server);
+        bytes[1] += atomic_load(&s->st->slots[i].bytes_from_client);
     }
     out(o, "# TYPE spoke_connections_active gauge\nspoke_connections_active %llu\n",
         (unsigned long long)active);
+    if (s->role == SPOKE_ROLE_EDGE) {
+        out(o, "# HELP spoke_connections_total Client connections accepted.\n"
+               "# TYPE spoke_connections_total counter\nspoke_connections_total %llu\n",
+            (unsigned long long)total);
+        out(o, "# HELP spoke_bytes_total Bytes read, by where from.\n"
+               "# TYPE spoke_bytes_total counter\n"
+               "spoke_bytes_total{from=\"client\"} %llu\nspoke_bytes_total{from=\"server\"} %llu\n",
+            (unsigned long long)bytes[1], (unsigned long long)bytes[0]);
+    }
     out(o, "# TYPE spoke_plugin_crashes_total counter\n");
     for (size_t i = 0; i < s->n_crashes; i++)
         out(o, "spoke_plugin_crashes_total{plugin=\"%s\"} %u\n", s->crashes[i].name,
             s->crashes[i].total);
+    out(o, "# HELP spoke_plugin_slow_hooks_total Hook calls that ran past "
+           "plugins.hook_timeout.\n# TYPE spoke_plugin_slow_hooks_total counter\n");
+    for (size_t i = 0; i < s->n_crashes; i++)
+        for (int h = 0; h < SPK_HOOK_COUNT; h++)
+            if (s->crashes[i].slow_by_hook[h] > 0)
+                out(o, "spoke_plugin_slow_hooks_total{plugin=\"%s\",hook=\"%s\"} %u\n",
+                    s->crashes[i].name, spk_hook_name((enum spk_hook_id)h),
+                    s->crashes[i].slow_by_hook[h]);
     out(o, "# TYPE spoke_plugin_quarantined gauge\n");
     for (size_t i = 0; i < s->n_crashes; i++)
         out(o, "spoke_plugin_quarantined{plugin=\"%s\"} %d\n", s->crashes[i].name,
             s->crashes[i].quarantined ? 1 : 0);
-    (void)total;
     if (s->role == SPOKE_ROLE_EDGE) {
         metrics_queue(s, o);
         metrics_uplink(s, o);
@@ -493,31 +575,33 @@ void spk_sup_on_admin(struct ev_loop *loop, ev_io *w, int revents)
     close(fd);
 }
 
-void spk_sup_on_metrics(struct ev_loop *loop, ev_io *w, int revents)
+/* Copy text to out, with a HELP line (metric_help) before each TYPE line lacking one. */
+static void add_help(const char *text, size_t len, spk_mbuf *out)
 {
-    (void)loop;
-    (void)revents;
-    sup *s = w->data;
-    int fd = accept_blocking(w->fd);
-    if (fd < 0)
-        return;
-    char req[2048];
-    ssize_t n = read(fd, req, sizeof(req) - 1);
-    outbuf body = {0}, o = {0};
-    if (n > 0) {
-        req[n] = '\0';
-        if (strncmp(req, "GET /metrics", 12) == 0) {
-            build_metrics(s, &body);
-            out(&o, "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\n"
-                    "Content-Length: %zu\r\nConnection: close\r\n\r\n%s",
-                body.len, body.p ? body.p : "");
-        } else {
-            out(&o, "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+    const char *end = text + len, *prev = NULL;
+    for (const char *l = text; l < end;) {
+        const char *nl = memchr(l, '\n', (size_t)(end - l));
+        const char *next = nl ? nl + 1 : end;
+        if (strncmp(l, "# TYPE ", 7) == 0 && (prev == NULL || strncmp(prev, "# HELP ", 7) != 0)) {
+            size_t n = strcspn(l + 7, " \n");
+            for (size_t i = 0; i < sizeof(metric_help) / sizeof(metric_help[0]); i++)
+                if (strlen(metric_help[i].name) == n && strncmp(metric_help[i].name, l + 7, n) == 0)
+                    spk_mbuf_printf(out, "# HELP %s %s\n", metric_help[i].name,
+                                    metric_help[i].help);
         }
-        if (o.p)
-            write_all(fd, o.p, o.len);
+        spk_mbuf_add(out, l, (size_t)(next - l));
+        prev = l;
+        l = next;
     }
-    free(body.p);
+}
+
+void spk_sup_host_metrics(sup *s, spk_mbuf *out)
+{
+    outbuf o = {0};
+    build_metrics(s, &o);
+    if (o.p == NULL)
+        out->failed = true;
+    else
+        add_help(o.p, o.len, out);
     free(o.p);
-    close(fd);
 }

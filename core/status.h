@@ -13,6 +13,7 @@
  *              the first init, so a crash in init is attributed like any other.
  *   reason     why a worker that could not start gave up (exit code SPK_EXIT_START).
  *   queue      send_to_control counters: accepted, refused by reason (metrics).
+ *   hooks, pm  hook stats and the plugins' own metrics (metrics.h).
  *
  * Plain data only: no pointers (the region is mapped at different addresses), no locks
  * (a worker killed mid-write must not block the supervisor). Fields are read with relaxed
@@ -25,11 +26,19 @@
 #include <stdatomic.h>
 #include <stdint.h>
 
+#include "config.h"
 #include "err.h"
+#include "metrics.h"
 #include "slot.h"
 
-#define SPK_STATUS_SLOTS 128 /* workers of two generations, and the uplink */
-#define SPK_STATUS_PLUGINS 64
+/* Slots for the workers of a serving, a starting and a draining generation at the
+ * maximum, and the uplink (more generations drain at once when they are smaller). The
+ * region is a memfd: a slot no worker ever used costs no memory. */
+#define SPK_STATUS_SLOTS (3 * SPK_WORKERS_MAX + 1)
+#define SPK_STATUS_PLUGINS SPK_PLUGINS_MAX
+/* metrics.h sizes the hook stats by plugin without seeing this header. */
+_Static_assert(SPK_METRICS_PLUGINS == SPK_STATUS_PLUGINS,
+               "metrics.h: SPK_METRICS_PLUGINS must equal SPK_STATUS_PLUGINS");
 
 /* Worker exit codes the supervisor understands. */
 #define SPK_EXIT_START 3  /* could not start: reason in the slot */
@@ -102,6 +111,43 @@ typedef struct spk_uplink_counters {
     _Atomic uint32_t parked;          /* plugins whose payloads wait for a receiver */
 } spk_uplink_counters;
 
+/* hubd: payloads by plugin ID and outcome (the outcomes of spk_hub_counters, and
+ * accept_edge_payload errors). At most SPK_HUB_PLUGIN_IDS IDs; later ones count under
+ * the last entry, whose id is then SPK_HUB_OTHER_ID. */
+#define SPK_HUB_PLUGIN_IDS 64
+#define SPK_HUB_OTHER_ID UINT32_MAX
+enum spk_hub_outcome {
+    SPK_HO_ACCEPTED, SPK_HO_DUPLICATE, SPK_HO_NO_RECEIVER, SPK_HO_REFUSED, SPK_HO_ERROR, SPK_HO_N
+};
+static inline const char *spk_hub_outcome_name(int o)
+{
+    static const char *const names[SPK_HO_N] = {"accepted", "duplicate", "no_receiver",
+                                                "refused", "error"};
+    return o >= 0 && o < SPK_HO_N ? names[o] : "unknown";
+}
+typedef struct spk_hub_by_plugin {
+    _Atomic uint32_t n; /* entries published (release) */
+    struct {
+        uint32_t id;
+        _Atomic uint64_t v[SPK_HO_N];
+    } e[SPK_HUB_PLUGIN_IDS];
+} spk_hub_by_plugin;
+
+/* The entry of plugin `id` in t, created (one writer; the id written before the count
+ * that publishes it). Never NULL. */
+static inline _Atomic uint64_t *spk_hub_by_plugin_of(spk_hub_by_plugin *t, uint32_t id)
+{
+    uint32_t n = atomic_load_explicit(&t->n, memory_order_relaxed);
+    for (uint32_t i = 0; i < n; i++)
+        if (t->e[i].id == id || (i == SPK_HUB_PLUGIN_IDS - 1 && t->e[i].id == SPK_HUB_OTHER_ID))
+            return t->e[i].v;
+    if (n == SPK_HUB_PLUGIN_IDS)
+        return t->e[n - 1].v; /* unreachable: the last entry is "other" once full */
+    t->e[n].id = n == SPK_HUB_PLUGIN_IDS - 1 ? SPK_HUB_OTHER_ID : id;
+    atomic_store_explicit(&t->n, n + 1, memory_order_release);
+    return t->e[n].v;
+}
+
 /* A hubd worker's counters (core/hub.h), since it started. */
 typedef struct spk_hub_counters {
     _Atomic uint64_t batches;        /* SendPluginControlBatch calls committed */
@@ -111,6 +157,7 @@ typedef struct spk_hub_counters {
     _Atomic uint64_t refused;        /* payloads over a limit or malformed */
     _Atomic uint64_t plugin_errors;  /* accept_edge_payload returned an error */
     _Atomic uint64_t auth_failures;  /* calls refused UNAUTHENTICATED / PERMISSION_DENIED */
+    spk_hub_by_plugin by_plugin;
 } spk_hub_counters;
 
 /* *to += *from, field by field (the supervisor's totals of exited workers). */
@@ -129,6 +176,16 @@ static inline void spk_hub_counters_add(spk_hub_counters *to, const spk_hub_coun
     SPK_HUB_ADD(plugin_errors);
     SPK_HUB_ADD(auth_failures);
 #undef SPK_HUB_ADD
+    uint32_t n = atomic_load_explicit(&from->by_plugin.n, memory_order_acquire);
+    for (uint32_t i = 0; i < n && i < SPK_HUB_PLUGIN_IDS; i++) {
+        _Atomic uint64_t *v = spk_hub_by_plugin_of(&to->by_plugin, from->by_plugin.e[i].id);
+        for (int o = 0; o < SPK_HO_N; o++)
+            atomic_store_explicit(&v[o],
+                                  atomic_load_explicit(&v[o], memory_order_relaxed) +
+                                      atomic_load_explicit(&from->by_plugin.e[i].v[o],
+                                                           memory_order_relaxed),
+                                  memory_order_relaxed);
+    }
 }
 
 typedef struct spk_wslot {
@@ -147,6 +204,11 @@ typedef struct spk_wslot {
     _Atomic uint32_t plugins_seq;
     spk_uplink_counters uplink;
     spk_hub_counters hub;           /* a hubd worker's slot */
+    /* bytes proxied (stored by the proxy as they change, as is conns_total), then
+     * metrics.h's hook stats and plugin metrics */
+    _Atomic uint64_t bytes_from_client, bytes_from_server;
+    spk_hookstats hooks;
+    spk_pmetrics pm;
 } spk_wslot;
 
 typedef struct spk_status {

@@ -1,12 +1,15 @@
 /*
- * supervisor_int.h -- the supervisor's state, shared by its three files (private to them).
+ * supervisor_int.h -- the supervisor's state, shared by its files (private to them).
  *
  *   supervisor.c   generations and child processes: config snapshots, fork/exec of the
  *                  workers, restarts with backoff, reload, replacement and promotion,
  *                  signals, the queue sync timer, setup and teardown, the main loop
  *   watchdog.c     the watchdog (sampling the workers' slots) and crash attribution:
  *                  whom a dead or killed worker is blamed on, crash counts, quarantine
- *   report.c       the status report (admin socket) and the metrics endpoint
+ *   report.c       the status report (admin socket) and the host's figures for /metrics
+ *   sup_metrics.c  /metrics: the endpoint (metrics_http.c), the base of exited workers'
+ *                  metrics (metrics.c), the merger of plugin sockets (metrics_merge.c)
+ *   sup_uplink.c   the uplink process
  *
  * Everything runs on the supervisor's one loop: no locks. The supervisor knows of its
  * workers only what the config and the status region (status.h) say, so hubd can run it
@@ -23,11 +26,19 @@
 
 #include "config.h"
 #include "err.h"
+#include "pin.h"
+#include "privs.h"
 #include "queue.h"
 #include "status.h"
 
 typedef struct sup sup;
 typedef struct generation generation;
+
+/* A child's recent deaths, for its restart backoff (spk_sup_restart_delay). */
+typedef struct spk_backoff {
+    double level;    /* deaths, each decaying by half every BACKOFF_HALF_LIFE_S */
+    ev_tstamp last;  /* when level was last updated */
+} spk_backoff;
 
 /* One worker process of a generation (it keeps its place across restarts). */
 typedef struct wproc {
@@ -38,7 +49,8 @@ typedef struct wproc {
     pid_t pid; /* 0: not running */
     bool draining, accepting;
     ev_tstamp started;
-    unsigned fails, restarts;
+    spk_backoff backoff;
+    unsigned restarts;
     ev_timer restart;
     /* watchdog */
     uint32_t seen_plugin;
@@ -56,6 +68,8 @@ struct generation {
     int cfg_fd;
     char **quarantine; /* keys of quarantined plugins */
     size_t n_quarantine;
+    spk_pins pins;     /* the plugin files every worker of it loads (pin.h) */
+    spk_privs privs;   /* the account its workers run as (privs.h) */
     wproc *w;
     int n;
     bool ready; /* every worker reported ready once and was told to accept */
@@ -67,9 +81,10 @@ struct generation {
 typedef struct crash_rec {
     char key[256];
     char name[64];
-    ev_tstamp times[32];
+    ev_tstamp times[SPK_CRASH_LIMIT_MAX]; /* within crash_window, oldest first */
     unsigned n_times;
     unsigned total, slow_hooks;
+    unsigned slow_by_hook[SPK_HOOK_COUNT];
     bool quarantined;
     char last[200];
 } crash_rec;
@@ -79,7 +94,8 @@ typedef struct uproc {
     pid_t pid;           /* 0: not running */
     int slot;            /* -1: none */
     ev_tstamp started;
-    unsigned fails, restarts;
+    spk_backoff backoff;
+    unsigned restarts;
     ev_timer restart;
     bool replacing;      /* stopped for a config change: start again at once */
     bool stop_sent;      /* stopping: the uplink was told to stop */
@@ -109,8 +125,8 @@ struct sup {
     size_t n_crashes;
     ev_signal sig_hup, sig_term, sig_int, sig_quit;
     ev_child child;
-    ev_timer watchdog, stop_deadline;
-    ev_io admin_w, metrics_w;
+    ev_timer watchdog, admit, stop_deadline;
+    ev_io admin_w;
     int admin_fd, metrics_fd;
     char admin_path[256], pid_path[256];
     bool stopping, fatal;
@@ -132,6 +148,13 @@ struct sup {
     char queue_err[1024]; /* why it could not be opened; "" when open */
     uproc up;
     spk_hub_counters hub_gone; /* hubd: counters of workers that exited (as q_gone_*) */
+    /* /metrics (sup_metrics.c) */
+    struct spk_metrics_http *mhttp;   /* the endpoint; NULL without metrics.listen */
+    struct spk_metrics_base *mbase;   /* exited workers' hook stats and plugin metrics */
+    struct spk_merger *merger;        /* the plugins' own metrics sockets */
+    ev_timer merge_sources;           /* keeps the merger's sockets as the config says */
+    uint64_t conns_gone, bytes_gone[2]; /* exited workers' connections and bytes [server,
+                                           client] */
 };
 
 /* The status slot of worker w, or NULL while it has none. */
@@ -154,10 +177,11 @@ static inline const spk_config *spk_sup_cfg(const sup *s)
  * request while another generation starts runs after it. */
 void spk_sup_start_replacement(sup *s, const char *why);
 
-/* The restart backoff of a child that died (a worker, the uplink), the one policy: 100 ms
- * doubling per failure to 10 s; a child that ran a minute (started at `started`) starts
- * again from 100 ms. Updates *fails; returns the delay in seconds. */
-double spk_sup_restart_delay(const sup *s, ev_tstamp started, unsigned *fails);
+/* The restart backoff of a child that died (a worker, the uplink), the one policy. It
+ * follows the crash rate: b counts the child's deaths, each weighing half as much every
+ * 5 s. The first death in a while restarts at once; then 100 ms, doubling per recent
+ * death, to at most 10 s. Records this death in *b; returns the delay in seconds. */
+double spk_sup_restart_delay(const sup *s, spk_backoff *b);
 
 /* Allocate a status slot (zeroed), or -1 when none is free; free it again. */
 int spk_sup_slot_alloc(sup *s);
@@ -219,9 +243,22 @@ const char *spk_sup_sig_name(int sig, char *buf, size_t cap);
 
 /* ---- report.c ---- */
 
-/* ev_io callbacks of the admin socket (answers every connection with the status report)
- * and of the metrics listener (GET /metrics). w->data is the sup. */
+/* ev_io callback of the admin socket (answers every connection with the status report).
+ * w->data is the sup. */
 void spk_sup_on_admin(struct ev_loop *loop, ev_io *w, int revents);
-void spk_sup_on_metrics(struct ev_loop *loop, ev_io *w, int revents);
+
+/* The host's own figures for /metrics, as Prometheus text, into out. */
+struct spk_mbuf;
+void spk_sup_host_metrics(sup *s, struct spk_mbuf *out);
+
+/* ---- sup_metrics.c ---- */
+
+/* Set up the metrics base and merger, and serve metrics.listen (s->metrics_fd) when it is
+ * set. Returns 0 or an error with eb. */
+int spk_sup_metrics_start(sup *s, spk_errbuf *eb);
+void spk_sup_metrics_stop(sup *s);
+
+/* Slot `slot` is being freed: keep what its worker counted (metrics never go back). */
+void spk_sup_metrics_fold(sup *s, int slot);
 
 #endif

@@ -25,6 +25,7 @@ typedef struct worker {
     spk_slot *slot;    /* the status slot's act, or private_slot unsupervised */
     spk_slot private_slot;
     spk_queue_counters private_qc;
+    spk_proxy_counters pub; /* the proxy's totals, into the status slot */
     ev_signal sig_term, sig_int, sig_quit, sig_go;
     ev_timer tick, heartbeat, health, drain_check, drain_deadline;
     ev_timer qsync;    /* --single-process: the supervisor's queue timer */
@@ -181,6 +182,9 @@ static int start(worker *wk, spk_errbuf *eb)
         return rc;
     if (opts->wslot != NULL)
         spk_plugin_set_publish(&wk->set, opts->wslot);
+    spk_plugin_set_stats(&wk->set, opts->wslot ? &opts->wslot->hooks : NULL,
+                         cfg->metrics_hook_sample);
+    wk->env.pm = opts->wslot ? &opts->wslot->pm : NULL;
     /* The queue opens before init, so plugins may send from init. A worker that cannot
      * open it still serves: send_to_control answers QUEUE_UNAVAILABLE and retries. */
     wk->env.qc = opts->wslot ? &opts->wslot->queue : &wk->private_qc;
@@ -231,6 +235,9 @@ int spk_worker_run(spk_config *cfg, const spk_worker_opts *opts, spk_errbuf *eb)
     watch_signal(&wk, &wk.sig_int, SIGINT);
     watch_signal(&wk, &wk.sig_quit, SIGQUIT);
     if (opts->wslot != NULL) {
+        wk.pub = (spk_proxy_counters){&opts->wslot->conns_total, &opts->wslot->bytes_from_client,
+                                      &opts->wslot->bytes_from_server};
+        spk_proxy_publish(wk.proxy, &wk.pub);
         watch_signal(&wk, &wk.sig_go, SIGUSR1);
         start_timer(&wk, &wk.heartbeat, on_heartbeat, 100);
         on_heartbeat(wk.loop, &wk.heartbeat, 0);

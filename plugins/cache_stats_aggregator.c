@@ -1,13 +1,25 @@
 /*
  * cache-stats-aggregator -- the control half of the reference example: a control plugin
- * (hubd) with the same plugin ID as the edge plugin cache-stats, summing the hit and miss
- * counts every edge reports.
+ * (hubd) with the same plugin ID as the edge plugins cache-stats and pg-cache, keeping
+ * every edge's cache statistics and their totals.
  *
- * For each payload of its own plugin ID whose metadata says metric_type = cache_stats, it
- * reads {"hits": H, "misses": M, ...} and adds them, in its KV namespace, to
+ * It takes the payloads of its own plugin ID whose metadata says metric_type = cache_stats,
+ * in one of two forms:
+ *   differences (cache-stats):  {"hits": H, "misses": M, ...}       added to the sums;
+ *   totals (pg-cache):          {"epoch": E, "hits": H, "misses": M, "invalidations": I,
+ *                                "entries": N, "bytes": B, ...}
+ *     running totals of the edge since E (when its counts began). Several workers send
+ *     them, so they may arrive out of order: the largest seen in an epoch counts, and the
+ *     sums grow by the difference. entries and bytes are gauges: the last sent wins. A
+ *     new epoch (the edge's store was made anew) starts from zero again, on top of what
+ *     the earlier epochs counted.
+ * and keeps, in its KV namespace (JSON text, readable with `hubd kv scan`):
  *
- *     edge/<edge ID>   that edge's sums: hits, misses, reports, last report time (binary)
- *     totals           {"edges": E, "hits": H, "misses": M, "hit_rate": R}   (JSON text)
+ *     edge/<edge ID>   {"hits", "misses", "invalidations", "entries", "bytes", "reports",
+ *                       "last_report_ms", "epoch", "epoch_hits", "epoch_misses",
+ *                       "epoch_invalidations", "last_seq"}
+ *     totals           {"edges": E, "hits": H, "misses": M, "hit_rate": R,
+ *                       "invalidations": I}
  *
  * hubd runs it inside the batch's transaction, so the sums change exactly once per report
  * whatever crashes (docs/control-plane.md). Anything else -- another plugin's payload, or
@@ -15,7 +27,7 @@
  * offers it to the next control plugin. A report that does not parse is handled with an
  * error (logged by hubd with its edge and correlation ID; never redelivered).
  *
- * Read the totals with `hubd kv get -c hub.yaml <plugin ID> totals`.
+ * Read the totals with `hubd kv get <plugin ID> totals -c hub.yaml`.
  */
 #include <inttypes.h>
 #include <stdbool.h>
@@ -34,13 +46,14 @@ typedef struct agg {
 
 static agg state;
 
-typedef struct edge_sums {
-    uint64_t hits, misses, reports;
-    int64_t last_report_ms;
-} edge_sums;
+/* One edge's record (see the top comment). */
+typedef struct edge_rec {
+    uint64_t hits, misses, invalidations, entries, bytes, reports, last_report_ms;
+    uint64_t epoch, epoch_hits, epoch_misses, epoch_invalidations, last_seq;
+} edge_rec;
 
 typedef struct totals {
-    uint64_t edges, hits, misses;
+    uint64_t edges, hits, misses, invalidations;
 } totals;
 
 static const char *meta(const spoke_edge_payload *p, const char *key)
@@ -84,6 +97,7 @@ static void totals_read(totals *t)
     json_uint(v, n, "edges", &t->edges);
     json_uint(v, n, "hits", &t->hits);
     json_uint(v, n, "misses", &t->misses);
+    json_uint(v, n, "invalidations", &t->invalidations);
 }
 
 static int totals_write(const totals *t)
@@ -92,8 +106,9 @@ static int totals_write(const totals *t)
     uint64_t all = t->hits + t->misses;
     int n = snprintf(json, sizeof(json),
                      "{\"edges\": %" PRIu64 ", \"hits\": %" PRIu64 ", \"misses\": %" PRIu64
-                     ", \"hit_rate\": %.4f}",
-                     t->edges, t->hits, t->misses, all ? (double)t->hits / (double)all : 0.0);
+                     ", \"hit_rate\": %.4f, \"invalidations\": %" PRIu64 "}",
+                     t->edges, t->hits, t->misses, all ? (double)t->hits / (double)all : 0.0,
+                     t->invalidations);
     return host->kv_put(state.ctx, "totals", 6, json, (size_t)n);
 }
 
@@ -102,13 +117,50 @@ static int init(spoke_ctx *ctx, const spoke_init_args *args, void **self)
     if (!SPOKE_HOST_HAS(host, kv_put) || !SPOKE_HOST_HAS(host, kv_get))
         return SPOKE_ERR_UNSUPPORTED;
     if (args->plugin_id == 0) {
-        host->log(ctx, SPOKE_LOG_ERROR, "needs an `id:` (the edge plugin cache-stats's ID)");
+        host->log(ctx, SPOKE_LOG_ERROR,
+                  "needs an `id:` (the ID of the edge plugin, cache-stats or pg-cache)");
         return SPOKE_ERR_INVALID;
     }
     state.ctx = ctx;
     state.id = args->plugin_id;
     *self = &state;
     return 0;
+}
+
+/* clang-format off */
+#define EDGE_FIELDS(X)                                                                     \
+    X(hits) X(misses) X(invalidations) X(entries) X(bytes) X(reports) X(last_report_ms)    \
+    X(epoch) X(epoch_hits) X(epoch_misses) X(epoch_invalidations) X(last_seq)
+/* clang-format on */
+
+static void edge_read(const void *v, size_t n, edge_rec *e)
+{
+#define READ(f) json_uint(v, n, #f, &e->f);
+    EDGE_FIELDS(READ)
+#undef READ
+}
+
+static int edge_write(const char *key, size_t klen, const edge_rec *e)
+{
+    char json[800];
+    size_t o = 0;
+#define WRITE(f)                                                                                   \
+    o += (size_t)snprintf(json + o, sizeof(json) - o, "%s\"" #f "\": %" PRIu64,                    \
+                          o == 0 ? "{" : ", ", e->f);
+    EDGE_FIELDS(WRITE)
+#undef WRITE
+    o += (size_t)snprintf(json + o, sizeof(json) - o, "}");
+    return host->kv_put(state.ctx, key, klen, json, o);
+}
+
+/* A running total of this epoch: the part of `now` not yet counted. */
+static uint64_t advance(uint64_t *seen, uint64_t now)
+{
+    if (now <= *seen)
+        return 0;
+    uint64_t d = now - *seen;
+    *seen = now;
+    return d;
 }
 
 static int accept_payload(void *self, const spoke_edge_payload *p, int *handled)
@@ -120,39 +172,60 @@ static int accept_payload(void *self, const spoke_edge_payload *p, int *handled)
         return 0;
     }
     *handled = 1;
-    uint64_t hits, misses;
-    if (json_uint(p->payload, p->payload_len, "hits", &hits) != 0 ||
-        json_uint(p->payload, p->payload_len, "misses", &misses) != 0)
+    const uint8_t *body = p->payload;
+    size_t blen = p->payload_len;
+    uint64_t hits, misses, inval = 0, epoch = 0;
+    if (json_uint(body, blen, "hits", &hits) != 0 || json_uint(body, blen, "misses", &misses) != 0)
         return SPOKE_ERR_INVALID;
+    json_uint(body, blen, "invalidations", &inval);
+    int running = json_uint(body, blen, "epoch", &epoch) == 0;
 
     char key[300];
     int kl = snprintf(key, sizeof(key), "edge/%s", p->edge_id);
-    edge_sums e = {0};
+    edge_rec e = {0};
     const void *v;
     size_t n;
     int rc = host->kv_get(a->ctx, key, (size_t)kl, &v, &n);
     bool new_edge = rc != 0;
-    if (rc == 0 && n == sizeof(e))
-        memcpy(&e, v, sizeof(e));
-    e.hits += hits;
-    e.misses += misses;
+    if (rc == 0)
+        edge_read(v, n, &e);
+    uint64_t dh = hits, dm = misses, di = inval;
+    if (running) {
+        if (e.epoch != epoch) { /* a new series of totals */
+            e.epoch = epoch;
+            e.epoch_hits = e.epoch_misses = e.epoch_invalidations = e.last_seq = 0;
+        }
+        dh = advance(&e.epoch_hits, hits);
+        dm = advance(&e.epoch_misses, misses);
+        di = advance(&e.epoch_invalidations, inval);
+        if (p->sequence >= e.last_seq) {
+            json_uint(body, blen, "entries", &e.entries);
+            json_uint(body, blen, "bytes", &e.bytes);
+            e.last_seq = p->sequence;
+        }
+    }
+    e.hits += dh;
+    e.misses += dm;
+    e.invalidations += di;
     e.reports++;
-    e.last_report_ms = p->received_timestamp_ms;
-    if ((rc = host->kv_put(a->ctx, key, (size_t)kl, &e, sizeof(e))) != 0)
+    e.last_report_ms = (uint64_t)p->received_timestamp_ms;
+    if ((rc = edge_write(key, (size_t)kl, &e)) != 0)
         return rc;
     totals t;
     totals_read(&t);
     t.edges += new_edge;
-    t.hits += hits;
-    t.misses += misses;
+    t.hits += dh;
+    t.misses += dm;
+    t.invalidations += di;
     return totals_write(&t);
 }
 
 static const spoke_plugin cache_stats_aggregator_plugin = {
     SPOKE_PLUGIN_HEADER,
     .name = "cache-stats-aggregator",
-    .version = "1.0.0",
-    .description = "sums the cache-stats reports of every edge in KV (control role)",
+    .version = "1.1.0",
+    .description =
+        "keeps every edge's cache-stats/pg-cache reports and their totals in KV (control)",
     .init = init,
     .accept_edge_payload = accept_payload,
 };

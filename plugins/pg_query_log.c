@@ -13,18 +13,18 @@
  * escaped (\n, \t, \\, \xNN), so one message is always one log line. A text longer
  * than 3000 bytes (a name: 200) is cut and ends in "... (N bytes)", N being its length.
  *
- * How the stream is decoded: a connection starts with untyped messages (int32 length,
- * int32 code): the startup message, or an SSLRequest, GSSENCRequest or CancelRequest.
+ * How the stream is decoded (the framing is pgwire.h's, shared with pg-cache): a
+ * connection starts with untyped messages (int32 length, int32 code): the startup
+ * message, or an SSLRequest, GSSENCRequest or CancelRequest.
  * The host does not terminate TLS, so after an SSLRequest (GSSENCRequest) the plugin
  * watches the server's one-byte answer in on_traffic_from_server: 'N' means the client
  * goes on in plaintext with its startup message; 'S' ('G') means the rest is encrypted,
  * and the plugin logs that once and stops decoding the connection. After the startup
- * message come typed messages (byte type, int32 length). 'Q' and 'P' are gathered into a
- * per-connection buffer, whatever the chunking (one message over many chunks, many
- * messages in one chunk); every other message is skipped by its length without being
- * copied. A message longer than `max_message` is skipped too, and a line says so. A
- * stream that does not parse (a bad length, an unknown protocol version, TLS without
- * SSLRequest) is logged once and then left alone.
+ * message come typed messages (byte type, int32 length). 'Q' and 'P' are gathered whole,
+ * whatever the chunking (one message over many chunks, many messages in one chunk);
+ * every other message is skipped by its length without being copied. A message longer than
+ * `max_message` is skipped too, and a line says so. A stream that does not parse (a bad length, an
+ * unknown protocol version, TLS without SSLRequest) is logged once and then left alone.
  *
  * Config:
  *   max_message   the largest Query/Parse message logged, a size as the config file
@@ -38,15 +38,11 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "pgwire.h"
 #include "spoke.h"
 
-#define PG_STARTUP_MAX         10000u /* PostgreSQL's MAX_STARTUP_PACKET_LENGTH */
-#define PG_CODE_CANCEL         80877102u
-#define PG_CODE_SSL            80877103u
-#define PG_CODE_GSSENC         80877104u
 #define PG_DEFAULT_MAX_MESSAGE (1024u * 1024u)
 #define PG_MAX_MAX_MESSAGE     (1024u * 1024u * 1024u)
-#define PG_KEEP_CAPACITY       (64u * 1024u) /* a larger buffer is freed after its message */
 /* Longest text logged for a query, and for a name: the host cuts log lines at about 4 KiB,
  * so the plugin cuts first and says how long the whole text was. */
 #define PG_LOG_SQL_MAX  3000u
@@ -59,23 +55,15 @@ typedef struct pglog {
     size_t max_message;
 } pglog;
 
-enum phase { PH_STARTUP, PH_TYPED, PH_OFF };
-
 /* An encryption request waiting for the server's one-byte answer. */
 enum pending { PEND_NONE, PEND_SSL, PEND_GSS };
 
 typedef struct pgconn {
     uint64_t id;
-    enum phase phase;
+    const pglog *pl;
+    int off; /* not decoded any more */
     enum pending pending;
-    uint8_t hdr[5]; /* startup: int32 length; typed: type byte, int32 length */
-    size_t hdr_have;
-    int in_body;     /* the header is complete; body bytes are coming */
-    int keep;        /* the body is gathered in `body` (else skipped) */
-    size_t body_len; /* the message's length minus its own 4 bytes */
-    size_t body_have;
-    uint8_t *body;
-    size_t cap;
+    pgw_stream cs; /* the client's stream */
 } pgconn;
 
 static char off_mark;
@@ -195,33 +183,13 @@ static char *escape(const uint8_t *s, size_t n, size_t limit)
     return out;
 }
 
-/* The C string at s[*off..n): its length (without the NUL), advancing *off past the NUL.
- * Returns -1 when there is no NUL before n. */
-static long cstring(const uint8_t *s, size_t n, size_t *off, const uint8_t **str)
-{
-    if (*off >= n)
-        return -1;
-    const uint8_t *nul = memchr(s + *off, '\0', n - *off);
-    if (nul == NULL)
-        return -1;
-    *str = s + *off;
-    long len = (long)(nul - *str);
-    *off += (size_t)len + 1;
-    return len;
-}
-
 /* ---- decoded messages --------------------------------------------------------------- */
-
-static uint32_t be32(const uint8_t *p)
-{
-    return (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 | (uint32_t)p[2] << 8 | p[3];
-}
 
 static void stop(const pglog *pl, pgconn *c, const char *why)
 {
     host->log(pl->ctx, SPOKE_LOG_INFO, "conn %llu: %s; not decoding this connection",
               (unsigned long long)c->id, why);
-    c->phase = PH_OFF;
+    c->off = 1;
 }
 
 static void log_session(const pglog *pl, const pgconn *c, const uint8_t *user, long ulen,
@@ -239,12 +207,12 @@ static void log_session(const pglog *pl, const pgconn *c, const uint8_t *user, l
 /* A startup-phase message: body = int32 code, then (protocol 3) key\0value\0 ... \0. */
 static void on_startup(const pglog *pl, pgconn *c, const uint8_t *b, size_t n)
 {
-    uint32_t code = be32(b);
-    if (code == PG_CODE_SSL || code == PG_CODE_GSSENC) {
-        c->pending = code == PG_CODE_SSL ? PEND_SSL : PEND_GSS;
+    uint32_t code = pgw_be32(b);
+    if (code == PGW_CODE_SSL || code == PGW_CODE_GSSENC) {
+        c->pending = code == PGW_CODE_SSL ? PEND_SSL : PEND_GSS;
         return;
     }
-    if (code == PG_CODE_CANCEL) {
+    if (code == PGW_CODE_CANCEL) {
         stop(pl, c, "cancel request");
         return;
     }
@@ -257,10 +225,10 @@ static void on_startup(const pglog *pl, pgconn *c, const uint8_t *b, size_t n)
     size_t off = 4;
     for (;;) {
         const uint8_t *k, *v;
-        long klen = cstring(b, n, &off, &k);
+        long klen = pgw_cstring(b, n, &off, &k);
         if (klen <= 0)
             break; /* the terminating empty key, or a malformed list: use what we have */
-        long vlen = cstring(b, n, &off, &v);
+        long vlen = pgw_cstring(b, n, &off, &v);
         if (vlen < 0)
             break;
         if (klen == 4 && memcmp(k, "user", 4) == 0)
@@ -269,7 +237,7 @@ static void on_startup(const pglog *pl, pgconn *c, const uint8_t *b, size_t n)
             db = v, dlen = vlen;
     }
     log_session(pl, c, user, ulen, db, dlen);
-    c->phase = PH_TYPED;
+    c->cs.untyped = 0;
 }
 
 /* 'Q': query\0 */
@@ -292,8 +260,8 @@ static void on_parse(const pglog *pl, const pgconn *c, const uint8_t *b, size_t 
 {
     size_t off = 0;
     const uint8_t *name = NULL, *query = NULL;
-    long nlen = cstring(b, n, &off, &name);
-    long qlen = nlen < 0 ? -1 : cstring(b, n, &off, &query);
+    long nlen = pgw_cstring(b, n, &off, &name);
+    long qlen = nlen < 0 ? -1 : pgw_cstring(b, n, &off, &query);
     if (qlen < 0) {
         host->log(pl->ctx, SPOKE_LOG_WARN, "conn %llu: malformed Parse message skipped",
                   (unsigned long long)c->id);
@@ -312,114 +280,62 @@ static void on_parse(const pglog *pl, const pgconn *c, const uint8_t *b, size_t 
     free(sql);
 }
 
-/* ---- reassembly --------------------------------------------------------------------- */
+/* ---- the framer's callbacks ------------------------------------------------------------ */
 
-static size_t header_size(const pgconn *c)
+static int want(void *arg, uint8_t type, size_t len)
 {
-    return c->phase == PH_STARTUP ? 4 : 5;
+    (void)arg;
+    (void)len;
+    return type == 0 || type == 'Q' || type == 'P';
 }
 
-/* Make room for a body of c->body_len bytes. Returns 0 or -1. */
-static int reserve(pgconn *c)
+static int on_msg(void *arg, const pgw_msg *m)
 {
-    if (c->cap >= c->body_len)
+    pgconn *c = arg;
+    const pglog *pl = c->pl;
+    if (m->kind == PGW_UNTYPED) {
+        if (m->body != NULL)
+            on_startup(pl, c, m->body, m->len);
+        else
+            stop(pl, c, "out of memory for the startup message");
+        return c->off ? -1 : 0;
+    }
+    if (m->type != 'Q' && m->type != 'P')
         return 0;
-    uint8_t *n = malloc(c->body_len);
-    if (n == NULL)
-        return -1;
-    free(c->body);
-    c->body = n;
-    c->cap = c->body_len;
-    return 0;
-}
-
-/* The header is complete: check the length and decide whether to gather or skip the
- * body. Returns 0, or -1 when the connection is not decoded any more. */
-static int begin_body(const pglog *pl, pgconn *c)
-{
-    int startup = c->phase == PH_STARTUP;
-    uint32_t len = be32(startup ? c->hdr : c->hdr + 1);
-    if (startup && (len < 8 || len > PG_STARTUP_MAX)) {
-        stop(pl, c,
-             "the first bytes are not a PostgreSQL startup message (TLS without "
-             "SSLRequest?)");
-        return -1;
-    }
-    if (!startup && len < 4) {
-        stop(pl, c, "bad message length: lost track of the protocol");
-        return -1;
-    }
-    c->body_len = len - 4;
-    c->body_have = 0;
-    c->in_body = 1;
-    int wanted = startup || c->hdr[0] == 'Q' || c->hdr[0] == 'P';
-    c->keep = wanted && c->body_len <= pl->max_message;
-    if (wanted && !c->keep)
+    const char *what = m->type == 'Q' ? "query" : "parse";
+    if (m->body == NULL && m->nomem)
+        host->log(pl->ctx, SPOKE_LOG_WARN,
+                  "conn %llu: message of %zu bytes not logged: out of "
+                  "memory",
+                  (unsigned long long)c->id, m->len);
+    else if (m->body == NULL)
         host->log(pl->ctx, SPOKE_LOG_INFO,
                   "conn %llu: %s of %zu bytes not logged (over "
                   "max_message %zu)",
-                  (unsigned long long)c->id, c->hdr[0] == 'Q' ? "query" : "parse", c->body_len,
-                  pl->max_message);
-    if (c->keep && reserve(c) != 0) {
-        host->log(pl->ctx, SPOKE_LOG_WARN,
-                  "conn %llu: message of %zu bytes not logged: "
-                  "out of memory",
-                  (unsigned long long)c->id, c->body_len);
-        c->keep = 0;
-    }
+                  (unsigned long long)c->id, what, m->len, pl->max_message);
+    else if (m->type == 'Q')
+        on_query(pl, c, m->body, m->len);
+    else
+        on_parse(pl, c, m->body, m->len);
     return 0;
-}
-
-static void finish_message(const pglog *pl, pgconn *c)
-{
-    if (c->keep && c->phase == PH_STARTUP)
-        on_startup(pl, c, c->body, c->body_len);
-    else if (c->keep && c->hdr[0] == 'Q')
-        on_query(pl, c, c->body, c->body_len);
-    else if (c->keep && c->hdr[0] == 'P')
-        on_parse(pl, c, c->body, c->body_len);
-    c->in_body = 0;
-    c->keep = 0;
-    c->hdr_have = 0;
-    if (c->cap > PG_KEEP_CAPACITY) {
-        free(c->body);
-        c->body = NULL;
-        c->cap = 0;
-    }
 }
 
 /* Feed client bytes to the decoder, as many messages or as few bytes as they hold. */
 static void feed(const pglog *pl, pgconn *c, const uint8_t *data, size_t n)
 {
-    size_t off = 0;
-    while (off < n && c->phase != PH_OFF) {
-        size_t left = n - off;
-        if (!c->in_body) {
-            size_t need = header_size(c) - c->hdr_have;
-            size_t take = need < left ? need : left;
-            memcpy(c->hdr + c->hdr_have, data + off, take);
-            c->hdr_have += take;
-            off += take;
-            if (take < need || begin_body(pl, c) != 0)
-                continue;
-        } else {
-            size_t need = c->body_len - c->body_have;
-            size_t take = need < left ? need : left;
-            if (c->keep)
-                memcpy(c->body + c->body_have, data + off, take);
-            c->body_have += take;
-            off += take;
-        }
-        if (c->body_have == c->body_len)
-            finish_message(pl, c);
-    }
+    int startup = c->cs.untyped;
+    if (pgw_feed(&c->cs, data, n, want, on_msg, c) < 0)
+        stop(pl, c,
+             startup ? "the first bytes are not a PostgreSQL startup message (TLS without "
+                       "SSLRequest?)"
+                     : "bad message length: lost track of the protocol");
 }
 
 /* ---- hooks -------------------------------------------------------------------------- */
 
 static void conn_free(pgconn *c)
 {
-    free(c->body);
+    pgw_release(&c->cs);
     free(c);
 }
 
@@ -447,10 +363,13 @@ static spoke_verdict from_client(void *self, spoke_conn *conn, spoke_buf *buf)
             return SPOKE_CONTINUE;
         }
         c->id = host->conn_id(conn);
+        c->pl = pl;
+        c->cs.untyped = 1;
+        c->cs.max_body = pl->max_message;
         *slot = c;
     }
     feed(pl, c, buf->data, buf->len);
-    if (c->phase == PH_OFF)
+    if (c->off)
         turn_off(slot);
     return SPOKE_CONTINUE;
 }

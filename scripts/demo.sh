@@ -1,16 +1,19 @@
 #!/usr/bin/env bash
-# demo.sh -- build spoke and show it working end to end, on loopback, in well under a minute:
+# demo.sh -- build spoke and show the reference example end to end, on loopback, in well
+# under a minute:
 #
-#   1. hubd, the control plane, with the control plugin cache-stats-aggregator (ID 42) and
+#   1. PostgreSQL: a throwaway cluster (Debian's postgresql; initdb in a temporary
+#      directory, run as `nobody` when we are root, since postgres refuses root);
+#   2. hubd, the control plane, with the control plugin cache-stats-aggregator (ID 42) and
 #      token authentication;
-#   2. an echo server as the upstream (spoke-bench echo);
-#   3. spoked in front of it (a supervisor, two workers and the uplink) with the example
-#      plugins deny (refuses connections starting with "DROP "), counter (bytes and
-#      connections, logged every second) and cache-stats (ID 42: counts hits and misses of a
-#      toy cache keyed by the request line, and reports them to the hub every second);
-#   4. traffic through it: request lines from 12 clients, a load run, a denied connection;
-#   5. `spoked status` (the uplink's deliveries) and a hot reload under load;
-#   6. a clean stop of spoked (its workers report their last counts, the uplink delivers
+#   3. spoked in front of PostgreSQL (a supervisor, two workers and the uplink) with
+#      pg-cache (ID 42): SELECT answers cached in the KV store all workers share,
+#      invalidated by writes, hits and misses reported to the hub every second;
+#   4. traffic through the edge: a short psql script (a repeated SELECT, an UPDATE that
+#      invalidates it, a transaction that bypasses the cache), `pgbench -i` and 5 s of
+#      pgbench select-only;
+#   5. a hot reload (SIGHUP) that adds pg-query-log, under load;
+#   6. a clean stop of spoked (its workers send their last reports, the uplink delivers
 #      them), then the hub's totals beside what the edge counted, and `hubd status`.
 #
 # Everything runs in a temporary directory and stops on exit. Usage: scripts/demo.sh
@@ -21,10 +24,14 @@ bash scripts/deps.sh
 
 BUILD=$ROOT/build
 cmake -S . -B "$BUILD" -DCMAKE_BUILD_TYPE=RelWithDebInfo >/dev/null
-cmake --build "$BUILD" -j"$(nproc)" --target spoked hubd spoke-bench spoke-plugin counter deny \
-    pg-query-log cache-stats cache-stats-aggregator >/dev/null
+cmake --build "$BUILD" -j"$(nproc)" --target spoked hubd spoke-plugin pg-cache pg-query-log \
+    cache-stats-aggregator >/dev/null
+
+PGBIN=/usr/lib/postgresql/15/bin
+[ -x "$PGBIN/postgres" ] || PGBIN=$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -1)
 
 DIR=$(mktemp -d /tmp/spoke-demo.XXXXXX)
+chmod 755 "$DIR"
 PIDS=()
 cleanup() {
     for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
@@ -34,15 +41,29 @@ cleanup() {
 trap cleanup EXIT
 
 free_port() { /usr/bin/python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-ECHO_PORT=$(free_port)
+PG_PORT=$(free_port)
 EDGE_PORT=$(free_port)
 HUB_PORT=$(free_port)
-mkdir -p "$DIR/plugins" "$DIR/hub-plugins"
-cp "$BUILD"/plugins/{counter,deny,pg-query-log,cache-stats}.so "$DIR/plugins/"
+mkdir -p "$DIR/plugins" "$DIR/hub-plugins" "$DIR/pg"
+cp "$BUILD"/plugins/{pg-cache,pg-query-log}.so "$DIR/plugins/"
 cp "$BUILD"/plugins/cache-stats-aggregator.so "$DIR/hub-plugins/"
 
 say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 wait_log() { for _ in $(seq 150); do grep -q "$2" "$1" && return 0; sleep 0.1; done; cat "$1"; return 1; }
+as_pg() { if [ "$(id -u)" -eq 0 ]; then runuser -u nobody -- "$@"; else "$@"; fi; }
+export PGUSER=spoke PGDATABASE=postgres PGHOST=127.0.0.1 PGCONNECT_TIMEOUT=5
+unset PGPORT PGPASSWORD PGSERVICE PGOPTIONS
+edge_psql() { psql -X -p "$EDGE_PORT" "$@"; }
+
+say "PostgreSQL on 127.0.0.1:$PG_PORT (a throwaway cluster in $DIR/pg)"
+[ "$(id -u)" -eq 0 ] && chown nobody "$DIR/pg"
+as_pg "$PGBIN/initdb" -D "$DIR/pg/data" -U spoke --auth=trust -E UTF8 --locale=C --no-sync \
+    >"$DIR/initdb.log" 2>&1 || { cat "$DIR/initdb.log"; exit 1; }
+as_pg "$PGBIN/postgres" -D "$DIR/pg/data" -k "$DIR/pg" -h 127.0.0.1 -p "$PG_PORT" \
+    -c fsync=off -c shared_preload_libraries=pg_stat_statements >"$DIR/postgres.log" 2>&1 &
+PIDS+=($!)
+for _ in $(seq 150); do psql -X -p "$PG_PORT" -qc 'SELECT 1' >/dev/null 2>&1 && break; sleep 0.1; done
+psql -X -p "$PG_PORT" -qAtc "SELECT version()"
 
 # The edge's token; the hub keeps only its SHA-256.
 TOKEN=demo-$(od -An -N8 -tx8 /dev/urandom | tr -d ' ')
@@ -54,6 +75,7 @@ cat >"$DIR/hub.yaml" <<EOF
 hub: { listen: 127.0.0.1:$HUB_PORT, workers: 2, store: $DIR/hub-store, map_size: 256MiB }
 auth: { token_file: $DIR/hub.tokens }
 run_dir: $DIR/hub-run
+user: $(id -un)
 plugins:
   dir: $DIR/hub-plugins
   list:
@@ -63,17 +85,16 @@ EOF
 write_config() { # $1: extra plugin entries
     cat >"$DIR/spoke.yaml" <<EOF
 edge: { id: demo-edge, namespace: demo }
-listen: { address: 127.0.0.1:$EDGE_PORT, upstream: 127.0.0.1:$ECHO_PORT, workers: 2 }
+listen: { address: 127.0.0.1:$EDGE_PORT, upstream: 127.0.0.1:$PG_PORT, workers: 2 }
 run_dir: $DIR/run
+user: $(id -un)
 queue: { path: $DIR/queue }
-kv: { path: $DIR/kv }
+kv: { path: $DIR/kv, map_size: 256MiB }
 uplink: { url: http://127.0.0.1:$HUB_PORT, heartbeat: 500ms, token_file: $DIR/edge.token }
 plugins:
   dir: $DIR/plugins
   list:
-    - { name: demo-deny, file: deny.so, config: { prefix: "DROP ", message: "denied by demo-deny\n" } }
-    - { name: demo-counter, file: counter.so, config: { interval: 1s } }
-    - { id: 42, name: cache-stats, file: cache-stats.so, config: { report_interval: 1s } }
+    - { id: 42, name: pg-cache, file: pg-cache.so, config: { ttl: 5m, max_bytes: 64MiB, report_interval: 1s } }
 $1
 EOF
 }
@@ -85,84 +106,76 @@ HUBD=$!
 PIDS+=($HUBD)
 wait_log "$DIR/hubd.log" "generation 1 serving"
 
-say "upstream: echo server on 127.0.0.1:$ECHO_PORT"
-"$BUILD/spoke-bench" echo --listen "127.0.0.1:$ECHO_PORT" &
-PIDS+=($!)
-
 write_config ""
-say "spoked on 127.0.0.1:$EDGE_PORT with deny, counter and cache-stats; uplink to the hub"
+say "spoked on 127.0.0.1:$EDGE_PORT in front of PostgreSQL, with pg-cache (ID 42); uplink to the hub"
 "$BUILD/spoked" --check-config "$DIR/spoke.yaml" | tail -1
 "$BUILD/spoked" -c "$DIR/spoke.yaml" 2>"$DIR/spoked.log" &
 SPOKED=$!
 PIDS+=($SPOKED)
 wait_log "$DIR/spoked.log" "generation 1 serving"
+"$BUILD/spoke-plugin" inspect "$DIR/plugins/pg-cache.so" | grep -E "^(name|version|description|hooks):"
 
-say "plugin files, as the host sees them"
-"$BUILD/spoke-plugin" inspect "$DIR/plugins/cache-stats.so"
-
-say "traffic: 12 clients send 25 request lines each (30 distinct lines: the toy cache hits on repeats)"
-/usr/bin/python3 - "$EDGE_PORT" <<'EOF'
-import socket, sys, threading
-port = int(sys.argv[1])
-def client(k):
-    for i in range(25):
-        s = socket.create_connection(("127.0.0.1", port))
-        s.sendall(f"GET /item/{(k * 7 + i) % 30} HTTP/1.1\r\n\r\n".encode())
-        s.recv(100)
-        s.close()
-ts = [threading.Thread(target=client, args=(k,)) for k in range(12)]
-[t.start() for t in ts]
-[t.join() for t in ts]
-print("300 requests answered")
+say "psql through the edge: the second SELECT is a hit, the UPDATE invalidates it"
+psql -X -p "$PG_PORT" -q <<'EOF'
+CREATE EXTENSION pg_stat_statements;
+CREATE TABLE fruit (id int PRIMARY KEY, name text, price numeric);
+INSERT INTO fruit VALUES (1, 'apple', 0.5), (2, 'pear', 0.7), (3, 'plum', 0.3);
+EOF
+edge_psql -q <<'EOF'
+\echo -- SELECT (a miss: it goes to PostgreSQL and is stored)
+SELECT name, price FROM fruit ORDER BY id;
+\echo -- the same SELECT (a hit: answered by the edge, PostgreSQL never sees it)
+SELECT name, price FROM fruit ORDER BY id;
+\echo -- UPDATE fruit: every cached answer that read fruit is invalidated, on every worker
+UPDATE fruit SET price = 0.9 WHERE id = 2;
+SELECT name, price FROM fruit ORDER BY id;
+\echo -- in a transaction nothing is served from or stored in the cache
+BEGIN;
+SELECT name, price FROM fruit ORDER BY id;
+COMMIT;
+\echo -- volatile functions are never cached
+SELECT now() < now() + interval '1 s' AS volatile_never_cached;
 EOF
 
-say "3 s of load: 16 connections of 512-byte round trips"
-"$BUILD/spoke-bench" proxy --target "127.0.0.1:$EDGE_PORT" --conns 16 --size 512 \
-    --duration 3s --warmup 0s
-
-say "a connection starting with 'DROP ' is refused by deny"
-/usr/bin/python3 - "$EDGE_PORT" <<'EOF'
-import socket, sys
-s = socket.create_connection(("127.0.0.1", int(sys.argv[1])))
-s.sendall(b"DROP TABLE users;")
-print("client got back:", s.recv(100))
-EOF
-
-say "spoked status (the uplink's deliveries at the end)"
-sleep 1
-"$BUILD/spoked" status -c "$DIR/spoke.yaml"
+say "pgbench -i through the edge (DDL and COPY go through untouched), then 5 s of select-only"
+pgbench -i -q -s 1 -h 127.0.0.1 -p "$EDGE_PORT" postgres 2>&1 | tail -1
+printf '\\set aid random(1, 500)\nSELECT abalance FROM pgbench_accounts WHERE aid = :aid;\n' \
+    >"$DIR/select.sql"
+pgbench -n -M simple -c 8 -j 2 -T 5 -f "$DIR/select.sql" -h 127.0.0.1 -p "$EDGE_PORT" postgres \
+    2>&1 | grep -E "^(number of transactions actually|latency average|tps)"
 
 say "hot reload under load: add pg-query-log, SIGHUP"
-"$BUILD/spoke-bench" proxy --target "127.0.0.1:$EDGE_PORT" --conns 16 --size 512 \
-    --duration 3s --warmup 0s >"$DIR/load.txt" &
+pgbench -n -M simple -c 4 -T 3 -f "$DIR/select.sql" -h 127.0.0.1 -p "$EDGE_PORT" postgres \
+    >"$DIR/load.txt" 2>&1 &
 LOAD=$!
 sleep 1
-write_config "    - { name: demo-pg-log, file: pg-query-log.so }"
+write_config "    - { name: demo-pg-log, file: pg-query-log.so, config: { max_message: 64KiB } }"
 "$BUILD/spoked" reload -c "$DIR/spoke.yaml"
 wait $LOAD
-grep -E "errors|requests" "$DIR/load.txt" || cat "$DIR/load.txt"
+grep -E "actually processed|failed" "$DIR/load.txt" || cat "$DIR/load.txt"
 wait_log "$DIR/spoked.log" "generation 2 serving"
+edge_psql -qAtc "SELECT 'logged by pg-query-log' AS after_reload"
+grep -m1 "demo-pg-log: conn .*: query: SELECT 'logged" "$DIR/spoked.log" | sed 's/^.*plugin /  plugin /'
 
-say "stop spoked (SIGTERM: drain, fini reports the last counts, the uplink delivers them)"
+say "spoked status (the uplink's deliveries)"
+sleep 1.2
+"$BUILD/spoked" status -c "$DIR/spoke.yaml"
+
+say "stop spoked (SIGTERM: drain, fini sends the last reports, the uplink delivers them)"
 kill -TERM $SPOKED
 wait $SPOKED || true
 
 say "what the edge counted, and what the hub has"
-/usr/bin/python3 - "$DIR/spoked.log" <<'EOF'
-import re, sys
-log = open(sys.argv[1]).read()
-pairs = re.findall(r"cache-stats: hits=(\d+) misses=(\d+)", log)
-print(f"edge: {len(pairs)} worker lifetimes counted hits={sum(int(h) for h, _ in pairs)} "
-      f"misses={sum(int(m) for _, m in pairs)}")
-EOF
+grep "pg-cache: edge totals" "$DIR/spoked.log" | tail -1 | sed 's/^.*edge totals: /edge: /'
 printf 'hub:  '
-"$BUILD/hubd" kv get 42 totals -c "$DIR/hub.yaml"
+"$BUILD/hubd" kv get 42 totals -c "$DIR/hub.yaml" | cut -f2
+printf 'hub, per edge: '
+"$BUILD/hubd" kv get 42 edge/demo-edge -c "$DIR/hub.yaml" | cut -f2
+printf 'PostgreSQL ran "SELECT name, price FROM fruit ORDER BY id" %s times; psql sent it 4 times\n' \
+    "$(psql -X -p "$PG_PORT" -qAtc "SELECT calls FROM pg_stat_statements WHERE query = 'SELECT name, price FROM fruit ORDER BY id'")"
 
 say "hubd status"
 "$BUILD/hubd" status -c "$DIR/hub.yaml"
 
 kill -TERM $HUBD
 wait $HUBD || true
-
-say "what was logged (plugins, generations, the uplink)"
-grep -hE "plugin demo-|generation|denied|quarantin|reload|uplink" "$DIR/spoked.log" "$DIR/hubd.log" | tail -25

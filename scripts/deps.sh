@@ -7,9 +7,9 @@ pkgs=(
   build-essential cmake pkg-config
   libev-dev liblmdb-dev libprotobuf-c-dev protobuf-c-compiler
   libcurl4-openssl-dev libnghttp2-dev libyaml-dev libssl-dev
-  libcmocka-dev libsqlite3-dev grpc-proto
+  libcmocka-dev libsqlite3-dev grpc-proto libmicrohttpd-dev prometheus
   python3 python3-grpcio python3-protobuf protobuf-compiler nghttp2-client
-  postgresql postgresql-client haproxy procps
+  postgresql postgresql-client pgbouncer haproxy procps
 )
 
 missing=()

@@ -30,6 +30,7 @@ static void usage(FILE *f)
     spk_bench_hooks_usage(f);
     spk_bench_hub_usage(f);
     spk_bench_uplink_usage(f);
+    spk_bench_pg_usage(f);
     if (spk_bench_supervisor_usage != NULL) {
         fprintf(f, "  reload, crash: the supervisor under change:\n");
         spk_bench_supervisor_usage(f);
@@ -71,6 +72,8 @@ int main(int argc, char **argv)
         return spk_bench_hub(argc - 1, argv + 1);
     if (strcmp(cmd, "uplink") == 0)
         return spk_bench_uplink(argc - 1, argv + 1);
+    if (strcmp(cmd, "pg") == 0)
+        return spk_bench_pg(argc - 1, argv + 1);
     if (strcmp(cmd, "reload") == 0 || strcmp(cmd, "crash") == 0) {
         if (spk_bench_supervisor != NULL)
             return spk_bench_supervisor(argc - 1, argv + 1);

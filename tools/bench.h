@@ -31,6 +31,11 @@ void spk_bench_hub_usage(FILE *f);
 int spk_bench_uplink(int argc, char **argv);
 void spk_bench_uplink_usage(FILE *f);
 
+/* tools/bench_pg.c: pgbench select-only direct, via pgbouncer, via spoked (pg-query-log,
+ * pg-cache warm). */
+int spk_bench_pg(int argc, char **argv);
+void spk_bench_pg_usage(FILE *f);
+
 /* tools/bench_queue.c (its own owner): built when the queue library is. Declared weak so
  * a tree where the queue library landed before bench_queue.c still links; main checks
  * the address before calling it. */
@@ -62,6 +67,10 @@ int spk_bench_parse_uint(const char *text, uint64_t min, uint64_t max, uint64_t 
 /* The directory holding the running spoke-bench binary (from /proc/self/exe) into
  * out[cap]. Returns 0 or -1. */
 int spk_bench_self_dir(char *out, size_t cap);
+
+/* The name of the account spoke-bench runs as, for the `user:` of the configs it writes
+ * (spoked and hubd started as root refuse a config without one; core/privs.h). */
+const char *spk_bench_run_as(void);
 
 /* Print s as a JSON string literal, quotes included. */
 void spk_bench_json_string(FILE *f, const char *s);

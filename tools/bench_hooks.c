@@ -12,7 +12,10 @@
  *
  * Reported: ns per chain run; ns per hook call (run / N), and ns per hook above the empty
  * chain ((run(N) - run(0)) / N), which takes the loop and the call into spk_chain_run out
- * and leaves what one more plugin costs: its indirect call and the watchdog slot stores.
+ * and leaves what one more plugin costs: its indirect call, the watchdog slot stores and
+ * the call count. Each count runs twice, interleaved: with the latency histogram off
+ * (calls counted, none timed) and on (1 in --hook-sample calls timed, as a worker does
+ * with metrics.hook_sample), both counting into a hook stats table like a worker's.
  */
 #include <getopt.h>
 #include <limits.h>
@@ -37,6 +40,7 @@ typedef struct hooks_opts {
     char plugin[PATH_MAX];
     uint64_t iterations;
     unsigned repetitions;
+    unsigned hook_sample; /* the histogram's "on": time 1 in this many calls */
     bool json;
 } hooks_opts;
 
@@ -44,6 +48,7 @@ typedef struct hooks_env {
     struct ev_loop *loop;
     spk_config *cfg;
     spk_host_env host;
+    spk_hookstats *hs; /* where the hooks count, as in a worker's status slot */
 } hooks_env;
 
 /* Open `n` copies of the plugin as passthrough-1..n, initialise them. */
@@ -107,8 +112,9 @@ static int time_chain(const hooks_opts *o, const spk_chain *ch, spoke_conn *conn
     return 0;
 }
 
-/* Load n plugins, time the chain, release everything. */
-static int measure(const hooks_opts *o, hooks_env *he, unsigned n, double *ns)
+/* Load n plugins, time the chain with 1 in `sample` calls timed (0: none), release
+ * everything. */
+static int measure(const hooks_opts *o, hooks_env *he, unsigned n, unsigned sample, double *ns)
 {
     spk_plugin_set set = {0};
     spk_chain ch;
@@ -116,6 +122,8 @@ static int measure(const hooks_opts *o, hooks_env *he, unsigned n, double *ns)
     static uint8_t data[BUF_SIZE];
     spk_buf buf = {0};
     int rc = open_set(o, he, n, &set);
+    if (rc == 0)
+        spk_plugin_set_stats(&set, he->hs, sample);
     if (rc == 0 && (rc = spk_chain_build(&ch, &set)) != 0)
         fprintf(stderr, "spoke-bench: hooks: chain: %s\n", spk_strerror(rc));
     if (rc != 0) {
@@ -138,46 +146,59 @@ static int measure(const hooks_opts *o, hooks_env *he, unsigned n, double *ns)
     return rc;
 }
 
-static void report(const hooks_opts *o, const double ns[N_COUNTS])
+/* ns[0][]: histogram off, ns[1][]: on. */
+static void report(const hooks_opts *o, const double ns[2][N_COUNTS])
 {
+    const unsigned samples[2] = {0, o->hook_sample};
     if (o->json) {
         printf("{\"plugin\":");
         spk_bench_json_string(stdout, o->plugin);
         printf(",\"hook\":\"on_traffic_from_client\",\"buf_size\":%d,"
                "\"iterations\":%llu,\"repetitions\":%u,\"results\":[",
                BUF_SIZE, (unsigned long long)o->iterations, o->repetitions);
-        for (size_t i = 0; i < N_COUNTS; i++) {
-            unsigned n = plugin_counts[i];
-            printf("%s{\"plugins\":%u,\"ns_per_run\":%.3f", i ? "," : "", n, ns[i]);
-            if (n > 0)
-                printf(",\"ns_per_hook\":%.3f,\"ns_per_hook_above_empty\":%.3f",
-                       ns[i] / n, (ns[i] - ns[0]) / n);
-            printf("}");
+        for (int h = 0; h < 2; h++) {
+            for (size_t i = 0; i < N_COUNTS; i++) {
+                unsigned n = plugin_counts[i];
+                printf("%s{\"plugins\":%u,\"hook_sample\":%u,\"ns_per_run\":%.3f",
+                       h || i ? "," : "", n, samples[h], ns[h][i]);
+                if (n > 0)
+                    printf(",\"ns_per_hook\":%.3f,\"ns_per_hook_above_empty\":%.3f",
+                           ns[h][i] / n, (ns[h][i] - ns[h][0]) / n);
+                printf("}");
+            }
         }
         printf("]}\n");
         return;
     }
     printf("spoke-bench hooks: %s, on_traffic_from_client over a %d-byte buffer\n",
            o->plugin, BUF_SIZE);
-    printf("%llu chain runs per repetition, best of %u repetitions\n\n",
-           (unsigned long long)o->iterations, o->repetitions);
-    printf("| plugins | ns per chain run | ns per hook call | ns per hook above empty chain |\n");
-    printf("|--------:|-----------------:|-----------------:|------------------------------:|\n");
+    printf("%llu chain runs per repetition, best of %u repetitions; latency histogram off "
+           "(calls counted) and on (1 in %u calls timed)\n\n",
+           (unsigned long long)o->iterations, o->repetitions, o->hook_sample);
+    printf("| plugins | histogram | ns per chain run | ns per hook call | ns per hook above "
+           "empty chain |\n");
+    printf("|--------:|:----------|-----------------:|-----------------:|------------------"
+           "------------:|\n");
     for (size_t i = 0; i < N_COUNTS; i++) {
-        unsigned n = plugin_counts[i];
-        if (n == 0)
-            printf("| %7u | %16.2f | %16s | %29s |\n", n, ns[i], "-", "-");
-        else
-            printf("| %7u | %16.2f | %16.2f | %29.2f |\n", n, ns[i], ns[i] / n,
-                   (ns[i] - ns[0]) / n);
+        for (int h = 0; h < 2; h++) {
+            unsigned n = plugin_counts[i];
+            const char *mode = h ? "on" : "off";
+            if (n == 0)
+                printf("| %7u | %-9s | %16.2f | %16s | %29s |\n", n, mode, ns[h][i], "-", "-");
+            else
+                printf("| %7u | %-9s | %16.2f | %16.2f | %29.2f |\n", n, mode, ns[h][i],
+                       ns[h][i] / n, (ns[h][i] - ns[h][0]) / n);
+        }
     }
 }
 
 void spk_bench_hooks_usage(FILE *f)
 {
-    fprintf(f, "  hooks [--plugin PATH] [--iterations 10000000] [--repetitions 5] [--json]\n"
+    fprintf(f, "  hooks [--plugin PATH] [--iterations 10000000] [--repetitions 5]\n"
+               "        [--hook-sample 64] [--json]\n"
                "      in-process cost of the chain: ns per hook call with 0, 1, 4 and 16\n"
-               "      passthrough plugins (best repetition). PATH defaults to\n"
+               "      passthrough plugins (best repetition), with the hook latency histogram\n"
+               "      off and on (1 in --hook-sample calls timed). PATH defaults to\n"
                "      plugins/passthrough.so next to the spoke-bench binary.\n");
 }
 
@@ -187,6 +208,7 @@ static int parse_hooks_opts(int argc, char **argv, hooks_opts *o)
         {"plugin", required_argument, NULL, 'P'},
         {"iterations", required_argument, NULL, 'n'},
         {"repetitions", required_argument, NULL, 'r'},
+        {"hook-sample", required_argument, NULL, 's'},
         {"json", no_argument, NULL, 'j'},
         {"help", no_argument, NULL, 'h'},
         {NULL, 0, NULL, 0},
@@ -194,7 +216,7 @@ static int parse_hooks_opts(int argc, char **argv, hooks_opts *o)
     uint64_t v;
     int c;
     optind = 0;
-    while ((c = getopt_long(argc, argv, "P:n:r:jh", opts, NULL)) != -1) {
+    while ((c = getopt_long(argc, argv, "P:n:r:s:jh", opts, NULL)) != -1) {
         switch (c) {
         case 'P':
             if ((size_t)snprintf(o->plugin, sizeof(o->plugin), "%s", optarg) >=
@@ -217,6 +239,14 @@ static int parse_hooks_opts(int argc, char **argv, hooks_opts *o)
                 return 1;
             }
             o->repetitions = (unsigned)v;
+            break;
+        case 's':
+            if (spk_bench_parse_uint(optarg, 1, 65536, &v) != 0) {
+                fprintf(stderr, "spoke-bench: hooks: --hook-sample: expected 1..65536, got "
+                                "'%s'\n", optarg);
+                return 1;
+            }
+            o->hook_sample = (unsigned)v;
             break;
         case 'j': o->json = true; break;
         case 'h': spk_bench_hooks_usage(stdout); return -1;
@@ -242,27 +272,31 @@ static int parse_hooks_opts(int argc, char **argv, hooks_opts *o)
 
 int spk_bench_hooks(int argc, char **argv)
 {
-    hooks_opts o = {.iterations = 10000000, .repetitions = 5};
+    hooks_opts o = {.iterations = 10000000, .repetitions = 5,
+                    .hook_sample = SPK_HOOK_SAMPLE_DEFAULT};
     int rc = parse_hooks_opts(argc, argv, &o);
     if (rc != 0)
         return rc < 0 ? 0 : rc;
     hooks_env he = {0};
     he.loop = ev_loop_new(EVFLAG_AUTO);
     he.cfg = calloc(1, sizeof(*he.cfg));
-    if (he.loop == NULL || he.cfg == NULL) {
+    he.hs = calloc(1, sizeof(*he.hs));
+    if (he.loop == NULL || he.cfg == NULL || he.hs == NULL) {
         fprintf(stderr, "spoke-bench: hooks: %s\n",
                 he.loop == NULL ? "ev_loop_new failed" : "out of memory");
         rc = 1;
         goto out;
     }
     spk_host_env_init(&he.host, he.loop, he.cfg, SPOKE_ROLE_EDGE);
-    double ns[N_COUNTS];
+    double ns[2][N_COUNTS];
     for (size_t i = 0; i < N_COUNTS && rc == 0; i++)
-        if (measure(&o, &he, plugin_counts[i], &ns[i]) != 0)
-            rc = 1;
+        for (int h = 0; h < 2 && rc == 0; h++)
+            if (measure(&o, &he, plugin_counts[i], h ? o.hook_sample : 0, &ns[h][i]) != 0)
+                rc = 1;
     if (rc == 0)
         report(&o, ns);
 out:
+    free(he.hs);
     free(he.cfg);
     if (he.loop != NULL)
         ev_loop_destroy(he.loop);

@@ -247,10 +247,11 @@ static int start_spoked(suite *s, int p)
             fclose(f);
         return -1;
     }
-    fprintf(f, "run_dir: %s/run-%s\nedge: { id: bench }\n"
+    fprintf(f, "run_dir: %s/run-%s\nedge: { id: bench }\nuser: \"%s\"\n"
                "listen: { address: 127.0.0.1:%d, upstream: %s, workers: 1 }\n"
                "log: { level: warn }\nqueue: { path: %s/queue-%s }\nplugins:\n  dir: %s/plugins\n",
-            s->dir, path_key[p], port, s->echo_text, s->dir, path_key[p], s->self_dir);
+            s->dir, path_key[p], spk_bench_run_as(), port, s->echo_text, s->dir, path_key[p],
+            s->self_dir);
     if (path_plugins[p] > 0) {
         fprintf(f, "  list:\n");
         for (int i = 1; i <= path_plugins[p]; i++)

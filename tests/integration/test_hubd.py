@@ -204,7 +204,7 @@ class ReloadAndConfigTest(HubCase):
         self.assertIn("tls.cert: TLS needs both tls.cert and tls.key", err)
         code, err = check("listen: { upstream: 127.0.0.1:1 }\n")
         self.assertIn("listen: unknown section (known: hub, tls, auth, limits, plugins, metrics, "
-                      "log; and the key run_dir)", err)
+                      "log; and the keys run_dir, user, group)", err)
         code, err = check("limits: { max_message: 1MiB }\n")
         self.assertIn("limits.max_message", err)
 
@@ -223,7 +223,10 @@ class MetricsTest(HubCase):
         text = text.decode()
         for line in ('spoke_hub_batches_total 2', 'spoke_hub_payloads_total{outcome="accepted"} 2',
                      'spoke_hub_payloads_total{outcome="duplicate"} 1',
-                     'spoke_hub_payloads_total{outcome="no_receiver"} 1', 'spoke_hub_edges 1'):
+                     'spoke_hub_payloads_total{outcome="no_receiver"} 1', 'spoke_hub_edges 1',
+                     f'spoke_hub_plugin_payloads_total{{plugin_id="{ID}",outcome="accepted"}} 2',
+                     f'spoke_hub_plugin_payloads_total{{plugin_id="{ID}",outcome="duplicate"}} 1',
+                     'spoke_hub_plugin_payloads_total{plugin_id="999",outcome="no_receiver"} 1'):
             self.assertIn(line + "\n", text)
         self.assertNotIn("spoke_queue_", text)  # the edge's metrics are not hubd's
         # A worker killed: its counts stay in the totals.
@@ -231,6 +234,8 @@ class MetricsTest(HubCase):
         self.hub.wait_log(r"restarting worker 0")
         text = urllib.request.urlopen(f"http://127.0.0.1:{self.mport}/metrics", timeout=5).read()
         self.assertIn('spoke_hub_payloads_total{outcome="accepted"} 2\n', text.decode())
+        self.assertIn(f'spoke_hub_plugin_payloads_total{{plugin_id="{ID}",outcome="accepted"}} 2\n',
+                      text.decode())
 
 
 TOKEN = "s3cret-edge-1"

@@ -12,12 +12,9 @@ session is recognised and not decoded.
 Exits 77 (ctest: skipped) with the reason printed when the server binary is missing.
 """
 
-import glob
 import os
-import pwd
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -25,109 +22,12 @@ import time
 import unittest
 
 sys.path.insert(0, os.path.dirname(__file__))
-from spoketest import Spoked, free_port  # noqa: E402
+from spoketest import Spoked  # noqa: E402
 
-SKIP = 77
-PG_USER = "spoke"
+from pgserver import (PG_USER, SKIP, PgServer, client, client_env,  # noqa: E402
+                      find_pg_bindir, missing_pg)
+
 PSQL = "psql"  # set by main()
-
-
-def find_pg_bindir():
-    """Debian's server binaries: postgresql-15 first, else the newest installed."""
-    dirs = ["/usr/lib/postgresql/15/bin"]
-    dirs += sorted(glob.glob("/usr/lib/postgresql/*/bin"),
-                   key=lambda d: int(re.sub(r"\D", "", d) or 0), reverse=True)
-    for d in dirs:
-        if os.access(os.path.join(d, "postgres"), os.X_OK) and \
-                os.access(os.path.join(d, "initdb"), os.X_OK):
-            return d
-    return None
-
-
-def client(bindir, name):
-    path = shutil.which(name)
-    if path:
-        return path
-    path = os.path.join(bindir, name)
-    return path if os.access(path, os.X_OK) else None
-
-
-def client_env(**extra):
-    env = dict(os.environ, PGCONNECT_TIMEOUT="5", PGSSLMODE="prefer", PGGSSENCMODE="disable",
-               PGAPPNAME="spoke-test")
-    for k in ("PGHOST", "PGPORT", "PGUSER", "PGDATABASE", "PGPASSWORD", "PGSERVICE", "PGOPTIONS"):
-        env.pop(k, None)
-    env.update(extra)
-    return env
-
-
-class PgServer:
-    """A throwaway PostgreSQL cluster, run as `nobody` when we are root."""
-
-    def __init__(self, bindir, tmp):
-        self.bindir = bindir
-        self.dir = os.path.join(tmp, "pg")
-        self.data = os.path.join(self.dir, "data")
-        self.sock = os.path.join(self.dir, "sock")
-        os.makedirs(self.sock)
-        self.run_as = {}
-        if os.geteuid() == 0:
-            nobody = pwd.getpwnam("nobody")
-            self.run_as = {"user": nobody.pw_uid, "group": nobody.pw_gid, "extra_groups": []}
-            os.chmod(tmp, 0o755)
-            for d in (self.dir, self.sock):
-                os.chown(d, nobody.pw_uid, nobody.pw_gid)
-        self.port = free_port()
-        self.log_path = os.path.join(tmp, "postgres.log")
-        self.proc = None
-        self._initdb()
-        self._start()
-
-    def _initdb(self):
-        p = subprocess.run([os.path.join(self.bindir, "initdb"), "-D", self.data, "-U", PG_USER,
-                            "--auth=trust", "-E", "UTF8", "--locale=C", "--no-sync",
-                            "--no-instructions"],
-                           cwd=self.dir, capture_output=True, text=True, timeout=60, **self.run_as)
-        if p.returncode != 0:
-            raise AssertionError("initdb failed:\n" + p.stdout + p.stderr)
-
-    def _start(self):
-        self._log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen(
-            [os.path.join(self.bindir, "postgres"), "-D", self.data, "-k", self.sock,
-             "-h", "127.0.0.1", "-p", str(self.port), "-c", "fsync=off",
-             "-c", "synchronous_commit=off", "-c", "full_page_writes=off"],
-            cwd=self.dir, stdout=self._log, stderr=subprocess.STDOUT, **self.run_as)
-        deadline = time.time() + 15
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError("postgres exited:\n" + self.log())
-            if self.sql("SELECT 1").returncode == 0:
-                return
-            time.sleep(0.1)
-        raise AssertionError("postgres did not start:\n" + self.log())
-
-    def sql(self, text, port=None, **env):
-        """Run one statement with psql straight to the server (or to `port`)."""
-        return subprocess.run([PSQL, "-X", "-A", "-t", "-h", "127.0.0.1", "-p",
-                               str(port or self.port), "-U", PG_USER, "-d", "postgres",
-                               "-c", text],
-                              capture_output=True, text=True, timeout=30, env=client_env(**env))
-
-    def log(self):
-        with open(self.log_path, "rb") as f:
-            return f.read().decode(errors="replace")
-
-    def stop(self):
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)  # fast shutdown
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        if self.proc:
-            self._log.close()
 
 
 class PgQueryLogTest(unittest.TestCase):
@@ -267,21 +167,14 @@ class PgQueryLogTest(unittest.TestCase):
 
 
 def main():
+    why = missing_pg()
+    if why is not None:
+        if os.environ.get("SPOKE_REQUIRE_PG") == "1":
+            print("FAIL: " + why)
+            return 1
+        print("SKIP: " + why)
+        return SKIP
     bindir = find_pg_bindir()
-    if bindir is None:
-        print("SKIP: no PostgreSQL server binary (/usr/lib/postgresql/*/bin/postgres); "
-              "install Debian's postgresql-15 to run this test")
-        return SKIP
-    missing = [c for c in ("psql", "pgbench") if client(bindir, c) is None]
-    if missing:
-        print("SKIP: PostgreSQL client programs missing: " + ", ".join(missing))
-        return SKIP
-    if os.geteuid() == 0:
-        try:
-            pwd.getpwnam("nobody")
-        except KeyError:
-            print("SKIP: running as root and there is no user 'nobody' to run postgres as")
-            return SKIP
     global PSQL
     PSQL = client(bindir, "psql")
     PgQueryLogTest.bindir = bindir
