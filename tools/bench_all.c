@@ -2,8 +2,9 @@
  * bench_all.c -- `spoke-bench all`: every benchmark of docs/benchmarks.md in one command.
  *
  * Runs the subcommands one after the other, each as a child process of this binary
- * (hooks, proxy, queue, uplink, hub, reload, crash; each starts what it needs itself:
- * the echo upstream, spoked, hubd, HAProxy, SQLite), with their progress on stderr and
+ * (hooks, proxy, queue, uplink, hub, pg, reload, crash; each starts what it needs itself:
+ * the echo upstream, spoked, hubd, HAProxy, SQLite, PostgreSQL and pgbouncer), with their
+ * progress on stderr and
  * their tables captured. Then it writes:
  *
  *   - docs/benchmarks.md's generated section, between the markers BEGIN_MARK and
@@ -332,7 +333,7 @@ static void write_json(const char *path, const step *steps, int n, const char *w
 static void usage(FILE *f)
 {
     fprintf(f, "  all [--docs FILE] [--plot PREFIX] [--json FILE] [--queue-dir DIR] [--quick]\n"
-               "      [--only hooks,proxy,queue,uplink,hub,reload,crash] [--note TEXT]\n"
+               "      [--only hooks,proxy,queue,uplink,hub,pg,reload,crash] [--note TEXT]\n"
                "      every benchmark (each starts what it needs), progress on stderr, then\n"
                "      the generated section of FILE (default: the source tree's\n"
                "      docs/benchmarks.md, between its markers; the rest is kept), the plot\n"
@@ -397,7 +398,7 @@ int spk_bench_all(int argc, char **argv)
     signal(SIGPIPE, SIG_IGN);
 
     /* The steps and their exact arguments. */
-    static step steps[8];
+    static step steps[9];
     int n = 0;
 #define STEP(nm, md) (steps[n] = (step){.name = nm, .markdown = md}, &steps[n++])
 #define JSON_ARG(s, flag)                                                                  \
@@ -480,6 +481,14 @@ int spk_bench_all(int argc, char **argv)
         s->argv[k++] = "--warmup";
         s->argv[k++] = quick ? "500ms" : "1s";
         JSON_ARG(s, "--json");
+    }
+    if (wanted(only, "pg")) {
+        /* pgbench through pgbouncer and spoked (bench_pg.c); its own PostgreSQL */
+        s = STEP("pg", false);
+        k = 0;
+        s->argv[k++] = "pg";
+        s->argv[k++] = "--duration";
+        s->argv[k++] = quick ? "1s" : "5s";
     }
     if (wanted(only, "reload")) {
         s = STEP("reload", true);
