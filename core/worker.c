@@ -13,6 +13,7 @@
 #include "log.h"
 #include "proxy.h"
 #include "queue.h"
+#include "queue_conf.h"
 
 typedef struct worker {
     struct ev_loop *loop;
@@ -134,19 +135,13 @@ static void watch_signal(worker *wk, ev_signal *s, int signum)
 }
 
 /* --single-process has no supervisor: the worker owns the queue's sync timer itself and
- * follows the queue's one policy (spk_queue_sync_due), as the supervisor does. */
+ * follows the queue's one policy (spk_queue_sync_due, with its backoff), as the
+ * supervisor does. */
 static void on_qsync(struct ev_loop *loop, ev_timer *w, int revents)
 {
     (void)revents;
     worker *wk = w->data;
-    spk_errbuf eb;
-    double now = ev_now(loop);
-    if (wk->env.queue == NULL ||
-        !spk_queue_sync_due(wk->env.queue, (uint64_t)((now - wk->qlast) * 1000.0)))
-        return;
-    wk->qlast = now;
-    if (spk_queue_sync(wk->env.queue, &eb) != 0)
-        spk_error("%s", eb.msg);
+    spk_queue_conf_sync_tick(wk->env.queue, ev_now(loop), &wk->qlast);
 }
 
 /* The edge's KV store commits without flushing (many small writes from traffic hooks);
