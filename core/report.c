@@ -5,9 +5,11 @@
  *
  * Both are built from the supervisor's own state (generations, restarts, reloads, crash
  * records) and from the workers' status slots (state, connections, plugins, the
- * send_to_control counters), which are read without locks. Each request is answered at
- * once on the supervisor's loop, into a growing buffer, then written with a 100 ms
- * timeout: the loop also runs the watchdog, and a slow client may not hold it longer.
+ * send_to_control counters), which are read without locks, into a growing buffer. The
+ * admin socket's connections are admin.c's, which writes the report without blocking.
+ * A metrics request is answered at once on the supervisor's loop, then written with a
+ * 100 ms timeout: the loop also runs the watchdog, and a slow client may not hold it
+ * longer.
  * The queue figures come from the supervisor's own queue handle (supervisor.c, queue
  * sync); counters of exited workers are kept in the supervisor so totals never go back.
  */
@@ -414,6 +416,14 @@ static void build_report(sup *s, outbuf *o)
     report_uplink(s, o);
 }
 
+char *spk_sup_status_text(sup *s, size_t *len)
+{
+    outbuf o = {0};
+    build_report(s, &o);
+    *len = o.len;
+    return o.p;
+}
+
 static void build_metrics(sup *s, outbuf *o)
 {
     out(o, "# TYPE spoke_generation gauge\nspoke_generation %u\n", s->cur ? s->cur->id : 0);
@@ -474,23 +484,6 @@ static int accept_blocking(int lfd)
     setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof(tv));
     setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
     return fd;
-}
-
-/* The admin socket answers every connection with the status report, then closes. */
-void spk_sup_on_admin(struct ev_loop *loop, ev_io *w, int revents)
-{
-    (void)loop;
-    (void)revents;
-    sup *s = w->data;
-    int fd = accept_blocking(w->fd);
-    if (fd < 0)
-        return;
-    outbuf o = {0};
-    build_report(s, &o);
-    if (o.p)
-        write_all(fd, o.p, o.len);
-    free(o.p);
-    close(fd);
 }
 
 void spk_sup_on_metrics(struct ev_loop *loop, ev_io *w, int revents)

@@ -17,7 +17,8 @@
  * slot for the watchdog, then admits restarted workers and promotes a ready generation.
  * The watchdog never interrupts a worker unless a hook overstays ten times hook_timeout
  * or the heartbeat stops. This file also keeps the queue moving (queue sync, below) and
- * sets up and tears down the process; report.c answers the admin and metrics sockets.
+ * sets up and tears down the process; admin.c answers the admin socket, report.c the
+ * metrics one.
  */
 #include "supervisor.h"
 
@@ -958,9 +959,7 @@ int spk_supervisor_main(const char *path, const char *self_exe, spoke_role role)
     ev_timer_start(s.loop, &s.qsync);
     ev_timer_init(&s.stop_deadline, on_stop_deadline, 0, 0);
     s.stop_deadline.data = &s;
-    ev_io_init(&s.admin_w, spk_sup_on_admin, s.admin_fd, EV_READ);
-    s.admin_w.data = &s;
-    ev_io_start(s.loop, &s.admin_w);
+    spk_sup_admin_start(&s);
     if (s.metrics_fd > 0) {
         ev_io_init(&s.metrics_w, spk_sup_on_metrics, s.metrics_fd, EV_READ);
         s.metrics_w.data = &s;
@@ -993,7 +992,7 @@ int spk_supervisor_main(const char *path, const char *self_exe, spoke_role role)
     ev_signal_stop(s.loop, &s.sig_term);
     ev_signal_stop(s.loop, &s.sig_int);
     ev_signal_stop(s.loop, &s.sig_quit);
-    ev_io_stop(s.loop, &s.admin_w);
+    spk_sup_admin_stop(&s);
     ev_io_stop(s.loop, &s.metrics_w);
     spk_info("supervisor stopped");
     teardown(&s);

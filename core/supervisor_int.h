@@ -6,7 +6,8 @@
  *                  signals, the queue sync timer, setup and teardown, the main loop
  *   watchdog.c     the watchdog (sampling the workers' slots) and crash attribution:
  *                  whom a dead or killed worker is blamed on, crash counts, quarantine
- *   report.c       the status report (admin socket) and the metrics endpoint
+ *   report.c       the status report and the metrics endpoint
+ *   admin.c        the admin socket: commands, read and answered without blocking
  *
  * Everything runs on the supervisor's one loop: no locks. The supervisor knows of its
  * workers only what the config and the status region (status.h) say, so hubd can run it
@@ -28,6 +29,7 @@
 
 typedef struct sup sup;
 typedef struct generation generation;
+typedef struct admin_conn admin_conn;
 
 /* One worker process of a generation (it keeps its place across restarts). */
 typedef struct wproc {
@@ -111,6 +113,9 @@ struct sup {
     ev_child child;
     ev_timer watchdog, stop_deadline;
     ev_io admin_w, metrics_w;
+    ev_timer admin_retry;            /* admin.c: accepting again after EMFILE */
+    struct admin_conn *admin_conns;  /* admin.c: open admin connections */
+    unsigned n_admin;
     int admin_fd, metrics_fd;
     char admin_path[256], pid_path[256];
     bool stopping, fatal;
@@ -219,9 +224,18 @@ const char *spk_sup_sig_name(int sig, char *buf, size_t cap);
 
 /* ---- report.c ---- */
 
-/* ev_io callbacks of the admin socket (answers every connection with the status report)
- * and of the metrics listener (GET /metrics). w->data is the sup. */
-void spk_sup_on_admin(struct ev_loop *loop, ev_io *w, int revents);
+/* The ev_io callback of the metrics listener (GET /metrics). w->data is the sup. */
 void spk_sup_on_metrics(struct ev_loop *loop, ev_io *w, int revents);
+
+/* The status report (`spoked status`) as text, into memory the caller frees (*len its
+ * length), or NULL when memory ran out. */
+char *spk_sup_status_text(sup *s, size_t *len);
+
+/* ---- admin.c ---- */
+
+/* Watch s->admin_fd (bound) and answer its connections; stop: close every admin
+ * connection and stop watching. */
+void spk_sup_admin_start(sup *s);
+void spk_sup_admin_stop(sup *s);
 
 #endif
