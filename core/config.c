@@ -1214,6 +1214,7 @@ static const field listen_fields[] = {
     CF("high_watermark", p_size, d_size, high_watermark, 0, GiB, MiB),
     CF("backlog", p_uint, d_uint, backlog, 1, 65535, 1024),
     CF("max_connections", p_uint, d_uint, max_connections, 1, 10000000, 100000),
+    CF("max_open_files", p_uint, d_uint, max_open_files, 0, 1048576, 0), /* 0: inherited */
 };
 
 static const field plugins_fields[] = {

@@ -74,6 +74,8 @@ typedef struct spk_config {
                                   reading from the source stops */
     int backlog;               /* listen.backlog */
     size_t max_connections;    /* listen.max_connections: per worker */
+    size_t max_open_files;     /* listen.max_open_files: each worker's RLIMIT_NOFILE (soft
+                                  limit); 0: as the supervisor has it */
 
     /* plugins: */
     char *plugins_dir;         /* plugins.dir */

@@ -22,6 +22,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
@@ -64,9 +65,15 @@ struct spk_proxy {
     size_t hw;
     ev_tstamp upstream_log_at;
     unsigned upstream_log_suppressed;
+    int starved; /* the errno that stopped accepting (EMFILE, ENFILE, ENOBUFS, ENOMEM); 0:
+                    none. Logged when it starts, and when accepting works again */
+    bool starved_logged;        /* this episode's start was logged */
+    ev_tstamp starved_log_at;   /* ... at most once a second */
+    unsigned starved_unlogged;  /* episodes not logged since */
 };
 
 #define SPK_ACCEPT_BATCH 4
+#define SPK_ACCEPT_RETRY_S 0.1 /* out of descriptors or memory: try accepting again then */
 
 static void conn_close(pconn *c);
 static void update_readers(pconn *c);
@@ -79,6 +86,65 @@ static void io_set(struct ev_loop *loop, ev_io *w, bool on)
         ev_io_start(loop, w);
     else if (!on && ev_is_active(w))
         ev_io_stop(loop, w);
+}
+
+static void accept_pause(spk_proxy *px, double retry_s);
+/* Why a descriptor could not be had, for the log: "too many open files (...)" for EMFILE
+ * (this worker's limit: listen.max_open_files or the one it inherited) and ENFILE (the
+ * system's), else the error's own name. */
+static void exhaustion_text(spk_proxy *px, int err, char *buf, size_t cap)
+{
+    if (err != EMFILE && err != ENFILE) {
+        snprintf(buf, cap, "%s (%zu connections open)", strerror(err), px->n_conns);
+        return;
+    }
+    struct rlimit rl = {0};
+    getrlimit(RLIMIT_NOFILE, &rl);
+    snprintf(buf, cap, "too many open files (%s; %zu connections open, open-files limit %llu: "
+             "see listen.max_open_files)",
+             err == EMFILE ? "this worker's limit" : "the system's file table", px->n_conns,
+             (unsigned long long)rl.rlim_cur);
+}
+
+/* The worker ran out of descriptors or kernel memory (is_exhaustion): accepting more
+ * clients could not serve them. Pause accepting until SPK_ACCEPT_RETRY_S passes (the
+ * listening socket stays readable: not pausing would spin). An accept that fails so
+ * starts an episode, logged once (at most once a second) with `what` failed, and ended
+ * by the next connection set up (resources_back). */
+static void starve(spk_proxy *px, int err, bool log_it)
+{
+    ev_tstamp now = ev_now(px->loop);
+    if (px->starved == 0 && log_it && now - px->starved_log_at < 1.0) {
+        px->starved_unlogged++;
+    } else if (px->starved == 0 && log_it) {
+        char why[200], more[80] = "";
+        exhaustion_text(px, err, why, sizeof(why));
+        if (px->starved_unlogged > 0)
+            snprintf(more, sizeof(more), " (%u more times in the last second, not logged)",
+                     px->starved_unlogged);
+        spk_error("accept: %s; not accepting for now%s", why, more);
+        px->starved_log_at = now;
+        px->starved_unlogged = 0;
+        px->starved_logged = true;
+    }
+    if (px->starved == 0)
+        px->starved = err;
+    accept_pause(px, SPK_ACCEPT_RETRY_S);
+}
+
+/* A connection was accepted and set up: an exhaustion episode is over. */
+static void resources_back(spk_proxy *px)
+{
+    if (px->starved != 0 && px->starved_logged)
+        spk_info("accepting again (%zu connections open; it had stopped on: %s)", px->n_conns,
+                 strerror(px->starved));
+    px->starved = 0;
+    px->starved_logged = false;
+}
+
+static bool is_exhaustion(int err)
+{
+    return err == EMFILE || err == ENFILE || err == ENOBUFS || err == ENOMEM;
 }
 
 /* The upstream is down: say so clearly, but not ten thousand times a second. */
@@ -215,7 +281,10 @@ static void conn_close(pconn *c)
         c->next->prev = c->prev;
     px->n_conns--;
     free(c);
-    if (px->accept_paused && px->accepting && px->n_conns < px->cfg->max_connections) {
+    /* Paused at max_connections: this close makes room. Out of descriptors: the retry
+     * timer resumes (one freed descriptor would only let the next client in to fail). */
+    if (px->accept_paused && px->accepting && px->starved == 0 &&
+        px->n_conns < px->cfg->max_connections) {
         px->accept_paused = false;
         for (size_t i = 0; i < px->n_listen; i++)
             ev_io_start(px->loop, &px->lw[i]);
@@ -423,7 +492,25 @@ static int start_connect(pconn *c)
     spk_proxy *px = c->px;
     int fd = spk_connect_start(&px->upstream);
     if (fd < 0) {
-        log_upstream_failure(px, c, "unreachable", -fd);
+        if (is_exhaustion(-fd)) { /* no socket for it: this worker's trouble, not the upstream's */
+            ev_tstamp now = ev_now(px->loop);
+            starve(px, -fd, false);
+            if (now - px->upstream_log_at >= 1.0) {
+                char why[200];
+                exhaustion_text(px, -fd, why, sizeof(why));
+                spk_error("connect to upstream %s for client %s (conn %llu): %s; closing the "
+                          "client%s", px->upstream.text, c->sc.peer, (unsigned long long)c->sc.id,
+                          why, px->upstream_log_suppressed ? " (similar failures in the last "
+                                                             "second not logged)" : "");
+                px->upstream_log_at = now;
+                px->upstream_log_suppressed = 0;
+                px->starved_logged = true; /* so "accepting again" follows */
+            } else {
+                px->upstream_log_suppressed++;
+            }
+        } else {
+            log_upstream_failure(px, c, "unreachable", -fd);
+        }
         conn_close(c);
         return -1;
     }
@@ -484,11 +571,14 @@ static void conn_new(spk_proxy *px, int fd, const struct sockaddr *sa, socklen_t
     }
     if (px->cfg->upstream_connect == SPK_CONNECT_EAGER && start_connect(c) != 0)
         return;
+    resources_back(px);
     update_readers(c);
 }
 
 static void accept_pause(spk_proxy *px, double retry_s)
 {
+    if (!px->accepting)
+        return; /* draining: not accepting anyway */
     px->accept_paused = true;
     for (size_t i = 0; i < px->n_listen; i++)
         ev_io_stop(px->loop, &px->lw[i]);
@@ -519,13 +609,13 @@ static void on_accept(struct ev_loop *loop, ev_io *w, int revents)
         if (fd < 0) {
             if (errno == EINTR || errno == ECONNABORTED)
                 continue;
-            if (errno == EMFILE || errno == ENFILE || errno == ENOBUFS || errno == ENOMEM) {
-                spk_error("accept: %s; pausing accepts for 100 ms", strerror(errno));
-                accept_pause(px, 0.1);
-            }
+            if (is_exhaustion(errno))
+                starve(px, errno, true);
             return; /* EAGAIN (another worker took it), or paused */
         }
         conn_new(px, fd, (struct sockaddr *)&ss, len);
+        if (px->accept_paused)
+            return; /* its upstream connect ran out of descriptors */
     }
 }
 
@@ -569,7 +659,8 @@ int spk_proxy_new(struct ev_loop *loop, const spk_config *cfg, const int *fds, s
     }
     px->n_listen = n;
     px->upstream_log_at = -10;
-    ev_timer_init(&px->accept_retry, on_accept_retry, 0.1, 0);
+    px->starved_log_at = -10;
+    ev_timer_init(&px->accept_retry, on_accept_retry, SPK_ACCEPT_RETRY_S, 0);
     px->accept_retry.data = px;
     for (size_t i = 0; i < n; i++) {
         ev_io_init(&px->lw[i], on_accept, fds[i], EV_READ);
