@@ -346,6 +346,21 @@ static void update_readers(pconn *c)
 
 static int start_connect(pconn *c);
 
+/* Send what the chain let through on towards the destination of the side it came from
+ * (connecting upstream first, lazily, when it is for the server). Returns 0 or -1 if the
+ * connection is gone. */
+static int forward(pconn *c, bool from_client, const uint8_t *out, size_t out_len)
+{
+    if (from_client) {
+        if (send_to_server(c, out, out_len) != 0)
+            return -1;
+        if (!c->connected && !c->connecting && pending(&c->up) > 0)
+            return start_connect(c);
+        return 0;
+    }
+    return send_to_client(c, out, out_len);
+}
+
 /* Run the chain over one chunk read from the client (to_server == true) or the server,
  * and send the result on. Returns 0 or -1 if the connection is gone. */
 static int process_chunk(pconn *c, bool from_client, uint8_t *data, size_t len)
@@ -372,14 +387,28 @@ static int process_chunk(pconn *c, bool from_client, uint8_t *data, size_t len)
         out = px->buf.pub.data;
         out_len = px->buf.pub.len;
     }
-    if (from_client) {
-        if (send_to_server(c, out, out_len) != 0)
-            return -1;
-        if (!c->connected && !c->connecting && pending(&c->up) > 0)
-            return start_connect(c);
+    return forward(c, from_client, out, out_len);
+}
+
+/* The client (from_client) or the server half-closed: let the plugins hand on what they
+ * held back (on_half_close), ahead of the FIN the caller passes on. Returns 0, or -1 if
+ * the connection is gone or closing. */
+static int half_close_chain(pconn *c, bool from_client)
+{
+    spk_proxy *px = c->px;
+    if (px->chain == NULL || !px->chain->any_half_close)
         return 0;
+    spk_buf_view(&px->buf, NULL, 0);
+    spoke_verdict v = spk_chain_half_close(px->chain, &c->sc, from_client, &px->buf);
+    if (deliver_reply(c) != 0)
+        return -1;
+    if (v == SPOKE_CLOSE) {
+        conn_begin_close(c);
+        return -1;
     }
-    return send_to_client(c, out, out_len);
+    if (v == SPOKE_RESPOND)
+        return 0;
+    return forward(c, from_client, px->buf.pub.data, px->buf.pub.len);
 }
 
 static void on_read(pconn *c, bool from_client)
@@ -401,6 +430,8 @@ static void on_read(pconn *c, bool from_client)
     if (n == 0) {
         half *h = from_client ? &c->up : &c->down;
         h->eof = true;
+        if (half_close_chain(c, from_client) != 0)
+            return;
         if (pending(h) == 0) {
             int dfd = from_client ? c->sfd : c->cfd;
             bool dst_ready = from_client ? c->connected : true;

@@ -80,5 +80,37 @@ class OpenFiles(SpokeCase):
             self.assertNotIn("unreachable", sp.log())
 
 
+class HalfClose(SpokeCase):
+    def hold(self, name="t-hold", **config):
+        entry = {"name": name, "file": test_plugin("t_hold")}
+        if config:
+            entry["config"] = config
+        return entry
+
+    def test_held_bytes_reach_the_server_before_the_fin(self):
+        with Spoked(self.dir, self.echo.address, plugins=[self.hold()]) as sp:
+            # the tail after the last newline is held until the client half-closes
+            self.assertEqual(roundtrip(sp.port, b"line one\nline two\npartial tail"),
+                             b"line one\nline two\npartial tail")
+            big = b"x" * 300000 + b"\n" + b"y" * 200000  # held across many chunks
+            self.assertEqual(roundtrip(sp.port, big), big)
+
+    def test_lazy_connect_for_bytes_held_until_the_half_close(self):
+        """Nothing went upstream before the half-close (no newline): the upstream connect
+        starts for the flushed bytes."""
+        with Spoked(self.dir, self.echo.address, plugins=[self.hold()],
+                    extra={"listen": {"upstream_connect": "lazy"}}) as sp:
+            self.assertEqual(roundtrip(sp.port, b"no newline at all"), b"no newline at all")
+
+    def test_chain_order_and_respond(self):
+        """Each plugin's on_half_close runs in config order and sees what earlier ones put
+        in the buffer; respond() answers the client, which can still read."""
+        plugins = [self.hold("hold-a", mark="<A>", respond="bye\n"),
+                   self.hold("hold-b", mark="<B>")]
+        with Spoked(self.dir, self.echo.address, plugins=plugins) as sp:
+            # no newline: all is held, so the answer to the client comes before the echo
+            self.assertEqual(roundtrip(sp.port, b"abcdef"), b"bye\nabcdef<A><B>")
+
+
 if __name__ == "__main__":
     unittest.main()
