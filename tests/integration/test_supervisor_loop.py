@@ -1,11 +1,12 @@
-"""The supervisor's admin socket never waits on a client (issue 12, item 5).
+"""The supervisor's loop never waits on a client or a disk (issue 12, item 5).
 
-Against a real spoked: a client that sends half a command and stalls gets nothing until
-its line is complete, and meanwhile `spoked status` is answered; a client that sends
-hundreds of commands and reads nothing (answers far bigger than the socket's buffers)
-does not stop the supervisor from answering others, and gets every answer once it reads;
-idle connections past the cap do not lock `spoked status` out; and a reload whose config
-has 50,000 plugin config keys is parsed and served.
+Against a real spoked: a client of the admin socket that sends half a command and stalls
+gets nothing until its line is complete, and meanwhile `spoked status` is answered; a
+client that sends 1,500 commands and reads nothing (answers far bigger than the socket's
+buffers) does not stop the supervisor from answering others, and gets every answer once
+it reads; idle connections past the cap do not lock `spoked status` out; a queue sync
+that fails (the LMDB map is full) is logged once, with its backoff, not every retry; and
+a reload whose config has 50,000 plugin config keys is parsed and served.
 """
 import os
 import select
@@ -107,6 +108,25 @@ class AdminSocket(SpokeCase):
             a.shutdown(socket.SHUT_WR)
             self.assertIn("generation 1 (serving)", read_to_eof(a))
             a.close()
+
+
+class QueueSyncBackoff(SpokeCase):
+    def test_failing_sync_is_logged_once(self):
+        extra = {"queue": {"map_size": "1MiB", "max_bytes": "1MiB", "journal_size": "4MiB",
+                           "sync": "10ms"}}
+        plugins = [{"name": "t-send", "file": test_plugin("t_send")}]
+        with Spoked(self.dir, self.echo.address, plugins=plugins, extra=extra) as sp:
+            s = socket.create_connection(("127.0.0.1", sp.port))
+            for _ in range(8):  # 1.6 MB: more than the map holds
+                s.sendall(b"BIG 200000\n")
+                self.assertTrue(s.recv(100).startswith(b"RC "))
+            s.close()
+            sp.wait_log(r"the LMDB map is full .*; retrying the queue sync with backoff "
+                        r"\(100 ms, doubling to 5 s\)")
+            # the interval (10 ms) is not the retry period: 2 s is some 200 intervals
+            time.sleep(2)
+            self.assertEqual(sp.log().count("the LMDB map is full"), 1, sp.log())
+            self.assertIn("generation 1 (serving)", sp.status())
 
 
 class LargeConfig(SpokeCase):
