@@ -89,6 +89,12 @@ static void io_set(struct ev_loop *loop, ev_io *w, bool on)
 }
 
 static void accept_pause(spk_proxy *px, double retry_s);
+
+static bool is_exhaustion(int err)
+{
+    return err == EMFILE || err == ENFILE || err == ENOBUFS || err == ENOMEM;
+}
+
 /* Why a descriptor could not be had, for the log: "too many open files (...)" for EMFILE
  * (this worker's limit: listen.max_open_files or the one it inherited) and ENFILE (the
  * system's), else the error's own name. */
@@ -106,11 +112,11 @@ static void exhaustion_text(spk_proxy *px, int err, char *buf, size_t cap)
              (unsigned long long)rl.rlim_cur);
 }
 
-/* The worker ran out of descriptors or kernel memory (is_exhaustion): accepting more
- * clients could not serve them. Pause accepting until SPK_ACCEPT_RETRY_S passes (the
- * listening socket stays readable: not pausing would spin). An accept that fails so
- * starts an episode, logged once (at most once a second) with `what` failed, and ended
- * by the next connection set up (resources_back). */
+/* The worker ran out of descriptors or kernel memory (is_exhaustion, error `err`):
+ * accepting more clients could not serve them. Pause accepting until SPK_ACCEPT_RETRY_S
+ * passes (the listening socket stays readable: not pausing would spin). This starts an
+ * episode, which the next connection set up ends (resources_back); with `log_it` (an
+ * accept failed) its start is logged, at most once a second. */
 static void starve(spk_proxy *px, int err, bool log_it)
 {
     ev_tstamp now = ev_now(px->loop);
@@ -142,12 +148,9 @@ static void resources_back(spk_proxy *px)
     px->starved_logged = false;
 }
 
-static bool is_exhaustion(int err)
-{
-    return err == EMFILE || err == ENFILE || err == ENOBUFS || err == ENOMEM;
-}
-
-/* The upstream is down: say so clearly, but not ten thousand times a second. */
+/* A client's upstream connection failed: say why clearly -- the upstream is down, or
+ * (is_exhaustion) this worker had no descriptor left for the socket, which is not the
+ * upstream's fault -- but not ten thousand times a second. */
 static void log_upstream_failure(spk_proxy *px, pconn *c, const char *what, int err)
 {
     ev_tstamp now = ev_now(px->loop);
@@ -155,10 +158,19 @@ static void log_upstream_failure(spk_proxy *px, pconn *c, const char *what, int 
         px->upstream_log_suppressed++;
         return;
     }
-    spk_warn("upstream %s %s: %s; closing client %s (conn %llu)%s", px->upstream.text, what,
-             strerror(err), c->sc.peer, (unsigned long long)c->sc.id,
-             px->upstream_log_suppressed ? " (similar failures in the last second not logged)"
-                                         : "");
+    const char *more = px->upstream_log_suppressed
+                           ? " (similar failures in the last second not logged)"
+                           : "";
+    if (is_exhaustion(err)) {
+        char why[200];
+        exhaustion_text(px, err, why, sizeof(why));
+        spk_error("connect to upstream %s for client %s (conn %llu): %s; closing the client%s",
+                  px->upstream.text, c->sc.peer, (unsigned long long)c->sc.id, why, more);
+        px->starved_logged = true; /* so that "accepting again" follows */
+    } else {
+        spk_warn("upstream %s %s: %s; closing client %s (conn %llu)%s", px->upstream.text,
+                 what, strerror(err), c->sc.peer, (unsigned long long)c->sc.id, more);
+    }
     px->upstream_log_at = now;
     px->upstream_log_suppressed = 0;
 }
@@ -523,25 +535,9 @@ static int start_connect(pconn *c)
     spk_proxy *px = c->px;
     int fd = spk_connect_start(&px->upstream);
     if (fd < 0) {
-        if (is_exhaustion(-fd)) { /* no socket for it: this worker's trouble, not the upstream's */
-            ev_tstamp now = ev_now(px->loop);
+        if (is_exhaustion(-fd)) /* no descriptors: more clients could not be served either */
             starve(px, -fd, false);
-            if (now - px->upstream_log_at >= 1.0) {
-                char why[200];
-                exhaustion_text(px, -fd, why, sizeof(why));
-                spk_error("connect to upstream %s for client %s (conn %llu): %s; closing the "
-                          "client%s", px->upstream.text, c->sc.peer, (unsigned long long)c->sc.id,
-                          why, px->upstream_log_suppressed ? " (similar failures in the last "
-                                                             "second not logged)" : "");
-                px->upstream_log_at = now;
-                px->upstream_log_suppressed = 0;
-                px->starved_logged = true; /* so "accepting again" follows */
-            } else {
-                px->upstream_log_suppressed++;
-            }
-        } else {
-            log_upstream_failure(px, c, "unreachable", -fd);
-        }
+        log_upstream_failure(px, c, "unreachable", -fd);
         conn_close(c);
         return -1;
     }
