@@ -18,7 +18,7 @@ import time
 import unittest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from spoketest import SpokeCase, Spoked, roundtrip, test_plugin  # noqa: E402
+from spoketest import SpokeCase, Spoked, recv_exact, roundtrip, test_plugin  # noqa: E402
 
 LIMIT = 64
 
@@ -47,8 +47,9 @@ class OpenFiles(SpokeCase):
             sp.wait_log(r"too many open files \(this worker's limit; \d+ connections open, "
                         r"open-files limit 64")
             # the clients it took are served meanwhile
+            held[0].settimeout(20)
             held[0].sendall(b"still here")
-            self.assertEqual(held[0].recv(100), b"still here")
+            self.assertEqual(recv_exact(held[0], 10), b"still here")
             for s in held:
                 s.close()
             # service resumes once connections close
@@ -73,6 +74,7 @@ class OpenFiles(SpokeCase):
             m = sp.wait_log(r"connect to upstream \S+ for client \S+ \(conn \d+\): too many "
                             r"open files")
             self.assertTrue(m)
+            held[0].settimeout(20)
             self.assertEqual(held[0].recv(10), b"")  # that client is closed
             for s in held:
                 s.close()
