@@ -331,7 +331,7 @@ typedef struct spoke_plugin {
      * processing error (logged and counted; the payload is never redelivered). */
     int (*accept_edge_payload)(void *self, const spoke_edge_payload *payload, int *handled);
 
-    /* ---- 1.3 ---- a 1.0-1.2 host never calls it. */
+    /* ---- 1.3 ---- */
 
     /* Edge hook. The client (from_client = 1) or the server (0) half-closed: it will send
      * no more bytes (its FIN arrived), though it may still read. This is the moment to
