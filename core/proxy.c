@@ -16,6 +16,7 @@
 #include "proxy.h"
 
 #include <errno.h>
+#include <fcntl.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <stdbool.h>
@@ -65,15 +66,19 @@ struct spk_proxy {
     size_t hw;
     ev_tstamp upstream_log_at;
     unsigned upstream_log_suppressed;
-    int starved; /* the errno that stopped accepting (EMFILE, ENFILE, ENOBUFS, ENOMEM); 0:
-                    none. Logged when it starts, and when accepting works again */
-    bool starved_logged;        /* this episode's start was logged */
-    ev_tstamp starved_log_at;   /* ... at most once a second */
-    unsigned starved_unlogged;  /* episodes not logged since */
+    /* EXHAUSTION (below) */
+    int starved;               /* the errno of the shortage (EMFILE, ENFILE, ENOBUFS, ENOMEM)
+                                  until the backlog is drained; 0: none */
+    size_t starved_mark;       /* connections open when it paused: a close below frees
+                                  descriptors, and accepting resumes at once */
+    bool starved_logged;       /* the shortage was logged, "accepting again" not yet */
+    ev_tstamp starved_log_at;  /* ... at most once a second */
+    unsigned starved_unlogged; /* shortages not logged since */
 };
 
 #define SPK_ACCEPT_BATCH 4
-#define SPK_ACCEPT_RETRY_S 0.1 /* out of descriptors or memory: try accepting again then */
+#define SPK_ACCEPT_RETRY_S 0.5 /* out of descriptors or memory, and no connection closed:
+                                  try accepting again then */
 
 static void conn_close(pconn *c);
 static void update_readers(pconn *c);
@@ -112,17 +117,36 @@ static void exhaustion_text(spk_proxy *px, int err, char *buf, size_t cap)
              (unsigned long long)rl.rlim_cur);
 }
 
-/* The worker ran out of descriptors or kernel memory (is_exhaustion, error `err`):
- * accepting more clients could not serve them. Pause accepting until SPK_ACCEPT_RETRY_S
- * passes (the listening socket stays readable: not pausing would spin). This starts an
- * episode, which the next connection set up ends (resources_back); with `log_it` (an
- * accept failed) its start is logged, at most once a second. */
-static void starve(spk_proxy *px, int err, bool log_it)
+/* EXHAUSTION. When the worker runs out of descriptors or kernel memory (is_exhaustion:
+ * the error is px->starved), accepting more clients could not serve them, so it pauses
+ * accepting (the listening socket stays readable: not pausing would spin) until a
+ * connection closes (conn_close, below px->starved_mark: that frees descriptors) or, for a
+ * shortage not of the worker's own making, a probe every SPK_ACCEPT_RETRY_S finds the
+ * descriptors a connection needs (on_accept_retry). Until the backlog is drained (accept
+ * says EAGAIN) every accept is probed first, so the clients waiting there are served as
+ * descriptors free up, not taken in only to be closed. The start is logged (at most once
+ * a second), and "accepting again" once a connection is set up after it. */
+
+/* Whether the descriptors a new connection needs (its client's, and its upstream's when
+ * connecting eagerly) can be had now: a probe that duplicates the listening socket. */
+static bool fds_available(const spk_proxy *px)
+{
+    int need = px->cfg->upstream_connect == SPK_CONNECT_EAGER ? 2 : 1, got[2], n = 0;
+    while (n < need && (got[n] = fcntl(px->lw[0].fd, F_DUPFD_CLOEXEC, 0)) >= 0)
+        n++;
+    for (int i = 0; i < n; i++)
+        close(got[i]);
+    return n == need;
+}
+
+/* Out of resources (error `err`) with `open` connections (not counting a client about to
+ * be closed for it); with `log_it` (an accept failed) say so. */
+static void starve(spk_proxy *px, int err, bool log_it, size_t open)
 {
     ev_tstamp now = ev_now(px->loop);
-    if (px->starved == 0 && log_it && now - px->starved_log_at < 1.0) {
+    if (log_it && !px->starved_logged && now - px->starved_log_at < 1.0) {
         px->starved_unlogged++;
-    } else if (px->starved == 0 && log_it) {
+    } else if (log_it && !px->starved_logged) {
         char why[200], more[80] = "";
         exhaustion_text(px, err, why, sizeof(why));
         if (px->starved_unlogged > 0)
@@ -133,19 +157,28 @@ static void starve(spk_proxy *px, int err, bool log_it)
         px->starved_unlogged = 0;
         px->starved_logged = true;
     }
-    if (px->starved == 0)
-        px->starved = err;
+    px->starved = err;
+    px->starved_mark = open;
     accept_pause(px, SPK_ACCEPT_RETRY_S);
 }
 
-/* A connection was accepted and set up: an exhaustion episode is over. */
+/* A connection was accepted and set up after a shortage: say that it works again. */
 static void resources_back(spk_proxy *px)
 {
     if (px->starved != 0 && px->starved_logged)
         spk_info("accepting again (%zu connections open; it had stopped on: %s)", px->n_conns,
                  strerror(px->starved));
-    px->starved = 0;
     px->starved_logged = false;
+}
+
+/* Whether a client may be accepted now: not while a shortage of descriptors lasts. */
+static bool may_accept(spk_proxy *px)
+{
+    if ((px->starved != EMFILE && px->starved != ENFILE) || px->n_listen == 0 ||
+        fds_available(px))
+        return true;
+    starve(px, px->starved, false, px->n_conns);
+    return false;
 }
 
 /* A client's upstream connection failed: say why clearly -- the upstream is down, or
@@ -293,10 +326,11 @@ static void conn_close(pconn *c)
         c->next->prev = c->prev;
     px->n_conns--;
     free(c);
-    /* Paused at max_connections: this close makes room. Out of descriptors: the retry
-     * timer resumes (one freed descriptor would only let the next client in to fail). */
-    if (px->accept_paused && px->accepting && px->starved == 0 &&
-        px->n_conns < px->cfg->max_connections) {
+    /* Paused at max_connections, or out of descriptors (starve): this close may make
+     * room. */
+    bool room = px->starved != 0 ? px->n_conns < px->starved_mark
+                                 : px->n_conns < px->cfg->max_connections;
+    if (px->accept_paused && px->accepting && room) {
         px->accept_paused = false;
         for (size_t i = 0; i < px->n_listen; i++)
             ev_io_start(px->loop, &px->lw[i]);
@@ -536,7 +570,7 @@ static int start_connect(pconn *c)
     int fd = spk_connect_start(&px->upstream);
     if (fd < 0) {
         if (is_exhaustion(-fd)) /* no descriptors: more clients could not be served either */
-            starve(px, -fd, false);
+            starve(px, -fd, false, px->n_conns - 1);
         log_upstream_failure(px, c, "unreachable", -fd);
         conn_close(c);
         return -1;
@@ -610,6 +644,7 @@ static void accept_pause(spk_proxy *px, double retry_s)
     for (size_t i = 0; i < px->n_listen; i++)
         ev_io_stop(px->loop, &px->lw[i]);
     if (retry_s > 0) {
+        ev_timer_stop(px->loop, &px->accept_retry); /* it may still run: set needs it idle */
         ev_timer_set(&px->accept_retry, retry_s, 0);
         ev_timer_start(px->loop, &px->accept_retry);
     }
@@ -630,6 +665,8 @@ static void on_accept(struct ev_loop *loop, ev_io *w, int revents)
             accept_pause(px, 0);
             return;
         }
+        if (!may_accept(px))
+            return;
         struct sockaddr_storage ss;
         socklen_t len = sizeof(ss);
         int fd = accept4(w->fd, (struct sockaddr *)&ss, &len, SOCK_NONBLOCK | SOCK_CLOEXEC);
@@ -637,7 +674,9 @@ static void on_accept(struct ev_loop *loop, ev_io *w, int revents)
             if (errno == EINTR || errno == ECONNABORTED)
                 continue;
             if (is_exhaustion(errno))
-                starve(px, errno, true);
+                starve(px, errno, true, px->n_conns);
+            else if (errno == EAGAIN || errno == EWOULDBLOCK)
+                px->starved = 0; /* the backlog is drained: no more probing */
             return; /* EAGAIN (another worker took it), or paused */
         }
         conn_new(px, fd, (struct sockaddr *)&ss, len);
@@ -651,6 +690,8 @@ static void on_accept_retry(struct ev_loop *loop, ev_timer *w, int revents)
     (void)revents;
     spk_proxy *px = w->data;
     if (!px->accepting)
+        return;
+    if (!may_accept(px)) /* still short of descriptors: it paused again */
         return;
     px->accept_paused = false;
     for (size_t i = 0; i < px->n_listen; i++)

@@ -57,6 +57,41 @@ class OpenFiles(SpokeCase):
             sp.wait_log(r"accepting again")
             self.assertNotIn("unreachable", sp.log())
 
+    def test_clients_in_the_backlog_wait_and_are_served(self):
+        """At the limit, clients wait in the backlog rather than being accepted only to
+        be closed: once the served ones leave, the waiting ones are served. (At most one
+        is closed: the client accepted with the last descriptor when the upstream socket
+        found none.)"""
+        with self.start() as sp:
+            held = [socket.create_connection(("127.0.0.1", sp.port)) for _ in range(LIMIT)]
+            sp.wait_log(r"too many open files")
+            time.sleep(1.5)  # a few of the worker's 500 ms probes pass meanwhile
+            served = []
+            for s in held:  # which ones got through (the worker holds about 24)
+                s.settimeout(0.2)
+                try:
+                    s.sendall(b"a")
+                    if s.recv(1) == b"a":
+                        served.append(s)
+                except OSError:
+                    pass
+            self.assertGreater(len(served), 0)
+            waiting = [s for s in held if s not in served]
+            for s in served:
+                s.close()
+            ok = 0
+            for s in waiting:
+                s.settimeout(20)
+                try:
+                    s.sendall(b"b")
+                    got = recv_exact(s, 2)  # the "a" sent while it waited, then "b"
+                    ok += got == b"ab"
+                except OSError:
+                    pass
+                s.close()  # making room for those behind it
+            self.assertGreaterEqual(ok, len(waiting) - 1, sp.log())
+            sp.wait_log(r"accepting again")
+
     def test_upstream_connect_out_of_files_is_named(self):
         with self.start(upstream_connect="lazy") as sp:
             (worker,) = sp.worker_pids()
