@@ -940,19 +940,54 @@ static int p_env(cfg_ctx *c, const node *v, const char *key, void *base, const f
     return parse_strv(c, v, key, true, &pc->env, &pc->n_env);
 }
 
-static int check_duplicate_keys(cfg_ctx *c, const node *m, const char *key)
+/* Duplicates among many keys, in O(n log n): (key, index) pairs sorted by key, then by
+ * index, put equal keys next to each other with their first occurrence first. A map or a
+ * plugin's `config:` with tens of thousands of keys costs no n^2 compares. */
+typedef struct keyref {
+    const char *key;
+    size_t idx;
+} keyref;
+
+static int keyref_cmp(const void *a, const void *b)
 {
-    for (size_t i = 1; i < m->n; i++) {
-        for (size_t j = 0; j < i; j++) {
-            if (strcmp(m->pairs[i].key, m->pairs[j].key) != 0)
-                continue;
-            char sub[256];
-            snprintf(sub, sizeof(sub), "%s%s%s", key, key[0] ? "." : "", m->pairs[i].key);
-            return cfg_fail(c, m->pairs[i].line, sub, "duplicate key (first at line %d)",
-                            m->pairs[j].line);
+    const keyref *x = a, *y = b;
+    int d = strcmp(x->key, y->key);
+    return d != 0 ? d : (x->idx > y->idx) - (x->idx < y->idx);
+}
+
+/* Sort refs[0..n) (see keyref) and find the first key, in index order, that repeats an
+ * earlier one: returns its index and sets *first to the earlier one's; SIZE_MAX when
+ * every key differs. */
+static size_t first_duplicate(keyref *refs, size_t n, size_t *first)
+{
+    qsort(refs, n, sizeof(*refs), keyref_cmp);
+    size_t dup = SIZE_MAX;
+    for (size_t i = 1; i < n; i++) {
+        if (refs[i].idx < dup && strcmp(refs[i].key, refs[i - 1].key) == 0) {
+            dup = refs[i].idx;
+            *first = refs[i - 1].idx;
         }
     }
-    return 0;
+    return dup;
+}
+
+static int check_duplicate_keys(cfg_ctx *c, const node *m, const char *key)
+{
+    if (m->n < 2)
+        return 0;
+    keyref *refs = malloc(m->n * sizeof(*refs));
+    if (refs == NULL)
+        return cfg_nomem(c);
+    for (size_t i = 0; i < m->n; i++)
+        refs[i] = (keyref){.key = m->pairs[i].key, .idx = i};
+    size_t j = 0, i = first_duplicate(refs, m->n, &j);
+    free(refs);
+    if (i == SIZE_MAX)
+        return 0;
+    char sub[256];
+    snprintf(sub, sizeof(sub), "%s%s%s", key, key[0] ? "." : "", m->pairs[i].key);
+    return cfg_fail(c, m->pairs[i].line, sub, "duplicate key (first at line %d)",
+                    m->pairs[j].line);
 }
 
 /* The flattened `config:` of one plugin, with the line of each entry for messages. */
@@ -971,16 +1006,10 @@ static void kv_free(spoke_kv *kv, size_t n)
     free(kv);
 }
 
-/* Append key=value (takes ownership of fkey). */
+/* Append key=value (takes ownership of fkey). Two entries that flatten to the same key
+ * are found after the whole map is flattened (config_index). */
 static int kv_push(cfg_ctx *c, kv_acc *acc, char *fkey, const node *v, const char *ykey)
 {
-    for (size_t i = 0; i < acc->n; i++) {
-        if (strcmp(acc->kv[i].key, fkey) == 0) {
-            free(fkey);
-            return cfg_fail(c, v->line, ykey, "flattens to the same key as the entry at line %d",
-                            acc->lines[i]);
-        }
-    }
     if (acc->n == MAX_PLUGIN_CONFIG) {
         free(fkey);
         return cfg_fail(c, v->line, ykey, "more than %d entries", MAX_PLUGIN_CONFIG);
@@ -1044,6 +1073,38 @@ static int flatten(cfg_ctx *c, const node *v, const char *fkey, const char *ykey
     return rc;
 }
 
+/* Refuse two entries of acc that flatten to the same key (`a: {b: 1}` and `a.b: 2`), and
+ * build the index of acc's entries in key order (spk_plugin_conf.config_sorted) into
+ * *out, which the caller owns (NULL for an empty map). */
+static int config_index(cfg_ctx *c, const kv_acc *acc, const char *key, size_t **out)
+{
+    *out = NULL;
+    if (acc->n == 0)
+        return 0;
+    keyref *refs = malloc(acc->n * sizeof(*refs));
+    size_t *index = malloc(acc->n * sizeof(*index));
+    if (refs == NULL || index == NULL) {
+        free(refs);
+        free(index);
+        return cfg_nomem(c);
+    }
+    for (size_t i = 0; i < acc->n; i++)
+        refs[i] = (keyref){.key = acc->kv[i].key, .idx = i};
+    size_t j = 0, i = first_duplicate(refs, acc->n, &j);
+    for (size_t k = 0; k < acc->n; k++)
+        index[k] = refs[k].idx;
+    free(refs);
+    if (i == SIZE_MAX) {
+        *out = index;
+        return 0;
+    }
+    free(index);
+    char sub[256];
+    snprintf(sub, sizeof(sub), "%s.%s", key, acc->kv[i].key);
+    return cfg_fail(c, acc->lines[i], sub, "flattens to the same key as the entry at line %d",
+                    acc->lines[j]);
+}
+
 static int p_config(cfg_ctx *c, const node *v, const char *key, void *base, const field *f)
 {
     spk_plugin_conf *pc = base;
@@ -1052,16 +1113,46 @@ static int p_config(cfg_ctx *c, const node *v, const char *key, void *base, cons
     if (v->kind != NODE_MAP)
         return cfg_fail(c, v->line, key, "expected a mapping, got %s", node_kind_name(v));
     kv_acc acc = {0};
+    size_t *index = NULL;
     int rc = flatten(c, v, NULL, key, &acc);
+    if (rc == 0)
+        rc = config_index(c, &acc, key, &index);
     free(acc.lines);
     if (rc != 0) {
         kv_free(acc.kv, acc.n);
         return rc;
     }
     kv_free(pc->config, pc->n_config);
+    free(pc->config_sorted);
     pc->config = acc.kv;
     pc->n_config = acc.n;
+    pc->config_sorted = index;
     return 0;
+}
+
+const char *spk_plugin_conf_get(const spk_plugin_conf *pc, const char *key)
+{
+    if (pc == NULL || key == NULL)
+        return NULL;
+    if (pc->config_sorted == NULL) { /* not from the parser (a conf built by hand) */
+        for (size_t i = 0; i < pc->n_config; i++)
+            if (strcmp(pc->config[i].key, key) == 0)
+                return pc->config[i].value;
+        return NULL;
+    }
+    size_t lo = 0, hi = pc->n_config;
+    while (lo < hi) {
+        size_t mid = lo + (hi - lo) / 2;
+        const spoke_kv *kv = &pc->config[pc->config_sorted[mid]];
+        int d = strcmp(kv->key, key);
+        if (d == 0)
+            return kv->value;
+        if (d < 0)
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
+    return NULL;
 }
 
 /* ---- the tables -------------------------------------------------------------------- */
@@ -1127,6 +1218,7 @@ static const field listen_fields[] = {
     CF("high_watermark", p_size, d_size, high_watermark, 0, GiB, MiB),
     CF("backlog", p_uint, d_uint, backlog, 1, 65535, 1024),
     CF("max_connections", p_uint, d_uint, max_connections, 1, 10000000, 100000),
+    CF("max_open_files", p_uint, d_uint, max_open_files, 0, 1048576, 0), /* 0: inherited */
 };
 
 static const field plugins_fields[] = {
@@ -1382,6 +1474,7 @@ static void plugin_conf_clear(spk_plugin_conf *pc)
     free_strv(pc->args, pc->n_args);
     free_strv(pc->env, pc->n_env);
     kv_free(pc->config, pc->n_config);
+    free(pc->config_sorted);
     memset(pc, 0, sizeof(*pc));
 }
 
@@ -1540,31 +1633,51 @@ static int resolve_paths(cfg_ctx *c)
     return 0;
 }
 
+/* Plugin names and IDs are unique (first_duplicate, so a long list costs n log n). */
 static int check_plugin_duplicates(cfg_ctx *c)
 {
     const spk_config *cfg = c->cfg;
-    for (size_t i = 1; i < cfg->n_plugins; i++) {
-        const spk_plugin_conf *b = &cfg->plugins[i];
-        for (size_t j = 0; j < i; j++) {
-            const spk_plugin_conf *a = &cfg->plugins[j];
-            char key[64];
-            if (a->name && b->name && strcmp(a->name, b->name) == 0) {
-                snprintf(key, sizeof(key), "plugins.list[%zu].name", i);
-                return cfg_fail(c, b->line, key,
-                                "'%s' is already the name of plugins.list[%zu] at line %d "
-                                "(plugin names must be unique)",
-                                b->name, j, a->line);
-            }
-            if (a->id != 0 && a->id == b->id) {
-                snprintf(key, sizeof(key), "plugins.list[%zu].id", i);
-                return cfg_fail(c, b->line, key,
-                                "%u is already the ID of plugins.list[%zu] at line %d "
-                                "(plugin IDs must be unique)",
-                                b->id, j, a->line);
-            }
+    size_t n = cfg->n_plugins, nn = 0, ni = 0;
+    if (n < 2)
+        return 0;
+    keyref *names = malloc(n * sizeof(*names)), *ids = malloc(n * sizeof(*ids));
+    char(*idtext)[12] = malloc(n * sizeof(*idtext));
+    if (names == NULL || ids == NULL || idtext == NULL) {
+        free(names);
+        free(ids);
+        free(idtext);
+        return cfg_nomem(c);
+    }
+    for (size_t i = 0; i < n; i++) {
+        const spk_plugin_conf *pc = &cfg->plugins[i];
+        if (pc->name != NULL)
+            names[nn++] = (keyref){.key = pc->name, .idx = i};
+        if (pc->id != 0) {
+            snprintf(idtext[i], sizeof(idtext[i]), "%u", pc->id);
+            ids[ni++] = (keyref){.key = idtext[i], .idx = i};
         }
     }
-    return 0;
+    size_t jn = 0, ji = 0;
+    size_t in = first_duplicate(names, nn, &jn), ii = first_duplicate(ids, ni, &ji);
+    free(names);
+    free(ids);
+    free(idtext);
+    bool by_name = in != SIZE_MAX && (in < ii || (in == ii && jn <= ji));
+    if (in == SIZE_MAX && ii == SIZE_MAX)
+        return 0;
+    size_t i = by_name ? in : ii, j = by_name ? jn : ji;
+    const spk_plugin_conf *a = &cfg->plugins[j], *b = &cfg->plugins[i];
+    char key[64];
+    snprintf(key, sizeof(key), "plugins.list[%zu].%s", i, by_name ? "name" : "id");
+    if (by_name)
+        return cfg_fail(c, b->line, key,
+                        "'%s' is already the name of plugins.list[%zu] at line %d "
+                        "(plugin names must be unique)",
+                        b->name, j, a->line);
+    return cfg_fail(c, b->line, key,
+                    "%u is already the ID of plugins.list[%zu] at line %d "
+                    "(plugin IDs must be unique)",
+                    b->id, j, a->line);
 }
 
 /* Checks that span keys of spoked's sections. */

@@ -50,6 +50,9 @@ typedef struct spk_plugin_conf {
     size_t n_env;
     spoke_kv *config;    /* `config:` map flattened ("a.b", "list.0"); values as text */
     size_t n_config;
+    size_t *config_sorted; /* indexes into config in strcmp order of the keys, for
+                              spk_plugin_conf_get; the parser sets it (NULL when n_config
+                              is 0, or in a conf built by hand: then config is scanned) */
     int line;            /* line of this entry in the config file, for messages */
     int pin_fd;          /* > 0: the supervisor's sealed copy of the file, which a supervised
                             worker loads instead of `path` (core/pin.h); 0: none */
@@ -83,6 +86,8 @@ typedef struct spk_config {
                                   reading from the source stops */
     int backlog;               /* listen.backlog */
     size_t max_connections;    /* listen.max_connections: per worker */
+    size_t max_open_files;     /* listen.max_open_files: each worker's RLIMIT_NOFILE (soft
+                                  limit); 0: as the supervisor has it */
 
     /* plugins: */
     char *plugins_dir;         /* plugins.dir */
@@ -196,5 +201,10 @@ int spk_config_add_autoload(spk_config *cfg, const char *file, const char *path)
  * flattened form ("a.b": value), which loads back to the same entries. Used by
  * `spoked --check-config`. */
 void spk_config_dump(const spk_config *cfg, FILE *f);
+
+/* The value of flattened key `key` in pc's `config:` (config_get), or NULL when it is not
+ * set: a binary search, so a plugin reading each of many keys costs n log n, not n^2. The
+ * string is pc's. */
+const char *spk_plugin_conf_get(const spk_plugin_conf *pc, const char *key);
 
 #endif

@@ -60,11 +60,7 @@ static const char *host_config_get(spoke_ctx *ctx, const char *key)
 {
     if (ctx == NULL || key == NULL || ctx->plugin->conf == NULL)
         return NULL;
-    const spk_plugin_conf *pc = ctx->plugin->conf;
-    for (size_t i = 0; i < pc->n_config; i++)
-        if (strcmp(pc->config[i].key, key) == 0)
-            return pc->config[i].value;
-    return NULL;
+    return spk_plugin_conf_get(ctx->plugin->conf, key);
 }
 
 /* config_get_duration / config_get_size: the config file's own parsers (units.h), so a

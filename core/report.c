@@ -6,9 +6,9 @@
  *
  * Both are built from the supervisor's own state (generations, restarts, reloads, crash
  * records) and from the workers' status slots (state, connections, plugins, the
- * send_to_control counters), which are read without locks. A status request is answered
- * at once on the supervisor's loop, into a growing buffer, then written with a 100 ms
- * timeout: the loop also runs the watchdog, and a slow client may not hold it longer.
+ * send_to_control counters), which are read without locks, into a growing buffer. The
+ * admin socket's connections are admin.c's, which writes the report without blocking;
+ * /metrics is sup_metrics.c's (metrics_http.c serves it without blocking).
  * The queue figures come from the supervisor's own queue handle (supervisor.c, queue
  * sync); counters of exited workers are kept in the supervisor so totals never go back.
  */
@@ -475,6 +475,14 @@ static const struct {
     {"spoke_hub_auth_failures_total", "Calls refused as unauthenticated or not permitted."},
 };
 
+char *spk_sup_status_text(sup *s, size_t *len)
+{
+    outbuf o = {0};
+    build_report(s, &o);
+    *len = o.len;
+    return o.p;
+}
+
 static void build_metrics(sup *s, outbuf *o)
 {
     out(o, "# TYPE spoke_generation gauge\nspoke_generation %u\n", s->cur ? s->cur->id : 0);
@@ -530,49 +538,6 @@ static void build_metrics(sup *s, outbuf *o)
     } else {
         metrics_hub(s, o);
     }
-}
-
-static void write_all(int fd, const char *p, size_t n)
-{
-    while (n > 0) {
-        ssize_t w = write(fd, p, n);
-        if (w < 0 && errno == EINTR)
-            continue;
-        if (w <= 0)
-            return;
-        p += w;
-        n -= (size_t)w;
-    }
-}
-
-static int accept_blocking(int lfd)
-{
-    int fd = accept4(lfd, NULL, NULL, SOCK_CLOEXEC);
-    if (fd < 0)
-        return -1;
-    /* The supervisor's loop also runs the watchdog: a client that is slow to send its
-     * request or to read the answer may hold it for 100 ms at most. */
-    struct timeval tv = {.tv_usec = 100000};
-    setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof(tv));
-    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
-    return fd;
-}
-
-/* The admin socket answers every connection with the status report, then closes. */
-void spk_sup_on_admin(struct ev_loop *loop, ev_io *w, int revents)
-{
-    (void)loop;
-    (void)revents;
-    sup *s = w->data;
-    int fd = accept_blocking(w->fd);
-    if (fd < 0)
-        return;
-    outbuf o = {0};
-    build_report(s, &o);
-    if (o.p)
-        write_all(fd, o.p, o.len);
-    free(o.p);
-    close(fd);
 }
 
 /* Copy text to out, with a HELP line (metric_help) before each TYPE line lacking one. */
