@@ -64,6 +64,10 @@ struct spk_host_env {
     size_t kv_cap;
     uint64_t kvlog_sec;        /* rate limit of KV failure logs: the current second ... */
     uint64_t kvlog_dropped;    /* ... and failures not logged since the last one that was */
+
+    struct spk_policy *policy; /* the worker's policy engine (policy.h); NULL: no policies,
+                                  every signal gets the built-in behaviour. Owned by the
+                                  worker, which frees it after the plugins' fini */
 };
 
 /* The host services table of `role`; static, valid for the life of the process. In the
@@ -136,5 +140,14 @@ int spk_host_queue_send(struct spk_queue *q, uint32_t plugin_id, const char *edg
                         const void *payload, size_t len, const char *correlation_id,
                         const spoke_kv *metadata, size_t n_metadata, bool json,
                         int64_t now_ms, uint64_t *seq, uint64_t *pending, spk_errbuf *eb);
+
+/* send_to_control on behalf of plugin p, addressed to the control plugin `plugin_id`: the
+ * one path of the send_to_control services (the queue retried when it is not open, the
+ * send stamped in p's slot as host time, refusals counted and logged with p's name,
+ * acceptances counted). The policy engine's send_to_control action uses it too. Returns 0
+ * or a public spoke_status. */
+int spk_host_send(spk_plugin *p, uint32_t plugin_id, const void *payload, size_t len,
+                  const char *correlation_id, const spoke_kv *metadata, size_t n_metadata,
+                  bool json, uint64_t *pending);
 
 #endif

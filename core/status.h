@@ -131,6 +131,16 @@ static inline void spk_hub_counters_add(spk_hub_counters *to, const spk_hub_coun
 #undef SPK_HUB_ADD
 }
 
+/* What the policy engine (core/policy.h) did in one worker, since it started. Written by
+ * the worker with relaxed atomics, read by the supervisor (`spoked status`). */
+typedef struct spk_policy_counters {
+    _Atomic uint64_t matched;       /* signals a policy matched */
+    _Atomic uint64_t errors;        /* a condition or Lua action raised an error */
+    _Atomic uint64_t timeouts;      /* ... ran past policies.timeout instructions */
+    _Atomic uint64_t memory;        /* ... ran out of policies.memory */
+    _Atomic uint64_t action_failed; /* a built-in action failed (queue refused, no conn) */
+} spk_policy_counters;
+
 typedef struct spk_wslot {
     spk_slot act;
     _Atomic uint32_t state;
@@ -147,6 +157,7 @@ typedef struct spk_wslot {
     _Atomic uint32_t plugins_seq;
     spk_uplink_counters uplink;
     spk_hub_counters hub;           /* a hubd worker's slot */
+    spk_policy_counters policy;     /* the policy engine of this worker */
 } spk_wslot;
 
 typedef struct spk_status {
