@@ -84,6 +84,8 @@ struct spk_policy {
     uint64_t log_sec;  /* rate limit of failure logs: the current second ... */
     unsigned log_n;    /* ... how many were logged in it ... */
     uint64_t log_dropped; /* ... and how many were not */
+    bool has_open;     /* a policy names the host's "open" signal */
+    spk_plugin host;   /* who sends the host's own signals: "spoke", ID 0 */
 };
 
 /* ---- the state: allocator, hook, sandbox ------------------------------------------- */
@@ -412,6 +414,13 @@ int spk_policy_new(const spk_config *cfg, spk_host_env *env, spk_policy_counters
     pol->counters = counters != NULL ? counters : &pol->own_counters;
     pol->mem_limit = (size_t)cfg->policy_memory;
     pol->timeout = (int)cfg->policy_timeout;
+    pol->host.name = (char *)"spoke";
+    pol->host.index = UINT32_MAX; /* its table's key in plugins_ref: no chain index */
+    pol->host.env = env;
+    pol->host.slot = &pol->host.own_slot;
+    snprintf(pol->host.log_prefix, sizeof(pol->host.log_prefix), "policies: ");
+    for (size_t i = 0; i < cfg->n_policies; i++)
+        pol->has_open |= strcmp(cfg->policies[i].signal, "open") == 0;
     int rc = build(pol, eb);
     if (rc != 0) {
         spk_policy_free(pol);
@@ -460,6 +469,7 @@ typedef struct eval {
     const spoke_kv *f;
     size_t n;
     size_t first;            /* the first policy whose signal matches */
+    bool host;               /* the host's own signal: `*` does not match it */
     const policy *matched;   /* the policy acted on; NULL: none */
     enum decision lua_says;  /* a Lua action's answer */
     bool failed;             /* the matched (or tried) policy failed */
@@ -467,9 +477,9 @@ typedef struct eval {
     char err[900];           /* and its message */
 } eval;
 
-static bool name_matches(const policy *y, const char *name)
+static bool name_matches(const policy *y, const char *name, bool host)
 {
-    return y->any || strcmp(y->conf->signal, name) == 0;
+    return (y->any && !host) || strcmp(y->conf->signal, name) == 0;
 }
 
 /* Push the three arguments (signal, plugin, conn) of a policy's functions. */
@@ -570,7 +580,7 @@ static int eval_signal(lua_State *L)
     bool have_args = false;
     for (size_t i = e->first; i < pol->n; i++) {
         const policy *y = &pol->v[i];
-        if (!name_matches(y, e->name))
+        if (!name_matches(y, e->name, e->host))
             continue;
         pol->cur_policy = y;
         if (!have_args) {
@@ -875,15 +885,37 @@ static enum decision then_of(int then, enum decision dflt)
     }
 }
 
+static int evaluate(spk_policy *pol, spk_plugin *p, spoke_conn *conn, const char *name,
+                    const spoke_kv *f, size_t n, bool host);
+static int act(spk_policy *pol, eval *e);
+
 int spk_policy_signal(spk_policy *pol, spk_plugin *p, spoke_conn *conn, const char *name,
                       const spoke_kv *f, size_t n)
 {
+    return evaluate(pol, p, conn, name, f, n, false);
+}
+
+void spk_policy_open(spk_policy *pol, spoke_conn *conn)
+{
+    if (pol->has_open)
+        evaluate(pol, &pol->host, conn, "open", NULL, 0, true);
+}
+
+static int evaluate(spk_policy *pol, spk_plugin *p, spoke_conn *conn, const char *name,
+                    const spoke_kv *f, size_t n, bool host)
+{
     size_t first = 0;
-    while (first < pol->n && !name_matches(&pol->v[first], name))
+    while (first < pol->n && !name_matches(&pol->v[first], name, host))
         first++;
     if (first == pol->n)
         return SPK_POLICY_BUILTIN;
-    eval e = {.pol = pol, .p = p, .conn = conn, .name = name, .f = f, .n = n, .first = first};
+    eval e = {.pol = pol, .p = p, .conn = conn, .name = name, .f = f, .n = n, .first = first,
+              .host = host};
+    const policy *y = &pol->v[first];
+    if (y->when_ref == LUA_NOREF && y->run_ref == LUA_NOREF) {
+        e.matched = y; /* a built-in action without a condition: no Lua at all */
+        return act(pol, &e);
+    }
     lua_State *L = pol->L;
     pol->cur_plugin = p;
     lua_settop(L, 0);
@@ -905,6 +937,14 @@ int spk_policy_signal(spk_policy *pol, spk_plugin *p, spoke_conn *conn, const ch
     }
     if (e.matched == NULL)
         return SPK_POLICY_BUILTIN;
+    return act(pol, &e);
+}
+
+/* Do the matched policy's action. */
+static int act(spk_policy *pol, eval *ep)
+{
+    const eval e = *ep;
+    spoke_conn *conn = e.conn;
     count(&pol->counters->matched);
     const spk_policy_conf *pc = e.matched->conf;
     const char *why;

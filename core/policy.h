@@ -69,6 +69,14 @@ void spk_policy_free(spk_policy *pol);
 int spk_policy_signal(spk_policy *pol, spk_plugin *p, spoke_conn *conn, const char *name,
                       const spoke_kv *f, size_t n);
 
+/* The host's own signal "open", for a connection that was just accepted (before any
+ * plugin's on_open): the policies that name "open" (not `*`: that means every signal of
+ * a plugin) are tried as for a plugin's signal, with plugin {name = "spoke", id = 0}.
+ * terminate or close flag conn SPK_CONN_TERMINATE (the chain then refuses it); the
+ * built-in behaviour of "open" is to do nothing. Costs one test when no policy names
+ * "open". */
+void spk_policy_open(spk_policy *pol, spoke_conn *conn);
+
 /* Bytes the engine's Lua state holds now (for tests and spoke-bench). */
 size_t spk_policy_memory(const spk_policy *pol);
 

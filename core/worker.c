@@ -209,6 +209,7 @@ static int start(worker *wk, spk_errbuf *eb)
     if (rc != 0)
         return spk_errf(eb, rc, "out of memory building the plugin chain");
     spk_chain_set_slot(&wk->chain, wk->slot);
+    wk->chain.policy = wk->env.policy;
     return spk_proxy_new(wk->loop, cfg, opts->listen_fds, opts->n_listen, &wk->chain,
                          &wk->proxy, eb);
 }

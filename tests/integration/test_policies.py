@@ -176,27 +176,47 @@ class LuaTest(PolicyCase):
             c2.s.sendall(b"SIG other\n")  # 3rd
             self.assertEqual(c2.rest(), b"")
 
-    def test_state_persists_in_the_worker(self):
-        """setup defines a helper and a table; a Lua action counts per peer address in a
-        window and closes the connection from the third signal on (docs' first example)."""
-        setup = ("seen = {}\n"
-                 "function count(peer, window)\n"
-                 "  local ip, now = peer:match('^(.*):%d+$'), spoke.now()\n"
-                 "  local e = seen[ip]\n"
-                 "  if e == nil or now - e.since > window then e = {n = 0, since = now}; seen[ip] = e end\n"
-                 "  e.n = e.n + 1\n"
-                 "  return e.n\n"
-                 "end\n")
-        pol = {"signal": "abuse", "run": "if count(conn.peer, 60) >= 3 then return 'close' end"}
-        with self.spoked(pol, keys={"setup": setup}) as sp:
-            for _ in range(2):
+    SETUP = """
+recent = {}   -- client address -> times of its terminate signals (this worker's)
+function ip_of(peer) return peer:match('^(.*):%d+$') or peer end
+function in_window(times, window)
+  local kept, now = {}, spoke.now()
+  for _, at in ipairs(times or {}) do
+    if now - at < window then kept[#kept + 1] = at end
+  end
+  return kept
+end
+function record(peer, window)
+  local ip = ip_of(peer)
+  local kept = in_window(recent[ip], window)
+  kept[#kept + 1] = spoke.now()
+  recent[ip] = kept
+end
+function blocked(peer, n, window)
+  return #in_window(recent[ip_of(peer)], window) >= n
+end
+"""
+
+    def test_block_a_client_after_n_terminates(self):
+        """docs/policies.md's first example: state kept in the worker's Lua state by
+        policies.setup's functions; the host's own "open" signal refuses the client once it
+        caused 3 terminate signals within a minute, before any plugin sees it."""
+        entries = [{"signal": "terminate", "run": "record(conn.peer, 60) return 'builtin'"},
+                   {"signal": "open", "when": "blocked(conn.peer, 3, 60)",
+                    "action": "terminate", "answer": "BLOCKED\n"}]
+        with self.spoked(*entries, keys={"setup": self.SETUP}) as sp:
+            for i in range(3):
                 c = Conn(sp.port)
-                self.assertEqual(c.sig("SIG abuse"), "SEEN abuse")
-                self.assert_open(c)
-                c.close()
+                self.assert_open(c)  # not blocked yet
+                self.assert_terminated(c, f"SIG terminate reason=t{i}")
             c = Conn(sp.port)
-            c.s.sendall(b"SIG abuse\n")
-            self.assertEqual(c.rest(), b"")
+            self.assertEqual(c.rest(), b"BLOCKED\n")
+            sp.wait_log(r"policies: conn \d+: terminated by policies.list\[1\] \(signal 'open'\)")
+
+    def test_star_does_not_match_the_hosts_open(self):
+        with self.spoked({"signal": "*", "action": "close"}) as sp:
+            c = Conn(sp.port)
+            self.assert_open(c)
 
 
 class FailingPoliciesTest(PolicyCase):
