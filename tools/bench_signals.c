@@ -176,7 +176,7 @@ static void report(const signals_opts *o, const double ns[N_SCENARIOS],
 
 void spk_bench_signals_usage(FILE *f)
 {
-    fprintf(f, "  signals [--iterations 1000000] [--repetitions 5] [--json]\n"
+    fprintf(f, "  signals [--iterations 200000] [--repetitions 20] [--json]\n"
                "      in-process cost of a plugin's signal: no policies, a policy for\n"
                "      another signal, matching policies with and without Lua conditions,\n"
                "      a Lua action (best repetition); ns per evaluated policy.\n");
@@ -191,7 +191,7 @@ int spk_bench_signals(int argc, char **argv)
         {"help", no_argument, NULL, 'h'},
         {NULL, 0, NULL, 0},
     };
-    signals_opts o = {.iterations = 1000000, .repetitions = 5};
+    signals_opts o = {.iterations = 200000, .repetitions = 20};
     uint64_t v;
     int c;
     optind = 0;
