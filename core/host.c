@@ -13,6 +13,10 @@
  * Refusals are counted by reason in the worker's status slot (the supervisor's metrics)
  * and logged with the plugin's name, at most REFUSAL_LOGS_PER_SEC a second per worker.
  *
+ * signal() hands the signal to the worker's policies first (policy.h: the operator's
+ * rules, in Lua); the built-in behaviour here (log, terminate) applies when no policy
+ * matched or the one that did failed.
+ *
  * The KV services (ABI 1.2) put each plugin's keys under its plugin ID in the store the
  * env holds (kv.h), in the delivery's transaction when hubd set one, else one transaction
  * per call; see the KV section below.
