@@ -74,18 +74,18 @@ struct spk_policy {
     spk_policy_counters own_counters;
     policy *v;
     size_t n;
-    int plugins_ref;   /* registry table: chain index + 1 -> the plugin's Lua table */
+    int plugins_ref; /* registry table: chain index + 1 -> the plugin's Lua table */
     size_t mem_used, mem_limit;
-    int timeout;       /* instructions per call */
-    bool timed_out;    /* the count hook fired during the current call */
+    int timeout;    /* instructions per call */
+    bool timed_out; /* the count hook fired during the current call */
     /* the signal being evaluated (spoke.log and spoke.send_to_control act for it) */
     spk_plugin *cur_plugin;
     const policy *cur_policy;
-    uint64_t log_sec;  /* rate limit of failure logs: the current second ... */
-    unsigned log_n;    /* ... how many were logged in it ... */
+    uint64_t log_sec;     /* rate limit of failure logs: the current second ... */
+    unsigned log_n;       /* ... how many were logged in it ... */
     uint64_t log_dropped; /* ... and how many were not */
-    bool has_open;     /* a policy names the host's "open" signal */
-    spk_plugin host;   /* who sends the host's own signals: "spoke", ID 0 */
+    bool has_open;        /* a policy names the host's "open" signal */
+    spk_plugin host;      /* who sends the host's own signals: "spoke", ID 0 */
 };
 
 /* ---- the state: allocator, hook, sandbox ------------------------------------------- */
@@ -194,8 +194,7 @@ static int sb_send(lua_State *L)
         return luaL_error(L, "spoke.send_to_control: only while a signal is evaluated");
     lua_Integer id = luaL_optinteger(L, 2, (lua_Integer)pol->cur_plugin->id);
     luaL_argcheck(L, id >= 0 && id <= UINT32_MAX, 2, "expected a plugin ID in 0..4294967295");
-    int rc = spk_host_send(pol->cur_plugin, (uint32_t)id, payload, len, NULL, NULL, 0, false,
-                           NULL);
+    int rc = spk_host_send(pol->cur_plugin, (uint32_t)id, payload, len, NULL, NULL, 0, false, NULL);
     if (rc == 0) {
         lua_pushboolean(L, 1);
         return 1;
@@ -212,7 +211,7 @@ static int sandbox_open(lua_State *L)
         const char *name;
         lua_CFunction open;
     } libs[] = {
-        {LUA_GNAME, luaopen_base},       {LUA_TABLIBNAME, luaopen_table},
+        {LUA_GNAME, luaopen_base},        {LUA_TABLIBNAME, luaopen_table},
         {LUA_STRLIBNAME, luaopen_string}, {LUA_MATHLIBNAME, luaopen_math},
         {LUA_UTF8LIBNAME, luaopen_utf8},
     };
@@ -259,30 +258,58 @@ static int call_lua(spk_policy *pol, int nargs, int nres)
 
 /* ---- messages ------------------------------------------------------------------------ */
 
+/* The file's line of line l (1-based) of Lua text t: a literal block's lines are the
+ * file's (the wrapper's own end is on the text's last line); other text is one line. */
+static int file_line(const spk_lua_text *t, int l)
+{
+    int last = 1;
+    for (const char *c = t->code; t->lines && c != NULL && *c; c++)
+        last += *c == '\n' && c[1] != '\0';
+    return t->line + (l < last ? l : last) - 1;
+}
+
+/* Where "CHUNK:N:" is in msg (NULL: not there), with N in *l and what follows in *rest. */
+static const char *find_location(const char *msg, const char *chunk, int *l, const char **rest)
+{
+    size_t cn = strlen(chunk);
+    for (const char *at = strstr(msg, chunk); at != NULL; at = strstr(at + 1, chunk)) {
+        if (at[cn] != ':' || sscanf(at + cn + 1, "%d", l) != 1 || *l <= 0)
+            continue;
+        const char *r = strchr(at + cn + 1, ':');
+        *rest = r ? r + 1 : "";
+        while (**rest == ' ')
+            (*rest)++;
+        return at;
+    }
+    return NULL;
+}
+
 /* Lua's message with "CHUNK:N:" turned into the config file's line: "file:line: CHUNK:
- * Lua: rest". `chunk` is the chunk's name ("policies.list[0].when"), `line` the file's
- * line of the text's first line. */
+ * Lua: rest". `chunk` is the chunk's name ("policies.list[0].when"), t its text. An
+ * error raised in a function policies.setup defined names setup's line too:
+ * "file:line: CHUNK: Lua: file:setupline: rest". */
 static void lua_message(const spk_config *cfg, const char *chunk, const spk_lua_text *t,
                         const char *msg, char *out, size_t cap)
 {
-    int line = t->line, last = 1; /* the text's last line: the wrapper's own end is on it */
-    for (const char *c = t->code; t->lines && c != NULL && *c; c++)
-        last += *c == '\n' && c[1] != '\0';
+    const char *file = cfg->file ? cfg->file : "?";
     if (msg == NULL)
         msg = "(an error object that is not a string)";
-    size_t cn = strlen(chunk);
-    const char *at = strstr(msg, chunk);
-    int l = 0;
-    if (at != NULL && at[cn] == ':' && sscanf(at + cn + 1, "%d", &l) == 1 && l > 0) {
-        const char *rest = strchr(at + cn + 1, ':');
-        rest = rest ? rest + 1 : "";
-        while (*rest == ' ')
-            rest++;
-        snprintf(out, cap, "%s:%d: %s: Lua: %.*s%s", cfg->file ? cfg->file : "?",
-                 line + (l < last ? l : last) - 1, chunk, (int)(at - msg), msg, rest);
+    int l;
+    const char *rest;
+    const char *at = find_location(msg, chunk, &l, &rest);
+    if (at != NULL) {
+        snprintf(out, cap, "%s:%d: %s: Lua: %.*s%s", file, file_line(t, l), chunk, (int)(at - msg),
+                 msg, rest);
         return;
     }
-    snprintf(out, cap, "%s:%d: %s: Lua: %s", cfg->file ? cfg->file : "?", line, chunk, msg);
+    const spk_lua_text *st = &cfg->policy_setup;
+    if (st->code != NULL && t != st &&
+        (at = find_location(msg, "policies.setup", &l, &rest)) != NULL) {
+        snprintf(out, cap, "%s:%d: %s: Lua: %s:%d: (policies.setup) %s", file, file_line(t, 1),
+                 chunk, file, file_line(st, l), rest);
+        return;
+    }
+    snprintf(out, cap, "%s:%d: %s: Lua: %s", file, file_line(t, 1), chunk, msg);
 }
 
 /* ---- creation ------------------------------------------------------------------------ */
@@ -301,17 +328,18 @@ static int compile_fn(spk_policy *pol, const spk_lua_text *t, const char *chunk,
                       int *ref, spk_errbuf *eb)
 {
     lua_State *L = pol->L;
-    const char *pre, *post;
-    if (starts_function(t->code))
-        pre = "return ", post = "\n";
-    else if (cond)
-        pre = "return function(signal, plugin, conn) local fields = signal.fields return (",
+    static const char head[] = "return function(signal, plugin, conn) local fields = "
+                               "signal.fields ";
+    const char *pre = head, *mid = "", *post = "\nend";
+    if (starts_function(t->code)) {
+        pre = "return ";
+        post = "\n";
+    } else if (cond) {
+        mid = "return (";
         post = "\n) end";
-    else
-        pre = "return function(signal, plugin, conn) local fields = signal.fields ",
-        post = "\nend";
+    }
     char *src = NULL;
-    if (asprintf(&src, "%s%s%s", pre, t->code, post) < 0)
+    if (asprintf(&src, "%s%s%s%s", pre, mid, t->code, post) < 0)
         return spk_errf(eb, SPK_ENOMEM, "%s: out of memory compiling %s", pol->cfg->file, chunk);
     char name[64];
     snprintf(name, sizeof(name), "=%s", chunk);
@@ -321,8 +349,10 @@ static int compile_fn(spk_policy *pol, const spk_lua_text *t, const char *chunk,
         st = call_lua(pol, 0, 1);
     char msg[900];
     if (st == LUA_ERRMEM)
-        return spk_errf(eb, SPK_ECONFIG, "%s:%d: %s: Lua: out of policies.memory while "
-                        "compiling", pol->cfg->file, t->line, chunk);
+        return spk_errf(eb, SPK_ECONFIG,
+                        "%s:%d: %s: Lua: out of policies.memory while "
+                        "compiling",
+                        pol->cfg->file, t->line, chunk);
     if (st != LUA_OK) {
         lua_message(pol->cfg, chunk, t, lua_tostring(L, -1), msg, sizeof(msg));
         lua_pop(L, 1);
@@ -330,8 +360,10 @@ static int compile_fn(spk_policy *pol, const spk_lua_text *t, const char *chunk,
     }
     if (lua_type(L, -1) != LUA_TFUNCTION) {
         lua_pop(L, 1);
-        return spk_errf(eb, SPK_ECONFIG, "%s:%d: %s: Lua: text that starts with `function` "
-                        "must be one function", pol->cfg->file, t->line, chunk);
+        return spk_errf(eb, SPK_ECONFIG,
+                        "%s:%d: %s: Lua: text that starts with `function` "
+                        "must be one function",
+                        pol->cfg->file, t->line, chunk);
     }
     *ref = luaL_ref(L, LUA_REGISTRYINDEX);
     return 0;
@@ -361,13 +393,17 @@ static int build(spk_policy *pol, spk_errbuf *eb)
     const spk_config *cfg = pol->cfg;
     pol->L = lua_newstate(sb_alloc, pol);
     if (pol->L == NULL)
-        return spk_errf(eb, SPK_ENOMEM, "policies: cannot create a Lua state in %llu bytes "
-                        "(policies.memory)", (unsigned long long)pol->mem_limit);
+        return spk_errf(eb, SPK_ENOMEM,
+                        "policies: cannot create a Lua state in %llu bytes "
+                        "(policies.memory)",
+                        (unsigned long long)pol->mem_limit);
     *(spk_policy **)lua_getextraspace(pol->L) = pol;
     lua_pushcfunction(pol->L, sandbox_open);
     if (lua_pcall(pol->L, 0, 0, 0) != LUA_OK)
-        return spk_errf(eb, SPK_ENOMEM, "policies: the Lua libraries do not fit in %llu bytes "
-                        "(policies.memory)", (unsigned long long)pol->mem_limit);
+        return spk_errf(eb, SPK_ENOMEM,
+                        "policies: the Lua libraries do not fit in %llu bytes "
+                        "(policies.memory)",
+                        (unsigned long long)pol->mem_limit);
     int rc = run_setup(pol, eb);
     if (rc != 0)
         return rc;
@@ -434,8 +470,8 @@ int spk_policy_check(const spk_config *cfg, spk_errbuf *eb)
 {
     if (cfg->n_policies == 0 && cfg->policy_setup.code == NULL)
         return 0;
-    spk_policy pol = {.cfg = cfg, .mem_limit = (size_t)cfg->policy_memory,
-                      .timeout = (int)cfg->policy_timeout};
+    spk_policy pol = {
+        .cfg = cfg, .mem_limit = (size_t)cfg->policy_memory, .timeout = (int)cfg->policy_timeout};
     pol.counters = &pol.own_counters;
     int rc = build(&pol, eb);
     if (pol.L != NULL)
@@ -468,13 +504,13 @@ typedef struct eval {
     const char *name;
     const spoke_kv *f;
     size_t n;
-    size_t first;            /* the first policy whose signal matches */
-    bool host;               /* the host's own signal: `*` does not match it */
-    const policy *matched;   /* the policy acted on; NULL: none */
-    enum decision lua_says;  /* a Lua action's answer */
-    bool failed;             /* the matched (or tried) policy failed */
-    int status;              /* the failing call's lua_pcall status */
-    char err[900];           /* and its message */
+    size_t first;           /* the first policy whose signal matches */
+    bool host;              /* the host's own signal: `*` does not match it */
+    const policy *matched;  /* the policy acted on; NULL: none */
+    enum decision lua_says; /* a Lua action's answer */
+    bool failed;            /* the matched (or tried) policy failed */
+    int status;             /* the failing call's lua_pcall status */
+    char err[900];          /* and its message */
 } eval;
 
 static bool name_matches(const policy *y, const char *name, bool host)
@@ -558,8 +594,10 @@ static void lua_results(eval *e, const policy *y)
         return;
     const char *what = lua_type(L, -2) == LUA_TSTRING ? lua_tostring(L, -2) : NULL;
     if (what == NULL || decision_of(what, &e->lua_says) != 0) {
-        lua_pushfstring(L, "returned %s%s%s; expected nothing, 'builtin', 'passthrough', "
-                        "'terminate' or 'close'", what ? "'" : "", what ? what : luaL_typename(L, -2), what ? "'" : "");
+        lua_pushfstring(L,
+                        "returned %s%s%s; expected nothing, 'builtin', 'passthrough', "
+                        "'terminate' or 'close'",
+                        what ? "'" : "", what ? what : luaL_typename(L, -2), what ? "'" : "");
         call_failed(e, y, "run", LUA_ERRRUN);
         return;
     }
@@ -622,8 +660,7 @@ static int eval_signal(lua_State *L)
 }
 
 /* Log a failure, at most ERROR_LOGS_PER_SEC a second per worker. */
-__attribute__((format(printf, 2, 3))) static void failure_log(spk_policy *pol, const char *fmt,
-                                                              ...)
+__attribute__((format(printf, 2, 3))) static void failure_log(spk_policy *pol, const char *fmt, ...)
 {
     uint64_t sec = pol->env && pol->env->loop ? (uint64_t)ev_now(pol->env->loop) : 0;
     if (sec != pol->log_sec) {
@@ -677,7 +714,7 @@ static void action_failed(spk_policy *pol, const eval *e, const char *why)
     failure_log(pol, "%s%s: action %s failed for signal '%s': %s; built-in behaviour applies",
                 e->p->log_prefix, e->matched->label,
                 e->matched->conf->action == SPK_PA_SEND_TO_CONTROL ? "send_to_control"
-                                                                     : "on the connection",
+                                                                   : "on the connection",
                 e->name, why);
 }
 
@@ -709,7 +746,10 @@ static void sb_put(sbuf *b, const char *s, size_t n)
     b->p[b->len] = '\0';
 }
 
-static void sb_puts(sbuf *b, const char *s) { sb_put(b, s, strlen(s)); }
+static void sb_puts(sbuf *b, const char *s)
+{
+    sb_put(b, s, strlen(s));
+}
 
 static void put_fields(sbuf *b, const eval *e)
 {
@@ -751,8 +791,7 @@ static void expand(const eval *e, const char *tpl, char *out, size_t cap)
             snprintf(num, sizeof(num), "%u", e->p->id);
             sb_puts(&b, num);
         } else if (IS("conn")) {
-            snprintf(num, sizeof(num), "%llu",
-                     (unsigned long long)(e->conn ? e->conn->id : 0));
+            snprintf(num, sizeof(num), "%llu", (unsigned long long)(e->conn ? e->conn->id : 0));
             sb_puts(&b, num);
         } else if (IS("peer")) {
             sb_puts(&b, e->conn ? e->conn->peer : "");
@@ -780,7 +819,7 @@ static void do_log(const eval *e)
     if (lvl < spk_log_get_level())
         return;
     /* the built-in text: a log signal's message, else the signal and its fields */
-    const char *tpl = pc->message ? pc->message
+    const char *tpl = pc->message                   ? pc->message
                       : strcmp(e->name, "log") == 0 ? "${message}"
                                                     : "signal ${name}: ${fields}";
     char text[2048], cid[48] = "";
@@ -877,11 +916,16 @@ static int apply(spk_policy *pol, const eval *e, enum decision d)
 static enum decision then_of(int then, enum decision dflt)
 {
     switch (then) {
-    case SPK_PT_BUILTIN: return D_BUILTIN;
-    case SPK_PT_PASSTHROUGH: return D_PASSTHROUGH;
-    case SPK_PT_TERMINATE: return D_TERMINATE;
-    case SPK_PT_CLOSE: return D_CLOSE;
-    default: return dflt;
+    case SPK_PT_BUILTIN:
+        return D_BUILTIN;
+    case SPK_PT_PASSTHROUGH:
+        return D_PASSTHROUGH;
+    case SPK_PT_TERMINATE:
+        return D_TERMINATE;
+    case SPK_PT_CLOSE:
+        return D_CLOSE;
+    default:
+        return dflt;
     }
 }
 
@@ -909,7 +953,13 @@ static int evaluate(spk_policy *pol, spk_plugin *p, spoke_conn *conn, const char
         first++;
     if (first == pol->n)
         return SPK_POLICY_BUILTIN;
-    eval e = {.pol = pol, .p = p, .conn = conn, .name = name, .f = f, .n = n, .first = first,
+    eval e = {.pol = pol,
+              .p = p,
+              .conn = conn,
+              .name = name,
+              .f = f,
+              .n = n,
+              .first = first,
               .host = host};
     const policy *y = &pol->v[first];
     if (y->when_ref == LUA_NOREF && y->run_ref == LUA_NOREF) {
@@ -923,8 +973,10 @@ static int evaluate(spk_policy *pol, spk_plugin *p, spoke_conn *conn, const char
     lua_pushlightuserdata(L, &e);
     int st = lua_pcall(L, 1, 0, 0);
     if (st != LUA_OK) { /* building the arguments failed: out of memory */
-        snprintf(e.err, sizeof(e.err), "%s", st == LUA_ERRMEM ? "ran out of policies.memory "
-                 "building the signal's tables" : lua_tostring(L, -1));
+        snprintf(e.err, sizeof(e.err), "%s",
+                 st == LUA_ERRMEM ? "ran out of policies.memory "
+                                    "building the signal's tables"
+                                  : lua_tostring(L, -1));
         e.status = st;
         e.failed = true;
     }

@@ -39,25 +39,34 @@ typedef struct scenario {
 
 static const scenario scenarios[] = {
     {"no policies (built-in)", "", 0},
-    {"1 policy for another signal", "policies:\n  list:\n"
-                                    "    - { signal: other, action: passthrough }\n", 0},
-    {"1 matching policy, no condition", "policies:\n  list:\n"
-                                        "    - { signal: bench, action: passthrough }\n", 0},
-    {"1 matching Lua condition", "policies:\n  list:\n"
-                                 "    - signal: bench\n"
-                                 "      when: \"fields.reason == 'x'\"\n"
-                                 "      action: passthrough\n", 1},
+    {"1 policy for another signal",
+     "policies:\n  list:\n"
+     "    - { signal: other, action: passthrough }\n",
+     0},
+    {"1 matching policy, no condition",
+     "policies:\n  list:\n"
+     "    - { signal: bench, action: passthrough }\n",
+     0},
+    {"1 matching Lua condition",
+     "policies:\n  list:\n"
+     "    - signal: bench\n"
+     "      when: \"fields.reason == 'x'\"\n"
+     "      action: passthrough\n",
+     1},
     {"4 Lua conditions, the 4th holds",
      "policies:\n  list:\n"
      "    - { signal: bench, when: \"fields.reason == 'a'\", action: close }\n"
      "    - { signal: bench, when: \"fields.reason == 'b'\", action: close }\n"
      "    - { signal: bench, when: \"plugin.id == 99\", action: close }\n"
      "    - { signal: bench, when: \"conn.peer ~= '' and fields.reason == 'x'\", "
-     "action: passthrough }\n", 4},
-    {"1 Lua action (returns nothing)", "policies:\n  list:\n"
-                                       "    - signal: bench\n"
-                                       "      run: \"if fields.reason ~= 'x' then return "
-                                       "'close' end\"\n", 1},
+     "action: passthrough }\n",
+     4},
+    {"1 Lua action (returns nothing)",
+     "policies:\n  list:\n"
+     "    - signal: bench\n"
+     "      run: \"if fields.reason ~= 'x' then return "
+     "'close' end\"\n",
+     1},
 };
 #define N_SCENARIOS (sizeof(scenarios) / sizeof(scenarios[0]))
 
@@ -94,8 +103,8 @@ static int load_config(const scenario *sc, spk_config **cfg)
     return 0;
 }
 
-static int measure(const signals_opts *o, struct ev_loop *loop, const scenario *sc,
-                   double *best_ns, size_t *lua_bytes)
+static int measure(const signals_opts *o, struct ev_loop *loop, const scenario *sc, double *best_ns,
+                   size_t *lua_bytes)
 {
     spk_config *cfg;
     if (load_config(sc, &cfg) != 0)
@@ -128,13 +137,14 @@ static int measure(const signals_opts *o, struct ev_loop *loop, const scenario *
         for (uint64_t i = 0; i < o->iterations; i++)
             acc |= host->signal(&p.ctx, &conn, "bench", fields, 1);
         uint64_t t1 = spk_bench_now_ns();
-        uint64_t failed = counters.errors + counters.timeouts + counters.memory +
-                          counters.action_failed;
+        uint64_t failed =
+            counters.errors + counters.timeouts + counters.memory + counters.action_failed;
         if (acc != 0 || conn.flags != 0 || failed != 0) {
-            fprintf(stderr, "spoke-bench: signals: %s: signal returned bits %d, connection "
-                            "flags %u, %llu failed policies; every scenario should let the "
-                            "signal pass\n", sc->name, acc, conn.flags,
-                    (unsigned long long)failed);
+            fprintf(stderr,
+                    "spoke-bench: signals: %s: signal returned bits %d, connection "
+                    "flags %u, %llu failed policies; every scenario should let the "
+                    "signal pass\n",
+                    sc->name, acc, conn.flags, (unsigned long long)failed);
             rc = -1;
         }
         double ns = (double)(t1 - t0) / (double)o->iterations;
@@ -199,22 +209,32 @@ int spk_bench_signals(int argc, char **argv)
         switch (c) {
         case 'n':
             if (spk_bench_parse_uint(optarg, 1, 1ull << 40, &o.iterations) != 0) {
-                fprintf(stderr, "spoke-bench: signals: --iterations: expected a positive "
-                                "number, got '%s'\n", optarg);
+                fprintf(stderr,
+                        "spoke-bench: signals: --iterations: expected a positive "
+                        "number, got '%s'\n",
+                        optarg);
                 return 1;
             }
             break;
         case 'r':
             if (spk_bench_parse_uint(optarg, 1, 1000, &v) != 0) {
-                fprintf(stderr, "spoke-bench: signals: --repetitions: expected 1..1000, "
-                                "got '%s'\n", optarg);
+                fprintf(stderr,
+                        "spoke-bench: signals: --repetitions: expected 1..1000, "
+                        "got '%s'\n",
+                        optarg);
                 return 1;
             }
             o.repetitions = (unsigned)v;
             break;
-        case 'j': o.json = true; break;
-        case 'h': spk_bench_signals_usage(stdout); return 0;
-        default: spk_bench_signals_usage(stderr); return 1;
+        case 'j':
+            o.json = true;
+            break;
+        case 'h':
+            spk_bench_signals_usage(stdout);
+            return 0;
+        default:
+            spk_bench_signals_usage(stderr);
+            return 1;
         }
     }
     if (optind != argc) {

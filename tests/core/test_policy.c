@@ -95,12 +95,13 @@ static void first_match_and_actions(void **state)
 {
     (void)state;
     fx x;
-    fx_new(&x, "policies:\n  list:\n"
-               "    - { signal: terminate, when: \"fields.reason == 'keep'\", action: passthrough }\n"
-               "    - { signal: terminate, when: \"conn.peer:match('^10%.') and plugin.id == 5\", "
-               "action: terminate, answer: \"NO\\n\" }\n"
-               "    - { signal: quit, action: close }\n"
-               "    - { signal: \"*\", when: \"signal.name == 'other'\", action: passthrough }\n");
+    fx_new(&x,
+           "policies:\n  list:\n"
+           "    - { signal: terminate, when: \"fields.reason == 'keep'\", action: passthrough }\n"
+           "    - { signal: terminate, when: \"conn.peer:match('^10%.') and plugin.id == 5\", "
+           "action: terminate, answer: \"NO\\n\" }\n"
+           "    - { signal: quit, action: close }\n"
+           "    - { signal: \"*\", when: \"signal.name == 'other'\", action: passthrough }\n");
     assert_int_equal(sig(&x, "terminate", "keep"), 0); /* 1st */
     assert_int_equal(x.conn.flags, 0);
     assert_int_equal(sig(&x, "terminate", "go"), 0); /* 2nd */
@@ -111,8 +112,8 @@ static void first_match_and_actions(void **state)
     assert_int_equal(spk_bytes_append(&x.conn.reply, "queued", 6), 0);
     assert_int_equal(spk_policy_signal(x.pol, &x.p, &x.conn, "quit", NULL, 0), 0); /* 3rd */
     assert_true(x.conn.flags & SPK_CONN_TERMINATE);
-    assert_int_equal(x.conn.reply.len, 0); /* close drops what was queued */
-    assert_int_equal(sig(&x, "other", NULL), 0);                    /* 4th */
+    assert_int_equal(x.conn.reply.len, 0);       /* close drops what was queued */
+    assert_int_equal(sig(&x, "other", NULL), 0); /* 4th */
     assert_int_equal(sig(&x, "unnamed", NULL), SPK_POLICY_BUILTIN); /* none */
     assert_int_equal(x.c.matched, 4);
     assert_int_equal(x.c.errors + x.c.timeouts + x.c.memory + x.c.action_failed, 0);
@@ -149,16 +150,20 @@ static void failures_are_counted_and_state_survives(void **state)
 {
     (void)state;
     fx x;
-    fx_new(&x, "policies:\n  timeout: 10000\n  memory: 1MiB\n  list:\n"
-               "    - { signal: err, when: \"error('no')\", action: close }\n"
-               "    - { signal: loop, when: \"(function() while true do end end)()\", action: close }\n"
-               "    - signal: loop2\n"
-               "      when: \"(function() while true do pcall(function() while true do end end) end end)()\"\n"
-               "      action: close\n"
-               "    - { signal: mem, run: \"t = {} while true do t[#t + 1] = string.rep('x', 10000) .. #t end\" }\n"
-               "    - { signal: mem2, run: \"local t = {} while true do t[#t + 1] = string.rep('y', 10000) .. #t end\" }\n"
-               "    - { signal: send, action: send_to_control }\n"
-               "    - { signal: ok, when: \"fields.reason == 'x'\", action: terminate }\n");
+    fx_new(&x,
+           "policies:\n  timeout: 10000\n  memory: 1MiB\n  list:\n"
+           "    - { signal: err, when: \"error('no')\", action: close }\n"
+           "    - { signal: loop, when: \"(function() while true do end end)()\", action: close }\n"
+           "    - signal: loop2\n"
+           "      when: \"(function() while true do pcall(function() while true do end end) end "
+           "end)()\"\n"
+           "      action: close\n"
+           "    - { signal: mem, run: \"t = {} while true do t[#t + 1] = string.rep('x', 10000) .. "
+           "#t end\" }\n"
+           "    - { signal: mem2, run: \"local t = {} while true do t[#t + 1] = string.rep('y', "
+           "10000) .. #t end\" }\n"
+           "    - { signal: send, action: send_to_control }\n"
+           "    - { signal: ok, when: \"fields.reason == 'x'\", action: terminate }\n");
     assert_int_equal(sig(&x, "err", NULL), SPK_POLICY_BUILTIN);
     assert_int_equal(x.c.errors, 1);
     assert_int_equal(sig(&x, "loop", NULL), SPK_POLICY_BUILTIN);
@@ -170,7 +175,7 @@ static void failures_are_counted_and_state_survives(void **state)
     assert_true(spk_policy_memory(x.pol) <= 1024 * 1024);
     assert_int_equal(sig(&x, "send", NULL), SPK_POLICY_BUILTIN); /* no env: no queue */
     assert_int_equal(x.c.action_failed, 1);
-    assert_int_equal(x.conn.flags, 0); /* nothing failed acted on the connection */
+    assert_int_equal(x.conn.flags, 0);       /* nothing failed acted on the connection */
     assert_int_equal(sig(&x, "ok", "x"), 0); /* the state still works */
     assert_true(x.conn.flags & SPK_CONN_TERMINATE);
     /* a global that fills the state: that policy fails from then on, others still work
@@ -178,6 +183,40 @@ static void failures_are_counted_and_state_survives(void **state)
     assert_int_equal(sig(&x, "mem", NULL), SPK_POLICY_BUILTIN);
     assert_int_equal(x.c.memory, 2);
     assert_true(spk_policy_memory(x.pol) <= 1024 * 1024);
+    fx_free(&x);
+}
+
+/* An error raised in a function policies.setup defined names both lines of the file. */
+static void error_in_setup_function(void **state)
+{
+    (void)state;
+    fx x;
+    fx_new(&x, "policies:\n"                                                            /* 2 */
+               "  setup: |\n"                                                           /* 3 */
+               "    function check(r)\n"                                                /* 4 */
+               "      return r:len() > 0\n"                                             /* 5 */
+               "    end\n"                                                              /* 6 */
+               "  list:\n"                                                              /* 7 */
+               "    - { signal: a, when: \"check(fields.reason)\", action: close }\n"); /* 8 */
+    char path[] = "/tmp/spoke-test-policy-log-XXXXXX";
+    int fd = mkstemp(path), saved = dup(2);
+    assert_true(fd >= 0 && saved >= 0);
+    dup2(fd, 2);
+    int rc = sig(&x, "a", NULL); /* no reason: r is nil */
+    dup2(saved, 2);
+    close(saved);
+    char logged[2048] = "";
+    ssize_t n = pread(fd, logged, sizeof(logged) - 1, 0);
+    close(fd);
+    unlink(path);
+    assert_true(n > 0);
+    assert_int_equal(rc, SPK_POLICY_BUILTIN);
+    assert_int_equal(x.c.errors, 1);
+    if (strstr(logged, ":8: policies.list[0].when: Lua: ") == NULL ||
+        strstr(logged, ":5: (policies.setup) attempt to index a nil value") == NULL)
+        fail_msg("%s", logged);
+    assert_int_equal(sig(&x, "a", "yes"), 0);
+    assert_true(x.conn.flags & SPK_CONN_TERMINATE);
     fx_free(&x);
 }
 
@@ -205,24 +244,23 @@ static void check_messages(void **state)
     (void)state;
     spk_config *cfg = NULL;
     spk_errbuf eb;
-    assert_int_equal(load("policies:\n"                  /* 2 */
-                          "  list:\n"                    /* 3 */
-                          "    - signal: a\n"            /* 4 */
-                          "      run: |\n"               /* 5 */
-                          "        local x = 1\n"        /* 6 */
-                          "        x = = 2\n",           /* 7 */
+    assert_int_equal(load("policies:\n"           /* 2 */
+                          "  list:\n"             /* 3 */
+                          "    - signal: a\n"     /* 4 */
+                          "      run: |\n"        /* 5 */
+                          "        local x = 1\n" /* 6 */
+                          "        x = = 2\n",    /* 7 */
                           &cfg, &eb),
                      SPK_ECONFIG);
     assert_non_null(strstr(eb.msg, ":7: policies.list[0].run: Lua: unexpected symbol near '='"));
-    assert_int_equal(load("policies:\n  list:\n    - { signal: a, when: \"x ==\", action: close }\n",
-                          &cfg, &eb),
-                     SPK_ECONFIG);
+    assert_int_equal(
+        load("policies:\n  list:\n    - { signal: a, when: \"x ==\", action: close }\n", &cfg, &eb),
+        SPK_ECONFIG);
     if (strstr(eb.msg, ":4: policies.list[0].when: Lua: unexpected symbol") == NULL)
         fail_msg("%s", eb.msg);
     assert_int_equal(load("policies:\n  list:\n    - { signal: a }\n", &cfg, &eb), SPK_ECONFIG);
     assert_non_null(strstr(eb.msg, "exactly one of `action:`"));
-    assert_int_equal(load("policies:\n  list:\n    - { action: close }\n", &cfg, &eb),
-                     SPK_ECONFIG);
+    assert_int_equal(load("policies:\n  list:\n    - { action: close }\n", &cfg, &eb), SPK_ECONFIG);
     assert_non_null(strstr(eb.msg, "`signal:` is required"));
     assert_int_equal(load("policies:\n  setup: \"while true do end\"\n", &cfg, &eb), SPK_ECONFIG);
     assert_non_null(strstr(eb.msg, "policies.setup: Lua: ran past policies.timeout"));
@@ -235,6 +273,7 @@ int main(void)
         cmocka_unit_test(first_match_and_actions),
         cmocka_unit_test(lua_actions),
         cmocka_unit_test(failures_are_counted_and_state_survives),
+        cmocka_unit_test(error_in_setup_function),
         cmocka_unit_test(sandbox),
         cmocka_unit_test(check_messages),
     };
