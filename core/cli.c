@@ -32,6 +32,8 @@
 #include "kv_conf.h"
 #include "log.h"
 #include "net.h"
+#include "pin.h"
+#include "privs.h"
 #include "status.h"
 #include "supervisor.h"
 #include "uplink.h"
@@ -87,6 +89,8 @@ static int single_process(const char *path)
     int *fds = calloc(cfg->n_listen ? cfg->n_listen : 1, sizeof(int));
     int rc = fds ? spk_listen_all(cfg->listen, cfg->n_listen, cfg->backlog, fds, &eb)
                  : spk_errf(&eb, SPK_ENOMEM, "out of memory");
+    if (rc == 0)
+        rc = spk_privs_apply(cfg, &eb); /* listeners bound: the plugins run as `user:` */
     if (rc == 0) {
         spk_worker_opts opts = {.listen_fds = fds, .n_listen = cfg->n_listen};
         rc = spk_worker_run(cfg, &opts, &eb);
@@ -110,6 +114,13 @@ static int worker_main(int argc, char **argv)
     size_t n_fds = 0;
     const char *quarantine[SPK_STATUS_PLUGINS];
     size_t n_q = 0;
+    int *pin_fds = calloc((size_t)argc, sizeof(int));
+    char **pin_paths = calloc((size_t)argc, sizeof(char *));
+    size_t n_pins = 0;
+    if (pin_fds == NULL || pin_paths == NULL) {
+        fprintf(stderr, "%s: out of memory\n", prog);
+        return 2;
+    }
     for (int i = 1; i + 1 < argc; i += 2) {
         const char *k = argv[i], *v = argv[i + 1];
         if (strcmp(k, "--worker") == 0 || strcmp(k, "--uplink") == 0)
@@ -128,6 +139,10 @@ static int worker_main(int argc, char **argv)
             fds[n_fds++] = atoi(v);
         else if (strcmp(k, "--quarantine") == 0 && n_q < SPK_STATUS_PLUGINS)
             quarantine[n_q++] = v;
+        else if (strcmp(k, "--pin") == 0 && strchr(v, ':') != NULL) {
+            pin_fds[n_pins] = atoi(v);
+            pin_paths[n_pins++] = strchr(v, ':') + 1;
+        }
     }
     char tag[48];
     if (uplink)
@@ -140,6 +155,8 @@ static int worker_main(int argc, char **argv)
     if (cfg_fd < 0 || st_fd < 0 || slot < 0 || slot >= SPK_STATUS_SLOTS ||
         spk_status_map(st_fd, &st, &eb) != 0) {
         fprintf(stderr, "%s: bad worker arguments (this mode is for the supervisor)\n", prog);
+        free(pin_fds);
+        free(pin_paths);
         return 2;
     }
     close(st_fd);
@@ -148,6 +165,7 @@ static int worker_main(int argc, char **argv)
     snprintf(path, sizeof(path), "/proc/self/fd/%d", cfg_fd);
     spk_config *cfg;
     int rc = load(path, &cfg, &eb);
+    bool loaded = rc == 0;
     close(cfg_fd);
     if (rc == 0 && cfg_name != NULL) {
         char *n = strdup(cfg_name);
@@ -156,6 +174,15 @@ static int worker_main(int argc, char **argv)
             cfg->file = n;
         }
     }
+    /* A worker runs the generation's plugin files (pin.h), as `user:` (privs.h). */
+    if (rc == 0 && !uplink)
+        rc = spk_pins_apply(cfg, pin_fds, pin_paths, n_pins, &eb);
+    if (rc == 0 && !uplink)
+        rc = spk_privs_apply(cfg, &eb);
+    free(pin_fds);
+    free(pin_paths);
+    if (rc != 0 && loaded)
+        spk_config_free(cfg);
     if (rc == 0 && uplink) {
         spk_log_set_level(cfg->log_level);
         rc = spk_uplink_run(cfg, ws, &eb);

@@ -1147,6 +1147,7 @@ static const field plugins_fields[] = {
     CF("drain_timeout", p_duration, d_duration, drain_timeout_ms, 0, DAY, 30 * SEC),
     CF("tick", p_duration, d_duration, tick_ms, 1, HOUR, SEC),
     CS("list", p_plugins, d_plugins, plugins, NULL), /* empty */
+    CF("strict_modes", p_bool, d_bool, strict_modes, 0, 0, true),
 };
 
 static const field queue_fields[] = {
@@ -1230,6 +1231,8 @@ static const field log_fields[] = {
 static int p_run_dir(cfg_ctx *c, const node *v, const char *key, void *base, const field *f);
 static const field root_fields[] = {
     CS("run_dir", p_run_dir, d_str, run_dir, NULL), /* computed (computed_defaults) */
+    CS("user", p_str_opt, d_str, user, NULL),   /* none: see core/privs.h */
+    CS("group", p_str_opt, d_str, group, NULL), /* none: the user's primary group */
 };
 
 /* policies: (the engine is core/policy.c; docs/policies.md) */
@@ -1637,7 +1640,7 @@ static int apply_root(cfg_ctx *c, const node *root)
                 if (section_in_role(&sections[j], c->cfg->role))
                     snprintf(known + strlen(known), sizeof(known) - strlen(known), "%s%s",
                              known[0] ? ", " : "", sections[j].name);
-            return cfg_fail(c, p->line, p->key, "unknown section (known: %s; and the key run_dir)",
+            return cfg_fail(c, p->line, p->key, "unknown section (known: %s; and the keys run_dir, user, group)",
                             known);
         }
         if (node_is_null(p->val))
@@ -1858,6 +1861,8 @@ void spk_config_free(spk_config *cfg)
     free(cfg->auth_token_file);
     free(cfg->metrics_listen);
     free(cfg->run_dir);
+    free(cfg->user);
+    free(cfg->group);
     free(cfg->policy_setup.code);
     for (size_t i = 0; i < cfg->n_policies; i++)
         policy_conf_clear(&cfg->policies[i]);

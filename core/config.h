@@ -43,6 +43,8 @@ typedef struct spk_plugin_conf {
     spoke_kv *config;    /* `config:` map flattened ("a.b", "list.0"); values as text */
     size_t n_config;
     int line;            /* line of this entry in the config file, for messages */
+    int pin_fd;          /* > 0: the supervisor's sealed copy of the file, which a supervised
+                            worker loads instead of `path` (core/pin.h); 0: none */
 } spk_plugin_conf;
 
 /* A piece of Lua from the config (policies), with the line of the file its first line of
@@ -190,6 +192,13 @@ typedef struct spk_config {
     char *kv_path;             /* kv.path: the store's directory */
     uint64_t kv_map_size;      /* kv.map_size: LMDB map size, the most it can hold */
     uint64_t kv_sync_ms;       /* kv.sync: the edge's period between flushes to disk */
+
+    bool strict_modes;         /* plugins.strict_modes: owner and mode checks (core/trust.h) */
+    char *user;                /* top-level `user:`: the account workers run as (core/privs.h);
+                                  NULL: not set */
+    char *group;               /* top-level `group:`; NULL: the user's primary group */
+    bool plugins_pinned;       /* not a key: the plugin set is the supervisor's pins (every
+                                  enabled entry has pin_fd; no plugins.dir scan), core/pin.h */
 
     /* policies: what the host does with plugins' signals (core/policy.h) */
     uint64_t policy_timeout;   /* policies.timeout: Lua instructions per evaluation */

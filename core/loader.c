@@ -27,6 +27,7 @@
 #include <openssl/evp.h>
 
 #include "log.h"
+#include "trust.h"
 
 /* The smallest table a 1.0 plugin may declare: everything up to and including the
  * dependencies field (name and version are mandatory; hooks may be cut off). */
@@ -97,13 +98,26 @@ int spk_sha256_file(const char *path, uint8_t sum[32], spk_errbuf *eb)
  * dlopens the copy, so (1) the bytes whose sum was checked are exactly the bytes that run,
  * and (2) a file overwritten in place on disk later (cp over it, a half-written download)
  * cannot change the code under a running worker: its mapping is of the private copy.
+ * The source is the supervisor's sealed copy when the plugin is pinned (`pin_fd` > 0,
+ * pin.h: opened anew through /proc, so workers never share a file offset), else the file
+ * at `path`, under plugins.strict_modes when `strict` (trust.h).
  * Returns the memfd, or a negative spk_err. */
-static int private_copy(const char *path, uint8_t sum[32], spk_errbuf *eb)
+static int private_copy(const char *path, int pin_fd, bool strict, uint8_t sum[32],
+                        spk_errbuf *eb)
 {
-    int fd = open(path, O_RDONLY | O_CLOEXEC);
-    if (fd < 0)
-        return spk_errf(eb, errno == ENOENT ? SPK_ENOENT : SPK_EIO, "cannot open %s: %s", path,
-                        strerror(errno));
+    int fd = -1, rc;
+    if (pin_fd > 0) {
+        char fdpath[64];
+        snprintf(fdpath, sizeof(fdpath), "/proc/self/fd/%d", pin_fd);
+        fd = open(fdpath, O_RDONLY | O_CLOEXEC);
+        rc = fd >= 0 ? 0
+                     : spk_errf(eb, SPK_EIO, "%s: cannot open the supervisor's copy: %s", path,
+                                strerror(errno));
+    } else {
+        rc = spk_trust_open(path, strict, &fd, eb);
+    }
+    if (rc != 0)
+        return rc;
     const char *base = strrchr(path, '/');
     int mfd = memfd_create(base ? base + 1 : path, MFD_CLOEXEC);
     if (mfd < 0) {
@@ -111,7 +125,7 @@ static int private_copy(const char *path, uint8_t sum[32], spk_errbuf *eb)
         close(fd);
         return spk_errf(eb, SPK_EIO, "%s: memfd_create: %s", path, strerror(e));
     }
-    int rc = hash_fd(fd, mfd, path, sum, eb);
+    rc = hash_fd(fd, mfd, path, sum, eb);
     close(fd);
     if (rc != 0) {
         close(mfd);
@@ -183,8 +197,8 @@ static int check_table(spk_plugin *p, const spoke_plugin *t, spk_errbuf *eb)
     return 0;
 }
 
-int spk_plugin_open(const char *path, const uint8_t *expect_sha256, const spoke_host *host,
-                    spk_plugin **out, spk_errbuf *eb)
+static int plugin_open(const char *path, int pin_fd, bool strict, const uint8_t *expect_sha256,
+                       const spoke_host *host, spk_plugin **out, spk_errbuf *eb)
 {
     *out = NULL;
     spk_plugin *p = calloc(1, sizeof(*p));
@@ -195,7 +209,7 @@ int spk_plugin_open(const char *path, const uint8_t *expect_sha256, const spoke_
     p->ctx.plugin = p;
     p->slot = &p->own_slot;
 
-    int mfd = private_copy(path, p->sha256, eb);
+    int mfd = private_copy(path, pin_fd, strict, p->sha256, eb);
     int rc = mfd < 0 ? mfd : 0;
     if (rc != 0)
         goto fail;
@@ -249,6 +263,12 @@ int spk_plugin_open(const char *path, const uint8_t *expect_sha256, const spoke_
 fail:
     spk_plugin_close(p);
     return rc;
+}
+
+int spk_plugin_open(const char *path, const uint8_t *expect_sha256, const spoke_host *host,
+                    spk_plugin **out, spk_errbuf *eb)
+{
+    return plugin_open(path, 0, false, expect_sha256, host, out, eb);
 }
 
 void spk_plugin_close(spk_plugin *p)
@@ -385,7 +405,7 @@ static int name_cmp(const void *a, const void *b)
 
 /* plugins.autoload: append every *.so of plugins.dir that the list does not name, in
  * name order so that the chain order is reproducible. */
-static int add_autoloads(spk_config *cfg, spk_errbuf *eb)
+int spk_plugin_autoload(spk_config *cfg, spk_errbuf *eb)
 {
     DIR *d = opendir(cfg->plugins_dir);
     if (d == NULL)
@@ -515,6 +535,17 @@ static void set_close(spk_plugin_set *set)
     set->n = 0;
 }
 
+/* A worker's pins are read once: each plugin runs from its private copy, so the
+ * descriptors are closed (the worker holds only what it uses). */
+static void release_pins(spk_config *cfg)
+{
+    for (size_t i = 0; i < cfg->n_plugins; i++) {
+        if (cfg->plugins[i].pin_fd > 0)
+            close(cfg->plugins[i].pin_fd);
+        cfg->plugins[i].pin_fd = -1;
+    }
+}
+
 int spk_plugin_set_load(spk_config *cfg, const spoke_host *host, spk_host_env *env,
                         spk_slot *slot, const char *const *skip, size_t n_skip,
                         spk_plugin_set *out, spk_errbuf *eb)
@@ -522,8 +553,17 @@ int spk_plugin_set_load(spk_config *cfg, const spoke_host *host, spk_host_env *e
     out->v = NULL;
     out->n = 0;
     int rc = 0;
-    if (cfg->autoload && (rc = add_autoloads(cfg, eb)) != 0)
-        return rc;
+    if (!cfg->plugins_pinned) {
+        /* Unsupervised (--single-process, a tool): the files are read here, under the
+         * same rules as the supervisor's pins. */
+        if (!cfg->strict_modes)
+            spk_trust_warn_off();
+        if (cfg->autoload && cfg->strict_modes &&
+            (rc = spk_trust_dir(cfg->plugins_dir, eb)) != 0)
+            return rc;
+        if (cfg->autoload && (rc = spk_plugin_autoload(cfg, eb)) != 0)
+            return rc;
+    }
     for (size_t i = 0; i < cfg->n_plugins; i++) {
         const spk_plugin_conf *pc = &cfg->plugins[i];
         if (!pc->enabled)
@@ -534,7 +574,12 @@ int spk_plugin_set_load(spk_config *cfg, const spoke_host *host, spk_host_env *e
             continue;
         }
         spk_plugin *p;
-        rc = spk_plugin_open(pc->path, pc->has_sha256 ? pc->sha256 : NULL, host, &p, eb);
+        if (cfg->plugins_pinned && pc->pin_fd <= 0)
+            rc = spk_errf(eb, SPK_EINVAL, "%s: refused: not among the files the supervisor "
+                          "read when this generation started", pc->path);
+        else
+            rc = plugin_open(pc->path, pc->pin_fd, cfg->strict_modes,
+                             pc->has_sha256 ? pc->sha256 : NULL, host, &p, eb);
         if (rc != 0) {
             if (pc->line > 0) {
                 spk_errbuf tmp = *eb;
@@ -567,8 +612,10 @@ int spk_plugin_set_load(spk_config *cfg, const spoke_host *host, spk_host_env *e
     }
     if ((rc = check_duplicates(out, eb)) != 0 || (rc = check_requirements(cfg, out, eb)) != 0)
         goto fail;
+    release_pins(cfg);
     return 0;
 fail:
+    release_pins(cfg);
     set_close(out);
     return rc;
 }

@@ -100,10 +100,19 @@ int spk_version_cmp(const char *a, const char *b);
  * loading can be left out too. */
 void spk_plugin_key(const spk_plugin_conf *pc, char *out, size_t cap);
 
+/* plugins.autoload: append an entry for every *.so of plugins.dir that the list does not
+ * name, in name order (so the chain order is reproducible). Reads the directory only (no
+ * dlopen): the supervisor's pins (pin.h) use it. Returns 0, SPK_ENOENT, SPK_EIO or
+ * SPK_ENOMEM. */
+int spk_plugin_autoload(spk_config *cfg, spk_errbuf *eb);
+
 /* Load every enabled plugin of `cfg` (the "open" and "check" steps), except the entries
  * whose key (spk_plugin_key) is in skip[0..n_skip) (quarantined). Each plugin gets `env`
  * and `slot` (both borrowed, may be NULL: no environment; its own slot). Autoloaded files
- * are appended to cfg->plugins (hence non-const). On failure nothing stays loaded. */
+ * are appended to cfg->plugins (hence non-const). Files are read from the supervisor's
+ * pins when cfg->plugins_pinned (a supervised worker; pin.h), else from their paths under
+ * plugins.strict_modes (trust.h); the pins are closed once read (pin_fd = -1). On failure
+ * nothing stays loaded. */
 int spk_plugin_set_load(spk_config *cfg, const spoke_host *host, spk_host_env *env,
                         spk_slot *slot, const char *const *skip, size_t n_skip,
                         spk_plugin_set *out, spk_errbuf *eb);

@@ -4,7 +4,9 @@
  *
  * State: a *generation* is one config snapshot (the file's text, kept in a memfd that
  * every worker of the generation parses, so a restarted worker runs exactly the config
- * its siblings run) plus its workers and its quarantine set. `cur` serves; `next` exists
+ * its siblings run), its plugin files (sealed copies read when it starts, pin.h, so a
+ * restarted worker runs the same bytes too), the account its workers drop to (privs.h),
+ * plus its workers and its quarantine set. `cur` serves; `next` exists
  * while a reload (or a quarantine) is starting a replacement; `old` generations drain.
  *
  * New workers load and initialise their plugins but do not accept until the supervisor
@@ -159,7 +161,7 @@ void spk_sup_exec(sup *s, generation *g, const char *mode, int index, int slot,
     sigset_t none;
     sigemptyset(&none);
     sigprocmask(SIG_SETMASK, &none, NULL);
-    size_t max = 16 + 2 * s->n_fds + 2 * g->n_quarantine;
+    size_t max = 16 + 2 * s->n_fds + 2 * g->n_quarantine + 2 * g->pins.n;
     char **argv = calloc(max, sizeof(char *));
     char nbuf[8][24];
     if (argv == NULL)
@@ -191,6 +193,16 @@ void spk_sup_exec(sup *s, generation *g, const char *mode, int index, int slot,
     for (size_t i = 0; with_listeners && i < g->n_quarantine; i++) {
         argv[a++] = "--quarantine";
         argv[a++] = g->quarantine[i];
+    }
+    for (size_t i = 0; with_listeners && i < g->pins.n; i++) {
+        /* "FD:PATH": the generation's copy of the plugin file at PATH (pin.h). */
+        char *b = malloc(strlen(g->pins.v[i].path) + 24);
+        if (b == NULL)
+            _exit(1);
+        sprintf(b, "%d:%s", g->pins.v[i].fd, g->pins.v[i].path);
+        argv[a++] = "--pin";
+        argv[a++] = b;
+        fcntl(g->pins.v[i].fd, F_SETFD, 0);
     }
     argv[a] = NULL;
     execv(s->self_exe, argv);
@@ -242,6 +254,20 @@ static void on_restart_timer(struct ev_loop *loop, ev_timer *t, int revents)
         spawn(w);
 }
 
+/* The stores the workers open must be theirs once they dropped privileges. */
+static void hand_over_stores(const sup *s, const generation *g)
+{
+    const spk_config *cfg = g->cfg;
+    const char *dirs[2] = {s->role == SPOKE_ROLE_CONTROL ? cfg->hub_store : cfg->queue_path,
+                           s->role == SPOKE_ROLE_CONTROL ? NULL : cfg->kv_path};
+    for (int i = 0; i < 2; i++) {
+        spk_errbuf eb;
+        if (spk_privs_hand_over(&g->privs, dirs[i], &eb) != 0)
+            spk_error("%s (workers running as %s may not be able to use it)", eb.msg,
+                      g->privs.user);
+    }
+}
+
 static generation *gen_new(sup *s, spk_errbuf *eb)
 {
     generation *g = calloc(1, sizeof(*g));
@@ -255,6 +281,16 @@ static generation *gen_new(sup *s, spk_errbuf *eb)
         free(g);
         return NULL;
     }
+    /* Whom the workers run as, and the plugin files they run: fixed for the generation's
+     * life, restarts included. */
+    if (spk_privs_resolve(g->cfg, &g->privs, eb) != 0 ||
+        spk_pins_take(g->cfg, &g->pins, eb) != 0) {
+        gen_free(s, g);
+        return NULL;
+    }
+    /* Before the supervisor opens the queue (at start: it would create missing parents
+     * 0700, out of the workers' reach); gen_start gives them what was created since. */
+    hand_over_stores(s, g);
     return g;
 }
 
@@ -275,6 +311,7 @@ static int gen_copy_quarantine(generation *dst, const generation *src)
 static int gen_start(sup *s, generation *g)
 {
     g->id = ++s->gen_counter;
+    hand_over_stores(s, g);
     int n = g->cfg->workers > 0 ? g->cfg->workers : (int)sysconf(_SC_NPROCESSORS_ONLN);
     if (n < 1)
         n = 1;
@@ -323,6 +360,7 @@ static void gen_free(sup *s, generation *g)
     for (size_t i = 0; i < g->n_quarantine; i++)
         free(g->quarantine[i]);
     free(g->quarantine);
+    spk_pins_free(&g->pins);
     if (g->cfg_fd >= 0)
         close(g->cfg_fd);
     spk_config_free(g->cfg);
@@ -401,9 +439,10 @@ void spk_sup_start_replacement(sup *s, const char *why)
         g->cfg_fd = -1;
         char fdpath[64];
         snprintf(fdpath, sizeof(fdpath), "/proc/self/fd/%d", s->cur->cfg_fd);
+        g->privs = s->cur->privs;
         if (spk_config_load_role(fdpath, s->role, &g->cfg, &eb) != 0 ||
             (g->cfg_fd = fcntl(s->cur->cfg_fd, F_DUPFD_CLOEXEC, 0)) < 0 ||
-            gen_copy_quarantine(g, s->cur) != 0) {
+            gen_copy_quarantine(g, s->cur) != 0 || spk_pins_dup(&s->cur->pins, &g->pins) != 0) {
             spk_error("%s: cannot prepare the replacement generation: %s", why, eb.msg);
             gen_free(s, g);
             return;

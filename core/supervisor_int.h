@@ -23,6 +23,8 @@
 
 #include "config.h"
 #include "err.h"
+#include "pin.h"
+#include "privs.h"
 #include "queue.h"
 #include "status.h"
 
@@ -56,6 +58,8 @@ struct generation {
     int cfg_fd;
     char **quarantine; /* keys of quarantined plugins */
     size_t n_quarantine;
+    spk_pins pins;     /* the plugin files every worker of it loads (pin.h) */
+    spk_privs privs;   /* the account its workers run as (privs.h) */
     wproc *w;
     int n;
     bool ready; /* every worker reported ready once and was told to accept */

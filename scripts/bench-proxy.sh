@@ -207,6 +207,7 @@ pick() {
 spoked_config() { # file port n_plugins
     {
         echo "run_dir: $TMP/run-$2"
+        echo "user: $(id -un)"
         echo "edge: { id: bench }"
         echo "listen: { address: 127.0.0.1:$2, upstream: $UPSTREAM, workers: 1 }"
         echo "log: { level: warn }"

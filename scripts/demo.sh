@@ -54,6 +54,7 @@ cat >"$DIR/hub.yaml" <<EOF
 hub: { listen: 127.0.0.1:$HUB_PORT, workers: 2, store: $DIR/hub-store, map_size: 256MiB }
 auth: { token_file: $DIR/hub.tokens }
 run_dir: $DIR/hub-run
+user: $(id -un)
 plugins:
   dir: $DIR/hub-plugins
   list:
@@ -65,6 +66,7 @@ write_config() { # $1: extra plugin entries
 edge: { id: demo-edge, namespace: demo }
 listen: { address: 127.0.0.1:$EDGE_PORT, upstream: 127.0.0.1:$ECHO_PORT, workers: 2 }
 run_dir: $DIR/run
+user: $(id -un)
 queue: { path: $DIR/queue }
 kv: { path: $DIR/kv }
 uplink: { url: http://127.0.0.1:$HUB_PORT, heartbeat: 500ms, token_file: $DIR/edge.token }

@@ -62,6 +62,10 @@ int spk_bench_parse_uint(const char *text, uint64_t min, uint64_t max, uint64_t 
  * out[cap]. Returns 0 or -1. */
 int spk_bench_self_dir(char *out, size_t cap);
 
+/* The name of the account spoke-bench runs as, for the `user:` of the configs it writes
+ * (spoked and hubd started as root refuse a config without one; core/privs.h). */
+const char *spk_bench_run_as(void);
+
 /* Print s as a JSON string literal, quotes included. */
 void spk_bench_json_string(FILE *f, const char *s);
 

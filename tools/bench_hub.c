@@ -308,8 +308,9 @@ int spk_bh_hub_config_tls(const char *dir, int port, unsigned workers, uint32_t 
             "        stats: \"%s\"\n"
             "log:\n"
             "  level: info\n"
-            "run_dir: \"%s\"\n",
-            port, workers, dir, plugin_dir, plugin_id, stats_path, run_dir);
+            "run_dir: \"%s\"\n"
+            "user: \"%s\"\n",
+            port, workers, dir, plugin_dir, plugin_id, stats_path, run_dir, spk_bench_run_as());
     if (tls)
         fprintf(f, "tls:\n  cert: \"%s/cert.pem\"\n  key: \"%s/key.pem\"\n", dir, dir);
     return fclose(f) == 0 ? 0 : -1;

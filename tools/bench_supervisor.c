@@ -158,9 +158,10 @@ static int write_config(sbench *b)
         return -1;
     fprintf(f,
             "listen: { address: 127.0.0.1:%d, upstream: 127.0.0.1:%d, workers: %d }\n"
-            "run_dir: %s/run\nqueue: { path: %s/queue }\n"
+            "run_dir: %s/run\nqueue: { path: %s/queue }\nuser: \"%s\"\n"
             "plugins:\n  dir: %s/plugins\n  drain_timeout: 60s\n",
-            b->edge_port, b->echo_port, b->workers, b->dir, b->dir, b->self_dir);
+            b->edge_port, b->echo_port, b->workers, b->dir, b->dir, spk_bench_run_as(),
+            b->self_dir);
     if (b->plugins > 0) {
         fprintf(f, "  list:\n");
         for (int i = 0; i < b->plugins; i++)

@@ -123,11 +123,12 @@ static int edge_config(const ub_opts *o, const char *dir, unsigned i, int hub_po
             "%s%s%s"
             "log:\n"
             "  level: info\n"
-            "run_dir: \"%s/run\"\n",
+            "run_dir: \"%s/run\"\n"
+            "user: \"%s\"\n",
             i, port, plugin_dir, o->plugin_id, stats, (unsigned long long)o->rate, o->size,
             edir, o->tls ? "https" : "http", hub_port, (unsigned long long)o->heartbeat_ms,
             o->batch, o->tls ? "  ca: \"" : "", o->tls ? dir : "", o->tls ? "/cert.pem\"\n" : "",
-            edir);
+            edir, spk_bench_run_as());
     return fclose(f) == 0 ? 0 : -1;
 }
 

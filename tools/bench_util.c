@@ -6,6 +6,7 @@
 #include "bench.h"
 
 #include <limits.h>
+#include <pwd.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
@@ -72,4 +73,14 @@ void spk_bench_json_string(FILE *f, const char *s)
             fputc(*s, f);
     }
     fputc('"', f);
+}
+
+const char *spk_bench_run_as(void)
+{
+    static char name[64];
+    if (name[0] == '\0') {
+        struct passwd *pw = getpwuid(geteuid());
+        snprintf(name, sizeof(name), "%s", pw ? pw->pw_name : "root");
+    }
+    return name;
 }

@@ -440,7 +440,7 @@ static void test_ranges(void **state)
                    "3: plugins.hook_timeout: 2h is out of range 1ms..1h");
     expect_message(with_upstream("listen2: {}\n"),
                    "2: listen2: unknown section (known: edge, listen, plugins, queue, kv, "
-                   "uplink, metrics, log, policies; and the key run_dir)");
+                   "uplink, metrics, log, policies; and the keys run_dir, user, group)");
     expect_message("listen:\n  upstream: 127.0.0.1:1\n  read_chunk: 512\n",
                    "3: listen.read_chunk: 512 is out of range 1KiB..16MiB");
     expect_message("listen:\n  upstream: 127.0.0.1:1\n  read_chunk: 17MiB\n",
@@ -505,7 +505,7 @@ static void test_unknown_keys(void **state)
                    "4: plugins.hook_timout: unknown key (known keys in plugins: dir, autoload, "
                    "compatibility, health_check_period, hook_timeout, start_timeout, "
                    "reload_on_crash, health_fail_limit, crash_limit, crash_window, "
-                   "drain_timeout, tick, list)");
+                   "drain_timeout, tick, list, strict_modes)");
     expect_error(with_upstream("\n\nnonsense: 1\n"), 4, "nonsense", "unknown section");
     expect_error("listen: { upstream: 127.0.0.1:1, port: 5 }\n", 1, "listen.port", "unknown key");
     expect_error(with_upstream("plugins:\n  list:\n    - file: a.so\n      sha: abc\n"), 5,

@@ -12,6 +12,7 @@ Stdlib only; run with Debian's /usr/bin/python3.
 
 import json
 import os
+import pwd
 import re
 import select
 import selectors
@@ -45,6 +46,11 @@ HOST_ABI = host_abi()
 def spoke_bin(name):
     """Path of a built program (spoked, spoke-plugin, spoke-bench...)."""
     return os.path.join(BIN_DIR, name)
+
+
+# The account the workers run as (`user:`): this process's own, so that spoked started as
+# root runs its plugins as root only because the config says so (core/privs.h).
+RUN_AS = pwd.getpwuid(os.geteuid()).pw_name
 
 
 def free_port():
@@ -242,6 +248,7 @@ class Spoked:
             "plugins": {"dir": plugin_dir or PLUGIN_DIR, "tick": "200ms"},
             "log": {"level": log_level},
             "run_dir": os.path.join(tmpdir, "run"),
+            "user": RUN_AS,
             "queue": {"path": os.path.join(tmpdir, "queue")},
             "kv": {"path": os.path.join(tmpdir, "kv")},
         }
@@ -381,6 +388,7 @@ class Hubd(Spoked):
             "plugins": {"dir": plugin_dir or PLUGIN_DIR, "tick": "200ms"},
             "log": {"level": log_level},
             "run_dir": os.path.join(tmpdir, "hubrun"),
+            "user": RUN_AS,
         }
         os.makedirs(cfg["run_dir"], exist_ok=True)
         if plugins:

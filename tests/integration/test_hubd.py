@@ -204,7 +204,7 @@ class ReloadAndConfigTest(HubCase):
         self.assertIn("tls.cert: TLS needs both tls.cert and tls.key", err)
         code, err = check("listen: { upstream: 127.0.0.1:1 }\n")
         self.assertIn("listen: unknown section (known: hub, tls, auth, limits, plugins, metrics, "
-                      "log; and the key run_dir)", err)
+                      "log; and the keys run_dir, user, group)", err)
         code, err = check("limits: { max_message: 1MiB }\n")
         self.assertIn("limits.max_message", err)
 
