@@ -974,9 +974,10 @@ static int evaluate(spk_policy *pol, spk_plugin *p, spoke_conn *conn, const char
     int st = lua_pcall(L, 1, 0, 0);
     if (st != LUA_OK) { /* building the arguments failed: out of memory */
         snprintf(e.err, sizeof(e.err), "%s",
-                 st == LUA_ERRMEM ? "ran out of policies.memory "
-                                    "building the signal's tables"
-                                  : lua_tostring(L, -1));
+                 st == LUA_ERRMEM      ? "ran out of policies.memory "
+                                         "building the signal's tables"
+                 : lua_tostring(L, -1) ? lua_tostring(L, -1)
+                                       : "an error that is not a string");
         e.status = st;
         e.failed = true;
     }
@@ -993,34 +994,33 @@ static int evaluate(spk_policy *pol, spk_plugin *p, spoke_conn *conn, const char
 }
 
 /* Do the matched policy's action. */
-static int act(spk_policy *pol, eval *ep)
+static int act(spk_policy *pol, eval *e)
 {
-    const eval e = *ep;
-    spoke_conn *conn = e.conn;
+    spoke_conn *conn = e->conn;
     count(&pol->counters->matched);
-    const spk_policy_conf *pc = e.matched->conf;
+    const spk_policy_conf *pc = e->matched->conf;
     const char *why;
     switch (pc->action) {
     case SPK_PA_LOG:
-        do_log(&e);
-        return apply(pol, &e, then_of(pc->then, D_PASSTHROUGH));
+        do_log(e);
+        return apply(pol, e, then_of(pc->then, D_PASSTHROUGH));
     case SPK_PA_SEND_TO_CONTROL:
-        if (do_send(&e, &why) != 0) {
-            action_failed(pol, &e, why);
+        if (do_send(e, &why) != 0) {
+            action_failed(pol, e, why);
             return SPK_POLICY_BUILTIN;
         }
-        return apply(pol, &e, then_of(pc->then, D_BUILTIN));
+        return apply(pol, e, then_of(pc->then, D_BUILTIN));
     case SPK_PA_TERMINATE:
         if (conn != NULL && pc->answer != NULL &&
             spk_bytes_append(&conn->reply, pc->answer, strlen(pc->answer)) != 0) {
-            action_failed(pol, &e, "out of memory queueing the answer");
+            action_failed(pol, e, "out of memory queueing the answer");
             return SPK_POLICY_BUILTIN;
         }
-        return apply(pol, &e, D_TERMINATE);
+        return apply(pol, e, D_TERMINATE);
     case SPK_PA_CLOSE:
-        return apply(pol, &e, D_CLOSE);
+        return apply(pol, e, D_CLOSE);
     case SPK_PA_LUA:
-        return apply(pol, &e, e.lua_says);
+        return apply(pol, e, e->lua_says);
     case SPK_PA_PASSTHROUGH:
     default:
         return 0;
