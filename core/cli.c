@@ -110,7 +110,7 @@ static int worker_main(int argc, char **argv)
     bool uplink = strcmp(argv[1], "--uplink") == 0;
     int id = 0, gen = 0, cfg_fd = -1, st_fd = -1, slot = -1;
     const char *cfg_name = NULL;
-    int fds[64];
+    int fds[SPK_LISTEN_MAX];
     size_t n_fds = 0;
     const char *quarantine[SPK_STATUS_PLUGINS];
     size_t n_q = 0;
@@ -121,6 +121,7 @@ static int worker_main(int argc, char **argv)
         fprintf(stderr, "%s: out of memory\n", prog);
         return 2;
     }
+    bool too_many = false; /* never cut short: the config refuses more than the caps */
     for (int i = 1; i + 1 < argc; i += 2) {
         const char *k = argv[i], *v = argv[i + 1];
         if (strcmp(k, "--worker") == 0 || strcmp(k, "--uplink") == 0)
@@ -135,14 +136,15 @@ static int worker_main(int argc, char **argv)
             st_fd = atoi(v);
         else if (strcmp(k, "--slot") == 0)
             slot = atoi(v);
-        else if (strcmp(k, "--listen-fd") == 0 && n_fds < 64)
+        else if (strcmp(k, "--listen-fd") == 0 && n_fds < SPK_LISTEN_MAX)
             fds[n_fds++] = atoi(v);
         else if (strcmp(k, "--quarantine") == 0 && n_q < SPK_STATUS_PLUGINS)
             quarantine[n_q++] = v;
         else if (strcmp(k, "--pin") == 0 && strchr(v, ':') != NULL) {
             pin_fds[n_pins] = atoi(v);
             pin_paths[n_pins++] = strchr(v, ':') + 1;
-        }
+        } else if (strcmp(k, "--listen-fd") == 0 || strcmp(k, "--quarantine") == 0)
+            too_many = true;
     }
     char tag[48];
     if (uplink)
@@ -152,7 +154,7 @@ static int worker_main(int argc, char **argv)
     spk_log_set_tag(tag);
     spk_errbuf eb;
     spk_status *st;
-    if (cfg_fd < 0 || st_fd < 0 || slot < 0 || slot >= SPK_STATUS_SLOTS ||
+    if (too_many || cfg_fd < 0 || st_fd < 0 || slot < 0 || slot >= SPK_STATUS_SLOTS ||
         spk_status_map(st_fd, &st, &eb) != 0) {
         fprintf(stderr, "%s: bad worker arguments (this mode is for the supervisor)\n", prog);
         free(pin_fds);

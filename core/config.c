@@ -787,6 +787,9 @@ static int p_listen(cfg_ctx *c, const node *v, const char *key, void *base, cons
     if (v->kind == NODE_SEQ) {
         if (v->n == 0)
             return cfg_fail(c, v->line, key, "expected at least one address, got an empty list");
+        if (v->n > SPK_LISTEN_MAX)
+            return cfg_fail(c, v->line, key, "%zu addresses, more than the %d a worker listens on",
+                            v->n, SPK_LISTEN_MAX);
         n = v->n;
     }
     char **list = calloc(n, sizeof(*list));
@@ -1124,7 +1127,7 @@ static const field edge_fields[] = {
 static const field listen_fields[] = {
     CS("address", p_listen, d_listen, listen, "127.0.0.1:6432"),
     CS("upstream", p_address, d_str, upstream, NULL), /* required */
-    CF("workers", p_workers, d_workers, workers, 1, 1024, 0), /* 0: auto */
+    CF("workers", p_workers, d_workers, workers, 1, SPK_WORKERS_MAX, 0), /* 0: auto */
     CW("upstream_connect", upstream_connect, connect_words, SPK_CONNECT_EAGER),
     CF("connect_timeout", p_duration, d_duration, connect_timeout_ms, 1, HOUR, 5 * SEC),
     CF("read_chunk", p_size, d_size, read_chunk, KiB, 16 * MiB, 64 * KiB),
@@ -1142,7 +1145,7 @@ static const field plugins_fields[] = {
     CF("start_timeout", p_duration, d_duration, start_timeout_ms, 1, HOUR, 5 * SEC),
     CF("reload_on_crash", p_bool, d_bool, reload_on_crash, 0, 0, true),
     CF("health_fail_limit", p_uint, d_uint, health_fail_limit, 1, 1000, 3),
-    CF("crash_limit", p_uint, d_uint, crash_limit, 1, 10000, 3),
+    CF("crash_limit", p_uint, d_uint, crash_limit, 1, SPK_CRASH_LIMIT_MAX, 3),
     CF("crash_window", p_duration, d_duration, crash_window_ms, 1, 7 * DAY, 60 * SEC),
     CF("drain_timeout", p_duration, d_duration, drain_timeout_ms, 0, DAY, 30 * SEC),
     CF("tick", p_duration, d_duration, tick_ms, 1, HOUR, SEC),
@@ -1190,7 +1193,7 @@ static const field uplink_fields[] = {
 /* hubd (control role). The listener rows write the same fields as listen's. */
 static const field hub_fields[] = {
     CS("listen", p_listen, d_listen, listen, "127.0.0.1:7443"),
-    CF("workers", p_workers, d_workers, workers, 1, 1024, 0), /* 0: auto */
+    CF("workers", p_workers, d_workers, workers, 1, SPK_WORKERS_MAX, 0), /* 0: auto */
     CF("backlog", p_uint, d_uint, backlog, 1, 65535, 1024),
     CS("store", p_str, d_str, hub_store, "/var/lib/spoke/hub"),
     CF("map_size", p_size, d_size, hub_map_size, MiB, 16 * TiB, 4 * GiB),
@@ -1439,6 +1442,12 @@ static int p_plugins(cfg_ctx *c, const node *v, const char *key, void *base, con
         if (rc != 0)
             return rc;
     }
+    size_t enabled = 0;
+    for (size_t i = 0; i < cfg->n_plugins; i++)
+        enabled += cfg->plugins[i].enabled;
+    if (enabled > SPK_PLUGINS_MAX)
+        return cfg_fail(c, v->line, key, "%zu plugins enabled, more than the %d a generation runs",
+                        enabled, SPK_PLUGINS_MAX);
     return 0;
 }
 
@@ -1779,7 +1788,7 @@ static int finish(cfg_ctx *c, const node *root)
 static int open_config(const char *path, FILE **out, spk_errbuf *eb)
 {
     struct stat st;
-    FILE *f = fopen(path, "rb");
+    FILE *f = fopen(path, "rbe");
     if (f == NULL)
         return spk_errf(eb,
                         errno == ENOENT   ? SPK_ENOENT

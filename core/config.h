@@ -24,6 +24,14 @@
 #include "spoke.h"
 #include "units.h"
 
+/* Caps of configured counts, each the size of what holds them at run time; a config over
+ * one is refused at load with a message naming the key and the cap. */
+#define SPK_WORKERS_MAX 256     /* listen.workers, hub.workers (and `auto`): status slots */
+#define SPK_LISTEN_MAX 64       /* listen.address, hub.listen entries: a worker's sockets */
+#define SPK_PLUGINS_MAX 64      /* plugins enabled in a generation (list + autoload): the
+                                   plugin table of a status slot */
+#define SPK_CRASH_LIMIT_MAX 100 /* plugins.crash_limit: the supervisor's crash-time ring */
+
 enum spk_compat { SPK_COMPAT_STRICT = 0, SPK_COMPAT_LOOSE = 1 };
 enum spk_connect_mode { SPK_CONNECT_EAGER = 0, SPK_CONNECT_LAZY = 1 };
 

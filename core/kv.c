@@ -48,6 +48,7 @@
 #include "kv.h"
 
 #include <errno.h>
+#include <fcntl.h>
 #include <lmdb.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -323,6 +324,14 @@ int spk_kv_open(const char *dir, const spk_kv_opts *o, spk_kv **out, spk_errbuf 
         if (rc == MDB_INVALID || rc == MDB_VERSION_MISMATCH)
             err = spk_errf(eb, SPK_ECORRUPT, "kv store %s: not an LMDB store (%s)", dir,
                            mdb_strerror(rc));
+        goto fail;
+    }
+    /* LMDB leaves its data file's descriptor inheritable (lmdb.h, mdb_env_get_fd; its lock
+     * file is close-on-exec): no program this process execs may hold the store. */
+    mdb_filehandle_t dfd;
+    if ((rc = mdb_env_get_fd(kv->env, &dfd)) != 0 ||
+        (rc = fcntl(dfd, F_SETFD, FD_CLOEXEC) != 0 ? errno : 0) != 0) {
+        err = lmdb_err(kv, rc, "set close-on-exec", eb);
         goto fail;
     }
     if (mdb_env_get_maxkeysize(kv->env) < (int)SPK_KV_LMDB_MAX_KEY) {

@@ -573,6 +573,13 @@ int spk_plugin_set_load(spk_config *cfg, const spoke_host *host, spk_host_env *e
                      pc->path);
             continue;
         }
+        if (out->n == SPK_PLUGINS_MAX) { /* autoload can pass plugins.list's cap */
+            rc = spk_errf(eb, SPK_ECONFIG,
+                          "%s: refused: more than %d plugins to load (plugins.list and "
+                          "plugins.autoload); a generation runs at most %d",
+                          pc->path, SPK_PLUGINS_MAX, SPK_PLUGINS_MAX);
+            goto fail;
+        }
         spk_plugin *p;
         if (cfg->plugins_pinned && pc->pin_fd <= 0)
             rc = spk_errf(eb, SPK_EINVAL, "%s: refused: not among the files the supervisor "

@@ -25,11 +25,15 @@
 #include <stdatomic.h>
 #include <stdint.h>
 
+#include "config.h"
 #include "err.h"
 #include "slot.h"
 
-#define SPK_STATUS_SLOTS 128 /* workers of two generations, and the uplink */
-#define SPK_STATUS_PLUGINS 64
+/* Slots for the workers of a serving, a starting and a draining generation at the
+ * maximum, and the uplink (more generations drain at once when they are smaller). The
+ * region is a memfd: a slot no worker ever used costs no memory. */
+#define SPK_STATUS_SLOTS (3 * SPK_WORKERS_MAX + 1)
+#define SPK_STATUS_PLUGINS SPK_PLUGINS_MAX
 
 /* Worker exit codes the supervisor understands. */
 #define SPK_EXIT_START 3  /* could not start: reason in the slot */

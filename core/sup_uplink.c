@@ -222,10 +222,10 @@ bool spk_sup_uplink_exited(sup *s, pid_t pid, int status)
         spawn_uplink(s);
         return true;
     }
-    double delay = spk_sup_restart_delay(s, u->started, &u->fails);
+    double delay = spk_sup_restart_delay(s, &u->backoff);
     u->restarts++;
-    spk_log(clean ? SPOKE_LOG_WARN : SPOKE_LOG_ERROR, "uplink (pid %d) %s; restarting it in %.1f s",
-            (int)pid, what, delay);
+    spk_log(clean ? SPOKE_LOG_WARN : SPOKE_LOG_ERROR,
+            "uplink (pid %d) %s; restarting it in %.0f ms", (int)pid, what, delay * 1000.0);
     ev_timer_set(&u->restart, delay, 0);
     ev_timer_start(s->loop, &u->restart);
     return true;

@@ -14,9 +14,12 @@
  * dropping a single client connection, and the handover is: start accepting in the new
  * generation, then stop accepting in the old one (SIGTERM: stop accepting, drain, exit).
  *
- * A worker that exits is restarted with backoff; who is to blame for its end is
- * watchdog.c's (spk_sup_classify_exit, spk_sup_blame). One timer samples every worker's
- * slot for the watchdog, then admits restarted workers and promotes a ready generation.
+ * A worker that exits is restarted, at once the first time and with a backoff that
+ * follows its crash rate after that (spk_sup_restart_delay), also while a replacement
+ * generation starts; who is to blame for its end is watchdog.c's (spk_sup_classify_exit,
+ * spk_sup_blame). One timer samples every worker's slot for the watchdog; another runs
+ * only while a worker starts, admitting restarted workers and promoting a ready
+ * generation.
  * The watchdog never interrupts a worker unless a hook overstays ten times hook_timeout
  * or the heartbeat stops. This file also keeps the queue moving (queue sync, below) and
  * sets up and tears down the process; report.c answers the admin and metrics sockets.
@@ -25,6 +28,7 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <math.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -49,22 +53,23 @@
 
 #define BACKOFF_MIN_S 0.1
 #define BACKOFF_MAX_S 10.0
-#define STABLE_S 60.0
+#define BACKOFF_HALF_LIFE_S 5.0
 
 static void spawn(wproc *w);
 static void gen_free(sup *s, generation *g);
 
-double spk_sup_restart_delay(const sup *s, ev_tstamp started, unsigned *fails)
+/* A level under 0.5 is a child that has not died for a while (one death 5 s ago, or
+ * none): it restarts at once, so a single crash costs milliseconds, not a backoff. A crash
+ * loop settles at a restart every second or two; plugins that crash are quarantined long
+ * before (crash_limit). */
+double spk_sup_restart_delay(const sup *s, spk_backoff *b)
 {
-    if (ev_now(s->loop) - started >= STABLE_S)
-        *fails = 0;
-    double delay = BACKOFF_MIN_S;
-    for (unsigned i = 0; i < *fails && delay < BACKOFF_MAX_S; i++)
-        delay *= 2;
-    if (delay > BACKOFF_MAX_S)
-        delay = BACKOFF_MAX_S;
-    (*fails)++;
-    return delay;
+    ev_tstamp now = ev_now(s->loop);
+    double level = b->level * exp2(-(now - b->last) / BACKOFF_HALF_LIFE_S);
+    double delay = level < 0.5 ? 0 : BACKOFF_MIN_S * exp2(level - 1.0);
+    b->level = level + 1.0;
+    b->last = now;
+    return delay < BACKOFF_MAX_S ? delay : BACKOFF_MAX_S;
 }
 
 /* ---- config snapshots --------------------------------------------------------------- */
@@ -242,6 +247,8 @@ static void spawn(wproc *w)
         spk_sup_exec(s, w->g, "--worker", w->index, w->slot, true);
     w->pid = pid;
     w->started = ev_now(s->loop);
+    if (!ev_is_active(&s->admit))
+        ev_timer_start(s->loop, &s->admit);
     spk_debug("generation %u worker %d started: pid %d", w->g->id, w->index, (int)pid);
 }
 
@@ -308,16 +315,38 @@ static int gen_copy_quarantine(generation *dst, const generation *src)
     return 0;
 }
 
-static int gen_start(sup *s, generation *g)
+/* Status slots the generations may hold, and the uplink's: each generation one per worker
+ * for as long as it lives, so that a worker restarted after a crash always finds one. */
+static int slots_reserved(const sup *s)
 {
+    int n = 1 + (s->cur ? s->cur->n : 0) + (s->next ? s->next->n : 0);
+    for (const generation *g = s->old; g; g = g->next_old)
+        n += g->n;
+    return n;
+}
+
+static int gen_start(sup *s, generation *g, spk_errbuf *eb)
+{
+    const char *key = s->role == SPOKE_ROLE_CONTROL ? "hub.workers" : "listen.workers";
+    int n = g->cfg->workers;
+    if (n == 0) {
+        long cores = sysconf(_SC_NPROCESSORS_ONLN);
+        n = cores < 1 ? 1 : cores > SPK_WORKERS_MAX ? SPK_WORKERS_MAX : (int)cores;
+        if (cores > SPK_WORKERS_MAX)
+            spk_warn("%s: auto: %ld cores, %d workers (the most spoked runs)", key, cores, n);
+    }
+    int held = slots_reserved(s);
+    if (held + n > SPK_STATUS_SLOTS)
+        return spk_errf(eb, SPK_EBUSY,
+                        "%s %d: %d of the %d status slots are held by the generations still "
+                        "running; retry once the draining ones have finished",
+                        key, n, held, SPK_STATUS_SLOTS);
     g->id = ++s->gen_counter;
     hand_over_stores(s, g);
-    int n = g->cfg->workers > 0 ? g->cfg->workers : (int)sysconf(_SC_NPROCESSORS_ONLN);
-    if (n < 1)
-        n = 1;
     g->w = calloc((size_t)n, sizeof(wproc));
     if (g->w == NULL)
-        return SPK_ENOMEM; /* g->n stays 0: gen_free() has no workers to look at */
+        return spk_errf(eb, SPK_ENOMEM, "out of memory"); /* g->n stays 0: gen_free() has no
+                                                            workers to look at */
     g->n = n;
     g->started = ev_now(s->loop);
     for (int i = 0; i < g->n; i++) {
@@ -448,8 +477,14 @@ void spk_sup_start_replacement(sup *s, const char *why)
             return;
         }
     }
-    if (gen_start(s, g) != 0) {
-        reload_failed(s, "out of memory");
+    int rc = gen_start(s, g, &eb);
+    if (rc != 0) {
+        if (hup)
+            reload_failed(s, eb.msg);
+        else
+            spk_error("%s: cannot start the replacement generation: %s", why, eb.msg);
+        if (!hup && rc == SPK_EBUSY && s->pending == NULL)
+            s->pending = "quarantine"; /* again when a draining generation has finished */
         gen_free(s, g);
         return;
     }
@@ -525,6 +560,8 @@ static void reap_old(sup *s)
             gp = &g->next_old;
         }
     }
+    if (s->next == NULL)
+        run_pending(s); /* a replacement that waited for status slots */
 }
 
 static void maybe_finish_stop(sup *s)
@@ -578,7 +615,7 @@ static void on_child(struct ev_loop *loop, ev_child *c, int revents)
         return;
     }
 
-    char what[200];
+    char what[300];
     bool crash = spk_sup_classify_exit(w, status, what, sizeof(what));
     bool start_failed = sl != NULL && atomic_load(&sl->state) == SPK_W_STARTING;
     char reason[1100];
@@ -621,51 +658,43 @@ static void on_child(struct ev_loop *loop, ev_child *c, int revents)
     } else {
         spk_error("generation %u worker %d (pid %d) ended: %s", g->id, w->index, c->rpid, what);
     }
-    if (g == s->cur && s->next != NULL) {
-        spk_info("worker %d not restarted: generation %u is replacing generation %u", w->index,
-                 s->next->id, g->id);
-        return;
-    }
+    /* Restarted even while a replacement starts: the replacement may fail, and until it
+     * serves this generation is all there is (a worker restarted here is killed unused
+     * if the replacement takes over first). */
     if (!g->cfg->reload_on_crash) {
         spk_warn("worker %d not restarted (plugins.reload_on_crash is false)", w->index);
         return;
     }
-    double delay = spk_sup_restart_delay(s, w->started, &w->fails);
+    double delay = spk_sup_restart_delay(s, &w->backoff);
     w->restarts++;
     s->restarts_total++;
-    spk_info("restarting worker %d in %.1f s", w->index, delay);
+    spk_info("restarting worker %d in %.0f ms", w->index, delay * 1000.0);
     ev_timer_set(&w->restart, delay, 0);
     ev_timer_start(s->loop, &w->restart);
 }
 
-/* ---- the sampling timer ------------------------------------------------------------ */
+/* ---- admission and the sampling timer --------------------------------------------- */
 
-/* A restarted worker of the serving generation is told to accept once it is ready. */
-static void admit_restarted(sup *s)
+/* Admission: a restarted worker of the serving generation is told to accept once it is
+ * ready, and a starting generation whose workers are all ready takes over. Returns
+ * whether a worker is still starting. */
+static bool admit(sup *s)
 {
+    bool starting = false;
     generation *g = s->cur;
     for (int i = 0; g && g->ready && i < g->n; i++) {
         wproc *w = &g->w[i];
         spk_wslot *sl = spk_sup_wslot(w);
-        if (w->pid != 0 && sl != NULL && !w->draining && w->kill_reason[0] == '\0' &&
+        if (w->pid == 0 || w->accepting)
+            continue;
+        if (sl != NULL && !w->draining && w->kill_reason[0] == '\0' &&
             atomic_load_explicit(&sl->state, memory_order_acquire) == SPK_W_READY)
             tell_accept(w);
+        else
+            starting = true;
     }
-}
-
-/* Every sampling period: the watchdog looks at every worker's slot (watchdog.c), then
- * restarted workers are admitted and a starting generation whose workers are all ready
- * takes over. */
-static void on_watchdog(struct ev_loop *loop, ev_timer *t, int revents)
-{
-    (void)loop;
-    (void)revents;
-    sup *s = t->data;
-    spk_sup_watchdog_sample(s);
-    spk_sup_uplink_sample(s);
-    admit_restarted(s);
     if (s->next != NULL && !s->stopping) {
-        generation *g = s->next;
+        g = s->next;
         int ready = 0;
         for (int i = 0; i < g->n; i++) {
             spk_wslot *sl = spk_sup_wslot(&g->w[i]);
@@ -674,7 +703,32 @@ static void on_watchdog(struct ev_loop *loop, ev_timer *t, int revents)
         }
         if (ready == g->n)
             promote(s);
+        starting = starting || s->next != NULL; /* (promote may start a pending one) */
     }
+    return starting;
+}
+
+/* The admission timer runs every ADMIT_S while a worker starts (spawn starts it), so a
+ * worker restarted after a crash serves within a millisecond of being ready rather than
+ * a watchdog period later: with one worker, that wait is the outage. */
+#define ADMIT_S 0.001
+
+static void on_admit(struct ev_loop *loop, ev_timer *t, int revents)
+{
+    (void)revents;
+    if (!admit(t->data))
+        ev_timer_stop(loop, t);
+}
+
+/* Every sampling period: the watchdog looks at every worker's slot (watchdog.c) and the
+ * uplink's. */
+static void on_watchdog(struct ev_loop *loop, ev_timer *t, int revents)
+{
+    (void)loop;
+    (void)revents;
+    sup *s = t->data;
+    spk_sup_watchdog_sample(s);
+    spk_sup_uplink_sample(s);
 }
 
 /* ---- signals ------------------------------------------------------------------------ */
@@ -998,6 +1052,8 @@ int spk_supervisor_main(const char *path, const char *self_exe, spoke_role role)
     ev_timer_init(&s.qsync, on_qsync, qperiod, qperiod);
     s.qsync.data = &s;
     ev_timer_start(s.loop, &s.qsync);
+    ev_timer_init(&s.admit, on_admit, ADMIT_S, ADMIT_S);
+    s.admit.data = &s;
     ev_timer_init(&s.stop_deadline, on_stop_deadline, 0, 0);
     s.stop_deadline.data = &s;
     ev_io_init(&s.admin_w, spk_sup_on_admin, s.admin_fd, EV_READ);
@@ -1009,8 +1065,8 @@ int spk_supervisor_main(const char *path, const char *self_exe, spoke_role role)
         ev_io_start(s.loop, &s.metrics_w);
     }
 
-    if (gen_start(&s, g) != 0) {
-        spk_error("out of memory");
+    if (gen_start(&s, g, &eb) != 0) {
+        spk_error("%s", eb.msg);
         gen_free(&s, g);
         teardown(&s);
         return 1;
@@ -1024,6 +1080,7 @@ int spk_supervisor_main(const char *path, const char *self_exe, spoke_role role)
 
     int code = s.fatal ? s.exit_code : 0;
     ev_timer_stop(s.loop, &s.watchdog);
+    ev_timer_stop(s.loop, &s.admit);
     ev_timer_stop(s.loop, &s.stop_deadline);
     ev_timer_stop(s.loop, &s.qsync);
     ev_timer_stop(s.loop, &s.up.restart);

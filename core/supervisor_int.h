@@ -31,6 +31,12 @@
 typedef struct sup sup;
 typedef struct generation generation;
 
+/* A child's recent deaths, for its restart backoff (spk_sup_restart_delay). */
+typedef struct spk_backoff {
+    double level;    /* deaths, each decaying by half every BACKOFF_HALF_LIFE_S */
+    ev_tstamp last;  /* when level was last updated */
+} spk_backoff;
+
 /* One worker process of a generation (it keeps its place across restarts). */
 typedef struct wproc {
     sup *s;
@@ -40,7 +46,8 @@ typedef struct wproc {
     pid_t pid; /* 0: not running */
     bool draining, accepting;
     ev_tstamp started;
-    unsigned fails, restarts;
+    spk_backoff backoff;
+    unsigned restarts;
     ev_timer restart;
     /* watchdog */
     uint32_t seen_plugin;
@@ -71,7 +78,7 @@ struct generation {
 typedef struct crash_rec {
     char key[256];
     char name[64];
-    ev_tstamp times[32];
+    ev_tstamp times[SPK_CRASH_LIMIT_MAX]; /* within crash_window, oldest first */
     unsigned n_times;
     unsigned total, slow_hooks;
     bool quarantined;
@@ -83,7 +90,8 @@ typedef struct uproc {
     pid_t pid;           /* 0: not running */
     int slot;            /* -1: none */
     ev_tstamp started;
-    unsigned fails, restarts;
+    spk_backoff backoff;
+    unsigned restarts;
     ev_timer restart;
     bool replacing;      /* stopped for a config change: start again at once */
     bool stop_sent;      /* stopping: the uplink was told to stop */
@@ -113,7 +121,7 @@ struct sup {
     size_t n_crashes;
     ev_signal sig_hup, sig_term, sig_int, sig_quit;
     ev_child child;
-    ev_timer watchdog, stop_deadline;
+    ev_timer watchdog, admit, stop_deadline;
     ev_io admin_w, metrics_w;
     int admin_fd, metrics_fd;
     char admin_path[256], pid_path[256];
@@ -158,10 +166,11 @@ static inline const spk_config *spk_sup_cfg(const sup *s)
  * request while another generation starts runs after it. */
 void spk_sup_start_replacement(sup *s, const char *why);
 
-/* The restart backoff of a child that died (a worker, the uplink), the one policy: 100 ms
- * doubling per failure to 10 s; a child that ran a minute (started at `started`) starts
- * again from 100 ms. Updates *fails; returns the delay in seconds. */
-double spk_sup_restart_delay(const sup *s, ev_tstamp started, unsigned *fails);
+/* The restart backoff of a child that died (a worker, the uplink), the one policy. It
+ * follows the crash rate: b counts the child's deaths, each weighing half as much every
+ * 5 s. The first death in a while restarts at once; then 100 ms, doubling per recent
+ * death, to at most 10 s. Records this death in *b; returns the delay in seconds. */
+double spk_sup_restart_delay(const sup *s, spk_backoff *b);
 
 /* Allocate a status slot (zeroed), or -1 when none is free; free it again. */
 int spk_sup_slot_alloc(sup *s);

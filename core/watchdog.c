@@ -13,7 +13,10 @@
  * When a worker has ended, spk_sup_classify_exit() reads its slot once more (the dead
  * writer's last stores are all visible) and names the plugin and hook it died in: the
  * watchdog's own reason if it killed it, the plugin whose health checks failed, or the
- * plugin in the slot for a death by a signal or an exit() inside a hook. spk_sup_blame()
+ * plugin in the slot for a death by a signal or an exit() inside a hook -- except SIGKILL:
+ * the supervisor sends a serving worker that signal only from the watchdog, so another
+ * one came from outside (the OOM killer, an operator) and is logged with the plugin and
+ * hook that ran but blamed on nobody: outside kills never quarantine. spk_sup_blame()
  * counts that crash per plugin (by quarantine key) and, past crash_limit crashes in
  * crash_window, quarantines the plugin: it asks the generations' code for a replacement
  * without it (spk_sup_start_replacement). The crash records feed the reports.
@@ -60,8 +63,11 @@ void spk_sup_blame(sup *s, generation *g, const char *key, const char *name, con
         if (now - c->times[i] <= window)
             c->times[keep++] = c->times[i];
     c->n_times = keep;
-    if (c->n_times < sizeof(c->times) / sizeof(c->times[0]))
-        c->times[c->n_times++] = now;
+    if (c->n_times == SPK_CRASH_LIMIT_MAX) { /* full: past any crash_limit; keep the newest */
+        memmove(c->times, c->times + 1, (SPK_CRASH_LIMIT_MAX - 1) * sizeof(c->times[0]));
+        c->n_times--;
+    }
+    c->times[c->n_times++] = now;
     c->total++;
     snprintf(c->last, sizeof(c->last), "%s", what);
     if (c->quarantined || c->n_times < g->cfg->crash_limit)
@@ -104,6 +110,23 @@ bool spk_sup_classify_exit(wproc *w, int status, char *what, size_t cap)
         snprintf(what, cap, "%s", w->kill_reason);
         if (w->blame_key[0] != '\0')
             return true;
+    } else if (WIFSIGNALED(status) && WTERMSIG(status) == SIGKILL && sl != NULL) {
+        /* The supervisor sends a serving worker SIGKILL only from the watchdog (with a
+         * kill_reason): this one came from outside, the OOM killer or an operator. Named
+         * with what ran, never counted as that plugin's crash. */
+        pi = atomic_load(&sl->act.plugin);
+        hook = atomic_load(&sl->act.hook);
+        const char *name = pi && pi <= atomic_load(&sl->n_plugins) && pi <= SPK_STATUS_PLUGINS
+                               ? sl->plugins[pi - 1].name
+                               : NULL;
+        if (name != NULL)
+            snprintf(what, cap, "SIGKILL not sent by the supervisor (the OOM killer or an "
+                                "operator?) while in plugin %s %s; not counted as its crash",
+                     name, spk_hook_name((enum spk_hook_id)hook));
+        else
+            snprintf(what, cap, "SIGKILL not sent by the supervisor (the OOM killer or an "
+                                "operator?) in host code");
+        return true;
     } else if (WIFSIGNALED(status) && sl != NULL) {
         pi = atomic_load(&sl->act.plugin);
         hook = atomic_load(&sl->act.hook);

@@ -16,6 +16,7 @@
 #include "queue_int.h"
 
 #include <errno.h>
+#include <fcntl.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -140,6 +141,14 @@ int spk_queue_open(const char *path, const spk_queue_opts *opts, spk_queue **out
         if (rc == MDB_INVALID || rc == MDB_VERSION_MISMATCH)
             err = spk_errf(eb, SPK_ECORRUPT, "queue %s: not an LMDB queue (%s)", path,
                            mdb_strerror(rc));
+        goto fail;
+    }
+    /* LMDB leaves its data file's descriptor inheritable (lmdb.h, mdb_env_get_fd; its lock
+     * file is close-on-exec): no program this process execs may hold the queue. */
+    mdb_filehandle_t dfd;
+    if ((rc = mdb_env_get_fd(q->env, &dfd)) != 0 ||
+        (rc = fcntl(dfd, F_SETFD, FD_CLOEXEC) != 0 ? errno : 0) != 0) {
+        err = spk_store_err(q, rc, "set close-on-exec", eb);
         goto fail;
     }
     int dead = 0;

@@ -446,9 +446,9 @@ static void test_ranges(void **state)
     expect_message("listen:\n  upstream: 127.0.0.1:1\n  read_chunk: 17MiB\n",
                    "3: listen.read_chunk: 17MiB is out of range 1KiB..16MiB");
     expect_message("listen:\n  upstream: 127.0.0.1:1\n  workers: 0\n",
-                   "3: listen.workers: expected 'auto' or an integer in 1..1024, got '0'");
-    expect_error("listen:\n  upstream: 127.0.0.1:1\n  workers: 1025\n", 3, "listen.workers",
-                 "1..1024");
+                   "3: listen.workers: expected 'auto' or an integer in 1..256, got '0'");
+    expect_error("listen:\n  upstream: 127.0.0.1:1\n  workers: 257\n", 3, "listen.workers",
+                 "1..256");
     expect_error("listen:\n  upstream: 127.0.0.1:1\n  workers: -1\n", 3, "listen.workers",
                  "got '-1'");
     expect_error("listen:\n  upstream: 127.0.0.1:1\n  workers: [1]\n", 3, "listen.workers",
@@ -457,7 +457,7 @@ static void test_ranges(void **state)
                    "3: uplink.batch_size: expected an integer in 1..10000, got '10001'");
     expect_error(with_upstream("uplink:\n  batch_size: 0\n"), 3, "uplink.batch_size", "'0'");
     expect_error(with_upstream("plugins:\n  crash_limit: 0\n"), 3, "plugins.crash_limit",
-                 "1..10000");
+                 "1..100");
     expect_error(with_upstream("plugins:\n  crash_limit: 99999999999999999999999\n"), 3,
                  "plugins.crash_limit", "got '99999999999999999999999'");
     expect_error("listen:\n  upstream: 127.0.0.1:1\n  backlog: 70000\n", 3, "listen.backlog",
@@ -476,12 +476,62 @@ static void test_ranges(void **state)
     assert_int_equal(cfg->uplink_batch_size, 10000);
     spk_config_free(cfg);
 
-    cfg = load_ok("listen: { upstream: 127.0.0.1:1, workers: 1024 }\n");
-    assert_int_equal(cfg->workers, 1024);
+    cfg = load_ok("listen: { upstream: 127.0.0.1:1, workers: 256 }\n");
+    assert_int_equal(cfg->workers, 256);
     spk_config_free(cfg);
 }
 
 /* ---- error classes ------------------------------------------------------------------ */
+
+/* Counts the code holds in fixed tables are capped at their size, and a config over a cap
+ * is refused naming the key and the cap (issue 12, item 3): workers (status slots),
+ * crash_limit (the crash-time ring), listen addresses (a worker's listening sockets),
+ * plugins enabled in a generation (a status slot's plugin table). */
+static void test_caps(void **state)
+{
+    (void)state;
+    static char text[16384];
+    expect_error("listen:\n  upstream: 127.0.0.1:1\n  workers: 257\n", 3, "listen.workers",
+                 "an integer in 1..256");
+    expect_error(with_upstream("plugins:\n  crash_limit: 101\n"), 3, "plugins.crash_limit",
+                 "an integer in 1..100");
+    spk_config *cfg = load_ok(with_upstream("plugins:\n  crash_limit: 100\n"));
+    assert_int_equal(cfg->crash_limit, SPK_CRASH_LIMIT_MAX);
+    spk_config_free(cfg);
+
+    /* listen.address: 64 addresses load, 65 are refused. */
+    for (int n = SPK_LISTEN_MAX; n <= SPK_LISTEN_MAX + 1; n++) {
+        size_t len = (size_t)snprintf(text, sizeof(text), "listen:\n  upstream: 127.0.0.1:1\n"
+                                                          "  address:\n");
+        for (int i = 0; i < n; i++)
+            len += (size_t)snprintf(text + len, sizeof(text) - len, "    - 127.0.0.1:%d\n",
+                                    10000 + i);
+        if (n == SPK_LISTEN_MAX) {
+            cfg = load_ok(text);
+            assert_int_equal(cfg->n_listen, 64);
+            spk_config_free(cfg);
+        } else {
+            expect_error(text, 4, "listen.address", "65 addresses, more than the 64");
+        }
+    }
+
+    /* plugins.list: 64 enabled entries load (a 65th disabled one does not count), 65 are
+     * refused. */
+    for (int n = SPK_PLUGINS_MAX; n <= SPK_PLUGINS_MAX + 1; n++) {
+        size_t len = (size_t)snprintf(text, sizeof(text), "%splugins:\n  list:\n", UP);
+        for (int i = 0; i <= SPK_PLUGINS_MAX; i++)
+            len += (size_t)snprintf(text + len, sizeof(text) - len,
+                                    "    - { file: p%d.so, enabled: %s }\n", i,
+                                    i < n ? "true" : "false");
+        if (n == SPK_PLUGINS_MAX) {
+            cfg = load_ok(text);
+            assert_int_equal(cfg->n_plugins, 65);
+            spk_config_free(cfg);
+        } else {
+            expect_error(text, 4, "plugins.list", "65 plugins enabled, more than the 64");
+        }
+    }
+}
 
 static void test_bad_duration_message(void **state)
 {
@@ -951,7 +1001,7 @@ static void test_flow_style(void **state)
     /* errors inside flow collections still carry the right line */
     expect_message("listen: { upstream: 127.0.0.1:1,\n"
                    "          workers: many }\n",
-                   "2: listen.workers: expected 'auto' or an integer in 1..1024, got 'many'");
+                   "2: listen.workers: expected 'auto' or an integer in 1..256, got 'many'");
 }
 
 /* ---- autoload and free -------------------------------------------------------------- */
@@ -1042,6 +1092,7 @@ int main(void)
         cmocka_unit_test(test_full),
         cmocka_unit_test(test_dump_round_trip),
         cmocka_unit_test(test_ranges),
+        cmocka_unit_test(test_caps),
         cmocka_unit_test(test_bad_duration_message),
         cmocka_unit_test(test_unknown_keys),
         cmocka_unit_test(test_wrong_types),

@@ -94,6 +94,25 @@ class RefusalTest(SpokeCase):
             sp.wait_log(r"plugin passthrough 1\.0\.0 loaded from .*passthrough\.so \(autoload\)")
             self.assertEqual(roundtrip(sp.port, b"x"), b"x")
 
+    def test_autoload_past_the_plugin_cap_refused(self):
+        """A generation runs at most 64 plugins (a status slot's plugin table, so that every
+        crash names its plugin): 64 listed plugins serve; one more found by autoload makes
+        the start fail, with a message naming the keys and the cap."""
+        pdir = os.path.join(self.dir, "plugins")
+        os.mkdir(pdir)
+        shutil.copy(os.path.join(PLUGIN_DIR, "passthrough.so"), os.path.join(pdir, "a.so"))
+        listed = [{"file": "a.so", "name": f"p{i}"} for i in range(64)]
+        extra = {"plugins": {"autoload": True}}
+        with Spoked(self.dir, self.echo.address, plugins=listed, plugin_dir=pdir,
+                    extra=extra) as sp:
+            self.assertEqual(roundtrip(sp.port, b"64"), b"64")
+        shutil.copy(os.path.join(PLUGIN_DIR, "passthrough.so"), os.path.join(pdir, "b.so"))
+        sp = Spoked(self.dir, self.echo.address, plugins=listed, plugin_dir=pdir, extra=extra,
+                    expect_fail=True)
+        self.assertEqual(sp.proc.returncode, 1)
+        self.assertIn("b.so: refused: more than 64 plugins to load (plugins.list and "
+                      "plugins.autoload); a generation runs at most 64", sp.log())
+
     def test_spoke_plugin_inspect(self):
         path = os.path.join(PLUGIN_DIR, "passthrough.so")
         code, out = run(spoke_bin("spoke-plugin"), "inspect", path)

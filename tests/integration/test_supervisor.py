@@ -278,6 +278,81 @@ class SupervisorTest(SpokeCase):
             sp.wait_log(r"generation 1 finished draining")
             self.assertEqual(self.ask_version(sp.port), b"t-version 2.0.0\n")
 
+    def test_worker_restarted_while_a_failing_reload_starts(self):
+        """A serving worker that crashes while a new generation starts is restarted at once,
+        and serves, whether or not the reload then succeeds (here it fails: a plugin's init
+        hangs past start_timeout)."""
+        extra = {"plugins": {"start_timeout": "3s", "crash_limit": 10}}
+        with Spoked(self.dir, self.echo.address, plugins=[{"file": tp("t_crash")}],
+                    extra=extra, env=CRASH_ENV) as sp:
+            cfg = copy.deepcopy(sp.config)
+            cfg["plugins"]["list"] = [{"file": tp("t_crash")},
+                                      {"file": tp("t_sleep"), "config": {"hang_in_init": True}}]
+            sp.write_config(cfg)
+            sp.send_signal(signal.SIGHUP)
+            sp.wait_log(r"reload: generation 2 starting")
+            self.assertTrue(dropped(sp.port, b"CRASH"))
+            sp.wait_log(r"generation 1 worker 0 \(pid \d+\) crashed: plugin t-crash")
+            self.assertEqual(roundtrip(sp.port, b"during"), b"during")
+            sp.wait_log(r"reload failed: .*did not start within plugins.start_timeout")
+            self.assertEqual(roundtrip(sp.port, b"after"), b"after")
+            self.assertNotIn("not restarted", sp.log())
+
+    def wait_log_count(self, sp, pattern, n, timeout=20.0):
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if len(re.findall(pattern, sp.log())) >= n:
+                return
+            time.sleep(0.02)
+        raise AssertionError(f"log never matched {pattern!r} {n} times:\n{sp.log()}")
+
+    def test_outside_sigkill_is_named_not_blamed(self):
+        """A SIGKILL the supervisor did not send (the OOM killer, an operator) is logged with
+        the plugin and hook that ran, and not counted as that plugin's crash: two of them
+        under crash_limit 2 do not quarantine it."""
+        extra = {"plugins": {"hook_timeout": "500ms", "crash_limit": 2}}
+        with Spoked(self.dir, self.echo.address, plugins=[{"file": tp("t_sleep")}],
+                    extra=extra) as sp:
+            for i in range(1, 3):
+                s = connect(f"127.0.0.1:{sp.port}")
+                s.sendall(b"SLEEP")
+                # (the watchdog would kill it itself at 5 s)
+                self.wait_log_count(sp, r"plugin t-sleep on_traffic_from_client still running", i)
+                for pid in sp.worker_pids():
+                    os.kill(pid, signal.SIGKILL)
+                s.close()
+                self.wait_log_count(sp, r"generation 1 worker 0 \(pid \d+\) ended: SIGKILL not "
+                                        r"sent by the supervisor \(the OOM killer or an "
+                                        r"operator\?\) while in plugin t-sleep "
+                                        r"on_traffic_from_client; not counted as its crash", i)
+                self.assertEqual(roundtrip(sp.port, b"again %d" % i), b"again %d" % i)
+            self.assertNotIn("quarantined", sp.log())
+            self.assertNotIn("crashed: plugin t-sleep", sp.log())
+            self.assertRegex(sp.status(), r"t-sleep\s+1\.0\.0\s+active\s+crashes 0")
+
+    def test_restart_backoff_starts_with_the_second_crash_and_decays(self):
+        """The first crash restarts at once; a second soon after waits; the backoff follows
+        the crash rate, so after a quiet while the next crash restarts at once again."""
+        extra = {"plugins": {"crash_limit": 10}}
+        with Spoked(self.dir, self.echo.address, plugins=[{"file": tp("t_crash")}],
+                    extra=extra, env=CRASH_ENV) as sp:
+            restarts = r"restarting worker 0 in (\d+) ms"
+            self.assertTrue(dropped(sp.port, b"CRASH"))
+            self.assertEqual(roundtrip(sp.port, b"1"), b"1")
+            self.assertTrue(dropped(sp.port, b"CRASH"))
+            self.assertEqual(roundtrip(sp.port, b"2"), b"2")
+            self.wait_log_count(sp, restarts, 2)
+            first, second = (int(ms) for ms in re.findall(restarts, sp.log()))
+            self.assertEqual(first, 0, sp.log())
+            self.assertGreater(second, 0, sp.log())
+            time.sleep(15)  # three half-lives of the backoff (supervisor.c)
+            self.assertTrue(dropped(sp.port, b"CRASH"))
+            self.assertEqual(roundtrip(sp.port, b"3"), b"3")
+            # the restart that follows each crash (not one for another reason)
+            third = r"(?s)crashed: plugin t-crash(?:(?!crashed: ).)*?" + restarts
+            self.wait_log_count(sp, third, 3)
+            self.assertEqual(int(re.findall(third, sp.log())[2]), 0, sp.log())
+
     def test_sighup_while_first_generation_starts(self):
         """A reload requested while a generation is starting runs after it, never kills it."""
         sp = Spoked(self.dir, self.echo.address, plugins=[{"file": "passthrough.so"}],
