@@ -438,7 +438,9 @@ struct spoke_host {
      *               the plugin's name and the connection.
      *   "terminate" stop the chain and close the connection once what respond() queued
      *               has been sent; field "reason" is logged.
-     * Unknown names are logged at debug and otherwise ignored. Returns 0 or an error. */
+     * Unknown names are logged at debug and otherwise ignored. That is the built-in
+     * behaviour; the operator's policies (the config's `policies:`) may decide otherwise
+     * for any signal, name and fields included. Returns 0 or an error. */
     int (*signal)(spoke_ctx *ctx, spoke_conn *conn, const char *name, const spoke_kv *fields,
                   size_t n_fields);
 

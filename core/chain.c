@@ -8,6 +8,8 @@
  */
 #include "chain.h"
 
+#include "policy.h"
+
 #include <stdlib.h>
 #include <string.h>
 
@@ -154,6 +156,11 @@ spoke_verdict spk_chain_open(const spk_chain *ch, spoke_conn *conn)
 {
     spk_slot *s = ch->slot;
     conn->reply_to_server = 0;
+    if (ch->policy != NULL) {
+        spk_policy_open(ch->policy, conn);
+        if (conn->flags & SPK_CONN_TERMINATE)
+            return SPOKE_CLOSE;
+    }
     for (size_t i = 0; i < ch->n_plugins; i++) {
         const spk_plugin *p = ch->plugins[i];
         if (p->table.on_open == NULL)

@@ -70,6 +70,8 @@ typedef struct spk_chain {
     bool any_half_close;         /* a plugin implements on_half_close */
     spk_slot *slot;              /* never NULL after build: a private slot by default */
     spk_slot own_slot;
+    struct spk_policy *policy;   /* the worker's policies (policy.h; borrowed), for the
+                                    host's own "open" signal; NULL: none */
 } spk_chain;
 
 /* Build the chain over `set` (borrowed; it must outlive the chain), after
@@ -91,7 +93,10 @@ void spk_chain_conn_fini(spoke_conn *conn);
 spoke_verdict spk_chain_run(const spk_chain *ch, enum spk_hook_id hook, spoke_conn *conn,
                             spk_buf *buf);
 
-/* Run on_open of every plugin; CONTINUE, RESPOND or CLOSE merged as above. */
+/* Run on_open of every plugin; CONTINUE, RESPOND or CLOSE merged as above. With
+ * ch->policy set, the host's "open" signal goes to the policies first (policy.h,
+ * spk_policy_open), and a policy that terminates or closes the connection refuses it
+ * before any plugin's on_open runs. */
 spoke_verdict spk_chain_open(const spk_chain *ch, spoke_conn *conn);
 /* Run on_close of every plugin (all of them, in order). */
 void spk_chain_close(const spk_chain *ch, spoke_conn *conn);

@@ -39,6 +39,7 @@
 
 #include "log.h"
 #include "metrics.h"
+#include "policy.h"
 #include "queue.h"
 
 #define MAX_DEPTH         64    /* YAML nesting we accept; protects the recursion */
@@ -70,6 +71,8 @@ struct node {
     enum node_kind kind;
     int line;
     bool plain;       /* scalar written without quotes (only those can be null) */
+    bool literal;     /* scalar written as a literal block (|): its text starts on the
+                         line below, and its lines are the file's */
     char *text;       /* scalar value */
     size_t n;         /* pairs of a map, items of a list */
     node_pair *pairs; /* NODE_MAP */
@@ -288,6 +291,7 @@ static int tree_build(tree_ctx *t, yaml_event_t *ev, int depth, node **out)
     case YAML_SCALAR_EVENT:
         n->kind = NODE_SCALAR;
         n->plain = ev->data.scalar.style == YAML_PLAIN_SCALAR_STYLE;
+        n->literal = ev->data.scalar.style == YAML_LITERAL_SCALAR_STYLE;
         n->text = strndup((const char *)ev->data.scalar.value, ev->data.scalar.length);
         if (n->text == NULL)
             return tree_nomem(t);
@@ -1174,6 +1178,10 @@ static void d_plugins(FILE *out, const void *base, const field *f, int indent);
 static int p_plugins(cfg_ctx *c, const node *v, const char *key, void *base, const field *f);
 static int p_removed(cfg_ctx *c, const node *v, const char *key, void *base, const field *f);
 static void d_removed(FILE *out, const void *base, const field *f, int indent);
+static int p_lua(cfg_ctx *c, const node *v, const char *key, void *base, const field *f);
+static void d_lua(FILE *out, const void *base, const field *f, int indent);
+static int p_policies(cfg_ctx *c, const node *v, const char *key, void *base, const field *f);
+static void d_policies(FILE *out, const void *base, const field *f, int indent);
 
 #define FIELD(type, key, pfn, dfn, member, lo, hi, w, d, dt)                                       \
     {                                                                                              \
@@ -1326,6 +1334,39 @@ static const field root_fields[] = {
     CS("group", p_str_opt, d_str, group, NULL), /* none: the user's primary group */
 };
 
+/* policies: (the engine is core/policy.c; docs/policies.md) */
+static const field policies_fields[] = {
+    CF("timeout", p_uint, d_uint, policy_timeout, 1000, 1000000000, 100000), /* instructions */
+    CF("memory", p_size, d_size, policy_memory, 256 * KiB, GiB, 4 * MiB),
+    CS("setup", p_lua, d_lua, policy_setup, NULL), /* none */
+    CS("list", p_policies, d_policies, policies, NULL), /* empty */
+};
+
+static const char *const action_words[] = {"log", "terminate", "passthrough", "close",
+                                           "send_to_control", NULL};
+static const char *const then_words[] = {"default", "builtin", "passthrough", "terminate",
+                                         "close", NULL};
+static const char *const plevel_words[] = {"signal", "debug", "info", "warn", "error", NULL};
+
+#define YF(key, pfn, dfn, member, lo, hi, def)                                                     \
+    FIELD(spk_policy_conf, key, pfn, dfn, member, lo, hi, NULL, def, NULL)
+#define YW(key, member, words, def)                                                                \
+    FIELD(spk_policy_conf, key, p_enum, d_enum, member, 0, 0, words, def, NULL)
+static int p_action(cfg_ctx *c, const node *v, const char *key, void *base, const field *f);
+static void d_action(FILE *out, const void *base, const field *f, int indent);
+static const field policy_entry_fields[] = {
+    YF("name", p_str_opt, d_str, name, 0, 0, 0),
+    YF("signal", p_str, d_str, signal, 0, 0, 0), /* required */
+    YF("when", p_lua, d_lua, when, 0, 0, 0),
+    YF("action", p_action, d_action, action, 0, 0, 0),
+    YF("run", p_lua, d_lua, run, 0, 0, 0),
+    YW("level", level, plevel_words, 0),
+    YF("message", p_str_opt, d_str, message, 0, 0, 0),
+    YF("answer", p_str_opt, d_str, answer, 0, 0, 0),
+    YF("to", p_uint, d_uint, to, 0, UINT32_MAX, 0),
+    YW("then", then, then_words, SPK_PT_DEFAULT),
+};
+
 static const field plugin_entry_fields[] = {
     PF("id", p_uint, d_uint, id, 0, UINT32_MAX, 0),
     PS("name", p_name, d_str, name),
@@ -1364,6 +1405,7 @@ static const section sections[] = {
     {"uplink", uplink_fields, N(uplink_fields), EDGE},
     {"metrics", metrics_fields, N(metrics_fields), EDGE | CONTROL},
     {"log", log_fields, N(log_fields), EDGE | CONTROL},
+    {"policies", policies_fields, N(policies_fields), EDGE},
 };
 
 static bool section_in_role(const section *s, spoke_role role)
@@ -1505,6 +1547,120 @@ static int p_plugins(cfg_ctx *c, const node *v, const char *key, void *base, con
     if (enabled > SPK_PLUGINS_MAX)
         return cfg_fail(c, v->line, key, "%zu plugins enabled, more than the %d a generation runs",
                         enabled, SPK_PLUGINS_MAX);
+    return 0;
+}
+
+/* ---- policies ---------------------------------------------------------------------- */
+
+/* A piece of Lua: its text and the line its code starts on (a literal block's text starts
+ * on the line after its `|`), so core/policy.c can name the file's line in Lua's
+ * messages; only a literal block's lines are the file's. */
+static int p_lua(cfg_ctx *c, const node *v, const char *key, void *base, const field *f)
+{
+    spk_lua_text *t = at(base, f);
+    if (node_is_null(v)) {
+        free(t->code);
+        t->code = NULL;
+        return 0;
+    }
+    int rc = want_scalar(c, v, key, "Lua code (a string)");
+    if (rc != 0)
+        return rc;
+    if ((rc = set_string(c, &t->code, v->text)) != 0)
+        return rc;
+    t->line = v->literal ? v->line + 1 : v->line;
+    t->lines = v->literal;
+    return 0;
+}
+
+static int p_action(cfg_ctx *c, const node *v, const char *key, void *base, const field *f)
+{
+    spk_policy_conf *pc = base;
+    static const field words = {.words = action_words, .off = offsetof(spk_policy_conf, action),
+                                .width = sizeof(int)};
+    int rc = p_enum(c, v, key, base, &words);
+    if (rc == 0)
+        pc->has_action = true;
+    return rc;
+}
+
+/* Which action each parameter belongs to (a parameter of another action is an error). */
+static const struct {
+    const char *key;
+    int action, action2;
+} policy_params[] = {
+    {"level", SPK_PA_LOG, SPK_PA_LOG},
+    {"message", SPK_PA_LOG, SPK_PA_LOG},
+    {"answer", SPK_PA_TERMINATE, SPK_PA_TERMINATE},
+    {"to", SPK_PA_SEND_TO_CONTROL, SPK_PA_SEND_TO_CONTROL},
+    {"then", SPK_PA_LOG, SPK_PA_SEND_TO_CONTROL},
+};
+
+static int parse_policy_entry(cfg_ctx *c, const node *v, const char *key, spk_policy_conf *pc)
+{
+    pc->line = v->line;
+    int rc = apply_defaults(c, key, policy_entry_fields, N(policy_entry_fields), pc);
+    if (rc != 0)
+        return rc;
+    if (v->kind != NODE_MAP)
+        return cfg_fail(c, v->line, key, "expected a mapping with `signal:` and `action:` or "
+                        "`run:`, got %s", node_kind_name(v));
+    if ((rc = apply_map(c, v, key, policy_entry_fields, N(policy_entry_fields), pc)) != 0)
+        return rc;
+    if (pc->signal == NULL || pc->signal[0] == '\0')
+        return cfg_fail(c, v->line, key, "`signal:` is required (a signal name, or * for "
+                        "every signal of a plugin)");
+    if (pc->has_action == (pc->run.code != NULL))
+        return cfg_fail(c, v->line, key, "give exactly one of `action:` (log, terminate, "
+                        "passthrough, close, send_to_control) and `run:` (an action in Lua)");
+    if (pc->run.code != NULL)
+        pc->action = SPK_PA_LUA;
+    for (size_t i = 0; i < N(policy_params); i++) {
+        const node_pair *np = node_get(v, policy_params[i].key);
+        if (np != NULL && pc->action != policy_params[i].action &&
+            pc->action != policy_params[i].action2)
+            return cfg_fail(c, np->line, key, "`%s:` is a parameter of action %s%s%s, not of "
+                            "this policy's action", policy_params[i].key,
+                            action_words[policy_params[i].action],
+                            policy_params[i].action2 != policy_params[i].action ? " and " : "",
+                            policy_params[i].action2 != policy_params[i].action
+                                ? action_words[policy_params[i].action2] : "");
+    }
+    return 0;
+}
+
+static void policy_conf_clear(spk_policy_conf *pc)
+{
+    free(pc->name);
+    free(pc->signal);
+    free(pc->when.code);
+    free(pc->run.code);
+    free(pc->message);
+    free(pc->answer);
+    memset(pc, 0, sizeof(*pc));
+}
+
+static int p_policies(cfg_ctx *c, const node *v, const char *key, void *base, const field *f)
+{
+    spk_config *cfg = base;
+    if (node_is_null(v))
+        return 0;
+    if (v->kind != NODE_SEQ)
+        return cfg_fail(c, v->line, key, "expected a list of policies, got %s",
+                        node_kind_name(v));
+    if (v->n == 0)
+        return 0;
+    cfg->policies = calloc(v->n, sizeof(*cfg->policies));
+    if (cfg->policies == NULL)
+        return cfg_nomem(c);
+    for (size_t i = 0; i < v->n; i++) {
+        char sub[256];
+        snprintf(sub, sizeof(sub), "%s[%zu]", key, i);
+        cfg->n_policies = i + 1; /* so that spk_config_free frees a half-parsed entry */
+        int rc = parse_policy_entry(c, v->items[i], sub, &cfg->policies[i]);
+        if (rc != 0)
+            return rc;
+    }
     return 0;
 }
 
@@ -1741,6 +1897,8 @@ static int finish(cfg_ctx *c, const node *root)
     int rc = c->cfg->role == SPOKE_ROLE_CONTROL ? finish_control(c, root) : finish_edge(c, root);
     if (rc == 0)
         rc = check_plugin_duplicates(c);
+    if (rc == 0 && c->cfg->role == SPOKE_ROLE_EDGE)
+        rc = spk_policy_check(c->cfg, c->eb); /* the Lua compiles, with the file's lines */
     return rc != 0 ? rc : resolve_paths(c);
 }
 
@@ -1833,6 +1991,10 @@ void spk_config_free(spk_config *cfg)
     free(cfg->run_dir);
     free(cfg->user);
     free(cfg->group);
+    free(cfg->policy_setup.code);
+    for (size_t i = 0; i < cfg->n_policies; i++)
+        policy_conf_clear(&cfg->policies[i]);
+    free(cfg->policies);
     free(cfg);
 }
 
@@ -2075,6 +2237,55 @@ static void d_plugins(FILE *out, const void *base, const field *f, int indent)
                 put_str(out, pc->path);
                 fputc('\n', out);
             }
+        }
+    }
+}
+
+static void d_lua(FILE *out, const void *base, const field *f, int indent)
+{
+    const spk_lua_text *t = cat(base, f);
+    put_key(out, indent, f->name);
+    if (t->code == NULL) {
+        fputs(" ~\n", out);
+        return;
+    }
+    fputc(' ', out);
+    put_str(out, t->code);
+    fputc('\n', out);
+}
+
+static void d_action(FILE *out, const void *base, const field *f, int indent)
+{
+    const spk_policy_conf *pc = base;
+    if (!pc->has_action) {
+        fprintf(out, "%*s# %s: (none: run)\n", indent, "", f->name);
+        return;
+    }
+    put_key(out, indent, f->name);
+    fprintf(out, " %s\n", action_words[pc->action]);
+}
+
+static void d_policies(FILE *out, const void *base, const field *f, int indent)
+{
+    const spk_config *cfg = base;
+    put_key(out, indent, f->name);
+    if (cfg->n_policies == 0) {
+        fputs(" []\n", out);
+        return;
+    }
+    fputc('\n', out);
+    for (size_t i = 0; i < cfg->n_policies; i++) {
+        const spk_policy_conf *pc = &cfg->policies[i];
+        fprintf(out, "%*s# line %d\n%*s-\n", indent + 2, "", pc->line, indent + 2, "");
+        for (size_t j = 0; j < N(policy_entry_fields); j++) {
+            const field *pf = &policy_entry_fields[j];
+            bool other = false; /* a parameter of another action: not printed */
+            for (size_t k = 0; k < N(policy_params); k++)
+                if (strcmp(policy_params[k].key, pf->name) == 0)
+                    other = pc->action != policy_params[k].action &&
+                            pc->action != policy_params[k].action2;
+            if (!other)
+                pf->dump(out, pc, pf, indent + 4);
         }
     }
 }

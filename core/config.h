@@ -60,6 +60,50 @@ typedef struct spk_plugin_conf {
                              own Prometheus text (the merger scrapes it); NULL: none */
 } spk_plugin_conf;
 
+/* A piece of Lua from the config (policies), with the line of the file its first line of
+ * code is on, so that Lua's messages can name the file's line. */
+typedef struct spk_lua_text {
+    char *code; /* NULL: not given */
+    int line;
+    bool lines; /* a literal block (|): line + N - 1 is the file's line of the code's line N;
+                   else every line of the code is reported as `line` */
+} spk_lua_text;
+
+/* policies.list[].action (core/policy.h says what each does). SPK_PA_LUA: `run:` given. */
+enum spk_policy_action {
+    SPK_PA_LOG = 0,
+    SPK_PA_TERMINATE = 1,
+    SPK_PA_PASSTHROUGH = 2,
+    SPK_PA_CLOSE = 3,
+    SPK_PA_SEND_TO_CONTROL = 4,
+    SPK_PA_LUA = 5,
+};
+/* policies.list[].then: what follows log and send_to_control. */
+enum spk_policy_then {
+    SPK_PT_DEFAULT = 0, /* the action's own: log -> passthrough, send_to_control -> builtin */
+    SPK_PT_BUILTIN = 1,
+    SPK_PT_PASSTHROUGH = 2,
+    SPK_PT_TERMINATE = 3,
+    SPK_PT_CLOSE = 4,
+};
+
+/* One entry of policies.list (docs/policies.md). */
+typedef struct spk_policy_conf {
+    char *name;          /* `name:`; NULL: none (messages say policies.list[i]) */
+    char *signal;        /* `signal:`: the signal's name, or "*" for every plugin signal */
+    spk_lua_text when;   /* `when:`: a Lua condition; no code: always */
+    int action;          /* enum spk_policy_action (`action:`, or SPK_PA_LUA for `run:`) */
+    bool has_action;     /* `action:` given */
+    spk_lua_text run;    /* `run:`: an action written in Lua */
+    int level;           /* `level:` for log: 0 = the signal's own, else spoke_log_level + 1 */
+    char *message;       /* `message:` template for log; NULL: the built-in one */
+    char *answer;        /* `answer:` for terminate: sent to the peer first; NULL: none */
+    uint32_t to;         /* `to:` for send_to_control: the receiving plugin ID; 0: the
+                            signalling plugin's */
+    int then;            /* enum spk_policy_then */
+    int line;            /* line of the entry in the config file */
+} spk_policy_conf;
+
 typedef struct spk_config {
     char *file;                /* the path the config was loaded from */
     spoke_role role;           /* edge (spoked) or control (hubd): which sections it has */
@@ -174,6 +218,13 @@ typedef struct spk_config {
     bool metrics_merger;       /* metrics.merger: scrape the plugins' metrics_socket */
     uint64_t metrics_merge_period_ms; /* metrics.merge_period */
     unsigned metrics_hook_sample; /* metrics.hook_sample: time 1 in N hook calls; 0 = none */
+
+    /* policies: what the host does with plugins' signals (core/policy.h) */
+    uint64_t policy_timeout;   /* policies.timeout: Lua instructions per evaluation */
+    uint64_t policy_memory;    /* policies.memory: bytes one worker's Lua state may hold */
+    spk_lua_text policy_setup; /* policies.setup: Lua run once when the state is created */
+    spk_policy_conf *policies; /* policies.list, in config order (first match wins) */
+    size_t n_policies;
 } spk_config;
 
 /* Load and validate `path` as spoked's config (the edge role). On success *out is a config

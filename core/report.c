@@ -148,6 +148,30 @@ static void report_queue(sup *s, outbuf *o)
     out(o, "\n");
 }
 
+/* The policy engines of the live workers (docs/policies.md): what they matched, and the
+ * policies that failed, by kind. A worker that exits takes its counts with it. */
+static void report_policies(sup *s, outbuf *o)
+{
+    const spk_config *cfg = spk_sup_cfg(s);
+    if (cfg == NULL || cfg->n_policies == 0)
+        return;
+    uint64_t t[5] = {0};
+    for (int i = 0; i < SPK_STATUS_SLOTS; i++) {
+        if (!s->slot_used[i])
+            continue;
+        const spk_policy_counters *pc = &s->st->slots[i].policy;
+        t[0] += atomic_load_explicit(&pc->matched, memory_order_relaxed);
+        t[1] += atomic_load_explicit(&pc->errors, memory_order_relaxed);
+        t[2] += atomic_load_explicit(&pc->timeouts, memory_order_relaxed);
+        t[3] += atomic_load_explicit(&pc->memory, memory_order_relaxed);
+        t[4] += atomic_load_explicit(&pc->action_failed, memory_order_relaxed);
+    }
+    out(o, "policies: %zu  matched %llu  failed: errors %llu  timeouts %llu  out of memory "
+           "%llu  actions %llu\n", cfg->n_policies, (unsigned long long)t[0],
+        (unsigned long long)t[1], (unsigned long long)t[2], (unsigned long long)t[3],
+        (unsigned long long)t[4]);
+}
+
 static void metrics_queue(sup *s, outbuf *o)
 {
     uint64_t sent, refused[SPK_QR_N];
@@ -434,6 +458,7 @@ static void build_report(sup *s, outbuf *o)
         return;
     }
     report_queue(s, o);
+    report_policies(s, o);
     report_uplink(s, o);
 }
 

@@ -13,6 +13,7 @@
 #include "host.h"
 #include "loader.h"
 #include "log.h"
+#include "policy.h"
 #include "proxy.h"
 #include "queue.h"
 #include "queue_conf.h"
@@ -213,6 +214,11 @@ static int start(worker *wk, spk_errbuf *eb)
     if (spk_host_kv_open(&wk->env, &qeb) != 0)
         spk_warn("KV services unavailable: %s; plugins get KV_UNAVAILABLE until it opens "
                  "(retried every few seconds)", qeb.msg);
+    /* The policies' Lua state, before init: a plugin may signal from init. */
+    rc = spk_policy_new(cfg, &wk->env, opts->wslot ? &opts->wslot->policy : NULL,
+                        &wk->env.policy, eb);
+    if (rc != 0)
+        return rc;
     wk->health_fails = calloc(wk->set.n ? wk->set.n : 1, sizeof(unsigned));
     if (wk->health_fails == NULL)
         return spk_errf(eb, SPK_ENOMEM, "out of memory");
@@ -223,6 +229,7 @@ static int start(worker *wk, spk_errbuf *eb)
     if (rc != 0)
         return spk_errf(eb, rc, "out of memory building the plugin chain");
     spk_chain_set_slot(&wk->chain, wk->slot);
+    wk->chain.policy = wk->env.policy;
     return spk_proxy_new(wk->loop, cfg, opts->listen_fds, opts->n_listen, &wk->chain,
                          &wk->proxy, eb);
 }
@@ -284,6 +291,8 @@ out:
     spk_proxy_free(wk.proxy);
     spk_chain_free(&wk.chain);
     spk_host_unload(&wk.set); /* fini may still send */
+    spk_policy_free(wk.env.policy); /* after fini, which may still signal */
+    wk.env.policy = NULL;
     if (opts->wslot == NULL && wk.env.queue != NULL)
         spk_queue_sync(wk.env.queue, NULL);
     spk_queue_close(wk.env.queue);
