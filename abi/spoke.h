@@ -100,6 +100,7 @@
  *       spoke_host.kv_put added
  *       spoke_host.kv_del added
  *       spoke_host.kv_scan added
+ *  1.3  spoke_plugin.on_half_close added
  *  1.4  spoke_metric_type: SPOKE_METRIC_COUNTER, _GAUGE, _HISTOGRAM added
  *       spoke_metric added
  *       spoke_host.metric_register added
@@ -347,6 +348,27 @@ typedef struct spoke_plugin {
      * offered to others), 0 to pass it on. Return 0, or a negative code to report a
      * processing error (logged and counted; the payload is never redelivered). */
     int (*accept_edge_payload)(void *self, const spoke_edge_payload *payload, int *handled);
+
+    /* ---- 1.3 ---- */
+
+    /* Edge hook. The client (from_client = 1) or the server (0) half-closed: it will send
+     * no more bytes (its FIN arrived), though it may still read. This is the moment to
+     * hand on what the plugin held back from earlier chunks (a message kept until its
+     * delimiter, say), or it would be lost: put those bytes in `buf` with buf_set or
+     * buf_resize and return SPOKE_MODIFIED, and they go on in the direction of that
+     * side's traffic (to the server for the client's half-close), ahead of the FIN.
+     * Called once per direction, for each plugin implementing it, in config order: `buf`
+     * starts empty, and a plugin sees what earlier ones put in it (it may add its own
+     * bytes after them, or rewrite them). What it holds is sent as it is: it does not run
+     * through the traffic hooks again. respond() queues bytes for the side that
+     * half-closed. Verdicts as for a traffic hook: CONTINUE and MODIFIED go on to the next
+     * plugin, then `buf` and the FIN are sent; RESPOND stops the chain, drops `buf`, sends
+     * what respond() queued and still passes the FIN on; CLOSE drops `buf` and closes the
+     * connection once what respond() queued is sent. Not called when a connection ends
+     * without a half-close (a reset, a CLOSE verdict, the drain deadline): on_close
+     * follows either way. */
+    spoke_verdict (*on_half_close)(void *self, spoke_conn *conn, int from_client,
+                                   spoke_buf *buf);
 } spoke_plugin;
 
 #define SPOKE_PLUGIN_HEADER                                                                \
@@ -416,7 +438,9 @@ struct spoke_host {
      *               the plugin's name and the connection.
      *   "terminate" stop the chain and close the connection once what respond() queued
      *               has been sent; field "reason" is logged.
-     * Unknown names are logged at debug and otherwise ignored. Returns 0 or an error. */
+     * Unknown names are logged at debug and otherwise ignored. That is the built-in
+     * behaviour; the operator's policies (the config's `policies:`) may decide otherwise
+     * for any signal, name and fields included. Returns 0 or an error. */
     int (*signal)(spoke_ctx *ctx, spoke_conn *conn, const char *name, const spoke_kv *fields,
                   size_t n_fields);
 

@@ -8,6 +8,8 @@
  */
 #include "chain.h"
 
+#include "policy.h"
+
 #include <stdlib.h>
 #include <string.h>
 
@@ -59,6 +61,8 @@ int spk_chain_build(spk_chain *ch, const spk_plugin_set *set)
     ch->plugins = set->v;
     ch->n_plugins = set->n;
     ch->slot = &ch->own_slot;
+    for (size_t i = 0; i < set->n; i++)
+        ch->any_half_close |= set->v[i]->table.on_half_close != NULL;
     for (int h = 0; h < 4; h++) {
         if (set->n == 0)
             continue;
@@ -152,6 +156,11 @@ spoke_verdict spk_chain_open(const spk_chain *ch, spoke_conn *conn)
 {
     spk_slot *s = ch->slot;
     conn->reply_to_server = 0;
+    if (ch->policy != NULL) {
+        spk_policy_open(ch->policy, conn);
+        if (conn->flags & SPK_CONN_TERMINATE)
+            return SPOKE_CLOSE;
+    }
     for (size_t i = 0; i < ch->n_plugins; i++) {
         const spk_plugin *p = ch->plugins[i];
         if (p->table.on_open == NULL)
@@ -159,6 +168,24 @@ spoke_verdict spk_chain_open(const spk_chain *ch, spoke_conn *conn)
         uint64_t t = SPK_PLUGIN_HOOK_BEGIN(p, s, SPK_HOOK_OPEN);
         spoke_verdict v = p->table.on_open(p->self, conn);
         SPK_PLUGIN_HOOK_END(p, s, SPK_HOOK_OPEN, t);
+        if (v > SPOKE_MODIFIED || (conn->flags & SPK_CONN_TERMINATE))
+            return (conn->flags & SPK_CONN_TERMINATE) ? SPOKE_CLOSE : merge_stop(conn, v);
+    }
+    return SPOKE_CONTINUE;
+}
+
+spoke_verdict spk_chain_half_close(const spk_chain *ch, spoke_conn *conn, bool from_client,
+                                   spk_buf *buf)
+{
+    spk_slot *s = ch->slot;
+    conn->reply_to_server = !from_client;
+    for (size_t i = 0; i < ch->n_plugins; i++) {
+        const spk_plugin *p = ch->plugins[i];
+        if (p->table.on_half_close == NULL)
+            continue;
+        uint64_t t = SPK_PLUGIN_HOOK_BEGIN(p, s, SPK_HOOK_HALF_CLOSE);
+        spoke_verdict v = p->table.on_half_close(p->self, conn, from_client, &buf->pub);
+        SPK_PLUGIN_HOOK_END(p, s, SPK_HOOK_HALF_CLOSE, t);
         if (v > SPOKE_MODIFIED || (conn->flags & SPK_CONN_TERMINATE))
             return (conn->flags & SPK_CONN_TERMINATE) ? SPOKE_CLOSE : merge_stop(conn, v);
     }

@@ -17,6 +17,7 @@
 #define SPK_CHAIN_H
 
 #include <stdatomic.h>
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -66,8 +67,11 @@ typedef struct spk_chain {
     size_t n_plugins;
     spk_chain_entry *traffic[4]; /* per SPK_HOOK_FROM_CLIENT..TO_CLIENT */
     size_t n_traffic[4];
+    bool any_half_close;         /* a plugin implements on_half_close */
     spk_slot *slot;              /* never NULL after build: a private slot by default */
     spk_slot own_slot;
+    struct spk_policy *policy;   /* the worker's policies (policy.h; borrowed), for the
+                                    host's own "open" signal; NULL: none */
 } spk_chain;
 
 /* Build the chain over `set` (borrowed; it must outlive the chain), after
@@ -89,10 +93,19 @@ void spk_chain_conn_fini(spoke_conn *conn);
 spoke_verdict spk_chain_run(const spk_chain *ch, enum spk_hook_id hook, spoke_conn *conn,
                             spk_buf *buf);
 
-/* Run on_open of every plugin; CONTINUE, RESPOND or CLOSE merged as above. */
+/* Run on_open of every plugin; CONTINUE, RESPOND or CLOSE merged as above. With
+ * ch->policy set, the host's "open" signal goes to the policies first (policy.h,
+ * spk_policy_open), and a policy that terminates or closes the connection refuses it
+ * before any plugin's on_open runs. */
 spoke_verdict spk_chain_open(const spk_chain *ch, spoke_conn *conn);
 /* Run on_close of every plugin (all of them, in order). */
 void spk_chain_close(const spk_chain *ch, spoke_conn *conn);
+/* Run on_half_close of every plugin implementing it (spoke.h), for the client's
+ * half-close (from_client) or the server's. `buf` starts as the caller made it (empty);
+ * on return buf->pub holds what should be sent before the FIN (for CONTINUE/MODIFIED).
+ * Merged as spk_chain_run merges. */
+spoke_verdict spk_chain_half_close(const spk_chain *ch, spoke_conn *conn, bool from_client,
+                                   spk_buf *buf);
 /* Run on_tick of every plugin. */
 void spk_chain_tick(const spk_chain *ch);
 

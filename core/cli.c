@@ -251,6 +251,14 @@ static int status_main(const char *path)
             close(fd);
         return 1;
     }
+    /* One command, then the end of the request: the answer ends when the socket does. */
+    static const char cmd[] = "status\n";
+    if (write(fd, cmd, sizeof(cmd) - 1) != (ssize_t)(sizeof(cmd) - 1) ||
+        shutdown(fd, SHUT_WR) != 0) {
+        fprintf(stderr, "%s: %s: %s\n", prog, un.sun_path, strerror(errno));
+        close(fd);
+        return 1;
+    }
     char buf[8192];
     ssize_t n;
     while ((n = read(fd, buf, sizeof(buf))) > 0)

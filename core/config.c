@@ -39,6 +39,7 @@
 
 #include "log.h"
 #include "metrics.h"
+#include "policy.h"
 #include "queue.h"
 
 #define MAX_DEPTH         64    /* YAML nesting we accept; protects the recursion */
@@ -70,6 +71,8 @@ struct node {
     enum node_kind kind;
     int line;
     bool plain;       /* scalar written without quotes (only those can be null) */
+    bool literal;     /* scalar written as a literal block (|): its text starts on the
+                         line below, and its lines are the file's */
     char *text;       /* scalar value */
     size_t n;         /* pairs of a map, items of a list */
     node_pair *pairs; /* NODE_MAP */
@@ -288,6 +291,7 @@ static int tree_build(tree_ctx *t, yaml_event_t *ev, int depth, node **out)
     case YAML_SCALAR_EVENT:
         n->kind = NODE_SCALAR;
         n->plain = ev->data.scalar.style == YAML_PLAIN_SCALAR_STYLE;
+        n->literal = ev->data.scalar.style == YAML_LITERAL_SCALAR_STYLE;
         n->text = strndup((const char *)ev->data.scalar.value, ev->data.scalar.length);
         if (n->text == NULL)
             return tree_nomem(t);
@@ -940,19 +944,54 @@ static int p_env(cfg_ctx *c, const node *v, const char *key, void *base, const f
     return parse_strv(c, v, key, true, &pc->env, &pc->n_env);
 }
 
-static int check_duplicate_keys(cfg_ctx *c, const node *m, const char *key)
+/* Duplicates among many keys, in O(n log n): (key, index) pairs sorted by key, then by
+ * index, put equal keys next to each other with their first occurrence first. A map or a
+ * plugin's `config:` with tens of thousands of keys costs no n^2 compares. */
+typedef struct keyref {
+    const char *key;
+    size_t idx;
+} keyref;
+
+static int keyref_cmp(const void *a, const void *b)
 {
-    for (size_t i = 1; i < m->n; i++) {
-        for (size_t j = 0; j < i; j++) {
-            if (strcmp(m->pairs[i].key, m->pairs[j].key) != 0)
-                continue;
-            char sub[256];
-            snprintf(sub, sizeof(sub), "%s%s%s", key, key[0] ? "." : "", m->pairs[i].key);
-            return cfg_fail(c, m->pairs[i].line, sub, "duplicate key (first at line %d)",
-                            m->pairs[j].line);
+    const keyref *x = a, *y = b;
+    int d = strcmp(x->key, y->key);
+    return d != 0 ? d : (x->idx > y->idx) - (x->idx < y->idx);
+}
+
+/* Sort refs[0..n) (see keyref) and find the first key, in index order, that repeats an
+ * earlier one: returns its index and sets *first to the earlier one's; SIZE_MAX when
+ * every key differs. */
+static size_t first_duplicate(keyref *refs, size_t n, size_t *first)
+{
+    qsort(refs, n, sizeof(*refs), keyref_cmp);
+    size_t dup = SIZE_MAX;
+    for (size_t i = 1; i < n; i++) {
+        if (refs[i].idx < dup && strcmp(refs[i].key, refs[i - 1].key) == 0) {
+            dup = refs[i].idx;
+            *first = refs[i - 1].idx;
         }
     }
-    return 0;
+    return dup;
+}
+
+static int check_duplicate_keys(cfg_ctx *c, const node *m, const char *key)
+{
+    if (m->n < 2)
+        return 0;
+    keyref *refs = malloc(m->n * sizeof(*refs));
+    if (refs == NULL)
+        return cfg_nomem(c);
+    for (size_t i = 0; i < m->n; i++)
+        refs[i] = (keyref){.key = m->pairs[i].key, .idx = i};
+    size_t j = 0, i = first_duplicate(refs, m->n, &j);
+    free(refs);
+    if (i == SIZE_MAX)
+        return 0;
+    char sub[256];
+    snprintf(sub, sizeof(sub), "%s%s%s", key, key[0] ? "." : "", m->pairs[i].key);
+    return cfg_fail(c, m->pairs[i].line, sub, "duplicate key (first at line %d)",
+                    m->pairs[j].line);
 }
 
 /* The flattened `config:` of one plugin, with the line of each entry for messages. */
@@ -971,16 +1010,10 @@ static void kv_free(spoke_kv *kv, size_t n)
     free(kv);
 }
 
-/* Append key=value (takes ownership of fkey). */
+/* Append key=value (takes ownership of fkey). Two entries that flatten to the same key
+ * are found after the whole map is flattened (config_index). */
 static int kv_push(cfg_ctx *c, kv_acc *acc, char *fkey, const node *v, const char *ykey)
 {
-    for (size_t i = 0; i < acc->n; i++) {
-        if (strcmp(acc->kv[i].key, fkey) == 0) {
-            free(fkey);
-            return cfg_fail(c, v->line, ykey, "flattens to the same key as the entry at line %d",
-                            acc->lines[i]);
-        }
-    }
     if (acc->n == MAX_PLUGIN_CONFIG) {
         free(fkey);
         return cfg_fail(c, v->line, ykey, "more than %d entries", MAX_PLUGIN_CONFIG);
@@ -1044,6 +1077,38 @@ static int flatten(cfg_ctx *c, const node *v, const char *fkey, const char *ykey
     return rc;
 }
 
+/* Refuse two entries of acc that flatten to the same key (`a: {b: 1}` and `a.b: 2`), and
+ * build the index of acc's entries in key order (spk_plugin_conf.config_sorted) into
+ * *out, which the caller owns (NULL for an empty map). */
+static int config_index(cfg_ctx *c, const kv_acc *acc, const char *key, size_t **out)
+{
+    *out = NULL;
+    if (acc->n == 0)
+        return 0;
+    keyref *refs = malloc(acc->n * sizeof(*refs));
+    size_t *index = malloc(acc->n * sizeof(*index));
+    if (refs == NULL || index == NULL) {
+        free(refs);
+        free(index);
+        return cfg_nomem(c);
+    }
+    for (size_t i = 0; i < acc->n; i++)
+        refs[i] = (keyref){.key = acc->kv[i].key, .idx = i};
+    size_t j = 0, i = first_duplicate(refs, acc->n, &j);
+    for (size_t k = 0; k < acc->n; k++)
+        index[k] = refs[k].idx;
+    free(refs);
+    if (i == SIZE_MAX) {
+        *out = index;
+        return 0;
+    }
+    free(index);
+    char sub[256];
+    snprintf(sub, sizeof(sub), "%s.%s", key, acc->kv[i].key);
+    return cfg_fail(c, acc->lines[i], sub, "flattens to the same key as the entry at line %d",
+                    acc->lines[j]);
+}
+
 static int p_config(cfg_ctx *c, const node *v, const char *key, void *base, const field *f)
 {
     spk_plugin_conf *pc = base;
@@ -1052,16 +1117,46 @@ static int p_config(cfg_ctx *c, const node *v, const char *key, void *base, cons
     if (v->kind != NODE_MAP)
         return cfg_fail(c, v->line, key, "expected a mapping, got %s", node_kind_name(v));
     kv_acc acc = {0};
+    size_t *index = NULL;
     int rc = flatten(c, v, NULL, key, &acc);
+    if (rc == 0)
+        rc = config_index(c, &acc, key, &index);
     free(acc.lines);
     if (rc != 0) {
         kv_free(acc.kv, acc.n);
         return rc;
     }
     kv_free(pc->config, pc->n_config);
+    free(pc->config_sorted);
     pc->config = acc.kv;
     pc->n_config = acc.n;
+    pc->config_sorted = index;
     return 0;
+}
+
+const char *spk_plugin_conf_get(const spk_plugin_conf *pc, const char *key)
+{
+    if (pc == NULL || key == NULL)
+        return NULL;
+    if (pc->config_sorted == NULL) { /* not from the parser (a conf built by hand) */
+        for (size_t i = 0; i < pc->n_config; i++)
+            if (strcmp(pc->config[i].key, key) == 0)
+                return pc->config[i].value;
+        return NULL;
+    }
+    size_t lo = 0, hi = pc->n_config;
+    while (lo < hi) {
+        size_t mid = lo + (hi - lo) / 2;
+        const spoke_kv *kv = &pc->config[pc->config_sorted[mid]];
+        int d = strcmp(kv->key, key);
+        if (d == 0)
+            return kv->value;
+        if (d < 0)
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
+    return NULL;
 }
 
 /* ---- the tables -------------------------------------------------------------------- */
@@ -1083,6 +1178,10 @@ static void d_plugins(FILE *out, const void *base, const field *f, int indent);
 static int p_plugins(cfg_ctx *c, const node *v, const char *key, void *base, const field *f);
 static int p_removed(cfg_ctx *c, const node *v, const char *key, void *base, const field *f);
 static void d_removed(FILE *out, const void *base, const field *f, int indent);
+static int p_lua(cfg_ctx *c, const node *v, const char *key, void *base, const field *f);
+static void d_lua(FILE *out, const void *base, const field *f, int indent);
+static int p_policies(cfg_ctx *c, const node *v, const char *key, void *base, const field *f);
+static void d_policies(FILE *out, const void *base, const field *f, int indent);
 
 #define FIELD(type, key, pfn, dfn, member, lo, hi, w, d, dt)                                       \
     {                                                                                              \
@@ -1128,6 +1227,7 @@ static const field listen_fields[] = {
     CF("high_watermark", p_size, d_size, high_watermark, 0, GiB, MiB),
     CF("backlog", p_uint, d_uint, backlog, 1, 65535, 1024),
     CF("max_connections", p_uint, d_uint, max_connections, 1, 10000000, 100000),
+    CF("max_open_files", p_uint, d_uint, max_open_files, 0, 1048576, 0), /* 0: inherited */
 };
 
 static const field plugins_fields[] = {
@@ -1236,6 +1336,39 @@ static const field root_fields[] = {
     CS("group", p_str_opt, d_str, group, NULL), /* none: the user's primary group */
 };
 
+/* policies: (the engine is core/policy.c; docs/policies.md) */
+static const field policies_fields[] = {
+    CF("timeout", p_uint, d_uint, policy_timeout, 1000, 1000000000, 100000), /* instructions */
+    CF("memory", p_size, d_size, policy_memory, 256 * KiB, GiB, 4 * MiB),
+    CS("setup", p_lua, d_lua, policy_setup, NULL), /* none */
+    CS("list", p_policies, d_policies, policies, NULL), /* empty */
+};
+
+static const char *const action_words[] = {"log", "terminate", "passthrough", "close",
+                                           "send_to_control", NULL};
+static const char *const then_words[] = {"default", "builtin", "passthrough", "terminate",
+                                         "close", NULL};
+static const char *const plevel_words[] = {"signal", "debug", "info", "warn", "error", NULL};
+
+#define YF(key, pfn, dfn, member, lo, hi, def)                                                     \
+    FIELD(spk_policy_conf, key, pfn, dfn, member, lo, hi, NULL, def, NULL)
+#define YW(key, member, words, def)                                                                \
+    FIELD(spk_policy_conf, key, p_enum, d_enum, member, 0, 0, words, def, NULL)
+static int p_action(cfg_ctx *c, const node *v, const char *key, void *base, const field *f);
+static void d_action(FILE *out, const void *base, const field *f, int indent);
+static const field policy_entry_fields[] = {
+    YF("name", p_str_opt, d_str, name, 0, 0, 0),
+    YF("signal", p_str, d_str, signal, 0, 0, 0), /* required */
+    YF("when", p_lua, d_lua, when, 0, 0, 0),
+    YF("action", p_action, d_action, action, 0, 0, 0),
+    YF("run", p_lua, d_lua, run, 0, 0, 0),
+    YW("level", level, plevel_words, 0),
+    YF("message", p_str_opt, d_str, message, 0, 0, 0),
+    YF("answer", p_str_opt, d_str, answer, 0, 0, 0),
+    YF("to", p_uint, d_uint, to, 0, UINT32_MAX, 0),
+    YW("then", then, then_words, SPK_PT_DEFAULT),
+};
+
 static const field plugin_entry_fields[] = {
     PF("id", p_uint, d_uint, id, 0, UINT32_MAX, 0),
     PS("name", p_name, d_str, name),
@@ -1274,6 +1407,7 @@ static const section sections[] = {
     {"uplink", uplink_fields, N(uplink_fields), EDGE},
     {"metrics", metrics_fields, N(metrics_fields), EDGE | CONTROL},
     {"log", log_fields, N(log_fields), EDGE | CONTROL},
+    {"policies", policies_fields, N(policies_fields), EDGE},
 };
 
 static bool section_in_role(const section *s, spoke_role role)
@@ -1384,6 +1518,7 @@ static void plugin_conf_clear(spk_plugin_conf *pc)
     free_strv(pc->args, pc->n_args);
     free_strv(pc->env, pc->n_env);
     kv_free(pc->config, pc->n_config);
+    free(pc->config_sorted);
     memset(pc, 0, sizeof(*pc));
 }
 
@@ -1414,6 +1549,120 @@ static int p_plugins(cfg_ctx *c, const node *v, const char *key, void *base, con
     if (enabled > SPK_PLUGINS_MAX)
         return cfg_fail(c, v->line, key, "%zu plugins enabled, more than the %d a generation runs",
                         enabled, SPK_PLUGINS_MAX);
+    return 0;
+}
+
+/* ---- policies ---------------------------------------------------------------------- */
+
+/* A piece of Lua: its text and the line its code starts on (a literal block's text starts
+ * on the line after its `|`), so core/policy.c can name the file's line in Lua's
+ * messages; only a literal block's lines are the file's. */
+static int p_lua(cfg_ctx *c, const node *v, const char *key, void *base, const field *f)
+{
+    spk_lua_text *t = at(base, f);
+    if (node_is_null(v)) {
+        free(t->code);
+        t->code = NULL;
+        return 0;
+    }
+    int rc = want_scalar(c, v, key, "Lua code (a string)");
+    if (rc != 0)
+        return rc;
+    if ((rc = set_string(c, &t->code, v->text)) != 0)
+        return rc;
+    t->line = v->literal ? v->line + 1 : v->line;
+    t->lines = v->literal;
+    return 0;
+}
+
+static int p_action(cfg_ctx *c, const node *v, const char *key, void *base, const field *f)
+{
+    spk_policy_conf *pc = base;
+    static const field words = {.words = action_words, .off = offsetof(spk_policy_conf, action),
+                                .width = sizeof(int)};
+    int rc = p_enum(c, v, key, base, &words);
+    if (rc == 0)
+        pc->has_action = true;
+    return rc;
+}
+
+/* Which action each parameter belongs to (a parameter of another action is an error). */
+static const struct {
+    const char *key;
+    int action, action2;
+} policy_params[] = {
+    {"level", SPK_PA_LOG, SPK_PA_LOG},
+    {"message", SPK_PA_LOG, SPK_PA_LOG},
+    {"answer", SPK_PA_TERMINATE, SPK_PA_TERMINATE},
+    {"to", SPK_PA_SEND_TO_CONTROL, SPK_PA_SEND_TO_CONTROL},
+    {"then", SPK_PA_LOG, SPK_PA_SEND_TO_CONTROL},
+};
+
+static int parse_policy_entry(cfg_ctx *c, const node *v, const char *key, spk_policy_conf *pc)
+{
+    pc->line = v->line;
+    int rc = apply_defaults(c, key, policy_entry_fields, N(policy_entry_fields), pc);
+    if (rc != 0)
+        return rc;
+    if (v->kind != NODE_MAP)
+        return cfg_fail(c, v->line, key, "expected a mapping with `signal:` and `action:` or "
+                        "`run:`, got %s", node_kind_name(v));
+    if ((rc = apply_map(c, v, key, policy_entry_fields, N(policy_entry_fields), pc)) != 0)
+        return rc;
+    if (pc->signal == NULL || pc->signal[0] == '\0')
+        return cfg_fail(c, v->line, key, "`signal:` is required (a signal name, or * for "
+                        "every signal of a plugin)");
+    if (pc->has_action == (pc->run.code != NULL))
+        return cfg_fail(c, v->line, key, "give exactly one of `action:` (log, terminate, "
+                        "passthrough, close, send_to_control) and `run:` (an action in Lua)");
+    if (pc->run.code != NULL)
+        pc->action = SPK_PA_LUA;
+    for (size_t i = 0; i < N(policy_params); i++) {
+        const node_pair *np = node_get(v, policy_params[i].key);
+        if (np != NULL && pc->action != policy_params[i].action &&
+            pc->action != policy_params[i].action2)
+            return cfg_fail(c, np->line, key, "`%s:` is a parameter of action %s%s%s, not of "
+                            "this policy's action", policy_params[i].key,
+                            action_words[policy_params[i].action],
+                            policy_params[i].action2 != policy_params[i].action ? " and " : "",
+                            policy_params[i].action2 != policy_params[i].action
+                                ? action_words[policy_params[i].action2] : "");
+    }
+    return 0;
+}
+
+static void policy_conf_clear(spk_policy_conf *pc)
+{
+    free(pc->name);
+    free(pc->signal);
+    free(pc->when.code);
+    free(pc->run.code);
+    free(pc->message);
+    free(pc->answer);
+    memset(pc, 0, sizeof(*pc));
+}
+
+static int p_policies(cfg_ctx *c, const node *v, const char *key, void *base, const field *f)
+{
+    spk_config *cfg = base;
+    if (node_is_null(v))
+        return 0;
+    if (v->kind != NODE_SEQ)
+        return cfg_fail(c, v->line, key, "expected a list of policies, got %s",
+                        node_kind_name(v));
+    if (v->n == 0)
+        return 0;
+    cfg->policies = calloc(v->n, sizeof(*cfg->policies));
+    if (cfg->policies == NULL)
+        return cfg_nomem(c);
+    for (size_t i = 0; i < v->n; i++) {
+        char sub[256];
+        snprintf(sub, sizeof(sub), "%s[%zu]", key, i);
+        cfg->n_policies = i + 1; /* so that spk_config_free frees a half-parsed entry */
+        int rc = parse_policy_entry(c, v->items[i], sub, &cfg->policies[i]);
+        if (rc != 0)
+            return rc;
+    }
     return 0;
 }
 
@@ -1542,31 +1791,51 @@ static int resolve_paths(cfg_ctx *c)
     return 0;
 }
 
+/* Plugin names and IDs are unique (first_duplicate, so a long list costs n log n). */
 static int check_plugin_duplicates(cfg_ctx *c)
 {
     const spk_config *cfg = c->cfg;
-    for (size_t i = 1; i < cfg->n_plugins; i++) {
-        const spk_plugin_conf *b = &cfg->plugins[i];
-        for (size_t j = 0; j < i; j++) {
-            const spk_plugin_conf *a = &cfg->plugins[j];
-            char key[64];
-            if (a->name && b->name && strcmp(a->name, b->name) == 0) {
-                snprintf(key, sizeof(key), "plugins.list[%zu].name", i);
-                return cfg_fail(c, b->line, key,
-                                "'%s' is already the name of plugins.list[%zu] at line %d "
-                                "(plugin names must be unique)",
-                                b->name, j, a->line);
-            }
-            if (a->id != 0 && a->id == b->id) {
-                snprintf(key, sizeof(key), "plugins.list[%zu].id", i);
-                return cfg_fail(c, b->line, key,
-                                "%u is already the ID of plugins.list[%zu] at line %d "
-                                "(plugin IDs must be unique)",
-                                b->id, j, a->line);
-            }
+    size_t n = cfg->n_plugins, nn = 0, ni = 0;
+    if (n < 2)
+        return 0;
+    keyref *names = malloc(n * sizeof(*names)), *ids = malloc(n * sizeof(*ids));
+    char(*idtext)[12] = malloc(n * sizeof(*idtext));
+    if (names == NULL || ids == NULL || idtext == NULL) {
+        free(names);
+        free(ids);
+        free(idtext);
+        return cfg_nomem(c);
+    }
+    for (size_t i = 0; i < n; i++) {
+        const spk_plugin_conf *pc = &cfg->plugins[i];
+        if (pc->name != NULL)
+            names[nn++] = (keyref){.key = pc->name, .idx = i};
+        if (pc->id != 0) {
+            snprintf(idtext[i], sizeof(idtext[i]), "%u", pc->id);
+            ids[ni++] = (keyref){.key = idtext[i], .idx = i};
         }
     }
-    return 0;
+    size_t jn = 0, ji = 0;
+    size_t in = first_duplicate(names, nn, &jn), ii = first_duplicate(ids, ni, &ji);
+    free(names);
+    free(ids);
+    free(idtext);
+    bool by_name = in != SIZE_MAX && (in < ii || (in == ii && jn <= ji));
+    if (in == SIZE_MAX && ii == SIZE_MAX)
+        return 0;
+    size_t i = by_name ? in : ii, j = by_name ? jn : ji;
+    const spk_plugin_conf *a = &cfg->plugins[j], *b = &cfg->plugins[i];
+    char key[64];
+    snprintf(key, sizeof(key), "plugins.list[%zu].%s", i, by_name ? "name" : "id");
+    if (by_name)
+        return cfg_fail(c, b->line, key,
+                        "'%s' is already the name of plugins.list[%zu] at line %d "
+                        "(plugin names must be unique)",
+                        b->name, j, a->line);
+    return cfg_fail(c, b->line, key,
+                    "%u is already the ID of plugins.list[%zu] at line %d "
+                    "(plugin IDs must be unique)",
+                    b->id, j, a->line);
 }
 
 /* Checks that span keys of spoked's sections. */
@@ -1630,6 +1899,8 @@ static int finish(cfg_ctx *c, const node *root)
     int rc = c->cfg->role == SPOKE_ROLE_CONTROL ? finish_control(c, root) : finish_edge(c, root);
     if (rc == 0)
         rc = check_plugin_duplicates(c);
+    if (rc == 0 && c->cfg->role == SPOKE_ROLE_EDGE)
+        rc = spk_policy_check(c->cfg, c->eb); /* the Lua compiles, with the file's lines */
     return rc != 0 ? rc : resolve_paths(c);
 }
 
@@ -1722,6 +1993,10 @@ void spk_config_free(spk_config *cfg)
     free(cfg->run_dir);
     free(cfg->user);
     free(cfg->group);
+    free(cfg->policy_setup.code);
+    for (size_t i = 0; i < cfg->n_policies; i++)
+        policy_conf_clear(&cfg->policies[i]);
+    free(cfg->policies);
     free(cfg);
 }
 
@@ -1964,6 +2239,55 @@ static void d_plugins(FILE *out, const void *base, const field *f, int indent)
                 put_str(out, pc->path);
                 fputc('\n', out);
             }
+        }
+    }
+}
+
+static void d_lua(FILE *out, const void *base, const field *f, int indent)
+{
+    const spk_lua_text *t = cat(base, f);
+    put_key(out, indent, f->name);
+    if (t->code == NULL) {
+        fputs(" ~\n", out);
+        return;
+    }
+    fputc(' ', out);
+    put_str(out, t->code);
+    fputc('\n', out);
+}
+
+static void d_action(FILE *out, const void *base, const field *f, int indent)
+{
+    const spk_policy_conf *pc = base;
+    if (!pc->has_action) {
+        fprintf(out, "%*s# %s: (none: run)\n", indent, "", f->name);
+        return;
+    }
+    put_key(out, indent, f->name);
+    fprintf(out, " %s\n", action_words[pc->action]);
+}
+
+static void d_policies(FILE *out, const void *base, const field *f, int indent)
+{
+    const spk_config *cfg = base;
+    put_key(out, indent, f->name);
+    if (cfg->n_policies == 0) {
+        fputs(" []\n", out);
+        return;
+    }
+    fputc('\n', out);
+    for (size_t i = 0; i < cfg->n_policies; i++) {
+        const spk_policy_conf *pc = &cfg->policies[i];
+        fprintf(out, "%*s# line %d\n%*s-\n", indent + 2, "", pc->line, indent + 2, "");
+        for (size_t j = 0; j < N(policy_entry_fields); j++) {
+            const field *pf = &policy_entry_fields[j];
+            bool other = false; /* a parameter of another action: not printed */
+            for (size_t k = 0; k < N(policy_params); k++)
+                if (strcmp(policy_params[k].key, pf->name) == 0)
+                    other = pc->action != policy_params[k].action &&
+                            pc->action != policy_params[k].action2;
+            if (!other)
+                pf->dump(out, pc, pf, indent + 4);
         }
     }
 }

@@ -50,12 +50,59 @@ typedef struct spk_plugin_conf {
     size_t n_env;
     spoke_kv *config;    /* `config:` map flattened ("a.b", "list.0"); values as text */
     size_t n_config;
+    size_t *config_sorted; /* indexes into config in strcmp order of the keys, for
+                              spk_plugin_conf_get; the parser sets it (NULL when n_config
+                              is 0, or in a conf built by hand: then config is scanned) */
     int line;            /* line of this entry in the config file, for messages */
     int pin_fd;          /* > 0: the supervisor's sealed copy of the file, which a supervised
                             worker loads instead of `path` (core/pin.h); 0: none */
     char *metrics_socket; /* `metrics_socket:` a Unix socket where the plugin serves its
                              own Prometheus text (the merger scrapes it); NULL: none */
 } spk_plugin_conf;
+
+/* A piece of Lua from the config (policies), with the line of the file its first line of
+ * code is on, so that Lua's messages can name the file's line. */
+typedef struct spk_lua_text {
+    char *code; /* NULL: not given */
+    int line;
+    bool lines; /* a literal block (|): line + N - 1 is the file's line of the code's line N;
+                   else every line of the code is reported as `line` */
+} spk_lua_text;
+
+/* policies.list[].action (core/policy.h says what each does). SPK_PA_LUA: `run:` given. */
+enum spk_policy_action {
+    SPK_PA_LOG = 0,
+    SPK_PA_TERMINATE = 1,
+    SPK_PA_PASSTHROUGH = 2,
+    SPK_PA_CLOSE = 3,
+    SPK_PA_SEND_TO_CONTROL = 4,
+    SPK_PA_LUA = 5,
+};
+/* policies.list[].then: what follows log and send_to_control. */
+enum spk_policy_then {
+    SPK_PT_DEFAULT = 0, /* the action's own: log -> passthrough, send_to_control -> builtin */
+    SPK_PT_BUILTIN = 1,
+    SPK_PT_PASSTHROUGH = 2,
+    SPK_PT_TERMINATE = 3,
+    SPK_PT_CLOSE = 4,
+};
+
+/* One entry of policies.list (docs/policies.md). */
+typedef struct spk_policy_conf {
+    char *name;          /* `name:`; NULL: none (messages say policies.list[i]) */
+    char *signal;        /* `signal:`: the signal's name, or "*" for every plugin signal */
+    spk_lua_text when;   /* `when:`: a Lua condition; no code: always */
+    int action;          /* enum spk_policy_action (`action:`, or SPK_PA_LUA for `run:`) */
+    bool has_action;     /* `action:` given */
+    spk_lua_text run;    /* `run:`: an action written in Lua */
+    int level;           /* `level:` for log: 0 = the signal's own, else spoke_log_level + 1 */
+    char *message;       /* `message:` template for log; NULL: the built-in one */
+    char *answer;        /* `answer:` for terminate: sent to the peer first; NULL: none */
+    uint32_t to;         /* `to:` for send_to_control: the receiving plugin ID; 0: the
+                            signalling plugin's */
+    int then;            /* enum spk_policy_then */
+    int line;            /* line of the entry in the config file */
+} spk_policy_conf;
 
 typedef struct spk_config {
     char *file;                /* the path the config was loaded from */
@@ -83,6 +130,8 @@ typedef struct spk_config {
                                   reading from the source stops */
     int backlog;               /* listen.backlog */
     size_t max_connections;    /* listen.max_connections: per worker */
+    size_t max_open_files;     /* listen.max_open_files: each worker's RLIMIT_NOFILE (soft
+                                  limit); 0: as the supervisor has it */
 
     /* plugins: */
     char *plugins_dir;         /* plugins.dir */
@@ -170,6 +219,13 @@ typedef struct spk_config {
     bool metrics_merger;       /* metrics.merger: scrape the plugins' metrics_socket */
     uint64_t metrics_merge_period_ms; /* metrics.merge_period */
     unsigned metrics_hook_sample; /* metrics.hook_sample: time 1 in N hook calls; 0 = none */
+
+    /* policies: what the host does with plugins' signals (core/policy.h) */
+    uint64_t policy_timeout;   /* policies.timeout: Lua instructions per evaluation */
+    uint64_t policy_memory;    /* policies.memory: bytes one worker's Lua state may hold */
+    spk_lua_text policy_setup; /* policies.setup: Lua run once when the state is created */
+    spk_policy_conf *policies; /* policies.list, in config order (first match wins) */
+    size_t n_policies;
 } spk_config;
 
 /* Load and validate `path` as spoked's config (the edge role). On success *out is a config
@@ -197,5 +253,10 @@ int spk_config_add_autoload(spk_config *cfg, const char *file, const char *path)
  * flattened form ("a.b": value), which loads back to the same entries. Used by
  * `spoked --check-config`. */
 void spk_config_dump(const spk_config *cfg, FILE *f);
+
+/* The value of flattened key `key` in pc's `config:` (config_get), or NULL when it is not
+ * set: a binary search, so a plugin reading each of many keys costs n log n, not n^2. The
+ * string is pc's. */
+const char *spk_plugin_conf_get(const spk_plugin_conf *pc, const char *key);
 
 #endif

@@ -13,6 +13,10 @@
  * Refusals are counted by reason in the worker's status slot (the supervisor's metrics)
  * and logged with the plugin's name, at most REFUSAL_LOGS_PER_SEC a second per worker.
  *
+ * signal() hands the signal to the worker's policies first (policy.h: the operator's
+ * rules, in Lua); the built-in behaviour here (log, terminate) applies when no policy
+ * matched or the one that did failed.
+ *
  * The KV services (ABI 1.2) put each plugin's keys under its plugin ID in the store the
  * env holds (kv.h), in the delivery's transaction when hubd set one, else one transaction
  * per call; see the KV section below.
@@ -28,6 +32,7 @@
 #include "kv.h"
 #include "kv_conf.h"
 #include "log.h"
+#include "policy.h"
 #include "queue.h"
 #include "queue_conf.h"
 #include "units.h"
@@ -63,11 +68,7 @@ static const char *host_config_get(spoke_ctx *ctx, const char *key)
 {
     if (ctx == NULL || key == NULL || ctx->plugin->conf == NULL)
         return NULL;
-    const spk_plugin_conf *pc = ctx->plugin->conf;
-    for (size_t i = 0; i < pc->n_config; i++)
-        if (strcmp(pc->config[i].key, key) == 0)
-            return pc->config[i].value;
-    return NULL;
+    return spk_plugin_conf_get(ctx->plugin->conf, key);
 }
 
 /* config_get_duration / config_get_size: the config file's own parsers (units.h), so a
@@ -303,11 +304,29 @@ static const char *kv_find(const spoke_kv *kv, size_t n, const char *key)
     return NULL;
 }
 
+static int signal_builtin(spoke_ctx *ctx, spoke_conn *c, const char *name, const spoke_kv *f,
+                          size_t n);
+
+/* A signal goes to the worker's policies first (policy.h); the built-in behaviour below
+ * applies when none matched or the one that did failed. */
 static int host_signal(spoke_ctx *ctx, spoke_conn *c, const char *name, const spoke_kv *f,
                        size_t n)
 {
     if (ctx == NULL || name == NULL || (f == NULL && n > 0))
         return SPOKE_ERR_INVALID;
+    spk_host_env *env = ctx->plugin->env;
+    if (env != NULL && env->policy != NULL) {
+        int rc = spk_policy_signal(env->policy, ctx->plugin, c, name, f, n);
+        if (rc != SPK_POLICY_BUILTIN)
+            return rc;
+    }
+    return signal_builtin(ctx, c, name, f, n);
+}
+
+/* The host's built-in behaviour for a signal (abi/spoke.h, signal). */
+static int signal_builtin(spoke_ctx *ctx, spoke_conn *c, const char *name, const spoke_kv *f,
+                          size_t n)
+{
     const char *prefix = ctx->plugin->log_prefix;
     char cid[48] = "";
     if (c != NULL)
@@ -482,8 +501,17 @@ static int send_common(spoke_ctx *ctx, const void *payload, size_t len, const ch
 {
     if (ctx == NULL || ctx->plugin == NULL || ctx->plugin->env == NULL)
         return SPOKE_ERR_INVALID;
-    spk_plugin *p = ctx->plugin;
+    return spk_host_send(ctx->plugin, ctx->plugin->id, payload, len, corr, md, n_md, json,
+                         pending);
+}
+
+int spk_host_send(spk_plugin *p, uint32_t plugin_id, const void *payload, size_t len,
+                  const char *corr, const spoke_kv *md, size_t n_md, bool json,
+                  uint64_t *pending)
+{
     spk_host_env *env = p->env;
+    if (env == NULL)
+        return SPOKE_ERR_INVALID;
     /* The control table has no send_to_control (NULL, as the ABI's rule 4 says); this
      * only guards a control env handed the edge table by mistake. */
     if (env->role == SPOKE_ROLE_CONTROL)
@@ -496,7 +524,7 @@ static int send_common(spoke_ctx *ctx, const void *payload, size_t len, const ch
     }
     int64_t now_ms = env->loop != NULL ? (int64_t)(ev_now(env->loop) * 1000.0) : -1;
     spk_slot_in_host(p->slot, 1);
-    int rc = spk_host_queue_send(env->queue, p->id, env->edge_id, payload, len, corr, md,
+    int rc = spk_host_queue_send(env->queue, plugin_id, env->edge_id, payload, len, corr, md,
                                  n_md, json, now_ms, NULL, pending, &eb);
     spk_slot_in_host(p->slot, 0);
     if (rc != 0) {

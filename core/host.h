@@ -70,6 +70,9 @@ struct spk_host_env {
                                   (borrowed); NULL: a table of the env's own, allocated at
                                   the first registration (pm_own), that nobody serves */
     spk_pmetrics *pm_own;      /* freed by spk_host_env_fini() */
+    struct spk_policy *policy; /* the worker's policy engine (policy.h); NULL: no policies,
+                                  every signal gets the built-in behaviour. Owned by the
+                                  worker, which frees it after the plugins' fini */
 };
 
 /* The host services table of `role`; static, valid for the life of the process. In the
@@ -142,5 +145,14 @@ int spk_host_queue_send(struct spk_queue *q, uint32_t plugin_id, const char *edg
                         const void *payload, size_t len, const char *correlation_id,
                         const spoke_kv *metadata, size_t n_metadata, bool json,
                         int64_t now_ms, uint64_t *seq, uint64_t *pending, spk_errbuf *eb);
+
+/* send_to_control on behalf of plugin p, addressed to the control plugin `plugin_id`: the
+ * one path of the send_to_control services (the queue retried when it is not open, the
+ * send stamped in p's slot as host time, refusals counted and logged with p's name,
+ * acceptances counted). The policy engine's send_to_control action uses it too. Returns 0
+ * or a public spoke_status. */
+int spk_host_send(spk_plugin *p, uint32_t plugin_id, const void *payload, size_t len,
+                  const char *correlation_id, const spoke_kv *metadata, size_t n_metadata,
+                  bool json, uint64_t *pending);
 
 #endif

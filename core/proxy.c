@@ -16,12 +16,14 @@
 #include "proxy.h"
 
 #include <errno.h>
+#include <fcntl.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
@@ -66,9 +68,19 @@ struct spk_proxy {
     size_t hw;
     ev_tstamp upstream_log_at;
     unsigned upstream_log_suppressed;
+    /* EXHAUSTION (below) */
+    int starved;               /* the errno of the shortage (EMFILE, ENFILE, ENOBUFS, ENOMEM)
+                                  until the backlog is drained; 0: none */
+    size_t starved_mark;       /* connections open when it paused: a close below frees
+                                  descriptors, and accepting resumes at once */
+    bool starved_logged;       /* the shortage was logged, "accepting again" not yet */
+    ev_tstamp starved_log_at;  /* ... at most once a second */
+    unsigned starved_unlogged; /* shortages not logged since */
 };
 
 #define SPK_ACCEPT_BATCH 4
+#define SPK_ACCEPT_RETRY_S 0.5 /* out of descriptors or memory, and no connection closed:
+                                  try accepting again then */
 
 static void conn_close(pconn *c);
 static void update_readers(pconn *c);
@@ -83,7 +95,97 @@ static void io_set(struct ev_loop *loop, ev_io *w, bool on)
         ev_io_stop(loop, w);
 }
 
-/* The upstream is down: say so clearly, but not ten thousand times a second. */
+static void accept_pause(spk_proxy *px, double retry_s);
+
+static bool is_exhaustion(int err)
+{
+    return err == EMFILE || err == ENFILE || err == ENOBUFS || err == ENOMEM;
+}
+
+/* Why a descriptor could not be had, for the log: "too many open files (...)" for EMFILE
+ * (this worker's limit: listen.max_open_files or the one it inherited) and ENFILE (the
+ * system's), else the error's own name. */
+static void exhaustion_text(spk_proxy *px, int err, char *buf, size_t cap)
+{
+    if (err != EMFILE && err != ENFILE) {
+        snprintf(buf, cap, "%s (%zu connections open)", strerror(err), px->n_conns);
+        return;
+    }
+    struct rlimit rl = {0};
+    getrlimit(RLIMIT_NOFILE, &rl);
+    snprintf(buf, cap, "too many open files (%s; %zu connections open, open-files limit %llu: "
+             "see listen.max_open_files)",
+             err == EMFILE ? "this worker's limit" : "the system's file table", px->n_conns,
+             (unsigned long long)rl.rlim_cur);
+}
+
+/* EXHAUSTION. When the worker runs out of descriptors or kernel memory (is_exhaustion:
+ * the error is px->starved), accepting more clients could not serve them, so it pauses
+ * accepting (the listening socket stays readable: not pausing would spin) until a
+ * connection closes (conn_close, below px->starved_mark: that frees descriptors) or, for a
+ * shortage not of the worker's own making, a probe every SPK_ACCEPT_RETRY_S finds the
+ * descriptors a connection needs (on_accept_retry). Until the backlog is drained (accept
+ * says EAGAIN) every accept is probed first, so the clients waiting there are served as
+ * descriptors free up, not taken in only to be closed. The start is logged (at most once
+ * a second), and "accepting again" once a connection is set up after it. */
+
+/* Whether the descriptors a new connection needs (its client's, and its upstream's when
+ * connecting eagerly) can be had now: a probe that duplicates the listening socket. */
+static bool fds_available(const spk_proxy *px)
+{
+    int need = px->cfg->upstream_connect == SPK_CONNECT_EAGER ? 2 : 1, got[2], n = 0;
+    while (n < need && (got[n] = fcntl(px->lw[0].fd, F_DUPFD_CLOEXEC, 0)) >= 0)
+        n++;
+    for (int i = 0; i < n; i++)
+        close(got[i]);
+    return n == need;
+}
+
+/* Out of resources (error `err`) with `open` connections (not counting a client about to
+ * be closed for it); with `log_it` (an accept failed) say so. */
+static void starve(spk_proxy *px, int err, bool log_it, size_t open)
+{
+    ev_tstamp now = ev_now(px->loop);
+    if (log_it && !px->starved_logged && now - px->starved_log_at < 1.0) {
+        px->starved_unlogged++;
+    } else if (log_it && !px->starved_logged) {
+        char why[200], more[80] = "";
+        exhaustion_text(px, err, why, sizeof(why));
+        if (px->starved_unlogged > 0)
+            snprintf(more, sizeof(more), " (%u more times in the last second, not logged)",
+                     px->starved_unlogged);
+        spk_error("accept: %s; not accepting for now%s", why, more);
+        px->starved_log_at = now;
+        px->starved_unlogged = 0;
+        px->starved_logged = true;
+    }
+    px->starved = err;
+    px->starved_mark = open;
+    accept_pause(px, SPK_ACCEPT_RETRY_S);
+}
+
+/* A connection was accepted and set up after a shortage: say that it works again. */
+static void resources_back(spk_proxy *px)
+{
+    if (px->starved != 0 && px->starved_logged)
+        spk_info("accepting again (%zu connections open; it had stopped on: %s)", px->n_conns,
+                 strerror(px->starved));
+    px->starved_logged = false;
+}
+
+/* Whether a client may be accepted now: not while a shortage of descriptors lasts. */
+static bool may_accept(spk_proxy *px)
+{
+    if ((px->starved != EMFILE && px->starved != ENFILE) || px->n_listen == 0 ||
+        fds_available(px))
+        return true;
+    starve(px, px->starved, false, px->n_conns);
+    return false;
+}
+
+/* A client's upstream connection failed: say why clearly -- the upstream is down, or
+ * (is_exhaustion) this worker had no descriptor left for the socket, which is not the
+ * upstream's fault -- but not ten thousand times a second. */
 static void log_upstream_failure(spk_proxy *px, pconn *c, const char *what, int err)
 {
     ev_tstamp now = ev_now(px->loop);
@@ -91,10 +193,19 @@ static void log_upstream_failure(spk_proxy *px, pconn *c, const char *what, int 
         px->upstream_log_suppressed++;
         return;
     }
-    spk_warn("upstream %s %s: %s; closing client %s (conn %llu)%s", px->upstream.text, what,
-             strerror(err), c->sc.peer, (unsigned long long)c->sc.id,
-             px->upstream_log_suppressed ? " (similar failures in the last second not logged)"
-                                         : "");
+    const char *more = px->upstream_log_suppressed
+                           ? " (similar failures in the last second not logged)"
+                           : "";
+    if (is_exhaustion(err)) {
+        char why[200];
+        exhaustion_text(px, err, why, sizeof(why));
+        spk_error("connect to upstream %s for client %s (conn %llu): %s; closing the client%s",
+                  px->upstream.text, c->sc.peer, (unsigned long long)c->sc.id, why, more);
+        px->starved_logged = true; /* so that "accepting again" follows */
+    } else {
+        spk_warn("upstream %s %s: %s; closing client %s (conn %llu)%s", px->upstream.text,
+                 what, strerror(err), c->sc.peer, (unsigned long long)c->sc.id, more);
+    }
     px->upstream_log_at = now;
     px->upstream_log_suppressed = 0;
 }
@@ -217,7 +328,11 @@ static void conn_close(pconn *c)
         c->next->prev = c->prev;
     px->n_conns--;
     free(c);
-    if (px->accept_paused && px->accepting && px->n_conns < px->cfg->max_connections) {
+    /* Paused at max_connections, or out of descriptors (starve): this close may make
+     * room. */
+    bool room = px->starved != 0 ? px->n_conns < px->starved_mark
+                                 : px->n_conns < px->cfg->max_connections;
+    if (px->accept_paused && px->accepting && room) {
         px->accept_paused = false;
         for (size_t i = 0; i < px->n_listen; i++)
             ev_io_start(px->loop, &px->lw[i]);
@@ -279,6 +394,21 @@ static void update_readers(pconn *c)
 
 static int start_connect(pconn *c);
 
+/* Send what the chain let through on towards the destination of the side it came from
+ * (connecting upstream first, lazily, when it is for the server). Returns 0 or -1 if the
+ * connection is gone. */
+static int forward(pconn *c, bool from_client, const uint8_t *out, size_t out_len)
+{
+    if (from_client) {
+        if (send_to_server(c, out, out_len) != 0)
+            return -1;
+        if (!c->connected && !c->connecting && pending(&c->up) > 0)
+            return start_connect(c);
+        return 0;
+    }
+    return send_to_client(c, out, out_len);
+}
+
 /* Run the chain over one chunk read from the client (to_server == true) or the server,
  * and send the result on. Returns 0 or -1 if the connection is gone. */
 static int process_chunk(pconn *c, bool from_client, uint8_t *data, size_t len)
@@ -305,14 +435,28 @@ static int process_chunk(pconn *c, bool from_client, uint8_t *data, size_t len)
         out = px->buf.pub.data;
         out_len = px->buf.pub.len;
     }
-    if (from_client) {
-        if (send_to_server(c, out, out_len) != 0)
-            return -1;
-        if (!c->connected && !c->connecting && pending(&c->up) > 0)
-            return start_connect(c);
+    return forward(c, from_client, out, out_len);
+}
+
+/* The client (from_client) or the server half-closed: let the plugins hand on what they
+ * held back (on_half_close), ahead of the FIN the caller passes on. Returns 0, or -1 if
+ * the connection is gone or closing. */
+static int half_close_chain(pconn *c, bool from_client)
+{
+    spk_proxy *px = c->px;
+    if (px->chain == NULL || !px->chain->any_half_close)
         return 0;
+    spk_buf_view(&px->buf, NULL, 0);
+    spoke_verdict v = spk_chain_half_close(px->chain, &c->sc, from_client, &px->buf);
+    if (deliver_reply(c) != 0)
+        return -1;
+    if (v == SPOKE_CLOSE) {
+        conn_begin_close(c);
+        return -1;
     }
-    return send_to_client(c, out, out_len);
+    if (v == SPOKE_RESPOND)
+        return 0;
+    return forward(c, from_client, px->buf.pub.data, px->buf.pub.len);
 }
 
 static void on_read(pconn *c, bool from_client)
@@ -334,6 +478,8 @@ static void on_read(pconn *c, bool from_client)
     if (n == 0) {
         half *h = from_client ? &c->up : &c->down;
         h->eof = true;
+        if (half_close_chain(c, from_client) != 0)
+            return;
         if (pending(h) == 0) {
             int dfd = from_client ? c->sfd : c->cfd;
             bool dst_ready = from_client ? c->connected : true;
@@ -429,6 +575,8 @@ static int start_connect(pconn *c)
     spk_proxy *px = c->px;
     int fd = spk_connect_start(&px->upstream);
     if (fd < 0) {
+        if (is_exhaustion(-fd)) /* no descriptors: more clients could not be served either */
+            starve(px, -fd, false, px->n_conns - 1);
         log_upstream_failure(px, c, "unreachable", -fd);
         conn_close(c);
         return -1;
@@ -492,15 +640,19 @@ static void conn_new(spk_proxy *px, int fd, const struct sockaddr *sa, socklen_t
     }
     if (px->cfg->upstream_connect == SPK_CONNECT_EAGER && start_connect(c) != 0)
         return;
+    resources_back(px);
     update_readers(c);
 }
 
 static void accept_pause(spk_proxy *px, double retry_s)
 {
+    if (!px->accepting)
+        return; /* draining: not accepting anyway */
     px->accept_paused = true;
     for (size_t i = 0; i < px->n_listen; i++)
         ev_io_stop(px->loop, &px->lw[i]);
     if (retry_s > 0) {
+        ev_timer_stop(px->loop, &px->accept_retry); /* it may still run: set needs it idle */
         ev_timer_set(&px->accept_retry, retry_s, 0);
         ev_timer_start(px->loop, &px->accept_retry);
     }
@@ -521,19 +673,23 @@ static void on_accept(struct ev_loop *loop, ev_io *w, int revents)
             accept_pause(px, 0);
             return;
         }
+        if (!may_accept(px))
+            return;
         struct sockaddr_storage ss;
         socklen_t len = sizeof(ss);
         int fd = accept4(w->fd, (struct sockaddr *)&ss, &len, SOCK_NONBLOCK | SOCK_CLOEXEC);
         if (fd < 0) {
             if (errno == EINTR || errno == ECONNABORTED)
                 continue;
-            if (errno == EMFILE || errno == ENFILE || errno == ENOBUFS || errno == ENOMEM) {
-                spk_error("accept: %s; pausing accepts for 100 ms", strerror(errno));
-                accept_pause(px, 0.1);
-            }
+            if (is_exhaustion(errno))
+                starve(px, errno, true, px->n_conns);
+            else if (errno == EAGAIN || errno == EWOULDBLOCK)
+                px->starved = 0; /* the backlog is drained: no more probing */
             return; /* EAGAIN (another worker took it), or paused */
         }
         conn_new(px, fd, (struct sockaddr *)&ss, len);
+        if (px->accept_paused)
+            return; /* its upstream connect ran out of descriptors */
     }
 }
 
@@ -542,6 +698,8 @@ static void on_accept_retry(struct ev_loop *loop, ev_timer *w, int revents)
     (void)revents;
     spk_proxy *px = w->data;
     if (!px->accepting)
+        return;
+    if (!may_accept(px)) /* still short of descriptors: it paused again */
         return;
     px->accept_paused = false;
     for (size_t i = 0; i < px->n_listen; i++)
@@ -577,7 +735,8 @@ int spk_proxy_new(struct ev_loop *loop, const spk_config *cfg, const int *fds, s
     }
     px->n_listen = n;
     px->upstream_log_at = -10;
-    ev_timer_init(&px->accept_retry, on_accept_retry, 0.1, 0);
+    px->starved_log_at = -10;
+    ev_timer_init(&px->accept_retry, on_accept_retry, SPK_ACCEPT_RETRY_S, 0);
     px->accept_retry.data = px;
     for (size_t i = 0; i < n; i++) {
         ev_io_init(&px->lw[i], on_accept, fds[i], EV_READ);

@@ -6,6 +6,7 @@
  */
 #include "queue_conf.h"
 
+#include "log.h"
 #include "queue.h"
 
 int spk_queue_conf_open(const spk_config *cfg, spk_queue **out, spk_errbuf *eb)
@@ -25,4 +26,29 @@ int spk_queue_conf_open(const spk_config *cfg, spk_queue **out, spk_errbuf *eb)
     if (cfg->queue_journal_size != 0)
         o.journal_size = cfg->queue_journal_size;
     return spk_queue_open(cfg->queue_path, &o, out, eb);
+}
+
+int spk_queue_conf_sync_tick(spk_queue *q, double now, double *last)
+{
+    if (q == NULL || !spk_queue_sync_due(q, (uint64_t)((now - *last) * 1000.0)))
+        return 0;
+    *last = now;
+    unsigned failed_before = spk_queue_sync_failures(q);
+    spk_errbuf eb;
+    int rc = spk_queue_sync(q, &eb);
+    if (rc == SPK_ECORRUPT) { /* every sound record moved: report the damage, go on */
+        spk_error("%s", eb.msg);
+        rc = 0;
+    }
+    if (rc == 0) {
+        if (failed_before > 0)
+            spk_info("queue sync works again (after %u failed attempts)", failed_before);
+        return 1;
+    }
+    if (failed_before == 0)
+        spk_error("%s; retrying the queue sync with backoff (%u ms, doubling to %u s); "
+                  "logged again when it works",
+                  eb.msg, (unsigned)spk_queue_sync_retry_ms(q),
+                  SPK_QUEUE_SYNC_RETRY_MAX_MS / 1000u);
+    return rc;
 }

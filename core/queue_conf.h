@@ -19,4 +19,13 @@ struct spk_queue; /* queue/queue.h */
  * (queue/queue.h), with the message in eb. */
 int spk_queue_conf_open(const spk_config *cfg, struct spk_queue **out, spk_errbuf *eb);
 
+/* One tick of the queue's sync timer, for the one process that owns it (the supervisor,
+ * or a --single-process worker), polled every SPK_QUEUE_SYNC_POLL_MS: when
+ * spk_queue_sync_due() says so (its backoff included), sync, and log each change of state
+ * once: the first failure, with the error and the backoff, and the first success after
+ * failures, with how many failed. *last is when the last sync was tried (the loop's
+ * ev_now); updated when one is. Returns 1 (a sync ran and succeeded), 0 (none was due),
+ * or the failed sync's negative code. */
+int spk_queue_conf_sync_tick(struct spk_queue *q, double now, double *last);
+
 #endif

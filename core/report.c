@@ -6,9 +6,9 @@
  *
  * Both are built from the supervisor's own state (generations, restarts, reloads, crash
  * records) and from the workers' status slots (state, connections, plugins, the
- * send_to_control counters), which are read without locks. A status request is answered
- * at once on the supervisor's loop, into a growing buffer, then written with a 100 ms
- * timeout: the loop also runs the watchdog, and a slow client may not hold it longer.
+ * send_to_control counters), which are read without locks, into a growing buffer. The
+ * admin socket's connections are admin.c's, which writes the report without blocking;
+ * /metrics is sup_metrics.c's (metrics_http.c serves it without blocking).
  * The queue figures come from the supervisor's own queue handle (supervisor.c, queue
  * sync); counters of exited workers are kept in the supervisor so totals never go back.
  */
@@ -146,6 +146,30 @@ static void report_queue(sup *s, outbuf *o)
     if (unavail > 0)
         out(o, "  (%d workers could not open the queue)", unavail);
     out(o, "\n");
+}
+
+/* The policy engines of the live workers (docs/policies.md): what they matched, and the
+ * policies that failed, by kind. A worker that exits takes its counts with it. */
+static void report_policies(sup *s, outbuf *o)
+{
+    const spk_config *cfg = spk_sup_cfg(s);
+    if (cfg == NULL || cfg->n_policies == 0)
+        return;
+    uint64_t t[5] = {0};
+    for (int i = 0; i < SPK_STATUS_SLOTS; i++) {
+        if (!s->slot_used[i])
+            continue;
+        const spk_policy_counters *pc = &s->st->slots[i].policy;
+        t[0] += atomic_load_explicit(&pc->matched, memory_order_relaxed);
+        t[1] += atomic_load_explicit(&pc->errors, memory_order_relaxed);
+        t[2] += atomic_load_explicit(&pc->timeouts, memory_order_relaxed);
+        t[3] += atomic_load_explicit(&pc->memory, memory_order_relaxed);
+        t[4] += atomic_load_explicit(&pc->action_failed, memory_order_relaxed);
+    }
+    out(o, "policies: %zu  matched %llu  failed: errors %llu  timeouts %llu  out of memory "
+           "%llu  actions %llu\n", cfg->n_policies, (unsigned long long)t[0],
+        (unsigned long long)t[1], (unsigned long long)t[2], (unsigned long long)t[3],
+        (unsigned long long)t[4]);
 }
 
 static void metrics_queue(sup *s, outbuf *o)
@@ -434,6 +458,7 @@ static void build_report(sup *s, outbuf *o)
         return;
     }
     report_queue(s, o);
+    report_policies(s, o);
     report_uplink(s, o);
 }
 
@@ -474,6 +499,14 @@ static const struct {
     {"spoke_hub_plugin_errors_total", "accept_edge_payload calls that returned an error."},
     {"spoke_hub_auth_failures_total", "Calls refused as unauthenticated or not permitted."},
 };
+
+char *spk_sup_status_text(sup *s, size_t *len)
+{
+    outbuf o = {0};
+    build_report(s, &o);
+    *len = o.len;
+    return o.p;
+}
 
 static void build_metrics(sup *s, outbuf *o)
 {
@@ -530,49 +563,6 @@ static void build_metrics(sup *s, outbuf *o)
     } else {
         metrics_hub(s, o);
     }
-}
-
-static void write_all(int fd, const char *p, size_t n)
-{
-    while (n > 0) {
-        ssize_t w = write(fd, p, n);
-        if (w < 0 && errno == EINTR)
-            continue;
-        if (w <= 0)
-            return;
-        p += w;
-        n -= (size_t)w;
-    }
-}
-
-static int accept_blocking(int lfd)
-{
-    int fd = accept4(lfd, NULL, NULL, SOCK_CLOEXEC);
-    if (fd < 0)
-        return -1;
-    /* The supervisor's loop also runs the watchdog: a client that is slow to send its
-     * request or to read the answer may hold it for 100 ms at most. */
-    struct timeval tv = {.tv_usec = 100000};
-    setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof(tv));
-    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
-    return fd;
-}
-
-/* The admin socket answers every connection with the status report, then closes. */
-void spk_sup_on_admin(struct ev_loop *loop, ev_io *w, int revents)
-{
-    (void)loop;
-    (void)revents;
-    sup *s = w->data;
-    int fd = accept_blocking(w->fd);
-    if (fd < 0)
-        return;
-    outbuf o = {0};
-    build_report(s, &o);
-    if (o.p)
-        write_all(fd, o.p, o.len);
-    free(o.p);
-    close(fd);
 }
 
 /* Copy text to out, with a HELP line (metric_help) before each TYPE line lacking one. */

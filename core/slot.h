@@ -51,6 +51,7 @@ enum spk_hook_id {
     SPK_HOOK_TIMER = 10,
     SPK_HOOK_ACCEPT = 11,
     SPK_HOOK_CONFIG_LOADED = 12,
+    SPK_HOOK_HALF_CLOSE = 13,
     SPK_HOOK_COUNT
 };
 
@@ -60,7 +61,7 @@ static inline const char *spk_hook_name(enum spk_hook_id hook)
     static const char *const names[SPK_HOOK_COUNT] = {
         "on_traffic_from_client", "on_traffic_to_server", "on_traffic_from_server",
         "on_traffic_to_client", "on_open", "on_close", "on_tick", "health", "init", "fini",
-        "timer", "accept_edge_payload", "on_config_loaded",
+        "timer", "accept_edge_payload", "on_config_loaded", "on_half_close",
     };
     return (unsigned)hook < SPK_HOOK_COUNT ? names[hook] : "?";
 }

@@ -188,6 +188,16 @@ static inline void spk_hub_counters_add(spk_hub_counters *to, const spk_hub_coun
     }
 }
 
+/* What the policy engine (core/policy.h) did in one worker, since it started. Written by
+ * the worker with relaxed atomics, read by the supervisor (`spoked status`). */
+typedef struct spk_policy_counters {
+    _Atomic uint64_t matched;       /* signals a policy matched */
+    _Atomic uint64_t errors;        /* a condition or Lua action raised an error */
+    _Atomic uint64_t timeouts;      /* ... ran past policies.timeout instructions */
+    _Atomic uint64_t memory;        /* ... ran out of policies.memory */
+    _Atomic uint64_t action_failed; /* a built-in action failed (queue refused, no conn) */
+} spk_policy_counters;
+
 typedef struct spk_wslot {
     spk_slot act;
     _Atomic uint32_t state;
@@ -209,6 +219,7 @@ typedef struct spk_wslot {
     _Atomic uint64_t bytes_from_client, bytes_from_server;
     spk_hookstats hooks;
     spk_pmetrics pm;
+    spk_policy_counters policy;     /* the policy engine of this worker */
 } spk_wslot;
 
 typedef struct spk_status {

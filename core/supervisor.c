@@ -22,7 +22,8 @@
  * generation.
  * The watchdog never interrupts a worker unless a hook overstays ten times hook_timeout
  * or the heartbeat stops. This file also keeps the queue moving (queue sync, below) and
- * sets up and tears down the process; report.c answers the admin and metrics sockets.
+ * sets up and tears down the process; admin.c answers the admin socket, report.c the
+ * metrics one.
  */
 #include "supervisor.h"
 
@@ -808,7 +809,8 @@ static void on_signal(struct ev_loop *loop, ev_signal *w, int revents)
  * The supervisor keeps the queue moving: it opens the queue itself (it never loads
  * plugins, so its handle is out of their reach) and calls spk_queue_sync() every
  * queue.sync period, and sooner when the journal is a quarter full (checked every
- * QCHECK_S, 5 ms; with `always`, only then), plus once after the last worker exited. A sync moves
+ * QCHECK_S, 5 ms; with `always`, only then), plus once after the last worker exited; a
+ * sync that fails is retried with backoff, not every check (spk_queue_sync_due). A sync moves
  * what workers appended to the journal into LMDB and flushes it, which frees the
  * journal's space; workers only move it themselves when they find it full. The sync runs
  * on this loop: while appends keep refilling the journal it keeps moving, but starts no
@@ -873,16 +875,12 @@ static void on_qsync(struct ev_loop *loop, ev_timer *t, int revents)
         queue_ensure(s, cfg);
     if (s->queue == NULL)
         return;
-    /* The queue's one sync policy (queue.h, spk_queue_sync_due). */
-    if (!spk_queue_sync_due(s->queue, (uint64_t)((now - s->qlast) * 1000.0)))
-        return;
-    s->qlast = now;
-    spk_errbuf eb;
-    if (spk_queue_sync(s->queue, &eb) == 0) {
+    /* The queue's one sync policy and its backoff (queue.h, spk_queue_sync_due). */
+    int rc = spk_queue_conf_sync_tick(s->queue, now, &s->qlast);
+    if (rc > 0)
         s->qsyncs++;
-    } else if (s->qsync_errors++ % 100 == 0) {
-        spk_error("%s", eb.msg);
-    }
+    else if (rc < 0)
+        s->qsync_errors++;
 }
 
 /* ---- setup -------------------------------------------------------------------------- */
@@ -1064,9 +1062,7 @@ int spk_supervisor_main(const char *path, const char *self_exe, spoke_role role)
     s.admit.data = &s;
     ev_timer_init(&s.stop_deadline, on_stop_deadline, 0, 0);
     s.stop_deadline.data = &s;
-    ev_io_init(&s.admin_w, spk_sup_on_admin, s.admin_fd, EV_READ);
-    s.admin_w.data = &s;
-    ev_io_start(s.loop, &s.admin_w);
+    spk_sup_admin_start(&s);
     if (spk_sup_metrics_start(&s, &eb) != 0) {
         spk_error("%s", eb.msg);
         spk_sup_metrics_stop(&s);
@@ -1102,7 +1098,7 @@ int spk_supervisor_main(const char *path, const char *self_exe, spoke_role role)
     ev_signal_stop(s.loop, &s.sig_term);
     ev_signal_stop(s.loop, &s.sig_int);
     ev_signal_stop(s.loop, &s.sig_quit);
-    ev_io_stop(s.loop, &s.admin_w);
+    spk_sup_admin_stop(&s);
     spk_sup_metrics_stop(&s);
     spk_info("supervisor stopped");
     teardown(&s);

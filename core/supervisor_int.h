@@ -9,6 +9,7 @@
  *   report.c       the status report (admin socket) and the host's figures for /metrics
  *   sup_metrics.c  /metrics: the endpoint (metrics_http.c), the base of exited workers'
  *                  metrics (metrics.c), the merger of plugin sockets (metrics_merge.c)
+ *   admin.c        the admin socket: commands, read and answered without blocking
  *   sup_uplink.c   the uplink process
  *
  * Everything runs on the supervisor's one loop: no locks. The supervisor knows of its
@@ -33,6 +34,7 @@
 
 typedef struct sup sup;
 typedef struct generation generation;
+typedef struct admin_conn admin_conn;
 
 /* A child's recent deaths, for its restart backoff (spk_sup_restart_delay). */
 typedef struct spk_backoff {
@@ -127,6 +129,9 @@ struct sup {
     ev_child child;
     ev_timer watchdog, admit, stop_deadline;
     ev_io admin_w;
+    ev_timer admin_retry;            /* admin.c: accepting again after EMFILE */
+    struct admin_conn *admin_conns;  /* admin.c: open admin connections */
+    unsigned n_admin;
     int admin_fd, metrics_fd;
     char admin_path[256], pid_path[256];
     bool stopping, fatal;
@@ -243,10 +248,6 @@ const char *spk_sup_sig_name(int sig, char *buf, size_t cap);
 
 /* ---- report.c ---- */
 
-/* ev_io callback of the admin socket (answers every connection with the status report).
- * w->data is the sup. */
-void spk_sup_on_admin(struct ev_loop *loop, ev_io *w, int revents);
-
 /* The host's own figures for /metrics, as Prometheus text, into out. */
 struct spk_mbuf;
 void spk_sup_host_metrics(sup *s, struct spk_mbuf *out);
@@ -260,5 +261,16 @@ void spk_sup_metrics_stop(sup *s);
 
 /* Slot `slot` is being freed: keep what its worker counted (metrics never go back). */
 void spk_sup_metrics_fold(sup *s, int slot);
+
+/* The status report (`spoked status`) as text, into memory the caller frees (*len its
+ * length), or NULL when memory ran out. */
+char *spk_sup_status_text(sup *s, size_t *len);
+
+/* ---- admin.c ---- */
+
+/* Watch s->admin_fd (bound) and answer its connections; stop: close every admin
+ * connection and stop watching. */
+void spk_sup_admin_start(sup *s);
+void spk_sup_admin_stop(sup *s);
 
 #endif

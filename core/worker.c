@@ -3,16 +3,20 @@
  */
 #include "worker.h"
 
+#include <errno.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 
 #include "host.h"
 #include "loader.h"
 #include "log.h"
+#include "policy.h"
 #include "proxy.h"
 #include "queue.h"
+#include "queue_conf.h"
 
 typedef struct worker {
     struct ev_loop *loop;
@@ -135,19 +139,13 @@ static void watch_signal(worker *wk, ev_signal *s, int signum)
 }
 
 /* --single-process has no supervisor: the worker owns the queue's sync timer itself and
- * follows the queue's one policy (spk_queue_sync_due), as the supervisor does. */
+ * follows the queue's one policy (spk_queue_sync_due, with its backoff), as the
+ * supervisor does. */
 static void on_qsync(struct ev_loop *loop, ev_timer *w, int revents)
 {
     (void)revents;
     worker *wk = w->data;
-    spk_errbuf eb;
-    double now = ev_now(loop);
-    if (wk->env.queue == NULL ||
-        !spk_queue_sync_due(wk->env.queue, (uint64_t)((now - wk->qlast) * 1000.0)))
-        return;
-    wk->qlast = now;
-    if (spk_queue_sync(wk->env.queue, &eb) != 0)
-        spk_error("%s", eb.msg);
+    spk_queue_conf_sync_tick(wk->env.queue, ev_now(loop), &wk->qlast);
 }
 
 /* The edge's KV store commits without flushing (many small writes from traffic hooks);
@@ -170,10 +168,29 @@ static void start_timer(worker *wk, ev_timer *t, void (*cb)(struct ev_loop *, ev
     ev_timer_start(wk->loop, t);
 }
 
+/* listen.max_open_files: the worker's RLIMIT_NOFILE, before plugins load (they run under
+ * it too). The hard limit is raised only when asked for more than it (root only). */
+static int set_open_files(const spk_config *cfg, spk_errbuf *eb)
+{
+    struct rlimit rl;
+    if (cfg->max_open_files == 0 || getrlimit(RLIMIT_NOFILE, &rl) != 0)
+        return 0;
+    rl.rlim_cur = (rlim_t)cfg->max_open_files;
+    if (rl.rlim_max != RLIM_INFINITY && rl.rlim_max < rl.rlim_cur)
+        rl.rlim_max = rl.rlim_cur;
+    if (setrlimit(RLIMIT_NOFILE, &rl) != 0)
+        return spk_errf(eb, SPK_EINVAL, "listen.max_open_files %zu: %s (raising the hard limit "
+                        "needs root)", cfg->max_open_files, strerror(errno));
+    return 0;
+}
+
 static int start(worker *wk, spk_errbuf *eb)
 {
     const spk_worker_opts *opts = wk->opts;
     spk_config *cfg = wk->cfg;
+    int rc0 = set_open_files(cfg, eb);
+    if (rc0 != 0)
+        return rc0;
     spk_host_env_init(&wk->env, wk->loop, cfg, SPOKE_ROLE_EDGE);
     wk->slot = opts->wslot ? &opts->wslot->act : &wk->private_slot;
     int rc = spk_plugin_set_load(cfg, spk_host_table(), &wk->env, wk->slot, opts->quarantine,
@@ -197,6 +214,11 @@ static int start(worker *wk, spk_errbuf *eb)
     if (spk_host_kv_open(&wk->env, &qeb) != 0)
         spk_warn("KV services unavailable: %s; plugins get KV_UNAVAILABLE until it opens "
                  "(retried every few seconds)", qeb.msg);
+    /* The policies' Lua state, before init: a plugin may signal from init. */
+    rc = spk_policy_new(cfg, &wk->env, opts->wslot ? &opts->wslot->policy : NULL,
+                        &wk->env.policy, eb);
+    if (rc != 0)
+        return rc;
     wk->health_fails = calloc(wk->set.n ? wk->set.n : 1, sizeof(unsigned));
     if (wk->health_fails == NULL)
         return spk_errf(eb, SPK_ENOMEM, "out of memory");
@@ -207,6 +229,7 @@ static int start(worker *wk, spk_errbuf *eb)
     if (rc != 0)
         return spk_errf(eb, rc, "out of memory building the plugin chain");
     spk_chain_set_slot(&wk->chain, wk->slot);
+    wk->chain.policy = wk->env.policy;
     return spk_proxy_new(wk->loop, cfg, opts->listen_fds, opts->n_listen, &wk->chain,
                          &wk->proxy, eb);
 }
@@ -268,6 +291,8 @@ out:
     spk_proxy_free(wk.proxy);
     spk_chain_free(&wk.chain);
     spk_host_unload(&wk.set); /* fini may still send */
+    spk_policy_free(wk.env.policy); /* after fini, which may still signal */
+    wk.env.policy = NULL;
     if (opts->wslot == NULL && wk.env.queue != NULL)
         spk_queue_sync(wk.env.queue, NULL);
     spk_queue_close(wk.env.queue);

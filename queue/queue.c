@@ -17,6 +17,7 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <limits.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -621,13 +622,38 @@ int spk_queue_sync(spk_queue *q, spk_errbuf *eb)
 {
     if (q == NULL)
         return spk_errf(eb, SPK_EINVAL, "queue: no handle");
-    return spk_mover_move(q, true, 0, eb);
+    int rc = spk_mover_move(q, true, 0, eb);
+    /* Damaged records were skipped and everything else moved: the sync did its work. */
+    if (rc == 0 || rc == SPK_ECORRUPT)
+        q->sync_failures = 0;
+    else if (q->sync_failures < UINT_MAX)
+        q->sync_failures++;
+    return rc;
+}
+
+unsigned spk_queue_sync_failures(const spk_queue *q)
+{
+    return q != NULL ? q->sync_failures : 0;
+}
+
+uint64_t spk_queue_sync_retry_ms(const spk_queue *q)
+{
+    if (q == NULL || q->sync_failures == 0)
+        return 0;
+    uint64_t ms = SPK_QUEUE_SYNC_RETRY_MIN_MS;
+    for (unsigned i = 1; i < q->sync_failures && ms < SPK_QUEUE_SYNC_RETRY_MAX_MS; i++)
+        ms *= 2;
+    return ms < SPK_QUEUE_SYNC_RETRY_MAX_MS ? ms : SPK_QUEUE_SYNC_RETRY_MAX_MS;
 }
 
 bool spk_queue_sync_due(const spk_queue *q, uint64_t ms_since_last_sync)
 {
     if (q == NULL)
         return false;
+    /* After a failure, only the backoff decides: neither the interval nor a full journal
+     * makes a failing disk worth more than one attempt per delay. */
+    if (q->sync_failures > 0)
+        return ms_since_last_sync >= spk_queue_sync_retry_ms(q);
     /* always: appends are durable in the journal already; moving them is for readers (who
      * move what they need themselves) and for space, so only a quarter-full journal is
      * moved: a move's flushes would compete with the appends' own. */

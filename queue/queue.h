@@ -311,10 +311,25 @@ int spk_queue_sync(spk_queue *q, spk_errbuf *eb);
  *   either:   the journal is SPK_QUEUE_SYNC_FILL full or more (spk_queue_journal_fill),
  *             so that appends under load do not find it full;
  * with sync_always only the second: the appends are durable already, and a move's
- * flushes would compete with theirs. Lock-free and cheap; false for a NULL q. */
+ * flushes would compete with theirs. After a failed spk_queue_sync() (any error but
+ * SPK_ECORRUPT, which still moved every sound record) neither applies: the next is due
+ * spk_queue_sync_retry_ms() after the failed one, SPK_QUEUE_SYNC_RETRY_MIN_MS doubling
+ * with each failure in a row up to SPK_QUEUE_SYNC_RETRY_MAX_MS, so a full or failing
+ * disk is tried a few times a second at first and then every few seconds, not every
+ * poll; the first sync that succeeds ends the backoff. The failures are counted per
+ * handle (spk_queue_sync_failures). Lock-free and cheap; false for a NULL q. */
 #define SPK_QUEUE_SYNC_POLL_MS 5u
 #define SPK_QUEUE_SYNC_FILL 0.25
+#define SPK_QUEUE_SYNC_RETRY_MIN_MS 100u
+#define SPK_QUEUE_SYNC_RETRY_MAX_MS 5000u
 bool spk_queue_sync_due(const spk_queue *q, uint64_t ms_since_last_sync);
+
+/* spk_queue_sync() calls on this handle that failed in a row (0: the last one succeeded,
+ * or none was made), and the delay the backoff above puts after the last of them (0 when
+ * none failed). For the caller's log: it says when syncing starts to fail and when it
+ * works again, once each (core/queue_conf.c, spk_queue_conf_sync_tick). */
+unsigned spk_queue_sync_failures(const spk_queue *q);
+uint64_t spk_queue_sync_retry_ms(const spk_queue *q);
 
 /* How full the journal is, 0.0 to 1.0: the bytes not yet free for reuse (records not
  * moved, or moved but not flushed) over its size. Lock-free and cheap: what

@@ -152,6 +152,7 @@ struct spk_queue {
     uint64_t moved_txns;   /* move transactions this handle committed */
     uint64_t sync_calls;   /* always: journal flushes this handle did itself */
     uint64_t sync_shared;  /* always: appends made durable by another caller's flush */
+    unsigned sync_failures; /* spk_queue_sync() calls that failed in a row (the backoff) */
 };
 
 /* Longest queue directory path: room for "/journal.new" and the like after it. */

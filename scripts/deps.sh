@@ -8,6 +8,7 @@ pkgs=(
   libev-dev liblmdb-dev libprotobuf-c-dev protobuf-c-compiler
   libcurl4-openssl-dev libnghttp2-dev libyaml-dev libssl-dev
   libcmocka-dev libsqlite3-dev grpc-proto libmicrohttpd-dev prometheus
+  liblua5.4-dev
   python3 python3-grpcio python3-protobuf protobuf-compiler nghttp2-client
   postgresql postgresql-client pgbouncer haproxy procps
 )

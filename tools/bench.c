@@ -5,6 +5,7 @@
  *   proxy   N connections of request/response round trips against an address; prints
  *           throughput and a latency histogram's percentiles (text or --json)
  *   hooks   in-process cost of the plugin chain, ns per hook call
+ *   signals in-process cost of a plugin's signal through the policies (core/policy.h)
  *   queue   the durable queue's throughput (built with the queue library)
  *   reload, crash   the supervisor: reloads and worker crashes under load
  *   hub     hubd's batches and payloads per second from many gRPC clients (and h2load)
@@ -28,6 +29,7 @@ static void usage(FILE *f)
     spk_bench_echo_usage(f);
     spk_bench_proxy_usage(f);
     spk_bench_hooks_usage(f);
+    spk_bench_signals_usage(f);
     spk_bench_hub_usage(f);
     spk_bench_uplink_usage(f);
     spk_bench_pg_usage(f);
@@ -66,6 +68,8 @@ int main(int argc, char **argv)
         return spk_bench_echo(argc - 1, argv + 1);
     if (strcmp(cmd, "hooks") == 0)
         return spk_bench_hooks(argc - 1, argv + 1);
+    if (strcmp(cmd, "signals") == 0)
+        return spk_bench_signals(argc - 1, argv + 1);
     if (strcmp(cmd, "all") == 0)
         return spk_bench_all(argc - 1, argv + 1);
     if (strcmp(cmd, "hub") == 0)

@@ -24,6 +24,10 @@ void spk_bench_echo_usage(FILE *f);
 int spk_bench_hooks(int argc, char **argv);
 void spk_bench_hooks_usage(FILE *f);
 
+/* tools/bench_signals.c: in-process timing of a plugin's signal through the policies. */
+int spk_bench_signals(int argc, char **argv);
+void spk_bench_signals_usage(FILE *f);
+
 /* tools/bench_hub.c: hubd under many gRPC clients, side by side with h2load.
  * tools/bench_uplink.c: edges' uplinks into one hubd (1 and 16 edges). */
 int spk_bench_hub(int argc, char **argv);

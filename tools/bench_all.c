@@ -2,7 +2,7 @@
  * bench_all.c -- `spoke-bench all`: every benchmark of docs/benchmarks.md in one command.
  *
  * Runs the subcommands one after the other, each as a child process of this binary
- * (hooks, proxy, queue, uplink, hub, pg, reload, crash; each starts what it needs itself:
+ * (hooks, signals, proxy, queue, uplink, hub, pg, reload, crash; each starts what it needs:
  * the echo upstream, spoked, hubd, HAProxy, SQLite, PostgreSQL and pgbouncer), with their
  * progress on stderr and
  * their tables captured. Then it writes:
@@ -333,7 +333,7 @@ static void write_json(const char *path, const step *steps, int n, const char *w
 static void usage(FILE *f)
 {
     fprintf(f, "  all [--docs FILE] [--plot PREFIX] [--json FILE] [--queue-dir DIR] [--quick]\n"
-               "      [--only hooks,proxy,queue,uplink,hub,pg,reload,crash] [--note TEXT]\n"
+               "      [--only hooks,signals,proxy,queue,uplink,hub,pg,reload,crash] [--note TEXT]\n"
                "      every benchmark (each starts what it needs), progress on stderr, then\n"
                "      the generated section of FILE (default: the source tree's\n"
                "      docs/benchmarks.md, between its markers; the rest is kept), the plot\n"
@@ -398,7 +398,7 @@ int spk_bench_all(int argc, char **argv)
     signal(SIGPIPE, SIG_IGN);
 
     /* The steps and their exact arguments. */
-    static step steps[9];
+    static step steps[10];
     int n = 0;
 #define STEP(nm, md) (steps[n] = (step){.name = nm, .markdown = md}, &steps[n++])
 #define JSON_ARG(s, flag)                                                                  \
@@ -420,6 +420,18 @@ int spk_bench_all(int argc, char **argv)
         if (quick) {
             s->argv[k++] = "--iterations";
             s->argv[k++] = "100000";
+        }
+    }
+    if (wanted(only, "signals")) {
+        /* a plugin's signal through the policies (bench_signals.c), in-process */
+        s = STEP("signals", true);
+        k = 0;
+        s->argv[k++] = "signals";
+        if (quick) {
+            s->argv[k++] = "--iterations";
+            s->argv[k++] = "10000";
+            s->argv[k++] = "--repetitions";
+            s->argv[k++] = "3";
         }
     }
     if (wanted(only, "proxy")) {

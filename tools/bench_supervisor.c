@@ -205,7 +205,10 @@ static ssize_t read_status(const sbench *b, char *buf, size_t cap)
     int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
     if (fd < 0)
         return -1;
-    if (connect(fd, (struct sockaddr *)&un, sizeof(un)) != 0) {
+    static const char cmd[] = "status\n"; /* one command, then the end of the request */
+    if (connect(fd, (struct sockaddr *)&un, sizeof(un)) != 0 ||
+        write(fd, cmd, sizeof(cmd) - 1) != (ssize_t)(sizeof(cmd) - 1) ||
+        shutdown(fd, SHUT_WR) != 0) {
         close(fd);
         return -1;
     }

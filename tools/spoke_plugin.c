@@ -35,7 +35,7 @@ static void print_hooks(const spoke_plugin *t)
 #define H(f) {offsetof(spoke_plugin, f), #f}
         H(init), H(fini), H(health), H(on_config_loaded), H(on_open), H(on_close),
         H(on_traffic_from_client), H(on_traffic_to_server), H(on_traffic_from_server),
-        H(on_traffic_to_client), H(on_tick), H(accept_edge_payload),
+        H(on_traffic_to_client), H(on_tick), H(accept_edge_payload), H(on_half_close),
 #undef H
     };
     printf("hooks:");

@@ -45,6 +45,20 @@ static spoke_verdict fake_hook(void *self, spoke_conn *conn, spoke_buf *buf)
     return f->verdict;
 }
 
+/* on_half_close of a fake: appends its tag to buf (what earlier plugins put there stays),
+ * then acts as fake_hook does. */
+static spoke_verdict fake_half_close(void *self, spoke_conn *conn, int from_client,
+                                     spoke_buf *buf)
+{
+    fake *f = self;
+    assert_int_equal(conn->reply_to_server, !from_client);
+    size_t n = buf->len;
+    uint8_t *p = H->buf_resize(buf, n + 1);
+    assert_non_null(p);
+    p[n] = (uint8_t)f->tag;
+    return fake_hook(self, conn, buf);
+}
+
 typedef struct fixture {
     spk_plugin plugins[4];
     spk_plugin *pv[4];
@@ -230,6 +244,43 @@ static void test_buf_resize_keeps_prefix(void **state)
     spk_buf_free(&b);
 }
 
+/* on_half_close (ABI 1.3): in chain order, each plugin sees what earlier ones put in the
+ * buffer, plugins without it are skipped, the first stop wins, respond() goes to the side
+ * that half-closed. */
+static void test_half_close_order_and_merge(void **state)
+{
+    (void)state;
+    fixture fx;
+    setup_chain(&fx, 4);
+    fx.plugins[0].table.on_half_close = fake_half_close;
+    fx.plugins[2].table.on_half_close = fake_half_close;
+    fx.plugins[3].table.on_half_close = fake_half_close;
+    fx.fakes[0].verdict = SPOKE_MODIFIED;
+    fx.fakes[2].verdict = SPOKE_MODIFIED;
+    build(&fx);
+    assert_true(fx.chain.any_half_close);
+    spk_buf_view(&fx.buf, NULL, 0);
+    assert_int_equal(spk_chain_half_close(&fx.chain, &fx.conn, true, &fx.buf), SPOKE_CONTINUE);
+    assert_string_equal(trace, "acd");
+    assert_int_equal(fx.buf.pub.len, 3);
+    assert_memory_equal(fx.buf.pub.data, "acd", 3);
+    /* the server's half-close; c answers (to the server) and stops the chain */
+    trace[0] = '\0';
+    fx.fakes[2].verdict = SPOKE_RESPOND;
+    fx.fakes[2].reply = "bye";
+    spk_buf_view(&fx.buf, NULL, 0);
+    assert_int_equal(spk_chain_half_close(&fx.chain, &fx.conn, false, &fx.buf), SPOKE_RESPOND);
+    assert_string_equal(trace, "ac");
+    assert_int_equal(fx.conn.reply_to_server, 1);
+    assert_memory_equal(fx.conn.reply.data, "bye", 3);
+    teardown_chain(&fx);
+    /* nobody implements it: the proxy skips the call */
+    setup_chain(&fx, 2);
+    build(&fx);
+    assert_false(fx.chain.any_half_close);
+    teardown_chain(&fx);
+}
+
 int main(void)
 {
     H = spk_host_table();
@@ -243,6 +294,7 @@ int main(void)
         cmocka_unit_test(test_plugins_without_hook_are_skipped),
         cmocka_unit_test(test_slot_records_plugin_and_hook),
         cmocka_unit_test(test_buf_resize_keeps_prefix),
+        cmocka_unit_test(test_half_close_order_and_merge),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

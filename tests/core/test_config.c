@@ -440,7 +440,7 @@ static void test_ranges(void **state)
                    "3: plugins.hook_timeout: 2h is out of range 1ms..1h");
     expect_message(with_upstream("listen2: {}\n"),
                    "2: listen2: unknown section (known: edge, listen, plugins, queue, kv, "
-                   "uplink, metrics, log; and the keys run_dir, user, group)");
+                   "uplink, metrics, log, policies; and the keys run_dir, user, group)");
     expect_message("listen:\n  upstream: 127.0.0.1:1\n  read_chunk: 512\n",
                    "3: listen.read_chunk: 512 is out of range 1KiB..16MiB");
     expect_message("listen:\n  upstream: 127.0.0.1:1\n  read_chunk: 17MiB\n",

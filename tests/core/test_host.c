@@ -447,7 +447,7 @@ static void test_kv_tables(void **state)
     (void)state;
     for (int r = 0; r < 2; r++) {
         const spoke_host *h = spk_host_table_for(r ? SPOKE_ROLE_CONTROL : SPOKE_ROLE_EDGE);
-        assert_true(h->abi_minor >= 2);
+        assert_true(h->abi_minor >= 2); /* the KV services came with 1.2 */
         assert_true(SPOKE_HOST_HAS(h, kv_get) && SPOKE_HOST_HAS(h, kv_put));
         assert_true(SPOKE_HOST_HAS(h, kv_del) && SPOKE_HOST_HAS(h, kv_scan));
         /* A 1.1 host's table ends before them. */

@@ -596,6 +596,41 @@ static void test_sync_due(void **state)
     free(p);
 }
 
+/* A sync that fails (the map is full) is not retried on every poll: the next is due
+ * SPK_QUEUE_SYNC_RETRY_MIN_MS later, doubling per failure to SPK_QUEUE_SYNC_RETRY_MAX_MS,
+ * whatever the journal's fill; the first sync that works ends the backoff. */
+static void test_sync_backoff(void **state)
+{
+    fixture *f = *state;
+    f->opts.map_size = 256 * 1024;
+    qtest_open(f);
+    char *p = filled(3000, 's');
+    spk_errbuf eb = {{0}};
+    int n = fill_until_unavailable(f, p, 3000, &eb);
+    assert_true(spk_queue_journal_fill(f->q) >= SPK_QUEUE_SYNC_FILL);
+    assert_true(spk_queue_sync_due(f->q, 0));
+    assert_int_equal(spk_queue_sync_failures(f->q), 0);
+    uint64_t want = SPK_QUEUE_SYNC_RETRY_MIN_MS;
+    for (unsigned k = 1; k <= 10; k++) {
+        assert_int_equal(spk_queue_sync(f->q, &eb), SPK_EQUEUE_UNAVAILABLE);
+        assert_int_equal(spk_queue_sync_failures(f->q), k);
+        assert_int_equal(spk_queue_sync_retry_ms(f->q), want);
+        /* the journal is still full, and an interval has passed: not due yet */
+        assert_false(spk_queue_sync_due(f->q, SPK_QUEUE_SYNC_POLL_MS));
+        assert_false(spk_queue_sync_due(f->q, want - 1));
+        assert_true(spk_queue_sync_due(f->q, want));
+        want = want * 2 < SPK_QUEUE_SYNC_RETRY_MAX_MS ? want * 2 : SPK_QUEUE_SYNC_RETRY_MAX_MS;
+    }
+    assert_int_equal(spk_queue_sync_retry_ms(f->q), SPK_QUEUE_SYNC_RETRY_MAX_MS);
+    /* room again: the next sync works and the policy is the usual one */
+    ack_oldest(f, (size_t)n);
+    assert_int_equal(spk_queue_sync(f->q, &eb), 0);
+    assert_int_equal(spk_queue_sync_failures(f->q), 0);
+    assert_int_equal(spk_queue_sync_retry_ms(f->q), 0);
+    assert_true(spk_queue_sync_due(f->q, f->opts.sync_interval_ms));
+    free(p);
+}
+
 /* A queue path longer than the queue's buffers is refused, never truncated. */
 static void test_path_too_long(void **state)
 {
@@ -707,6 +742,7 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_open_missing, setup, teardown),
         cmocka_unit_test_setup_teardown(test_json_send, setup, teardown),
         cmocka_unit_test_setup_teardown(test_map_full, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_sync_backoff, setup, teardown),
         cmocka_unit_test_setup_teardown(test_disk_full_tmpfs, setup, teardown),
         cmocka_unit_test_setup_teardown(test_disk_full_tmpfs_inline, setup, teardown),
         cmocka_unit_test_setup_teardown(test_crc_detects_damage, setup, teardown),
