@@ -1446,7 +1446,7 @@ static int apply_defaults(cfg_ctx *c, const char *prefix, const field *fields, s
 {
     for (size_t i = 0; i < n; i++) {
         const field *f = &fields[i];
-        char buf[32], key[128];
+        char buf[32], key[400]; /* prefix (at most 255) "." name */
         const char *text = default_text(f, buf, sizeof(buf));
         if (text == NULL)
             continue;
