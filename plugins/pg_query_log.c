@@ -352,9 +352,11 @@ static int begin_body(const pglog *pl, pgconn *c)
     c->body_len = len - 4;
     c->body_have = 0;
     c->in_body = 1;
-    int wanted = startup || c->hdr[0] == 'Q' || c->hdr[0] == 'P';
-    c->keep = wanted && c->body_len <= pl->max_message;
-    if (wanted && !c->keep)
+    int wanted = !startup && (c->hdr[0] == 'Q' || c->hdr[0] == 'P');
+    /* max_message bounds what is logged, not the startup message (at most
+     * PG_STARTUP_MAX), which must be read to decode the rest of the connection. */
+    c->keep = startup || (wanted && c->body_len <= pl->max_message);
+    if (!c->keep && wanted)
         host->log(pl->ctx, SPOKE_LOG_INFO,
                   "conn %llu: %s of %zu bytes not logged (over "
                   "max_message %zu)",
