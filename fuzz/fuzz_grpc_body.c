@@ -88,9 +88,15 @@ static void headers(const uint8_t *data, size_t size)
 {
     uint64_t ms;
     if (spk_grpc_timeout_parse((const char *)data, size, &ms) == 0) {
+        /* rounded up: 0 ms only for a value of 0; what is formatted parses back no shorter */
         char buf[32];
-        check(ms >= 1, "a grpc-timeout parsed to 0 ms");
+        uint64_t back;
+        check(ms > 0 || strspn((const char *)data, "0") == size - 1,
+              "a grpc-timeout above 0 parsed to 0 ms");
         spk_grpc_timeout_format(ms, buf, sizeof(buf));
+        check(spk_grpc_timeout_parse(buf, strlen(buf), &back) == 0 &&
+                  (back >= ms || ms > 99999999ull * 1000),
+              "a formatted grpc-timeout does not parse back to at least its value");
     }
     (void)spk_grpc_content_type_ok((const char *)data, size);
     /* decode(encode(m)) == m, for a message that fits whole */

@@ -17,6 +17,7 @@
  */
 #include <dlfcn.h>
 #include <stdarg.h>
+#include <stdbool.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -40,6 +41,15 @@ struct spoke_conn {
 static char log_line[4096];
 static unsigned sessions[2]; /* "session" lines logged by each instance for this input */
 
+/* "conn N: session user=..." (and not a query that happens to contain those words). */
+static bool is_session_line(const char *line)
+{
+    if (strncmp(line, "conn ", 5) != 0)
+        return false;
+    line += 5 + strspn(line + 5, "0123456789");
+    return strncmp(line, ": session user=", 15) == 0;
+}
+
 static void h_log(spoke_ctx *ctx, spoke_log_level level, const char *fmt, ...)
 {
     (void)ctx, (void)level;
@@ -47,7 +57,7 @@ static void h_log(spoke_ctx *ctx, spoke_log_level level, const char *fmt, ...)
     va_start(ap, fmt);
     vsnprintf(log_line, sizeof(log_line), fmt, ap);
     va_end(ap);
-    if (strstr(log_line, ": session user=") != NULL)
+    if (is_session_line(log_line))
         sessions[ctx == &ctxs[1]]++;
     if (getenv("SPOKE_FUZZ_VERBOSE"))
         fprintf(stderr, "pg-query-log: %s\n", log_line);

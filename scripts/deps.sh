@@ -10,6 +10,7 @@ pkgs=(
   libcmocka-dev libsqlite3-dev grpc-proto
   python3 python3-grpcio python3-protobuf protobuf-compiler nghttp2-client
   postgresql postgresql-client haproxy procps
+  clang libfuzzer-14-dev libclang-rt-14-dev systemd
 )
 
 missing=()
