@@ -1750,6 +1750,8 @@ static void put_str(FILE *out, const char *s)
     bool plain = s[0] != '\0' && (is_alnum(s[0]) || s[0] == '/' || s[0] == '.' || s[0] == '_');
     for (const char *p = s; *p && plain; p++)
         plain = is_alnum(*p) || strchr("._/:@+-", *p) != NULL;
+    if (plain && s[strlen(s) - 1] == ':') /* "k: g:" would be a mapping in a mapping */
+        plain = false;
     if (plain && (word_index(bool_true, s) >= 0 || word_index(bool_false, s) >= 0 ||
                   strcmp(s, "null") == 0 || strcmp(s, "Null") == 0 || strcmp(s, "NULL") == 0))
         plain = false;
