@@ -273,50 +273,42 @@ class InstallTest(unittest.TestCase):
                                text=True, timeout=60)
             self.assertEqual((p.returncode, p.stdout + p.stderr), (0, ""), unit)
 
-    def test_spoked_under_the_units_sandbox(self):
-        svc = unit_service(os.path.join(self.units, "spoked.service"))
+    def sandboxed(self, unit, prog, config, probe):
+        """Run the installed `prog` under the installed `unit`'s sandbox settings with
+        `config(state, runtime)` (a dict) and check it notifies, serves (probe()), writes
+        where the unit lets it, reloads and stops."""
+        svc = unit_service(os.path.join(self.units, unit))
         unknown = set(svc) - PROCESS_KEYS - SANDBOX_KEYS
         self.assertFalse(unknown, "settings this test does not apply: %s" % sorted(unknown))
         self.assertEqual((svc["Type"], svc["KillMode"]), ("notify", "mixed"))
         self.assertEqual(svc["ExecReload"], "/bin/kill -HUP $MAINPID")
+        self.assertRegex(svc["ExecStart"], rf"^{re.escape(self.prefix)}/bin/{prog} -c ")
 
         box = tempfile.mkdtemp(dir=self.tmp)
         os.chmod(box, 0o755)
-        state, runtime = os.path.join(box, "state"), os.path.join(box, "runtime")
-        os.mkdir(state, int(svc.get("StateDirectoryMode", "0755"), 8))
-        os.mkdir(runtime, int(svc.get("RuntimeDirectoryMode", "0755"), 8))
         # /var/lib/<StateDirectory> and /run/<RuntimeDirectory> of the unit are these two
-        self.assertEqual((svc["StateDirectory"], svc["RuntimeDirectory"]), ("spoke", "spoke"))
-        echo = EchoServer()
-        port = free_port()
-        cfg = os.path.join(box, "spoke.yaml")  # read-only in there, as /etc/spoke is
+        state = os.path.join(box, "state", svc["StateDirectory"])
+        runtime = os.path.join(box, "run", svc["RuntimeDirectory"])
+        os.makedirs(state, int(svc.get("StateDirectoryMode", "0755"), 8))
+        os.makedirs(runtime, int(svc.get("RuntimeDirectoryMode", "0755"), 8))
+        cfg = os.path.join(box, "config.yaml")  # read-only in there, as /etc/spoke is
         with open(cfg, "w") as f:
-            f.write(to_yaml({"listen": {"address": f"127.0.0.1:{port}",
-                                        "upstream": f"127.0.0.1:{echo.port}", "workers": 2},
-                             "run_dir": runtime,
-                             "queue": {"path": os.path.join(state, "queue")},
-                             "kv": {"path": os.path.join(state, "kv")},
-                             "plugins": {"dir": self.staged("lib", "spoke", "plugins"),
-                                         "list": [{"file": "pg-query-log.so"},
-                                                  {"file": "counter.so"}]}}) + "\n")
-        notify = Notify(os.path.join(box, "notify.sock"))
+            f.write(to_yaml(config(state, runtime)) + "\n")
+        notify = Notify(os.path.join(box, "notify.sock"))  # on a read-only mount in there
         script = sandbox_script(svc, [state, runtime] + svc.get("ReadWritePaths", "").split())
-        log_path = os.path.join(box, "spoked.log")
+        log_path = os.path.join(box, prog + ".log")
         log = open(log_path, "wb")
         proc = subprocess.Popen(["unshare", "--mount", "--propagation", "private", "sh", "-euc",
-                                 script, "sandbox", self.staged("bin", "spoked"), "-c", cfg],
+                                 script, "sandbox", self.staged("bin", prog), "-c", cfg],
                                 stdout=log, stderr=subprocess.STDOUT,
                                 env=dict(os.environ, NOTIFY_SOCKET=notify.path))
         try:
             m = notify.next()
             self.assertEqual(m.get("READY"), "1", read(log_path))
-            self.assertEqual(roundtrip(port, b"sandboxed"), b"sandboxed")
-            # it made its files where the unit lets it, and nowhere else it was asked to
-            self.assertTrue(os.path.exists(os.path.join(runtime, "spoked.pid")))
-            self.assertTrue(os.path.exists(os.path.join(state, "queue", "data.mdb")))
+            probe()
+            self.assertTrue(os.path.exists(os.path.join(runtime, prog + ".pid")))
             # what it runs under is what the unit says
-            sup = proc.pid
-            with open(f"/proc/{sup}/status") as f:
+            with open(f"/proc/{proc.pid}/status") as f:
                 status = f.read()
             self.assertEqual(re.search(r"NoNewPrivs:\s*(\d)", status).group(1),
                              "1" if svc.get("NoNewPrivileges") == "yes" else "0")
@@ -325,17 +317,55 @@ class InstallTest(unittest.TestCase):
             proc.send_signal(signal.SIGHUP)
             self.assertEqual(notify.next().get("RELOADING"), "1")
             self.assertEqual(notify.next().get("READY"), "1", read(log_path))
-            self.assertEqual(roundtrip(port, b"reloaded"), b"reloaded")
+            probe()
             proc.send_signal(signal.SIGTERM)
             self.assertEqual(notify.next().get("STOPPING"), "1")
             self.assertEqual(proc.wait(60), 0, read(log_path))
-            text = read(log_path)
-            self.assertNotRegex(text, r"ERROR|Read-only file system|Permission denied")
+            self.assertNotRegex(read(log_path),
+                                r"ERROR|Read-only file system|Permission denied|Sanitizer")
+            return state
         finally:
             stop(proc)
             log.close()
             notify.close()
+
+    def test_spoked_under_the_units_sandbox(self):
+        echo = EchoServer()
+        port = free_port()
+        try:
+            state = self.sandboxed("spoked.service", "spoked", lambda state, runtime: {
+                "listen": {"address": f"127.0.0.1:{port}", "upstream": f"127.0.0.1:{echo.port}",
+                           "workers": 2},
+                "run_dir": runtime,
+                "queue": {"path": os.path.join(state, "queue")},
+                "kv": {"path": os.path.join(state, "kv")},
+                "plugins": {"dir": self.staged("lib", "spoke", "plugins"),
+                            "list": [{"file": "pg-query-log.so"}, {"file": "counter.so"}]},
+            }, lambda: self.assertEqual(roundtrip(port, b"sandboxed"), b"sandboxed"))
+            self.assertTrue(os.path.exists(os.path.join(state, "queue", "data.mdb")))
+        finally:
             echo.stop()
+
+    def test_hubd_under_the_units_sandbox(self):
+        import grpc
+        import grpcpeer
+        pb = grpcpeer.load_protos()
+        port = free_port()
+
+        def probe():
+            with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+                r = grpcpeer.stub(ch, pb, grpcpeer.HEALTH)(pb.health.HealthCheckRequest(),
+                                                          timeout=10)
+                self.assertEqual(r.status, pb.health.HealthCheckResponse.SERVING)
+
+        state = self.sandboxed("hubd.service", "hubd", lambda state, runtime: {
+            "hub": {"listen": f"127.0.0.1:{port}", "workers": 1,
+                    "store": os.path.join(state, "hub")},
+            "run_dir": runtime,
+            "plugins": {"dir": self.staged("lib", "spoke", "plugins"),
+                        "list": [{"id": 42, "file": "cache-stats-aggregator.so"}]},
+        }, probe)
+        self.assertTrue(os.path.exists(os.path.join(state, "hub", "data.mdb")))
 
 
 CAPS = {"chown": 0, "dac_override": 1, "dac_read_search": 2, "fowner": 3, "fsetid": 4,
@@ -426,7 +456,8 @@ def stop(proc):
 if __name__ == "__main__":
     if os.geteuid() != 0 or not shutil.which("unshare") or not shutil.which("setpriv"):
         # the sandbox needs mount namespaces; the rest runs anyway
-        InstallTest.test_spoked_under_the_units_sandbox = unittest.skip(
-            "needs root, unshare and setpriv")(InstallTest.test_spoked_under_the_units_sandbox)
+        for t in ("test_spoked_under_the_units_sandbox", "test_hubd_under_the_units_sandbox"):
+            setattr(InstallTest, t, unittest.skip("needs root, unshare and setpriv")(
+                getattr(InstallTest, t)))
     result = unittest.main(verbosity=2, exit=False).result
     sys.exit(0 if result.wasSuccessful() else 1)
