@@ -7,6 +7,7 @@
  *   queue_journal/real-*   the ring as the queue wrote it (flags byte, then the ring's
  *                          used start), and a copy with a record's byte flipped
  *   queue_record/real-*    each stored record (flags byte, then the LMDB value)
+ *   queue_store/real-*     the same records as the value that replaces one in LMDB
  *   edge_batch/real-*      a SendPluginControlBatchRequest built as the uplink builds one
  *                          (core/uplink.c encode_batch: pbwire.h around the stored bytes)
  *   grpc_body/real-*       that request framed (limit and chunk bytes, 5-byte prefix)
@@ -117,6 +118,14 @@ static void journal_seeds(const char *qdir)
         char name[32];
         snprintf(name, sizeof(name), "real-%zu", i);
         put("queue_record", name, 0, ring + recs[i] + JREC_HDR, h.len);
+        /* fuzz_queue_store: [which][flags][value]: record i % 3 replaced by this one */
+        uint8_t *v = malloc(1 + h.len);
+        if (v == NULL)
+            die("malloc", strerror(ENOMEM));
+        v[0] = 0;
+        memcpy(v + 1, ring + recs[i] + JREC_HDR, h.len);
+        put("queue_store", name, (uint8_t)(i % 3), v, 1 + h.len);
+        free(v);
     }
 }
 

@@ -296,7 +296,8 @@ int spk_queue_read_from(spk_queue *q, uint64_t from_seq, size_t max_n, size_t ma
                 batch->buf = nbuf;
                 cap = ncap;
             }
-            memcpy(batch->buf + batch->wire_bytes, r.wire, r.h.wire_len);
+            if (r.h.wire_len > 0) /* an empty one (damage, but CRC-valid) has no buffer */
+                memcpy(batch->buf + batch->wire_bytes, r.wire, r.h.wire_len);
             it->plugin_id = r.h.plugin_id;
             it->edge_timestamp_ms = r.h.ts_ms;
             it->wire_len = r.h.wire_len;

@@ -2,7 +2,8 @@
 # Build the libFuzzer targets (fuzz/, clang + ASan + UBSan, in build-fuzz/) and run each.
 #   scripts/fuzz.sh --short          every target for FUZZ_SECONDS (default 30) s: the CI step
 #   scripts/fuzz.sh TARGET [SECONDS] one target (config, pg_query_log, queue_record,
-#                                    queue_journal, grpc_body, edge_batch), default 600 s
+#                                    queue_journal, queue_store, grpc_body, edge_batch),
+#                                    default 600 s
 # The tree's corpus (fuzz/corpus/TARGET) is read, never written: new inputs go to
 # build-fuzz/corpus/TARGET, crashes to build-fuzz/findings/. A crash fails the script, with
 # the input's path; docs/fuzzing.md says what to do with it.
@@ -10,7 +11,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/deps.sh
 
-targets=(config pg_query_log queue_record queue_journal grpc_body edge_batch)
+targets=(config pg_query_log queue_record queue_journal queue_store grpc_body edge_batch)
 if [ "${1:-}" = "--short" ]; then
   seconds=${FUZZ_SECONDS:-30}
 elif [ -n "${1:-}" ]; then
