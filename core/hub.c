@@ -175,7 +175,7 @@ static void refuse(Spoke__Control__V1__PayloadResult *r, const char *code, const
 /* The limits of the edge (queue.h's spk_queue_validate, one rule for both ends) and the
  * host's UTF-8 policy (hub.h). */
 int spk_hub_payload_validate(const Spoke__Control__V1__EdgePayload *p, spoke_kv *md,
-                    Spoke__Control__V1__PayloadResult *r)
+                             Spoke__Control__V1__PayloadResult *r)
 {
     if (p->plugin_id == 0) {
         refuse(r, "malformed", "plugin_id 0 names no plugin");

@@ -53,8 +53,8 @@ int spk_notify(const char *fmt, ...)
         len = sizeof(msg) - 1; /* a STATUS= line cut short is still a message */
     int fd = socket(AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC, 0);
     int rc = 0;
-    if (fd < 0 || sendto(fd, msg, (size_t)len, MSG_NOSIGNAL, (const struct sockaddr *)&addr,
-                         addr_len) != len)
+    if (fd < 0 ||
+        sendto(fd, msg, (size_t)len, MSG_NOSIGNAL, (const struct sockaddr *)&addr, addr_len) != len)
         rc = -errno;
     if (fd >= 0)
         close(fd);

@@ -79,14 +79,18 @@ static void round_trip(const spk_config *cfg, spoke_role role, const uint8_t *da
     spk_config *again = NULL;
     spk_errbuf eb = {{0}};
     if (spk_config_load_role(dump_path, role, &again, &eb) != 0) {
-        fprintf(stderr, "the dump of a config that loads does not load: %s\n--- input\n%.*s\n"
-                        "--- dump\n%s\n", eb.msg, (int)size, (const char *)data, d1);
+        fprintf(stderr,
+                "the dump of a config that loads does not load: %s\n--- input\n%.*s\n"
+                "--- dump\n%s\n",
+                eb.msg, (int)size, (const char *)data, d1);
         abort();
     }
     char *d2 = dump(again, &len2);
     if (strcmp(strip_comments(d1), strip_comments(d2)) != 0) {
-        fprintf(stderr, "the dump of the reloaded dump differs\n--- first\n%s\n--- second\n%s\n"
-                        "--- input\n%.*s\n", d1, d2, (int)size, (const char *)data);
+        fprintf(stderr,
+                "the dump of the reloaded dump differs\n--- first\n%s\n--- second\n%s\n"
+                "--- input\n%.*s\n",
+                d1, d2, (int)size, (const char *)data);
         abort();
     }
     free(d1);

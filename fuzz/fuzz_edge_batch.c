@@ -31,8 +31,8 @@ static void payload(const Spoke__Control__V1__EdgePayload *p)
     spoke_kv md[SPOKE_MAX_METADATA];
     Spoke__Control__V1__PayloadResult r = SPOKE__CONTROL__V1__PAYLOAD_RESULT__INIT;
     if (spk_hub_payload_validate(p, md, &r) != 0) {
-        check(r.outcome == SPOKE__CONTROL__V1__PAYLOAD_RESULT__OUTCOME__REFUSED &&
-                  r.code != NULL && r.reason != NULL,
+        check(r.outcome == SPOKE__CONTROL__V1__PAYLOAD_RESULT__OUTCOME__REFUSED && r.code != NULL &&
+                  r.reason != NULL,
               "a refused payload without outcome, code or reason");
         if (r.reason != protobuf_c_empty_string)
             free(r.reason);

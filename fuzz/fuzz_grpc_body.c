@@ -75,8 +75,8 @@ static void framing(const uint8_t *data, size_t size)
     if (spk_grpc_body_finish(&b, &msg, &len, &eb) == SPK_GRPC_OK) {
         check(n >= SPK_GRPC_PREFIX + len, "message longer than the body");
         check(len <= max_msg, "message over the limit");
-        uint32_t declared = (uint32_t)body[1] << 24 | (uint32_t)body[2] << 16 |
-                            (uint32_t)body[3] << 8 | body[4];
+        uint32_t declared =
+            (uint32_t)body[1] << 24 | (uint32_t)body[2] << 16 | (uint32_t)body[3] << 8 | body[4];
         check(declared == len, "message length differs from its prefix");
         check(memcmp(msg, body + SPK_GRPC_PREFIX, len) == 0, "message differs from the body");
         decode(msg, len);

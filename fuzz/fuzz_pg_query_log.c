@@ -111,8 +111,8 @@ int LLVMFuzzerInitialize(int *argc, char ***argv)
         abort();
     }
     for (int i = 0; i < 2; i++) {
-        spoke_init_args args = {.struct_size = sizeof(args), .role = SPOKE_ROLE_EDGE,
-                                .name = "pg-query-log"};
+        spoke_init_args args = {
+            .struct_size = sizeof(args), .role = SPOKE_ROLE_EDGE, .name = "pg-query-log"};
         if (table->init(&ctxs[i], &args, &selves[i]) != 0) {
             fprintf(stderr, "pg-query-log init failed: %s\n", log_line);
             abort();

@@ -26,7 +26,7 @@
 
 #include "queue_int.h"
 
-#define RING SPK_QUEUE_JOURNAL_MIN
+#define RING           SPK_QUEUE_JOURNAL_MIN
 #define RING_INPUT_MAX (256u * 1024)
 
 static char dir[256];

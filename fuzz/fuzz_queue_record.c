@@ -27,10 +27,14 @@ static void decode(const uint8_t *wire, size_t len)
         md[i].key = p->metadata[i]->key;
         md[i].value = p->metadata[i]->value;
     }
-    spk_queue_msg m = {.plugin_id = p->plugin_id, .edge_id = p->edge_id,
-                       .payload = p->payload.data, .payload_len = p->payload.len,
-                       .correlation_id = p->correlation_id, .metadata = md,
-                       .n_metadata = n, .content_type = p->content_type,
+    spk_queue_msg m = {.plugin_id = p->plugin_id,
+                       .edge_id = p->edge_id,
+                       .payload = p->payload.data,
+                       .payload_len = p->payload.len,
+                       .correlation_id = p->correlation_id,
+                       .metadata = md,
+                       .n_metadata = n,
+                       .content_type = p->content_type,
                        .edge_timestamp_ms = p->edge_timestamp_ms};
     spk_errbuf eb;
     (void)spk_queue_validate(&m, &eb);
@@ -58,8 +62,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     struct rec_view r;
     bool ok = spk_rec_parse(&v, &r) == 0 && spk_rec_check(&r) == 0;
     if (ok != spk_rec_valid(rec, len)) {
-        fprintf(stderr, "spk_rec_parse+spk_rec_check (%d) and spk_rec_valid (%d) disagree\n",
-                ok, !ok);
+        fprintf(stderr, "spk_rec_parse+spk_rec_check (%d) and spk_rec_valid (%d) disagree\n", ok,
+                !ok);
         abort();
     }
     if (ok)

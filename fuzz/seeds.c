@@ -33,8 +33,7 @@ static void die(const char *what, const char *why)
     exit(1);
 }
 
-static void put(const char *target, const char *name, uint8_t flags, const void *data,
-                size_t n)
+static void put(const char *target, const char *name, uint8_t flags, const void *data, size_t n)
 {
     char path[512];
     snprintf(path, sizeof(path), "%s/%s", out_dir, target);
@@ -69,8 +68,8 @@ static void send_records(spk_queue *q)
     for (size_t i = 0; i < sizeof(r) / sizeof(r[0]); i++) {
         uint64_t seq, pending;
         spk_errbuf eb = {{0}};
-        if (spk_queue_send(q, r[i].plugin, "edge-us-west-1", r[i].payload, r[i].len, r[i].corr,
-                           md, r[i].n_md, r[i].json, 1764633600000 + (int64_t)i, &seq, &pending,
+        if (spk_queue_send(q, r[i].plugin, "edge-us-west-1", r[i].payload, r[i].len, r[i].corr, md,
+                           r[i].n_md, r[i].json, 1764633600000 + (int64_t)i, &seq, &pending,
                            &eb) != 0)
             die("spk_queue_send", eb.msg);
     }

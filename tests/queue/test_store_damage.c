@@ -35,8 +35,9 @@ static uint64_t send_one(qtest_fixture *f)
 {
     uint64_t seq;
     spk_errbuf eb;
-    assert_int_equal(spk_queue_send(f->q, 42, "edge-1", "abc", 3, NULL, NULL, 0, false,
-                                    qtest_now, &seq, NULL, &eb), 0);
+    assert_int_equal(spk_queue_send(f->q, 42, "edge-1", "abc", 3, NULL, NULL, 0, false, qtest_now,
+                                    &seq, NULL, &eb),
+                     0);
     assert_int_equal(spk_queue_sync(f->q, &eb), 0);
     return seq;
 }
