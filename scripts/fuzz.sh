@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Build the libFuzzer targets (fuzz/, clang + ASan + UBSan, in build-fuzz/) and run each.
-#   scripts/fuzz.sh --short          every target for FUZZ_SECONDS (default 30) s: the CI step
+#   scripts/fuzz.sh --short          every target for FUZZ_SECONDS (default 20) s: the CI step
 #   scripts/fuzz.sh TARGET [SECONDS] one target (config, pg_query_log, queue_record,
 #                                    queue_journal, queue_store, grpc_body, edge_batch),
 #                                    default 600 s
@@ -13,7 +13,7 @@ bash scripts/deps.sh
 
 targets=(config pg_query_log queue_record queue_journal queue_store grpc_body edge_batch)
 if [ "${1:-}" = "--short" ]; then
-  seconds=${FUZZ_SECONDS:-30}
+  seconds=${FUZZ_SECONDS:-20}
 elif [ -n "${1:-}" ]; then
   targets=("$1")
   seconds=${2:-600}

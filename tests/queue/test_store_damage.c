@@ -5,7 +5,9 @@
  *     the reader copied its zero wire bytes to a NULL buffer (undefined behaviour, caught
  *     by UBSan in the sanitizer build; found by fuzz_queue_store);
  *   - a value cut short of its header: verify reports it, the reader marks it, an ack
- *     removes it and the queue verifies clean again.
+ *     removes it and the queue verifies clean again;
+ *   - a damaged header's timestamp far in the past: the oldest age was `now - ts` in
+ *     int64_t, which overflowed (UB; found by fuzz_queue_store); it is the largest age.
  */
 #include "qtest.h"
 
@@ -85,11 +87,30 @@ static void test_value_cut_short(void **state)
     qtest_fixture_free(f);
 }
 
+static void test_timestamp_far_in_the_past(void **state)
+{
+    (void)state;
+    qtest_fixture *f = qtest_fixture_new("store-damage-ts", NULL);
+    qtest_open(f);
+    uint64_t seq = send_one(f);
+    struct rec_hdr h = {REC_MAGIC, 0, 42, 0, INT64_MIN + 1};
+    h.crc = spk_rec_crc(&h, NULL, 0);
+    overwrite(f->q, seq, &h, sizeof(h));
+    spk_queue_stats st;
+    spk_errbuf eb;
+    assert_int_equal(spk_queue_stats_get(f->q, &st, &eb), 0);
+    assert_int_equal(st.oldest_seq, seq);
+    assert_true(st.oldest_age_ms == INT64_MAX);
+    spk_queue_stats_free(&st);
+    qtest_fixture_free(f);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_valid_record_with_empty_wire),
         cmocka_unit_test(test_value_cut_short),
+        cmocka_unit_test(test_timestamp_far_in_the_past),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
