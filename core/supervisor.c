@@ -47,6 +47,7 @@
 #include "fs.h"
 #include "log.h"
 #include "net.h"
+#include "notify.h"
 #include "queue.h"
 #include "queue_conf.h"
 #include "status.h"
@@ -431,6 +432,7 @@ static void reload_failed(sup *s, const char *why)
     snprintf(s->last_reload, sizeof(s->last_reload), "failed: %s; generation %u keeps serving",
              why, s->cur ? s->cur->id : 0);
     spk_error("reload failed: %s; generation %u keeps serving", why, s->cur ? s->cur->id : 0);
+    spk_notify_reload_failed(why);
 }
 
 /* Start a generation to replace `cur`: from the re-read config file on SIGHUP
@@ -531,6 +533,8 @@ static void promote(sup *s)
     } else {
         spk_info("generation %u serving (%d workers)", g->id, g->n);
     }
+    spk_notify_ready(g->id, g->n); /* its workers accept once they see the SIGUSR1 just sent,
+                                      from the listening sockets already bound */
     run_pending(s);
 }
 
@@ -738,6 +742,7 @@ static void on_watchdog(struct ev_loop *loop, ev_timer *t, int revents)
 static void stop_all(sup *s, int sig)
 {
     s->stopping = true;
+    spk_notify_stopping();
     generation *gens[2] = {s->cur, s->next};
     for (int k = 0; k < 2; k++) {
         for (int i = 0; gens[k] && i < gens[k]->n; i++) {
@@ -776,6 +781,8 @@ static void on_signal(struct ev_loop *loop, ev_signal *w, int revents)
     sup *s = w->data;
     if (w->signum == SIGHUP) {
         spk_info("SIGHUP: reloading %s", s->path);
+        if (!s->stopping)
+            spk_notify_reloading();
         spk_sup_start_replacement(s, "reload");
         return;
     }
@@ -1006,6 +1013,7 @@ int spk_supervisor_main(const char *path, const char *self_exe, spoke_role role)
     spk_sup_uplink_init(&s);
     spk_errbuf eb;
     spk_log_set_tag(s.prog);
+    spk_notify_init();
     /* Hold the control signals until their watchers exist: a SIGHUP sent right after start
      * (a service manager's reload) must not kill the process with the default action. */
     sigset_t ctl, old_mask;
