@@ -173,15 +173,24 @@ class NotifyTest(unittest.TestCase):
             sp.stop()
 
 
+def visible_in_sandbox(path):
+    """path, or /var/lib when path is under a directory the unit's sandbox replaces."""
+    real = os.path.realpath(path)
+    for hidden in ("/tmp", "/var/tmp", "/home", "/root", "/run/user"):
+        if real == hidden or real.startswith(hidden + "/"):
+            return "/var/lib"
+    return path
+
+
 class InstallTest(unittest.TestCase):
     """`cmake --install` into a DESTDIR, then the installed files at work."""
 
     @classmethod
     def setUpClass(cls):
-        # Under the build directory, not /tmp: the sandbox test mounts a fresh /tmp.
-        cls.tmp = tempfile.mkdtemp(prefix="spoke-install-", dir=BIN_DIR)
-        os.chmod(cls.tmp, 0o755)  # the sandboxed workers run as nobody and must reach their stores
-        os.chmod(cls.tmp, 0o755)
+        # Not where the sandbox mounts something fresh (PrivateTmp, ProtectHome): under the
+        # build directory unless that is in one of those, then under /var/lib.
+        cls.tmp = tempfile.mkdtemp(prefix="spoke-install-", dir=visible_in_sandbox(BIN_DIR))
+        os.chmod(cls.tmp, 0o755)  # the sandboxed workers run as nobody and must reach it
         cls.stage = os.path.join(cls.tmp, "stage")
         p = subprocess.run([shutil.which("cmake") or "cmake", "--install", BIN_DIR],
                            env=dict(os.environ, DESTDIR=cls.stage), capture_output=True,
