@@ -2022,12 +2022,33 @@ int spk_config_add_autoload(spk_config *cfg, const char *file, const char *path)
 
 /* ---- dump -------------------------------------------------------------------------- */
 
+/* If the UTF-8 character at p is one YAML reads as a line break (NEL, LS, PS: folded to a
+ * space in a quoted scalar) or refuses raw (C1 controls, U+FEFF, U+FFFE/F), write it as a
+ * \u escape and return true. Strings here are valid UTF-8 (libyaml checked them). */
+static bool yaml_unsafe(const unsigned char *p, FILE *out)
+{
+    unsigned cp;
+    if (p[0] >= 0xc0 && p[0] < 0xe0)
+        cp = (p[0] & 0x1fu) << 6 | (p[1] & 0x3fu);
+    else if (p[0] >= 0xe0 && p[0] < 0xf0)
+        cp = (p[0] & 0x0fu) << 12 | (p[1] & 0x3fu) << 6 | (p[2] & 0x3fu);
+    else
+        return false;
+    if (!(cp >= 0x80 && cp <= 0x9f) && cp != 0x2028 && cp != 0x2029 && cp != 0xfeff &&
+        cp != 0xfffe && cp != 0xffff)
+        return false;
+    fprintf(out, "\\u%04x", cp);
+    return true;
+}
+
 /* Plain when it reads back as the same string, else double-quoted with escapes. */
 static void put_str(FILE *out, const char *s)
 {
     bool plain = s[0] != '\0' && (is_alnum(s[0]) || s[0] == '/' || s[0] == '.' || s[0] == '_');
     for (const char *p = s; *p && plain; p++)
         plain = is_alnum(*p) || strchr("._/:@+-", *p) != NULL;
+    if (plain && s[strlen(s) - 1] == ':') /* "k: g:" would be a mapping in a mapping */
+        plain = false;
     if (plain && (word_index(bool_true, s) >= 0 || word_index(bool_false, s) >= 0 ||
                   strcmp(s, "null") == 0 || strcmp(s, "Null") == 0 || strcmp(s, "NULL") == 0))
         plain = false;
@@ -2045,6 +2066,8 @@ static void put_str(FILE *out, const char *s)
             fputs("\\t", out);
         else if (*p < 0x20 || *p == 0x7f)
             fprintf(out, "\\x%02x", *p);
+        else if (*p >= 0x80 && yaml_unsafe(p, out))
+            p += *p < 0xe0 ? 1 : 2; /* the rest of the character */
         else
             fputc(*p, out);
     }

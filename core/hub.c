@@ -175,9 +175,9 @@ static void refuse(Spoke__Control__V1__PayloadResult *r, const char *code, const
 }
 
 /* The limits of the edge (queue.h's spk_queue_validate, one rule for both ends) and the
- * host's UTF-8 policy. Fills *m; returns 0 or refuses r. */
-static int validate(const Spoke__Control__V1__EdgePayload *p, spoke_kv *md,
-                    Spoke__Control__V1__PayloadResult *r)
+ * host's UTF-8 policy (hub.h). */
+int spk_hub_payload_validate(const Spoke__Control__V1__EdgePayload *p, spoke_kv *md,
+                             Spoke__Control__V1__PayloadResult *r)
 {
     if (p->plugin_id == 0) {
         refuse(r, "malformed", "plugin_id 0 names no plugin");
@@ -254,7 +254,7 @@ static int deliver_payload(hub *h, spk_kv_txn *t, const batch_req *b,
             return 0;
         }
     }
-    if (validate(p, md, r) != 0) {
+    if (spk_hub_payload_validate(p, md, r) != 0) {
         tally->refused++;
         count_outcome(h, p->plugin_id, SPK_HO_REFUSED);
         return 0;

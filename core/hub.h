@@ -68,4 +68,14 @@ typedef struct spk_hub_edge_rec {
     uint64_t refused;
 } spk_hub_edge_rec;
 
+/* Check one decoded payload of a batch as hubd does before delivering it: a plugin ID, the
+ * edge's limits (spk_queue_validate: one rule for both ends) and UTF-8 strings. md (room
+ * for SPOKE_MAX_METADATA entries) receives p's metadata, borrowing p's strings. Returns 0,
+ * or -1 with r->outcome REFUSED, r->code a static name and r->reason malloc'd (the caller
+ * frees it unless it is protobuf_c_empty_string). Exposed for fuzz/fuzz_edge_batch.c. */
+struct Spoke__Control__V1__EdgePayload;
+struct Spoke__Control__V1__PayloadResult;
+int spk_hub_payload_validate(const struct Spoke__Control__V1__EdgePayload *p, spoke_kv *md,
+                             struct Spoke__Control__V1__PayloadResult *r);
+
 #endif

@@ -47,6 +47,7 @@
 #include "fs.h"
 #include "log.h"
 #include "net.h"
+#include "notify.h"
 #include "queue.h"
 #include "queue_conf.h"
 #include "status.h"
@@ -437,6 +438,7 @@ static void reload_failed(sup *s, const char *why)
     snprintf(s->last_reload, sizeof(s->last_reload), "failed: %s; generation %u keeps serving",
              why, s->cur ? s->cur->id : 0);
     spk_error("reload failed: %s; generation %u keeps serving", why, s->cur ? s->cur->id : 0);
+    spk_notify_reload_failed(why);
 }
 
 /* Start a generation to replace `cur`: from the re-read config file on SIGHUP
@@ -537,6 +539,8 @@ static void promote(sup *s)
     } else {
         spk_info("generation %u serving (%d workers)", g->id, g->n);
     }
+    spk_notify_ready(g->id, g->n); /* its workers accept once they see the SIGUSR1 just sent,
+                                      from the listening sockets already bound */
     run_pending(s);
 }
 
@@ -744,6 +748,7 @@ static void on_watchdog(struct ev_loop *loop, ev_timer *t, int revents)
 static void stop_all(sup *s, int sig)
 {
     s->stopping = true;
+    spk_notify_stopping();
     generation *gens[2] = {s->cur, s->next};
     for (int k = 0; k < 2; k++) {
         for (int i = 0; gens[k] && i < gens[k]->n; i++) {
@@ -782,6 +787,8 @@ static void on_signal(struct ev_loop *loop, ev_signal *w, int revents)
     sup *s = w->data;
     if (w->signum == SIGHUP) {
         spk_info("SIGHUP: reloading %s", s->path);
+        if (!s->stopping)
+            spk_notify_reloading();
         spk_sup_start_replacement(s, "reload");
         return;
     }
@@ -1012,6 +1019,7 @@ int spk_supervisor_main(const char *path, const char *self_exe, spoke_role role)
     spk_sup_uplink_init(&s);
     spk_errbuf eb;
     spk_log_set_tag(s.prog);
+    spk_notify_init();
     /* Hold the control signals until their watchers exist: a SIGHUP sent right after start
      * (a service manager's reload) must not kill the process with the default action. */
     sigset_t ctl, old_mask;

@@ -81,19 +81,7 @@
 #include "crc32c.h"
 
 #define JCTL_MAGIC 0x344c54434a4b5053ull /* "SPKJCTL4": the latch fields were added */
-#define JREC_MAGIC 0x314a5053u           /* "SPJ1" */
-#define JPAD_MAGIC 0x504a5053u           /* "SPJP" */
 #define JLOCK_SPINS 200
-
-struct jrec {
-    uint32_t magic;
-    uint32_t hcrc; /* CRC-32C of off, seq, len, zero */
-    uint64_t off;
-    uint64_t seq;
-    uint32_t len;
-    uint32_t zero;
-};
-_Static_assert(sizeof(struct jrec) == JREC_HDR, "journal record header size");
 
 static ssize_t plain_pwrite(int fd, const void *buf, size_t n, off_t off)
 {
@@ -138,7 +126,7 @@ static size_t align8(size_t n)
     return (n + 7) & ~(size_t)7;
 }
 
-static uint32_t jrec_hcrc(const struct jrec *h)
+uint32_t spk_journal_hcrc(const struct jrec *h)
 {
     return ~spk_crc32c(0xFFFFFFFFu, &h->off, sizeof(*h) - offsetof(struct jrec, off));
 }
@@ -177,7 +165,7 @@ size_t spk_journal_check(const spk_queue *q, uint64_t off, uint64_t *seq, const 
     }
     struct jrec h;
     memcpy(&h, q->jmap + pos, sizeof(h));
-    if (h.off != off || h.zero != 0 || jrec_hcrc(&h) != h.hcrc)
+    if (h.off != off || h.zero != 0 || spk_journal_hcrc(&h) != h.hcrc)
         return 0;
     if (h.magic == JPAD_MAGIC) {
         if (h.len != size - pos)
@@ -825,8 +813,8 @@ static int journal_write(spk_queue *q, const struct rec_enc *e, uint64_t seq, ui
 {
     struct jrec pad = {JPAD_MAGIC, 0, off - padlen, 0, (uint32_t)padlen, 0};
     struct jrec h = {JREC_MAGIC, 0, off, seq, (uint32_t)(sizeof(struct rec_hdr) + wire_len), 0};
-    pad.hcrc = jrec_hcrc(&pad);
-    h.hcrc = jrec_hcrc(&h);
+    pad.hcrc = spk_journal_hcrc(&pad);
+    h.hcrc = spk_journal_hcrc(&h);
     uint8_t *dst;
     if (!q->opts.sync_always) {
         /* interval: straight into the shared mapping, no copy and no system call */

@@ -306,7 +306,8 @@ int spk_queue_read_from(spk_queue *q, uint64_t from_seq, size_t max_n, size_t ma
                 batch->buf = nbuf;
                 cap = ncap;
             }
-            memcpy(batch->buf + batch->wire_bytes, r.wire, r.h.wire_len);
+            if (r.h.wire_len > 0) /* an empty one (damage, but CRC-valid) has no buffer */
+                memcpy(batch->buf + batch->wire_bytes, r.wire, r.h.wire_len);
             it->plugin_id = r.h.plugin_id;
             it->edge_timestamp_ms = r.h.ts_ms;
             it->wire_len = r.h.wire_len;
@@ -548,9 +549,11 @@ int spk_queue_stats_get(spk_queue *q, spk_queue_stats *st, spk_errbuf *eb)
     if (mdb_cursor_get(cur, &k, &v, MDB_FIRST) == 0) {
         struct rec_view r;
         st->oldest_seq = k.mv_size == 8 ? spk_get_be64(k.mv_data) : 0;
-        if (spk_rec_parse(&v, &r) == 0) {
-            int64_t age = spk_queue_now_ms(q) - r.h.ts_ms;
-            st->oldest_age_ms = age > 0 ? age : 0;
+        int64_t now = spk_queue_now_ms(q);
+        /* a damaged header's timestamp can be anything: subtract without overflow */
+        if (spk_rec_parse(&v, &r) == 0 && r.h.ts_ms < now) {
+            uint64_t age = (uint64_t)now - (uint64_t)r.h.ts_ms;
+            st->oldest_age_ms = age > INT64_MAX ? INT64_MAX : (int64_t)age;
         }
     }
     mdb_cursor_close(cur);

@@ -80,6 +80,21 @@ void spk_be32(uint8_t out[4], uint32_t v);
 /* ---- the journal (journal.c) ---------------------------------------------------------- */
 
 #define JREC_HDR 32u
+#define JREC_MAGIC 0x314a5053u /* "SPJ1" */
+#define JPAD_MAGIC 0x504a5053u /* "SPJP" */
+
+/* A journal record's header (journal.c says how records sit in the ring). */
+struct jrec {
+    uint32_t magic;
+    uint32_t hcrc; /* CRC-32C of off, seq, len, zero */
+    uint64_t off;
+    uint64_t seq;
+    uint32_t len;
+    uint32_t zero;
+};
+_Static_assert(sizeof(struct jrec) == JREC_HDR, "journal record header size");
+/* CRC-32C of a header's off, seq, len and zero: its hcrc. */
+uint32_t spk_journal_hcrc(const struct jrec *h);
 
 /* The shared page (journal.ctl). Fields without _Atomic are read and written under lock. */
 struct jctl {

@@ -11,6 +11,7 @@ pkgs=(
   liblua5.4-dev
   python3 python3-grpcio python3-protobuf protobuf-compiler nghttp2-client
   postgresql postgresql-client pgbouncer haproxy procps
+  clang libfuzzer-14-dev libclang-rt-14-dev systemd
 )
 
 missing=()

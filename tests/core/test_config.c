@@ -430,6 +430,41 @@ static void test_dump_round_trip(void **state)
     spk_config_free(cfg);
 }
 
+/* Strings holding what YAML reads as a line break (NEL U+0085, LS U+2028, PS U+2029) or
+ * refuses raw (C1 controls, U+FEFF, U+FFFE/U+FFFF) dump as escapes, and a value ending in
+ * ':' is quoted, so they load back unchanged (fuzz_config found "\N" in a plugin's config
+ * coming back as a space, and "g:" making the dump unreadable). */
+static void test_dump_escapes_what_yaml_reads_otherwise(void **state)
+{
+    (void)state;
+    spk_config *cfg = load_ok("listen: { upstream: 127.0.0.1:5432 }\n"
+                              "plugins:\n  list:\n"
+                              "    - { file: a.so, config: { m: \"a\\Nb\\Lc\\Pd\\x80e\\uFEFFf\" } }\n");
+    assert_string_equal(cfg->plugins[0].config[0].value,
+                        "a\xc2\x85" "b\xe2\x80\xa8" "c\xe2\x80\xa9" "d\xc2\x80" "e\xef\xbb\xbf" "f");
+    char *d1 = dump_text(cfg);
+    spk_config *again = load_ok(d1);
+    assert_string_equal(again->plugins[0].config[0].value, cfg->plugins[0].config[0].value);
+    char *d2 = dump_text(again);
+    assert_string_equal(d1, d2);
+    free(d1);
+    free(d2);
+    spk_config_free(again);
+    spk_config_free(cfg);
+
+    /* a value ending in ':' is quoted: plain, "k: g:" is not YAML (fuzz_config) */
+    cfg = load_ok("listen: { upstream: 127.0.0.1:5432 }\n"
+                  "plugins:\n  list:\n    - { file: a.so, config: { k: [\"g:\", \"a:b\"] } }\n");
+    d1 = dump_text(cfg);
+    assert_non_null(strstr(d1, "\n        k.0: \"g:\"\n"));
+    again = load_ok(d1);
+    assert_string_equal(again->plugins[0].config[0].value, "g:");
+    assert_string_equal(again->plugins[0].config[1].value, "a:b");
+    free(d1);
+    spk_config_free(again);
+    spk_config_free(cfg);
+}
+
 /* Keys check their own ranges, and say so with the range in the key's unit. */
 static void test_ranges(void **state)
 {
@@ -1091,6 +1126,7 @@ int main(void)
         cmocka_unit_test(test_defaults),
         cmocka_unit_test(test_full),
         cmocka_unit_test(test_dump_round_trip),
+        cmocka_unit_test(test_dump_escapes_what_yaml_reads_otherwise),
         cmocka_unit_test(test_ranges),
         cmocka_unit_test(test_caps),
         cmocka_unit_test(test_bad_duration_message),
