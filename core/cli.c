@@ -86,6 +86,7 @@ static int single_process(const char *path)
         return 1;
     }
     spk_log_set_level(cfg->log_level);
+    spk_log_set_format((spk_log_format)cfg->log_format);
     int *fds = calloc(cfg->n_listen ? cfg->n_listen : 1, sizeof(int));
     int rc = fds ? spk_listen_all(cfg->listen, cfg->n_listen, cfg->backlog, fds, &eb)
                  : spk_errf(&eb, SPK_ENOMEM, "out of memory");
@@ -187,16 +188,19 @@ static int worker_main(int argc, char **argv)
         spk_config_free(cfg);
     if (rc == 0 && uplink) {
         spk_log_set_level(cfg->log_level);
+        spk_log_set_format((spk_log_format)cfg->log_format);
         rc = spk_uplink_run(cfg, ws, &eb);
         spk_config_free(cfg);
     } else if (rc == 0 && role == SPOKE_ROLE_CONTROL) {
         spk_log_set_level(cfg->log_level);
+        spk_log_set_format((spk_log_format)cfg->log_format);
         spk_hub_opts opts = {.listen_fds = fds, .n_listen = n_fds, .wslot = ws,
                              .quarantine = quarantine, .n_quarantine = n_q, .index = id};
         rc = spk_hub_worker_run(cfg, &opts, &eb);
         spk_config_free(cfg);
     } else if (rc == 0) {
         spk_log_set_level(cfg->log_level);
+        spk_log_set_format((spk_log_format)cfg->log_format);
         spk_worker_opts opts = {.listen_fds = fds, .n_listen = n_fds, .wslot = ws,
                                 .quarantine = quarantine, .n_quarantine = n_q};
         rc = spk_worker_run(cfg, &opts, &eb);

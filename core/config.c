@@ -1210,6 +1210,7 @@ static void d_policies(FILE *out, const void *base, const field *f, int indent);
 static const char *const connect_words[] = {"eager", "lazy", NULL};
 static const char *const compat_words[] = {"strict", "loose", NULL};
 static const char *const level_words[] = {"debug", "info", "warn", "error", NULL};
+static const char *const log_format_words[] = {"text", "json", NULL}; /* spk_log_format */
 
 static const field edge_fields[] = {
     CS("id", p_str, d_str, edge_id, NULL), /* computed: the host name (computed_defaults) */
@@ -1324,6 +1325,7 @@ static const field metrics_fields[] = {
 
 static const field log_fields[] = {
     CW("level", log_level, level_words, SPOKE_LOG_INFO),
+    CW("format", log_format, log_format_words, SPK_LOG_TEXT),
 };
 
 /* Top-level keys that are not sections. */
@@ -1444,7 +1446,7 @@ static int apply_defaults(cfg_ctx *c, const char *prefix, const field *fields, s
 {
     for (size_t i = 0; i < n; i++) {
         const field *f = &fields[i];
-        char buf[32], key[128];
+        char buf[32], key[400]; /* prefix (at most 255) "." name */
         const char *text = default_text(f, buf, sizeof(buf));
         if (text == NULL)
             continue;

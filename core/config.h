@@ -194,6 +194,7 @@ typedef struct spk_config {
 
     /* log: */
     spoke_log_level log_level; /* log.level: debug|info|warn|error */
+    int log_format;            /* log.format: text|json (spk_log_format, core/log.h) */
 
     /* Added after 0.1 (fields only ever appended): */
     char *run_dir;             /* top-level `run_dir:` (a key, not a section): where the

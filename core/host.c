@@ -55,9 +55,12 @@ static void host_log(spoke_ctx *ctx, spoke_log_level level, const char *fmt, ...
 {
     if (level < spk_log_get_level())
         return;
+    spk_log_event e = {.level = level, .plugin = "?"};
+    if (ctx != NULL && ctx->plugin != NULL && ctx->plugin->name != NULL)
+        e.plugin = ctx->plugin->name;
     va_list ap;
     va_start(ap, fmt);
-    spk_logv(level, ctx && ctx->plugin ? ctx->plugin->log_prefix : "plugin ?: ", fmt, ap);
+    spk_log_eventv(&e, fmt, ap);
     va_end(ap);
 }
 
@@ -334,7 +337,17 @@ static int signal_builtin(spoke_ctx *ctx, spoke_conn *c, const char *name, const
         if (ls != NULL && spk_log_parse_level(ls, &lvl) != 0 && strcmp(ls, "warning") == 0)
             lvl = SPOKE_LOG_WARN;
         const char *msg = kv_find(f, n, "message");
-        spk_log(lvl, "%s%s%s", prefix, cid, msg ? msg : "(no message)");
+        /* The fields besides level and message go into a JSON line (log.format). */
+        spoke_kv extra[16];
+        size_t n_extra = 0;
+        for (size_t i = 0; i < n && n_extra < sizeof(extra) / sizeof(extra[0]); i++)
+            if (f[i].key != NULL && strcmp(f[i].key, "level") != 0 &&
+                strcmp(f[i].key, "message") != 0)
+                extra[n_extra++] = f[i];
+        spk_log_event e = {.level = lvl, .plugin = ctx->plugin->name ? ctx->plugin->name : "?",
+                           .conn = c != NULL ? c->id : 0, .fields = extra,
+                           .n_fields = n_extra};
+        spk_log_event_f(&e, "%s", msg ? msg : "(no message)");
         return 0;
     }
     if (strcmp(name, "terminate") == 0) {

@@ -410,6 +410,12 @@ static void gen_retire(sup *s, generation *g)
         if (w->pid != 0)
             kill(w->pid, w->accepting ? SIGTERM : SIGKILL);
     }
+    /* A generation with no live worker (its workers crashed or failed to start) has no exit
+     * left to reap it: free it now, not at some later draining worker's exit. */
+    if (gen_live(g) == 0) {
+        gen_free(s, g);
+        return;
+    }
     g->next_old = s->old;
     s->old = g;
 }
@@ -1030,6 +1036,7 @@ int spk_supervisor_main(const char *path, const char *self_exe, spoke_role role)
         return 1;
     }
     spk_log_set_level(g->cfg->log_level);
+    spk_log_set_format((spk_log_format)g->cfg->log_format);
     s.loop = ev_default_loop(EVFLAG_AUTO);
     if (s.loop == NULL || bind_listeners(&s, g->cfg, &eb) != 0 ||
         setup_run_dir(&s, g->cfg, &eb) != 0 || spk_status_create(&s.st, &s.st_fd, &eb) != 0) {

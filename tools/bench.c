@@ -10,6 +10,7 @@
  *   reload, crash   the supervisor: reloads and worker crashes under load
  *   hub     hubd's batches and payloads per second from many gRPC clients (and h2load)
  *   uplink  payloads per second and delivery latency from edges' queues into hubd
+ *   all     every one of them, writing docs/benchmarks.md's generated section and plot
  *
  * This file holds main and the usage text; each subcommand lives in tools/bench_<name>.c
  * (see bench.h for the calling convention), and the small parsers and helpers they share
@@ -40,6 +41,7 @@ static void usage(FILE *f)
     fprintf(f, "  queue [OPTIONS]\n"
                "      throughput of the durable queue; see `spoke-bench queue --help`\n");
 #endif
+    spk_bench_all_usage(f);
     fprintf(f, "  help\n"
                "      this text\n"
                "\n"
@@ -68,6 +70,8 @@ int main(int argc, char **argv)
         return spk_bench_hooks(argc - 1, argv + 1);
     if (strcmp(cmd, "signals") == 0)
         return spk_bench_signals(argc - 1, argv + 1);
+    if (strcmp(cmd, "all") == 0)
+        return spk_bench_all(argc - 1, argv + 1);
     if (strcmp(cmd, "hub") == 0)
         return spk_bench_hub(argc - 1, argv + 1);
     if (strcmp(cmd, "uplink") == 0)

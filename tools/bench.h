@@ -52,6 +52,11 @@ int spk_bench_queue(int argc, char **argv) __attribute__((weak));
 int spk_bench_supervisor(int argc, char **argv) __attribute__((weak));
 void spk_bench_supervisor_usage(FILE *f) __attribute__((weak));
 
+/* tools/bench_all.c: every subcommand in turn, docs/benchmarks.md's generated section,
+ * the proxy plot and one JSON file. */
+int spk_bench_all(int argc, char **argv);
+void spk_bench_all_usage(FILE *f);
+
 /* A duration as the config file writes it ("10s", "500ms", "2m", a bare 0; see
  * core/base/units.h), into seconds (> 0 unless allow_zero). Returns 0 or -1. */
 int spk_bench_parse_duration(const char *text, int allow_zero, double *out_s);

@@ -222,11 +222,12 @@ static int start_spoked(pgb *b, const char *plugin)
 {
     char cfg[2048];
     snprintf(cfg, sizeof(cfg),
-             "edge: { id: bench-edge }\n"
+             "edge: { id: bench-edge }\nuser: \"%s\"\n"
              "listen: { address: 127.0.0.1:%d, upstream: 127.0.0.1:%d, workers: %u }\n"
              "run_dir: %s/run\nqueue: { path: %s/queue }\nkv: { path: %s/kv }\n"
              "plugins:\n  dir: %s/plugins\n  list:\n    - %s\n",
-             b->edge_port, b->pg_port, b->workers, b->dir, b->dir, b->dir, b->self_dir, plugin);
+             spk_bench_run_as(), b->edge_port, b->pg_port, b->workers, b->dir, b->dir, b->dir,
+             b->self_dir, plugin);
     if (write_file(b, "spoke.yaml", cfg) != 0)
         return -1;
     char spoked[600], conf[300], log[300];

@@ -19,6 +19,16 @@
  *
  * Latencies go into a histogram (bench_hist.h) per thread, merged at the end. The first
  * `warmup` seconds (connection set-up included) are not counted.
+ *
+ * Open loop (--rate R): the offered load is fixed instead of the number in flight. Each
+ * connection's request k is due at its connect time + offset + k * conns / R (the
+ * connections' schedules staggered); it is written when due (and fewer than `pipeline`
+ * are in flight), and its latency is counted from when it was DUE, not when it could be
+ * written, so a proxy that falls behind shows its queueing (no coordinated omission). A
+ * timerfd in each thread's epoll set wakes it at the next due instant.
+ *
+ * Without --target or --echo, `spoke-bench proxy` runs the whole proxy suite instead
+ * (bench_proxy_suite.c): it starts the echo upstream, HAProxy and spoked itself.
  */
 #include <errno.h>
 #include <getopt.h>
@@ -28,16 +38,19 @@
 #include <stdbool.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #include <sys/epoll.h>
 #include <sys/prctl.h>
 #include <sys/resource.h>
 #include <sys/socket.h>
+#include <sys/timerfd.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
 #include "bench.h"
 #include "bench_hist.h"
 #include "bench_net.h"
+#include "bench_proxy.h"
 
 /* ---- load generator ----------------------------------------------------------------- */
 
@@ -46,18 +59,9 @@
 #define RETRY_NS (50 * NS_PER_MS)
 #define STALL_NS NS_PER_S
 
-typedef struct lg_opts {
-    spk_addr target;
-    const char *echo_text;   /* --echo: start an echo upstream here; NULL: none */
-    unsigned conns, threads, pipeline;
-    uint64_t size;
-    double duration_s, warmup_s;
-    bool json;
-} lg_opts;
 
 enum lg_state { LG_IDLE, LG_CONNECTING, LG_RUNNING };
 
-enum lg_err { E_CONNECT, E_RESET, E_EOF, E_MISMATCH, E_STALLED, E_COUNT };
 
 static const char *const lg_err_names[E_COUNT] = {"connect", "reset", "eof", "mismatch",
                                                   "stalled"};
@@ -71,6 +75,8 @@ typedef struct lg_conn {
     uint64_t sent, recvd;    /* stream offsets, since the current connect */
     uint64_t retry_at;       /* LG_IDLE: when to connect again */
     uint64_t connect_at;     /* LG_CONNECTING: when connect() was called */
+    uint64_t first_due;      /* open loop: when request 0 of this connection is due */
+    uint64_t last_write;     /* when bytes were last written (the open loop's stall check) */
     uint64_t *starts;        /* start time of request k at starts[k % pipeline] */
 } lg_conn;
 
@@ -80,6 +86,9 @@ typedef struct lg_thread {
     lg_conn *conns;
     unsigned n;
     int ep;
+    int tfd;                 /* open loop: timerfd for the next due request, or -1 */
+    uint64_t interval_ns;    /* open loop: between two requests of one connection */
+    uint64_t armed_at;       /* open loop: the instant tfd is set to (0: not armed) */
     uint64_t t_measure, t_end, t_stopped;
     uint8_t *rbuf;
     spk_bench_hist h;        /* latencies of requests completed in the window */
@@ -153,11 +162,30 @@ static inline bool in_window(const lg_thread *t, uint64_t now)
     return now >= t->t_measure;
 }
 
-/* Write until `pipeline` requests are in flight or the socket is full. */
+/* Open loop: have the timer fire at `at` (or earlier, if it already will). */
+static void lg_arm(lg_thread *t, uint64_t at)
+{
+    if (t->tfd < 0 || (t->armed_at != 0 && t->armed_at <= at))
+        return;
+    struct itimerspec its = {.it_value = {.tv_sec = (time_t)(at / NS_PER_S),
+                                          .tv_nsec = (long)(at % NS_PER_S)}};
+    if (timerfd_settime(t->tfd, TFD_TIMER_ABSTIME, &its, NULL) == 0)
+        t->armed_at = at;
+}
+
+/* Write until `pipeline` requests are in flight or the socket is full; in the open loop,
+ * also only the requests that are due, and arm the timer for the next one. */
 static void lg_send(lg_thread *t, lg_conn *c, uint64_t now)
 {
     const uint64_t size = t->o->size, depth = t->o->pipeline;
-    const uint64_t want = (c->recvd / size + depth) * size;
+    uint64_t want = (c->recvd / size + depth) * size;
+    if (t->interval_ns != 0) {
+        uint64_t due = now < c->first_due ? 0 : (now - c->first_due) / t->interval_ns + 1;
+        if (due * size < want) {
+            want = due * size;
+            lg_arm(t, c->first_due + due * t->interval_ns);
+        }
+    }
     while (c->sent < want) {
         const uint8_t *p = t->pat + (c->seed + c->sent) % PAT_PERIOD;
         ssize_t n = send(c->fd, p, want - c->sent, MSG_DONTWAIT | MSG_NOSIGNAL);
@@ -177,8 +205,9 @@ static void lg_send(lg_thread *t, lg_conn *c, uint64_t now)
         }
         /* Requests whose first byte went out now start now. */
         for (uint64_t k = (c->sent + size - 1) / size; k * size < c->sent + (uint64_t)n; k++)
-            c->starts[k % depth] = now;
+            c->starts[k % depth] = t->interval_ns ? c->first_due + k * t->interval_ns : now;
         c->sent += (uint64_t)n;
+        c->last_write = now;
         if (in_window(t, now))
             t->bytes_out += (uint64_t)n;
     }
@@ -210,6 +239,8 @@ static void lg_connected(lg_thread *t, lg_conn *c)
     }
     c->want_out = false;
     c->state = LG_RUNNING;
+    /* Open loop: this connection's schedule starts now, staggered among the others. */
+    c->first_due = now + t->interval_ns * c->idx / t->o->conns;
     lg_send(t, c, now);
 }
 
@@ -286,7 +317,10 @@ static void lg_finish(lg_thread *t, uint64_t now)
             lg_note_error(t, E_STALLED, "connect %s: %s", t->o->target.text,
                           "still not connected at the end of the run");
         if (c->state == LG_RUNNING && c->sent > c->recvd) {
-            uint64_t started = c->starts[(c->recvd / t->o->size) % t->o->pipeline];
+            /* Open loop: a request is due before it is written; a proxy that falls behind
+             * is slow, not stalled, so the stall counts from the last write. */
+            uint64_t started = t->interval_ns ? c->last_write
+                                              : c->starts[(c->recvd / t->o->size) % t->o->pipeline];
             if (now - started > STALL_NS)
                 lg_note_error(t, E_STALLED, "%s: %s", t->o->target.text,
                               "a request got no complete answer within 1 s");
@@ -323,8 +357,21 @@ static void *lg_thread_main(void *arg)
             fprintf(stderr, "spoke-bench: epoll_wait: %s\n", strerror(errno));
             break;
         }
-        for (int i = 0; i < n; i++)
-            lg_event(t, evs[i].data.ptr, evs[i].events);
+        for (int i = 0; i < n; i++) {
+            if (evs[i].data.ptr != NULL) {
+                lg_event(t, evs[i].data.ptr, evs[i].events);
+                continue;
+            }
+            /* The open loop's timer: send what is due on every connection. */
+            uint64_t ticks;
+            ssize_t r = read(t->tfd, &ticks, sizeof(ticks));
+            (void)r;
+            t->armed_at = 0;
+            now = spk_bench_now_ns();
+            for (unsigned j = 0; j < t->n; j++)
+                if (t->conns[j].state == LG_RUNNING)
+                    lg_send(t, &t->conns[j], now);
+        }
     }
     t->t_stopped = spk_bench_now_ns();
     lg_finish(t, t->t_stopped);
@@ -358,6 +405,8 @@ static void lg_threads_free(lg_thread *ts, unsigned n)
         free(ts[i].rbuf);
         if (ts[i].ep >= 0)
             close(ts[i].ep);
+        if (ts[i].tfd >= 0)
+            close(ts[i].tfd);
     }
     free(ts);
 }
@@ -371,6 +420,17 @@ static int lg_thread_init(lg_thread *t, const lg_opts *o, const uint8_t *pat, un
     if (t->ep < 0) {
         fprintf(stderr, "spoke-bench: epoll_create1: %s\n", strerror(errno));
         return -1;
+    }
+    if (o->rate > 0) {
+        t->interval_ns = (uint64_t)((double)o->conns * 1e9 / o->rate);
+        if (t->interval_ns == 0)
+            t->interval_ns = 1;
+        t->tfd = timerfd_create(CLOCK_MONOTONIC, TFD_NONBLOCK | TFD_CLOEXEC);
+        struct epoll_event ev = {.events = EPOLLIN, .data.ptr = NULL};
+        if (t->tfd < 0 || epoll_ctl(t->ep, EPOLL_CTL_ADD, t->tfd, &ev) != 0) {
+            fprintf(stderr, "spoke-bench: timerfd: %s\n", strerror(errno));
+            return -1;
+        }
     }
     t->n = (o->conns - first + o->threads - 1) / o->threads;
     t->conns = calloc(t->n, sizeof(lg_conn));
@@ -392,13 +452,6 @@ nomem:
     return -1;
 }
 
-typedef struct lg_result {
-    spk_bench_hist h;
-    uint64_t bytes_out, bytes_in, requests_all;
-    uint64_t errors[E_COUNT], errors_total;
-    double seconds;
-    double cpu_us_per_req;   /* this process's CPU per completed request (all threads) */
-} lg_result;
 
 /* User + system CPU time of this process so far, in µs. */
 static double process_cpu_us(void)
@@ -410,8 +463,7 @@ static double process_cpu_us(void)
            (double)(ru.ru_utime.tv_usec + ru.ru_stime.tv_usec);
 }
 
-/* Run the load; fill *r. Returns 0, or -1 on a setup failure. */
-static int lg_run(const lg_opts *o, lg_result *r)
+int spk_bench_lg_run(const lg_opts *o, lg_result *r)
 {
     size_t pat_len = PAT_PERIOD + (size_t)(o->size * o->pipeline > RBUF_SIZE
                                                 ? o->size * o->pipeline
@@ -426,7 +478,7 @@ static int lg_run(const lg_opts *o, lg_result *r)
     }
     fill_pattern(pat, pat_len);
     for (unsigned i = 0; i < o->threads; i++)
-        ts[i].ep = -1;
+        ts[i].ep = ts[i].tfd = -1;
     int rc = 0;
     for (unsigned i = 0; i < o->threads && rc == 0; i++)
         rc = lg_thread_init(&ts[i], o, pat, i);
@@ -493,6 +545,7 @@ static void report(const lg_opts *o, const lg_result *r)
     if (o->json) {
         printf("{\"target\":");
         spk_bench_json_string(stdout, o->target.text);
+        printf(",\"rate\":%.0f", o->rate);
         printf(",\"conns\":%u,\"size\":%llu,\"pipeline\":%u,\"threads\":%u,"
                "\"duration_s\":%.3f,\"warmup_s\":%.3f,\"requests\":%llu,"
                "\"requests_all\":%llu,\"errors\":%llu",
@@ -527,7 +580,7 @@ static void report(const lg_opts *o, const lg_result *r)
 
 /* Bind the echo address here, so it listens before fork returns, then serve it in a
  * child that dies with us. Returns the child's pid, or -1. */
-static pid_t start_echo_child(const char *text, spk_addr *addr)
+pid_t spk_bench_echo_start(const char *text, spk_addr *addr)
 {
     spk_errbuf eb;
     if (spk_addr_parse(text, addr, &eb) != 0) {
@@ -558,7 +611,7 @@ static pid_t start_echo_child(const char *text, spk_addr *addr)
     return pid;
 }
 
-static void stop_echo_child(pid_t pid, const spk_addr *addr)
+void spk_bench_echo_stop(pid_t pid, const spk_addr *addr)
 {
     kill(pid, SIGTERM);
     for (int i = 0; i < 200; i++) { /* 2 s, then SIGKILL */
@@ -579,12 +632,23 @@ static void stop_echo_child(pid_t pid, const spk_addr *addr)
 void spk_bench_proxy_usage(FILE *f)
 {
     fprintf(f, "  proxy --target ADDR [--echo ADDR] [--conns 64] [--size 128] [--duration 10s]\n"
-               "        [--warmup 1s] [--pipeline 1] [--threads 1] [--json]\n"
+               "        [--warmup 1s] [--pipeline 1] [--threads 1] [--rate R] [--json]\n"
                "      request/response round trips on N connections against ADDR: send SIZE\n"
                "      bytes, wait for SIZE bytes back (checked), repeat. --echo ADDR first\n"
                "      starts an echo upstream at ADDR (killed at the end); without --target,\n"
                "      the load goes straight to it. Prints requests, errors, req/s, MiB/s\n"
-               "      each way and p50/p99/p99.9/max latency; --json prints one object.\n");
+               "      each way and p50/p99/p99.9/max latency; --json prints one object.\n"
+               "      --rate R: open loop, R requests/s offered in all, latency counted from\n"
+               "      when each request was due.\n"
+               "  proxy [--sizes 128,16384] [--conns 64] [--duration 5s] [--warmup 1s] [--rounds 1]\n"
+               "        [--rates 10,30,50,70,90] [--rate-duration 3s] [--bin-dir DIR] [--json FILE]\n"
+               "        [--plot PREFIX]\n"
+               "      the suite: starts an echo upstream, HAProxy (nbthread 1) and spoked with 1\n"
+               "      worker and 0, 1, 4 passthrough plugins; interleaved rounds of closed-loop\n"
+               "      throughput per size (ratios against HAProxy), then open-loop latency at\n"
+               "      offered loads (--rates: percent of HAProxy's closed-loop req/s at the first\n"
+               "      size, or --rates-abs R1,R2,..), a markdown table each, and with --plot a\n"
+               "      gnuplot plot of latency against offered load (PREFIX.png, PREFIX.svg).\n");
 }
 
 static int bad_option(const char *opt, const char *want, const char *got)
@@ -601,12 +665,12 @@ static int parse_proxy_opts(int argc, char **argv, lg_opts *o, const char **targ
         {"duration", required_argument, NULL, 'd'}, {"warmup", required_argument, NULL, 'w'},
         {"pipeline", required_argument, NULL, 'p'}, {"threads", required_argument, NULL, 'T'},
         {"json", no_argument, NULL, 'j'},          {"help", no_argument, NULL, 'h'},
-        {NULL, 0, NULL, 0},
+        {"rate", required_argument, NULL, 'r'},    {NULL, 0, NULL, 0},
     };
     uint64_t v;
     int c;
     optind = 0;
-    while ((c = getopt_long(argc, argv, "t:e:c:s:d:w:p:T:jh", opts, NULL)) != -1) {
+    while ((c = getopt_long(argc, argv, "t:e:c:s:d:w:p:T:jhr:", opts, NULL)) != -1) {
         switch (c) {
         case 't': *target_text = optarg; break;
         case 'e': o->echo_text = optarg; break;
@@ -638,6 +702,11 @@ static int parse_proxy_opts(int argc, char **argv, lg_opts *o, const char **targ
                 return bad_option("--threads", "1..64", optarg);
             o->threads = (unsigned)v;
             break;
+        case 'r':
+            if (spk_bench_parse_uint(optarg, 1, 100000000, &v) != 0)
+                return bad_option("--rate", "requests per second, 1..100000000", optarg);
+            o->rate = (double)v;
+            break;
         case 'j': o->json = true; break;
         case 'h': spk_bench_proxy_usage(stdout); return -1;
         default: spk_bench_proxy_usage(stderr); return 1;
@@ -663,6 +732,14 @@ static int parse_proxy_opts(int argc, char **argv, lg_opts *o, const char **targ
 
 int spk_bench_proxy(int argc, char **argv)
 {
+    bool single = false;
+    for (int i = 1; i < argc; i++)
+        if (strncmp(argv[i], "--target", 8) == 0 || strncmp(argv[i], "--echo", 6) == 0 ||
+            strcmp(argv[i], "-t") == 0 || strcmp(argv[i], "-e") == 0 ||
+            strcmp(argv[i], "--help") == 0 || strcmp(argv[i], "-h") == 0)
+            single = true;
+    if (!single)
+        return spk_bench_proxy_suite(argc, argv);
     lg_opts o = {.conns = 64, .threads = 1, .pipeline = 1, .size = 128, .duration_s = 10,
                  .warmup_s = 1};
     const char *target_text = NULL;
@@ -679,13 +756,13 @@ int spk_bench_proxy(int argc, char **argv)
         return 1;
     spk_addr echo_addr;
     pid_t echo_pid = -1;
-    if (o.echo_text != NULL && (echo_pid = start_echo_child(o.echo_text, &echo_addr)) < 0)
+    if (o.echo_text != NULL && (echo_pid = spk_bench_echo_start(o.echo_text, &echo_addr)) < 0)
         return 1;
     lg_result *r = calloc(1, sizeof(*r));
     if (r == NULL) {
         fprintf(stderr, "spoke-bench: out of memory\n");
         rc = 1;
-    } else if (lg_run(&o, r) != 0) {
+    } else if (spk_bench_lg_run(&o, r) != 0) {
         rc = 1;
     } else {
         report(&o, r);
@@ -698,6 +775,6 @@ int spk_bench_proxy(int argc, char **argv)
     }
     free(r);
     if (echo_pid > 0)
-        stop_echo_child(echo_pid, &echo_addr);
+        spk_bench_echo_stop(echo_pid, &echo_addr);
     return rc;
 }

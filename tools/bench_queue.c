@@ -25,7 +25,9 @@
  * for the same bytes, one process writing records of that size (plus the queue's 56 bytes
  * of headers) back to back in a preallocated file -- `always`: one pwrite() and one
  * fdatasync() per record; interval: the records gathered in 1 MiB writes, fdatasync()
- * every 100 ms -- no queue, no encoding, no index.
+ * every 100 ms -- no queue, no encoding, no index. It is measured just before and just
+ * after the rows of its size and policy (the mean of both is the ceiling), and every row
+ * is reported as a fraction of it, beside its ratio to SQLite.
  *
  * Then the hot path as a plugin sees it: host->send_to_control() from the host's own
  * services table (core/host.c), called on behalf of a plugin set up as the loader sets it
@@ -130,7 +132,10 @@ static void bq_usage(FILE *f)
                "  --size N          only the rows of payload size N (256 or 4096)\n"
                "  --warm            steady state: each store first takes an untimed pass\n"
                "                    (a full lap of the journal) whose records are then\n"
-               "                    deleted, as if an uplink kept up; default: fresh stores\n");
+               "                    deleted, as if an uplink kept up; default: fresh stores\n"
+               "  --json FILE       also write every figure to FILE as JSON\n"
+               "Each row is shown against SQLite and as a fraction of the disk's own rate for\n"
+               "the same write pattern (the ceiling), measured in the same run.\n");
 }
 
 static spk_queue_opts case_opts(const bq_case *c)
@@ -514,10 +519,11 @@ int spk_bench_queue(int argc, char **argv)
         {"policy", required_argument, NULL, 'p'},
         {"size", required_argument, NULL, 's'},
         {"warm", no_argument, NULL, 'w'},
+        {"json", required_argument, NULL, 'j'},
         {"help", no_argument, NULL, 'h'},
         {NULL, 0, NULL, 0},
     };
-    const char *dir = ".";
+    const char *dir = ".", *json = NULL;
     uint64_t ops = 20000, always_ops = 300, hot_ops = 200000;
     bool only_hot = false;
     int policy = -1; /* -1 both, 0 interval, 1 always */
@@ -525,7 +531,7 @@ int spk_bench_queue(int argc, char **argv)
     bool warm = false;
     int ch;
     optind = 1;
-    while ((ch = getopt_long(argc, argv, "d:n:a:o:Hp:s:wh", longopts, NULL)) != -1) {
+    while ((ch = getopt_long(argc, argv, "d:n:a:o:Hp:s:whj:", longopts, NULL)) != -1) {
         char *end;
         switch (ch) {
         case 'd':
@@ -546,6 +552,9 @@ int spk_bench_queue(int argc, char **argv)
             break;
         case 'w':
             warm = true;
+            break;
+        case 'j':
+            json = optarg;
             break;
         case 'n':
         case 'o':
@@ -576,8 +585,22 @@ int spk_bench_queue(int argc, char **argv)
     static const size_t sizes[] = {256, 4096};
     int errors = 0, idx = 0;
     disk_stat_find(dir);
-    printf("%-10s %-8s %6s %5s %12s %10s %s\n", "store", "sync", "size", "procs", "enq/s",
-           "ns/call", "vs sqlite");
+    FILE *jf = NULL;
+    if (json != NULL && (jf = fopen(json, "w")) == NULL) {
+        fprintf(stderr, "spoke-bench queue: %s: %s\n", json, strerror(errno));
+        return 1;
+    }
+    if (jf != NULL)
+        fprintf(jf, "{\"dir\":\"%s\",\"ops\":%llu,\"always_ops\":%llu,\"rows\":[", dir,
+                (unsigned long long)ops, (unsigned long long)always_ops);
+    bool jfirst = true;
+    printf("Each row: enqueues per second from all writer processes (the deferred move into "
+           "LMDB included), the mean ns per call, and two ratios: against SQLite doing the same "
+           "(same size, processes and durability), and as a fraction of the disk's ceiling for "
+           "the same write pattern (measured just before and just after the rows of its size "
+           "and policy, in this run; the mean of both is the ceiling).\n\n");
+    printf("| store | sync | size | procs | enq/s | ns/call | vs SQLite | of the disk's ceiling "
+           "| disk B/enq | disk busy |\n|---|---|--:|--:|--:|--:|--:|--:|--:|--:|\n");
     for (int a = 0; a < 2 && !only_hot; a++) {
         bool always = a == 1;
         if (policy >= 0 && policy != a)
@@ -586,43 +609,70 @@ int spk_bench_queue(int argc, char **argv)
             if (only_size != 0 && sizes[s] != only_size)
                 continue;
             uint64_t n_ops = always ? always_ops : ops;
-            double ceiling = disk_ceiling(dir, sizes[s], always, n_ops);
-            printf("%-10s %-8s %6zu %5d %12.0f %10s (%s: the ceiling)\n", "disk",
-                   always ? "always" : "100ms", sizes[s], 1, ceiling, "-",
-                   always ? "pwrite + fdatasync each" : "1 MiB pwrites, fdatasync per 100 ms");
+            double before = disk_ceiling(dir, sizes[s], always, n_ops);
+            bq_result res[2][2]; /* [procs - 1][store] */
             for (int procs = 1; procs <= 2; procs++) {
-                bq_result res[2];
                 for (int st = ST_SQLITE; st >= ST_LMDB; st--) { /* sqlite first: baseline */
                     bq_case c = {(enum store)st, always, sizes[s], procs,
                                  always ? always_ops : ops,
                                  warm ? (always ? always_ops : warm_ops(sizes[s])) : 0};
-                    if (run_case(&c, dir, idx++, &res[st]) != 0) {
+                    if (run_case(&c, dir, idx++, &res[procs - 1][st]) != 0) {
                         fprintf(stderr, "spoke-bench queue: %s run failed\n", store_name[st]);
                         return 1;
                     }
-                    if (res[st].errors > 0)
+                    if (res[procs - 1][st].errors > 0)
                         errors = 1;
-                    printf("%-10s %-8s %6zu %5d %12.0f %10.0f", store_name[st],
-                           always ? "always" : "100ms", sizes[s], procs, res[st].rate,
-                           res[st].ns);
-                    if (st != ST_SQLITE)
-                        printf(" %6.1fx", res[st].rate / res[ST_SQLITE].rate);
-                    if (st == ST_SQLITE)
-                        printf(" (synchronous=%s)", always ? "FULL" : "NORMAL");
-                    if (res[st].disk)
-                        printf("  disk: %.0f B/enq, busy %.0f%%", res[st].disk_bytes,
-                               100.0 * res[st].disk_busy);
-                    if (res[st].errors > 0)
-                        printf(" ERRORS: %llu", (unsigned long long)res[st].errors);
-                    printf("\n");
-                    fflush(stdout);
                 }
             }
+            double after = disk_ceiling(dir, sizes[s], always, n_ops);
+            double ceiling = (before + after) / 2;
+            const char *pol = always ? "always" : "100ms";
+            printf("| disk ceiling: %s | %s | %zu | 1 | %.0f | - | - | 1 (before %.0f, after "
+                   "%.0f) | - | - |\n",
+                   always ? "pwrite + fdatasync each" : "1 MiB pwrites, fdatasync per 100 ms",
+                   pol, sizes[s], ceiling, before, after);
+            for (int procs = 1; procs <= 2; procs++) {
+                for (int st = ST_SQLITE; st >= ST_LMDB; st--) {
+                    const bq_result *r = &res[procs - 1][st];
+                    char vs[32] = "1 (baseline)", bytes[32] = "-", busy[32] = "-";
+                    if (st != ST_SQLITE)
+                        snprintf(vs, sizeof(vs), "%.2fx",
+                                 r->rate / res[procs - 1][ST_SQLITE].rate);
+                    if (r->disk) {
+                        snprintf(bytes, sizeof(bytes), "%.0f", r->disk_bytes);
+                        snprintf(busy, sizeof(busy), "%.0f%%", 100.0 * r->disk_busy);
+                    }
+                    printf("| %s%s | %s | %zu | %d | %.0f | %.0f | %s | %.3f | %s | %s |\n",
+                           st == ST_SQLITE ? (always ? "sqlite (synchronous=FULL)"
+                                                     : "sqlite (synchronous=NORMAL)")
+                                           : "spoke queue (journal + LMDB)",
+                           r->errors ? " ERRORS" : "", pol, sizes[s], procs, r->rate, r->ns, vs,
+                           ceiling > 0 ? r->rate / ceiling : 0, bytes, busy);
+                    if (jf != NULL) {
+                        fprintf(jf, "%s{\"store\":\"%s\",\"sync\":\"%s\",\"size\":%zu,"
+                                    "\"procs\":%d,\"enq_s\":%.1f,\"ns_call\":%.1f,"
+                                    "\"vs_sqlite\":%.4f,\"disk_ceiling_enq_s\":%.1f,"
+                                    "\"ceiling_before\":%.1f,\"ceiling_after\":%.1f,"
+                                    "\"of_ceiling\":%.4f,\"disk_bytes_per_enq\":%.1f,"
+                                    "\"disk_busy\":%.3f,\"errors\":%llu}",
+                                jfirst ? "" : ",", store_name[st], pol, sizes[s], procs, r->rate,
+                                r->ns, r->rate / res[procs - 1][ST_SQLITE].rate, ceiling, before,
+                                after, ceiling > 0 ? r->rate / ceiling : 0,
+                                r->disk ? r->disk_bytes : -1, r->disk ? r->disk_busy : -1,
+                                (unsigned long long)r->errors);
+                        jfirst = false;
+                    }
+                }
+            }
+            fflush(stdout);
         }
     }
+    if (jf != NULL)
+        fprintf(jf, "],\"hot\":[");
+    jfirst = true;
     printf("\nhost->send_to_control, one process, sync 100ms (%llu calls of 256 B, a quarter "
-           "of that of 4 KiB; batches of 1000):\n", (unsigned long long)hot_ops);
-    printf("%6s %-8s %12s %12s\n", "size", "journal", "mean ns", "median ns");
+           "of that of 4 KiB; batches of 1000):\n\n", (unsigned long long)hot_ops);
+    printf("| size | journal | mean ns | median ns |\n|--:|---|--:|--:|\n");
     for (size_t s = 0; s < 2; s++) {
         double mean[2], median[2];
         /* A quarter of the calls for 4 KiB keeps the bytes written near the 256 B run's. */
@@ -631,10 +681,22 @@ int spk_bench_queue(int argc, char **argv)
             fprintf(stderr, "spoke-bench queue: hot-path run failed\n");
             return 1;
         }
-        for (int pass = 0; pass < 2; pass++)
-            printf("%6zu %-8s %12.0f %12.0f\n", sizes[s], pass ? "warm" : "fresh", mean[pass],
+        for (int pass = 0; pass < 2; pass++) {
+            printf("| %zu | %s | %.0f | %.0f |\n", sizes[s], pass ? "warm" : "fresh", mean[pass],
                    median[pass]);
+            if (jf != NULL) {
+                fprintf(jf, "%s{\"size\":%zu,\"journal\":\"%s\",\"mean_ns\":%.1f,"
+                            "\"median_ns\":%.1f}",
+                        jfirst ? "" : ",", sizes[s], pass ? "warm" : "fresh", mean[pass],
+                        median[pass]);
+                jfirst = false;
+            }
+        }
         fflush(stdout);
+    }
+    if (jf != NULL) {
+        fprintf(jf, "]}\n");
+        fclose(jf);
     }
     return errors ? 2 : 0;
 }

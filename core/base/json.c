@@ -63,6 +63,50 @@ bool spk_utf8_valid(const char *s, size_t len)
     return true;
 }
 
+size_t spk_json_escape(char *out, size_t cap, const char *s, size_t len)
+{
+    static const char hex[] = "0123456789abcdef";
+    const unsigned char *p = (const unsigned char *)s;
+    size_t o = 0, i = 0;
+    while (i < len) {
+        char esc[8];
+        const char *src = esc;
+        size_t n, step = 1;
+        unsigned char c = p[i];
+        if (c == '"' || c == '\\') {
+            esc[0] = '\\';
+            esc[1] = (char)c;
+            n = 2;
+        } else if (c == '\n' || c == '\t' || c == '\r') {
+            esc[0] = '\\';
+            esc[1] = c == '\n' ? 'n' : c == '\t' ? 't' : 'r';
+            n = 2;
+        } else if (c < 0x20 || c == 0x7f) {
+            memcpy(esc, "\\u00", 4);
+            esc[4] = hex[c >> 4];
+            esc[5] = hex[c & 15];
+            n = 6;
+        } else if (c < 0x80) {
+            src = (const char *)p + i;
+            n = 1;
+        } else if ((step = utf8_seq(p + i, len - i)) != 0) {
+            src = (const char *)p + i;
+            n = step;
+        } else {
+            src = "\\ufffd";
+            n = 6;
+            step = 1;
+        }
+        if (o + n + 1 > cap)
+            break;
+        memcpy(out + o, src, n);
+        o += n;
+        i += step;
+    }
+    out[o] = '\0';
+    return o;
+}
+
 static bool is_ws(unsigned char c)
 {
     return c == ' ' || c == '\t' || c == '\n' || c == '\r';

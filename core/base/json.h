@@ -28,4 +28,12 @@ bool spk_json_valid(const char *text, size_t len);
  * nothing above U+10FFFF). NUL bytes are allowed by this function. */
 bool spk_utf8_valid(const char *s, size_t len);
 
+/* The one JSON string escaper (RFC 8259): writes s[0..len) as the body of a JSON string
+ * (no quotes) into out[0..cap), NUL-terminated: '"' and '\\' are escaped, control
+ * characters become \n, \t, \r or \u00XX, and a byte that does not start a valid UTF-8
+ * sequence becomes \ufffd, so the result is always valid JSON in valid UTF-8. Stops
+ * before an escape or character that would not fit (never splits one). Returns the bytes
+ * written, without the NUL; cap must be at least 1. */
+size_t spk_json_escape(char *out, size_t cap, const char *s, size_t len);
+
 #endif

@@ -2,7 +2,7 @@
  * t_signal -- test plugin "t-signal": emits signals the host must act on.
  *
  *  - a client chunk starting with "LOG": signal "log" (level=warn, message="t-signal saw
- *    LOG"); the chunk goes on unchanged;
+ *    LOG", plus fields "detail" and "pid" for log.format: json); the chunk goes on unchanged;
  *  - a client chunk starting with "TERM": responds "TERMINATED\n" and signals "terminate"
  *    (reason="asked to"), yet returns SPOKE_CONTINUE: the host must stop the chain and
  *    close the connection because of the signal alone.
@@ -32,8 +32,13 @@ static spoke_verdict from_client(void *self, spoke_conn *conn, spoke_buf *buf)
 {
     (void)self;
     if (starts_with(buf, "LOG")) {
-        const spoke_kv f[] = {{"level", "warn"}, {"message", "t-signal saw LOG"}};
-        host->signal(plugin_ctx, conn, "log", f, 2);
+        /* Beside level and message: a field that needs JSON escaping, and one named like
+         * a key every JSON log line has (log.format: json renames it "field.pid"). */
+        const spoke_kv f[] = {{"level", "warn"},
+                              {"message", "t-signal saw LOG"},
+                              {"detail", "quote \" backslash \\ tab \t caf\xc3\xa9"},
+                              {"pid", "not the pid"}};
+        host->signal(plugin_ctx, conn, "log", f, 4);
     } else if (starts_with(buf, "TERM")) {
         const spoke_kv f[] = {{"reason", "asked to"}};
         host->respond(conn, "TERMINATED\n", 11);
