@@ -195,7 +195,7 @@ static void report(const hooks_opts *o, const double ns[2][N_COUNTS])
 void spk_bench_hooks_usage(FILE *f)
 {
     fprintf(f, "  hooks [--plugin PATH] [--iterations 10000000] [--repetitions 5]\n"
-               "        [--hook-sample 64] [--json]\n"
+               "        [--hook-sample 256] [--json]\n"
                "      in-process cost of the chain: ns per hook call with 0, 1, 4 and 16\n"
                "      passthrough plugins (best repetition), with the hook latency histogram\n"
                "      off and on (1 in --hook-sample calls timed). PATH defaults to\n"

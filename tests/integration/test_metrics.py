@@ -148,7 +148,7 @@ class MetricsTest(SpokeCase):
             self.assertEqual(value(text, 't_open_conns{plugin="t-metrics"}'), 0)
             self.assertEqual(value(text, 'spoke_bytes_total{from="client"}'), 250)
             self.assertEqual(value(text, 'spoke_bytes_total{from="server"}'), 250)
-            # The latency histogram samples 1 in 64 calls: its count is at most the calls.
+            # The latency histogram samples 1 in metrics.hook_sample calls: its count is at most the calls.
             timed = value(text, 'spoke_plugin_hook_duration_seconds_count{plugin="t-metrics",'
                                 'hook="on_traffic_from_client"}')
             self.assertIsNotNone(timed)
