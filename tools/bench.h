@@ -13,6 +13,7 @@
 #include <stddef.h>
 #include <stdint.h>
 #include <stdio.h>
+#include <sys/types.h>
 
 /* tools/bench_proxy.c: round-trip load against an address, and the echo upstream. */
 int spk_bench_proxy(int argc, char **argv);
@@ -81,5 +82,12 @@ void spk_bench_json_string(FILE *f, const char *s);
 
 /* CLOCK_MONOTONIC in nanoseconds. */
 uint64_t spk_bench_now_ns(void);
+
+/* A TCP port on 127.0.0.1 that was free a moment ago, or -1 (said on stderr). */
+int spk_bench_free_port(void);
+
+/* The children of pid (every thread's /proc/PID/task/TID/children) into out[cap]; returns
+ * how many there are (more than cap when out was too small), or -1 when pid is gone. */
+int spk_bench_children(pid_t pid, pid_t *out, size_t cap);
 
 #endif

@@ -179,22 +179,6 @@ void spk_bh_scratch_remove(const char *dir)
         nftw(dir, rm_entry, 16, FTW_DEPTH | FTW_PHYS);
 }
 
-int spk_bh_free_port(void)
-{
-    int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-    struct sockaddr_in a = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
-    socklen_t len = sizeof(a);
-    if (fd < 0 || bind(fd, (struct sockaddr *)&a, sizeof(a)) != 0 ||
-        getsockname(fd, (struct sockaddr *)&a, &len) != 0) {
-        fprintf(stderr, "spoke-bench: no free port: %s\n", strerror(errno));
-        if (fd >= 0)
-            close(fd);
-        return -1;
-    }
-    close(fd);
-    return ntohs(a.sin_port);
-}
-
 spk_bstats *spk_bh_stats_create(const char *path)
 {
     int fd = open(path, O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
@@ -431,26 +415,10 @@ static uint64_t tree_ticks(pid_t pid, int depth)
     uint64_t t = proc_ticks(pid);
     if (depth > 4)
         return t;
-    char path[64];
-    snprintf(path, sizeof(path), "/proc/%d/task", (int)pid);
-    DIR *d = opendir(path);
-    if (d == NULL)
-        return t;
-    struct dirent *e;
-    while ((e = readdir(d)) != NULL) {
-        if (e->d_name[0] == '.')
-            continue;
-        char cpath[PATH_MAX];
-        snprintf(cpath, sizeof(cpath), "/proc/%d/task/%s/children", (int)pid, e->d_name);
-        FILE *f = fopen(cpath, "r");
-        if (f == NULL)
-            continue;
-        int child;
-        while (fscanf(f, "%d", &child) == 1)
-            t += tree_ticks((pid_t)child, depth + 1);
-        fclose(f);
-    }
-    closedir(d);
+    pid_t kids[256];
+    int n = spk_bench_children(pid, kids, 256);
+    for (int i = 0; i < n && i < 256; i++)
+        t += tree_ticks(kids[i], depth + 1);
     return t;
 }
 
@@ -474,27 +442,11 @@ static bool arg1_is(pid_t pid, const char *arg1)
 double spk_bh_cpu_children_s(pid_t sup, const char *arg1)
 {
     uint64_t t = 0;
-    char path[64];
-    snprintf(path, sizeof(path), "/proc/%d/task", (int)sup);
-    DIR *d = opendir(path);
-    if (d == NULL)
-        return 0;
-    struct dirent *e;
-    while ((e = readdir(d)) != NULL) {
-        if (e->d_name[0] == '.')
-            continue;
-        char cpath[PATH_MAX];
-        snprintf(cpath, sizeof(cpath), "/proc/%d/task/%s/children", (int)sup, e->d_name);
-        FILE *f = fopen(cpath, "r");
-        if (f == NULL)
-            continue;
-        int child;
-        while (fscanf(f, "%d", &child) == 1)
-            if (arg1_is((pid_t)child, arg1))
-                t += tree_ticks((pid_t)child, 1);
-        fclose(f);
-    }
-    closedir(d);
+    pid_t kids[256];
+    int n = spk_bench_children(sup, kids, 256);
+    for (int i = 0; i < n && i < 256; i++)
+        if (arg1_is(kids[i], arg1))
+            t += tree_ticks(kids[i], 1);
     return (double)t / (double)sysconf(_SC_CLK_TCK);
 }
 
@@ -1482,7 +1434,7 @@ int spk_bench_hub(int argc, char **argv)
     hc_window w = {0};
     h2l_result hl = {0};
     spk_bstats *sink = spk_bh_stats_create(stats_path);
-    int port = spk_bh_free_port();
+    int port = spk_bench_free_port();
     pid_t hubd = -1;
     rc = 1;
     if (h == NULL || sink == NULL || port < 0 ||

@@ -34,9 +34,6 @@ int spk_bh_scratch(char *out, size_t cap);
 /* Remove it and everything in it (best effort). */
 void spk_bh_scratch_remove(const char *dir);
 
-/* A TCP port on 127.0.0.1 that was free a moment ago; -1 on failure. */
-int spk_bh_free_port(void);
-
 /* Create the counters' file at `path` (zeroed) and map it. NULL on failure. */
 spk_bstats *spk_bh_stats_create(const char *path);
 

@@ -57,21 +57,6 @@ typedef struct result {
     int ok;
 } result;
 
-static int free_port(void)
-{
-    int fd = socket(AF_INET, SOCK_STREAM, 0);
-    struct sockaddr_in a = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
-    socklen_t len = sizeof(a);
-    if (fd < 0 || bind(fd, (struct sockaddr *)&a, sizeof(a)) != 0 ||
-        getsockname(fd, (struct sockaddr *)&a, &len) != 0) {
-        if (fd >= 0)
-            close(fd);
-        return -1;
-    }
-    close(fd);
-    return ntohs(a.sin_port);
-}
-
 /* Start argv (as b's other user when `other`), stdout and stderr into `log` (NULL: keep). */
 static pid_t spawn(const pgb *b, char *const argv[], const char *log, int other)
 {
@@ -452,9 +437,9 @@ int spk_bench_pg(int argc, char **argv)
         if (chown(b.dir, b.uid, b.gid) != 0)
             return 1;
     }
-    b.pg_port = free_port();
-    b.bouncer_port = free_port();
-    b.edge_port = free_port();
+    b.pg_port = spk_bench_free_port();
+    b.bouncer_port = spk_bench_free_port();
+    b.edge_port = spk_bench_free_port();
     signal(SIGPIPE, SIG_IGN);
 
     char script[200], init_scale[16], port[16], initlog[300];

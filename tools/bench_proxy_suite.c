@@ -79,21 +79,6 @@ typedef struct suite {
     double offered[MAX_RATES];
 } suite;
 
-static int free_port(void)
-{
-    int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-    struct sockaddr_in a = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
-    socklen_t len = sizeof(a);
-    if (fd < 0 || bind(fd, (struct sockaddr *)&a, sizeof(a)) != 0 ||
-        getsockname(fd, (struct sockaddr *)&a, &len) != 0) {
-        if (fd >= 0)
-            close(fd);
-        return -1;
-    }
-    close(fd);
-    return ntohs(a.sin_port);
-}
-
 /* Fork and exec argv with stdout and stderr into `log`; the child dies with us. */
 static pid_t spawn(char *const argv[], const char *log)
 {
@@ -184,32 +169,16 @@ static uint64_t proc_ticks(pid_t pid)
 static uint64_t tree_ticks(pid_t pid)
 {
     uint64_t t = proc_ticks(pid);
-    char path[64];
-    snprintf(path, sizeof(path), "/proc/%d/task", (int)pid);
-    DIR *d = opendir(path);
-    if (d == NULL)
-        return t;
-    struct dirent *e;
-    while ((e = readdir(d)) != NULL) {
-        if (e->d_name[0] == '.')
-            continue;
-        char cp[400];
-        snprintf(cp, sizeof(cp), "%s/%s/children", path, e->d_name);
-        FILE *f = fopen(cp, "r");
-        int c;
-        if (f == NULL)
-            continue;
-        while (fscanf(f, "%d", &c) == 1)
-            t += proc_ticks(c);
-        fclose(f);
-    }
-    closedir(d);
+    pid_t kids[256];
+    int n = spk_bench_children(pid, kids, 256);
+    for (int i = 0; i < n && i < 256; i++)
+        t += proc_ticks(kids[i]);
     return t;
 }
 
 static int start_haproxy(suite *s)
 {
-    int port = free_port();
+    int port = spk_bench_free_port();
     char cfg[128], log[128];
     snprintf(cfg, sizeof(cfg), "%s/haproxy.cfg", s->dir);
     snprintf(log, sizeof(log), "%s/haproxy.log", s->dir);
@@ -237,7 +206,7 @@ static int start_haproxy(suite *s)
 
 static int start_spoked(suite *s, int p)
 {
-    int port = free_port();
+    int port = spk_bench_free_port();
     char cfg[128], log[128];
     snprintf(cfg, sizeof(cfg), "%s/%s.yaml", s->dir, path_key[p]);
     snprintf(log, sizeof(log), "%s/%s.log", s->dir, path_key[p]);
@@ -634,7 +603,7 @@ int spk_bench_proxy_suite(int argc, char **argv)
         return 1;
     }
     int rc = 0;
-    int eport = free_port();
+    int eport = spk_bench_free_port();
     snprintf(s->echo_text, sizeof(s->echo_text), "127.0.0.1:%d", eport);
     s->echo_pid = spk_bench_echo_start(s->echo_text, &s->echo_addr);
     if (s->echo_pid < 0) {

@@ -67,21 +67,6 @@ typedef struct sbench {
     atomic_uint_fast64_t max_rtt_ns; /* worst round trip since the last reset */
 } sbench;
 
-static int free_port(void)
-{
-    int fd = socket(AF_INET, SOCK_STREAM, 0);
-    struct sockaddr_in a = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
-    socklen_t len = sizeof(a);
-    if (fd < 0 || bind(fd, (struct sockaddr *)&a, sizeof(a)) != 0 ||
-        getsockname(fd, (struct sockaddr *)&a, &len) != 0) {
-        if (fd >= 0)
-            close(fd);
-        return -1;
-    }
-    close(fd);
-    return ntohs(a.sin_port);
-}
-
 static int dial(int port, double timeout_s)
 {
     int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
@@ -243,8 +228,8 @@ static int setup(sbench *b)
     snprintf(b->dir, sizeof(b->dir), "/tmp/spoke-bench-sup.XXXXXX");
     if (mkdtemp(b->dir) == NULL)
         return -1;
-    b->echo_port = free_port();
-    b->edge_port = free_port();
+    b->echo_port = spk_bench_free_port();
+    b->edge_port = spk_bench_free_port();
     if (b->echo_port < 0 || b->edge_port < 0 || write_config(b) != 0)
         return -1;
     char self[600], spoked[600], listen[64], cfg[300], log[300];
@@ -491,33 +476,6 @@ static void fd_list(pid_t pid, char *out, size_t cap)
     closedir(d);
 }
 
-/* Children of pid (every thread's /proc/pid/task/TID/children), or -1. */
-static int count_children(pid_t pid)
-{
-    char path[96];
-    snprintf(path, sizeof(path), "/proc/%d/task", (int)pid);
-    DIR *d = opendir(path);
-    if (d == NULL)
-        return -1;
-    int n = 0;
-    struct dirent *e;
-    while ((e = readdir(d)) != NULL) {
-        if (e->d_name[0] == '.')
-            continue;
-        char cp[400];
-        snprintf(cp, sizeof(cp), "%s/%s/children", path, e->d_name);
-        FILE *f = fopen(cp, "r");
-        int c;
-        if (f == NULL)
-            continue;
-        while (fscanf(f, "%d", &c) == 1)
-            n++;
-        fclose(f);
-    }
-    closedir(d);
-    return n;
-}
-
 /* The worker pids a status report names, added to seen[*n] (no duplicates). */
 static void note_workers(const sbench *b, pid_t *seen, size_t *n, size_t cap)
 {
@@ -631,7 +589,7 @@ static int crash_run(sbench *b, const soak_opts *o)
     }
     size_t n_seen = 0;
     usleep(200000);
-    const int fds0 = count_fds(b->spoked_pid), kids0 = count_children(b->spoked_pid);
+    const int fds0 = count_fds(b->spoked_pid), kids0 = spk_bench_children(b->spoked_pid, NULL, 0);
     static char fdl0[16384], fdl1[16384];
     fd_list(b->spoked_pid, fdl0, sizeof(fdl0));
     note_workers(b, seen, &n_seen, MAX_SEEN);
@@ -726,7 +684,7 @@ static int crash_run(sbench *b, const soak_opts *o)
     }
     usleep(200000);
     note_workers(b, seen, &n_seen, MAX_SEEN);
-    const int fds1 = count_fds(b->spoked_pid), kids1 = count_children(b->spoked_pid);
+    const int fds1 = count_fds(b->spoked_pid), kids1 = spk_bench_children(b->spoked_pid, NULL, 0);
     fd_list(b->spoked_pid, fdl1, sizeof(fdl1));
     /* Name what is new, for whoever chases a leak (only then: a new generation's
      * descriptors may sit at other numbers). */

@@ -89,7 +89,7 @@ static int edge_config(const ub_opts *o, const char *dir, unsigned i, int hub_po
         fprintf(stderr, "spoke-bench: %s: %s\n", edir, strerror(errno));
         return -1;
     }
-    int port = spk_bh_free_port();
+    int port = spk_bench_free_port();
     FILE *f = fopen(cfg, "w");
     if (port < 0 || f == NULL) {
         if (f != NULL)
@@ -148,7 +148,7 @@ static void ub_run(const ub_opts *o, unsigned E, ub_result *r, bool print_config
         edges[i] = -1;
     spk_bstats *sink = NULL, *src = NULL;
     spk_bh_snap k0 = {0}, k1 = {0}, s0 = {0}, s1 = {0};
-    int hub_port = spk_bh_free_port();
+    int hub_port = spk_bench_free_port();
     if (hub_port < 0 || spk_bh_path(sink_path, sizeof(sink_path), dir, "sink.stats") != 0 ||
         spk_bh_path(src_path, sizeof(src_path), dir, "source.stats") != 0 ||
         spk_bh_path(hub_log, sizeof(hub_log), dir, "hubd.log") != 0 ||

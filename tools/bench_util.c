@@ -1,14 +1,18 @@
 /*
  * bench_util.c -- the helpers every spoke-bench subcommand shares (declared in bench.h):
  * option parsers that read durations and sizes as the config file does, the tool's own
- * directory, a monotonic clock and JSON string output.
+ * directory, a monotonic clock, JSON string output, a free port and a process's children.
  */
 #include "bench.h"
 
+#include <dirent.h>
+#include <errno.h>
 #include <limits.h>
+#include <netinet/in.h>
 #include <pwd.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/socket.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -88,4 +92,49 @@ const char *spk_bench_run_as(void)
         snprintf(name, sizeof(name), "%s", pw ? pw->pw_name : "root");
     }
     return name;
+}
+
+int spk_bench_free_port(void)
+{
+    int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    struct sockaddr_in a = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+    socklen_t len = sizeof(a);
+    if (fd < 0 || bind(fd, (struct sockaddr *)&a, sizeof(a)) != 0 ||
+        getsockname(fd, (struct sockaddr *)&a, &len) != 0) {
+        fprintf(stderr, "spoke-bench: no free port: %s\n", strerror(errno));
+        if (fd >= 0)
+            close(fd);
+        return -1;
+    }
+    close(fd);
+    return ntohs(a.sin_port);
+}
+
+int spk_bench_children(pid_t pid, pid_t *out, size_t cap)
+{
+    char path[64];
+    snprintf(path, sizeof(path), "/proc/%d/task", (int)pid);
+    DIR *d = opendir(path);
+    if (d == NULL)
+        return -1;
+    int n = 0;
+    struct dirent *e;
+    while ((e = readdir(d)) != NULL) {
+        if (e->d_name[0] == '.')
+            continue;
+        char cp[400];
+        snprintf(cp, sizeof(cp), "%s/%s/children", path, e->d_name);
+        FILE *f = fopen(cp, "r");
+        if (f == NULL)
+            continue;
+        int c;
+        while (fscanf(f, "%d", &c) == 1) {
+            if ((size_t)n < cap)
+                out[n] = (pid_t)c;
+            n++;
+        }
+        fclose(f);
+    }
+    closedir(d);
+    return n;
 }
